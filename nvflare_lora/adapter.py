@@ -1,0 +1,142 @@
+"""The adapter as data: which tensors it has, how to read, write, diff and initialise them.
+
+Keys are PEFT's saved-adapter keys (e.g. "base_model.model.vision_model.encoder.layers.0.self_attn.
+q_proj.lora_A.weight", "base_model.model.classifier.weight"), so a dict of them is exactly what
+`adapter_model.safetensors` holds and what plain `PeftModel.from_pretrained` loads.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Dict, Mapping, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import LoRAConfig
+
+Shapes = Dict[str, Tuple[int, ...]]
+
+
+class AdapterMismatchError(ValueError):
+    """An adapter dict does not fit the model: wrong key set, shape, dtype or non-finite values."""
+
+
+def peft_config(lora: LoRAConfig, model: nn.Module, base_model_name: str = ""):
+    """The PEFT LoraConfig for `model` (a CLIPImageClassifier) under our LoRAConfig."""
+    from peft import LoraConfig
+
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.startswith("classifier")]
+    regex = lora.target_regex(linear_names)
+    if not regex:
+        raise ValueError(
+            f"LoRA needs at least one tower in target_components (got {lora.target_components}); "
+            f"for head-only training use LoRAConfig.for_classification_head()"
+        )
+    return LoraConfig(
+        r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout, target_modules=regex,
+        bias=lora.bias, modules_to_save=["classifier"] if lora.train_head else None,
+        base_model_name_or_path=base_model_name or None,
+    )
+
+
+def adapter_state(peft_model) -> Dict[str, torch.Tensor]:
+    """The adapter's tensors (LoRA A/B and the head), detached, in PEFT's saved-adapter naming."""
+    from peft import get_peft_model_state_dict
+
+    # save_embedding_layers=False: we never adapt embeddings, and 'auto' makes PEFT look the base up online.
+    return {k: v.detach() for k, v in get_peft_model_state_dict(peft_model, save_embedding_layers=False).items()}
+
+
+def adapter_shapes_of(state: Mapping[str, object]) -> Shapes:
+    return {k: tuple(np.shape(v)) for k, v in state.items()}
+
+
+def check_adapter(state: Mapping[str, object], expected: Shapes, what: str = "adapter") -> None:
+    """Refuse an adapter dict whose keys or shapes differ from `expected`, naming the key at fault."""
+    keys, want = set(state), set(expected)
+    if keys != want:
+        extra, missing = sorted(keys - want), sorted(want - keys)
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s), first {missing[0]!r}")
+        if extra:
+            parts.append(f"unexpected {len(extra)} key(s), first {extra[0]!r}")
+        raise AdapterMismatchError(f"{what} does not match the model's adapter: " + "; ".join(parts)
+                                   + " (check rank, target modules and num_classes against the job config)")
+    for k in sorted(keys):
+        shape = tuple(np.shape(state[k]))
+        if shape != tuple(expected[k]):
+            raise AdapterMismatchError(f"{what}: tensor {k!r} has shape {shape}, the model expects {tuple(expected[k])}")
+        arr = state[k]
+        finite = torch.isfinite(arr).all().item() if isinstance(arr, torch.Tensor) else np.isfinite(arr).all()
+        if not finite:
+            raise AdapterMismatchError(f"{what}: tensor {k!r} holds NaN or Inf values")
+
+
+def load_adapter_state(peft_model, state: Mapping[str, object]) -> None:
+    """Write `state` into the model's adapter, all or nothing: every key and shape checked first."""
+    from peft import set_peft_model_state_dict
+
+    check_adapter(state, adapter_shapes_of(adapter_state(peft_model)))
+    tensors = {k: torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v).float()
+               for k, v in state.items()}
+    result = set_peft_model_state_dict(peft_model, tensors)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:  # cannot happen after check_adapter, but a silent partial load is the worst outcome
+        raise AdapterMismatchError(f"PEFT did not place adapter keys {unexpected[:3]}")
+
+
+def to_numpy(state: Mapping[str, torch.Tensor]) -> Dict[str, np.ndarray]:
+    return {k: v.detach().cpu().float().numpy().copy() for k, v in state.items()}
+
+
+def diff(local: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """local - base, key by key (the WEIGHT_DIFF a site sends)."""
+    check_adapter(local, adapter_shapes_of(base), "local adapter")
+    return {k: (np.asarray(local[k], np.float32) - np.asarray(base[k], np.float32)) for k in base}
+
+
+def apply_diff(base: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """base + delta, key by key; the key sets must be equal."""
+    check_adapter(delta, adapter_shapes_of(base), "update")
+    return {k: (np.asarray(base[k], np.float32) + np.asarray(delta[k], np.float32)) for k in base}
+
+
+def _key_seed(seed: int, key: str) -> int:
+    return (int(seed) * 1_000_003 + zlib.crc32(key.encode())) % (2**63 - 1)
+
+
+def init_adapter_state(shapes: Shapes, seed: int) -> Dict[str, np.ndarray]:
+    """The shared initial adapter: every party computes the same values from the shapes and the seed.
+
+    lora_A: kaiming-uniform as PEFT does it (bound 1/sqrt(fan_in)); lora_B: zeros, so the model starts
+    equal to its base; the head: nn.Linear's default init. Each key has its own generator, so the
+    values do not depend on the order keys are listed in.
+    """
+    out = {}
+    for key, shape in shapes.items():
+        g = torch.Generator().manual_seed(_key_seed(seed, key))
+        if ".lora_B." in key or key.endswith("lora_B.weight"):
+            t = torch.zeros(shape)
+        elif ".lora_A." in key:
+            bound = 1.0 / math.sqrt(shape[1])
+            t = (torch.rand(shape, generator=g) * 2 - 1) * bound
+        else:  # modules_to_save (the head): weight (out, in) and bias (out,)
+            fan_in = shape[1] if len(shape) == 2 else _fan_in_of_bias(key, shapes)
+            bound = 1.0 / math.sqrt(max(1, fan_in))
+            t = (torch.rand(shape, generator=g) * 2 - 1) * bound
+        out[key] = t.numpy().astype(np.float32)
+    return out
+
+
+def _fan_in_of_bias(key: str, shapes: Shapes) -> int:
+    weight = key[: -len("bias")] + "weight"
+    return shapes[weight][1] if weight in shapes and len(shapes[weight]) == 2 else 1
+
+
+def nbytes(state: Mapping[str, object]) -> int:
+    return int(sum(np.asarray(v).nbytes if not isinstance(v, torch.Tensor) else v.numel() * v.element_size()
+                   for v in state.values()))

@@ -1,0 +1,215 @@
+"""The seed's API: FederatedCLIPModel, CLIPLoRAWrapper, quick_clip_lora.
+
+FederatedCLIPModel is the one object every party trains and exchanges through:
+get_parameters() / set_parameters() / train_step() / evaluate(). After CLIPLoRAWrapper is applied,
+the same calls move only the adapter (LoRA A/B and the head), never the frozen base.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import adapter as ad
+from .config import LoRAConfig
+from .models import TINY_PRESET, CLIPImageClassifier, build_classifier, load_clip_config, preprocessing_for, resolve_model
+from .training import evaluate as _evaluate
+from .training import make_optimizer, pick_device
+from .training import train_step as _train_step
+
+
+class FederatedCLIPModel:
+    """A CLIP image classifier with the federated interface.
+
+    Args:
+        model_name: "tiny-clip" (built-in, no download), a local HuggingFace CLIP directory, or a hub id.
+        num_classes: size of the classification head.
+        labels: class names, in label order (default "0", "1", ...).
+        include_text: also load the text tower (for zero-shot export or LoRA on text).
+        device: "auto" (CUDA when present), "cpu" or "cuda".
+        learning_rate, weight_decay, max_grad_norm: the AdamW settings train_step uses.
+    """
+
+    def __init__(self, model_name: str = TINY_PRESET, num_classes: int = 10, labels: Optional[Sequence[str]] = None,
+                 include_text: bool = False, device: str = "auto", learning_rate: float = 1e-3,
+                 weight_decay: float = 0.0, max_grad_norm: Optional[float] = 1.0):
+        self.model_name = str(model_name)
+        self.num_classes = num_classes
+        self.labels = list(labels) if labels is not None else [str(i) for i in range(num_classes)]
+        if len(self.labels) != num_classes:
+            raise ValueError(f"{len(self.labels)} labels given for num_classes={num_classes}")
+        self.device = pick_device(device)
+        self.model, self.source = build_classifier(model_name, num_classes, include_text, self.device)
+        self.preprocess = preprocessing_for(model_name)
+        self.lora_config: Optional[LoRAConfig] = None
+        self.configure_optimizer(learning_rate, weight_decay, max_grad_norm)
+
+    # ---- state -------------------------------------------------------------------------------
+    @property
+    def is_lora(self) -> bool:
+        return self.lora_config is not None
+
+    @property
+    def base_model(self) -> CLIPImageClassifier:
+        return self.model.get_base_model() if self.is_lora else self.model
+
+    def get_parameters(self) -> Dict[str, np.ndarray]:
+        """The exchanged tensors as float32 numpy arrays: the adapter after LoRA, else the whole model."""
+        if self.is_lora:
+            return ad.to_numpy(ad.adapter_state(self.model))
+        return ad.to_numpy({k: v for k, v in self.model.state_dict().items() if not k.endswith("position_ids")})
+
+    def set_parameters(self, params: Mapping[str, np.ndarray]) -> None:
+        """Load exactly the tensors get_parameters() returns; any other key or shape is refused, nothing loaded."""
+        if self.is_lora:
+            ad.load_adapter_state(self.model, params)
+            return
+        own = {k: v for k, v in self.model.state_dict().items() if not k.endswith("position_ids")}
+        ad.check_adapter(params, ad.adapter_shapes_of(own), "parameters")
+        self.model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in params.items()}, strict=False)
+
+    def parameter_counts(self) -> Dict[str, int]:
+        total = sum(p.numel() for p in self.model.parameters())
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        exchanged = sum(v.size for v in self.get_parameters().values())
+        return {"total": int(total), "trainable": int(trainable), "exchanged": int(exchanged)}
+
+    # ---- training ----------------------------------------------------------------------------
+    def configure_optimizer(self, lr: float = 1e-3, weight_decay: float = 0.0, max_grad_norm: Optional[float] = 1.0):
+        """A fresh AdamW over the trainable tensors (called per round: stale moments would fight the server)."""
+        self.learning_rate, self.weight_decay, self.max_grad_norm = lr, weight_decay, max_grad_norm
+        self._optimizer = None
+
+    def _ensure_optimizer(self):
+        if self._optimizer is None:
+            self._optimizer = make_optimizer(self.model, self.learning_rate, self.weight_decay)
+        return self._optimizer
+
+    def train_step(self, data: torch.Tensor, labels: torch.Tensor) -> float:
+        return _train_step(self.model, self._ensure_optimizer(), data, labels, self.max_grad_norm)
+
+    def evaluate(self, data: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> Dict[str, float]:
+        return _evaluate(self.model, data, labels, batch_size)
+
+    @torch.no_grad()
+    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        self.model.eval()
+        return self.model(pixel_values.to(self.device))
+
+
+def _linear_names(model: nn.Module) -> List[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def adapter_skeleton(model_name: str, num_classes: int, lora: LoRAConfig, include_text: bool = False):
+    """(shapes, peft LoraConfig) of the adapter, from the model *config* alone: the base is built on the
+    meta device, so no weight is read or allocated. This is what the server uses; it never holds the base."""
+    from peft import get_peft_model
+
+    cfg = load_clip_config(resolve_model(model_name))
+    with torch.device("meta"):
+        skeleton = CLIPImageClassifier(cfg, num_classes, include_text=include_text or "text" in lora.towers)
+        skeleton.name_or_path = str(model_name)
+        peft_model = get_peft_model(skeleton, ad.peft_config(lora, skeleton, model_name))
+    return ad.adapter_shapes_of(ad.adapter_state(peft_model)), peft_model.peft_config["default"]
+
+
+def adapter_shapes(model_name: str, num_classes: int, lora: LoRAConfig, include_text: bool = False) -> ad.Shapes:
+    """The adapter's key -> shape (see adapter_skeleton)."""
+    return adapter_skeleton(model_name, num_classes, lora, include_text)[0]
+
+
+def initial_adapter(model_name: str, num_classes: int, lora: LoRAConfig) -> Dict[str, np.ndarray]:
+    """The global adapter before round 1: shared seeded init, computed identically by every party."""
+    return ad.init_adapter_state(adapter_shapes(model_name, num_classes, lora), lora.seed)
+
+
+class CLIPLoRAWrapper:
+    """Puts LoRA (via PEFT) on a FederatedCLIPModel, keeping its federated interface.
+
+    Args:
+        federated_clip_model: the model to adapt (changed in place by apply_lora_to_federated_model).
+        lora_config: a LoRAConfig (default LoRAConfig()).
+        target_components: overrides lora_config.target_components, e.g. ["encoder", "classifier"].
+    """
+
+    def __init__(self, federated_clip_model: FederatedCLIPModel, lora_config: Optional[LoRAConfig] = None,
+                 target_components: Optional[Sequence[str]] = None):
+        lora_config = lora_config or LoRAConfig()
+        if target_components is not None:
+            lora_config = dataclasses.replace(lora_config, target_components=list(target_components))
+        self.model = federated_clip_model
+        self.lora_config = lora_config
+
+    @property
+    def peft_model(self):
+        if not self.model.is_lora:
+            raise RuntimeError("LoRA is not applied: call apply_lora_to_federated_model() first")
+        return self.model.model
+
+    def apply_lora_to_federated_model(self) -> FederatedCLIPModel:
+        from peft import get_peft_model
+
+        fed = self.model
+        if fed.is_lora:
+            raise RuntimeError("this model already has LoRA applied")
+        if "text" in self.lora_config.towers and not fed.base_model.include_text:
+            raise ValueError("target_components has 'text' but the model was built without its text tower: "
+                             "create FederatedCLIPModel(..., include_text=True)")
+        base = fed.model.float()
+        peft_model = get_peft_model(base, ad.peft_config(self.lora_config, base, fed.model_name))
+        shapes = ad.adapter_shapes_of(ad.adapter_state(peft_model))
+        ad.load_adapter_state(peft_model, ad.init_adapter_state(shapes, self.lora_config.seed))
+        fed.model = peft_model
+        fed.lora_config = self.lora_config
+        fed.configure_optimizer(fed.learning_rate, fed.weight_decay, fed.max_grad_norm)
+        return fed
+
+    def enable_lora_layers(self) -> None:
+        self.peft_model.enable_adapter_layers()
+
+    def disable_lora_layers(self) -> None:
+        """The model then computes exactly its base (and its original head)."""
+        self.peft_model.disable_adapter_layers()
+
+    def merge_and_unload(self) -> CLIPImageClassifier:
+        """Fold B @ A * alpha / r into the base weights in fp32 and drop the LoRA modules; the trained head
+        replaces the original one. The FederatedCLIPModel then holds (and exchanges) the merged model."""
+        peft_model = self.peft_model.float()
+        merged = peft_model.merge_and_unload()
+        self.model.model = merged
+        self.model.lora_config = None
+        self.model.configure_optimizer(self.model.learning_rate, self.model.weight_decay, self.model.max_grad_norm)
+        return merged
+
+    def enable_gradient_checkpointing(self) -> None:
+        for tower in self._towers():
+            # transformers 5 renamed gradient_checkpointing_enable to activation_checkpointing_enable
+            if hasattr(tower, "activation_checkpointing_enable"):
+                tower.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def disable_gradient_checkpointing(self) -> None:
+        for tower in self._towers():
+            disable = getattr(tower, "activation_checkpointing_disable", None) or tower.gradient_checkpointing_disable
+            disable()
+
+    def _towers(self):
+        base = self.model.base_model
+        return [base.vision_model] + ([base.text_model] if base.include_text else [])
+
+    def get_trainable_parameters(self) -> Dict[str, int]:
+        return self.model.parameter_counts()
+
+
+def quick_clip_lora(model_name: str = TINY_PRESET, num_classes: int = 10, lora_r: int = 16, **model_kw) -> CLIPLoRAWrapper:
+    """A FederatedCLIPModel with LoRA (rank lora_r, alpha 2*r, q/v of the image encoder, head trained)."""
+    fed = FederatedCLIPModel(model_name, num_classes, **model_kw)
+    wrapper = CLIPLoRAWrapper(fed, LoRAConfig(r=lora_r, lora_alpha=2 * lora_r))
+    wrapper.apply_lora_to_federated_model()
+    return wrapper

@@ -1,0 +1,329 @@
+"""The CLIP image classifier and where its base weights come from.
+
+A model name is one of three things, tried in this order:
+1. a built-in preset ("tiny-clip"): a small CLIP config with seeded random init, nothing downloaded;
+2. a local directory in HuggingFace format (config.json + *.safetensors), what production sites use;
+3. a hub id such as "openai/clip-vit-base-patch32", resolved through the local HuggingFace cache or,
+   for users with access, downloaded once.
+Only safetensors weights are read: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+TINY_PRESET = "tiny-clip"
+
+# Small enough to train on 2 CPU cores in seconds, big enough to learn digits: 32x32 images, 8x8 patches.
+_TINY_CONFIG = dict(
+    text_config=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=1000, max_position_embeddings=16, bos_token_id=998, eos_token_id=999, pad_token_id=1,
+    ),
+    vision_config=dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        image_size=32, patch_size=8,
+    ),
+    projection_dim=32,
+)
+PRESETS = {TINY_PRESET: (_TINY_CONFIG, 0)}
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ModelNotFoundError(ValueError):
+    """The model name is not a preset, not a directory, and not reachable on a hub."""
+
+
+def _how_to_supply(name: str, tried: List[str]) -> str:
+    return (
+        f"cannot find CLIP model {name!r}. Tried: " + "; ".join(tried) + ". Supply a model in one of three ways: "
+        f"(1) the built-in preset {TINY_PRESET!r} (no download); (2) a local directory in HuggingFace format "
+        f"holding config.json and model.safetensors (e.g. written by CLIPModel.save_pretrained(DIR)); "
+        f"(3) a hub id such as 'openai/clip-vit-base-patch32' on a machine that can reach the hub or has it in "
+        f"its HuggingFace cache."
+    )
+
+
+@dataclass
+class ModelSource:
+    """Where a base model comes from: a preset, or a directory with config.json and safetensors files."""
+
+    name: str
+    kind: str  # "preset" | "dir" | "hub"
+    path: Optional[Path] = None
+
+    def weight_files(self) -> List[Path]:
+        if self.kind == "preset":
+            return []
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            pickled = sorted(p.name for p in self.path.glob("*.bin")) + sorted(p.name for p in self.path.glob("*.pt"))
+            hint = (
+                f" It has {pickled}: pickled weights are not loaded here; convert once with "
+                f"CLIPModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)."
+                if pickled else ""
+            )
+            raise ModelNotFoundError(f"model directory {self.path} has no *.safetensors weight file.{hint}")
+        return files
+
+
+def resolve_model(name: str) -> ModelSource:
+    """Find the base model named `name`: a preset, a local directory, or a hub id (cache first)."""
+    name = str(name)
+    tried = []
+    if name in PRESETS:
+        return ModelSource(name, "preset")
+    tried.append(f"presets {sorted(PRESETS)}")
+    p = Path(name).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ModelNotFoundError(_how_to_supply(name, tried + [f"directory {p} (it has no config.json)"]))
+        return ModelSource(name, "dir", p.resolve())
+    tried.append(f"local directory {p.resolve()} (does not exist)")
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            local = snapshot_download(
+                name, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json",
+                                      "preprocessor_config.json"],
+            )
+            return ModelSource(name, "hub", Path(local))
+        except Exception as e:  # offline, unknown repo, no access: all mean the same to the user
+            tried.append(f"hub id {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+    else:
+        tried.append("hub id (not of the form owner/name)")
+    raise ModelNotFoundError(_how_to_supply(name, tried))
+
+
+def load_clip_config(source: ModelSource):
+    from transformers import CLIPConfig
+
+    if source.kind == "preset":
+        cfg_dict, _ = PRESETS[source.name]
+        return CLIPConfig(**cfg_dict)
+    cfg = CLIPConfig.from_pretrained(str(source.path))
+    if getattr(cfg, "model_type", None) != "clip":
+        raise ModelNotFoundError(f"{source.path}/config.json describes a {cfg.model_type!r} model, not CLIP")
+    return cfg
+
+
+def config_sha256(clip_config) -> str:
+    d = clip_config.to_diff_dict() if hasattr(clip_config, "to_diff_dict") else dict(clip_config)
+    keep = {}
+    for tower in ("vision_config", "text_config"):
+        sub = d.get(tower, {}) or {}
+        keep[tower] = {k: sub.get(k) for k in sorted(sub) if k in _SHAPE_KEYS}
+    keep["projection_dim"] = d.get("projection_dim", getattr(clip_config, "projection_dim", None))
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
+
+
+_SHAPE_KEYS = {
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size",
+    "num_channels", "vocab_size", "max_position_embeddings", "hidden_act", "layer_norm_eps", "projection_dim",
+}
+
+
+class CLIPImageClassifier(nn.Module):
+    """CLIP image encoder + projection + a linear head: pixel_values -> logits.
+
+    Module names follow transformers' CLIPModel (vision_model.*, visual_projection, text_model.*,
+    text_projection), so a CLIP checkpoint's keys load as they are and LoRA target paths read the same.
+    """
+
+    def __init__(self, clip_config, num_classes: int, include_text: bool = False):
+        super().__init__()
+        from transformers import CLIPTextModel, CLIPVisionModel
+
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+        self.clip_config = clip_config
+        vc = clip_config.vision_config
+        self.vision_model = CLIPVisionModel(vc)
+        self.visual_projection = nn.Linear(vc.hidden_size, clip_config.projection_dim, bias=False)
+        if include_text:
+            tc = clip_config.text_config
+            self.text_model = CLIPTextModel(tc)
+            self.text_projection = nn.Linear(tc.hidden_size, clip_config.projection_dim, bias=False)
+            self.logit_scale = nn.Parameter(torch.tensor(float(clip_config.logit_scale_init_value)))
+        self.classifier = nn.Linear(clip_config.projection_dim, num_classes)
+        self.name_or_path = ""  # PEFT records this as base_model_name_or_path
+
+    @property
+    def include_text(self) -> bool:
+        return hasattr(self, "text_model")
+
+    def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        pooled = self.vision_model(pixel_values=pixel_values).pooler_output
+        return self.visual_projection(pooled)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.image_embeds(pixel_values))
+
+    def base_state_keys(self) -> List[str]:
+        return [k for k in self.state_dict() if not k.startswith("classifier.")]
+
+
+def _preset_state(name: str, include_text: bool) -> Dict[str, torch.Tensor]:
+    from transformers import CLIPModel
+
+    cfg_dict, seed = PRESETS[name]
+    from transformers import CLIPConfig
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        full = CLIPModel(CLIPConfig(**cfg_dict))
+    return full.state_dict()
+
+
+def _read_safetensors(files: List[Path], want) -> Dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    out = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for k in fh.keys():
+                if want(k):
+                    out[k] = fh.get_tensor(k)
+    return out
+
+
+def weights_sha256(source: ModelSource) -> str:
+    """Hash of the base weights as stored: the files for a directory, the generated tensors for a preset."""
+    h = hashlib.sha256()
+    if source.kind == "preset":
+        state = _preset_state(source.name, include_text=True)
+        for k in sorted(state):
+            h.update(k.encode())
+            h.update(state[k].detach().contiguous().cpu().numpy().tobytes())
+        return h.hexdigest()
+    for f in source.weight_files():
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def base_fingerprint(model_name: str, with_weights: bool = True) -> Dict[str, str]:
+    """What identifies a base model across sites: config hash and weights hash (paths may differ)."""
+    source = resolve_model(model_name)
+    fp = {"model": str(model_name), "kind": source.kind, "config_sha256": config_sha256(load_clip_config(source))}
+    if with_weights:
+        fp["weights_sha256"] = weights_sha256(source)
+    return fp
+
+
+def fingerprint_difference(expected: Dict[str, str], actual: Dict[str, str]) -> Optional[str]:
+    """None when two fingerprints name the same base; otherwise a sentence saying what differs."""
+    diffs = []
+    for key in ("config_sha256", "weights_sha256"):
+        if key in expected and key in actual and expected[key] != actual[key]:
+            diffs.append(f"{key} {actual[key][:12]}... here vs {expected[key][:12]}... on the server")
+    if diffs:
+        return (f"local base {actual.get('model')!r} differs from the server's {expected.get('model')!r}: "
+                + "; ".join(diffs))
+    return None
+
+
+def build_classifier(model_name: str, num_classes: int, include_text: bool = False,
+                     device: str | torch.device = "cpu") -> Tuple[CLIPImageClassifier, ModelSource]:
+    """Build the classifier and load the frozen base weights (the head keeps its seeded init)."""
+    source = resolve_model(model_name)
+    cfg = load_clip_config(source)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = CLIPImageClassifier(cfg, num_classes, include_text=include_text)
+    wanted = set(model.base_state_keys())
+    if source.kind == "preset":
+        state = {k: v for k, v in _preset_state(source.name, include_text).items() if k in wanted}
+    else:
+        state = _read_safetensors(source.weight_files(), lambda k: k in wanted)
+    # Non-persistent buffers (position_ids) are not in checkpoints; everything else must be.
+    persistent = {k for k in wanted if not k.endswith("position_ids")}
+    missing = sorted(persistent - set(state))
+    if missing:
+        raise ModelNotFoundError(
+            f"base weights of {model_name!r} lack {len(missing)} tensors the model needs, e.g. {missing[:3]}; "
+            f"is this a CLIP checkpoint saved with CLIPModel.save_pretrained?"
+        )
+    own = model.state_dict()
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise ModelNotFoundError(f"base weight {k} has shape {tuple(v.shape)}, config says {tuple(own[k].shape)}")
+    model.load_state_dict(state, strict=False)
+    model.name_or_path = str(model_name)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in model.classifier.parameters():
+        p.requires_grad_(True)
+    return model.to(device), source
+
+
+# ---- preprocessing: CLIP's resize / centre-crop / normalise, without torchvision -----------------
+@dataclass
+class Preprocessing:
+    size: int = 224
+    crop_size: int = 224
+    mean: Tuple[float, float, float] = CLIP_MEAN
+    std: Tuple[float, float, float] = CLIP_STD
+
+    def to_dict(self) -> Dict:
+        return {"size": self.size, "crop_size": self.crop_size, "mean": list(self.mean), "std": list(self.std),
+                "resample": "bicubic", "layout": "NCHW", "input": "RGB"}
+
+    def __call__(self, image) -> torch.Tensor:
+        """PIL image or HxW / HxWx3 uint8 array -> float32 tensor (3, crop, crop)."""
+        from PIL import Image
+
+        if isinstance(image, np.ndarray):
+            image = Image.fromarray(image)
+        image = image.convert("RGB")
+        w, h = image.size
+        scale = self.size / min(w, h)
+        nw, nh = max(self.crop_size, round(w * scale)), max(self.crop_size, round(h * scale))
+        image = image.resize((nw, nh), Image.BICUBIC)
+        left, top = (nw - self.crop_size) // 2, (nh - self.crop_size) // 2
+        image = image.crop((left, top, left + self.crop_size, top + self.crop_size))
+        arr = np.asarray(image, dtype=np.float32) / 255.0
+        arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+
+
+def preprocessing_for(model_name: str) -> Preprocessing:
+    """CLIP preprocessing from the model's preprocessor_config.json when it has one, else CLIP's defaults."""
+    source = resolve_model(model_name)
+    image_size = load_clip_config(source).vision_config.image_size
+    pp = Preprocessing(size=image_size, crop_size=image_size)
+    if source.path is not None and (source.path / "preprocessor_config.json").is_file():
+        d = json.loads((source.path / "preprocessor_config.json").read_text())
+        size = d.get("size", image_size)
+        size = size.get("shortest_edge", size.get("height", image_size)) if isinstance(size, dict) else size
+        crop = d.get("crop_size", image_size)
+        crop = crop.get("height", image_size) if isinstance(crop, dict) else crop
+        pp = Preprocessing(size=int(size), crop_size=int(crop), mean=tuple(d.get("image_mean", CLIP_MEAN)),
+                           std=tuple(d.get("image_std", CLIP_STD)))
+    return pp
+
+
+def save_preset(name: str, directory: str | os.PathLike) -> Path:
+    """Write a preset as a HuggingFace CLIP directory (config.json + model.safetensors)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    cfg_dict, seed = PRESETS[name]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(CLIPConfig(**cfg_dict))
+    model.save_pretrained(str(directory))
+    return Path(directory)

@@ -1,0 +1,33 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="nvflare-lora",
+    version="0.1.0",
+    description="Federated LoRA fine-tuning of CLIP image classifiers with NVFlare, exported to ONNX",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["nvflare_lora", "nvflare_lora.*", "exporters", "exporters.*"]),
+    install_requires=[
+        "nvflare>=2.9,<2.10",
+        # Install torch first (CPU: pip install torch==2.13.0, or the build for your CUDA): this range then
+        # installs nothing more.
+        "torch>=2.4",
+        "transformers>=4.45,<6",
+        "peft>=0.13,<1",
+        "safetensors>=0.4",
+        "pyyaml>=6",
+        "numpy>=1.24",
+        "pillow>=9",
+        "scikit-learn>=1.3",
+        "onnx>=1.16",
+        "onnxscript>=0.1",
+        "tensorboard>=2.12",
+    ],
+    extras_require={
+        # onnxruntime (CPU) is the default; 'gpu' swaps in onnxruntime-gpu, which serves CPU too.
+        "cpu": ["onnxruntime>=1.18"],
+        "gpu": ["onnxruntime-gpu>=1.18"],
+        "test": ["onnxruntime>=1.18", "pytest>=7", "psutil>=5"],
+    },
+)

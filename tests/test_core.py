@@ -1,0 +1,288 @@
+"""The core library, with real transformers and PEFT models (the tiny preset), no mocks."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nvflare_lora import (CLIPLoRAWrapper, FederatedCLIPModel, LoRAConfig, LoRAConfigManager, LoRAModelManager,
+                          ModelNotFoundError, adapter_shapes, quick_clip_lora)
+from nvflare_lora.adapter import AdapterMismatchError
+from nvflare_lora.checkpoint import CheckpointError
+from nvflare_lora.data import load_digits_dataset, site_split
+from nvflare_lora.models import save_preset
+from nvflare_lora.training import train_local
+
+
+@pytest.fixture(scope="module")
+def digits():
+    fed = FederatedCLIPModel("tiny-clip", 10)
+    return load_digits_dataset(fed.preprocess)
+
+
+def _batch(n=16, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g)
+
+
+def _perturb_adapter(fed, scale=0.05, seed=1):
+    rng = np.random.default_rng(seed)
+    fed.set_parameters({k: v + scale * rng.standard_normal(v.shape).astype(np.float32)
+                        for k, v in fed.get_parameters().items()})
+
+
+def test_wrapped_parameters_are_adapter_only():
+    w = quick_clip_lora("tiny-clip", num_classes=10, lora_r=4)
+    params = w.model.get_parameters()
+    assert params, "adapter must not be empty"
+    for k in params:
+        assert ".lora_A." in k or ".lora_B." in k or ".classifier." in k, k
+    assert any("lora_A" in k for k in params) and "base_model.model.classifier.weight" in params
+    # only q and v projections of the image tower, at rank 4
+    lora_keys = [k for k in params if "lora_" in k]
+    assert all(("q_proj" in k or "v_proj" in k) and "vision_model" in k for k in lora_keys)
+    assert all(params[k].shape[0] == 4 for k in lora_keys if "lora_A" in k)
+    # the trainable tensors are exactly the exchanged ones
+    assert w.model.parameter_counts()["trainable"] == sum(v.size for v in params.values())
+
+
+def test_set_get_round_trip_exact_and_strict():
+    fed = quick_clip_lora("tiny-clip", 10, 4).model
+    rng = np.random.default_rng(0)
+    new = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in fed.get_parameters().items()}
+    fed.set_parameters(new)
+    got = fed.get_parameters()
+    assert all(np.array_equal(got[k], new[k]) for k in new)
+
+    before = fed.get_parameters()
+    k0 = sorted(new)[0]
+    bad = dict(new)
+    bad["base_model.model.vision_model.embeddings.patch_embedding.weight"] = np.zeros((64, 3, 8, 8), np.float32)
+    with pytest.raises(AdapterMismatchError, match="unexpected 1 key"):
+        fed.set_parameters(bad)
+    missing = {k: v for k, v in new.items() if k != k0}
+    with pytest.raises(AdapterMismatchError, match="missing 1 key"):
+        fed.set_parameters(missing)
+    wrong = dict(new)
+    wrong[k0] = np.zeros((3, 3), np.float32)
+    with pytest.raises(AdapterMismatchError, match=k0.replace(".", r"\.")):
+        fed.set_parameters(wrong)
+    nan = {k: v * 0 for k, v in new.items()}
+    nan[k0] = np.full(new[k0].shape, np.nan, np.float32)
+    with pytest.raises(AdapterMismatchError, match="NaN or Inf"):
+        fed.set_parameters(nan)
+    # nothing was loaded by any refused call
+    after = fed.get_parameters()
+    assert all(np.array_equal(after[k], before[k]) for k in before)
+
+
+def test_disabled_lora_equals_base_and_merge_equals_unmerged():
+    fed = FederatedCLIPModel("tiny-clip", 10)
+    x = _batch()
+    base_out = fed(x).clone()
+    w = CLIPLoRAWrapper(fed, LoRAConfig(r=4, lora_alpha=8, lora_dropout=0.0))
+    w.apply_lora_to_federated_model()
+    _perturb_adapter(fed)
+    lora_out = fed(x).clone()
+    assert not torch.allclose(lora_out, base_out, atol=1e-4), "a perturbed adapter must change the output"
+    w.disable_lora_layers()
+    assert torch.allclose(fed(x), base_out, atol=1e-6)
+    w.enable_lora_layers()
+    assert torch.allclose(fed(x), lora_out, atol=1e-6)
+    merged = w.merge_and_unload()
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    merged.eval()
+    with torch.no_grad():
+        assert (merged(x) - lora_out).abs().max().item() < 1e-5
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    x, y = _batch(8), torch.arange(8) % 10
+
+    def grads(checkpointing):
+        fed = FederatedCLIPModel("tiny-clip", 10)
+        w = CLIPLoRAWrapper(fed, LoRAConfig(r=4, lora_alpha=8, lora_dropout=0.0))
+        w.apply_lora_to_federated_model()
+        _perturb_adapter(fed)
+        if checkpointing:
+            w.enable_gradient_checkpointing()
+        fed.model.train()
+        loss = torch.nn.functional.cross_entropy(fed.model(x), y)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in fed.model.named_parameters() if p.requires_grad}
+
+    a, b = grads(False), grads(True)
+    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_model_manager_round_trip_and_plain_peft_load(tmp_path):
+    from peft import PeftModel
+
+    from nvflare_lora.models import build_classifier
+
+    w = quick_clip_lora("tiny-clip", 10, 4)
+    _perturb_adapter(w.model)
+    x = _batch()
+    out = w.model(x).clone()
+    mgr = LoRAModelManager(tmp_path)
+    path = mgr.save_model(w, "run1", metrics={"accuracy": 0.5})
+    assert (path / "adapter_model.safetensors").is_file() and (path / "adapter_config.json").is_file()
+    info = mgr.get_model_info("run1")
+    assert info["base_model"] == "tiny-clip" and info["labels"] == [str(i) for i in range(10)]
+    assert info["adapter_bytes"] == sum(v.nbytes for v in w.model.get_parameters().values())
+    assert info["preprocessing"]["size"] == 32 and "weights_sha256" in info["base_fingerprint"]
+    assert mgr.list_models() == ["run1"]
+
+    w2 = quick_clip_lora("tiny-clip", 10, 4)
+    assert not torch.allclose(w2.model(x), out)
+    mgr.load_model("run1", w2)
+    assert torch.equal(w2.model(x), out)
+
+    base, _ = build_classifier("tiny-clip", 10)
+    peft_model = PeftModel.from_pretrained(base, str(path)).eval()
+    with torch.no_grad():
+        assert torch.allclose(peft_model(x), out, atol=1e-6)
+
+
+def test_model_manager_refuses_other_rank_and_corrupt_file(tmp_path):
+    w = quick_clip_lora("tiny-clip", 10, 4)
+    mgr = LoRAModelManager(tmp_path)
+    path = mgr.save_model(w, "r4")
+    w8 = quick_clip_lora("tiny-clip", 10, 8)
+    with pytest.raises(AdapterMismatchError, match=r"shape \(4, 64\), the model expects \(8, 64\)"):
+        mgr.load_model("r4", w8)
+    (path / "adapter_model.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        mgr.load_model("r4", w)
+    with pytest.raises(FileNotFoundError, match="no adapter named 'nope'"):
+        mgr.load_model("nope", w)
+
+
+def test_model_manager_refuses_adapter_of_another_base(tmp_path):
+    d = save_preset("tiny-clip", tmp_path / "base")
+    # same shapes, other weights: a different base
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(d / "model.safetensors"))
+    sd["visual_projection.weight"] = sd["visual_projection.weight"] * 2
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    w_other = quick_clip_lora(str(d), 10, 4)
+    mgr = LoRAModelManager(tmp_path / "adapters")
+    mgr.save_model(w_other, "other")
+    w = quick_clip_lora("tiny-clip", 10, 4)
+    with pytest.raises(CheckpointError, match="another base.*weights_sha256"):
+        mgr.load_model("other", w)
+
+
+def test_local_directory_model_loads_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    d = save_preset("tiny-clip", tmp_path / "clip")
+    (d / "preprocessor_config.json").write_text(json.dumps(
+        {"size": {"shortest_edge": 40}, "crop_size": {"height": 32, "width": 32},
+         "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]}))
+    a = FederatedCLIPModel("tiny-clip", 10)
+    b = FederatedCLIPModel(str(d), 10)
+    x = _batch()
+    assert torch.equal(a(x), b(x)), "the saved directory must give the preset's exact base"
+    assert b.preprocess.size == 40 and b.preprocess.crop_size == 32 and b.preprocess.mean == (0.5, 0.5, 0.5)
+    img = (np.random.default_rng(0).random((50, 60, 3)) * 255).astype(np.uint8)
+    assert tuple(b.preprocess(img).shape) == (3, 32, 32)
+
+
+def test_unknown_model_names_the_three_ways(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError) as e:
+        FederatedCLIPModel("no-such-owner/no-such-clip", 10)
+    msg = str(e.value)
+    assert "presets" in msg and "local directory" in msg and "hub id" in msg
+    assert "tiny-clip" in msg and "save_pretrained" in msg
+
+
+def test_directory_with_only_pickled_weights_is_refused(tmp_path):
+    d = save_preset("tiny-clip", tmp_path / "clip")
+    (d / "model.safetensors").rename(d / "pytorch_model.bin")
+    with pytest.raises(ModelNotFoundError, match="pickled weights are not loaded"):
+        FederatedCLIPModel(str(d), 10)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"r": 0}, "positive integer"),
+    ({"r": -2}, "positive integer"),
+    ({"lora_alpha": 0}, "lora_alpha must be > 0"),
+    ({"lora_dropout": 1.0}, r"\[0, 1\)"),
+    ({"lora_dropout": -0.1}, r"\[0, 1\)"),
+    ({"target_components": ["vision", "decoder"]}, "unknown LoRA target component 'decoder'"),
+    ({"bias": "some"}, "bias must be"),
+])
+def test_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LoRAConfig(**kwargs)
+
+
+def test_unknown_target_module_lists_valid_names():
+    fed = FederatedCLIPModel("tiny-clip", 10)
+    with pytest.raises(ValueError, match=r"\['q_proj_x'\] do not exist.*valid names are \[.*'fc1'.*'q_proj'"):
+        CLIPLoRAWrapper(fed, LoRAConfig(target_modules=["q_proj_x"])).apply_lora_to_federated_model()
+
+
+def test_config_presets_aliases_and_serialisation(tmp_path):
+    assert (LoRAConfig.for_clip_model("small").r, LoRAConfig.for_clip_model("small").lora_alpha) == (8, 16)
+    assert (LoRAConfig.for_clip_model("medium").r, LoRAConfig.for_clip_model("large").lora_alpha) == (16, 64)
+    assert LoRAConfig.for_clip_model(r=4, lora_alpha=4).r == 4
+    head = LoRAConfig.for_classification_head(r=4)
+    assert head.target_modules == ["visual_projection"] and head.train_head
+    assert LoRAConfig(target_components=["encoder", "classifier"]).target_components == ["vision", "classifier"]
+    c = LoRAConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj"], target_components=["encoder"])
+    assert LoRAConfig.from_yaml(c.to_yaml()) == c and LoRAConfig.from_json(c.to_json()) == c
+    with pytest.raises(ValueError, match="unknown LoRA config keys"):
+        LoRAConfig.from_dict({"rank": 4})
+    mgr = LoRAConfigManager(tmp_path)
+    mgr.save_config(c, "small-qk")
+    assert mgr.load_config("small-qk") == c and mgr.list_configs() == ["small-qk"]
+
+
+def test_head_preset_and_wider_targets_change_the_adapter():
+    fed = FederatedCLIPModel("tiny-clip", 10)
+    CLIPLoRAWrapper(fed, LoRAConfig.for_classification_head(r=4)).apply_lora_to_federated_model()
+    keys = fed.get_parameters()
+    assert {k for k in keys if "lora_" in k} == {"base_model.model.visual_projection.lora_A.weight",
+                                                  "base_model.model.visual_projection.lora_B.weight"}
+    wide = adapter_shapes("tiny-clip", 10, LoRAConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]))
+    qv = adapter_shapes("tiny-clip", 10, LoRAConfig(r=4))
+    assert len([k for k in wide if "lora_A" in k]) == 3 * len([k for k in qv if "lora_A" in k])
+
+
+def test_skeleton_shapes_match_real_model_and_init_is_shared():
+    lora = LoRAConfig(r=8, lora_alpha=16)
+    shapes = adapter_shapes("tiny-clip", 10, lora)
+    a = FederatedCLIPModel("tiny-clip", 10)
+    CLIPLoRAWrapper(a, lora).apply_lora_to_federated_model()
+    b = FederatedCLIPModel("tiny-clip", 10)
+    CLIPLoRAWrapper(b, lora).apply_lora_to_federated_model()
+    pa, pb = a.get_parameters(), b.get_parameters()
+    assert {k: v.shape for k, v in pa.items()} == shapes
+    assert all(np.array_equal(pa[k], pb[k]) for k in pa), "every party must start from the same adapter"
+    assert all(not pa[k].any() for k in pa if "lora_B" in k)
+
+
+def test_training_on_digits_beats_chance_by_far(digits):
+    fed = quick_clip_lora("tiny-clip", 10, 8).model
+    tr, va = site_split(digits, "site-1", 1, "iid")
+    xv, yv = va.tensors()
+    before = fed.evaluate(xv, yv)["accuracy"]
+    calls = []
+    stats = train_local(fed, tr, epochs=20, max_steps=300, batch_size=32, lr=3e-3, on_step=lambda s, l: calls.append(s))
+    after = fed.evaluate(xv, yv)["accuracy"]
+    assert stats["steps"] == 300 and calls[-1] == 300
+    assert after > 0.6 and after > before + 0.3, (before, after)
+
+
+def test_training_abort_is_checked_between_steps(digits):
+    from nvflare_lora.training import Aborted
+
+    fed = quick_clip_lora("tiny-clip", 10, 4).model
+    n = []
+    with pytest.raises(Aborted, match="after 3 steps"):
+        train_local(fed, digits, epochs=1, batch_size=8, should_abort=lambda: len(n) >= 3,
+                    on_step=lambda s, l: n.append(s))
