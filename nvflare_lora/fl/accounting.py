@@ -1,0 +1,203 @@
+"""Per-round communication and quality log on the server: <app_server>/communication.json.
+
+Bytes are measured where they cross: a task's data after the server's task-data filters (download) and
+a site's result before the server's task-result filters (upload), so compression filters are counted
+at their compressed size. A payload's bytes are the bytes of its tensors (numpy nbytes) plus its
+other values as JSON; NVFlare's framing (headers, a few hundred bytes) is not counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+from nvflare.apis.dxo import MetaKey, from_shareable
+from nvflare.apis.event_type import EventType
+from nvflare.apis.fl_constant import FLContextKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.app_event_type import AppEventType
+from nvflare.widgets.widget import Widget
+
+from ..checkpoint import write_json_atomic
+from .announce import FATAL_HEADER, TRAIN_LOSS_KEY, VAL_COUNT_KEY
+
+COMPRESSION_META_KEY = "nvflare_lora_compression"  # set by compression filters: {"mode", "raw_bytes", ...}
+
+
+def payload_bytes(obj) -> int:
+    """Bytes of a DXO's data as it travels: arrays by nbytes, nested dicts walked, the rest as JSON."""
+    if isinstance(obj, np.ndarray):
+        return int(obj.nbytes)
+    if isinstance(obj, dict):
+        return int(sum(len(str(k)) + payload_bytes(v) for k, v in obj.items()))
+    if isinstance(obj, (list, tuple)) and any(isinstance(v, (np.ndarray, dict)) for v in obj):
+        return int(sum(payload_bytes(v) for v in obj))
+    if isinstance(obj, (bytes, bytearray)):
+        return len(obj)
+    return len(json.dumps(obj, default=str))
+
+
+def keys_digest(data: Dict) -> str:
+    return hashlib.sha256("\n".join(sorted(map(str, data))).encode()).hexdigest()[:16]
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000.0
+    return str(n)
+
+
+class CommunicationLog(Widget):
+    """Writes communication.json (per round: per-site upload/download bytes, accuracy, loss) and logs one
+    progress line per round.
+
+    Args:
+        file_name: file written in the server's app directory.
+        train_task_name: the task whose traffic makes up a round; other tasks (cross-site evaluation)
+            are counted under "other".
+    """
+
+    def __init__(self, file_name: str = "communication.json", train_task_name: str = AppConstants.TASK_TRAIN):
+        super().__init__()
+        self.file_name = file_name
+        self.train_task_name = train_task_name
+        self.rounds: Dict[int, Dict] = {}
+        self.other = {"upload_bytes": 0, "download_bytes": 0}
+        self.num_rounds: Optional[int] = None
+        self.path: Optional[Path] = None
+        self.started = time.time()
+
+    def _round(self, rnd: int) -> Dict:
+        if rnd not in self.rounds:
+            self.rounds[rnd] = {"round": rnd, "upload": {}, "download": {}, "sites": {}, "refused": {},
+                                "started": time.time()}
+        return self.rounds[rnd]
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext):
+        if event_type == EventType.START_RUN:
+            app_dir = fl_ctx.get_engine().get_workspace().get_app_dir(fl_ctx.get_job_id())
+            self.path = Path(app_dir) / self.file_name
+        elif event_type == AppEventType.TRAINING_STARTED:
+            self.num_rounds = fl_ctx.get_prop(AppConstants.NUM_ROUNDS)
+        elif event_type == EventType.AFTER_TASK_DATA_FILTER:
+            self._measure(fl_ctx, FLContextKey.TASK_DATA, "download")
+        elif event_type == EventType.BEFORE_TASK_RESULT_FILTER:
+            self._measure(fl_ctx, FLContextKey.TASK_RESULT, "upload")
+            self._stop_on_fatal(fl_ctx)
+        elif event_type == AppEventType.BEFORE_CONTRIBUTION_ACCEPT:
+            self._contribution(fl_ctx)
+        elif event_type == AppEventType.ROUND_DONE:
+            self._round_done(fl_ctx)
+        elif event_type == EventType.END_RUN:
+            self._write()
+
+    def _measure(self, fl_ctx: FLContext, key: str, direction: str) -> None:
+        shareable = fl_ctx.get_prop(key)
+        task = fl_ctx.get_prop(FLContextKey.TASK_NAME)
+        site = fl_ctx.get_peer_context().get_identity_name("?") if fl_ctx.get_peer_context() else "?"
+        if shareable is None:
+            return
+        try:
+            dxo = from_shareable(shareable)
+        except Exception:
+            return  # an error reply carries no DXO: nothing crossed but headers
+        size = payload_bytes(dxo.data or {})
+        comp = dxo.get_meta_prop(COMPRESSION_META_KEY) or {}
+        record = {"bytes": size, "raw_bytes": int(comp.get("raw_bytes", size)), "data_kind": dxo.data_kind,
+                  "num_keys": len(dxo.data or {}), "keys_sha256": keys_digest(dxo.data or {})}
+        if comp:
+            record["compression"] = comp.get("mode")
+        if task != self.train_task_name:
+            self.other[f"{direction}_bytes"] += size
+            return
+        rnd = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+        if rnd is None:
+            return
+        self._round(int(rnd))[direction][site] = record
+
+    def _stop_on_fatal(self, fl_ctx: FLContext) -> None:
+        """A site that must not train (e.g. its base differs from the server's) stops the job, saying why."""
+        result = fl_ctx.get_prop(FLContextKey.TASK_RESULT)
+        reason = result.get_header(FATAL_HEADER) if result is not None else None
+        if reason:
+            site = fl_ctx.get_peer_context().get_identity_name("?") if fl_ctx.get_peer_context() else "?"
+            self.log_error(fl_ctx, f"stopping the job: {site}: {reason}")
+            self.system_panic(f"{site}: {reason}", fl_ctx)
+
+    def _contribution(self, fl_ctx: FLContext) -> None:
+        result = fl_ctx.get_prop(AppConstants.TRAINING_RESULT)
+        site = fl_ctx.get_peer_context().get_identity_name("?")
+        rnd = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+        try:
+            dxo = from_shareable(result)
+        except Exception:
+            return
+        metrics = dxo.get_meta_prop(MetaKey.INITIAL_METRICS) or {}
+        self._round(int(rnd))["sites"][site] = {
+            "steps": dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND),
+            "train_loss": dxo.get_meta_prop(TRAIN_LOSS_KEY),
+            "val_accuracy": metrics.get("val_accuracy"),
+            "val_count": dxo.get_meta_prop(VAL_COUNT_KEY),
+        }
+
+    def record_refusal(self, fl_ctx: FLContext, site: str, reason: str) -> None:
+        """Called by the update validator when it leaves a site's update out of aggregation."""
+        rnd = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+        if rnd is not None:
+            self._round(int(rnd))["refused"][site] = reason
+
+    def _round_done(self, fl_ctx: FLContext) -> None:
+        rnd = int(fl_ctx.get_prop(AppConstants.CURRENT_ROUND))
+        r = self._round(rnd)
+        sites = r["sites"]
+        counts = [s["val_count"] or 0 for s in sites.values() if s["val_accuracy"] is not None]
+        accs = [s["val_accuracy"] for s in sites.values() if s["val_accuracy"] is not None]
+        r["global_val_accuracy"] = float(np.average(accs, weights=counts)) if accs and sum(counts) else None
+        losses = [s["train_loss"] for s in sites.values() if s["train_loss"] is not None]
+        r["mean_train_loss"] = float(np.mean(losses)) if losses else None
+        r["upload_bytes"] = sum(v["bytes"] for v in r["upload"].values())
+        r["upload_raw_bytes"] = sum(v["raw_bytes"] for v in r["upload"].values())
+        r["download_bytes"] = sum(v["bytes"] for v in r["download"].values())
+        r["download_raw_bytes"] = sum(v["raw_bytes"] for v in r["download"].values())
+        r["seconds"] = round(time.time() - r.pop("started", time.time()), 3)
+        total = f"/{self.num_rounds}" if self.num_rounds else ""
+        acc = f"{r['global_val_accuracy']:.4f}" if r["global_val_accuracy"] is not None else "n/a"
+        loss = f"{r['mean_train_loss']:.4f}" if r["mean_train_loss"] is not None else "n/a"
+        refused = f", {len(r['refused'])} refused" if r["refused"] else ""
+        self.log_info(fl_ctx, f"[nvflare_lora] round {rnd + 1}{total}: {len(sites)} sites reporting{refused}, "
+                              f"train loss {loss}, global val acc {acc} (model sent this round), "
+                              f"up {_human(r['upload_bytes'])}, down {_human(r['download_bytes'])}, "
+                              f"{r['seconds']:.1f}s")
+        self._write()
+
+    def summary(self) -> Dict:
+        rounds = [self.rounds[k] for k in sorted(self.rounds)]
+        done = [r for r in rounds if "upload_bytes" in r]
+        return {
+            "rounds": done,
+            "totals": {
+                "rounds": len(done),
+                "upload_bytes": sum(r["upload_bytes"] for r in done),
+                "upload_raw_bytes": sum(r["upload_raw_bytes"] for r in done),
+                "download_bytes": sum(r["download_bytes"] for r in done),
+                "download_raw_bytes": sum(r["download_raw_bytes"] for r in done),
+                "other_upload_bytes": self.other["upload_bytes"],
+                "other_download_bytes": self.other["download_bytes"],
+                "refused_updates": sum(len(r["refused"]) for r in done),
+                "seconds": round(time.time() - self.started, 2),
+            },
+            "notes": "bytes = tensor nbytes + JSON of other values; upload measured before the server's result "
+                     "filters, download after its data filters; raw_bytes = size before compression",
+        }
+
+    def _write(self) -> None:
+        if self.path is not None:
+            write_json_atomic(self.path, self.summary())

@@ -1,0 +1,231 @@
+"""The site's executor: a thin shell over FederatedCLIPModel for NVFlare's train / validate / submit_model tasks.
+
+Per job it builds the frozen base once, from the settings the server announces with every task (one
+source of truth: the server's job config), checks the base fingerprint against the server's, and
+then each round: loads the global adapter, validates it, trains, and returns local - global as a
+WEIGHT_DIFF DXO holding only adapter keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.executor import Executor
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.apis.signal import Signal
+from nvflare.app_common.app_constant import AppConstants
+
+from .. import adapter as ad
+from ..config import LoRAConfig
+from ..data import load_dataset, site_split, train_val_split
+from ..federated import CLIPLoRAWrapper, FederatedCLIPModel
+from ..managers import fingerprint
+from ..models import fingerprint_difference
+from ..training import Aborted, train_local
+from .announce import ANNOUNCE_KEY, FATAL_HEADER, TRAIN_LOSS_KEY, VAL_COUNT_KEY
+
+DATA_ENV = "NVFLARE_LORA_DATA"
+SITE_CONFIG_FILE = "nvflare_lora_site.json"
+LOCAL_ADAPTER_FILE = "local_adapter.safetensors"  # for submit_model when the simulator respawns the site (-t < -n)
+
+
+class BaseMismatchError(RuntimeError):
+    """This site's base model is not the one the server announced."""
+
+
+class CLIPLoRAExecutor(Executor):
+    """Trains the announced CLIP + LoRA model on this site's data.
+
+    Args:
+        data: "digits" (bundled; split across num_sites by `partition`), an image folder
+            (root/<class>/<image>) or a CSV of path,label. A site overrides it without editing the job
+            with the environment variable NVFLARE_LORA_DATA or `data` in <workspace>/local/nvflare_lora_site.json.
+        num_sites: how many sites share a simulated split ("site-1" ... "site-N"); unused for own data.
+        partition: "iid" or "dirichlet" (label skew) for a simulated split.
+        alpha: Dirichlet concentration; smaller means stronger skew.
+        data_seed: seed of the split (the same on every site, so the shares are disjoint).
+        val_fraction: share of the site's data kept for validation.
+        local_epochs: passes over the site's training data per round.
+        max_steps: optional cap on optimiser steps per round.
+        batch_size, lr, weight_decay, max_grad_norm: AdamW settings of local training.
+        seed: training seed (batch order); the round number is added each round.
+        model_path: this site's copy of the base (a local HF directory); default: the announced name.
+            Its fingerprint must equal the server's.
+        device: "auto", "cpu" or "cuda".
+        tracking_writer_id: id of a TBWriter component for metrics (empty: no tracking).
+    """
+
+    def __init__(self, data: str = "digits", num_sites: int = 4, partition: str = "dirichlet", alpha: float = 0.5,
+                 data_seed: int = 0, val_fraction: float = 0.2, local_epochs: int = 1, max_steps: Optional[int] = None,
+                 batch_size: int = 32, lr: float = 3e-3, weight_decay: float = 0.0, max_grad_norm: float = 1.0,
+                 seed: int = 0, model_path: str = "", device: str = "auto", tracking_writer_id: str = "tb_writer",
+                 train_task_name: str = AppConstants.TASK_TRAIN, validate_task_name: str = AppConstants.TASK_VALIDATION,
+                 submit_model_task_name: str = AppConstants.TASK_SUBMIT_MODEL):
+        super().__init__()
+        self.data, self.num_sites, self.partition, self.alpha = data, num_sites, partition, alpha
+        self.data_seed, self.val_fraction = data_seed, val_fraction
+        self.local_epochs, self.max_steps, self.batch_size = local_epochs, max_steps, batch_size
+        self.lr, self.weight_decay, self.max_grad_norm, self.seed = lr, weight_decay, max_grad_norm, seed
+        self.model_path, self.device, self.tracking_writer_id = model_path, device, tracking_writer_id
+        self.train_task_name, self.validate_task_name = train_task_name, validate_task_name
+        self.submit_model_task_name = submit_model_task_name
+        self.fed: Optional[FederatedCLIPModel] = None
+        self.announced: Optional[Dict] = None
+        self.train_set = self.val_set = None
+        self.local_adapter: Optional[Dict] = None
+        self.writer = None
+
+    # ---- set-up, once per job -------------------------------------------------------------------
+    def _site_settings(self, fl_ctx: FLContext) -> Dict:
+        """Site-local overrides: <workspace>/local/nvflare_lora_site.json, then the environment."""
+        settings = {}
+        try:
+            local = Path(fl_ctx.get_engine().get_workspace().get_site_config_dir()) / SITE_CONFIG_FILE
+            if local.is_file():
+                settings.update(json.loads(local.read_text()))
+        except AttributeError:
+            pass
+        if os.environ.get(DATA_ENV):
+            settings["data"] = os.environ[DATA_ENV]
+        return settings
+
+    def _setup(self, announced: Dict, fl_ctx: FLContext) -> None:
+        site = fl_ctx.get_identity_name()
+        settings = self._site_settings(fl_ctx)
+        model_name = settings.get("model_path") or self.model_path or announced["model"]
+        t0 = time.perf_counter()
+        fed = FederatedCLIPModel(model_name, announced["num_classes"], labels=announced.get("labels"),
+                                 device=settings.get("device", self.device))
+        why = fingerprint_difference(announced["fingerprint"], fingerprint(fed))
+        if why:
+            raise BaseMismatchError(f"site {site}: {why}. Give this site the same base as the server "
+                                    f"(model_path in the job or in local/{SITE_CONFIG_FILE}).")
+        CLIPLoRAWrapper(fed, LoRAConfig.from_dict(announced["lora_config"])).apply_lora_to_federated_model()
+        data = settings.get("data", self.data)
+        dataset = load_dataset(data, fed.preprocess, classes=announced.get("labels") if data != "digits" else None)
+        if data == "digits" and "data" not in settings:
+            self.train_set, self.val_set = site_split(dataset, site, self.num_sites, self.partition, self.alpha,
+                                                      self.data_seed, self.val_fraction)
+        else:  # the site's own data: all of it is this site's share
+            tr, va = train_val_split(len(dataset), self.val_fraction, self.data_seed)
+            self.train_set, self.val_set = dataset.subset(tr), dataset.subset(va)
+        self.fed, self.announced = fed, announced
+        self.log_info(fl_ctx, f"{site}: base {model_name!r} ready in {time.perf_counter() - t0:.1f}s; "
+                              f"{len(self.train_set)} train / {len(self.val_set)} val images from {data!r}; "
+                              f"adapter {fed.parameter_counts()['exchanged']:,} parameters")
+        if self.tracking_writer_id:
+            self.writer = fl_ctx.get_engine().get_component(self.tracking_writer_id)
+
+    def _ensure_model(self, dxo: DXO, fl_ctx: FLContext) -> None:
+        announced = dxo.get_meta_prop(ANNOUNCE_KEY)
+        if announced is None:
+            raise ValueError(f"the task carries no '{ANNOUNCE_KEY}' settings: the server must use "
+                             f"nvflare_lora.fl.AdapterShareableGenerator")
+        if self.fed is None:
+            self._setup(announced, fl_ctx)
+        elif announced != self.announced:
+            raise BaseMismatchError("the server's model settings changed during the job")
+
+    # ---- tasks ------------------------------------------------------------------------------------
+    def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        site = fl_ctx.get_identity_name()
+        try:
+            if task_name == self.train_task_name:
+                return self._train(shareable, fl_ctx, abort_signal)
+            if task_name == self.validate_task_name:
+                return self._validate(shareable, fl_ctx)
+            if task_name == self.submit_model_task_name:
+                return self._submit_model(fl_ctx)
+            return make_reply(ReturnCode.TASK_UNSUPPORTED)
+        except Aborted:
+            return make_reply(ReturnCode.TASK_ABORTED)
+        except BaseMismatchError as e:
+            # Training on another base would aggregate garbage: the server's CommunicationLog reads the
+            # header and stops the whole job with this message (a site's own panic stops only the site).
+            self.log_error(fl_ctx, str(e))
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION, headers={FATAL_HEADER: str(e)})
+        except ad.AdapterMismatchError as e:
+            self.log_error(fl_ctx, f"{site}: refused the task's model, nothing loaded: {e}")
+            return make_reply(ReturnCode.BAD_TASK_DATA)
+        except Exception as e:
+            self.log_exception(fl_ctx, f"{site}: {task_name} failed: {type(e).__name__}: {e}")
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+
+    def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        dxo = from_shareable(shareable)
+        if dxo.data_kind != DataKind.WEIGHTS:
+            raise ad.AdapterMismatchError(f"expected a WEIGHTS DXO for training, got {dxo.data_kind}")
+        self._ensure_model(dxo, fl_ctx)
+        rnd = shareable.get_header(AppConstants.CURRENT_ROUND, 0)
+        global_adapter = {k: v for k, v in dxo.data.items()}
+        self.fed.set_parameters(global_adapter)  # strict: keys, shapes, finite values
+
+        xv, yv = self.val_set.tensors()
+        val = self.fed.evaluate(xv, yv)
+        stats = train_local(self.fed, self.train_set, epochs=self.local_epochs, max_steps=self.max_steps,
+                            batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+                            max_grad_norm=self.max_grad_norm, seed=self.seed + int(rnd),
+                            should_abort=lambda: abort_signal.triggered)
+        self.local_adapter = self.fed.get_parameters()
+        self._keep_local_adapter(fl_ctx)
+        update = ad.diff(self.local_adapter, global_adapter)
+        site = fl_ctx.get_identity_name()
+        self.log_info(fl_ctx, f"{site} round {rnd}: global val acc {val['accuracy']:.4f}, "
+                              f"{stats['steps']} steps, train loss {stats['loss']:.4f}, {stats['seconds']:.1f}s")
+        if self.writer is not None:
+            self.writer.add_scalar("val_accuracy_global", val["accuracy"], global_step=int(rnd))
+            self.writer.add_scalar("train_loss", stats["loss"], global_step=int(rnd))
+        out = DXO(data_kind=DataKind.WEIGHT_DIFF, data=update, meta={
+            MetaKey.NUM_STEPS_CURRENT_ROUND: stats["steps"],
+            MetaKey.INITIAL_METRICS: {"val_accuracy": val["accuracy"], "val_loss": val["loss"]},
+            VAL_COUNT_KEY: val["count"],
+            TRAIN_LOSS_KEY: stats["loss"],
+        })
+        return out.to_shareable()
+
+    def _validate(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        dxo = from_shareable(shareable)
+        if dxo.data_kind not in (DataKind.WEIGHTS,):
+            raise ad.AdapterMismatchError(f"expected a WEIGHTS DXO to validate, got {dxo.data_kind}")
+        if self.fed is None:
+            self._ensure_model(dxo, fl_ctx)
+        current = self.fed.get_parameters()
+        try:
+            self.fed.set_parameters(dxo.data)
+            xv, yv = self.val_set.tensors()
+            val = self.fed.evaluate(xv, yv)
+        finally:
+            self.fed.set_parameters(current)
+        model_owner = shareable.get_header(AppConstants.MODEL_OWNER, "?")
+        self.log_info(fl_ctx, f"{fl_ctx.get_identity_name()}: model of {model_owner}: val acc {val['accuracy']:.4f}")
+        return DXO(data_kind=DataKind.METRICS, data={"val_accuracy": val["accuracy"], "val_loss": val["loss"],
+                                                    "count": val["count"]}).to_shareable()
+
+    def _local_adapter_path(self, fl_ctx: FLContext) -> Path:
+        return Path(fl_ctx.get_engine().get_workspace().get_app_dir(fl_ctx.get_job_id())) / LOCAL_ADAPTER_FILE
+
+    def _keep_local_adapter(self, fl_ctx: FLContext) -> None:
+        from safetensors.numpy import save_file
+
+        path = self._local_adapter_path(fl_ctx)
+        tmp = path.with_suffix(".tmp")
+        save_file(self.local_adapter, str(tmp))
+        os.replace(tmp, path)
+
+    def _submit_model(self, fl_ctx: FLContext) -> Shareable:
+        if self.local_adapter is None:
+            path = self._local_adapter_path(fl_ctx)
+            if not path.is_file():
+                return make_reply(ReturnCode.EMPTY_RESULT)
+            from safetensors.numpy import load_file
+
+            self.local_adapter = load_file(str(path))
+        return DXO(data_kind=DataKind.WEIGHTS, data=self.local_adapter,
+                   meta={ANNOUNCE_KEY: self.announced} if self.announced else {}).to_shareable()
