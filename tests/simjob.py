@@ -16,16 +16,23 @@ JOB = ROOT / "jobs" / "clip_lora"
 
 
 def make_job(dest: Path, server: Optional[Dict[str, str]] = None, client: Optional[Dict[str, str]] = None,
-             server_text: Optional[Dict[str, str]] = None, client_text: Optional[Dict[str, str]] = None) -> Path:
-    """Copy the default job and set `key = value` lines (values as HOCON text) in its two configs.
+             server_text: Optional[Dict[str, str]] = None, client_text: Optional[Dict[str, str]] = None,
+             cross_site_eval: bool = True) -> Path:
+    """Copy the default job and set the first `key = value` line per key (values as HOCON text) in its two configs.
 
-    *_text: plain substring replacements, for inserting whole blocks (filters, components)."""
+    *_text: plain substring replacements, for inserting whole blocks (filters, components).
+    cross_site_eval=False drops the CrossSiteModelEval workflow (saves time where it is not tested)."""
     shutil.copytree(JOB, dest)
+    if not cross_site_eval:
+        path = dest / "app" / "config" / "config_fed_server.conf"
+        text, n = re.subn(r"(?s),?\s*\{\s*# After training.*?CrossSiteModelEval.*?\n    \}", "", path.read_text())
+        assert n == 1, "CrossSiteModelEval block not found"
+        path.write_text(text)
     for name, sets, texts in (("config_fed_server.conf", server, server_text), ("config_fed_client.conf", client, client_text)):
         path = dest / "app" / "config" / name
         text = path.read_text()
         for key, value in (sets or {}).items():
-            text, n = re.subn(rf"(?m)^(\s*){re.escape(key)}\s*=.*$", lambda m: f"{m.group(1)}{key} = {value}", text)
+            text, n = re.subn(rf"(?m)^(\s*){re.escape(key)}\s*=.*$", lambda m: f"{m.group(1)}{key} = {value}", text, count=1)
             if n == 0:
                 raise KeyError(f"{key} not found in {name}")
         for old, new in (texts or {}).items():
@@ -37,11 +44,16 @@ def make_job(dest: Path, server: Optional[Dict[str, str]] = None, client: Option
 
 
 def run_simulator(job: Path, workspace: Path, n: int = 4, threads: Optional[int] = 4, timeout: int = 600,
-                  env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
-    """`nvflare simulator JOB -w WS -n N -t T`, after allowing nvflare_lora components in the workspace."""
+                  env: Optional[Dict[str, str]] = None, test_components: bool = False) -> subprocess.CompletedProcess:
+    """`nvflare simulator JOB -w WS -n N -t T`, after allowing nvflare_lora components in the workspace.
+
+    test_components: also allow (and put on the path) the test-only components in tests/."""
     from nvflare_lora.allow import allow
 
     allow(workspace)
+    if test_components:
+        allow(workspace, "faulty_executor.")
+        env = {**(env or {}), "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "nvflare.private.fed.app.simulator.simulator", str(job), "-w", str(workspace),
            "-n", str(n)]
     if threads:

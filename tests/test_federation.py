@@ -82,3 +82,23 @@ def test_progress_lines_and_tensorboard(default_run):
     assert f"round {ROUNDS}/{ROUNDS}: 4 sites reporting" in lines[-1] and "global val acc" in lines[-1]
     events = list((default_run / "server" / "simulate_job").rglob("events.out.tfevents*"))
     assert events, "the server must write the sites' metrics as TensorBoard events"
+
+
+def test_site_with_another_base_stops_the_job_saying_which_and_why(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from nvflare_lora.models import save_preset
+
+    base = save_preset("tiny-clip", tmp_path / "server_base")
+    sd = load_file(str(base / "model.safetensors"))
+    sd["visual_projection.weight"] = sd["visual_projection.weight"] + 0.01  # same shapes, other weights
+    save_file(sd, str(base / "model.safetensors"), metadata={"format": "pt"})
+    job = make_job(tmp_path / "job", server={"num_rounds": "2", "model": f'"{base}"'},
+                   client={"model_path": '"tiny-clip"'})  # every site uses the preset instead
+    ws = tmp_path / "ws"
+    proc = run_simulator(job, ws, n=2, threads=2)
+    log = (ws / "simulator_output.txt").read_text()
+    assert proc.returncode != 0, "the job must fail"
+    assert "stopping the job: site-" in log and "weights_sha256" in log, log[-3000:]
+    assert not (ws / "server" / "simulate_job" / "app_server" / "adapter" / "latest").exists(), \
+        "no round may complete with a mismatched base"

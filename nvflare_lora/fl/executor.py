@@ -23,6 +23,7 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
 from .. import adapter as ad
+from ..aggregation_site import SiteAggregation, site_lora_config
 from ..config import LoRAConfig
 from ..data import load_dataset, site_split, train_val_split
 from ..federated import CLIPLoRAWrapper, FederatedCLIPModel
@@ -80,6 +81,7 @@ class CLIPLoRAExecutor(Executor):
         self.announced: Optional[Dict] = None
         self.train_set = self.val_set = None
         self.local_adapter: Optional[Dict] = None
+        self.site_aggregation: Optional[SiteAggregation] = None
         self.writer = None
 
     # ---- set-up, once per job -------------------------------------------------------------------
@@ -105,9 +107,11 @@ class CLIPLoRAExecutor(Executor):
                                  device=settings.get("device", self.device))
         why = fingerprint_difference(announced["fingerprint"], fingerprint(fed))
         if why:
-            raise BaseMismatchError(f"site {site}: {why}. Give this site the same base as the server "
+            raise BaseMismatchError(f"{why}. Give this site the same base as the server "
                                     f"(model_path in the job or in local/{SITE_CONFIG_FILE}).")
-        CLIPLoRAWrapper(fed, LoRAConfig.from_dict(announced["lora_config"])).apply_lora_to_federated_model()
+        # The announced LoRA settings at this site's rank (site_ranks), and the announced aggregation rule.
+        CLIPLoRAWrapper(fed, site_lora_config(announced, site)).apply_lora_to_federated_model()
+        self.site_aggregation = SiteAggregation.from_announcement(fed, announced)
         data = settings.get("data", self.data)
         dataset = load_dataset(data, fed.preprocess, classes=announced.get("labels") if data != "digits" else None)
         if data == "digits" and "data" not in settings:
@@ -149,7 +153,7 @@ class CLIPLoRAExecutor(Executor):
         except BaseMismatchError as e:
             # Training on another base would aggregate garbage: the server's CommunicationLog reads the
             # header and stops the whole job with this message (a site's own panic stops only the site).
-            self.log_error(fl_ctx, str(e))
+            self.log_error(fl_ctx, f"{site}: {e}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION, headers={FATAL_HEADER: str(e)})
         except ad.AdapterMismatchError as e:
             self.log_error(fl_ctx, f"{site}: refused the task's model, nothing loaded: {e}")
@@ -164,8 +168,8 @@ class CLIPLoRAExecutor(Executor):
             raise ad.AdapterMismatchError(f"expected a WEIGHTS DXO for training, got {dxo.data_kind}")
         self._ensure_model(dxo, fl_ctx)
         rnd = shareable.get_header(AppConstants.CURRENT_ROUND, 0)
-        global_adapter = {k: v for k, v in dxo.data.items()}
-        self.fed.set_parameters(global_adapter)  # strict: keys, shapes, finite values
+        # strict: keys, shapes, finite values; under the exact rule the residuals go onto the frozen weights
+        global_adapter = self.site_aggregation.load_global(dxo.data)
 
         xv, yv = self.val_set.tensors()
         val = self.fed.evaluate(xv, yv)
@@ -173,9 +177,9 @@ class CLIPLoRAExecutor(Executor):
                             batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
                             max_grad_norm=self.max_grad_norm, seed=self.seed + int(rnd),
                             should_abort=lambda: abort_signal.triggered)
-        self.local_adapter = self.fed.get_parameters()
+        self.local_adapter = self.site_aggregation.local_state()
         self._keep_local_adapter(fl_ctx)
-        update = ad.diff(self.local_adapter, global_adapter)
+        update = self.site_aggregation.update(global_adapter)  # local - global; under ffa without A
         site = fl_ctx.get_identity_name()
         self.log_info(fl_ctx, f"{site} round {rnd}: global val acc {val['accuracy']:.4f}, "
                               f"{stats['steps']} steps, train loss {stats['loss']:.4f}, {stats['seconds']:.1f}s")
@@ -196,13 +200,10 @@ class CLIPLoRAExecutor(Executor):
             raise ad.AdapterMismatchError(f"expected a WEIGHTS DXO to validate, got {dxo.data_kind}")
         if self.fed is None:
             self._ensure_model(dxo, fl_ctx)
-        current = self.fed.get_parameters()
-        try:
-            self.fed.set_parameters(dxo.data)
+        # any rank, with or without residuals; what this site had loaded is restored afterwards
+        with self.site_aggregation.evaluating(dxo.data):
             xv, yv = self.val_set.tensors()
             val = self.fed.evaluate(xv, yv)
-        finally:
-            self.fed.set_parameters(current)
         model_owner = shareable.get_header(AppConstants.MODEL_OWNER, "?")
         self.log_info(fl_ctx, f"{fl_ctx.get_identity_name()}: model of {model_owner}: val acc {val['accuracy']:.4f}")
         return DXO(data_kind=DataKind.METRICS, data={"val_accuracy": val["accuracy"], "val_loss": val["loss"],

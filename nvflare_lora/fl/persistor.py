@@ -12,7 +12,6 @@ from typing import Dict, List, Optional
 
 import numpy as np
 from nvflare.apis.dxo import DXO, DataKind
-from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey, make_model_learnable
 from nvflare.app_common.abstract.model_locator import ModelLocator
@@ -70,6 +69,10 @@ class AdapterPersistor(ModelPersistor):
         if self._shapes is None:
             self._shapes, self._peft_config = adapter_skeleton(self.model, self.num_classes, self.lora)
             self._fingerprint = base_fingerprint(self.model)
+
+    def adapter_shapes(self) -> Dict:
+        self._ensure_skeleton()
+        return dict(self._shapes)
 
     def announcement(self) -> Dict:
         self._ensure_skeleton()

@@ -1,0 +1,53 @@
+"""A real CLIPLoRAExecutor that corrupts its own update in chosen rounds, for the server's validation tests."""
+
+import numpy as np
+from nvflare.apis.dxo import from_shareable
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.shareable import make_reply
+from nvflare.app_common.app_constant import AppConstants
+
+from nvflare_lora.fl.executor import CLIPLoRAExecutor
+
+
+def corrupt(data: dict, fault: str) -> dict:
+    data = dict(data)
+    k = sorted(data)[0]
+    if fault == "extra_key":
+        data["base_model.model.vision_model.embeddings.patch_embedding.weight"] = np.zeros((64, 3, 8, 8), np.float32)
+    elif fault == "missing_key":
+        del data[k]
+    elif fault == "wrong_shape":
+        data[k] = np.zeros((3, 3), np.float32)
+    elif fault == "nan":
+        data[k] = data[k].copy()
+        data[k].flat[0] = np.nan
+    elif fault == "inf":
+        data[k] = data[k].copy()
+        data[k].flat[-1] = np.inf
+    elif fault == "huge":
+        data = {key: v * np.float32(1e6) for key, v in data.items()}
+    elif fault == "float64":
+        data[k] = data[k].astype(np.float64)
+    else:
+        raise ValueError(f"unknown fault {fault!r}")
+    return data
+
+
+class FaultyExecutor(CLIPLoRAExecutor):
+    """faults: {"site-3": {"0": "extra_key", "1": "nan"}}; fault "nothing" sends an error reply instead."""
+
+    def __init__(self, faults: dict = None, **kwargs):
+        super().__init__(**kwargs)
+        self.faults = faults or {}
+
+    def execute(self, task_name, shareable, fl_ctx, abort_signal):
+        rnd = shareable.get_header(AppConstants.CURRENT_ROUND, None)
+        reply = super().execute(task_name, shareable, fl_ctx, abort_signal)
+        fault = self.faults.get(fl_ctx.get_identity_name(), {}).get(str(rnd))
+        if task_name != self.train_task_name or not fault:
+            return reply
+        if fault == "nothing":
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+        dxo = from_shareable(reply)
+        dxo.data = corrupt(dxo.data, fault)
+        return dxo.update_shareable(reply)
