@@ -43,6 +43,10 @@ def _kinds(data_kinds: Optional[List[str]], default: List[str]) -> List[str]:
     return kinds
 
 
+def _kind(dxo: DXO) -> str:
+    return str(getattr(dxo.data_kind, "value", dxo.data_kind))
+
+
 def _copy_meta(dxo: DXO) -> Dict:
     # The filter history is re-attached by DXOFilter itself; copying it too would list every filter twice.
     meta = copy.deepcopy({k: v for k, v in (dxo.meta or {}).items() if k != MetaKey.FILTER_HISTORY})
@@ -104,7 +108,7 @@ class AdapterCompressor(DXOFilter):
         data = {PAYLOAD_KEY: packed}
         meta = _copy_meta(dxo)
         meta[COMPRESSION_META_KEY] = self._record(payload_bytes(arrays), payload_bytes(data), len(arrays))
-        self.log_info(fl_ctx, f"compressed {dxo.data_kind} ({self.spec.mode}): {meta[COMPRESSION_META_KEY]['raw_bytes']}"
+        self.log_info(fl_ctx, f"compressed {_kind(dxo)} ({self.spec.mode}): {meta[COMPRESSION_META_KEY]['raw_bytes']}"
                               f" -> {meta[COMPRESSION_META_KEY]['compressed_bytes']} bytes")
         return DXO(data_kind=dxo.data_kind, data=data, meta=meta)
 
@@ -125,16 +129,16 @@ class AdapterCompressor(DXOFilter):
             if hasattr(v, "detach") and hasattr(v, "cpu"):  # a torch tensor
                 v = v.detach().cpu().numpy()
             if not isinstance(v, (np.ndarray, np.floating)):
-                raise ValueError(f"cannot compress {dxo.data_kind} entry {k!r}: a {type(v).__name__}, not an array")
+                raise ValueError(f"cannot compress {_kind(dxo)} entry {k!r}: a {type(v).__name__}, not an array")
             arrays[k] = np.asarray(v)  # a numpy scalar travels as a 0-d array
         return arrays
 
     def _seed(self, shareable: Shareable, fl_ctx: FLContext) -> int:
         """Different draws per site and round, reproducible from the job config."""
-        task_data = fl_ctx.get_prop(FLContextKey.TASK_DATA)
-        rnd = shareable.get_header(AppConstants.CURRENT_ROUND)
-        if rnd is None and isinstance(task_data, Shareable):
-            rnd = task_data.get_header(AppConstants.CURRENT_ROUND)
+        rnd = None
+        for source in (shareable, fl_ctx.get_prop(FLContextKey.TASK_DATA)):  # the result's, else its task's round
+            if rnd is None and isinstance(source, Shareable):
+                rnd = source.get_header(AppConstants.CURRENT_ROUND)
         if rnd is None:
             rnd = fl_ctx.get_prop(AppConstants.CURRENT_ROUND, 0)
         peer = fl_ctx.get_peer_context()
@@ -178,15 +182,15 @@ class AdapterDecompressor(DXOFilter):
         record = (dxo.meta or {}).get(COMPRESSION_META_KEY)
         if record is None:
             if self.require_compressed:
-                raise ValueError(f"{dxo.data_kind} from {sender} arrived uncompressed, but this side decompresses: "
+                raise ValueError(f"{_kind(dxo)} from {sender} arrived uncompressed, but this side decompresses: "
                                  "add AdapterCompressor to the sender's filters, or set require_compressed=false")
             return None
         try:
             arrays = self._decode(dxo, record)
         except ValueError as e:
-            raise ValueError(f"refusing compressed {dxo.data_kind} from {sender}: {e}") from None
+            raise ValueError(f"refusing compressed {_kind(dxo)} from {sender}: {e}") from None
         meta = _copy_meta(dxo)
-        self.log_info(fl_ctx, f"decompressed {dxo.data_kind} from {sender} ({record['mode']}): "
+        self.log_info(fl_ctx, f"decompressed {_kind(dxo)} from {sender} ({record['mode']}): "
                               f"{record['compressed_bytes']} -> {record['raw_bytes']} bytes")
         return DXO(data_kind=dxo.data_kind, data=arrays, meta=meta)
 
