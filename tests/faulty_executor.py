@@ -1,5 +1,7 @@
 """A real CLIPLoRAExecutor that corrupts its own update in chosen rounds, for the server's validation tests."""
 
+import os
+
 import numpy as np
 from nvflare.apis.dxo import from_shareable
 from nvflare.apis.fl_constant import ReturnCode
@@ -34,7 +36,8 @@ def corrupt(data: dict, fault: str) -> dict:
 
 
 class FaultyExecutor(CLIPLoRAExecutor):
-    """faults: {"site-3": {"0": "extra_key", "1": "nan"}}; fault "nothing" sends an error reply instead."""
+    """faults: {"site-3": {"0": "extra_key", "1": "nan"}}; "nothing" sends an error reply instead, "die" kills
+    the site's process before it replies."""
 
     def __init__(self, faults: dict = None, **kwargs):
         super().__init__(**kwargs)
@@ -44,6 +47,8 @@ class FaultyExecutor(CLIPLoRAExecutor):
         rnd = shareable.get_header(AppConstants.CURRENT_ROUND, None)
         reply = super().execute(task_name, shareable, fl_ctx, abort_signal)
         fault = self.faults.get(fl_ctx.get_identity_name(), {}).get(str(rnd))
+        if task_name == self.train_task_name and fault == "die":
+            os._exit(1)  # the site's process dies in the middle of the round, after training
         if task_name != self.train_task_name or not fault:
             return reply
         if fault == "nothing":

@@ -86,7 +86,8 @@ class CommunicationLog(Widget):
             app_dir = fl_ctx.get_engine().get_workspace().get_app_dir(fl_ctx.get_job_id())
             self.path = Path(app_dir) / self.file_name
         elif event_type == AppEventType.TRAINING_STARTED:
-            self.num_rounds = fl_ctx.get_prop(AppConstants.NUM_ROUNDS)
+            # rounds are numbered from 0 over the whole job, also when it resumed at START_ROUND
+            self.num_rounds = (fl_ctx.get_prop(AppConstants.START_ROUND) or 0) + fl_ctx.get_prop(AppConstants.NUM_ROUNDS)
         elif event_type == EventType.AFTER_TASK_DATA_FILTER:
             self._measure(fl_ctx, FLContextKey.TASK_DATA, "download")
         elif event_type == EventType.BEFORE_TASK_RESULT_FILTER:

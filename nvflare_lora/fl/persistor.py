@@ -24,7 +24,7 @@ from ..adapter import adapter_shapes_of, check_adapter, init_adapter_state
 from ..checkpoint import read_adapter_dir, save_adapter_dir
 from ..config import LoRAConfig
 from ..federated import adapter_skeleton
-from ..models import base_fingerprint, preprocessing_for
+from ..models import base_fingerprint, fingerprint_difference, preprocessing_for
 from .announce import ANNOUNCE_KEY
 
 CHECKPOINTS = ("best", "latest")
@@ -41,13 +41,16 @@ class AdapterPersistor(ModelPersistor):
         r, lora_alpha, lora_dropout, target_modules, target_components, seed: the LoRA settings
             (see nvflare_lora.LoRAConfig); announced to every site with each task.
         checkpoint_dir: folder under the server's app directory for best/ and latest/.
-        resume: start from <checkpoint_dir>/latest when it exists and fits (a restarted server).
+        resume_from: a saved global adapter to continue from after a server restart: a checkpoint
+            directory (…/adapter/latest) or the app/run directory holding it. Its base fingerprint and
+            LoRA settings must equal this job's. With nvflare_lora.fl.workflow.ResumableScatterAndGather
+            the job then runs only the rounds still missing.
     """
 
     def __init__(self, model: str = "tiny-clip", num_classes: int = 10, labels: Optional[List[str]] = None,
                  r: int = 16, lora_alpha: float = 32, lora_dropout: float = 0.1,
                  target_modules: Optional[List[str]] = None, target_components: Optional[List[str]] = None,
-                 seed: int = 0, checkpoint_dir: str = "adapter", resume: bool = False):
+                 seed: int = 0, checkpoint_dir: str = "adapter", resume_from: str = ""):
         super().__init__()
         self.model = model
         self.num_classes = num_classes
@@ -57,7 +60,8 @@ class AdapterPersistor(ModelPersistor):
         self.lora = LoRAConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
                                target_components=target_components or ["vision", "classifier"], seed=seed)
         self.checkpoint_dir = checkpoint_dir
-        self.resume = resume
+        self.resume_from = resume_from
+        self.completed_rounds = 0  # rounds already in the adapter loaded by load_model (resume)
         self._fingerprint: Optional[Dict] = None
         self._shapes = None
         self._peft_config = None
@@ -99,18 +103,34 @@ class AdapterPersistor(ModelPersistor):
 
     def load_model(self, fl_ctx: FLContext) -> ModelLearnable:
         self._ensure_skeleton()
-        latest = self._dir(fl_ctx) / "latest"
-        if self.resume and latest.is_dir():
-            state, _, meta = read_adapter_dir(latest)
-            check_adapter(state, self._shapes, f"saved adapter {latest}")
-            self.log_info(fl_ctx, f"resuming from {latest} (round {meta.get('round')})")
-            weights = {k: np.asarray(v, np.float32) for k, v in state.items()}
+        if self.resume_from:
+            weights = self._load_resume(fl_ctx)
         else:
             weights = init_adapter_state(self._shapes, self.lora.seed)
         n = sum(v.size for v in weights.values())
         self.log_info(fl_ctx, f"global adapter: {len(weights)} tensors, {n:,} parameters "
                               f"({n * 4 / 1024:.1f} KiB fp32), base {self.model!r} never loaded on the server")
         return make_model_learnable(weights, {})
+
+    def _load_resume(self, fl_ctx: FLContext) -> Dict:
+        path = Path(self.resume_from)
+        for candidate in (path, path / self.checkpoint_dir / "latest", path / "app_server" / self.checkpoint_dir / "latest"):
+            if (candidate / "adapter_model.safetensors").is_file():
+                path = candidate
+                break
+        else:
+            raise FileNotFoundError(f"resume_from={self.resume_from!r}: no saved adapter there (expected a checkpoint "
+                                    f"directory with adapter_model.safetensors, e.g. <app_server>/adapter/latest)")
+        state, _, meta = read_adapter_dir(path)
+        check_adapter(state, self._shapes, f"saved adapter {path}")
+        if meta.get("base_fingerprint") and fingerprint_difference(meta["base_fingerprint"], self._fingerprint):
+            raise ValueError(f"resume_from {path}: {fingerprint_difference(meta['base_fingerprint'], self._fingerprint)}")
+        if meta.get("lora_config") and LoRAConfig.from_dict(meta["lora_config"]) != self.lora:
+            raise ValueError(f"resume_from {path}: saved with LoRA settings {meta['lora_config']}, "
+                             f"this job declares {self.lora.to_dict()}")
+        self.completed_rounds = int(meta.get("round", -1)) + 1
+        self.log_info(fl_ctx, f"resuming from {path}: {self.completed_rounds} round(s) already done")
+        return {k: np.asarray(v, np.float32) for k, v in state.items()}
 
     def _save(self, name: str, weights: Dict, fl_ctx: FLContext, extra: Dict) -> Path:
         check_adapter(weights, self._shapes, f"global adapter ({name})")
