@@ -1,0 +1,122 @@
+"""The production path end to end on localhost: provisioned mTLS kits, real server and site processes.
+
+deploy/project.yml is provisioned for localhost (free ports, 2 sites), every kit is allow-listed with
+`python -m nvflare_lora.allow`, each site is pointed at its own image folder without editing the job
+(site-1 by NVFLARE_LORA_DATA, site-2 by local/nvflare_lora_site.json), jobs/clip_lora (2 rounds, short)
+is submitted with the flare_api Session, followed to FINISHED:COMPLETED, downloaded and exported to ONNX.
+Everything the test starts is stopped by pid at the end, also when it fails.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from poc import LocalFederation, provision, write_site_config
+from simjob import ROOT, make_job
+
+pytestmark = pytest.mark.poc
+
+SITES = ["site-1", "site-2"]
+ROUNDS = 2
+
+
+def write_digit_folders(root: Path, num_sites: int):
+    """scikit-learn digits as PNGs in one class-folder tree per site (disjoint halves): the sites' own data."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    imgs = np.clip(d.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
+    folders = []
+    for s in range(num_sites):
+        folder = root / f"images-{s + 1}"
+        for i in range(s, len(imgs), num_sites):
+            (folder / str(d.target[i])).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(imgs[i]).convert("RGB").save(folder / str(d.target[i]) / f"{i}.png")
+        folders.append(folder)
+    return folders
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    root = tmp_path_factory.mktemp("poc")
+    kits = provision(root, SITES)
+    data1, data2 = write_digit_folders(root / "data", 2)
+    write_site_config(kits.site("site-2"), {"data": str(data2)})
+    fed = LocalFederation(kits, root / "logs", root / "home")
+    try:
+        fed.start(site_env={"site-1": {"NVFLARE_LORA_DATA": str(data1)}})
+        yield fed
+    finally:
+        pids = fed.stop()
+        left = fed.still_running()
+        assert pids and not left, f"processes still running after stop: {left}"
+
+
+@pytest.fixture(scope="module")
+def finished_job(federation, tmp_path_factory):
+    """jobs/clip_lora, shortened, submitted over mTLS, followed to the end and downloaded."""
+    tmp = tmp_path_factory.mktemp("job")
+    job = make_job(tmp / "clip_lora", server={"num_rounds": str(ROUNDS), "wait_time_after_min_received": "5"},
+                   client={"num_sites": str(len(SITES)), "local_epochs": "1", "max_steps": "5"},
+                   cross_site_eval=False)  # the simulator tests cover it; here it would only add time
+    session = federation.session()
+    try:
+        job_id = session.submit_job(str(job))
+        meta = session.wait_for_job(job_id, timeout=240, poll_interval=1.0)  # followed as an admin would
+        status = session.get_job_meta(job_id)["status"]
+        assert status == "FINISHED:COMPLETED", f"job {job_id}: {status} ({meta})\n{federation.log_tails()}"
+        downloaded = Path(session.download_job_result(job_id))
+    finally:
+        session.close()
+    return job_id, downloaded
+
+
+def _one(paths, what):
+    paths = list(paths)
+    assert len(paths) == 1, f"expected one {what}, found {paths}"
+    return paths[0]
+
+
+def test_job_completes_with_adapter_checkpoints_in_the_download(finished_job):
+    from nvflare_lora.checkpoint import read_adapter_dir
+
+    _, downloaded = finished_job
+    latest = _one(downloaded.rglob("adapter/latest"), "latest checkpoint")
+    state, _, meta = read_adapter_dir(latest)
+    assert meta["round"] == ROUNDS - 1 and meta["base_model"] == "tiny-clip"
+    assert all(np.isfinite(v).all() for v in state.values())
+    assert (latest.parent / "best" / "nvflare_lora.json").is_file()
+
+
+def test_only_adapter_diffs_from_both_sites_crossed_the_wire(finished_job):
+    _, downloaded = finished_job
+    comm = json.loads(_one(downloaded.rglob("communication.json"), "communication.json").read_text())
+    assert len(comm["rounds"]) == ROUNDS
+    for r in comm["rounds"]:
+        assert sorted(r["upload"]) == SITES
+        assert {up["data_kind"] for up in r["upload"].values()} == {"WEIGHT_DIFF"}
+        assert {down["data_kind"] for down in r["download"].values()} == {"WEIGHTS"}
+
+
+def test_each_site_trained_on_its_own_folder(federation, finished_job):
+    job_id, _ = finished_job
+    for site, folder in (("site-1", "images-1"), ("site-2", "images-2")):
+        log = federation.kits.site(site) / job_id / "log.txt"
+        text = log.read_text()
+        assert "train /" in text and f"{folder}'" in text, f"{site} did not load {folder}:\n{text[-2000:]}"
+
+
+def test_downloaded_result_exports_to_onnx(finished_job, tmp_path):
+    if not (ROOT / "exporters" / "onnx" / "__main__.py").is_file():
+        pytest.skip("exporters/onnx is not in this checkout")
+    _, downloaded = finished_job
+    out = tmp_path / "onnx"
+    proc = subprocess.run([sys.executable, "-m", "exporters.onnx", str(downloaded), "--out", str(out),
+                           "--verify-samples", "32"], capture_output=True, text=True, timeout=300, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert list(out.rglob("*.onnx")), f"no .onnx written under {out}: {sorted(out.rglob('*'))}"
