@@ -7,7 +7,7 @@ import pytest
 
 from faulty_executor import corrupt
 from nvflare_lora import LoRAConfig, adapter_shapes
-from nvflare_lora.fl.validation import UpdateRefused, check_update
+from nvflare_lora.fl.validation import UpdateRefused, check_steps, check_update
 from simjob import communication, make_job, run_simulator, server_app_dir
 
 SHAPES = adapter_shapes("tiny-clip", 10, LoRAConfig(r=4, lora_alpha=8))
@@ -43,6 +43,17 @@ def test_good_update_passes_and_clip_bounds_the_norm():
     # direction kept
     k = sorted(u)[0]
     assert np.allclose(clipped[k] / np.linalg.norm(clipped[k]), u[k] / np.linalg.norm(u[k]), atol=1e-5)
+
+
+@pytest.mark.parametrize("steps", [0, -5, float("nan"), float("inf"), "12", True])
+def test_a_step_count_that_would_break_the_weighted_mean_is_refused(steps):
+    with pytest.raises(UpdateRefused, match="NUM_STEPS_CURRENT_ROUND"):
+        check_steps(steps)
+
+
+@pytest.mark.parametrize("steps", [None, 1, 45, 2.5, np.int64(3)])
+def test_a_positive_step_count_or_none_passes(steps):
+    check_steps(steps)
 
 
 FAULTS = {"site-3": {"0": "extra_key", "1": "nan", "2": "huge"},

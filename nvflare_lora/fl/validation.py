@@ -9,10 +9,11 @@ communication.json, and the round goes on with the other sites while min_clients
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import numpy as np
-from nvflare.apis.dxo import DXO, DataKind, from_shareable
+from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.dxo_filter import DXOFilter
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
@@ -42,6 +43,17 @@ def check_update(data: dict, shapes: dict, max_norm: Optional[float] = None, nor
                 return {k: v * scale for k, v in data.items()}, f"clipped L2 norm {norm:.4g} to {max_norm:.4g}"
             raise UpdateRefused(f"update: L2 norm {norm:.4g} exceeds max_norm {max_norm:.4g}")
     return data, None
+
+
+def check_steps(steps) -> None:
+    """The site's reported local steps weigh its update in the aggregator (weight x steps, then divided by
+    the sum of weights): a zero, negative or non-finite count would break the weighted mean (a NaN
+    aggregate, or a near-zero sum of weights that amplifies every update past any norm bound)."""
+    if steps is None:
+        return  # NVFlare's aggregators then count the update once
+    if isinstance(steps, bool) or not isinstance(steps, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(float(steps)) or float(steps) <= 0:
+        raise UpdateRefused(f"update: {MetaKey.NUM_STEPS_CURRENT_ROUND} is {steps!r}, expected a finite number > 0")
 
 
 class AdapterUpdateValidator(DXOFilter):
@@ -83,6 +95,7 @@ class AdapterUpdateValidator(DXOFilter):
         shapes = engine.get_component(self.persistor_id).adapter_shapes()
         site = fl_ctx.get_peer_context().get_identity_name("?") if fl_ctx.get_peer_context() else "?"
         try:
+            check_steps(dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND))
             data, note = check_update(dxo.data or {}, shapes, self.max_norm, self.norm_action)
         except UpdateRefused as e:
             self.log_error(fl_ctx, f"refused the update of {site}: {e}")
