@@ -29,5 +29,6 @@ setup(
         "cpu": ["onnxruntime>=1.18"],
         "gpu": ["onnxruntime-gpu>=1.18"],
         "test": ["onnxruntime>=1.18", "pytest>=7", "psutil>=5"],
+        "bench": ["matplotlib>=3.5"],
     },
 )

@@ -287,7 +287,7 @@ def exact_run(tmp_path_factory):
     rank_filter = '[{ tasks = ["train"], filters = [{ path = "nvflare_lora.fl.aggregator.SiteRankFilter", args {} }] }]'
     job = make_job(tmp / "job", server={"num_rounds": str(SIM_ROUNDS), "min_clients": "2", "r": str(GLOBAL_RANK),
                                         "task_data_filters": rank_filter},
-                   client={"num_sites": "2"},
+                   client={"num_sites": "2", "partition": '"iid"', "local_epochs": "1"},
                    server_text={
                        'path = "nvflare_lora.fl.persistor.AdapterPersistor"':
                            'path = "nvflare_lora.fl.aggregator.LoRAAggregationPersistor"',
@@ -353,7 +353,7 @@ def test_exact_checkpoint_is_a_folded_plain_peft_adapter_that_scores_as_the_site
 
     # site-1 scored this checkpoint in cross-site evaluation (unfolded by the server, residual on its
     # frozen weights); plain PEFT on the folded adapter must score the same on the same images
-    _, val = site_split(load_digits_dataset(preprocessing_for("tiny-clip")), "site-1", 2, "dirichlet", 0.5, 0, 0.2)
+    _, val = site_split(load_digits_dataset(preprocessing_for("tiny-clip")), "site-1", 2, "iid", 0.5, 0, 0.2)
     plain = evaluate(model, *val.tensors())["accuracy"]
     results = cross_site_results(exact_run)
     assert abs(plain - results["site-1"]["SRV_latest"]["val_accuracy"]) <= 1.0 / len(val) + 1e-9
