@@ -42,8 +42,10 @@ def free_ports(n: int) -> List[int]:
 
 
 def process_env(home: Path, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    """This interpreter first on PATH (the kits' scripts run `python3`), a private HOME, no hub access."""
-    env = {**os.environ, "HOME": str(home), "HF_HUB_OFFLINE": "1",
+    """This interpreter first on PATH (the kits' scripts run `python3`), a private HOME, no hub access,
+    one OpenMP thread per process (the server and both sites share this machine's cores; torch's
+    default threads per process oversubscribe them and spin: see benchmarks/README.md, Scale)."""
+    env = {**os.environ, "HOME": str(home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     env.pop("NVFLARE_LORA_DATA", None)  # a site gets its data only where the test says so
     return {**env, **(extra or {})}

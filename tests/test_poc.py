@@ -1,13 +1,16 @@
 """The production path end to end on localhost: provisioned mTLS kits, real server and site processes.
 
-deploy/project.yml is provisioned for localhost (free ports, 2 sites), every kit is allow-listed with
-`python -m nvflare_lora.allow`, each site is pointed at its own image folder without editing the job
-(site-1 by NVFLARE_LORA_DATA, site-2 by local/nvflare_lora_site.json), jobs/clip_lora (2 rounds, short)
-is submitted with the flare_api Session, followed to FINISHED:COMPLETED, downloaded and exported to ONNX.
-Everything the test starts is stopped by pid at the end, also when it fails.
+deploy/README.md, step by step: deploy/project.yml is provisioned for localhost (free ports, 2 sites),
+every kit is allow-listed with `python -m nvflare_lora.allow` and given deploy/authorization.json (no
+job may bring code), each site is pointed at its own image folder without editing the job (site-1 by
+NVFLARE_LORA_DATA, site-2 by local/nvflare_lora_site.json), jobs/clip_lora (2 rounds, short) is
+submitted, followed to FINISHED:COMPLETED and downloaded by deploy/submit.py over an mTLS admin
+session, and the download is exported to ONNX. Everything the test starts is stopped by pid at the
+end, also when it fails.
 """
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from poc import LocalFederation, provision, write_site_config
+from poc import LocalFederation, process_env, provision, write_site_config
 from simjob import ROOT, make_job
+
+SUBMIT = ROOT / "deploy" / "submit.py"  # the guide's submit command, run as documented
 
 pytestmark = pytest.mark.poc
 
@@ -45,6 +50,8 @@ def write_digit_folders(root: Path, num_sites: int):
 def federation(tmp_path_factory):
     root = tmp_path_factory.mktemp("poc")
     kits = provision(root, SITES)
+    for kit in [kits.server] + [kits.site(s) for s in SITES]:
+        shutil.copy(ROOT / "deploy" / "authorization.json", kit / "local" / "authorization.json")
     data1, data2 = write_digit_folders(root / "data", 2)
     write_site_config(kits.site("site-2"), {"data": str(data2)})
     fed = LocalFederation(kits, root / "logs", root / "home")
@@ -64,16 +71,20 @@ def finished_job(federation, tmp_path_factory):
     job = make_job(tmp / "clip_lora", server={"num_rounds": str(ROUNDS), "wait_time_after_min_received": "5"},
                    client={"num_sites": str(len(SITES)), "local_epochs": "1", "max_steps": "5"},
                    cross_site_eval=False)  # the simulator tests cover it; here it would only add time
-    session = federation.session()
-    try:
-        job_id = session.submit_job(str(job))
-        meta = session.wait_for_job(job_id, timeout=240, poll_interval=1.0)  # followed as an admin would
-        status = session.get_job_meta(job_id)["status"]
-        assert status == "FINISHED:COMPLETED", f"job {job_id}: {status} ({meta})\n{federation.log_tails()}"
-        downloaded = Path(session.download_job_result(job_id))
-    finally:
-        session.close()
-    return job_id, downloaded
+    proc = submit(federation, job, tmp / "results")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + federation.log_tails()
+    said = proc.stdout.splitlines()
+    job_id = _one((l.split(" as job ")[1] for l in said if l.startswith("submitted ")), "job id")
+    downloaded = Path(_one((l[len("downloaded to "):] for l in said if l.startswith("downloaded to ")), "download"))
+    assert downloaded.parent == tmp / "results"
+    return job_id, downloaded, said
+
+
+def submit(federation, job: Path, results: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    """python deploy/submit.py ADMIN_KIT JOB --download RESULTS, with the admin's kit."""
+    return subprocess.run([sys.executable, str(SUBMIT), str(federation.kits.admin_kit), str(job),
+                           "--download", str(results), "--timeout", str(timeout)],
+                          capture_output=True, text=True, timeout=timeout + 60, env=process_env(federation.home))
 
 
 def _one(paths, what):
@@ -85,7 +96,7 @@ def _one(paths, what):
 def test_job_completes_with_adapter_checkpoints_in_the_download(finished_job):
     from nvflare_lora.checkpoint import read_adapter_dir
 
-    _, downloaded = finished_job
+    _, downloaded, _ = finished_job
     latest = _one(downloaded.rglob("adapter/latest"), "latest checkpoint")
     state, _, meta = read_adapter_dir(latest)
     assert meta["round"] == ROUNDS - 1 and meta["base_model"] == "tiny-clip"
@@ -94,7 +105,7 @@ def test_job_completes_with_adapter_checkpoints_in_the_download(finished_job):
 
 
 def test_only_adapter_diffs_from_both_sites_crossed_the_wire(finished_job):
-    _, downloaded = finished_job
+    _, downloaded, _ = finished_job
     comm = json.loads(_one(downloaded.rglob("communication.json"), "communication.json").read_text())
     assert len(comm["rounds"]) == ROUNDS
     for r in comm["rounds"]:
@@ -104,7 +115,7 @@ def test_only_adapter_diffs_from_both_sites_crossed_the_wire(finished_job):
 
 
 def test_each_site_trained_on_its_own_folder(federation, finished_job):
-    job_id, _ = finished_job
+    job_id, _, _ = finished_job
     for site, folder in (("site-1", "images-1"), ("site-2", "images-2")):
         log = federation.kits.site(site) / job_id / "log.txt"
         text = log.read_text()
@@ -114,9 +125,30 @@ def test_each_site_trained_on_its_own_folder(federation, finished_job):
 def test_downloaded_result_exports_to_onnx(finished_job, tmp_path):
     if not (ROOT / "exporters" / "onnx" / "__main__.py").is_file():
         pytest.skip("exporters/onnx is not in this checkout")
-    _, downloaded = finished_job
+    _, downloaded, _ = finished_job
     out = tmp_path / "onnx"
     proc = subprocess.run([sys.executable, "-m", "exporters.onnx", str(downloaded), "--out", str(out),
                            "--verify-samples", "32"], capture_output=True, text=True, timeout=300, cwd=str(ROOT))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert list(out.rglob("*.onnx")), f"no .onnx written under {out}: {sorted(out.rglob('*'))}"
+
+
+def test_the_admin_sees_each_round_and_the_end(finished_job):
+    job_id, downloaded, said = finished_job
+    rounds = [line for line in said if line.startswith("[nvflare_lora] round")]
+    assert [line.split(":")[0] for line in rounds] == [f"[nvflare_lora] round {r}/{ROUNDS}" for r in (1, 2)], said
+    assert f"job {job_id}: FINISHED:COMPLETED" in said and f"downloaded to {downloaded}" in said
+    # round 1 was reported while the job ran (read from the server's live log), not only from the download
+    assert said.index(rounds[0]) < said.index(f"job {job_id}: FINISHED:COMPLETED"), said
+
+
+def test_a_job_that_brings_code_is_refused(federation, finished_job, tmp_path):
+    """The policy that the plugin's job runs under really forbids uploaded code (the negative control)."""
+    job = make_job(tmp_path / "clip_lora_byoc", server={"num_rounds": "1"}, cross_site_eval=False)
+    (job / "app" / "custom").mkdir()
+    (job / "app" / "custom" / "anything.py").write_text("print('uploaded code')\n")
+    proc = submit(federation, job, tmp_path / "results", timeout=120)
+    assert proc.returncode == 1 and "FINISHED:COMPLETED" not in proc.stdout, proc.stdout + proc.stderr
+    assert not (tmp_path / "results").exists()
+    server_log = (federation.kits.server / "log.txt").read_text()
+    assert "BYOC not permitted" in server_log, server_log[-3000:]
