@@ -58,7 +58,8 @@ def run_simulator(job: Path, workspace: Path, n: int = 4, threads: Optional[int]
            "-n", str(n)]
     if threads:
         cmd += ["-t", str(threads)]
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    # one OpenMP thread per process: all sites share this machine's cores (see benchmarks/README.md, Scale)
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=str(ROOT))
     (workspace / "simulator_output.txt").write_text(proc.stdout + proc.stderr)
     return proc

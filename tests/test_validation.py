@@ -64,7 +64,8 @@ NOTHING = {site: {r: "nothing" for r in rounds} for site, rounds in FAULTS.items
 def _faulty_job(tmp, name, faults):
     return make_job(
         tmp / name, cross_site_eval=False,
-        server={"num_rounds": "3", "max_norm": "1000.0", "wait_time_after_min_received": "10"},
+        # refused results count as responses: wait long enough that every good site is always in
+        server={"num_rounds": "3", "max_norm": "1000.0", "wait_time_after_min_received": "120"},
         client={"local_epochs": "1", "max_steps": "5", "path": '"faulty_executor.FaultyExecutor"'},
         client_text={'data = "digits"': f"faults = {json.dumps(faults)}\n          data = \"digits\""},
     )

@@ -60,13 +60,17 @@ class CLIPLoRAExecutor(Executor):
         model_path: this site's copy of the base (a local HF directory); default: the announced name.
             Its fingerprint must equal the server's.
         device: "auto", "cpu" or "cuda".
+        torch_threads: CPU threads for this site's torch (0: torch's default, all cores). Sites that share
+            one machine (the simulator) should use 1: several processes each spinning one OpenMP thread
+            per core made a round about 13x slower on 2 cores (benchmarks/README.md, Scale).
         tracking_writer_id: id of a TBWriter component for metrics (empty: no tracking).
     """
 
     def __init__(self, data: str = "digits", num_sites: int = 4, partition: str = "dirichlet", alpha: float = 0.5,
                  data_seed: int = 0, val_fraction: float = 0.2, local_epochs: int = 1, max_steps: Optional[int] = None,
                  batch_size: int = 32, lr: float = 3e-3, weight_decay: float = 0.0, max_grad_norm: float = 1.0,
-                 seed: int = 0, model_path: str = "", device: str = "auto", tracking_writer_id: str = "tb_writer",
+                 seed: int = 0, model_path: str = "", device: str = "auto", torch_threads: int = 0,
+                 tracking_writer_id: str = "tb_writer",
                  train_task_name: str = AppConstants.TASK_TRAIN, validate_task_name: str = AppConstants.TASK_VALIDATION,
                  submit_model_task_name: str = AppConstants.TASK_SUBMIT_MODEL):
         super().__init__()
@@ -75,6 +79,7 @@ class CLIPLoRAExecutor(Executor):
         self.local_epochs, self.max_steps, self.batch_size = local_epochs, max_steps, batch_size
         self.lr, self.weight_decay, self.max_grad_norm, self.seed = lr, weight_decay, max_grad_norm, seed
         self.model_path, self.device, self.tracking_writer_id = model_path, device, tracking_writer_id
+        self.torch_threads = torch_threads
         self.train_task_name, self.validate_task_name = train_task_name, validate_task_name
         self.submit_model_task_name = submit_model_task_name
         self.fed: Optional[FederatedCLIPModel] = None
@@ -102,6 +107,11 @@ class CLIPLoRAExecutor(Executor):
         site = fl_ctx.get_identity_name()
         settings = self._site_settings(fl_ctx)
         model_name = settings.get("model_path") or self.model_path or announced["model"]
+        threads = int(settings.get("torch_threads", self.torch_threads) or 0)
+        if threads > 0:
+            import torch
+
+            torch.set_num_threads(threads)
         t0 = time.perf_counter()
         fed = FederatedCLIPModel(model_name, announced["num_classes"], labels=announced.get("labels"),
                                  device=settings.get("device", self.device))
