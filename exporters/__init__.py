@@ -1,0 +1,1 @@
+"""Exporters: turn a federated run into a model for serving."""

@@ -1,0 +1,22 @@
+"""ONNX export of a federated run: `python -m exporters.onnx RUN_DIR`, served by `python -m exporters.onnx.predict`.
+
+Where each step lives:
+  locate.py    find the global adapter checkpoint (best / latest) under a run directory
+  rebuild.py   rebuild the base (fingerprint-checked), load the adapter, keep it unmerged, merge in fp32
+  graph.py     the exported graphs (image: logits + image_embeds; text: text_embeds) and torch.onnx.export
+  variants.py  optimized (ORT transformer fusions), int8 (dynamic quantization), fp16
+  verify.py    ONNX Runtime vs the unmerged PEFT model on real images, with tolerances; latency
+  pipeline.py  export_run: all of the above into a verified output directory
+  predict.py   the serving entry point: load the directory, preprocess, print top labels
+"""
+
+from .errors import ExportError, VerificationError
+
+__all__ = ["ExportError", "VerificationError", "export_run"]
+
+
+def export_run(*args, **kwargs):
+    """See exporters.onnx.pipeline.export_run (imported on use: torch and onnxruntime load slowly)."""
+    from .pipeline import export_run as run
+
+    return run(*args, **kwargs)

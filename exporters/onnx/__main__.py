@@ -1,0 +1,56 @@
+"""python -m exporters.onnx RUN_DIR [--out DIR] [--checkpoint best|latest] [--model PATH] [--optimize]
+[--quantize int8] [--fp16] [--opset N] [--with-text] [--data SOURCE] [--verify-samples N]
+
+Exit status: 0 exported and verified; 1 verification failed (nothing written); 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import ExportError, VerificationError
+
+DESCRIPTION = ("Merge a federated run's global LoRA adapter into its base in fp32, export it to ONNX "
+               "(pixel_values -> logits, image_embeds; dynamic batch), and verify it with ONNX Runtime against "
+               "the unmerged PEFT model before writing anything.")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m exporters.onnx", description=DESCRIPTION)
+    p.add_argument("run_dir", metavar="RUN_DIR",
+                   help="simulator workspace, server app dir, downloaded job, or a checkpoint directory")
+    p.add_argument("--out", help="output directory (default RUN_DIR/onnx)")
+    p.add_argument("--checkpoint", choices=["best", "latest"],
+                   help="which global adapter (default: best; latest, with a note, when the run saved no best)")
+    p.add_argument("--model", help="base model name or local HF directory, overriding the recorded one "
+                                    "(its fingerprint must match the recorded base)")
+    p.add_argument("--optimize", action="store_true", help="also write ONNX Runtime's fused transformer graph")
+    p.add_argument("--quantize", choices=["int8"], help="also write an int8 dynamically quantized model (CPU serving)")
+    p.add_argument("--fp16", action="store_true", help="also write an fp16 model (GPU serving)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
+    p.add_argument("--with-text", action="store_true", help="also export the text tower + projection (zero-shot)")
+    p.add_argument("--data", default="auto",
+                   help="verification images: 'auto' (the run's validation images when the run directory holds "
+                        "the sites' config, else digits), 'digits', an image folder, or a path,label CSV")
+    p.add_argument("--verify-samples", type=int, default=256, help="images used for verification (default 256)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        from . import graph
+        from .pipeline import export_run
+
+        export_run(args.run_dir, out=args.out, checkpoint=args.checkpoint, model=args.model, optimize=args.optimize,
+                   quantize=args.quantize, fp16=args.fp16, opset=args.opset or graph.DEFAULT_OPSET,
+                   with_text=args.with_text, data=args.data, samples=args.verify_samples)
+    except (ExportError, VerificationError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,13 @@
+"""The two ways an export stops: bad input (exit 2) and a failed verification (exit 1)."""
+
+
+class ExportError(Exception):
+    """Something the user supplied is missing or wrong: the message says what and what to do."""
+
+    exit_code = 2
+
+
+class VerificationError(Exception):
+    """The exported model does not compute what the unmerged PEFT model computes, by the stated amount."""
+
+    exit_code = 1

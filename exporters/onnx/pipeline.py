@@ -1,0 +1,229 @@
+"""export_run: checkpoint -> merged fp32 model -> ONNX (+ variants) -> verified -> output directory.
+
+Nothing appears at the output directory until every requested file has been written and verified: the
+files are built in a hidden sibling directory and swapped in at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import numpy as np
+import torch
+
+from nvflare_lora.checkpoint import write_json_atomic
+
+from . import graph, variants, verify
+from .errors import ExportError
+from .locate import locate_checkpoint
+from .rebuild import Rebuilt, rebuild
+from .run_data import run_validation_set
+
+REPORT_FILE, LABELS_FILE, PREPROCESSING_FILE = "export_report.json", "labels.json", "preprocessing.json"
+FILES = {"fp32": "model.onnx", "optimized": "model.optimized.onnx", "int8": "model.int8.onnx",
+         "fp16": "model.fp16.onnx", "text": "text_model.onnx"}
+
+
+def verification_images(source: str, run_dir: Path, rebuilt: Rebuilt, samples: int, seed: int = 0):
+    """(pixel arrays, labels or None, description): `samples` images through the model's preprocessing.
+    source "auto": the run's validation images when they can be rebuilt, else the bundled digits.
+    Labels are kept only when the data's classes are the model's labels, to report accuracy."""
+    from nvflare_lora.data import load_dataset
+
+    data, what = None, ""
+    if source == "auto":
+        data, why = run_validation_set(run_dir, rebuilt.preprocessing)
+        what = why if data is not None else f"digits ({why}, so the run's validation images are not known)"
+        source = "digits" if data is None else source
+    if data is None:
+        try:
+            data = load_dataset(source, rebuilt.preprocessing)
+        except (OSError, ValueError) as e:
+            raise ExportError(f"cannot read verification data {source!r}: {e}") from e
+        what = what or source
+    idx = np.sort(np.random.default_rng(seed).permutation(len(data))[:samples])
+    x, y = data.batch(idx)
+    same_classes = list(data.classes) == list(rebuilt.labels)
+    return np.ascontiguousarray(x.numpy()), (y.numpy() if same_classes else None), what
+
+
+def _check_output_dir(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / REPORT_FILE).is_file())):
+        raise ExportError(f"output {out} exists and is not an earlier export (no {REPORT_FILE}); "
+                          f"choose another --out or remove it")
+
+
+def _readable_by_all(directory: Path) -> None:
+    """mkdtemp/mkstemp create owner-only files; a served model is read by the service's user, so apply the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for f in directory.iterdir():
+        f.chmod(0o666 & ~umask)
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    _readable_by_all(tmp)
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _text_parity(rebuilt: Rebuilt, path: Path) -> Dict:
+    """Text tower: ORT vs the unmerged model's text tower on token ids of two lengths (dynamic axes)."""
+    reference = graph.TextOutputs(rebuilt.unmerged).eval()
+    session = verify.open_session(path)
+    text_config = rebuilt.merged.clip_config.text_config
+    diffs = []
+    for batch, length in ((1, 4), (4, text_config.max_position_embeddings)):
+        ids, mask = graph.example_text(rebuilt.merged, batch, length)
+        end = length - length // 4  # the first row is shorter: right-padded as CLIP's tokenizer pads
+        ids[0, end - 1], ids[0, end:], mask[0, end:] = text_config.eos_token_id, text_config.pad_token_id, 0
+        with torch.no_grad():
+            ref = reference(ids, mask).numpy()
+        got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+        diffs.append(float(np.abs(ref - got).max()))
+    diff = max(diffs)
+    return {"file": FILES["text"], "max_abs_embeds_diff": diff, "max_abs_allowed": verify.FP32_MAX_ABS_DIFF,
+            "passed": diff <= verify.FP32_MAX_ABS_DIFF, "provider": session.get_providers()[0],
+            "inputs": graph.TEXT_INPUTS, "outputs": graph.TEXT_OUTPUTS,
+            "max_length": text_config.max_position_embeddings, "eos_token_id": text_config.eos_token_id,
+            "logit_scale": float(rebuilt.merged.logit_scale.exp()),
+            "tokenizer": "the base model's CLIP tokenizer (CLIPTokenizer.from_pretrained(BASE))"}
+
+
+def export_run(run_dir, out=None, checkpoint: Optional[str] = None, model: Optional[str] = None,
+               optimize: bool = False, quantize: Optional[str] = None, fp16: bool = False,
+               opset: int = graph.DEFAULT_OPSET, with_text: bool = False, data: str = "auto",
+               samples: int = 256, log: Callable[[str], None] = print) -> Dict:
+    """Export the run's global adapter merged into its base; returns the report written to OUT/export_report.json.
+    Raises ExportError (bad input) or VerificationError (the export does not compute what PEFT computes)."""
+    if quantize not in (None, "int8"):
+        raise ExportError(f"--quantize supports 'int8' only, got {quantize!r}")
+    if samples < 1:
+        raise ExportError(f"--verify-samples must be >= 1, got {samples}")
+    started = time.perf_counter()
+    located = locate_checkpoint(run_dir, checkpoint)
+    if located.note:
+        log(f"note: {located.note}")
+    out = Path(out).expanduser() if out else Path(run_dir).expanduser() / "onnx"
+    _check_output_dir(out)
+    log(f"checkpoint: {located.path}")
+
+    rebuilt = rebuild(located.path, model, include_text=with_text)
+    for note in rebuilt.notes:
+        log(f"note: {note}")
+    log(f"base: {rebuilt.base_model} (fingerprint {'matches' if rebuilt.fingerprint_checked else 'not recorded'})")
+    pixels, labels, data_used = verification_images(data, Path(run_dir).expanduser(), rebuilt, samples)
+    log(f"verifying on {len(pixels)} images: {data_used}")
+    reference = verify.torch_outputs(graph.ImageOutputs(rebuilt.unmerged).eval(), pixels)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        report = _export_into(tmp, rebuilt, pixels, labels, reference, optimize, quantize, fp16, opset, with_text,
+                              log)
+        report.update(source_checkpoint=str(located.path), checkpoint=located.name,
+                      notes=([located.note] if located.note else []) + report["notes"],
+                      seconds=round(time.perf_counter() - started, 2))
+        report["verification"]["data"] = data_used
+        write_json_atomic(tmp / REPORT_FILE, report)
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"exported and verified: {out}")
+    return report
+
+
+def _export_into(tmp: Path, rebuilt: Rebuilt, pixels, labels, reference, optimize, quantize, fp16, opset,
+                 with_text, log) -> Dict:
+    """Write every requested file into tmp, verify each, and return the report (raises if any check fails)."""
+    made, fused = _write_image_models(tmp, rebuilt.merged, optimize, quantize, fp16, opset, log)
+    parities, latency = _verify_image_models(tmp, made, reference, pixels, labels, log)
+    text = None
+    if with_text:
+        graph.export_text_model(rebuilt.merged, tmp / FILES["text"], opset)
+        text = _text_parity(rebuilt, tmp / FILES["text"])
+        log(f"  text      {FILES['text']:22s} max|dembeds| {text['max_abs_embeds_diff']:.2e}")
+    verify.check(parities, [] if text is None or text["passed"] else
+                 [f"text: max |text_embeds difference| {text['max_abs_embeds_diff']:.3g} exceeds "
+                  f"{verify.FP32_MAX_ABS_DIFF:g}"])
+    write_json_atomic(tmp / LABELS_FILE, list(rebuilt.labels))
+    write_json_atomic(tmp / PREPROCESSING_FILE, rebuilt.preprocessing.to_dict())
+    notes = list(rebuilt.notes)
+    if "fp16" in made and parities[-1].provider == "CPUExecutionProvider":
+        notes.append("fp16 was verified on the CPU (no CUDAExecutionProvider here); GPU kernels round differently, "
+                     "so re-run the export where it will be served to verify it there")
+    files = made + (["text"] if with_text else [])
+    return _report(rebuilt, files, fused, parities, latency, text, labels, reference, opset, notes)
+
+
+def _write_image_models(tmp: Path, merged, optimize, quantize, fp16, opset, log):
+    """model.onnx, then the requested variants; int8 and fp16 start from the optimized graph when there is one."""
+    graph.use_eager_attention(merged)
+    graph.export_image_model(merged, tmp / FILES["fp32"], opset)
+    made, fused = ["fp32"], None
+    if optimize:
+        vc = merged.clip_config.vision_config
+        fused = variants.optimize(tmp / FILES["fp32"], tmp / FILES["optimized"], vc.num_attention_heads, vc.hidden_size)
+        log(f"optimized: fused {fused or 'nothing'}")
+        made.append("optimized")
+    source = tmp / FILES[made[-1]]
+    if quantize == "int8":
+        variants.quantize_int8(source, tmp / FILES["int8"])
+        made.append("int8")
+    if fp16:
+        variants.to_fp16(source, tmp / FILES["fp16"])
+        made.append("fp16")
+    return made, fused
+
+
+def _verify_image_models(tmp: Path, made, reference, pixels, labels, log):
+    parities, latency = [], {}
+    for variant in made:
+        session = verify.open_session(tmp / FILES[variant], variant)
+        parity = verify.compare(variant, reference, verify.ort_outputs(session, pixels), session.get_providers()[0],
+                                labels)
+        run = lambda x, s=session: s.run(None, {"pixel_values": x})  # noqa: E731
+        latency[variant] = {f"batch_{b}": verify.latency_ms(run, pixels[:b]) for b in (1, 8) if len(pixels) >= b}
+        parities.append(parity)
+        log(f"  {variant:9s} {FILES[variant]:22s} max|dlogit| {parity.max_abs_logit_diff:.2e}  top-1 "
+            f"{100 * parity.top1_agreement:6.2f}%  {parity.provider}  "
+            + "  ".join(f"{k.replace('_', ' ')}: {v:.1f} ms" for k, v in latency[variant].items())
+            + ("" if not parity.failures else "  FAILED: " + "; ".join(parity.failures)))
+    return parities, latency
+
+
+def _report(rebuilt: Rebuilt, files, fused, parities, latency, text, labels, reference, opset, notes) -> Dict:
+    import onnxruntime
+
+    meta, config = rebuilt.metadata, rebuilt.merged.clip_config
+    size = config.vision_config.image_size
+    return {
+        "format": "nvflare_lora.onnx/1",
+        "files": {v: FILES[v] for v in files},
+        "base_model": rebuilt.base_model, "base_fingerprint": rebuilt.fingerprint,
+        "base_fingerprint_checked": rebuilt.fingerprint_checked,
+        "round": meta.get("round"), "metrics": meta.get("metrics"), "lora_config": meta.get("lora_config"),
+        "labels": list(rebuilt.labels), "preprocessing": rebuilt.preprocessing.to_dict(),
+        "inputs": {"pixel_values": ["batch", 3, size, size]},
+        "outputs": {"logits": ["batch", len(rebuilt.labels)], "image_embeds": ["batch", config.projection_dim]},
+        "opset": opset, "exporter": f"torch.onnx dynamo (torch {torch.__version__})",
+        "onnxruntime": onnxruntime.__version__, "provider": parities[0].provider,
+        "optimizer_fusions": fused,
+        "verification": {
+            "reference": "unmerged PEFT model, PyTorch fp32 on CPU",
+            "reference_accuracy": None if labels is None else float((reference[0].argmax(1) == labels).mean()),
+            "variants": {p.variant: p.to_dict() for p in parities}, "text": text},
+        "latency_ms": latency, "notes": notes,
+    }

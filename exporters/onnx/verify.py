@@ -1,0 +1,121 @@
+"""Verification: ONNX Runtime against the unmerged PEFT model, on real images, with stated tolerances.
+
+fp32 graphs (plain and optimized) must match to max |logit difference| <= 1e-4 with every top-1 equal;
+fp16 and int8 must agree on top-1 for >= 99% of the images. A failure says by how much.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .errors import VerificationError
+
+FP32_MAX_ABS_DIFF = 1e-4
+REDUCED_PRECISION_TOP1 = 0.99
+# (max |logit diff| allowed or None, minimum top-1 agreement) per variant
+THRESHOLDS = {"fp32": (FP32_MAX_ABS_DIFF, 1.0), "optimized": (FP32_MAX_ABS_DIFF, 1.0),
+              "fp16": (None, REDUCED_PRECISION_TOP1), "int8": (None, REDUCED_PRECISION_TOP1)}
+
+
+def providers_for(variant: str) -> List[str]:
+    """CUDA when this onnxruntime build has it (onnxruntime-gpu), else CPU; int8 dynamic quantization is CPU's."""
+    import onnxruntime as ort
+
+    if variant != "int8" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def open_session(path: Path, variant: str = "fp32", threads: Optional[int] = None, spinning: bool = True):
+    """spinning=False: worker threads sleep between runs instead of busy-waiting, so they do not steal the
+    cores from whatever runs next (a benchmark's PyTorch engines; other work on a shared machine)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=providers_for(variant))
+
+
+def run_batches(fn, inputs: np.ndarray, batch_size: int = 16) -> List[np.ndarray]:
+    """fn over inputs in batches; the first batch has one image, so every export also proves its dynamic batch axis."""
+    bounds = [0, 1] + list(range(1 + batch_size, len(inputs), batch_size)) + [len(inputs)]
+    outs = [fn(inputs[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a]
+    return [np.concatenate([o[i] for o in outs]) for i in range(len(outs[0]))]
+
+
+def torch_outputs(module: torch.nn.Module, inputs: np.ndarray) -> List[np.ndarray]:
+    with torch.no_grad():
+        return run_batches(lambda x: [t.float().numpy() for t in module(torch.from_numpy(x))], inputs)
+
+
+def ort_outputs(session, inputs: np.ndarray, input_name: str = "pixel_values") -> List[np.ndarray]:
+    return run_batches(lambda x: session.run(None, {input_name: x}), inputs)
+
+
+@dataclass
+class Parity:
+    variant: str
+    samples: int
+    max_abs_logit_diff: float
+    max_abs_embeds_diff: float
+    top1_agreement: float
+    provider: str
+    max_abs_allowed: Optional[float]
+    top1_required: float
+    accuracy: Optional[float] = None  # of the exported model, when the data's classes are the model's labels
+
+    @property
+    def failures(self) -> List[str]:
+        out = []
+        if self.max_abs_allowed is not None and not self.max_abs_logit_diff <= self.max_abs_allowed:
+            out.append(f"max |logit difference| {self.max_abs_logit_diff:.3g} exceeds {self.max_abs_allowed:g} by "
+                       f"{self.max_abs_logit_diff - self.max_abs_allowed:.3g}")
+        if self.top1_agreement < self.top1_required:
+            agree, short = round(self.top1_agreement * self.samples), self.top1_required - self.top1_agreement
+            out.append(f"top-1 agreement {100 * self.top1_agreement:.2f}% ({agree}/{self.samples}) is below "
+                       f"{100 * self.top1_required:g}% by {100 * short:.2f} points")
+        return out
+
+    def to_dict(self) -> Dict:
+        return {**asdict(self), "passed": not self.failures}
+
+
+def compare(variant: str, reference: Sequence[np.ndarray], exported: Sequence[np.ndarray], provider: str,
+            labels: Optional[np.ndarray] = None) -> Parity:
+    """Parity of exported (logits, embeds) against the reference's, under the variant's thresholds."""
+    max_abs, top1 = THRESHOLDS[variant]
+    ref_logits, out_logits = np.asarray(reference[0], np.float64), np.asarray(exported[0], np.float64)
+    embeds_diff = (float(np.abs(np.asarray(reference[1], np.float64) - np.asarray(exported[1], np.float64)).max())
+                   if len(reference) > 1 and len(exported) > 1 else float("nan"))
+    logit_diff = float(np.abs(ref_logits - out_logits).max())
+    if not np.isfinite(out_logits).all():
+        logit_diff = float("inf")
+    accuracy = float((out_logits.argmax(1) == labels).mean()) if labels is not None else None
+    return Parity(variant, len(ref_logits), logit_diff, embeds_diff,
+                  float((ref_logits.argmax(1) == out_logits.argmax(1)).mean()), provider, max_abs, top1, accuracy)
+
+
+def check(parities: Sequence[Parity], other_failures: Sequence[str] = ()) -> None:
+    failed = [f"{p.variant}: " + "; ".join(p.failures) for p in parities if p.failures] + list(other_failures)
+    if failed:
+        raise VerificationError("verification against the unmerged PEFT model failed: " + " | ".join(failed))
+
+
+def latency_ms(fn, batch: np.ndarray, runs: int = 5) -> float:
+    """Median wall time of fn(batch) in ms, after one warm-up run."""
+    fn(batch)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn(batch)
+        times.append(time.perf_counter() - t0)
+    return round(1000 * float(np.median(times)), 3)

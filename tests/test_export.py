@@ -1,0 +1,296 @@
+"""The ONNX exporter (python -m exporters.onnx) and its serving entry point, on real PEFT models and real
+ONNX Runtime sessions. The run directory is laid out as the simulator writes it; the adapters in it are
+saved with the core library's checkpoint writer."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from exporters.onnx import VerificationError
+from exporters.onnx.__main__ import main as export_main
+from exporters.onnx.errors import ExportError
+from exporters.onnx.locate import locate_checkpoint
+from exporters.onnx.predict import ImageClassifier
+from exporters.onnx.predict import main as predict_main
+from exporters.onnx.verify import check, compare
+from nvflare_lora import quick_clip_lora
+from nvflare_lora.checkpoint import save_adapter_dir
+from nvflare_lora.data import load_digits_dataset
+from nvflare_lora.managers import model_metadata
+from nvflare_lora.models import Preprocessing, build_classifier, save_preset
+from nvflare_lora.training import train_local
+
+REPO = Path(__file__).resolve().parents[1]
+ADAPTER_DIR = Path("server/simulate_job/app_server/adapter")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+
+
+def _save(wrapper, directory, **extra):
+    fed = wrapper.model
+    save_adapter_dir(directory, fed.get_parameters(), wrapper.peft_model.peft_config["default"],
+                     model_metadata(fed, extra))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits_dataset(Preprocessing(size=32, crop_size=32))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, digits):
+    """A simulator-like workspace: best/ holds a briefly trained adapter, latest/ the untrained initial one."""
+    ws = tmp_path_factory.mktemp("run") / "ws"
+    trained = quick_clip_lora("tiny-clip", 10, 4)
+    train_local(trained.model, digits, epochs=1, max_steps=25, batch_size=32, lr=1e-2, seed=0)
+    _save(trained, ws / ADAPTER_DIR / "best", round=2, metrics={"val_accuracy": 0.5})
+    _save(quick_clip_lora("tiny-clip", 10, 4), ws / ADAPTER_DIR / "latest", round=0)
+    return ws
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir):
+    """The command a user runs, in a subprocess: optimized graph and text tower too."""
+    proc = subprocess.run([sys.executable, "-m", "exporters.onnx", str(run_dir), "--optimize", "--with-text",
+                           "--verify-samples", "96"], capture_output=True, text=True, env=ENV, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return run_dir / "onnx", proc.stdout
+
+
+def _session(path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+# ---- export and verification -------------------------------------------------------------------
+def test_export_writes_a_verified_serving_directory(exported, run_dir):
+    out, stdout = exported
+    assert {p.name for p in out.iterdir()} == {"model.onnx", "model.optimized.onnx", "text_model.onnx", "labels.json",
+                                               "preprocessing.json", "export_report.json"}
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["source_checkpoint"] == str((run_dir / ADAPTER_DIR / "best").resolve())
+    assert report["checkpoint"] == "best" and report["round"] == 2
+    assert report["base_model"] == "tiny-clip" and report["base_fingerprint_checked"]
+    assert report["opset"] == 18 and report["provider"] == "CPUExecutionProvider"
+    for variant in ("fp32", "optimized"):
+        v = report["verification"]["variants"][variant]
+        assert v["passed"] and v["samples"] == 96 and v["max_abs_logit_diff"] <= 1e-4 and v["top1_agreement"] == 1.0
+    assert report["verification"]["text"]["passed"]
+    assert report["optimizer_fusions"].get("Attention", 0) == 2, "both attention blocks should be fused"
+    assert set(report["latency_ms"]["fp32"]) == {"batch_1", "batch_8"}
+    assert "digits" in report["verification"]["data"]  # no client config in this fake workspace
+    assert json.loads((out / "labels.json").read_text()) == [str(i) for i in range(10)]
+    pp = json.loads((out / "preprocessing.json").read_text())
+    assert (pp["size"], pp["crop_size"]) == (32, 32) and len(pp["mean"]) == len(pp["std"]) == 3
+    assert "exported and verified" in stdout and "checkpoint:" in stdout
+
+
+def test_exported_model_is_the_trained_adapter_not_the_untrained_head(exported, run_dir, digits):
+    """Independent of the exporter's code: plain PEFT loads the checkpoint, and ORT must give its outputs."""
+    from peft import PeftModel
+
+    out, _ = exported
+    x, _ = digits.batch(range(7))  # batch 7: the batch axis is dynamic
+    base, _ = build_classifier("tiny-clip", 10)
+    peft_model = PeftModel.from_pretrained(base, str(run_dir / ADAPTER_DIR / "best")).eval()
+    with torch.no_grad():
+        trained_logits = peft_model(x).numpy()
+        untrained_logits = quick_clip_lora("tiny-clip", 10, 4).model(x).numpy()
+    logits, embeds = _session(out / "model.onnx").run(None, {"pixel_values": x.numpy()})
+    assert logits.shape == (7, 10) and embeds.shape == (7, 32)
+    assert np.abs(logits - trained_logits).max() < 1e-4
+    assert np.abs(logits - untrained_logits).max() > 1e-2, "the export carries the untrained head"
+    one = _session(out / "model.onnx").run(["logits"], {"pixel_values": x[:1].numpy()})[0]
+    assert np.abs(one - trained_logits[:1]).max() < 1e-4
+
+
+def test_text_tower_gives_the_base_text_embeddings(exported):
+    out, _ = exported
+    base, _ = build_classifier("tiny-clip", 10, include_text=True)
+    session = _session(out / "text_model.onnx")
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+    for batch, length in ((3, 5), (2, 16)):
+        ids = torch.randint(0, 990, (batch, length), generator=torch.Generator().manual_seed(length))
+        ids[:, -1] = 999  # the preset's end-of-text token
+        mask = torch.ones_like(ids)
+        with torch.no_grad():
+            expected = base.text_projection(base.text_model(input_ids=ids, attention_mask=mask).pooler_output).numpy()
+        got = session.run(["text_embeds"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+        assert np.abs(got - expected).max() < 1e-4
+
+
+def test_int8_and_fp16_keep_the_predictions(exported, digits, tmp_path):
+    from exporters.onnx.variants import quantize_int8, to_fp16
+
+    out, _ = exported
+    quantize_int8(out / "model.onnx", tmp_path / "int8.onnx")
+    to_fp16(out / "model.onnx", tmp_path / "fp16.onnx")
+    x = digits.tensors()[0].numpy()[::3]
+    reference = _session(out / "model.onnx").run(["logits"], {"pixel_values": x})[0].argmax(1)
+    for name, min_agreement in (("int8", 0.95), ("fp16", 0.98)):
+        got = _session(tmp_path / f"{name}.onnx").run(["logits"], {"pixel_values": x})[0].argmax(1)
+        assert (got == reference).mean() >= min_agreement, name
+    assert (tmp_path / "int8.onnx").stat().st_size < 0.6 * (out / "model.onnx").stat().st_size
+    assert _weight_elements(tmp_path / "fp16.onnx", "FLOAT16") > 10 * _weight_elements(tmp_path / "fp16.onnx", "FLOAT")
+
+
+def _weight_elements(path, dtype: str) -> int:
+    import onnx
+
+    model = onnx.load(str(path))
+    return sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type == getattr(onnx.TensorProto, dtype))
+
+
+def test_a_failed_check_exits_1_says_by_how_much_and_writes_nothing(run_dir, tmp_path, capsys):
+    """A head scaled to logits of ~1e5: fp32 rounding alone then exceeds the absolute 1e-4 tolerance."""
+    from safetensors.numpy import load_file, save_file
+
+    ckpt = shutil.copytree(run_dir / ADAPTER_DIR / "best", tmp_path / "run" / "best")
+    state = load_file(str(ckpt / "adapter_model.safetensors"))
+    for key in ("base_model.model.classifier.weight", "base_model.model.classifier.bias"):
+        state[key] = state[key] * 1e5
+    save_file(state, str(ckpt / "adapter_model.safetensors"))
+    out = tmp_path / "rejected"
+    rc = export_main([str(tmp_path / "run"), "--out", str(out), "--verify-samples", "32"])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert "fp32: max |logit difference|" in err and "exceeds 0.0001 by" in err
+    assert not out.exists() and not list(tmp_path.glob(".rejected*")), "a failed export must leave no files"
+
+
+def test_verification_gate_states_the_margin():
+    rng = np.random.default_rng(0)
+    ref = [rng.standard_normal((50, 10)).astype(np.float32), rng.standard_normal((50, 4)).astype(np.float32)]
+    close = compare("fp32", ref, [ref[0] + 5e-5, ref[1]], "CPU")
+    assert not close.failures
+    off = compare("fp32", ref, [ref[0] + 3e-4, ref[1]], "CPU")
+    assert off.failures == ["max |logit difference| 0.0003 exceeds 0.0001 by 0.0002"]
+    flipped = ref[0].copy()
+    flipped[:2] = -flipped[:2]  # two of 50 top-1 decisions change
+    int8 = compare("int8", ref, [flipped, ref[1]], "CPU")
+    assert int8.top1_agreement == 0.96 and int8.max_abs_allowed is None
+    with pytest.raises(VerificationError, match=r"int8: top-1 agreement 96.00% \(48/50\) is below 99% by 3.00 points"):
+        check([close, int8])
+
+
+# ---- serving -------------------------------------------------------------------------------------
+def test_predict_prints_top_labels_with_probabilities(exported, tmp_path, capsys):
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    out, _ = exported
+    images = load_digits().images[:2]
+    paths = []
+    for i, im in enumerate(images):
+        paths.append(tmp_path / f"digit{i}.png")
+        Image.fromarray((im * 255 / 16).astype(np.uint8)).resize((64, 64)).save(paths[-1])
+    assert predict_main([str(out), *map(str, paths), "--top", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    classifier = ImageClassifier(out)
+    with Image.open(paths[0]) as im:
+        probs = classifier.probabilities([im.convert("RGB")])[0]
+    assert abs(probs.sum() - 1) < 1e-5
+    fields = lines[0].split(": ", 1)[1].split()
+    labels, shown = fields[0::2], [float(p) for p in fields[1::2]]
+    assert lines[0].startswith(str(paths[0])) and len(labels) == 3
+    assert labels[0] == classifier.labels[int(probs.argmax())] and shown == sorted(shown, reverse=True)
+    assert abs(shown[0] - probs.max()) < 1e-3
+
+
+def test_predict_refuses_what_was_not_exported(exported, tmp_path, capsys):
+    assert predict_main([str(tmp_path), "x.png"]) == 2
+    assert "not an exported model directory" in capsys.readouterr().err
+    out, _ = exported
+    assert predict_main([str(out), str(tmp_path / "missing.png")]) == 2
+    assert "cannot read image" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"has no 'int8' model; it has \['fp32', 'optimized'\]"):
+        ImageClassifier(out, "int8")
+
+
+# ---- bad input: clear message, exit 2, no traceback ---------------------------------------------
+def test_missing_run_dir_via_the_command_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "exporters.onnx", str(tmp_path / "nope")], capture_output=True,
+                          text=True, env=ENV, cwd=REPO, timeout=120)
+    assert proc.returncode == 2
+    assert "run directory" in proc.stderr and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_run_dir_without_a_checkpoint(tmp_path, capsys):
+    (tmp_path / "ws" / "server").mkdir(parents=True)
+    assert export_main([str(tmp_path / "ws")]) == 2
+    err = capsys.readouterr().err
+    assert "no adapter checkpoint under" in err and "adapter/best" in err
+
+
+def test_base_model_that_cannot_be_found(run_dir, tmp_path, capsys):
+    ckpt = shutil.copytree(run_dir / ADAPTER_DIR / "best", tmp_path / "best")
+    meta = json.loads((ckpt / "nvflare_lora.json").read_text())
+    meta["base_model"] = str(tmp_path / "models" / "clip-base")
+    (ckpt / "nvflare_lora.json").write_text(json.dumps(meta))
+    assert export_main([str(ckpt), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot find CLIP model" in err and "--model PATH" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_base_with_other_weights_is_refused(run_dir, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    other = save_preset("tiny-clip", tmp_path / "other-base")
+    weights = load_file(str(other / "model.safetensors"))
+    weights["visual_projection.weight"] *= 2
+    save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+    assert export_main([str(run_dir), "--model", str(other), "--out", str(tmp_path / "o")]) == 2
+    assert "trained on another base" in capsys.readouterr().err
+
+
+def test_an_unrelated_output_directory_is_not_overwritten(run_dir, tmp_path, capsys):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert export_main([str(run_dir), "--out", str(tmp_path / "mine")]) == 2
+    assert "is not an earlier export" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+# ---- finding the checkpoint --------------------------------------------------------------------
+def _fake_checkpoint(directory: Path) -> Path:
+    directory.mkdir(parents=True)
+    (directory / "nvflare_lora.json").write_text("{}")
+    (directory / "adapter_model.safetensors").write_bytes(b"")
+    return directory
+
+
+def test_locate_prefers_best_and_never_falls_back_silently(tmp_path):
+    app = tmp_path / "ws/server/simulate_job/app_server"
+    latest = _fake_checkpoint(app / "adapter/latest")
+    assert locate_checkpoint(tmp_path / "ws", "latest").path == latest
+    fallback = locate_checkpoint(tmp_path / "ws")  # no best yet: latest, said out loud
+    assert fallback.path == latest and "no 'best' checkpoint" in fallback.note
+    with pytest.raises(ExportError, match="no checkpoint named 'best'"):
+        locate_checkpoint(tmp_path / "ws", "best")
+    best = _fake_checkpoint(app / "adapter/best")
+    assert locate_checkpoint(tmp_path / "ws").path == best and locate_checkpoint(tmp_path / "ws").note is None
+    assert locate_checkpoint(app).path == best  # the server's app dir works too
+    assert locate_checkpoint(best).path == best  # and the checkpoint itself
+
+
+def test_locate_skips_half_written_dirs_prefers_the_server_and_refuses_ambiguity(tmp_path):
+    _fake_checkpoint(tmp_path / "ws/server/app_server/adapter/.best.tmp-123")
+    server = _fake_checkpoint(tmp_path / "ws/server/app_server/adapter/best")
+    _fake_checkpoint(tmp_path / "ws/site-1/app_site-1/adapter/best")
+    assert locate_checkpoint(tmp_path / "ws").path == server
+    _fake_checkpoint(tmp_path / "jobs/a/best")
+    _fake_checkpoint(tmp_path / "jobs/b/best")
+    with pytest.raises(ExportError, match="2 checkpoints named 'best'"):
+        locate_checkpoint(tmp_path / "jobs")
+    only = _fake_checkpoint(tmp_path / "adapters/digits")  # a LoRAModelManager root with one adapter
+    found = locate_checkpoint(tmp_path / "adapters")
+    assert found.path == only and "only checkpoint" in found.note
