@@ -286,7 +286,9 @@ def exact_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("exact")
     rank_filter = '[{ tasks = ["train"], filters = [{ path = "nvflare_lora.fl.aggregator.SiteRankFilter", args {} }] }]'
     job = make_job(tmp / "job", server={"num_rounds": str(SIM_ROUNDS), "min_clients": "2", "r": str(GLOBAL_RANK),
-                                        "task_data_filters": rank_filter},
+                                        "task_data_filters": rank_filter,
+                                        # also send the sites' own models (ranks 16 and 8) to each other
+                                        "submit_model_task_name": '"submit_model"'},
                    client={"num_sites": "2", "partition": '"iid"', "local_epochs": "1"},
                    server_text={
                        'path = "nvflare_lora.fl.persistor.AdapterPersistor"':
