@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping
 
 import numpy as np
 
@@ -65,17 +65,23 @@ def save_adapter_dir(directory: str | Path, state: Mapping[str, np.ndarray], pef
         meta["adapter_tensors"] = len(tensors)
         meta["adapter_parameters"] = int(sum(t.size for t in tensors.values()))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
-        old = None
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_into_place(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def swap_into_place(tmp: Path, target: Path) -> None:
+    """Replace directory `target` by the complete directory `tmp`: a reader sees the old or the new one,
+    never a half-written one (only the instant between the two renames has neither)."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _jsonable(o):

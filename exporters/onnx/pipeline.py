@@ -16,7 +16,7 @@ from typing import Callable, Dict, Optional
 import numpy as np
 import torch
 
-from nvflare_lora.checkpoint import write_json_atomic
+from nvflare_lora.checkpoint import swap_into_place, write_json_atomic
 
 from . import graph, variants, verify
 from .errors import ExportError
@@ -69,13 +69,7 @@ def _readable_by_all(directory: Path) -> None:
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
     _readable_by_all(tmp)
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    swap_into_place(tmp, out)
 
 
 def _text_parity(rebuilt: Rebuilt, path: Path) -> Dict:

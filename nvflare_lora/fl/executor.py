@@ -24,7 +24,6 @@ from nvflare.app_common.app_constant import AppConstants
 
 from .. import adapter as ad
 from ..aggregation_site import SiteAggregation, site_lora_config
-from ..config import LoRAConfig
 from ..data import load_dataset, site_split, train_val_split
 from ..federated import CLIPLoRAWrapper, FederatedCLIPModel
 from ..managers import fingerprint

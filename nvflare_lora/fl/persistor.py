@@ -20,7 +20,7 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.model_desc import ModelDescriptor
 
-from ..adapter import adapter_shapes_of, check_adapter, init_adapter_state
+from ..adapter import check_adapter, init_adapter_state
 from ..checkpoint import read_adapter_dir, save_adapter_dir
 from ..config import LoRAConfig
 from ..federated import adapter_skeleton
