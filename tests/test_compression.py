@@ -435,6 +435,8 @@ def test_compressor_refuses_bad_configs_and_inputs():
         with pytest.raises(ValueError, match=match):
             AdapterCompressor(**kwargs)
     assert AdapterCompressor(mode="topk").data_kinds == ["WEIGHT_DIFF"]
+    plain = DXO("WEIGHT_DIFF", {"w": np.ones(3, np.float32)})
+    assert AdapterCompressor(mode="none").process_dxo(plain, None, _fl_ctx("site-1")) is None  # switched off
     comp = AdapterCompressor(mode="int8")
     with pytest.raises(ValueError, match="'w'.*NaN"):
         comp.process_dxo(DXO("WEIGHT_DIFF", {"w": np.array([np.nan], np.float32)}), None, _fl_ctx("site-1"))
@@ -454,7 +456,7 @@ def test_simulator_with_compression_both_ways_learns(tmp_path):
     from compression_job import add_compression, codec_pair
     from simjob import communication, cross_site_results, make_job, run_simulator
 
-    job = add_compression(make_job(tmp_path / "job", server={"num_rounds": "3"}),
+    job = add_compression(make_job(tmp_path / "job", server={"num_rounds": "3", "min_clients": "4"}),
                           upload=codec_pair("topk+int8", fraction=0.1), download=codec_pair("int8"))
     ws = tmp_path / "ws"
     proc = run_simulator(job, ws, n=4, threads=4)

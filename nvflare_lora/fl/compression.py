@@ -57,7 +57,8 @@ class AdapterCompressor(DXOFilter):
     """Compresses WEIGHT_DIFF (a site's update) or WEIGHTS (the global adapter) DXOs.
 
     Args:
-        mode: "fp16", "int8", "int4", "topk" (kept values float32) or "topk+int8".
+        mode: "fp16", "int8", "int4", "topk" (kept values float32), "topk+int8", or "none" (pass
+            DXOs through unchanged: the filter stays in the job, switched off).
         data_kinds: DXO kinds to compress; default ["WEIGHT_DIFF", "WEIGHTS"] ("WEIGHT_DIFF" only for
             top-k, which would wipe most of a full model).
         block_size: entries per absmax scale (int modes; for topk+int8, kept entries per scale).
@@ -75,14 +76,15 @@ class AdapterCompressor(DXOFilter):
                  scales: str = "block", rounding: str = "nearest", fraction: float = 0.05,
                  error_feedback: Optional[bool] = None, seed: int = 0,
                  residual_file: str = codec.ResidualStore.FILE_NAME):
-        self.spec = codec.CompressionSpec(mode=mode, block_size=block_size, scales=scales, rounding=rounding,
-                                          fraction=fraction)
+        self.off = mode == "none"
+        self.spec = codec.CompressionSpec(mode="int8" if self.off else mode, block_size=block_size, scales=scales,
+                                          rounding=rounding, fraction=fraction)
         default = [DataKind.WEIGHT_DIFF] if self.spec.is_topk else [DataKind.WEIGHT_DIFF, DataKind.WEIGHTS]
         kinds = _kinds(data_kinds, default)
         if self.spec.is_topk and DataKind.WEIGHTS in kinds:
             raise ValueError(f"mode {mode!r} sends only a fraction of the entries, which suits updates, not a full "
                              "model: use data_kinds=['WEIGHT_DIFF'], or an fp16/int8/int4 mode for WEIGHTS")
-        self.error_feedback = self.spec.is_topk if error_feedback is None else bool(error_feedback)
+        self.error_feedback = self.spec.is_topk if error_feedback is None else bool(error_feedback) and not self.off
         if self.error_feedback and DataKind.WEIGHTS in kinds:
             raise ValueError("error_feedback keeps a site's unsent update; it applies to WEIGHT_DIFF only "
                              "(set data_kinds=['WEIGHT_DIFF'] or error_feedback=false)")
@@ -94,6 +96,8 @@ class AdapterCompressor(DXOFilter):
         self._lock = threading.Lock()
 
     def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> Optional[DXO]:
+        if self.off:
+            return None
         if COMPRESSION_META_KEY in (dxo.meta or {}):
             raise ValueError(f"DXO is already compressed ({dxo.meta[COMPRESSION_META_KEY]}); one compressor per "
                              "direction")
