@@ -29,7 +29,11 @@ def add_filter(config: Path, chain: str, task: str, spec: dict, first: bool) -> 
         if task in c["tasks"]:
             if list(c["tasks"]) != [task]:
                 raise ValueError(f"{config.name}: {chain} chain {c['tasks']} is shared with other tasks")
-            c["filters"].insert(0 if first else len(c["filters"]), spec)
+            same = [i for i, f in enumerate(c["filters"]) if f.get("path") == spec["path"]]
+            if same:  # the job already wires this filter (switched off): configure it in place
+                c["filters"][same[0]] = spec
+            else:
+                c["filters"].insert(0 if first else len(c["filters"]), spec)
             break
     else:
         chains.append({"tasks": [task], "filters": [spec]})
