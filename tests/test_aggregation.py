@@ -274,9 +274,16 @@ SIM_ROUNDS, GLOBAL_RANK, SMALL_RANK = 2, 16, 8
 def _without_update_validator(text):
     # AdapterUpdateValidator checks updates against one set of shapes (persistor.adapter_shapes()), so it
     # would refuse the rank-8 site; LoRAAggregator makes the same checks per site (rank, rule, keys, finite).
+    return _set_chain(text, "task_result_filters", "[]")
+
+
+def _set_chain(text, chain, value):
+    """Replace the job's whole `chain = [ ... ]` block (the default job spreads it over several lines)."""
     import re
 
-    return re.sub(r"task_result_filters = \[\n.*?\n  \]\n", "task_result_filters = []\n", text, count=1, flags=re.S)
+    new, n = re.subn(rf"{chain} = \[\n.*?\n  \]\n", lambda m: f"{chain} = {value}\n", text, count=1, flags=re.S)
+    assert n == 1, f"{chain} block not found"
+    return new
 
 
 @pytest.fixture(scope="module")
@@ -286,7 +293,6 @@ def exact_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("exact")
     rank_filter = '[{ tasks = ["train"], filters = [{ path = "nvflare_lora.fl.aggregator.SiteRankFilter", args {} }] }]'
     job = make_job(tmp / "job", server={"num_rounds": str(SIM_ROUNDS), "min_clients": "2", "r": str(GLOBAL_RANK),
-                                        "task_data_filters": rank_filter,
                                         # also send the sites' own models (ranks 16 and 8) to each other
                                         "submit_model_task_name": '"submit_model"'},
                    client={"num_sites": "2", "partition": '"iid"', "local_epochs": "1"},
@@ -301,7 +307,7 @@ def exact_run(tmp_path_factory):
                        'args { expected_data_kind = "WEIGHT_DIFF" }': 'args { persistor_id = "persistor" }',
                    })
     conf = job / "app" / "config" / "config_fed_server.conf"
-    conf.write_text(_without_update_validator(conf.read_text()))
+    conf.write_text(_set_chain(_without_update_validator(conf.read_text()), "task_data_filters", rank_filter))
     ws = tmp / "ws"
     proc = run_simulator(job, ws, n=2, threads=2)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
