@@ -16,8 +16,9 @@ training seed the same initial adapter and batch order):
    steps keep the sites from drifting apart under label skew, and LoRA makes many rounds cheap). Peak lr:
    --lr 0.01 for the single-party runs (central, local-only), --fed-lr 0.02 for the federations (averaging
    partly cancels the sites' updates, so each site steps further), cosine-decayed over the rounds to 5%.
-   Both were picked on a validation split carved from the pool (a 0.01/0.02 grid per method and split:
-   central chose 0.01; ffa chose 0.02 on all three splits, fedavg and exact on two of three):
+   Both were picked on a validation split carved from the pool (an earlier version of this script: a
+   0.01/0.02 grid per method and split; central and local-only chose 0.01, ffa chose 0.02 on all three
+   splits, fedavg and exact on two of three; the numbers are in benchmarks/README.md):
    - central: one party holding the whole training pool, the same rounds and schedule, seeing per round
      as many samples as the 4 sites together (the upper bound);
    - local-only: each of the 4 sites trains alone on its share; accuracy = mean over the sites;
@@ -53,7 +54,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Sequence

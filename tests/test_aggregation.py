@@ -2,8 +2,6 @@
 model, folded checkpoints loaded by plain PEFT, and one real simulator run of the exact rule with two
 site ranks."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
