@@ -265,14 +265,31 @@ def test_ffa_site_trains_B_and_head_only_and_never_sends_A():
     assert any(np.abs(update[k]).max() > 0 for k in update if ".lora_B." in k)
 
 
+def test_update_validator_checks_each_site_at_its_own_rank_and_rule():
+    from nvflare_lora.fl.aggregator import LoRAAggregationPersistor
+    from nvflare_lora.fl.validation import UpdateRefused, check_update
+
+    def update(rank, keys=None):
+        shapes = _shapes_at(rank)
+        return {k: np.zeros(s, np.float32) for k, s in shapes.items() if keys is None or k in keys}
+
+    p = LoRAAggregationPersistor(aggregation="fedavg", site_ranks={"site-2": 8}, r=16, lora_alpha=32,
+                                 lora_dropout=0.0)
+    check_update(update(8), p.adapter_shapes("site-2"))   # the validator passes the site's name
+    check_update(update(16), p.adapter_shapes("site-1"))  # unlisted: the global rank
+    with pytest.raises(UpdateRefused, match="has shape"):
+        check_update(update(16), p.adapter_shapes("site-2"))
+    with pytest.raises(UpdateRefused, match="has shape"):
+        check_update(update(8), p.adapter_shapes("site-1"))
+    ffa = LoRAAggregationPersistor(aggregation="ffa", r=16, lora_alpha=32, lora_dropout=0.0)
+    no_a = [k for k in _shapes_at(16) if ".lora_A." not in k]
+    check_update(update(16, no_a), ffa.adapter_shapes("site-1"))
+    with pytest.raises(UpdateRefused, match="unexpected"):
+        check_update(update(16), ffa.adapter_shapes("site-1"))  # A is frozen under ffa: never sent
+
+
 # ---- the exact rule with two site ranks, end to end in the NVFlare simulator -------------------------
 SIM_ROUNDS, GLOBAL_RANK, SMALL_RANK = 2, 16, 8
-
-
-def _without_update_validator(text):
-    # AdapterUpdateValidator checks updates against one set of shapes (persistor.adapter_shapes()), so it
-    # would refuse the rank-8 site; LoRAAggregator makes the same checks per site (rank, rule, keys, finite).
-    return _set_chain(text, "task_result_filters", "[]")
 
 
 def _set_chain(text, chain, value):
@@ -305,7 +322,8 @@ def exact_run(tmp_path_factory):
                        'args { expected_data_kind = "WEIGHT_DIFF" }': 'args { persistor_id = "persistor" }',
                    })
     conf = job / "app" / "config" / "config_fed_server.conf"
-    conf.write_text(_set_chain(_without_update_validator(conf.read_text()), "task_data_filters", rank_filter))
+    # the job's AdapterUpdateValidator stays in: it checks each site against its own rank
+    conf.write_text(_set_chain(conf.read_text(), "task_data_filters", rank_filter))
     ws = tmp / "ws"
     proc = run_simulator(job, ws, n=2, threads=2)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -323,6 +341,7 @@ def test_exact_run_sends_each_site_its_rank_and_the_residuals(exact_run):
 
     comm = communication(exact_run)
     assert len(comm["rounds"]) == SIM_ROUNDS
+    assert comm["totals"]["refused_updates"] == 0, [r["refused"] for r in comm["rounds"]]
     layers = [k[: -len(".lora_A.weight")] for k in _shapes_at(GLOBAL_RANK) if k.endswith(".lora_A.weight")]
     residual = {residual_key(l): (64, 64) for l in layers}  # q/v projections of the 64-wide image tower
     for r in comm["rounds"]:
@@ -369,3 +388,43 @@ def test_exact_checkpoint_is_a_folded_plain_peft_adapter_that_scores_as_the_site
     start = communication(exact_run)["rounds"][0]["global_val_accuracy"]
     final = np.mean([results[s]["SRV_latest"]["val_accuracy"] for s in ("site-1", "site-2")])
     assert final > start + 0.1, (start, final)
+
+
+# ---- ffa in the NVFlare simulator: A never moves and never travels up ---------------------------------
+def test_ffa_run_sends_no_lora_A_keeps_it_at_the_shared_init_and_learns(tmp_path):
+    from nvflare_lora.adapter import init_adapter_state
+    from nvflare_lora.checkpoint import read_adapter_dir
+    from simjob import communication, cross_site_results, make_job, run_simulator, server_app_dir
+
+    job = make_job(tmp_path / "job", server={"num_rounds": "3", "min_clients": "2"},
+                   client={"num_sites": "2", "partition": '"iid"', "local_epochs": "1"},
+                   server_text={
+                       'path = "nvflare_lora.fl.persistor.AdapterPersistor"':
+                           'path = "nvflare_lora.fl.aggregator.LoRAAggregationPersistor"',
+                       'checkpoint_dir = "adapter"': 'checkpoint_dir = "adapter"\n        aggregation = "ffa"',
+                       'path = "nvflare.app_common.aggregators.intime_accumulate_model_aggregator.'
+                       'InTimeAccumulateWeightedAggregator"': 'path = "nvflare_lora.fl.aggregator.LoRAAggregator"',
+                       'args { expected_data_kind = "WEIGHT_DIFF" }': 'args { persistor_id = "persistor" }',
+                   })
+    ws = tmp_path / "ws"
+    proc = run_simulator(job, ws, n=2, threads=2)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+
+    shapes = _shapes_at(16)  # the default job: r=16, alpha 32
+    comm = communication(ws)
+    assert len(comm["rounds"]) == 3 and comm["totals"]["refused_updates"] == 0  # the validator knows the rule
+    up = sum(int(np.prod(s)) * 4 + len(k) for k, s in shapes.items() if ".lora_A." not in k)
+    down = sum(int(np.prod(s)) * 4 + len(k) for k, s in shapes.items())
+    for r in comm["rounds"]:
+        for site in ("site-1", "site-2"):
+            assert r["upload"][site]["bytes"] == up and r["download"][site]["bytes"] == down, r
+    state, _, meta = read_adapter_dir(server_app_dir(ws) / "adapter" / "latest")
+    assert meta["aggregation"]["mode"] == "ffa"
+    init = init_adapter_state(shapes, 0)
+    for k in shapes:
+        if ".lora_A." in k:
+            assert np.array_equal(state[k], init[k]), k  # bit for bit the shared seeded init
+    assert any(np.abs(state[k]).max() > 0 for k in shapes if ".lora_B." in k)
+    results = cross_site_results(ws)
+    final = np.mean([results[s]["SRV_latest"]["val_accuracy"] for s in ("site-1", "site-2")])
+    assert final > comm["rounds"][0]["global_val_accuracy"] + 0.1, final

@@ -74,7 +74,9 @@ class AdapterPersistor(ModelPersistor):
             self._shapes, self._peft_config = adapter_skeleton(self.model, self.num_classes, self.lora)
             self._fingerprint = base_fingerprint(self.model)
 
-    def adapter_shapes(self) -> Dict:
+    def adapter_shapes(self, site: Optional[str] = None) -> Dict:
+        """Shapes of the global adapter, which is also what every site's update must match (`site` is
+        accepted for LoRAAggregationPersistor's sake, whose sites may train other ranks)."""
         self._ensure_skeleton()
         return dict(self._shapes)
 

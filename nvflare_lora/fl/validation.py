@@ -60,7 +60,8 @@ class AdapterUpdateValidator(DXOFilter):
     """Refuses (or clips) malformed or out-of-bound adapter updates from sites.
 
     Args:
-        persistor_id: the AdapterPersistor that knows the global adapter's shapes.
+        persistor_id: the AdapterPersistor (or LoRAAggregationPersistor) that knows the shapes each
+            site's update must have.
         max_norm: optional bound on an update's L2 norm (over all its tensors); None: no bound.
         norm_action: "reject" (leave the update out) or "clip" (scale it down to max_norm).
         communication_log_id: the CommunicationLog that counts refusals (empty: none).
@@ -92,8 +93,10 @@ class AdapterUpdateValidator(DXOFilter):
 
     def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> Optional[DXO]:
         engine = fl_ctx.get_engine()
-        shapes = engine.get_component(self.persistor_id).adapter_shapes()
         site = fl_ctx.get_peer_context().get_identity_name("?") if fl_ctx.get_peer_context() else "?"
+        # what this site must send: under LoRAAggregationPersistor, its own rank (site_ranks) and the
+        # rule's keys (no lora_A under ffa); under AdapterPersistor, the global adapter's shapes
+        shapes = engine.get_component(self.persistor_id).adapter_shapes(site)
         try:
             check_steps(dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND))
             data, note = check_update(dxo.data or {}, shapes, self.max_norm, self.norm_action)
