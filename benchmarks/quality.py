@@ -288,42 +288,40 @@ def plots(results: Dict, directory: Path) -> List[Path]:
 
     directory.mkdir(parents=True, exist_ok=True)
     colours = {"fedavg": "tab:blue", "ffa": "tab:orange", "exact": "tab:green", "local": "tab:gray"}
+    titles = {"iid": "IID", "a0.5": "Dirichlet alpha 0.5", "a0.1": "Dirichlet alpha 0.1"}
     central = results["central"]["accuracy"]
-    out = []
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharey=True)
-    for ax, (p, _, _) in zip(axes, PARTITIONS):
+
+    def figure(name: str, xlabel: str, draw) -> Path:
+        """One panel per split, drawn by draw(ax, split); shared y axis, legend on the first."""
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharey=True)
+        for ax, (p, _, _) in zip(axes, PARTITIONS):
+            draw(ax, p)
+            ax.set_title(titles[p])
+            ax.set_xlabel(xlabel)
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("test accuracy (%)")
+        axes[0].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(directory / name, dpi=72)
+        plt.close(fig)
+        return directory / name
+
+    def per_round(ax, p):
         rounds = results["central"]["rounds"]
         ax.plot(rounds, np.multiply(central, 100), "k--", label="central")
         for key in ("local",) + RULES:
             ax.plot(rounds, np.multiply(results[p][key]["accuracy"], 100), color=colours[key],
                     label="local-only" if key == "local" else key)
-        ax.set_title({"iid": "IID", "a0.5": "Dirichlet alpha 0.5", "a0.1": "Dirichlet alpha 0.1"}[p])
-        ax.set_xlabel("round")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("test accuracy (%)")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    out.append(directory / "quality_rounds.png")
-    fig.savefig(out[-1], dpi=72)
-    plt.close(fig)
 
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharey=True)
-    for ax, (p, _, _) in zip(axes, PARTITIONS):
+    def per_byte(ax, p):
         for key in RULES:
             r = results[p][key]
             total = (np.cumsum(np.add(r["upload_bytes"], r["download_bytes"])) / 1e6)[np.subtract(r["rounds"], 1)]
             ax.plot(total, np.multiply(r["accuracy"], 100), marker=".", color=colours[key], label=key)
         ax.axhline(100 * central[-1], color="k", ls="--", lw=1, label="central (final)")
-        ax.set_title({"iid": "IID", "a0.5": "Dirichlet alpha 0.5", "a0.1": "Dirichlet alpha 0.1"}[p])
-        ax.set_xlabel("cumulative upload + download (MB, 4 sites)")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("test accuracy (%)")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    out.append(directory / "quality_bytes.png")
-    fig.savefig(out[-1], dpi=72)
-    plt.close(fig)
-    return out
+
+    return [figure("quality_rounds.png", "round", per_round),
+            figure("quality_bytes.png", "cumulative upload + download (MB, 4 sites)", per_byte)]
 
 
 # ---- running the jobs, in --workers processes (one torch thread each) --------------------------------
