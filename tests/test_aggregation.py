@@ -301,26 +301,40 @@ def _set_chain(text, chain, value):
     return new
 
 
+def _aggregation_job(path, rule, persistor_args="", server=None):
+    """The default job (2 IID sites, 1 local epoch) with LoRAAggregationPersistor + LoRAAggregator for `rule`."""
+    from simjob import make_job
+
+    return make_job(path, server={"min_clients": "2", **(server or {})},
+                    client={"num_sites": "2", "partition": '"iid"', "local_epochs": "1"},
+                    server_text={
+                        'path = "nvflare_lora.fl.persistor.AdapterPersistor"':
+                            'path = "nvflare_lora.fl.aggregator.LoRAAggregationPersistor"',
+                        'checkpoint_dir = "adapter"':
+                            f'checkpoint_dir = "adapter"\n        aggregation = "{rule}"{persistor_args}',
+                        'path = "nvflare.app_common.aggregators.intime_accumulate_model_aggregator.'
+                        'InTimeAccumulateWeightedAggregator"': 'path = "nvflare_lora.fl.aggregator.LoRAAggregator"',
+                        'args { expected_data_kind = "WEIGHT_DIFF" }': 'args { persistor_id = "persistor" }',
+                    })
+
+
+def _sizes(shapes, keep=lambda k: True):
+    """Bytes of an adapter of these shapes as communication.json counts them."""
+    from nvflare_lora.fl.accounting import payload_bytes
+
+    return payload_bytes({k: np.zeros(s, np.float32) for k, s in shapes.items() if keep(k)})
+
+
 @pytest.fixture(scope="module")
 def exact_run(tmp_path_factory):
-    from simjob import make_job, run_simulator
+    from simjob import run_simulator
 
     tmp = tmp_path_factory.mktemp("exact")
     rank_filter = '[{ tasks = ["train"], filters = [{ path = "nvflare_lora.fl.aggregator.SiteRankFilter", args {} }] }]'
-    job = make_job(tmp / "job", server={"num_rounds": str(SIM_ROUNDS), "min_clients": "2", "r": str(GLOBAL_RANK),
-                                        # also send the sites' own models (ranks 16 and 8) to each other
-                                        "submit_model_task_name": '"submit_model"'},
-                   client={"num_sites": "2", "partition": '"iid"', "local_epochs": "1"},
-                   server_text={
-                       'path = "nvflare_lora.fl.persistor.AdapterPersistor"':
-                           'path = "nvflare_lora.fl.aggregator.LoRAAggregationPersistor"',
-                       'checkpoint_dir = "adapter"':
-                           f'checkpoint_dir = "adapter"\n        aggregation = "exact"\n'
-                           f'        site_ranks {{ "site-2" = {SMALL_RANK} }}',
-                       'path = "nvflare.app_common.aggregators.intime_accumulate_model_aggregator.'
-                       'InTimeAccumulateWeightedAggregator"': 'path = "nvflare_lora.fl.aggregator.LoRAAggregator"',
-                       'args { expected_data_kind = "WEIGHT_DIFF" }': 'args { persistor_id = "persistor" }',
-                   })
+    job = _aggregation_job(tmp / "job", "exact", f'\n        site_ranks {{ "site-2" = {SMALL_RANK} }}',
+                           server={"num_rounds": str(SIM_ROUNDS), "r": str(GLOBAL_RANK),
+                                   # also send the sites' own models (ranks 16 and 8) to each other
+                                   "submit_model_task_name": '"submit_model"'})
     conf = job / "app" / "config" / "config_fed_server.conf"
     # the job's AdapterUpdateValidator stays in: it checks each site against its own rank
     conf.write_text(_set_chain(conf.read_text(), "task_data_filters", rank_filter))
@@ -346,9 +360,8 @@ def test_exact_run_sends_each_site_its_rank_and_the_residuals(exact_run):
     residual = {residual_key(l): (64, 64) for l in layers}  # q/v projections of the 64-wide image tower
     for r in comm["rounds"]:
         for site, rank in (("site-1", GLOBAL_RANK), ("site-2", SMALL_RANK)):
-            shapes = _shapes_at(rank)
-            up = sum(int(np.prod(s)) * 4 + len(k) for k, s in shapes.items())
-            down = up + sum(int(np.prod(s)) * 4 + len(k) for k, s in residual.items())
+            up = _sizes(_shapes_at(rank))
+            down = up + _sizes(residual)
             assert r["upload"][site]["bytes"] == up, (site, r["upload"][site])       # no residual goes up
             assert r["download"][site]["bytes"] == down, (site, r["download"][site])  # the dense residual comes down
     log = (exact_run / "simulator_output.txt").read_text()
@@ -394,18 +407,9 @@ def test_exact_checkpoint_is_a_folded_plain_peft_adapter_that_scores_as_the_site
 def test_ffa_run_sends_no_lora_A_keeps_it_at_the_shared_init_and_learns(tmp_path):
     from nvflare_lora.adapter import init_adapter_state
     from nvflare_lora.checkpoint import read_adapter_dir
-    from simjob import communication, cross_site_results, make_job, run_simulator, server_app_dir
+    from simjob import communication, cross_site_results, run_simulator, server_app_dir
 
-    job = make_job(tmp_path / "job", server={"num_rounds": "3", "min_clients": "2"},
-                   client={"num_sites": "2", "partition": '"iid"', "local_epochs": "1"},
-                   server_text={
-                       'path = "nvflare_lora.fl.persistor.AdapterPersistor"':
-                           'path = "nvflare_lora.fl.aggregator.LoRAAggregationPersistor"',
-                       'checkpoint_dir = "adapter"': 'checkpoint_dir = "adapter"\n        aggregation = "ffa"',
-                       'path = "nvflare.app_common.aggregators.intime_accumulate_model_aggregator.'
-                       'InTimeAccumulateWeightedAggregator"': 'path = "nvflare_lora.fl.aggregator.LoRAAggregator"',
-                       'args { expected_data_kind = "WEIGHT_DIFF" }': 'args { persistor_id = "persistor" }',
-                   })
+    job = _aggregation_job(tmp_path / "job", "ffa", server={"num_rounds": "3"})
     ws = tmp_path / "ws"
     proc = run_simulator(job, ws, n=2, threads=2)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -413,8 +417,7 @@ def test_ffa_run_sends_no_lora_A_keeps_it_at_the_shared_init_and_learns(tmp_path
     shapes = _shapes_at(16)  # the default job: r=16, alpha 32
     comm = communication(ws)
     assert len(comm["rounds"]) == 3 and comm["totals"]["refused_updates"] == 0  # the validator knows the rule
-    up = sum(int(np.prod(s)) * 4 + len(k) for k, s in shapes.items() if ".lora_A." not in k)
-    down = sum(int(np.prod(s)) * 4 + len(k) for k, s in shapes.items())
+    up, down = _sizes(shapes, lambda k: ".lora_A." not in k), _sizes(shapes)
     for r in comm["rounds"]:
         for site in ("site-1", "site-2"):
             assert r["upload"][site]["bytes"] == up and r["download"][site]["bytes"] == down, r
