@@ -96,13 +96,23 @@ class Uploader:
         return sent, nbytes
 
 
+_DIGITS = []
+
+
+def _digits(preprocess):
+    """The digits, preprocessed once for all runs (every run uses the same tiny-clip preprocessing)."""
+    if not _DIGITS:
+        _DIGITS.append(load_dataset("digits", preprocess))
+    return _DIGITS[0]
+
+
 def run(variant: str, fraction: float, seed: int, rounds: int, s: dict) -> dict:
     """One federation; returns accuracy after every round and upload bytes per round (all sites)."""
     torch.manual_seed(seed)  # the initial adapter, as the persistor's seed
     num_classes, lora = job_lora()
     fed = FederatedCLIPModel("tiny-clip", num_classes)
     CLIPLoRAWrapper(fed, lora).apply_lora_to_federated_model()
-    data = load_dataset("digits", fed.preprocess)
+    data = _digits(fed.preprocess)
     sites = [site_split(data, f"site-{i + 1}", s["sites"], s["partition"], s["alpha"], seed, s["val_fraction"])
              for i in range(s["sites"])]
     val = [v.tensors() for _, v in sites]
