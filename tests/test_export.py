@@ -4,6 +4,7 @@ saved with the core library's checkpoint writer."""
 
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from exporters.onnx.errors import ExportError
 from exporters.onnx.locate import locate_checkpoint
 from exporters.onnx.predict import ImageClassifier
 from exporters.onnx.predict import main as predict_main
-from exporters.onnx.verify import check, compare
+from exporters.onnx.verify import compare
 from nvflare_lora import quick_clip_lora
 from nvflare_lora.checkpoint import save_adapter_dir
 from nvflare_lora.data import load_digits_dataset
@@ -134,11 +135,34 @@ def test_int8_and_fp16_keep_the_predictions(exported, digits, tmp_path):
     to_fp16(out / "model.onnx", tmp_path / "fp16.onnx")
     x = digits.tensors()[0].numpy()[::3]
     reference = _session(out / "model.onnx").run(["logits"], {"pixel_values": x})[0].argmax(1)
-    for name, min_agreement in (("int8", 0.95), ("fp16", 0.98)):
+    for name, min_agreement in (("int8", 0.97), ("fp16", 0.98)):
         got = _session(tmp_path / f"{name}.onnx").run(["logits"], {"pixel_values": x})[0].argmax(1)
         assert (got == reference).mean() >= min_agreement, name
     assert (tmp_path / "int8.onnx").stat().st_size < 0.6 * (out / "model.onnx").stat().st_size
     assert _weight_elements(tmp_path / "fp16.onnx", "FLOAT16") > 10 * _weight_elements(tmp_path / "fp16.onnx", "FLOAT")
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or not shutil.which("qemu-x86_64"),
+                    reason="needs x86_64 and qemu-x86_64 (Debian: apt-get install qemu-user; .ci/run installs it)")
+def test_int8_computes_the_same_on_an_avx2_cpu_without_vnni(exported, digits, tmp_path):
+    """ONNX Runtime picks its int8 kernels by CPU: the int8 model must not depend on which one it gets.
+    qemu's Haswell model has AVX2 and no AVX-512/VNNI, like the AMD EPYC machines the U8S8 export failed on."""
+    from exporters.onnx.variants import quantize_int8
+
+    out, _ = exported
+    quantize_int8(out / "model.onnx", tmp_path / "int8.onnx")
+    np.save(tmp_path / "x.npy", digits.tensors()[0].numpy()[::3])
+    script = [str(REPO / "tests" / "ort_logits.py"), None, str(tmp_path / "x.npy"), None]
+    logits = {}
+    for name, model, prefix in (("fp32", out / "model.onnx", []), ("int8", tmp_path / "int8.onnx", []),
+                                ("int8_haswell", tmp_path / "int8.onnx", ["qemu-x86_64", "-cpu", "Haswell"])):
+        script[1], script[3] = str(model), str(tmp_path / f"{name}.npy")
+        subprocess.run(prefix + [sys.executable] + script, check=True, capture_output=True, timeout=300)
+        logits[name] = np.load(tmp_path / f"{name}.npy")
+    reference = logits["fp32"].argmax(1)
+    for name in ("int8", "int8_haswell"):
+        assert (logits[name].argmax(1) == reference).mean() >= 0.97, name
+    assert np.abs(logits["int8"] - logits["int8_haswell"]).max() < 0.05
 
 
 def _weight_elements(path, dtype: str) -> int:
@@ -165,6 +189,32 @@ def test_a_failed_check_exits_1_says_by_how_much_and_writes_nothing(run_dir, tmp
     assert not out.exists() and not list(tmp_path.glob(".rejected*")), "a failed export must leave no files"
 
 
+def test_a_variant_that_fails_its_gate_is_left_out_and_the_rest_are_written(run_dir, tmp_path, capsys, monkeypatch):
+    """Forced: no int8 model can agree on 101% of the images. fp32 and fp16 verify, so they are written."""
+    from exporters.onnx import verify
+
+    monkeypatch.setitem(verify.THRESHOLDS, "int8", (None, 1.01))
+    out = tmp_path / "served"
+    rc = export_main([str(run_dir), "--out", str(out), "--quantize", "int8", "--fp16", "--verify-samples", "32"])
+    captured = capsys.readouterr()
+    assert rc == 1, captured.err
+    assert "not written: int8: top-1 agreement" in captured.err and "is below 101% by" in captured.err
+    assert "int8      model.int8.onnx" in captured.out and "NOT WRITTEN" in captured.out
+    assert {p.name for p in out.glob("*.onnx")} == {"model.onnx", "model.fp16.onnx"}
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["files"] == {"fp32": "model.onnx", "fp16": "model.fp16.onnx"} and list(report["failed"]) == ["int8"]
+    int8 = report["verification"]["variants"]["int8"]
+    assert not int8["passed"] and int8["cpu"]["machine"] and "int8_flags" in int8["cpu"]
+    assert ImageClassifier(out, "fp16").top(digits_images(2), k=1)
+
+
+def digits_images(n):
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    return [Image.fromarray((im * 255 / 16).astype(np.uint8)).convert("RGB") for im in load_digits().images[:n]]
+
+
 def test_verification_gate_states_the_margin():
     rng = np.random.default_rng(0)
     ref = [rng.standard_normal((50, 10)).astype(np.float32), rng.standard_normal((50, 4)).astype(np.float32)]
@@ -176,8 +226,7 @@ def test_verification_gate_states_the_margin():
     flipped[:2] = -flipped[:2]  # two of 50 top-1 decisions change
     int8 = compare("int8", ref, [flipped, ref[1]], "CPU")
     assert int8.top1_agreement == 0.96 and int8.max_abs_allowed is None
-    with pytest.raises(VerificationError, match=r"int8: top-1 agreement 96.00% \(48/50\) is below 99% by 3.00 points"):
-        check([close, int8])
+    assert int8.failures == ["top-1 agreement 96.00% (48/50) is below 99% by 3.00 points"]
 
 
 # ---- serving -------------------------------------------------------------------------------------

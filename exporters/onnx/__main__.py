@@ -1,7 +1,8 @@
 """python -m exporters.onnx RUN_DIR [--out DIR] [--checkpoint best|latest] [--model PATH] [--optimize]
 [--quantize int8] [--fp16] [--opset N] [--with-text] [--data SOURCE] [--verify-samples N]
 
-Exit status: 0 exported and verified; 1 verification failed (nothing written); 2 bad input.
+Exit status: 0 every requested file exported and verified; 1 a requested file failed its verification (it is not
+written; the others are, unless fp32 itself failed: then nothing is); 2 bad input.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from .errors import ExportError, VerificationError
 
 DESCRIPTION = ("Merge a federated run's global LoRA adapter into its base in fp32, export it to ONNX "
                "(pixel_values -> logits, image_embeds; dynamic batch), and verify it with ONNX Runtime against "
-               "the unmerged PEFT model before writing anything.")
+               "the unmerged PEFT model: a file that fails its check is not written.")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -1,7 +1,9 @@
 """export_run: checkpoint -> merged fp32 model -> ONNX (+ variants) -> verified -> output directory.
 
-Nothing appears at the output directory until every requested file has been written and verified: the
-files are built in a hidden sibling directory and swapped in at the end.
+Each file is verified on its own: one that fails its gate is not written, and the report and the error
+say which and by how much, while the rest are written (the fp32 model always, when it verifies; when it
+does not, nothing is). The files are built in a hidden sibling directory and swapped in at the end, so
+the output directory holds either the earlier export or the new one, never half of one.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from nvflare_lora.checkpoint import swap_into_place, write_json_atomic
 
 from . import graph, variants, verify
-from .errors import ExportError
+from .errors import ExportError, VerificationError
 from .locate import locate_checkpoint
 from .rebuild import Rebuilt, rebuild
 from .run_data import run_validation_set
@@ -100,7 +102,8 @@ def export_run(run_dir, out=None, checkpoint: Optional[str] = None, model: Optio
                opset: int = graph.DEFAULT_OPSET, with_text: bool = False, data: str = "auto",
                samples: int = 256, log: Callable[[str], None] = print) -> Dict:
     """Export the run's global adapter merged into its base; returns the report written to OUT/export_report.json.
-    Raises ExportError (bad input) or VerificationError (the export does not compute what PEFT computes)."""
+    Raises ExportError (bad input) or VerificationError (a requested file does not compute what PEFT computes:
+    raised after the files that did verify are written, or with nothing written when fp32 failed)."""
     if quantize not in (None, "int8"):
         raise ExportError(f"--quantize supports 'int8' only, got {quantize!r}")
     if samples < 1:
@@ -135,67 +138,94 @@ def export_run(run_dir, out=None, checkpoint: Optional[str] = None, model: Optio
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    written = ", ".join(FILES[v] for v in report["files"])
+    if report["failed"]:
+        raise VerificationError(f"wrote {out} with the files that verified ({written}); not written: "
+                                + " | ".join(f"{v}: " + "; ".join(f) for v, f in report["failed"].items()))
     log(f"exported and verified: {out}")
     return report
 
 
 def _export_into(tmp: Path, rebuilt: Rebuilt, pixels, labels, reference, optimize, quantize, fp16, opset,
                  with_text, log) -> Dict:
-    """Write every requested file into tmp, verify each, and return the report (raises if any check fails)."""
-    made, fused = _write_image_models(tmp, rebuilt.merged, optimize, quantize, fp16, opset, log)
-    parities, latency = _verify_image_models(tmp, made, reference, pixels, labels, log)
+    """Write each requested file into tmp and verify it on its own; a variant that fails is deleted and listed
+    under report["failed"]. Raises VerificationError only when the fp32 model itself fails: then nothing is kept."""
+    merged = rebuilt.merged
+    graph.use_eager_attention(merged)
+    graph.export_image_model(merged, tmp / FILES["fp32"], opset)
+    parities, latency, failed = [], {}, {}
+
+    def verified(variant: str, build: Optional[Callable[[Path], None]] = None) -> bool:
+        path = tmp / FILES[variant]
+        try:
+            if build is not None:
+                build(path)
+        except ExportError as e:
+            failed[variant] = [f"could not be built: {e}"]
+            log(f"  {variant:9s} {FILES[variant]:22s} NOT WRITTEN: {failed[variant][0]}")
+            return False
+        parity, latency[variant] = _verify_image_model(path, variant, reference, pixels, labels, log)
+        parities.append(parity)
+        if parity.failures:
+            failed[variant] = parity.failures
+            path.unlink()
+        return not parity.failures
+
+    if not verified("fp32"):
+        raise VerificationError("verification against the unmerged PEFT model failed, nothing written: fp32: "
+                                + "; ".join(failed["fp32"]))
+    made, fused, source = ["fp32"], None, tmp / FILES["fp32"]
+    if optimize:
+        vc = merged.clip_config.vision_config
+
+        def build_optimized(path):
+            nonlocal fused
+            fused = variants.optimize(source, path, vc.num_attention_heads, vc.hidden_size)
+            log(f"optimized: fused {fused or 'nothing'}")
+
+        if verified("optimized", build_optimized):
+            made.append("optimized")
+            source = tmp / FILES["optimized"]  # int8 and fp16 start from the fused graph when it verified
+    if quantize == "int8" and verified("int8", lambda path: variants.quantize_int8(source, path)):
+        made.append("int8")
+    if fp16 and verified("fp16", lambda path: variants.to_fp16(source, path)):
+        made.append("fp16")
     text = None
     if with_text:
-        graph.export_text_model(rebuilt.merged, tmp / FILES["text"], opset)
+        graph.export_text_model(merged, tmp / FILES["text"], opset)
         text = _text_parity(rebuilt, tmp / FILES["text"])
-        log(f"  text      {FILES['text']:22s} max|dembeds| {text['max_abs_embeds_diff']:.2e}")
-    verify.check(parities, [] if text is None or text["passed"] else
-                 [f"text: max |text_embeds difference| {text['max_abs_embeds_diff']:.3g} exceeds "
-                  f"{verify.FP32_MAX_ABS_DIFF:g}"])
+        log(f"  text      {FILES['text']:22s} max|dembeds| {text['max_abs_embeds_diff']:.2e}"
+            + ("" if text["passed"] else "  NOT WRITTEN"))
+        if text["passed"]:
+            made.append("text")
+        else:
+            failed["text"] = [f"max |text_embeds difference| {text['max_abs_embeds_diff']:.3g} exceeds "
+                              f"{verify.FP32_MAX_ABS_DIFF:g} by {text['max_abs_embeds_diff'] - verify.FP32_MAX_ABS_DIFF:.3g}"]
+            (tmp / FILES["text"]).unlink()
     write_json_atomic(tmp / LABELS_FILE, list(rebuilt.labels))
     write_json_atomic(tmp / PREPROCESSING_FILE, rebuilt.preprocessing.to_dict())
     notes = list(rebuilt.notes)
     if "fp16" in made and parities[-1].provider == "CPUExecutionProvider":
         notes.append("fp16 was verified on the CPU (no CUDAExecutionProvider here); GPU kernels round differently, "
                      "so re-run the export where it will be served to verify it there")
-    files = made + (["text"] if with_text else [])
-    return _report(rebuilt, files, fused, parities, latency, text, labels, reference, opset, notes)
+    report = _report(rebuilt, made, fused, parities, latency, text, labels, reference, opset, notes)
+    report["failed"] = failed
+    return report
 
 
-def _write_image_models(tmp: Path, merged, optimize, quantize, fp16, opset, log):
-    """model.onnx, then the requested variants; int8 and fp16 start from the optimized graph when there is one."""
-    graph.use_eager_attention(merged)
-    graph.export_image_model(merged, tmp / FILES["fp32"], opset)
-    made, fused = ["fp32"], None
-    if optimize:
-        vc = merged.clip_config.vision_config
-        fused = variants.optimize(tmp / FILES["fp32"], tmp / FILES["optimized"], vc.num_attention_heads, vc.hidden_size)
-        log(f"optimized: fused {fused or 'nothing'}")
-        made.append("optimized")
-    source = tmp / FILES[made[-1]]
-    if quantize == "int8":
-        variants.quantize_int8(source, tmp / FILES["int8"])
-        made.append("int8")
-    if fp16:
-        variants.to_fp16(source, tmp / FILES["fp16"])
-        made.append("fp16")
-    return made, fused
-
-
-def _verify_image_models(tmp: Path, made, reference, pixels, labels, log):
-    parities, latency = [], {}
-    for variant in made:
-        session = verify.open_session(tmp / FILES[variant], variant)
-        parity = verify.compare(variant, reference, verify.ort_outputs(session, pixels), session.get_providers()[0],
-                                labels)
-        run = lambda x, s=session: s.run(None, {"pixel_values": x})  # noqa: E731
-        latency[variant] = {f"batch_{b}": verify.latency_ms(run, pixels[:b]) for b in (1, 8) if len(pixels) >= b}
-        parities.append(parity)
-        log(f"  {variant:9s} {FILES[variant]:22s} max|dlogit| {parity.max_abs_logit_diff:.2e}  top-1 "
-            f"{100 * parity.top1_agreement:6.2f}%  {parity.provider}  "
-            + "  ".join(f"{k.replace('_', ' ')}: {v:.1f} ms" for k, v in latency[variant].items())
-            + ("" if not parity.failures else "  FAILED: " + "; ".join(parity.failures)))
-    return parities, latency
+def _verify_image_model(path: Path, variant: str, reference, pixels, labels, log):
+    session = verify.open_session(path, variant)
+    parity = verify.compare(variant, reference, verify.ort_outputs(session, pixels), session.get_providers()[0],
+                            labels)
+    if variant == "int8":
+        parity.cpu = verify.cpu_features()
+    run = lambda x, s=session: s.run(None, {"pixel_values": x})  # noqa: E731
+    latency = {f"batch_{b}": verify.latency_ms(run, pixels[:b]) for b in (1, 8) if len(pixels) >= b}
+    log(f"  {variant:9s} {FILES[variant]:22s} max|dlogit| {parity.max_abs_logit_diff:.2e}  top-1 "
+        f"{100 * parity.top1_agreement:6.2f}%  {parity.provider}  "
+        + "  ".join(f"{k.replace('_', ' ')}: {v:.1f} ms" for k, v in latency.items())
+        + ("" if not parity.failures else "  NOT WRITTEN: " + "; ".join(parity.failures)))
+    return parity, latency
 
 
 def _report(rebuilt: Rebuilt, files, fused, parities, latency, text, labels, reference, opset, notes) -> Dict:

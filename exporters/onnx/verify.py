@@ -72,6 +72,7 @@ class Parity:
     max_abs_allowed: Optional[float]
     top1_required: float
     accuracy: Optional[float] = None  # of the exported model, when the data's classes are the model's labels
+    cpu: Optional[Dict] = None  # int8: the CPU it was verified on (its integer kernels depend on the ISA)
 
     @property
     def failures(self) -> List[str]:
@@ -104,10 +105,24 @@ def compare(variant: str, reference: Sequence[np.ndarray], exported: Sequence[np
                   float((ref_logits.argmax(1) == out_logits.argmax(1)).mean()), provider, max_abs, top1, accuracy)
 
 
-def check(parities: Sequence[Parity], other_failures: Sequence[str] = ()) -> None:
-    failed = [f"{p.variant}: " + "; ".join(p.failures) for p in parities if p.failures] + list(other_failures)
-    if failed:
-        raise VerificationError("verification against the unmerged PEFT model failed: " + " | ".join(failed))
+INT8_CPU_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
+
+
+def cpu_features() -> Dict:
+    """The processor and the flags that choose ONNX Runtime's int8 kernels (x86: VNNI or not; Arm: dot product)."""
+    import platform
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model") and model in ("", platform.machine()):
+                model = value.strip()
+            elif key.strip() in ("flags", "Features"):
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"machine": platform.machine(), "model": model, "int8_flags": [f for f in INT8_CPU_FLAGS if f in flags]}
 
 
 def latency_ms(fn, batch: np.ndarray, runs: int = 5) -> float:
