@@ -1,17 +1,30 @@
 """nvflare_lora: federated LoRA fine-tuning of CLIP image classifiers with NVFlare.
 
-The seed's public API lives here; NVFlare components are under nvflare_lora.fl.
+The seed's public API lives here; NVFlare components are under nvflare_lora.fl. Names are imported on
+first use (PEP 562), so that `import nvflare_lora.preprocessing` (serving) does not pull in torch, and a
+site process pays for transformers and peft only when it builds a model.
 """
 
-from .config import LoRAConfig
-from .federated import (CLIPLoRAWrapper, FederatedCLIPModel, adapter_shapes, adapter_skeleton, initial_adapter,
-                        quick_clip_lora)
-from .managers import LoRAConfigManager, LoRAModelManager
-from .models import TINY_PRESET, ModelNotFoundError
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "LoRAConfig", "FederatedCLIPModel", "CLIPLoRAWrapper", "quick_clip_lora", "LoRAConfigManager",
-    "LoRAModelManager", "adapter_shapes", "adapter_skeleton", "initial_adapter", "TINY_PRESET", "ModelNotFoundError",
-]
+_EXPORTS = {
+    "LoRAConfig": "config", "FederatedCLIPModel": "federated", "CLIPLoRAWrapper": "federated",
+    "quick_clip_lora": "federated", "adapter_shapes": "federated", "adapter_skeleton": "federated",
+    "initial_adapter": "federated", "LoRAConfigManager": "managers", "LoRAModelManager": "managers",
+    "TINY_PRESET": "models", "ModelNotFoundError": "models",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'nvflare_lora' has no attribute {name!r}")
+    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -8,7 +8,7 @@ the same calls move only the adapter (LoRA A/B and the head), never the frozen b
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -101,10 +101,6 @@ class FederatedCLIPModel:
         return self.model(pixel_values.to(self.device))
 
 
-def _linear_names(model: nn.Module) -> List[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-
-
 def adapter_skeleton(model_name: str, num_classes: int, lora: LoRAConfig, include_text: bool = False):
     """(shapes, peft LoraConfig) of the adapter, from the model *config* alone: the base is built on the
     meta device, so no weight is read or allocated. This is what the server uses; it never holds the base."""
@@ -131,6 +127,10 @@ def initial_adapter(model_name: str, num_classes: int, lora: LoRAConfig) -> Dict
 class CLIPLoRAWrapper:
     """Puts LoRA (via PEFT) on a FederatedCLIPModel, keeping its federated interface.
 
+    The wrapper is also used as the model itself (what quick_clip_lora returns): every attribute it does not
+    define, get_parameters / set_parameters / train_step / evaluate among them, is the wrapped
+    FederatedCLIPModel's.
+
     Args:
         federated_clip_model: the model to adapt (changed in place by apply_lora_to_federated_model).
         lora_config: a LoRAConfig (default LoRAConfig()).
@@ -144,6 +144,15 @@ class CLIPLoRAWrapper:
             lora_config = dataclasses.replace(lora_config, target_components=list(target_components))
         self.model = federated_clip_model
         self.lora_config = lora_config
+
+    def __getattr__(self, name):
+        # only called for names the wrapper lacks; "model" itself missing (mid-construction, copy) is an error
+        if name == "model" or "model" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    def __call__(self, pixel_values):
+        return self.model(pixel_values)
 
     @property
     def peft_model(self):
@@ -208,7 +217,9 @@ class CLIPLoRAWrapper:
 
 
 def quick_clip_lora(model_name: str = TINY_PRESET, num_classes: int = 10, lora_r: int = 16, **model_kw) -> CLIPLoRAWrapper:
-    """A FederatedCLIPModel with LoRA (rank lora_r, alpha 2*r, q/v of the image encoder, head trained)."""
+    """A FederatedCLIPModel with LoRA (rank lora_r, alpha 2*r, q/v of the image encoder, head trained), as its
+    CLIPLoRAWrapper: use it like the FederatedCLIPModel (get_parameters, set_parameters, train_step, evaluate)
+    and like the wrapper (merge_and_unload, LoRAModelManager.save_model)."""
     fed = FederatedCLIPModel(model_name, num_classes, **model_kw)
     wrapper = CLIPLoRAWrapper(fed, LoRAConfig(r=lora_r, lora_alpha=2 * lora_r))
     wrapper.apply_lora_to_federated_model()

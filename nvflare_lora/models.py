@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .preprocessing import CLIP_MEAN, CLIP_STD, Preprocessing
+
 TINY_PRESET = "tiny-clip"
 
 # Small enough to train on 2 CPU cores in seconds, big enough to learn digits: 32x32 images, 8x8 patches.
@@ -37,8 +39,6 @@ _TINY_CONFIG = dict(
 )
 PRESETS = {TINY_PRESET: (_TINY_CONFIG, 0)}
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class ModelNotFoundError(ValueError):
@@ -272,35 +272,6 @@ def build_classifier(model_name: str, num_classes: int, include_text: bool = Fal
 
 
 # ---- preprocessing: CLIP's resize / centre-crop / normalise, without torchvision -----------------
-@dataclass
-class Preprocessing:
-    size: int = 224
-    crop_size: int = 224
-    mean: Tuple[float, float, float] = CLIP_MEAN
-    std: Tuple[float, float, float] = CLIP_STD
-
-    def to_dict(self) -> Dict:
-        return {"size": self.size, "crop_size": self.crop_size, "mean": list(self.mean), "std": list(self.std),
-                "resample": "bicubic", "layout": "NCHW", "input": "RGB"}
-
-    def __call__(self, image) -> torch.Tensor:
-        """PIL image or HxW / HxWx3 uint8 array -> float32 tensor (3, crop, crop)."""
-        from PIL import Image
-
-        if isinstance(image, np.ndarray):
-            image = Image.fromarray(image)
-        image = image.convert("RGB")
-        w, h = image.size
-        scale = self.size / min(w, h)
-        nw, nh = max(self.crop_size, round(w * scale)), max(self.crop_size, round(h * scale))
-        image = image.resize((nw, nh), Image.BICUBIC)
-        left, top = (nw - self.crop_size) // 2, (nh - self.crop_size) // 2
-        image = image.crop((left, top, left + self.crop_size, top + self.crop_size))
-        arr = np.asarray(image, dtype=np.float32) / 255.0
-        arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return torch.from_numpy(arr.transpose(2, 0, 1).copy())
-
-
 def preprocessing_for(model_name: str) -> Preprocessing:
     """CLIP preprocessing from the model's preprocessor_config.json when it has one, else CLIP's defaults."""
     source = resolve_model(model_name)

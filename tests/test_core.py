@@ -116,6 +116,33 @@ def test_gradient_checkpointing_gives_same_gradients():
     assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_quick_clip_lora_is_used_like_a_federated_clip_model_as_the_seed_documents(digits, tmp_path):
+    """The seed's README: model = quick_clip_lora(...), then model.get_parameters() / set_parameters /
+    train_step / evaluate, and the same object goes to LoRAModelManager and the wrapper methods."""
+    model = quick_clip_lora(model_name="tiny-clip", num_classes=10, lora_r=16)
+    params = model.get_parameters()
+    assert params.keys() == model.model.get_parameters().keys() and all("lora_" in k or "classifier" in k for k in params)
+    data, labels = digits.batch(range(64))
+    before = model.evaluate(data, labels)
+    losses = [model.train_step(data, labels) for _ in range(20)]
+    after = model.evaluate(data, labels)
+    assert losses[-1] < losses[0] and after["loss"] < before["loss"]
+    trained = model.get_parameters()
+    model.set_parameters(params)
+    assert model.evaluate(data, labels) == before
+    model.set_parameters(trained)
+    assert model(data[:3]).shape == (3, 10) and model.preprocess.size == 32 and model.is_lora
+    path = LoRAModelManager(tmp_path).save_model(model, "seed")
+    again = quick_clip_lora("tiny-clip", 10, 16)
+    LoRAModelManager(tmp_path).load_model("seed", again)
+    assert again.evaluate(data, labels) == after and (path / "adapter_model.safetensors").is_file()
+    model.disable_lora_layers()
+    model.enable_lora_layers()
+    assert model.evaluate(data, labels) == after
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        model.no_such_thing
+
+
 def test_model_manager_round_trip_and_plain_peft_load(tmp_path):
     from peft import PeftModel
 

@@ -21,7 +21,7 @@ from exporters.onnx.locate import locate_checkpoint
 from exporters.onnx.predict import ImageClassifier
 from exporters.onnx.predict import main as predict_main
 from exporters.onnx.verify import compare
-from nvflare_lora import quick_clip_lora
+from nvflare_lora import FederatedCLIPModel, quick_clip_lora
 from nvflare_lora.checkpoint import save_adapter_dir
 from nvflare_lora.data import load_digits_dataset
 from nvflare_lora.managers import model_metadata
@@ -252,6 +252,26 @@ def test_predict_prints_top_labels_with_probabilities(exported, tmp_path, capsys
     assert lines[0].startswith(str(paths[0])) and len(labels) == 3
     assert labels[0] == classifier.labels[int(probs.argmax())] and shown == sorted(shown, reverse=True)
     assert abs(shown[0] - probs.max()) < 1e-3
+
+
+def test_serving_needs_no_torch_and_preprocesses_as_training_does(exported, digits, tmp_path):
+    """predict.py runs with torch made unimportable, and its pixels equal the training preprocessing's."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    out, _ = exported
+    image = Image.fromarray((load_digits().images[0] * 255 / 16).astype(np.uint8)).resize((48, 40))
+    image.save(tmp_path / "digit.png")
+    code = ("import sys, json, numpy as np; sys.modules['torch'] = None\n"
+            "from PIL import Image\nfrom exporters.onnx.predict import ImageClassifier, main\n"
+            f"c = ImageClassifier({str(out)!r}); np.save({str(tmp_path / 'px.npy')!r}, "
+            f"c.preprocess.array(Image.open({str(tmp_path / 'digit.png')!r})))\n"
+            f"sys.exit(main([{str(out)!r}, {str(tmp_path / 'digit.png')!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, cwd=REPO, timeout=120)
+    assert proc.returncode == 0 and "digit.png: " in proc.stdout, proc.stderr
+    with Image.open(tmp_path / "digit.png") as im:
+        training = FederatedCLIPModel("tiny-clip", 10).preprocess(im).numpy()
+    assert training.shape == (3, 32, 32) and np.abs(np.load(tmp_path / "px.npy") - training).max() <= 1e-6
 
 
 def test_predict_refuses_what_was_not_exported(exported, tmp_path, capsys):

@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from nvflare_lora.models import Preprocessing
+from nvflare_lora.preprocessing import Preprocessing  # numpy + PIL: serving needs no torch
 
 
 class ImageClassifier:
@@ -29,16 +29,14 @@ class ImageClassifier:
         if variant not in report["files"] or variant == "text":
             raise ValueError(f"{model_dir} has no {variant!r} model; it has {sorted(set(report['files']) - {'text'})}")
         self.labels: List[str] = json.loads((model_dir / "labels.json").read_text())
-        pp = json.loads((model_dir / "preprocessing.json").read_text())
-        self.preprocess = Preprocessing(size=pp["size"], crop_size=pp["crop_size"], mean=tuple(pp["mean"]),
-                                        std=tuple(pp["std"]))
+        self.preprocess = Preprocessing.from_dict(json.loads((model_dir / "preprocessing.json").read_text()))
         gpu = "CUDAExecutionProvider" in ort.get_available_providers() and variant != "int8"
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpu else ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(model_dir / report["files"][variant]), providers=providers)
 
     def probabilities(self, images) -> np.ndarray:
         """Images (PIL or uint8 arrays) -> (n, classes) softmax probabilities."""
-        pixels = np.stack([self.preprocess(im).numpy() for im in images])
+        pixels = np.stack([self.preprocess.array(im) for im in images])
         logits, _image_embeds = self.session.run(["logits", "image_embeds"], {"pixel_values": pixels})
         logits = logits - logits.max(axis=1, keepdims=True)
         e = np.exp(logits)

@@ -45,8 +45,7 @@ def _preprocessing(meta: Dict, fed: FederatedCLIPModel) -> Preprocessing:
     pp = meta.get("preprocessing")
     if not pp:
         return fed.preprocess
-    return Preprocessing(size=int(pp["size"]), crop_size=int(pp["crop_size"]), mean=tuple(pp["mean"]),
-                         std=tuple(pp["std"]))
+    return Preprocessing.from_dict(pp)
 
 
 def rebuild(checkpoint: Path, model: Optional[str] = None, include_text: bool = False) -> Rebuilt:

@@ -1,0 +1,55 @@
+"""CLIP image preprocessing with numpy and PIL only, so that serving (exporters/onnx/predict.py) needs no torch.
+
+Training, verification and serving all call this one implementation: resize the short side to `size`
+(bicubic), centre-crop to `crop_size`, scale to [0, 1], normalise by mean/std, channels first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+import numpy as np
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class Preprocessing:
+    size: int = 224
+    crop_size: int = 224
+    mean: Tuple[float, float, float] = CLIP_MEAN
+    std: Tuple[float, float, float] = CLIP_STD
+
+    def to_dict(self) -> Dict:
+        return {"size": self.size, "crop_size": self.crop_size, "mean": list(self.mean), "std": list(self.std),
+                "resample": "bicubic", "layout": "NCHW", "input": "RGB"}
+
+    @classmethod
+    def from_dict(cls, d: Dict) -> "Preprocessing":
+        """The inverse of to_dict (what an export's preprocessing.json holds)."""
+        return cls(size=int(d["size"]), crop_size=int(d["crop_size"]), mean=tuple(d["mean"]), std=tuple(d["std"]))
+
+    def array(self, image) -> np.ndarray:
+        """PIL image or HxW / HxWx3 uint8 array -> float32 array (3, crop, crop)."""
+        from PIL import Image
+
+        if isinstance(image, np.ndarray):
+            image = Image.fromarray(image)
+        image = image.convert("RGB")
+        w, h = image.size
+        scale = self.size / min(w, h)
+        nw, nh = max(self.crop_size, round(w * scale)), max(self.crop_size, round(h * scale))
+        image = image.resize((nw, nh), Image.BICUBIC)
+        left, top = (nw - self.crop_size) // 2, (nh - self.crop_size) // 2
+        image = image.crop((left, top, left + self.crop_size, top + self.crop_size))
+        arr = np.asarray(image, dtype=np.float32) / 255.0
+        arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+    def __call__(self, image):
+        """As array(), as a torch tensor (what training and PyTorch inference take)."""
+        import torch
+
+        return torch.from_numpy(self.array(image))
