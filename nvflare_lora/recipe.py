@@ -1,0 +1,302 @@
+"""CLIPLoRARecipe: the default job (jobs/clip_lora) as an NVFlare 2.9 Recipe, configured in Python.
+
+    from nvflare.recipe import SimEnv
+    from nvflare_lora.recipe import CLIPLoRARecipe
+
+    recipe = CLIPLoRARecipe(num_rounds=8, r=16, aggregation="fedavg", compression="int8")
+    run = recipe.run(SimEnv(num_clients=4, workspace_root="/tmp/nvflare/simulation"))
+    print(run.get_result())          # the workspace: <root>/clip_lora/server/simulate_job/...
+
+The same recipe runs with PocEnv and ProdEnv (recipe.run(ProdEnv(startup_kit_location=...))) and exports a
+job folder (recipe.export("jobs_out"), or `python jobs/clip_lora/job.py --export --export-dir DIR`).
+
+One source of truth: server_config() / client_config() / meta() are the job's configs; with the default
+settings they equal jobs/clip_lora's .conf files (tests/test_recipe.py parses both and compares), so the
+folder the simulator CLI runs and the recipe are one job. Every setting is a key of those configs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from nvflare.job_config.api import FedJob
+from nvflare.job_config.fed_job_config import FedJobConfig
+from nvflare.recipe.spec import ExecEnv, Recipe
+
+AGGREGATIONS = ("fedavg", "ffa", "exact")
+PARTITIONS = ("dirichlet", "iid")
+_NVFLARE_FEDAVG = "nvflare.app_common.aggregators.intime_accumulate_model_aggregator.InTimeAccumulateWeightedAggregator"
+
+
+class RecipeError(ValueError):
+    """A setting that does not exist or has no valid value: the message names it and the valid ones."""
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """Everything jobs/clip_lora sets, with its defaults. Server side (persistor, workflow, filters):
+
+    Args:
+        model: "tiny-clip" (built in), a local HuggingFace CLIP directory present on every party, or a hub id.
+        num_classes: size of the classification head. labels: class names in label order (None: "0", "1", ...).
+        r, lora_alpha, lora_dropout, target_modules, target_components, seed: the LoRA settings (LoRAConfig).
+        num_rounds, min_clients, wait_time_after_min_received: ScatterAndGather's rounds and waiting.
+        aggregation: "fedavg" (NVFlare's weighted mean, FedIT), "ffa" or "exact" (nvflare_lora.fl.aggregator).
+        site_ranks: {site: rank} for sites that train a smaller rank than r (ffa/exact stacks only).
+        max_norm, norm_action: AdapterUpdateValidator's optional L2 bound ("reject" or "clip").
+        compression: the sites' upload codec ("none", "fp16", "int8", "int4", "topk", "topk+int8");
+            download_compression: the server's codec for the global adapter; compression_args: the codec's
+            other arguments (block_size, fraction, ...), for both.
+        resume_from: a saved adapter directory to continue from (see README, Server restart).
+        cross_site_eval: evaluate the best and latest global adapters at every site after training.
+    Site side (CLIPLoRAExecutor):
+        data, num_sites, partition, alpha, data_seed, val_fraction: the data and its simulated split.
+        local_epochs, max_steps, batch_size, lr, weight_decay, max_grad_norm, train_seed: local training.
+        model_path, device, torch_threads: where the site's base is, and what it runs on.
+    """
+
+    model: str = "tiny-clip"
+    num_classes: int = 10
+    labels: Optional[List[str]] = None
+    r: int = 16
+    lora_alpha: float = 32
+    lora_dropout: float = 0.0
+    target_modules: Optional[List[str]] = None
+    target_components: List[str] = field(default_factory=lambda: ["vision", "classifier"])
+    seed: int = 0
+    num_rounds: int = 8
+    min_clients: int = 2
+    wait_time_after_min_received: int = 60
+    aggregation: str = "fedavg"
+    site_ranks: Optional[Dict[str, int]] = None
+    max_norm: Optional[float] = None
+    norm_action: str = "reject"
+    compression: str = "none"
+    download_compression: str = "none"
+    compression_args: Dict = field(default_factory=dict)
+    resume_from: str = ""
+    cross_site_eval: bool = True
+    data: str = "digits"
+    num_sites: int = 4
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    data_seed: int = 0
+    val_fraction: float = 0.2
+    local_epochs: int = 2
+    max_steps: Optional[int] = None
+    batch_size: int = 32
+    lr: float = 0.003
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    train_seed: int = 0
+    model_path: str = ""
+    device: str = "auto"
+    torch_threads: int = 1
+
+    def __post_init__(self):
+        from .compression import MODES
+        from .config import LoRAConfig
+
+        try:  # the LoRA settings are checked by the one class that owns them
+            LoRAConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                       target_modules=self.target_modules, target_components=self.target_components, seed=self.seed)
+        except (TypeError, ValueError) as e:
+            raise RecipeError(str(e)) from None
+        _one_of("aggregation", self.aggregation, AGGREGATIONS)
+        _one_of("partition", self.partition, PARTITIONS)
+        _one_of("norm_action", self.norm_action, ("reject", "clip"))
+        for name in ("compression", "download_compression"):
+            _one_of(name, getattr(self, name), ("none",) + MODES)
+        for name in ("num_classes", "num_rounds", "min_clients", "num_sites", "local_epochs", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise RecipeError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.min_clients > self.num_sites:
+            raise RecipeError(f"min_clients ({self.min_clients}) exceeds num_sites ({self.num_sites}): no round "
+                              f"could complete; lower min_clients or raise num_sites")
+        if not 0 < self.val_fraction < 1 or not self.lr > 0:
+            raise RecipeError(f"val_fraction must be in (0, 1) and lr > 0, got {self.val_fraction!r}, {self.lr!r}")
+        if self.site_ranks and self.aggregation == "fedavg":
+            raise RecipeError("site_ranks needs aggregation 'ffa' or 'exact' (the LoRA-aware aggregator); "
+                              "with 'fedavg' every site trains rank r")
+        if self.labels is not None and len(self.labels) != self.num_classes:
+            raise RecipeError(f"{len(self.labels)} labels given for num_classes={self.num_classes}")
+
+
+def _one_of(name: str, value, valid) -> None:
+    if value not in valid:
+        raise RecipeError(f"{name} must be one of {', '.join(map(repr, valid))}; got {value!r}")
+
+
+def settings(**kwargs) -> JobSettings:
+    """JobSettings from keyword arguments, refusing an unknown one with the valid names."""
+    known = {f.name for f in dataclasses.fields(JobSettings)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise RecipeError(f"unknown setting(s) {', '.join(unknown)}; valid settings: {', '.join(sorted(known))}")
+    return JobSettings(**kwargs)
+
+
+def _compressor(mode: str, args: Dict) -> Dict:
+    return {"path": "nvflare_lora.fl.compression.AdapterCompressor", "args": {"mode": mode, **(args if mode != "none" else {})}}
+
+
+def _decompressor() -> Dict:
+    return {"path": "nvflare_lora.fl.compression.AdapterDecompressor", "args": {"require_compressed": False}}
+
+
+def server_config(s: JobSettings) -> Dict:
+    """config_fed_server of the job with these settings."""
+    lora_aware = s.aggregation != "fedavg"
+    persistor_args = {"model": s.model, "num_classes": s.num_classes}
+    if s.labels is not None:
+        persistor_args["labels"] = list(s.labels)
+    persistor_args.update(r=s.r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout, target_modules=s.target_modules,
+                          target_components=list(s.target_components), seed=s.seed, checkpoint_dir="adapter")
+    if lora_aware:
+        persistor_args["aggregation"] = s.aggregation
+        if s.site_ranks:
+            persistor_args["site_ranks"] = dict(s.site_ranks)
+    persistor_args["resume_from"] = s.resume_from
+    download_filters = [_compressor(s.download_compression, s.compression_args)]
+    if s.site_ranks:  # each site receives the global adapter at its own rank
+        download_filters.insert(0, {"path": "nvflare_lora.fl.aggregator.SiteRankFilter", "args": {}})
+    workflows = [{
+        "id": "scatter_and_gather", "path": "nvflare_lora.fl.workflow.ResumableScatterAndGather",
+        "args": {"min_clients": s.min_clients, "num_rounds": "{num_rounds}", "start_round": 0,
+                 "wait_time_after_min_received": s.wait_time_after_min_received, "aggregator_id": "aggregator",
+                 "persistor_id": "persistor", "shareable_generator_id": "shareable_generator",
+                 "train_task_name": "train", "train_timeout": 0, "ignore_result_error": None}}]
+    if s.cross_site_eval:
+        workflows.append({"id": "cross_site_validate",
+                          "path": "nvflare.app_common.workflows.cross_site_model_eval.CrossSiteModelEval",
+                          "args": {"model_locator_id": "model_locator", "submit_model_task_name": ""}})
+    return {
+        "format_version": 2,
+        "num_rounds": s.num_rounds,
+        "task_data_filters": [{"tasks": ["train"], "filters": download_filters}],
+        "task_result_filters": [{"tasks": ["train"], "filters": [
+            _decompressor(),
+            {"path": "nvflare_lora.fl.validation.AdapterUpdateValidator",
+             "args": {"persistor_id": "persistor", "max_norm": s.max_norm, "norm_action": s.norm_action}}]}],
+        "components": [
+            {"id": "persistor", "path": "nvflare_lora.fl." + ("aggregator.LoRAAggregationPersistor" if lora_aware
+                                                               else "persistor.AdapterPersistor"),
+             "args": persistor_args},
+            {"id": "shareable_generator", "path": "nvflare_lora.fl.announce.AdapterShareableGenerator",
+             "args": {"persistor_id": "persistor"}},
+            {"id": "aggregator", "path": "nvflare_lora.fl.aggregator.LoRAAggregator" if lora_aware else _NVFLARE_FEDAVG,
+             "args": {"persistor_id": "persistor"} if lora_aware else {"expected_data_kind": "WEIGHT_DIFF"}},
+            {"id": "model_selector", "path": "nvflare.app_common.widgets.intime_model_selector.IntimeModelSelector",
+             "args": {"key_metric": "val_accuracy"}},
+            {"id": "communication_log", "path": "nvflare_lora.fl.accounting.CommunicationLog", "args": {}},
+            {"id": "model_locator", "path": "nvflare_lora.fl.persistor.AdapterModelLocator",
+             "args": {"persistor_id": "persistor"}},
+            {"id": "json_generator", "path": "nvflare.app_common.widgets.validation_json_generator.ValidationJsonGenerator",
+             "args": {}},
+            {"id": "tb_receiver", "path": "nvflare.app_opt.tracking.tb.tb_receiver.TBAnalyticsReceiver",
+             "args": {"events": ["fed.analytix_log_stats"]}},
+        ],
+        "workflows": workflows,
+    }
+
+
+def client_config(s: JobSettings) -> Dict:
+    """config_fed_client of the job with these settings."""
+    return {
+        "format_version": 2,
+        "executors": [{"tasks": ["train", "validate", "submit_model"], "executor": {
+            "id": "executor", "path": "nvflare_lora.fl.executor.CLIPLoRAExecutor",
+            "args": {"data": s.data, "num_sites": s.num_sites, "partition": s.partition, "alpha": s.alpha,
+                     "data_seed": s.data_seed, "val_fraction": s.val_fraction, "local_epochs": s.local_epochs,
+                     "max_steps": s.max_steps, "batch_size": s.batch_size, "lr": s.lr,
+                     "weight_decay": s.weight_decay, "max_grad_norm": s.max_grad_norm, "seed": s.train_seed,
+                     "model_path": s.model_path, "device": s.device, "torch_threads": s.torch_threads,
+                     "tracking_writer_id": "tb_writer"}}}],
+        "task_result_filters": [{"tasks": ["train"], "filters": [_compressor(s.compression, s.compression_args)]}],
+        "task_data_filters": [{"tasks": ["train"], "filters": [_decompressor()]}],
+        "components": [
+            {"id": "tb_writer", "path": "nvflare.app_opt.tracking.tb.tb_writer.TBWriter", "args": {}},
+            {"id": "event_to_fed", "path": "nvflare.app_common.widgets.convert_to_fed_event.ConvertToFedEvent",
+             "args": {"events_to_convert": ["analytix_log_stats"], "fed_event_prefix": "fed."}},
+        ],
+    }
+
+
+def meta(name: str, s: JobSettings) -> Dict:
+    return {"name": name, "resource_spec": {}, "deploy_map": {"app": ["@ALL"]}, "min_clients": s.min_clients}
+
+
+def write_job(job_dir: str | os.PathLike, name: str, s: JobSettings) -> Path:
+    """Write the job folder job_dir/name (meta.json, app/config/config_fed_{server,client}.json); no custom/ code."""
+    root = Path(job_dir) / name
+    config = root / "app" / "config"
+    config.mkdir(parents=True, exist_ok=True)
+    for path, content in ((root / "meta.json", meta(name, s)), (config / "config_fed_server.json", server_config(s)),
+                          (config / "config_fed_client.json", client_config(s))):
+        path.write_text(json.dumps(content, indent=2) + "\n")
+    return root
+
+
+class _JobWriter(FedJobConfig):
+    """NVFlare's job config writer, with the job's files written by write_job instead of from component objects."""
+
+    def __init__(self, name: str, s: JobSettings):
+        super().__init__(job_name=name, min_clients=s.min_clients)
+        self.settings = s
+
+    def generate_job_config(self, job_root):
+        write_job(job_root, self.job_name, self.settings)
+
+
+class _SettingsJob(FedJob):
+    """A FedJob whose configs come from JobSettings: every ExecEnv deploys it (export_job, simulator_run) unchanged."""
+
+    def __init__(self, name: str, s: JobSettings):
+        super().__init__(name=name, min_clients=s.min_clients)
+        self.job = _JobWriter(name, s)
+        self.settings = s
+
+    def export_job(self, job_root: str):
+        self.job.generate_job_config(job_root)
+
+    def simulator_run(self, workspace: str, n_clients: Optional[int] = None, clients: Optional[List[str]] = None,
+                      threads: Optional[int] = None, gpu: Optional[str] = None, log_config: Optional[str] = None):
+        names = clients or [f"site-{i}" for i in range(1, (n_clients or self.settings.num_sites) + 1)]
+        return self.job.simulator_run(workspace, clients=",".join(names), n_clients=len(names),
+                                      threads=threads or len(names), gpu=gpu, log_config=log_config)
+
+
+class CLIPLoRARecipe(Recipe):
+    """Federated LoRA fine-tuning of CLIP (jobs/clip_lora) as a Recipe.
+
+    Args:
+        name: the job name (the simulator workspace is <workspace_root>/<name>).
+        **settings: any field of JobSettings (model, num_classes, labels, r, lora_alpha, target_modules,
+            target_components, num_rounds, aggregation, compression, data, local_epochs, lr, ...). An unknown
+            setting or an invalid value raises RecipeError naming it and the valid values.
+    """
+
+    def __init__(self, name: str = "clip_lora", **settings_kw):
+        self.settings = settings(**settings_kw)
+        super().__init__(_SettingsJob(name, self.settings))
+
+    def server_config(self) -> Dict:
+        return server_config(self.settings)
+
+    def client_config(self) -> Dict:
+        return client_config(self.settings)
+
+    def process_env(self, env: ExecEnv):
+        """SimEnv: allow nvflare_lora's components in the workspace it is about to create (NVFlare 2.9 builds
+        only classes on the site's class_allow_list; SimEnv would otherwise write NVFlare's default list)."""
+        from nvflare.recipe.sim_env import SimEnv
+
+        if isinstance(env, SimEnv):
+            from .allow import allow
+
+            allow(Path(env.workspace_root) / self.name)
