@@ -61,9 +61,10 @@ def model_metadata(fed: FederatedCLIPModel, extra: Dict | None = None) -> Dict:
     return meta
 
 
-def fingerprint(fed: FederatedCLIPModel) -> Dict[str, str]:
+def fingerprint(fed: FederatedCLIPModel, cache_file=None) -> Dict[str, str]:
+    """The base fingerprint of fed's model, computed once per object (cache_file: see models.weights_sha256)."""
     if getattr(fed, "_fingerprint", None) is None:
-        fed._fingerprint = base_fingerprint(fed.model_name)
+        fed._fingerprint = base_fingerprint(fed.model_name, cache_file=cache_file)
     return fed._fingerprint
 
 

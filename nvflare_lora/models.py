@@ -199,8 +199,27 @@ def _read_safetensors(files: List[Path], want) -> Dict[str, torch.Tensor]:
     return out
 
 
-def weights_sha256(source: ModelSource) -> str:
-    """Hash of the base weights as stored: the files for a directory, the generated tensors for a preset."""
+def weights_sha256(source: ModelSource, cache_file: Optional[Path] = None) -> str:
+    """Hash of the base weights as stored: the files for a directory, the generated tensors for a preset.
+
+    cache_file: a JSON file remembering the hash of a directory's weight files by (path, size, mtime), so a
+    process that starts for every task (the simulator without -t) reads a 600 MB ViT-B/32 base once, not
+    on every task. Any change of a file's size or modification time makes it hash the files again."""
+    if cache_file is not None and source.kind != "preset":
+        stamp = hashlib.sha256(json.dumps([(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns)
+                                           for f in source.weight_files()]).encode()).hexdigest()
+        cache = {}
+        try:
+            cache = json.loads(Path(cache_file).read_text())
+        except (OSError, ValueError):
+            pass
+        if not isinstance(cache.get(stamp), str):
+            cache[stamp] = weights_sha256(source)
+            Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(f"{cache_file}.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(cache, indent=1))
+            os.replace(tmp, cache_file)
+        return cache[stamp]
     h = hashlib.sha256()
     if source.kind == "preset":
         state = _preset_state(source.name, include_text=True)
@@ -216,12 +235,13 @@ def weights_sha256(source: ModelSource) -> str:
     return h.hexdigest()
 
 
-def base_fingerprint(model_name: str, with_weights: bool = True) -> Dict[str, str]:
-    """What identifies a base model across sites: config hash and weights hash (paths may differ)."""
+def base_fingerprint(model_name: str, with_weights: bool = True, cache_file: Optional[Path] = None) -> Dict[str, str]:
+    """What identifies a base model across sites: config hash and weights hash (paths may differ).
+    cache_file: see weights_sha256."""
     source = resolve_model(model_name)
     fp = {"model": str(model_name), "kind": source.kind, "config_sha256": config_sha256(load_clip_config(source))}
     if with_weights:
-        fp["weights_sha256"] = weights_sha256(source)
+        fp["weights_sha256"] = weights_sha256(source, cache_file)
     return fp
 
 

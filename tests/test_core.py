@@ -313,3 +313,38 @@ def test_training_abort_is_checked_between_steps(digits):
     with pytest.raises(Aborted, match="after 3 steps"):
         train_local(fed, digits, epochs=1, batch_size=8, should_abort=lambda: len(n) >= 3,
                     on_step=lambda s, l: n.append(s))
+
+
+def test_bundled_digits_are_sklearns_without_importing_it():
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from nvflare_lora.data import digits_arrays
+
+    images, labels = digits_arrays()
+    d = load_digits()
+    assert np.array_equal(images, d.images) and np.array_equal(labels, d.target)
+    code = "import sys, nvflare_lora.data as d; d.digits_arrays(); print('sklearn' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_weights_hash_cache_is_used_and_invalidated_by_a_changed_file(tmp_path):
+    import os
+
+    from nvflare_lora.models import resolve_model, weights_sha256
+
+    source = resolve_model(str(save_preset("tiny-clip", tmp_path / "base")))
+    cache = tmp_path / "site" / ".nvflare_lora_cache" / "weights_sha256.json"
+    plain = weights_sha256(source)
+    assert weights_sha256(source, cache) == plain and list(json.loads(cache.read_text()).values()) == [plain]
+    stamp = next(iter(json.loads(cache.read_text())))
+    cache.write_text(json.dumps({stamp: "remembered"}))
+    assert weights_sha256(source, cache) == "remembered", "a hit must not read the weights again"
+    weights = source.weight_files()[0]
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert weights_sha256(source, cache) == weights_sha256(source) != plain

@@ -34,6 +34,8 @@ from .announce import ANNOUNCE_KEY, FATAL_HEADER, TRAIN_LOSS_KEY, VAL_COUNT_KEY
 DATA_ENV = "NVFLARE_LORA_DATA"
 SITE_CONFIG_FILE = "nvflare_lora_site.json"
 LOCAL_ADAPTER_FILE = "local_adapter.safetensors"  # for submit_model when the simulator respawns the site (-t < -n)
+CACHE_DIR = ".nvflare_lora_cache"  # in the site's workspace: what every task of every job would compute alike
+FINGERPRINT_CACHE = "weights_sha256.json"
 
 
 class BaseMismatchError(RuntimeError):
@@ -102,6 +104,10 @@ class CLIPLoRAExecutor(Executor):
             settings["data"] = os.environ[DATA_ENV]
         return settings
 
+    @staticmethod
+    def _cache_dir(fl_ctx: FLContext) -> Path:
+        return Path(fl_ctx.get_engine().get_workspace().get_root_dir()) / CACHE_DIR
+
     def _setup(self, announced: Dict, fl_ctx: FLContext) -> None:
         site = fl_ctx.get_identity_name()
         settings = self._site_settings(fl_ctx)
@@ -114,7 +120,7 @@ class CLIPLoRAExecutor(Executor):
         t0 = time.perf_counter()
         fed = FederatedCLIPModel(model_name, announced["num_classes"], labels=announced.get("labels"),
                                  device=settings.get("device", self.device))
-        why = fingerprint_difference(announced["fingerprint"], fingerprint(fed))
+        why = fingerprint_difference(announced["fingerprint"], fingerprint(fed, self._cache_dir(fl_ctx) / FINGERPRINT_CACHE))
         if why:
             raise BaseMismatchError(f"{why}. Give this site the same base as the server "
                                     f"(model_path in the job or in local/{SITE_CONFIG_FILE}).")

@@ -1,0 +1,179 @@
+"""The newcomer's path, measured: the README's simulator command with and without -t, its floor, and int8.
+
+1. plain:  `nvflare simulator jobs/clip_lora -w WS -n 4` as the README shows it (no -t: NVFlare runs one
+           site at a time and starts a fresh site process for every task);
+2. t4:     the same with `-t 4` (one long-lived process per site);
+3. floors of plain, two ways:
+   - import floor (the issue's definition): the number of site processes plain started x the median
+     wall time of a fresh `python -c "import <NVFlare's simulator worker>, torch, peft; from transformers
+     import CLIPModel"` (5 runs);
+   - NVFlare floor: the same job, no -t, with benchmarks/floor_executor.py in the executor's place (it
+     imports the same and answers every task at once): what NVFlare's simulator costs per task;
+4. int8: the default job trained with 3 seeds (the job's seed and train_seed 0, 1, 2; `-t 4`), each exported
+   with the README's `python -m exporters.onnx WS --optimize --quantize int8`: the exporter's own top-1
+   agreement with the unmerged PEFT model on the run's validation images. The same optimized graph is
+   also quantized with the other schemes of exporters/onnx/variants.py and run natively and, when
+   qemu-x86_64 is installed, on an emulated Haswell CPU (AVX2, no AVX-512/VNNI), so the table shows which
+   scheme gives the same answer on both kinds of x86 CPU.
+Accuracy: the last round's global validation accuracy (communication.json), and the best checkpoint's.
+
+Usage: HF_HUB_OFFLINE=1 python benchmarks/newcomer.py [--workdir DIR] [--skip-plain]
+Last line: `newcomer: plain=<S>s floor=<F>s nvflare_floor=<N>s t4=<T>s int8_agree_min=<P>%`
+Targets (issue 12): plain <= 1.25 x floor, t4 <= 70 s, int8 >= 99.5%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
+
+from simjob import JOB, communication, make_job, server_app_dir  # noqa: E402
+
+from nvflare_lora.allow import allow  # noqa: E402
+
+IMPORTS = ("import nvflare.private.fed.app.simulator.simulator_worker, torch, peft; "
+           "from transformers import CLIPModel")
+
+
+def simulate(job: Path, ws: Path, threads, extra_path: str = "") -> dict:
+    """The README's command, run by its CLI; seconds, site processes started, accuracies."""
+    allow(ws)
+    if extra_path:
+        allow(ws, "floor_executor.")
+    cmd = ["nvflare", "simulator", str(job), "-w", str(ws), "-n", "4"] + (["-t", str(threads)] if threads else [])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if extra_path:
+        env["PYTHONPATH"] = os.pathsep.join([extra_path, env.get("PYTHONPATH", "")])
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=1800)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    processes = sum(p.read_text().count("ClientTaskWorker started to run") for p in ws.glob("site-*/log.txt"))
+    rounds = communication(ws)["rounds"]
+    best = json.loads((server_app_dir(ws) / "adapter" / "best" / "nvflare_lora.json").read_text())
+    return {"seconds": round(seconds, 1), "site_processes": processes, "rounds": len(rounds),
+            "final_val_accuracy": rounds[-1]["global_val_accuracy"],
+            "best_val_accuracy": (best.get("metrics") or {}).get("val_accuracy")}
+
+
+def import_seconds(runs: int = 5) -> float:
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", IMPORTS], check=True, capture_output=True)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def int8_schemes(ws: Path, out: Path) -> dict:
+    """Top-1 agreement of every int8 scheme with the fp32 export on the run's validation images."""
+    from exporters.onnx.locate import locate_checkpoint
+    from exporters.onnx.pipeline import verification_images
+    from exporters.onnx.rebuild import rebuild
+    from exporters.onnx.variants import INT8_SCHEMES, quantize_int8
+
+    rebuilt = rebuild(locate_checkpoint(ws).path)
+    pixels, _, _ = verification_images("auto", ws, rebuilt, 256)
+    np.save(out / "pixels.npy", pixels)
+    runners = {"native": []}
+    if shutil.which("qemu-x86_64"):
+        runners["haswell"] = ["qemu-x86_64", "-cpu", "Haswell"]
+    logits = {}
+    models = {"fp32": ws / "onnx" / "model.onnx"}
+    for scheme in INT8_SCHEMES:
+        models[scheme] = out / f"{scheme}.onnx"
+        quantize_int8(ws / "onnx" / "model.optimized.onnx", models[scheme], scheme)
+    for name, model in models.items():
+        for cpu, prefix in runners.items():
+            if name == "fp32" and cpu != "native":
+                continue
+            dst = out / f"{name}-{cpu}.npy"
+            subprocess.run(prefix + [sys.executable, str(ROOT / "tests" / "ort_logits.py"), str(model),
+                                     str(out / "pixels.npy"), str(dst)], check=True, capture_output=True)
+            logits[(name, cpu)] = np.load(dst)
+    ref = logits[("fp32", "native")].argmax(1)
+    return {f"{name}/{cpu}": round(100 * float((lg.argmax(1) == ref).mean()), 2)
+            for (name, cpu), lg in logits.items() if name != "fp32"} | {"images": int(len(ref))}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", help="keep the workspaces here (default: a temporary directory)")
+    p.add_argument("--skip-plain", action="store_true", help="skip the two runs without -t (about 8 minutes)")
+    args = p.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="newcomer-"))
+    work.mkdir(parents=True, exist_ok=True)
+    load = [round(x, 2) for x in os.getloadavg()]
+    results = {"load_at_start": load, "cpus": os.cpu_count()}
+
+    results["t4"] = simulate(JOB, work / "ws_t4", 4)
+    print(f"t4: {results['t4']}", flush=True)
+    if not args.skip_plain:
+        results["plain"] = simulate(JOB, work / "ws_plain", None)
+        print(f"plain: {results['plain']}", flush=True)
+        floor_job = make_job(work / "floor_job", client={"path": '"floor_executor.FloorExecutor"'})
+        results["nvflare_floor"] = simulate(floor_job, work / "ws_floor", None, str(ROOT / "benchmarks"))
+        print(f"nvflare floor: {results['nvflare_floor']}", flush=True)
+        results["import_seconds"] = round(import_seconds(), 3)
+        results["import_floor_seconds"] = round(results["import_seconds"] * results["plain"]["site_processes"], 1)
+
+    results["int8"] = []
+    for seed in (0, 1, 2):
+        ws = work / "ws_t4" if seed == 0 else work / f"ws_seed{seed}"
+        if seed:
+            job = make_job(work / f"job_seed{seed}", server={"seed": str(seed)}, client={"seed": str(seed)})
+            simulate(job, ws, 4)
+        proc = subprocess.run([sys.executable, "-m", "exporters.onnx", str(ws), "--optimize", "--quantize", "int8"],
+                              capture_output=True, text=True, cwd=ROOT, timeout=900)
+        report = json.loads((ws / "onnx" / "export_report.json").read_text())
+        int8 = report["verification"]["variants"]["int8"]
+        schemes = int8_schemes(ws, Path(tempfile.mkdtemp(dir=work, prefix=f"int8-{seed}-")))
+        results["int8"].append({"seed": seed, "exit_code": proc.returncode, "export_agreement": 100 * int8["top1_agreement"],
+                                "samples": int8["samples"], "cpu": int8["cpu"], "schemes": schemes})
+        print(f"int8 seed {seed}: {results['int8'][-1]}", flush=True)
+    results["load_at_end"] = [round(x, 2) for x in os.getloadavg()]
+
+    print("\n| run | seconds | site processes | final val acc | best val acc |\n|---|---|---|---|---|")
+    for name in ("plain", "t4", "nvflare_floor"):
+        if name in results:
+            r = results[name]
+            print(f"| {name} | {r['seconds']} | {r['site_processes']} | {r['final_val_accuracy']:.4f} | "
+                  f"{r['best_val_accuracy']} |")
+    if "plain" in results:
+        print(f"\nimport floor: {results['plain']['site_processes']} processes x {results['import_seconds']} s = "
+              f"{results['import_floor_seconds']} s; plain / import floor = "
+              f"{results['plain']['seconds'] / results['import_floor_seconds']:.2f}x; plain / NVFlare floor = "
+              f"{results['plain']['seconds'] / results['nvflare_floor']['seconds']:.2f}x")
+    schemes = sorted(k for k in results["int8"][0]["schemes"] if k != "images")
+    print("\n| seed | exporter int8 agreement | " + " | ".join(schemes) + " |\n|---|---|" + "---|" * len(schemes))
+    for r in results["int8"]:
+        print(f"| {r['seed']} | {r['export_agreement']:.2f}% ({r['samples']}) | "
+              + " | ".join(f"{r['schemes'][k]:.2f}%" for k in schemes) + " |")
+    print(f"load average at start {load}, at end {results['load_at_end']} ({os.cpu_count()} cores)")
+    out = ROOT / "benchmarks" / "results" / "newcomer.json"
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    agree_min = min(r["export_agreement"] for r in results["int8"])
+    plain = results.get("plain", {}).get("seconds", float("nan"))
+    print(f"newcomer: plain={plain:.0f}s floor={results.get('import_floor_seconds', float('nan')):.0f}s "
+          f"nvflare_floor={results.get('nvflare_floor', {}).get('seconds', float('nan')):.0f}s "
+          f"t4={results['t4']['seconds']:.0f}s int8_agree_min={agree_min:.2f}%")
+
+
+if __name__ == "__main__":
+    main()
