@@ -9,8 +9,8 @@ Engines, on CPU with --threads threads, batch 1 and 8:
   merged-eager      LoRA folded into the weights (fp32), PyTorch
   ort-fp32          the exported graph in ONNX Runtime
   ort-optimized     ONNX Runtime's transformer fusions (Attention, QuickGelu, SkipLayerNorm)
-  ort-int8          dynamic int8 quantization of the optimized graph (what `--quantize int8` writes: U8U8)
-  ort-int8-u8s8     the same with signed weights (the exporter's scheme before; saturates on CPUs without VNNI)
+  ort-int8          dynamic int8 quantization of the optimized graph (what `--quantize int8` writes)
+  ort-int8-SCHEME   the other schemes of exporters/onnx/variants.py (INT8_SCHEMES), same graph, for comparison
 The model is built, merged, exported, optimized and quantized by the exporter's own code (rebuild, graph,
 variants); parity is max |logit difference| and top-1 agreement against peft-eager on digits through the
 model's preprocessing. The head is fitted in closed form (class centroids of the embeddings of 300 other
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import sys
 import tempfile
@@ -150,8 +151,9 @@ def bench_shape(shape: str, args, workdir: Path):
     fused = variants.optimize(onnx_dir / "model.onnx", onnx_dir / "model.optimized.onnx", vc.num_attention_heads,
                               vc.hidden_size)
     variants.quantize_int8(onnx_dir / "model.optimized.onnx", onnx_dir / "model.int8.onnx")
-    # the signed-weight scheme the exporter used before (saturates without VNNI): its speed, for comparison
-    variants.quantize_int8(onnx_dir / "model.optimized.onnx", onnx_dir / "model.int8_u8s8.onnx", "u8s8")
+    others = [k for k in variants.INT8_SCHEMES if k != variants.INT8_SCHEME]  # the schemes not chosen, for comparison
+    for scheme in others:
+        variants.quantize_int8(onnx_dir / "model.optimized.onnx", onnx_dir / f"model.int8_{scheme}.onnx", scheme)
     export_s = time.perf_counter() - t0
 
     torch.set_num_threads(args.threads)
@@ -160,7 +162,8 @@ def bench_shape(shape: str, args, workdir: Path):
                "merged-eager": torch_engine(rebuilt.merged)}
     providers = {}
     for name, file, variant in (("ort-fp32", "model.onnx", "fp32"), ("ort-optimized", "model.optimized.onnx", "optimized"),
-                                ("ort-int8", "model.int8.onnx", "int8"), ("ort-int8-u8s8", "model.int8_u8s8.onnx", "int8")):
+                                ("ort-int8", "model.int8.onnx", "int8"),
+                                *((f"ort-int8-{k}", f"model.int8_{k}.onnx", "int8") for k in others)):
         engines[name], providers[name] = ort_engine(onnx_dir / file, variant, args.threads)
 
     reference = verify.run_batches(engines["peft-eager"], pixels, 8)
@@ -168,7 +171,7 @@ def bench_shape(shape: str, args, workdir: Path):
     for name, fn in engines.items():
         if name == "peft-eager-all32":
             continue  # another adapter: its parity is not comparable
-        variant = {"ort-int8": "int8", "ort-int8-u8s8": "int8"}.get(name, "fp32")
+        variant = "int8" if name.startswith("ort-int8") else "fp32"
         parity[name] = verify.compare(variant, reference, verify.run_batches(fn, pixels, 8), providers.get(name, "torch"))
     latency = timed(engines, batches, args.runs)
     classes = len(np.unique(reference[0].argmax(1)))
@@ -176,7 +179,7 @@ def bench_shape(shape: str, args, workdir: Path):
     return {"shape": shape, "latency": latency, "parity": parity, "fused": fused, "export_s": export_s,
             "classes": classes, "accuracy": accuracy, "seconds": time.perf_counter() - t_start,
             "size_mb": {f: (onnx_dir / f).stat().st_size / 2**20 for f in
-                        ("model.onnx", "model.optimized.onnx", "model.int8.onnx", "model.int8_u8s8.onnx")}}
+                        ["model.onnx", "model.optimized.onnx", "model.int8.onnx"] + [f"model.int8_{k}.onnx" for k in others]}}
 
 
 def best(latency):
@@ -232,7 +235,13 @@ def main(argv=None) -> int:
           f"int8 {int8_x:.2f}x (>= {TARGETS['int8']}x: {'met' if int8_x >= TARGETS['int8'] else 'MISSED'}) with "
           f"top-1 agreement {100 * int8_top1:.2f}% (>= 99%: {'met' if int8_top1 >= TARGETS['int8_top1'] else 'MISSED'}; "
           f"{main_result['classes']} distinct baseline classes)")
-    print(f"export: ort_fp32 {fp32_x:.2f}x int8 {int8_x:.2f}x vs peft-eager, parity fp32 {fp32_diff:.1e}")
+    raw = [{"shape": r["shape"], "best_ms": {n: {b: 1000 * v for b, v in per.items()} for n, per in best(r["latency"]).items()},
+            "parity": {n: {"max_abs_logit_diff": q.max_abs_logit_diff, "top1_agreement": q.top1_agreement}
+                       for n, q in r["parity"].items()}, "size_mb": r["size_mb"], "fused": r["fused"]} for r in results]
+    (Path(__file__).parent / "results" / "export.json").write_text(json.dumps(
+        {"threads": args.threads, "runs": args.runs, "samples": args.samples, "results": raw}, indent=1) + "\n")
+    print(f"export (vs peft-eager at {main_result['shape']}, batch 8): ort_fp32 {fp32_x:.2f}x int8 {int8_x:.2f}x, "
+          f"parity fp32 {fp32_diff:.1e}")
     return 0
 
 

@@ -146,23 +146,28 @@ def test_int8_and_fp16_keep_the_predictions(exported, digits, tmp_path):
                     reason="needs x86_64 and qemu-x86_64 (Debian: apt-get install qemu-user; .ci/run installs it)")
 def test_int8_computes_the_same_on_an_avx2_cpu_without_vnni(exported, digits, tmp_path):
     """ONNX Runtime picks its int8 kernels by CPU: the int8 model must not depend on which one it gets.
-    qemu's Haswell model has AVX2 and no AVX-512/VNNI, like the AMD EPYC machines the U8S8 export failed on."""
-    from exporters.onnx.variants import quantize_int8
+    qemu's Haswell model has AVX2 and no AVX-512/VNNI, like the AMD EPYC machines the U8S8 export failed on.
+    Both schemes the exporter offers; the default must also keep its agreement there."""
+    from exporters.onnx.variants import INT8_SCHEME, SERVED_INT8_SCHEMES, quantize_int8
 
     out, _ = exported
-    quantize_int8(out / "model.onnx", tmp_path / "int8.onnx")
     np.save(tmp_path / "x.npy", digits.tensors()[0].numpy()[::3])
-    script = [str(REPO / "tests" / "ort_logits.py"), None, str(tmp_path / "x.npy"), None]
-    logits = {}
-    for name, model, prefix in (("fp32", out / "model.onnx", []), ("int8", tmp_path / "int8.onnx", []),
-                                ("int8_haswell", tmp_path / "int8.onnx", ["qemu-x86_64", "-cpu", "Haswell"])):
-        script[1], script[3] = str(model), str(tmp_path / f"{name}.npy")
-        subprocess.run(prefix + [sys.executable] + script, check=True, capture_output=True, timeout=300)
-        logits[name] = np.load(tmp_path / f"{name}.npy")
-    reference = logits["fp32"].argmax(1)
-    for name in ("int8", "int8_haswell"):
-        assert (logits[name].argmax(1) == reference).mean() >= 0.97, name
-    assert np.abs(logits["int8"] - logits["int8_haswell"]).max() < 0.05
+
+    def logits(model, prefix=()):
+        dst = tmp_path / f"{model.stem}-{len(prefix)}.npy"
+        subprocess.run([*prefix, sys.executable, str(REPO / "tests" / "ort_logits.py"), str(model),
+                        str(tmp_path / "x.npy"), str(dst)], check=True, capture_output=True, timeout=300)
+        return np.load(dst)
+
+    reference = logits(out / "model.onnx").argmax(1)
+    for scheme in SERVED_INT8_SCHEMES:
+        quantize_int8(out / "model.onnx", tmp_path / f"{scheme}.onnx", scheme)
+        native, haswell = logits(tmp_path / f"{scheme}.onnx"), logits(tmp_path / f"{scheme}.onnx",
+                                                                       ("qemu-x86_64", "-cpu", "Haswell"))
+        assert np.abs(native - haswell).max() < 0.05, scheme
+        if scheme == INT8_SCHEME:
+            for name, lg in (("native", native), ("haswell", haswell)):
+                assert (lg.argmax(1) == reference).mean() >= 0.97, name
 
 
 def _weight_elements(path, dtype: str) -> int:
@@ -195,7 +200,8 @@ def test_a_variant_that_fails_its_gate_is_left_out_and_the_rest_are_written(run_
 
     monkeypatch.setitem(verify.THRESHOLDS, "int8", (None, 1.01))
     out = tmp_path / "served"
-    rc = export_main([str(run_dir), "--out", str(out), "--quantize", "int8", "--fp16", "--verify-samples", "32"])
+    rc = export_main([str(run_dir), "--out", str(out), "--quantize", "int8", "--int8-scheme", "u8s8_reduce_range",
+                      "--fp16", "--verify-samples", "32"])
     captured = capsys.readouterr()
     assert rc == 1, captured.err
     assert "not written: int8: top-1 agreement" in captured.err and "is below 101% by" in captured.err
@@ -205,6 +211,7 @@ def test_a_variant_that_fails_its_gate_is_left_out_and_the_rest_are_written(run_
     assert report["files"] == {"fp32": "model.onnx", "fp16": "model.fp16.onnx"} and list(report["failed"]) == ["int8"]
     int8 = report["verification"]["variants"]["int8"]
     assert not int8["passed"] and int8["cpu"]["machine"] and "int8_flags" in int8["cpu"]
+    assert int8["scheme"] == "u8s8_reduce_range"
     assert ImageClassifier(out, "fp16").top(digits_images(2), k=1)
 
 

@@ -99,6 +99,7 @@ def _text_parity(rebuilt: Rebuilt, path: Path) -> Dict:
 
 def export_run(run_dir, out=None, checkpoint: Optional[str] = None, model: Optional[str] = None,
                optimize: bool = False, quantize: Optional[str] = None, fp16: bool = False,
+               int8_scheme: str = variants.INT8_SCHEME,
                opset: int = graph.DEFAULT_OPSET, with_text: bool = False, data: str = "auto",
                samples: int = 256, log: Callable[[str], None] = print) -> Dict:
     """Export the run's global adapter merged into its base; returns the report written to OUT/export_report.json.
@@ -106,6 +107,8 @@ def export_run(run_dir, out=None, checkpoint: Optional[str] = None, model: Optio
     raised after the files that did verify are written, or with nothing written when fp32 failed)."""
     if quantize not in (None, "int8"):
         raise ExportError(f"--quantize supports 'int8' only, got {quantize!r}")
+    if int8_scheme not in variants.SERVED_INT8_SCHEMES:
+        raise ExportError(f"--int8-scheme must be one of {', '.join(variants.SERVED_INT8_SCHEMES)}, got {int8_scheme!r}")
     if samples < 1:
         raise ExportError(f"--verify-samples must be >= 1, got {samples}")
     started = time.perf_counter()
@@ -127,8 +130,8 @@ def export_run(run_dir, out=None, checkpoint: Optional[str] = None, model: Optio
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        report = _export_into(tmp, rebuilt, pixels, labels, reference, optimize, quantize, fp16, opset, with_text,
-                              log)
+        report = _export_into(tmp, rebuilt, pixels, labels, reference, optimize, quantize and int8_scheme, fp16,
+                              opset, with_text, log)
         report.update(source_checkpoint=str(located.path), checkpoint=located.name,
                       notes=([located.note] if located.note else []) + report["notes"],
                       seconds=round(time.perf_counter() - started, 2))
@@ -146,7 +149,7 @@ def export_run(run_dir, out=None, checkpoint: Optional[str] = None, model: Optio
     return report
 
 
-def _export_into(tmp: Path, rebuilt: Rebuilt, pixels, labels, reference, optimize, quantize, fp16, opset,
+def _export_into(tmp: Path, rebuilt: Rebuilt, pixels, labels, reference, optimize, int8_scheme, fp16, opset,
                  with_text, log) -> Dict:
     """Write each requested file into tmp and verify it on its own; a variant that fails is deleted and listed
     under report["failed"]. Raises VerificationError only when the fp32 model itself fails: then nothing is kept."""
@@ -186,7 +189,7 @@ def _export_into(tmp: Path, rebuilt: Rebuilt, pixels, labels, reference, optimiz
         if verified("optimized", build_optimized):
             made.append("optimized")
             source = tmp / FILES["optimized"]  # int8 and fp16 start from the fused graph when it verified
-    if quantize == "int8" and verified("int8", lambda path: variants.quantize_int8(source, path)):
+    if int8_scheme and verified("int8", lambda path: variants.quantize_int8(source, path, int8_scheme)):
         made.append("int8")
     if fp16 and verified("fp16", lambda path: variants.to_fp16(source, path)):
         made.append("fp16")
@@ -210,6 +213,8 @@ def _export_into(tmp: Path, rebuilt: Rebuilt, pixels, labels, reference, optimiz
                      "so re-run the export where it will be served to verify it there")
     report = _report(rebuilt, made, fused, parities, latency, text, labels, reference, opset, notes)
     report["failed"] = failed
+    if "int8" in report["verification"]["variants"]:
+        report["verification"]["variants"]["int8"]["scheme"] = int8_scheme
     return report
 
 

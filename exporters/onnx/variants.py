@@ -8,13 +8,13 @@ int8: onnxruntime.quantization.quantize_dynamic, 8-bit weights per output channe
     and fused Attention are quantized: they hold nearly all the weights and time; the patch-embedding
     convolution, the projection and the head stay fp32 (per-tensor, all-op quantization flipped 2-3x
     more top-1 decisions on a tiny trained model).
-    Weights are *unsigned* 8-bit (U8U8). With signed weights (U8S8) ONNX Runtime's x86 kernels without
-    AVX-512 VNNI / AVX-VNNI multiply with vpmaddubsw, whose 16-bit pair sums saturate, so the same model
-    computes other logits on an AVX2-only CPU than where it was verified (measured on the default job:
-    top-1 agreement 98.6% with VNNI, 96.9% under an emulated Haswell). U8U8 kernels widen to 16 bits
-    first: the int32 sums are exact on every ISA, the logits identical across CPUs, and the agreement
-    higher than U8S8's (99.7% on both; reduce_range, the other documented cure, loses a bit and scored
-    98.3%). benchmarks/newcomer.py measures the schemes, natively and under qemu -cpu Haswell.
+    Schemes (INT8_SCHEMES; docs/guide.md, int8 schemes, has the measurements): with signed 8-bit weights
+    (U8S8) ONNX Runtime's x86 kernels without AVX-512 VNNI / AVX-VNNI multiply with vpmaddubsw, whose 16-bit
+    pair sums saturate, so the model computes other logits on an AVX2-only CPU than where it was verified
+    (on the default job 2.3-3.5 points less top-1 agreement under an emulated Haswell). The default, u8u8
+    (unsigned weights), widens to 16 bits first: exact int32 sums and the same logits on every ISA, at the
+    best agreement measured, but no faster than fp32. u8s8_reduce_range (7-bit signed weights) cannot
+    saturate either and keeps the U8S8 kernels' speed (3.1x u8u8 at ViT-B/32, batch 8), with less agreement.
 fp16: onnxruntime.transformers' float16 conversion, inputs and outputs kept fp32 so callers do not change:
     for GPU serving (on CPU, ONNX Runtime computes it, but slowly).
 """
@@ -51,6 +51,8 @@ INT8_SCHEMES = {  # name -> quantize_dynamic arguments; "u8u8" is the export's, 
     "u8s8_reduce_range": {"weight_type": "QInt8", "per_channel": True, "reduce_range": True},
 }
 INT8_SCHEME = "u8u8"
+# What --int8-scheme offers: both compute the same on every x86 CPU; u8s8 is kept for measurement only.
+SERVED_INT8_SCHEMES = ("u8u8", "u8s8_reduce_range")
 
 
 def quantize_int8(src: Path, dst: Path, scheme: str = INT8_SCHEME) -> None:
