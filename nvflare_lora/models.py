@@ -40,7 +40,6 @@ _TINY_CONFIG = dict(
 PRESETS = {TINY_PRESET: (_TINY_CONFIG, 0)}
 
 
-
 class ModelNotFoundError(ValueError):
     """The model name is not a preset, not a directory, and not reachable on a hub."""
 

@@ -120,7 +120,8 @@ class CLIPLoRAExecutor(Executor):
         t0 = time.perf_counter()
         fed = FederatedCLIPModel(model_name, announced["num_classes"], labels=announced.get("labels"),
                                  device=settings.get("device", self.device))
-        why = fingerprint_difference(announced["fingerprint"], fingerprint(fed, self._cache_dir(fl_ctx) / FINGERPRINT_CACHE))
+        local = fingerprint(fed, self._cache_dir(fl_ctx) / FINGERPRINT_CACHE)
+        why = fingerprint_difference(announced["fingerprint"], local)
         if why:
             raise BaseMismatchError(f"{why}. Give this site the same base as the server "
                                     f"(model_path in the job or in local/{SITE_CONFIG_FILE}).")
