@@ -17,16 +17,10 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Tuple
 
+from nvflare_lora.kits import admin_user
+
 ROOT = Path(__file__).resolve().parents[1]
 PROGRESS_MARK = "[nvflare_lora] round"
-
-
-def admin_user(admin_kit: Path) -> str:
-    """The admin's user name, as provisioned into its kit."""
-    config = admin_kit / "startup" / "fed_admin.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"{admin_kit} is not an admin startup kit: {config} is missing")
-    return json.loads(config.read_text())["admin"]["username"]
 
 
 def open_session(admin_kit: Path, user: Optional[str] = None, timeout: float = 10.0):

@@ -142,6 +142,19 @@ def test_the_admin_sees_each_round_and_the_end(finished_job):
     assert said.index(rounds[0]) < said.index(f"job {job_id}: FINISHED:COMPLETED"), said
 
 
+def test_the_recipe_runs_on_the_provisioned_system_with_prodenv(federation, finished_job, tmp_path):
+    """`python jobs/clip_lora/job.py --env prod --startup-kit ADMIN_KIT`: the Recipe submitted over mTLS."""
+    sets = {"num_rounds": ROUNDS, "num_sites": len(SITES), "local_epochs": 1, "max_steps": 5,
+            "cross_site_eval": "false", "wait_time_after_min_received": 5}
+    cmd = [sys.executable, str(ROOT / "jobs" / "clip_lora" / "job.py"), "--env", "prod",
+           "--startup-kit", str(federation.kits.admin_kit)] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=tmp_path, env=process_env(federation.home))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + federation.log_tails()
+    result = Path(proc.stdout.strip().splitlines()[-1].split("results in ", 1)[1])
+    comm = json.loads(_one(result.rglob("communication.json"), "communication.json").read_text())
+    assert [sorted(r["upload"]) for r in comm["rounds"]] == [SITES] * ROUNDS
+
+
 def test_a_job_that_brings_code_is_refused(federation, finished_job, tmp_path):
     """The policy that the plugin's job runs under really forbids uploaded code (the negative control)."""
     job = make_job(tmp_path / "clip_lora_byoc", server={"num_rounds": "1"}, cross_site_eval=False)

@@ -17,6 +17,7 @@ import sys
 
 from nvflare.recipe import PocEnv, ProdEnv, SimEnv  # first: it takes NVFlare's --export flags off sys.argv
 
+from nvflare_lora.kits import admin_user
 from nvflare_lora.recipe import CLIPLoRARecipe, RecipeError
 
 
@@ -53,8 +54,8 @@ def main(argv=None) -> int:
         else:
             if not args.startup_kit:
                 raise RecipeError("--env prod needs --startup-kit PATH (the admin's startup kit folder)")
-            env = ProdEnv(startup_kit_location=args.startup_kit)
-    except (RecipeError, ValueError) as e:
+            env = ProdEnv(startup_kit_location=args.startup_kit, username=admin_user(args.startup_kit))
+    except (RecipeError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     run = recipe.execute(env)
