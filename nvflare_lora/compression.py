@@ -489,17 +489,6 @@ def decode(packed: np.ndarray, expected_mode: Optional[str] = None,
     return decompress(unpack(packed), expected_mode, max_elements)
 
 
-# ---- sizes ----------------------------------------------------------------------------------------
-
-def raw_nbytes(arrays: Mapping[str, np.ndarray]) -> int:
-    return int(sum(np.asarray(v).nbytes for v in arrays.values()))
-
-
-def payload_nbytes(payload: Mapping[str, np.ndarray]) -> int:
-    """What the compressed tensors cost: every blob byte, headers, scales and indices included."""
-    return int(sum(v.nbytes for v in payload.values()))
-
-
 # ---- error feedback -------------------------------------------------------------------------------
 
 class ResidualStore:

@@ -69,10 +69,14 @@ class LoRAConfig:
         lora_dropout: dropout on the LoRA input branch, in [0, 1).
         target_modules: short names of the Linear layers that get LoRA inside the chosen towers,
             e.g. ["q_proj", "v_proj"]. None: the attention projections q_proj and v_proj.
-        bias: "none", "all" or "lora_only", as in PEFT.
+        bias: "none" only. PEFT's "all" / "lora_only" train the base's biases, which would have to be
+            exchanged against the base's own values: the server never loads the base, so it cannot hold
+            them. Refused, with that reason (the head, trained in full, has its own bias).
         target_components: where LoRA goes: "vision" (alias "encoder"), "text", and "classifier"
             (the classification head, trained in full and shipped with the adapter).
-        save_only_trainable: save and exchange only trainable tensors (the adapter), never the base.
+        save_only_trainable: True: save and exchange only the trainable tensors (the adapter), never the
+            base. The original module's field, kept; False (saving and exchanging the full model) is
+            refused: sending the frozen base is what this plugin exists not to do.
         seed: seed of the adapter's initial values, shared by every party so all start equal.
     """
 
@@ -92,8 +96,6 @@ class LoRAConfig:
             raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
         if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.bias not in ("none", "all", "lora_only"):
-            raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         self.target_components = normalize_components(self.target_components)
         if self.target_modules is not None:
             if isinstance(self.target_modules, str):
@@ -101,6 +103,17 @@ class LoRAConfig:
             self.target_modules = [str(m) for m in self.target_modules]
             if not self.target_modules:
                 raise ValueError("target_modules is an empty list: use None for the CLIP default or name modules")
+
+    def __setattr__(self, name, value):
+        # checked on assignment too: the original module's README sets lora_config.save_only_trainable = True
+        if name == "bias" and value != "none":
+            raise ValueError(f"bias must be 'none', got {value!r}: trainable base biases ('all', 'lora_only') would "
+                             f"be exchanged against the base's values, which the server never loads; the "
+                             f"classification head trains its own bias")
+        if name == "save_only_trainable" and value is not True:
+            raise ValueError(f"save_only_trainable must be True, got {value!r}: only the adapter is saved and "
+                             f"exchanged; the frozen base never leaves a site (load it from its own directory)")
+        super().__setattr__(name, value)
 
     @property
     def scaling(self) -> float:

@@ -12,7 +12,6 @@ from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 from . import adapter as ad
 from .config import LoRAConfig

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -174,11 +173,11 @@ class CLIPImageClassifier(nn.Module):
         return [k for k in self.state_dict() if not k.startswith("classifier.")]
 
 
-def _preset_state(name: str, include_text: bool) -> Dict[str, torch.Tensor]:
-    from transformers import CLIPModel
+def _preset_state(name: str) -> Dict[str, torch.Tensor]:
+    """The whole seeded CLIPModel of a preset (both towers): its weights are what the preset is."""
+    from transformers import CLIPConfig, CLIPModel
 
     cfg_dict, seed = PRESETS[name]
-    from transformers import CLIPConfig
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -221,7 +220,7 @@ def weights_sha256(source: ModelSource, cache_file: Optional[Path] = None) -> st
         return cache[stamp]
     h = hashlib.sha256()
     if source.kind == "preset":
-        state = _preset_state(source.name, include_text=True)
+        state = _preset_state(source.name)
         for k in sorted(state):
             h.update(k.encode())
             h.update(state[k].detach().contiguous().cpu().numpy().tobytes())
@@ -266,7 +265,7 @@ def build_classifier(model_name: str, num_classes: int, include_text: bool = Fal
         model = CLIPImageClassifier(cfg, num_classes, include_text=include_text)
     wanted = set(model.base_state_keys())
     if source.kind == "preset":
-        state = {k: v for k, v in _preset_state(source.name, include_text).items() if k in wanted}
+        state = {k: v for k, v in _preset_state(source.name).items() if k in wanted}
     else:
         state = _read_safetensors(source.weight_files(), lambda k: k in wanted)
     # Non-persistent buffers (position_ids) are not in checkpoints; everything else must be.

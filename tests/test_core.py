@@ -240,11 +240,25 @@ def test_directory_with_only_pickled_weights_is_refused(tmp_path):
     ({"lora_dropout": 1.0}, r"\[0, 1\)"),
     ({"lora_dropout": -0.1}, r"\[0, 1\)"),
     ({"target_components": ["vision", "decoder"]}, "unknown LoRA target component 'decoder'"),
-    ({"bias": "some"}, "bias must be"),
+    ({"bias": "some"}, "bias must be 'none'"),
+    ({"bias": "all"}, "bias must be 'none', got 'all'.*server never loads"),
+    ({"bias": "lora_only"}, "bias must be 'none', got 'lora_only'"),
+    ({"save_only_trainable": False}, "save_only_trainable must be True.*frozen base never leaves a site"),
 ])
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LoRAConfig(**kwargs)
+
+
+def test_config_truth_holds_on_assignment_too():
+    """The original module's README sets `lora_config.save_only_trainable = True` after construction."""
+    cfg = LoRAConfig.for_clip_model(r=16)
+    cfg.save_only_trainable = True  # as the seed README does: fine, and what happens anyway
+    with pytest.raises(ValueError, match="save_only_trainable must be True"):
+        cfg.save_only_trainable = False
+    with pytest.raises(ValueError, match="bias must be 'none'"):
+        cfg.bias = "all"
+    assert cfg.save_only_trainable is True and cfg.bias == "none"
 
 
 def test_unknown_target_module_lists_valid_names():

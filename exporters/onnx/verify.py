@@ -14,7 +14,6 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .errors import VerificationError
 
 FP32_MAX_ABS_DIFF = 1e-4
 REDUCED_PRECISION_TOP1 = 0.99
