@@ -54,8 +54,11 @@ def adapter_shapes_of(state: Mapping[str, object]) -> Shapes:
     return {k: tuple(np.shape(v)) for k, v in state.items()}
 
 
-def check_adapter(state: Mapping[str, object], expected: Shapes, what: str = "adapter") -> None:
-    """Refuse an adapter dict whose keys or shapes differ from `expected`, naming the key at fault."""
+def check_adapter(state: Mapping[str, object], expected: Shapes, what: str = "adapter", hint: str = "",
+                  float32: bool = False) -> None:
+    """The one check of a set of adapter tensors: exact key set, shapes, finite values and (float32=True)
+    numpy float32 arrays; raises AdapterMismatchError naming the first key at fault. `hint` replaces the
+    default advice on a key-set mismatch."""
     keys, want = set(state), set(expected)
     if keys != want:
         extra, missing = sorted(keys - want), sorted(want - keys)
@@ -65,12 +68,16 @@ def check_adapter(state: Mapping[str, object], expected: Shapes, what: str = "ad
         if extra:
             parts.append(f"unexpected {len(extra)} key(s), first {extra[0]!r}")
         raise AdapterMismatchError(f"{what} does not match the model's adapter: " + "; ".join(parts)
-                                   + " (check rank, target modules and num_classes against the job config)")
+                                   + (hint or " (check rank, target modules and num_classes against the job config)"))
     for k in sorted(keys):
-        shape = tuple(np.shape(state[k]))
-        if shape != tuple(expected[k]):
-            raise AdapterMismatchError(f"{what}: tensor {k!r} has shape {shape}, the model expects {tuple(expected[k])}")
         arr = state[k]
+        shape = tuple(np.shape(arr))
+        if shape != tuple(expected[k]):
+            raise AdapterMismatchError(f"{what}: tensor {k!r} has shape {shape}, the model expects {tuple(expected[k])}"
+                                       + (" (check the site's rank)" if ".lora_" in k else ""))
+        if float32 and (not isinstance(arr, np.ndarray) or arr.dtype != np.float32):
+            raise AdapterMismatchError(f"{what}: tensor {k!r} is {getattr(arr, 'dtype', type(arr).__name__)}, "
+                                       f"expected a float32 array")
         finite = torch.isfinite(arr).all().item() if isinstance(arr, torch.Tensor) else np.isfinite(arr).all()
         if not finite:
             raise AdapterMismatchError(f"{what}: tensor {k!r} holds NaN or Inf values")
@@ -135,8 +142,3 @@ def init_adapter_state(shapes: Shapes, seed: int) -> Dict[str, np.ndarray]:
 def _fan_in_of_bias(key: str, shapes: Shapes) -> int:
     weight = key[: -len("bias")] + "weight"
     return shapes[weight][1] if weight in shapes and len(shapes[weight]) == 2 else 1
-
-
-def nbytes(state: Mapping[str, object]) -> int:
-    return int(sum(np.asarray(v).nbytes if not isinstance(v, torch.Tensor) else v.numel() * v.element_size()
-                   for v in state.values()))

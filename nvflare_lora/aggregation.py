@@ -25,12 +25,14 @@ Everything is numpy (float64 inside, float32 out); no NVFlare import.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .adapter import AdapterMismatchError
+from .adapter import AdapterMismatchError, check_adapter
 
 AGGREGATIONS = ("fedavg", "ffa", "exact")
 RESIDUAL_SUFFIX = ".nvflare_lora_residual"  # <layer path> + this: dense (out, in) delta added to the frozen weight
@@ -88,10 +90,15 @@ def upload_keys(keys, mode: str) -> List[str]:
     return sorted(keys)
 
 
-def rank_of(state: Mapping[str, np.ndarray]) -> int:
-    """The LoRA rank of an adapter dict (from its B tensors, which every rule sends); all layers must agree."""
-    ranks = {int(np.shape(v)[1]) for k, v in state.items() if k.endswith(_B)}
-    ranks |= {int(np.shape(v)[0]) for k, v in state.items() if k.endswith(_A)}
+def _shape(v) -> Tuple[int, ...]:
+    return tuple(v) if isinstance(v, tuple) else tuple(np.shape(v))
+
+
+def rank_of(state: Mapping[str, object]) -> int:
+    """The LoRA rank of an adapter dict or of a {key: shape} dict (from its B tensors, which every rule
+    sends, and its A tensors); all layers must agree."""
+    ranks = {int(_shape(v)[1]) for k, v in state.items() if k.endswith(_B)}
+    ranks |= {int(_shape(v)[0]) for k, v in state.items() if k.endswith(_A)}
     if len(ranks) != 1:
         raise AdapterMismatchError(f"adapter has LoRA ranks {sorted(ranks)}: expected one rank for every layer")
     return ranks.pop()
@@ -140,22 +147,37 @@ def project(state: Mapping[str, np.ndarray], rank: int, scaling: float, exact: b
     return out
 
 
-def check_update(sent: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray], mode: str, who: str = "update"):
-    """Refuse an update whose keys or shapes do not fit what the site was sent, naming the first key at fault."""
-    want = upload_keys(sent, mode)
-    got = sorted(update)
-    if got != want:
-        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-        parts = ([f"missing {len(missing)} key(s), first {missing[0]!r}"] if missing else []) + \
-                ([f"unexpected {len(extra)} key(s), first {extra[0]!r}"] if extra else [])
-        hint = " (under ffa a site sends B and the head, never A)" if mode == "ffa" else ""
-        raise AdapterMismatchError(f"{who} does not fit the '{mode}' aggregation: " + "; ".join(parts) + hint)
-    for k in got:
-        if tuple(np.shape(update[k])) != tuple(np.shape(sent[k])):
-            raise AdapterMismatchError(f"{who}: tensor {k!r} has shape {tuple(np.shape(update[k]))}, the site was "
-                                       f"sent {tuple(np.shape(sent[k]))} (check the site's rank)")
-        if not np.isfinite(update[k]).all():
-            raise AdapterMismatchError(f"{who}: tensor {k!r} holds NaN or Inf values")
+def update_spec(global_shapes: Mapping[str, Tuple[int, ...]], mode: str, rank: Optional[int] = None) -> Dict[str, Tuple[int, ...]]:
+    """THE update spec: the exact keys and shapes (every tensor float32) a site of LoRA rank `rank` (default:
+    the global rank) sends under `mode`, given the global adapter's shapes (residual keys included under
+    exact). Every party that checks or builds an update uses it: the server's aggregator, the site before
+    sending, benchmarks and tests."""
+    full = rank_of(global_shapes)
+    rank = full if rank is None else rank
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 1 <= rank <= full:
+        raise ValueError(f"a site rank must be an integer from 1 to the global rank {full}, got {rank!r}")
+    spec = {}
+    for k in upload_keys(global_shapes, mode):
+        shape = tuple(global_shapes[k])
+        if k.endswith(_A):
+            shape = (int(rank),) + shape[1:]
+        elif k.endswith(_B):
+            shape = shape[:1] + (int(rank),)
+        spec[k] = shape
+    return spec
+
+
+def check_update(update: Mapping[str, np.ndarray], spec: Mapping[str, Tuple[int, ...]], mode: str,
+                 who: str = "update", steps=None) -> None:
+    """Refuse an update that is not exactly `spec` (update_spec): key set, shapes, float32 arrays, finite
+    values; and a step count (NUM_STEPS_CURRENT_ROUND, None allowed) that is not a finite number > 0."""
+    hint = " (under ffa a site sends B and the head, never A)" if mode == "ffa" else \
+        " (check rank, target modules and num_classes against the job config)"
+    check_adapter(update, spec, who, hint=hint, float32=True)
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, (int, float, np.integer, np.floating))
+                              or not math.isfinite(float(steps)) or float(steps) <= 0):
+        raise AdapterMismatchError(f"{who}: the step count (NUM_STEPS_CURRENT_ROUND) is {steps!r}, expected a finite "
+                                   f"number > 0")
 
 
 # ---- the rules ---------------------------------------------------------------------------------------
@@ -171,74 +193,207 @@ def site_rank_of(update: Mapping[str, np.ndarray]) -> int:
     return rank_of({k: v for k, v in update.items() if k.endswith(_B) or k.endswith(_A)})
 
 
+ESTIMATORS = ("mean", "median", "trimmed_mean")
+WEIGHTINGS = ("steps", "equal")
+
+
+@dataclass(frozen=True)
+class Robustness:
+    """How the server bounds each site's influence on a round (the aggregator's job-config keys).
+
+    estimator: "mean" (weighted mean), "median" (coordinate-wise median, unweighted) or "trimmed_mean"
+        (per coordinate, drop the floor(trim_fraction * K) largest and smallest of K values, mean of the
+        rest, unweighted).
+    clip_multiple: clip every update's L2 norm to clip_multiple x the round's median update norm (adaptive:
+        no scale to tune per model); None: no clipping.
+    trim_fraction: share dropped at each end by trimmed_mean, in [0, 0.5) (so at least one site is left).
+    weighting: "steps" (a site's reported local steps) or "equal".
+    max_weight_ratio: a site's weight is capped at max_weight_ratio x the round's median weight (a site
+        cannot buy influence by claiming steps); None: no cap.
+    min_agreement: with 3 or more updates, each update's cosine with the round's coordinate-wise median
+        update is compared with the median of those cosines; an update below min_agreement x that median
+        is left out of the round (a sign-flipped update points away from what the others agree on).
+        Relative, so it adapts to how much honest sites differ; skipped when the median cosine is not
+        positive (no agreement to judge by). None: keep every update.
+    """
+
+    estimator: str = "mean"
+    clip_multiple: Optional[float] = None
+    trim_fraction: float = 0.25
+    weighting: str = "steps"
+    max_weight_ratio: Optional[float] = None
+    min_agreement: Optional[float] = None
+
+    def __post_init__(self):
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {list(ESTIMATORS)}, got {self.estimator!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {list(WEIGHTINGS)}, got {self.weighting!r}")
+        for name in ("clip_multiple", "max_weight_ratio"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                                  or v < 1):
+                raise ValueError(f"{name} must be a number >= 1 (a multiple of the round's median) or null, got {v!r}")
+        c = self.min_agreement
+        if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 <= c < 1):
+            raise ValueError(f"min_agreement must be a number in [0, 1) (a share of the round's median cosine) or "
+                             f"null, got {c!r}")
+        t = self.trim_fraction
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < 0.5:
+            raise ValueError(f"trim_fraction must be in [0, 0.5) (the share trimmed at each end; 0.5 or more would "
+                             f"leave no site), got {t!r}")
+
+    def to_dict(self) -> Dict:
+        return dataclasses.asdict(self)
+
+
+def _median(values: Sequence[float]) -> float:
+    return float(np.median(np.asarray(values, np.float64)))
+
+
+def update_norm(diff: Mapping[str, np.ndarray]) -> float:
+    return float(np.sqrt(sum(float(np.sum(np.square(np.asarray(v, np.float64)))) for v in diff.values())))
+
+
+def _flat_common(diffs: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:
+    """(K, n): every update flattened over the entries all of them hold (under mixed ranks, the shared
+    rank components), so they can be compared coordinate by coordinate."""
+    rows = [[] for _ in diffs]
+    for k in sorted(diffs[0]):
+        shape = tuple(min(s) for s in zip(*(np.shape(d[k]) for d in diffs)))
+        index = tuple(slice(0, n) for n in shape)
+        for row, d in zip(rows, diffs):
+            row.append(np.asarray(d[k], np.float64)[index].ravel())
+    return np.stack([np.concatenate(r) for r in rows])
+
+
+def bound_influence(updates: Sequence[SiteUpdate], robust: Robustness) -> Tuple[List[SiteUpdate], Dict]:
+    """The round's updates with weights capped, norms clipped and off-direction ones left out as `robust`
+    says, and what was changed."""
+    weights = [1.0 if robust.weighting == "equal" else float(u.weight) for u in updates]
+    capped, clipped, excluded = {}, {}, {}
+    if robust.max_weight_ratio is not None:
+        cap = robust.max_weight_ratio * _median(weights)
+        for i, u in enumerate(updates):
+            if weights[i] > cap:
+                capped[u.site or str(i)] = {"claimed": weights[i], "used": cap}
+                weights[i] = cap
+    norms = [update_norm(u.diff) for u in updates]
+    bound = robust.clip_multiple * _median(norms) if robust.clip_multiple is not None else None
+    cosines = None
+    if robust.min_agreement is not None and len(updates) >= 3:
+        flat = _flat_common([u.diff for u in updates])
+        center = np.median(flat, axis=0)
+        scale = np.linalg.norm(flat, axis=1) * max(float(np.linalg.norm(center)), 1e-30)
+        cosines = (flat @ center / np.maximum(scale, 1e-30)).tolist()
+    threshold = None
+    if cosines is not None and _median(cosines) > 0:  # else no direction most sites agree on: keep them all
+        threshold = robust.min_agreement * _median(cosines)
+    out = []
+    for i, u in enumerate(updates):
+        name = u.site or str(i)
+        if threshold is not None and cosines[i] < threshold:
+            excluded[name] = {"cosine": cosines[i], "threshold": threshold}
+            continue
+        diff = u.diff
+        if bound is not None and norms[i] > bound:
+            factor = bound / norms[i]
+            clipped[name] = {"norm": norms[i], "factor": factor}
+            diff = {k: (np.asarray(v, np.float64) * factor).astype(np.float32) for k, v in diff.items()}
+        out.append(SiteUpdate(diff=diff, weight=weights[i], site=u.site))
+    info = {"norms": norms, "clip_bound": bound, "cosines": cosines, "cosine_threshold": threshold,
+            "clipped": clipped, "capped": capped,
+            "excluded": excluded}
+    return out, info
+
+
+def _combine(stack: np.ndarray, p: np.ndarray, robust: Robustness) -> np.ndarray:
+    """Combine K values per coordinate (stack: (K, ...), float64) by the estimator; p: the mean's weights."""
+    if robust.estimator == "mean" or len(stack) == 1:
+        return np.tensordot(p, stack, axes=1)
+    if robust.estimator == "median":
+        return np.median(stack, axis=0)
+    k = int(math.floor(robust.trim_fraction * len(stack)))
+    return np.sort(stack, axis=0)[k: len(stack) - k].mean(axis=0)
+
+
+def _rank_groups(ranks: Sequence[int], full: int):
+    """(lo, hi, site indices): rank components lo..hi-1 are held by exactly those sites (r_k > lo)."""
+    cuts = sorted({0, full, *[r for r in ranks if r < full]})
+    for lo, hi in zip(cuts, cuts[1:]):
+        idx = [k for k, r in enumerate(ranks) if r > lo]
+        if idx:
+            yield lo, hi, idx
+
+
 def aggregate(global_state: Mapping[str, np.ndarray], updates: Sequence[SiteUpdate], mode: str,
-              scaling: float) -> Tuple[State, Dict]:
+              scaling: float, robust: Optional[Robustness] = None) -> Tuple[State, Dict]:
     """The new global adapter (same keys and shapes as `global_state`) and a few numbers about the step.
 
     global_state: the adapter sent this round (with residuals under exact); updates: the sites' diffs
-    against what each was sent (`project(global_state, its rank, ...)`); scaling: lora_alpha / r.
-    Returns (new_state, info) with info["product_error"]: relative Frobenius distance between the new
-    global effective update and the weighted mean of the sites' (0 up to rounding for ffa and exact).
+    against what each was sent (`project(global_state, its rank, ...)`), weight = the site's steps;
+    scaling: lora_alpha / r; robust: weight capping, norm clipping and the estimator (None: the plain
+    weighted mean, FedAvg). Returns (new_state, info) with info["product_error"]: relative Frobenius
+    distance between the new global effective update and the combination (same estimator) of the
+    sites' effective updates (0 up to rounding for ffa and exact).
     """
     check_mode(mode)
+    robust = robust or Robustness()
     if not updates:
         raise ValueError("no site updates to aggregate")
-    weights = np.asarray([float(u.weight) for u in updates], np.float64)
-    if not np.all(np.isfinite(weights)) or np.any(weights < 0) or weights.sum() <= 0:
-        raise ValueError(f"aggregation weights must be finite, >= 0 and not all 0, got {weights.tolist()}")
-    p = weights / weights.sum()
-    exact = mode == "exact"
     full = rank_of(global_state)
     layers = lora_layers(global_state)
+    exact = mode == "exact"
     if exact and any(residual_key(l) not in global_state for l in layers):
-        raise AdapterMismatchError("the exact aggregation needs the global adapter's residuals "
-                                   "(use nvflare_lora.fl.aggregator.LoRAAggregationPersistor with aggregation='exact')")
-
-    ranks, sent = [], []
+        raise AdapterMismatchError("the exact aggregation needs the global adapter's residuals (the persistor's "
+                                   "aggregation = 'exact' starts them)")
+    shapes = {k: tuple(np.shape(v)) for k, v in global_state.items()}
     for u in updates:
         r = site_rank_of(u.diff)
         if r > full:
             raise AdapterMismatchError(f"{u.site or 'a site'} sent rank {r}, above the global rank {full}")
-        s = project(global_state, r, scaling, exact)
-        check_update(s, u.diff, mode, f"update of {u.site or 'a site'}")
-        ranks.append(r)
-        sent.append(s)
+        check_update(u.diff, update_spec(shapes, mode, r), mode, f"update of {u.site or 'a site'}")
+    weights = np.asarray([float(u.weight) for u in updates], np.float64)
+    if not np.all(np.isfinite(weights)) or np.any(weights < 0) or weights.sum() <= 0:
+        raise ValueError(f"aggregation weights must be finite, >= 0 and not all 0, got {weights.tolist()}")
+    updates, bounded = bound_influence(updates, robust)
+    ranks = [site_rank_of(u.diff) for u in updates]
+    sent = [project(global_state, r, scaling, exact) for r in ranks]
+    weights = np.asarray([float(u.weight) for u in updates], np.float64)
+    p = weights / weights.sum()
+    diffs = [{k: np.asarray(v, np.float64) for k, v in u.diff.items()} for u in updates]
 
     new: State = {}
-    # The head and any other dense tensor: weighted mean of the diffs.
+    # The head and any other dense tensor: every site holds it whole.
     for k, v in global_state.items():
         if k.endswith(_A) or k.endswith(_B) or is_residual_key(k):
             continue
-        new[k] = (np.asarray(v, np.float64) + sum(pk * np.asarray(u.diff[k], np.float64)
-                                                  for pk, u in zip(p, updates))).astype(np.float32)
+        new[k] = (np.asarray(v, np.float64) + _combine(np.stack([d[k] for d in diffs]), p, robust)).astype(np.float32)
 
-    # Rank component i is averaged over the sites that hold it (r_k > i); with equal ranks this is
-    # exactly global + sum_k p_k * diff_k.
-    holders = np.asarray([[1.0 if r > i else 0.0 for i in range(full)] for r in ranks])  # (K, full)
-    mass = p @ holders                                                                      # (full,)
-    share = np.divide(p[:, None] * holders, mass[None, :], out=np.zeros_like(holders), where=mass[None, :] > 0)
+    # Rank component i is combined over the sites that hold it (r_k > i), the mean's weights renormalised
+    # over them; with equal ranks this is global + combine_k(diff_k).
     target_norm2, error2 = 0.0, 0.0
     for layer in layers:
         A = np.asarray(global_state[a_key(layer)], np.float64)
         B = np.asarray(global_state[b_key(layer)], np.float64)
-        dA, dB = np.zeros_like(A), np.zeros_like(B)
-        for k, (u, r) in enumerate(zip(updates, ranks)):
+        A_new, B_new = A.copy(), B.copy()
+        for lo, hi, idx in _rank_groups(ranks, full):
+            q = p[idx] / p[idx].sum()
             if mode != "ffa":
-                dA[:r] += share[k, :r, None] * np.asarray(u.diff[a_key(layer)], np.float64)
-            dB[:, :r] += share[k, None, :r] * np.asarray(u.diff[b_key(layer)], np.float64)
-        A_new, B_new = (A if mode == "ffa" else A + dA), B + dB
+                A_new[lo:hi] += _combine(np.stack([diffs[k][a_key(layer)][lo:hi] for k in idx]), q, robust)
+            B_new[:, lo:hi] += _combine(np.stack([diffs[k][b_key(layer)][:, lo:hi] for k in idx]), q, robust)
         new[a_key(layer)] = A_new.astype(np.float32) if mode != "ffa" else np.asarray(global_state[a_key(layer)]).copy()
         new[b_key(layer)] = B_new.astype(np.float32)
 
-        # The weighted mean of the sites' effective updates, each site's local = sent + diff.
-        target = np.zeros((B.shape[0], A.shape[1]))
-        for pk, s, u in zip(p, sent, updates):
-            local = {a_key(layer): np.asarray(s[a_key(layer)], np.float64) + np.asarray(
-                         u.diff.get(a_key(layer), 0.0), np.float64),
-                     b_key(layer): np.asarray(s[b_key(layer)], np.float64) + np.asarray(u.diff[b_key(layer)], np.float64)}
+        # The combination of the sites' effective updates, each site's local = sent + diff.
+        effective = []
+        for s, d in zip(sent, diffs):
+            local = {a_key(layer): np.asarray(s[a_key(layer)], np.float64) + d.get(a_key(layer), 0.0),
+                     b_key(layer): np.asarray(s[b_key(layer)], np.float64) + d[b_key(layer)]}
             if exact:
                 local[residual_key(layer)] = s[residual_key(layer)]
-            target += pk * effective_delta(local, layer, scaling)
+            effective.append(effective_delta(local, layer, scaling))
+        target = _combine(np.stack(effective), p, robust)
         produced = scaling * (new[b_key(layer)].astype(np.float64) @ new[a_key(layer)].astype(np.float64))
         if exact:
             residual = (target - produced).astype(np.float32)
@@ -247,7 +402,8 @@ def aggregate(global_state: Mapping[str, np.ndarray], updates: Sequence[SiteUpda
         target_norm2 += float(np.sum(target ** 2))
         error2 += float(np.sum((produced - target) ** 2))
 
-    info = {"mode": mode, "sites": len(updates), "ranks": ranks, "weights": p.tolist(),
+    info = {"mode": mode, "sites": len(updates), "site_names": [u.site for u in updates], "ranks": ranks,
+            "weights": p.tolist(), "robust": robust.to_dict(), **bounded,
             "product_error": (error2 ** 0.5) / max(target_norm2 ** 0.5, 1e-30)}
     if exact:
         info["residual_norm"] = float(sum(np.sum(np.asarray(new[residual_key(l)], np.float64) ** 2) for l in layers)) ** 0.5
@@ -305,7 +461,17 @@ def describe(info: Optional[Dict]) -> str:
     """One log line for an aggregation step."""
     if not info:
         return ""
-    text = f"{info['mode']}: {info['sites']} sites, ranks {info['ranks']}, product error {info['product_error']:.2e}"
+    text = (f"{info['mode']} ({info['robust']['estimator']}): {info['sites']} sites, ranks {info['ranks']}, "
+            f"product error {info['product_error']:.2e}")
     if "residual_norm" in info:
         text += f", residual norm {info['residual_norm']:.3e}"
+    if info.get("clipped"):
+        text += ", clipped " + ", ".join(f"{s} (norm {c['norm']:.3g} -> {info['clip_bound']:.3g})"
+                                        for s, c in info["clipped"].items())
+    if info.get("excluded"):
+        text += ", left out " + ", ".join(f"{s} (cosine {c['cosine']:.2f} with the median update, below {c['threshold']:.2f})"
+                                          for s, c in info["excluded"].items())
+    if info.get("capped"):
+        text += ", weight capped " + ", ".join(f"{s} ({c['claimed']:.3g} -> {c['used']:.3g})"
+                                              for s, c in info["capped"].items())
     return text

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from . import adapter as ad
-from .aggregation import (check_mode, effective_delta, lora_layers, residual_key, split_residuals, upload_keys)
+from .aggregation import (check_mode, check_update, effective_delta, lora_layers, residual_key, split_residuals,
+                          update_spec, upload_keys)
 from .config import LoRAConfig
 
 State = Dict[str, np.ndarray]
@@ -110,7 +111,10 @@ class SiteAggregation:
     def update(self, global_adapter: Mapping[str, np.ndarray]) -> State:
         """local - global for the keys this rule sends (ffa: no A; never residuals)."""
         d = ad.diff(self.fed.get_parameters(), global_adapter)
-        return {k: d[k] for k in upload_keys(d, self.mode)}
+        out = {k: d[k] for k in upload_keys(d, self.mode)}
+        # the one update spec the server checks too: a site never sends what the server would refuse
+        check_update(out, update_spec(ad.adapter_shapes_of(global_adapter), self.mode), self.mode, "this site's update")
+        return out
 
     def local_state(self) -> State:
         """This site's model as an adapter dict (with its residuals under exact): what submit_model sends."""

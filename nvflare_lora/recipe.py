@@ -28,9 +28,7 @@ from nvflare.job_config.api import FedJob
 from nvflare.job_config.fed_job_config import FedJobConfig
 from nvflare.recipe.spec import ExecEnv, Recipe
 
-AGGREGATIONS = ("fedavg", "ffa", "exact")
 PARTITIONS = ("dirichlet", "iid")
-_NVFLARE_FEDAVG = "nvflare.app_common.aggregators.intime_accumulate_model_aggregator.InTimeAccumulateWeightedAggregator"
 
 
 class RecipeError(ValueError):
@@ -46,9 +44,10 @@ class JobSettings:
         num_classes: size of the classification head. labels: class names in label order (None: "0", "1", ...).
         r, lora_alpha, lora_dropout, target_modules, target_components, seed: the LoRA settings (LoRAConfig).
         num_rounds, min_clients, wait_time_after_min_received: ScatterAndGather's rounds and waiting.
-        aggregation: "fedavg" (NVFlare's weighted mean, FedIT), "ffa" or "exact" (nvflare_lora.fl.aggregator).
-        site_ranks: {site: rank} for sites that train a smaller rank than r (ffa/exact stacks only).
-        max_norm, norm_action: AdapterUpdateValidator's optional L2 bound ("reject" or "clip").
+        aggregation: the LoRA rule, "fedavg" (FedIT), "ffa" or "exact" (AdapterPersistor).
+        site_ranks: {site: rank} for sites that train a smaller rank than r (any rule).
+        estimator, clip_multiple, trim_fraction, weighting, max_weight_ratio, min_agreement: how LoRAAggregator bounds each
+            site's influence (nvflare_lora.aggregation.Robustness); the defaults are robust.
         compression: the sites' upload codec ("none", "fp16", "int8", "int4", "topk", "topk+int8");
             download_compression: the server's codec for the global adapter; compression_args: the codec's
             other arguments (block_size, fraction, ...), for both.
@@ -74,8 +73,12 @@ class JobSettings:
     wait_time_after_min_received: int = 60
     aggregation: str = "fedavg"
     site_ranks: Optional[Dict[str, int]] = None
-    max_norm: Optional[float] = None
-    norm_action: str = "reject"
+    estimator: str = "mean"
+    clip_multiple: Optional[float] = 2.0
+    trim_fraction: float = 0.25
+    weighting: str = "steps"
+    max_weight_ratio: Optional[float] = 2.0
+    min_agreement: Optional[float] = 0.5
     compression: str = "none"
     download_compression: str = "none"
     compression_args: Dict = field(default_factory=dict)
@@ -99,17 +102,20 @@ class JobSettings:
     torch_threads: int = 1
 
     def __post_init__(self):
+        from .aggregation import AGGREGATIONS
         from .compression import MODES
         from .config import LoRAConfig
+        from .fl.persistor import check_site_ranks
 
-        try:  # the LoRA settings are checked by the one class that owns them
+        _one_of("aggregation", self.aggregation, AGGREGATIONS)
+        try:  # each setting is checked by the one class that owns it
             LoRAConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                        target_modules=self.target_modules, target_components=self.target_components, seed=self.seed)
+            self.robustness()
+            check_site_ranks(self.site_ranks, self.r)
         except (TypeError, ValueError) as e:
             raise RecipeError(str(e)) from None
-        _one_of("aggregation", self.aggregation, AGGREGATIONS)
         _one_of("partition", self.partition, PARTITIONS)
-        _one_of("norm_action", self.norm_action, ("reject", "clip"))
         for name in ("compression", "download_compression"):
             _one_of(name, getattr(self, name), ("none",) + MODES)
         for name in ("num_classes", "num_rounds", "min_clients", "num_sites", "local_epochs", "batch_size"):
@@ -120,11 +126,19 @@ class JobSettings:
                               f"could complete; lower min_clients or raise num_sites")
         if not 0 < self.val_fraction < 1 or not self.lr > 0:
             raise RecipeError(f"val_fraction must be in (0, 1) and lr > 0, got {self.val_fraction!r}, {self.lr!r}")
-        if self.site_ranks and self.aggregation == "fedavg":
-            raise RecipeError("site_ranks needs aggregation 'ffa' or 'exact' (the LoRA-aware aggregator); "
-                              "with 'fedavg' every site trains rank r")
+        if self.resume_from and self.aggregation == "exact":
+            raise RecipeError("resume_from is not supported with aggregation 'exact' yet (its checkpoints hold the "
+                              "folded update); start a new run, or resume under 'fedavg' or 'ffa'")
         if self.labels is not None and len(self.labels) != self.num_classes:
             raise RecipeError(f"{len(self.labels)} labels given for num_classes={self.num_classes}")
+
+
+    def robustness(self):
+        """The aggregator's Robustness under these settings (benchmarks replay the job with it)."""
+        from .aggregation import Robustness
+
+        return Robustness(estimator=self.estimator, clip_multiple=self.clip_multiple, trim_fraction=self.trim_fraction,
+                          weighting=self.weighting, max_weight_ratio=self.max_weight_ratio, min_agreement=self.min_agreement)
 
 
 def _one_of(name: str, value, valid) -> None:
@@ -146,25 +160,18 @@ def _compressor(mode: str, args: Dict) -> Dict:
 
 
 def _decompressor() -> Dict:
-    return {"path": "nvflare_lora.fl.compression.AdapterDecompressor", "args": {"require_compressed": False}}
+    return {"path": "nvflare_lora.fl.decompressor.AdapterDecompressor", "args": {"require_compressed": False}}
 
 
 def server_config(s: JobSettings) -> Dict:
     """config_fed_server of the job with these settings."""
-    lora_aware = s.aggregation != "fedavg"
     persistor_args = {"model": s.model, "num_classes": s.num_classes}
     if s.labels is not None:
         persistor_args["labels"] = list(s.labels)
     persistor_args.update(r=s.r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout, target_modules=s.target_modules,
-                          target_components=list(s.target_components), seed=s.seed, checkpoint_dir="adapter")
-    if lora_aware:
-        persistor_args["aggregation"] = s.aggregation
-        if s.site_ranks:
-            persistor_args["site_ranks"] = dict(s.site_ranks)
-    persistor_args["resume_from"] = s.resume_from
-    download_filters = [_compressor(s.download_compression, s.compression_args)]
-    if s.site_ranks:  # each site receives the global adapter at its own rank
-        download_filters.insert(0, {"path": "nvflare_lora.fl.aggregator.SiteRankFilter", "args": {}})
+                          target_components=list(s.target_components), seed=s.seed, aggregation=s.aggregation,
+                          site_ranks=dict(s.site_ranks) if s.site_ranks else None, checkpoint_dir="adapter",
+                          resume_from=s.resume_from)
     workflows = [{
         "id": "scatter_and_gather", "path": "nvflare_lora.fl.workflow.ResumableScatterAndGather",
         "args": {"min_clients": s.min_clients, "num_rounds": "{num_rounds}", "start_round": 0,
@@ -178,23 +185,20 @@ def server_config(s: JobSettings) -> Dict:
     return {
         "format_version": 2,
         "num_rounds": s.num_rounds,
-        "task_data_filters": [{"tasks": ["train"], "filters": download_filters}],
-        "task_result_filters": [{"tasks": ["train"], "filters": [
-            _decompressor(),
-            {"path": "nvflare_lora.fl.validation.AdapterUpdateValidator",
-             "args": {"persistor_id": "persistor", "max_norm": s.max_norm, "norm_action": s.norm_action}}]}],
+        "task_data_filters": [{"tasks": ["train"], "filters": [_compressor(s.download_compression, s.compression_args)]}],
+        "task_result_filters": [{"tasks": ["train"], "filters": [_decompressor()]}],
         "components": [
-            {"id": "persistor", "path": "nvflare_lora.fl." + ("aggregator.LoRAAggregationPersistor" if lora_aware
-                                                               else "persistor.AdapterPersistor"),
-             "args": persistor_args},
+            {"id": "persistor", "path": "nvflare_lora.fl.persistor.AdapterPersistor", "args": persistor_args},
             {"id": "shareable_generator", "path": "nvflare_lora.fl.announce.AdapterShareableGenerator",
              "args": {"persistor_id": "persistor"}},
-            {"id": "aggregator", "path": "nvflare_lora.fl.aggregator.LoRAAggregator" if lora_aware else _NVFLARE_FEDAVG,
-             "args": {"persistor_id": "persistor"} if lora_aware else {"expected_data_kind": "WEIGHT_DIFF"}},
+            {"id": "aggregator", "path": "nvflare_lora.fl.aggregator.LoRAAggregator",
+             "args": {"persistor_id": "persistor", "estimator": s.estimator, "clip_multiple": s.clip_multiple,
+                      "trim_fraction": s.trim_fraction, "weighting": s.weighting,
+                      "max_weight_ratio": s.max_weight_ratio, "min_agreement": s.min_agreement}},
             {"id": "model_selector", "path": "nvflare.app_common.widgets.intime_model_selector.IntimeModelSelector",
              "args": {"key_metric": "val_accuracy"}},
             {"id": "communication_log", "path": "nvflare_lora.fl.accounting.CommunicationLog", "args": {}},
-            {"id": "model_locator", "path": "nvflare_lora.fl.persistor.AdapterModelLocator",
+            {"id": "model_locator", "path": "nvflare_lora.fl.model_locator.AdapterModelLocator",
              "args": {"persistor_id": "persistor"}},
             {"id": "json_generator", "path": "nvflare.app_common.widgets.validation_json_generator.ValidationJsonGenerator",
              "args": {}},

@@ -1,7 +1,7 @@
 """Put compression filters into a copy of jobs/clip_lora (for the compression test and benchmark).
 
 Filters of one task and direction form one chain, in order, so they are inserted into the job's own
-chains: a receiver's decompressor goes first (the server's update validator must see float32 tensors),
+chains: a receiver's decompressor goes first (the server's aggregator must see float32 tensors),
 a sender's compressor last. The rewritten config is JSON, which is valid HOCON (comments are lost).
 """
 
@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 CODEC = "nvflare_lora.fl.compression."
+DECODER = "nvflare_lora.fl.decompressor."
 
 
 def codec_pair(mode: str, **args) -> Tuple[dict, dict]:
     """(compressor, decompressor) filter specs for nvflare_lora's codecs."""
     return ({"path": CODEC + "AdapterCompressor", "args": {"mode": mode, **args}},
-            {"path": CODEC + "AdapterDecompressor", "args": {}})
+            {"path": DECODER + "AdapterDecompressor", "args": {}})
 
 
 def add_filter(config: Path, chain: str, task: str, spec: dict, first: bool) -> None:

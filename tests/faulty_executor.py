@@ -1,9 +1,10 @@
-"""A real CLIPLoRAExecutor that corrupts its own update in chosen rounds, for the server's validation tests."""
+"""A real CLIPLoRAExecutor that corrupts its own update in chosen rounds, for the server's validation and
+robustness tests and benchmarks/robustness.py."""
 
 import os
 
 import numpy as np
-from nvflare.apis.dxo import from_shareable
+from nvflare.apis.dxo import MetaKey, from_shareable
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.shareable import make_reply
 from nvflare.app_common.app_constant import AppConstants
@@ -28,6 +29,10 @@ def corrupt(data: dict, fault: str) -> dict:
         data[k].flat[-1] = np.inf
     elif fault == "huge":
         data = {key: v * np.float32(1e6) for key, v in data.items()}
+    elif fault == "x1e4":  # finite, well-formed, 10^4 times too large (a learning-rate bug, or an attack)
+        data = {key: v * np.float32(1e4) for key, v in data.items()}
+    elif fault == "sign_flip":  # the site's own update, pointing the other way
+        data = {key: -v for key, v in data.items()}
     elif fault == "float64":
         data[k] = data[k].astype(np.float64)
     else:
@@ -35,9 +40,12 @@ def corrupt(data: dict, fault: str) -> dict:
     return data
 
 
+STEP_FAULTS = {"steps1e9": 10**9}  # the update as trained, with an inflated NUM_STEPS_CURRENT_ROUND
+
+
 class FaultyExecutor(CLIPLoRAExecutor):
-    """faults: {"site-3": {"0": "extra_key", "1": "nan"}}; "nothing" sends an error reply instead, "die" kills
-    the site's process before it replies."""
+    """faults: {"site-3": {"0": "extra_key", "1": "nan"}} ("*": every round); "nothing" sends an error reply
+    instead, "die" kills the site's process before it replies."""
 
     def __init__(self, faults: dict = None, **kwargs):
         super().__init__(**kwargs)
@@ -46,7 +54,8 @@ class FaultyExecutor(CLIPLoRAExecutor):
     def execute(self, task_name, shareable, fl_ctx, abort_signal):
         rnd = shareable.get_header(AppConstants.CURRENT_ROUND, None)
         reply = super().execute(task_name, shareable, fl_ctx, abort_signal)
-        fault = self.faults.get(fl_ctx.get_identity_name(), {}).get(str(rnd))
+        site_faults = self.faults.get(fl_ctx.get_identity_name(), {})
+        fault = site_faults.get(str(rnd), site_faults.get("*"))
         if task_name == self.train_task_name and fault == "die":
             os._exit(1)  # the site's process dies in the middle of the round, after training
         if task_name != self.train_task_name or not fault:
@@ -54,5 +63,8 @@ class FaultyExecutor(CLIPLoRAExecutor):
         if fault == "nothing":
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
         dxo = from_shareable(reply)
+        if fault in STEP_FAULTS:
+            dxo.set_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND, STEP_FAULTS[fault])
+            return dxo.update_shareable(reply)
         dxo.data = corrupt(dxo.data, fault)
         return dxo.update_shareable(reply)

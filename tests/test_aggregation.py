@@ -84,7 +84,7 @@ def test_fedavg_is_the_weighted_mean_of_the_diffs_and_matches_nvflare():
     for k in g:  # global + sum_k (w_k / sum w) * diff_k, every tensor
         want = g[k].astype(np.float64) + sum(w / sum(weights) * d[k].astype(np.float64) for d, w in zip(diffs, weights))
         np.testing.assert_allclose(new[k], want, atol=1e-6, rtol=0)
-    # the default job's aggregator (InTimeAccumulateWeightedAggregator) computes the same mean diff
+    # NVFlare's own weighted mean (InTimeAccumulateWeightedAggregator's helper) gives the same mean diff
     helper = WeightedAggregationHelper()
     for i, (d, w) in enumerate(zip(diffs, weights)):
         helper.add(d, w, f"site-{i}", 0)
@@ -265,57 +265,53 @@ def test_ffa_site_trains_B_and_head_only_and_never_sends_A():
     assert any(np.abs(update[k]).max() > 0 for k in update if ".lora_B." in k)
 
 
-def test_update_validator_checks_each_site_at_its_own_rank_and_rule():
-    from nvflare_lora.fl.aggregator import LoRAAggregationPersistor
-    from nvflare_lora.fl.validation import UpdateRefused, check_update
+def test_the_persistor_gives_each_site_its_own_rank_and_rule():
+    from nvflare_lora.aggregation import check_update
+    from nvflare_lora.fl.persistor import AdapterPersistor
 
     def update(rank, keys=None):
         shapes = _shapes_at(rank)
         return {k: np.zeros(s, np.float32) for k, s in shapes.items() if keys is None or k in keys}
 
-    p = LoRAAggregationPersistor(aggregation="fedavg", site_ranks={"site-2": 8}, r=16, lora_alpha=32,
-                                 lora_dropout=0.0)
-    check_update(update(8), p.adapter_shapes("site-2"))   # the validator passes the site's name
-    check_update(update(16), p.adapter_shapes("site-1"))  # unlisted: the global rank
-    with pytest.raises(UpdateRefused, match="has shape"):
-        check_update(update(16), p.adapter_shapes("site-2"))
-    with pytest.raises(UpdateRefused, match="has shape"):
-        check_update(update(8), p.adapter_shapes("site-1"))
-    ffa = LoRAAggregationPersistor(aggregation="ffa", r=16, lora_alpha=32, lora_dropout=0.0)
+    p = AdapterPersistor(aggregation="fedavg", site_ranks={"site-2": 8}, r=16, lora_alpha=32, lora_dropout=0.0)
+    check_update(update(8), p.update_spec("site-2"), "fedavg")   # the aggregator passes the site's name
+    check_update(update(16), p.update_spec("site-1"), "fedavg")  # unlisted: the global rank
+    with pytest.raises(AdapterMismatchError, match="has shape"):
+        check_update(update(16), p.update_spec("site-2"), "fedavg")
+    with pytest.raises(AdapterMismatchError, match="has shape"):
+        check_update(update(8), p.update_spec("site-1"), "fedavg")
+    ffa = AdapterPersistor(aggregation="ffa", r=16, lora_alpha=32, lora_dropout=0.0)
     no_a = [k for k in _shapes_at(16) if ".lora_A." not in k]
-    check_update(update(16, no_a), ffa.adapter_shapes("site-1"))
-    with pytest.raises(UpdateRefused, match="unexpected"):
-        check_update(update(16), ffa.adapter_shapes("site-1"))  # A is frozen under ffa: never sent
+    check_update(update(16, no_a), ffa.update_spec("site-1"), "ffa")
+    with pytest.raises(AdapterMismatchError, match="unexpected"):
+        check_update(update(16), ffa.update_spec("site-1"), "ffa")  # A is frozen under ffa: never sent
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"aggregation": "mean"}, r"unknown aggregation 'mean'; choose one of \['fedavg', 'ffa', 'exact'\]"),
+    ({"site_ranks": {"site-2": 32}}, r"site_ranks\['site-2'\] = 32: a site's rank must be an integer from 1 to the "
+                                     r"global rank r=16"),
+    ({"aggregation": "exact", "resume_from": "/somewhere"}, "resume_from is not supported with aggregation"),
+])
+def test_the_persistor_refuses_a_bad_rule_or_rank_naming_the_valid_values(kwargs, match):
+    from nvflare_lora.fl.persistor import AdapterPersistor
+
+    with pytest.raises(ValueError, match=match):
+        AdapterPersistor(r=16, **kwargs)
 
 
 # ---- the exact rule with two site ranks, end to end in the NVFlare simulator -------------------------
 SIM_ROUNDS, GLOBAL_RANK, SMALL_RANK = 2, 16, 8
 
 
-def _set_chain(text, chain, value):
-    """Replace the job's whole `chain = [ ... ]` block (the default job spreads it over several lines)."""
-    import re
-
-    new, n = re.subn(rf"{chain} = \[\n.*?\n  \]\n", lambda m: f"{chain} = {value}\n", text, count=1, flags=re.S)
-    assert n == 1, f"{chain} block not found"
-    return new
-
-
-def _aggregation_job(path, rule, persistor_args="", server=None):
-    """The default job (2 IID sites, 1 local epoch) with LoRAAggregationPersistor + LoRAAggregator for `rule`."""
+def _aggregation_job(path, rule, site_ranks="null", server=None):
+    """The default job (2 IID sites, 1 local epoch) under `rule`: only the persistor's aggregation changes;
+    the aggregator is the default job's one LoRAAggregator."""
     from simjob import make_job
 
-    return make_job(path, server={"min_clients": "2", **(server or {})},
-                    client={"num_sites": "2", "partition": '"iid"', "local_epochs": "1"},
-                    server_text={
-                        'path = "nvflare_lora.fl.persistor.AdapterPersistor"':
-                            'path = "nvflare_lora.fl.aggregator.LoRAAggregationPersistor"',
-                        'checkpoint_dir = "adapter"':
-                            f'checkpoint_dir = "adapter"\n        aggregation = "{rule}"{persistor_args}',
-                        'path = "nvflare.app_common.aggregators.intime_accumulate_model_aggregator.'
-                        'InTimeAccumulateWeightedAggregator"': 'path = "nvflare_lora.fl.aggregator.LoRAAggregator"',
-                        'args { expected_data_kind = "WEIGHT_DIFF" }': 'args { persistor_id = "persistor" }',
-                    })
+    return make_job(path, server={"min_clients": "2", "aggregation": f'"{rule}"', "site_ranks": site_ranks,
+                                  **(server or {})},
+                    client={"num_sites": "2", "partition": '"iid"', "local_epochs": "1"})
 
 
 def _sizes(shapes, keep=lambda k: True):
@@ -330,14 +326,11 @@ def exact_run(tmp_path_factory):
     from simjob import run_simulator
 
     tmp = tmp_path_factory.mktemp("exact")
-    rank_filter = '[{ tasks = ["train"], filters = [{ path = "nvflare_lora.fl.aggregator.SiteRankFilter", args {} }] }]'
-    job = _aggregation_job(tmp / "job", "exact", f'\n        site_ranks {{ "site-2" = {SMALL_RANK} }}',
+    # per-site ranks need nothing but site_ranks: no filter to wire
+    job = _aggregation_job(tmp / "job", "exact", f'{{ "site-2" = {SMALL_RANK} }}',
                            server={"num_rounds": str(SIM_ROUNDS), "r": str(GLOBAL_RANK),
                                    # also send the sites' own models (ranks 16 and 8) to each other
                                    "submit_model_task_name": '"submit_model"'})
-    conf = job / "app" / "config" / "config_fed_server.conf"
-    # the job's AdapterUpdateValidator stays in: it checks each site against its own rank
-    conf.write_text(_set_chain(conf.read_text(), "task_data_filters", rank_filter))
     ws = tmp / "ws"
     proc = run_simulator(job, ws, n=2, threads=2)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -431,3 +424,15 @@ def test_ffa_run_sends_no_lora_A_keeps_it_at_the_shared_init_and_learns(tmp_path
     results = cross_site_results(ws)
     final = np.mean([results[s]["SRV_latest"]["val_accuracy"] for s in ("site-1", "site-2")])
     assert final > comm["rounds"][0]["global_val_accuracy"] + 0.1, final
+
+
+def test_site_ranks_naming_a_site_that_is_not_in_the_job_stop_it_at_the_start(tmp_path):
+    from simjob import run_simulator, server_app_dir
+
+    job = _aggregation_job(tmp_path / "job", "fedavg", '{ "site-9" = 8 }', server={"num_rounds": "1"})
+    ws = tmp_path / "ws"
+    proc = run_simulator(job, ws, n=2, threads=2)
+    log = (ws / "simulator_output.txt").read_text()
+    assert "site_ranks names ['site-9'], which are not sites of this job; its sites are ['site-1', 'site-2']" in log, \
+        log[-3000:]
+    assert not (server_app_dir(ws) / "adapter" / "latest").exists(), "no round may run"

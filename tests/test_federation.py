@@ -93,8 +93,15 @@ def test_site_with_another_base_stops_the_job_saying_which_and_why(tmp_path):
     sd = load_file(str(base / "model.safetensors"))
     sd["visual_projection.weight"] = sd["visual_projection.weight"] + 0.01  # same shapes, other weights
     save_file(sd, str(base / "model.safetensors"), metadata={"format": "pt"})
+    # the guard is the workflow's, not the accounting widget's: the job stops with CommunicationLog removed
+    log_block = ('    {\n      # Per-round bytes (per site, both directions), accuracy, loss, refused/clipped updates:\n'
+                 '      # <app_server>/communication.json, and one progress line per round in the server log.\n'
+                 '      id = "communication_log"\n      path = "nvflare_lora.fl.accounting.CommunicationLog"\n'
+                 '      args {}\n    }\n')
     job = make_job(tmp_path / "job", server={"num_rounds": "2", "model": f'"{base}"'},
-                   client={"model_path": '"tiny-clip"'})  # every site uses the preset instead
+                   client={"model_path": '"tiny-clip"'},  # every site uses the preset instead
+                   server_text={log_block: ""})
+    assert "CommunicationLog" not in (job / "app" / "config" / "config_fed_server.conf").read_text()
     ws = tmp_path / "ws"
     proc = run_simulator(job, ws, n=2, threads=2)
     log = (ws / "simulator_output.txt").read_text()

@@ -33,10 +33,12 @@ def test_export_writes_a_job_folder_without_code(tmp_path):
         "app/config/config_fed_client.json", "app/config/config_fed_server.json", "meta.json"]
     server = json.loads((job / "app/config/config_fed_server.json").read_text())
     persistor = server["components"][0]
-    assert persistor["path"].endswith("LoRAAggregationPersistor") and persistor["args"]["r"] == 8
-    assert persistor["args"]["site_ranks"] == {"site-2": 4}
-    assert [f["path"].rsplit(".", 1)[1] for f in server["task_data_filters"][0]["filters"]] == [
-        "SiteRankFilter", "AdapterCompressor"]
+    assert persistor["path"].endswith("persistor.AdapterPersistor") and persistor["args"]["r"] == 8
+    assert persistor["args"]["site_ranks"] == {"site-2": 4} and persistor["args"]["aggregation"] == "exact"
+    # one stack: the same aggregator for every rule, and per-site ranks need no filter
+    assert [c["path"] for c in server["components"] if c["id"] == "aggregator"] == [
+        "nvflare_lora.fl.aggregator.LoRAAggregator"]
+    assert [f["path"].rsplit(".", 1)[1] for f in server["task_data_filters"][0]["filters"]] == ["AdapterCompressor"]
     client = json.loads((job / "app/config/config_fed_client.json").read_text())
     assert client["task_result_filters"][0]["filters"][0]["args"] == {"mode": "int8", "block_size": 128}
 
@@ -47,7 +49,12 @@ def test_export_writes_a_job_folder_without_code(tmp_path):
     ({"aggregation": "median"}, r"aggregation must be one of 'fedavg', 'ffa', 'exact'; got 'median'"),
     ({"compression": "zip"}, r"compression must be one of 'none', 'fp16', 'int8'"),
     ({"min_clients": 5}, r"min_clients \(5\) exceeds num_sites \(4\)"),
-    ({"site_ranks": {"site-1": 4}}, r"site_ranks needs aggregation 'ffa' or 'exact'"),
+    ({"site_ranks": {"site-1": 32}}, r"site_ranks\['site-1'\] = 32: a site's rank must be an integer from 1 to the "
+                                     r"global rank r=16"),
+    ({"estimator": "mode"}, r"estimator must be one of \['mean', 'median', 'trimmed_mean'\]"),
+    ({"trim_fraction": 0.5}, r"trim_fraction must be in \[0, 0.5\).*leave no site"),
+    ({"clip_multiple": 0.5}, r"clip_multiple must be a number >= 1"),
+    ({"weighting": "data"}, r"weighting must be one of \['steps', 'equal'\]"),
 ])
 def test_bad_settings_are_refused_with_the_valid_values(kwargs, match):
     with pytest.raises(RecipeError, match=match):

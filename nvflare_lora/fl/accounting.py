@@ -1,5 +1,9 @@
 """Per-round communication and quality log on the server: <app_server>/communication.json.
 
+Accounting only: bytes, the sites' metrics, the updates the aggregator refused (with its reason) and what
+it did to bound the others (clipped norms, capped weights, updates left out by direction). Nothing here
+stops or changes the job: the aggregator checks updates, the workflow stops the job on a base mismatch.
+
 Bytes are measured where they cross: a task's data after the server's task-data filters (download) and
 a site's result before the server's task-result filters (upload), so compression filters are counted
 at their compressed size. A payload's bytes are the bytes of its tensors (numpy nbytes) plus its
@@ -24,7 +28,7 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.widgets.widget import Widget
 
 from ..checkpoint import write_json_atomic
-from .announce import FATAL_HEADER, TRAIN_LOSS_KEY, VAL_COUNT_KEY
+from .announce import AGGREGATION_INFO_PROP, REFUSED_PROP, TRAIN_LOSS_KEY, VAL_COUNT_KEY
 
 COMPRESSION_META_KEY = "nvflare_lora_compression"  # set by compression filters: {"mode", "raw_bytes", ...}
 
@@ -91,9 +95,10 @@ class CommunicationLog(Widget):
             self._measure(fl_ctx, FLContextKey.TASK_DATA, "download")
         elif event_type == EventType.BEFORE_TASK_RESULT_FILTER:
             self._measure(fl_ctx, FLContextKey.TASK_RESULT, "upload")
-            self._stop_on_fatal(fl_ctx)
-        elif event_type == AppEventType.BEFORE_CONTRIBUTION_ACCEPT:
+        elif event_type == AppEventType.AFTER_CONTRIBUTION_ACCEPT:
             self._contribution(fl_ctx)
+        elif event_type == AppEventType.AFTER_AGGREGATION:
+            self._aggregation(fl_ctx)
         elif event_type == AppEventType.ROUND_DONE:
             self._round_done(fl_ctx)
         elif event_type == EventType.END_RUN:
@@ -123,19 +128,17 @@ class CommunicationLog(Widget):
             return
         self._round(int(rnd))[direction][site] = record
 
-    def _stop_on_fatal(self, fl_ctx: FLContext) -> None:
-        """A site that must not train (e.g. its base differs from the server's) stops the job, saying why."""
-        result = fl_ctx.get_prop(FLContextKey.TASK_RESULT)
-        reason = result.get_header(FATAL_HEADER) if result is not None else None
-        if reason:
-            site = fl_ctx.get_peer_context().get_identity_name("?") if fl_ctx.get_peer_context() else "?"
-            self.log_error(fl_ctx, f"stopping the job: {site}: {reason}")
-            self.system_panic(f"{site}: {reason}", fl_ctx)
-
     def _contribution(self, fl_ctx: FLContext) -> None:
+        """A site's result after the aggregator saw it: its metrics if accepted, else the aggregator's reason."""
         result = fl_ctx.get_prop(AppConstants.TRAINING_RESULT)
         site = fl_ctx.get_peer_context().get_identity_name("?")
         rnd = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+        if rnd is None:
+            return
+        if not fl_ctx.get_prop(AppConstants.AGGREGATION_ACCEPTED):
+            reason = fl_ctx.get_prop(REFUSED_PROP) or "not accepted by the aggregator"
+            self._round(int(rnd))["refused"][site] = reason
+            return
         try:
             dxo = from_shareable(result)
         except Exception:
@@ -148,11 +151,14 @@ class CommunicationLog(Widget):
             "val_count": dxo.get_meta_prop(VAL_COUNT_KEY),
         }
 
-    def record_refusal(self, fl_ctx: FLContext, site: str, reason: str) -> None:
-        """Called by the update validator when it leaves a site's update out of aggregation."""
+    def _aggregation(self, fl_ctx: FLContext) -> None:
+        """What the aggregator did to bound the sites' influence (clipped norms, capped weights)."""
+        info = fl_ctx.get_prop(AGGREGATION_INFO_PROP)
         rnd = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
-        if rnd is not None:
-            self._round(int(rnd))["refused"][site] = reason
+        if info and rnd is not None:
+            self._round(int(rnd))["aggregation"] = {k: info.get(k) for k in (
+                "mode", "robust", "site_names", "weights", "norms", "clip_bound", "cosines", "clipped", "capped", "excluded",
+                "product_error")}
 
     def _round_done(self, fl_ctx: FLContext) -> None:
         rnd = int(fl_ctx.get_prop(AppConstants.CURRENT_ROUND))
@@ -172,6 +178,13 @@ class CommunicationLog(Widget):
         acc = f"{r['global_val_accuracy']:.4f}" if r["global_val_accuracy"] is not None else "n/a"
         loss = f"{r['mean_train_loss']:.4f}" if r["mean_train_loss"] is not None else "n/a"
         refused = f", {len(r['refused'])} refused" if r["refused"] else ""
+        bounded = r.get("aggregation") or {}
+        if bounded.get("clipped"):
+            refused += f", {len(bounded['clipped'])} clipped"
+        if bounded.get("capped"):
+            refused += f", {len(bounded['capped'])} weight-capped"
+        if bounded.get("excluded"):
+            refused += f", {len(bounded['excluded'])} left out (direction)"
         self.log_info(fl_ctx, f"[nvflare_lora] round {rnd + 1}{total}: {len(sites)} sites reporting{refused}, "
                               f"train loss {loss}, global val acc {acc} (model sent this round), "
                               f"up {_human(r['upload_bytes'])}, down {_human(r['download_bytes'])}, "

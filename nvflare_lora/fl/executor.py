@@ -167,8 +167,8 @@ class CLIPLoRAExecutor(Executor):
         except Aborted:
             return make_reply(ReturnCode.TASK_ABORTED)
         except BaseMismatchError as e:
-            # Training on another base would aggregate garbage: the server's CommunicationLog reads the
-            # header and stops the whole job with this message (a site's own panic stops only the site).
+            # Training on another base would aggregate garbage: the server's workflow (ResumableScatterAndGather)
+            # reads the header and stops the whole job with this message (a site's own panic stops only the site).
             self.log_error(fl_ctx, f"{site}: {e}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION, headers={FATAL_HEADER: str(e)})
         except ad.AdapterMismatchError as e:

@@ -3,31 +3,49 @@
 Shapes come from a meta-device skeleton built from the model's config; initial values from the shared
 seeded init. The latest and the best global adapters are saved under the server's app directory as
 PEFT-loadable checkpoint directories (see nvflare_lora.checkpoint), swapped in atomically.
+
+The persistor also owns the job's LoRA aggregation rule (`aggregation`, `site_ranks`): it announces them
+to every site, and gives the aggregator and the shareable generator what each site must send and
+receive (nvflare_lora.aggregation.update_spec). Under the exact rule it keeps the residuals in the
+global model and folds them into a plain (larger-rank) PEFT adapter whenever it saves a checkpoint, so
+exporters and PeftModel.from_pretrained see an ordinary adapter.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
-from nvflare.apis.dxo import DXO, DataKind
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey, make_model_learnable
-from nvflare.app_common.abstract.model_locator import ModelLocator
 from nvflare.app_common.abstract.model_persistor import ModelPersistor
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.model_desc import ModelDescriptor
 
-from ..adapter import check_adapter, init_adapter_state
+from ..adapter import AdapterMismatchError, check_adapter, init_adapter_state
+from ..aggregation import (a_key, b_key, check_mode, fold_residuals, lora_layers, residual_key, unfold, update_spec,
+                           zero_residuals)
 from ..checkpoint import read_adapter_dir, save_adapter_dir
 from ..config import LoRAConfig
 from ..federated import adapter_skeleton
 from ..models import base_fingerprint, fingerprint_difference, preprocessing_for
-from .announce import ANNOUNCE_KEY
 
 CHECKPOINTS = ("best", "latest")
+FOLD_META_KEY = "aggregation"  # in nvflare_lora.json: {"mode", "site_ranks", and for exact the fold details}
+
+
+def check_site_ranks(site_ranks: Optional[Dict], r: int) -> Dict[str, int]:
+    """{site: rank} with every rank an integer in 1..r, else a ValueError naming the site and the range."""
+    out = {}
+    for site, rank in (site_ranks or {}).items():
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= r:
+            raise ValueError(f"site_ranks[{site!r}] = {rank!r}: a site's rank must be an integer from 1 to the "
+                             f"global rank r={r} (raise r to the largest site rank)")
+        out[str(site)] = rank
+    return out
 
 
 class AdapterPersistor(ModelPersistor):
@@ -44,13 +62,26 @@ class AdapterPersistor(ModelPersistor):
         resume_from: a saved global adapter to continue from after a server restart: a checkpoint
             directory (…/adapter/latest) or the app/run directory holding it. Its base fingerprint and
             LoRA settings must equal this job's. With nvflare_lora.fl.workflow.ResumableScatterAndGather
-            the job then runs only the rounds still missing.
+            the job then runs only the rounds still missing. Not supported under exact yet.
+        aggregation: "fedavg" (FedIT: A, B and the head averaged), "ffa" (FFA-LoRA: A stays at the shared
+            seeded init; sites train and send only B and the head: half the LoRA upload) or "exact"
+            (FedEx-LoRA: the global B @ A plus a dense per-layer residual equals the combination of the
+            sites' B @ A; the residual is sent to the sites, which add it to their frozen weights).
+        site_ranks: {site name: LoRA rank} for sites that train a smaller rank than `r` (the global rank,
+            which must be the largest); each such site is sent the global adapter at its rank.
+
+    Checkpoints (best/, latest/) stay plain PEFT adapter directories. Under exact the residual is folded
+    in: the saved adapter has a larger rank r' (its lora_config says so, with lora_alpha = r') and no
+    residual, and nvflare_lora.json records {"aggregation": {"mode": "exact", "folded_rank", ...}}.
+    Cross-site evaluation gets them back unfolded (the whole update as the residual, B = 0), which every
+    site evaluates exactly.
     """
 
     def __init__(self, model: str = "tiny-clip", num_classes: int = 10, labels: Optional[List[str]] = None,
                  r: int = 16, lora_alpha: float = 32, lora_dropout: float = 0.1,
                  target_modules: Optional[List[str]] = None, target_components: Optional[List[str]] = None,
-                 seed: int = 0, checkpoint_dir: str = "adapter", resume_from: str = ""):
+                 seed: int = 0, checkpoint_dir: str = "adapter", resume_from: str = "", aggregation: str = "fedavg",
+                 site_ranks: Optional[Dict[str, int]] = None):
         super().__init__()
         self.model = model
         self.num_classes = num_classes
@@ -61,12 +92,16 @@ class AdapterPersistor(ModelPersistor):
                                target_components=target_components or ["vision", "classifier"], seed=seed)
         self.checkpoint_dir = checkpoint_dir
         self.resume_from = resume_from
+        self.aggregation = check_mode(aggregation)
+        self.site_ranks = check_site_ranks(site_ranks, self.lora.r)
+        if resume_from and self.aggregation == "exact":
+            raise ValueError("resume_from is not supported with aggregation = \"exact\" yet: its checkpoints hold the "
+                             "folded update (a larger rank); start a new run, or resume under fedavg/ffa")
         self.completed_rounds = 0  # rounds already in the adapter loaded by load_model (resume)
         self._fingerprint: Optional[Dict] = None
         self._shapes = None
         self._peft_config = None
         self._root: Optional[Path] = None
-        self.best_metric: Optional[float] = None
 
     # ---- what every site is told -------------------------------------------------------------
     def _ensure_skeleton(self):
@@ -74,16 +109,19 @@ class AdapterPersistor(ModelPersistor):
             self._shapes, self._peft_config = adapter_skeleton(self.model, self.num_classes, self.lora)
             self._fingerprint = base_fingerprint(self.model)
 
-    def adapter_shapes(self, site: Optional[str] = None) -> Dict:
-        """Shapes of the global adapter, which is also what every site's update must match (`site` is
-        accepted for LoRAAggregationPersistor's sake, whose sites may train other ranks)."""
+    def site_rank(self, site: Optional[str]) -> int:
+        return self.site_ranks.get(site, self.lora.r) if site else self.lora.r
+
+    def update_spec(self, site: Optional[str], global_shapes: Optional[Dict] = None) -> Dict:
+        """Keys and shapes `site` must send this round (update_spec for the rule and the site's rank)."""
         self._ensure_skeleton()
-        return dict(self._shapes)
+        return update_spec(global_shapes or self._training_shapes(), self.aggregation, self.site_rank(site))
 
     def announcement(self) -> Dict:
         self._ensure_skeleton()
         return {"model": str(self.model), "fingerprint": self._fingerprint, "lora_config": self.lora.to_dict(),
-                "num_classes": self.num_classes, "labels": self.labels}
+                "num_classes": self.num_classes, "labels": self.labels, "aggregation": self.aggregation,
+                "site_ranks": dict(self.site_ranks)}
 
     def metadata(self, extra: Dict) -> Dict:
         """Same fields as nvflare_lora.managers.model_metadata, so the exporter reads both alike."""
@@ -103,14 +141,37 @@ class AdapterPersistor(ModelPersistor):
             self._root = Path(app_dir) / self.checkpoint_dir
         return self._root
 
+    def _training_template(self) -> Dict[str, np.ndarray]:
+        """The initial global adapter in the form sites train (with zero residuals under exact)."""
+        weights = init_adapter_state(self._shapes, self.lora.seed)
+        if self.aggregation == "exact":
+            weights.update(zero_residuals(weights))
+        return weights
+
+    def _training_shapes(self) -> Dict:
+        shapes = dict(self._shapes)
+        if self.aggregation == "exact":
+            shapes.update({residual_key(l): (self._shapes[b_key(l)][0], self._shapes[a_key(l)][1])
+                           for l in lora_layers(self._shapes)})
+        return shapes
+
+    def _check_site_names(self, fl_ctx: FLContext) -> None:
+        """site_ranks may only name sites of this job (a typo would silently train that site at rank r)."""
+        try:
+            names = {c.name for c in fl_ctx.get_engine().get_clients()}
+        except AttributeError:
+            return
+        unknown = sorted(set(self.site_ranks) - names)
+        if names and unknown:
+            raise ValueError(f"site_ranks names {unknown}, which are not sites of this job; its sites are "
+                             f"{sorted(names)}")
+
     def load_model(self, fl_ctx: FLContext) -> ModelLearnable:
         self._ensure_skeleton()
-        if self.resume_from:
-            weights = self._load_resume(fl_ctx)
-        else:
-            weights = init_adapter_state(self._shapes, self.lora.seed)
+        self._check_site_names(fl_ctx)
+        weights = self._load_resume(fl_ctx) if self.resume_from else self._training_template()
         n = sum(v.size for v in weights.values())
-        self.log_info(fl_ctx, f"global adapter: {len(weights)} tensors, {n:,} parameters "
+        self.log_info(fl_ctx, f"global adapter ({self.aggregation}): {len(weights)} tensors, {n:,} parameters "
                               f"({n * 4 / 1024:.1f} KiB fp32), base {self.model!r} never loaded on the server")
         return make_model_learnable(weights, {})
 
@@ -134,11 +195,23 @@ class AdapterPersistor(ModelPersistor):
         self.log_info(fl_ctx, f"resuming from {path}: {self.completed_rounds} round(s) already done")
         return {k: np.asarray(v, np.float32) for k, v in state.items()}
 
+    def _fold_info(self) -> Dict:
+        return {"mode": self.aggregation, "site_ranks": dict(self.site_ranks)}
+
     def _save(self, name: str, weights: Dict, fl_ctx: FLContext, extra: Dict) -> Path:
-        check_adapter(weights, self._shapes, f"global adapter ({name})")
         rnd = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
-        return save_adapter_dir(self._dir(fl_ctx) / name, weights, self._peft_config,
-                                self.metadata({"round": rnd, "checkpoint": name, **extra}))
+        check_adapter(weights, self._training_shapes(), f"global adapter ({name})")
+        if self.aggregation != "exact":
+            return save_adapter_dir(self._dir(fl_ctx) / name, weights, self._peft_config,
+                                    self.metadata({"round": rnd, "checkpoint": name, **extra,
+                                                   FOLD_META_KEY: self._fold_info()}))
+        folded, rank, info = fold_residuals(weights, self.lora.scaling)
+        peft_config = copy.deepcopy(self._peft_config)
+        peft_config.r, peft_config.lora_alpha = rank, float(rank)
+        lora = {**self.lora.to_dict(), "r": rank, "lora_alpha": float(rank)}
+        meta = self.metadata({"round": rnd, "checkpoint": name, **extra, "lora_config": lora,
+                              FOLD_META_KEY: {**self._fold_info(), **info, "training_lora_config": self.lora.to_dict()}})
+        return save_adapter_dir(self._dir(fl_ctx) / name, folded, peft_config, meta)
 
     def save_model(self, model: ModelLearnable, fl_ctx: FLContext):
         self._ensure_skeleton()
@@ -151,7 +224,6 @@ class AdapterPersistor(ModelPersistor):
             # they trained): that is the current GLOBAL_MODEL, not yet replaced by the aggregate.
             model = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
             metric = fl_ctx.get_prop(AppConstants.VALIDATION_RESULT)
-            self.best_metric = metric
             self._ensure_skeleton()
             self._save("best", model[ModelLearnableKey.WEIGHTS], fl_ctx,
                        {"metrics": {"val_accuracy": metric}, "note": "global adapter sent in this round"})
@@ -166,27 +238,18 @@ class AdapterPersistor(ModelPersistor):
         return out
 
     def get_model(self, model_file: str, fl_ctx: FLContext) -> ModelLearnable:
-        state, _, _ = read_adapter_dir(self._dir(fl_ctx) / model_file)
-        return make_model_learnable({k: np.asarray(v) for k, v in state.items()}, {})
-
-
-class AdapterModelLocator(ModelLocator):
-    """Hands the saved global adapters (best, latest) to CrossSiteModelEval.
-
-    Args:
-        persistor_id: the AdapterPersistor that saved them.
-    """
-
-    def __init__(self, persistor_id: str = "persistor"):
-        super().__init__()
-        self.persistor_id = persistor_id
-
-    def get_model_names(self, fl_ctx: FLContext) -> List[str]:
-        persistor = fl_ctx.get_engine().get_component(self.persistor_id)
-        return list(persistor.get_model_inventory(fl_ctx))
-
-    def locate_model(self, model_name: str, fl_ctx: FLContext) -> Optional[DXO]:
-        persistor = fl_ctx.get_engine().get_component(self.persistor_id)
-        learnable = persistor.get_model(model_name, fl_ctx)
-        return DXO(DataKind.WEIGHTS, data=learnable[ModelLearnableKey.WEIGHTS],
-                   meta={ANNOUNCE_KEY: persistor.announcement()})
+        """A checkpoint in the form the sites train: under exact a folded adapter is unfolded (its whole
+        effective update as the residual, B = 0, A at the shared init)."""
+        path = self._dir(fl_ctx) / model_file
+        state, peft_cfg, meta = read_adapter_dir(path)
+        state = {k: np.asarray(v, np.float32) for k, v in state.items()}
+        if self.aggregation != "exact":
+            return make_model_learnable(state, {})
+        info = meta.get(FOLD_META_KEY) or {}
+        if info.get("mode") != "exact":
+            raise AdapterMismatchError(f"{path} was not saved by the exact aggregation (nvflare_lora.json "
+                                       f"'{FOLD_META_KEY}': {info or 'missing'})")
+        folded_scaling = float(peft_cfg["lora_alpha"]) / float(peft_cfg["r"])
+        weights = unfold(state, folded_scaling, self._training_template(), self.lora.scaling)
+        check_adapter(weights, self._training_shapes(), f"checkpoint {path}")
+        return make_model_learnable(weights, {})

@@ -1,20 +1,30 @@
-"""ScatterAndGather that continues a job from the persistor's saved round (server restart).
+"""ScatterAndGather that continues a job from the persistor's saved round, and stops the job when a site
+reports that it must not train (its base differs from the server's).
 
 NVFlare 2.9 no longer snapshots components (ServerEngine.persist_components is a no-op), so a
 restarted server cannot pick up a running job by itself. Resubmit the job with the persistor's
 `resume_from` pointing at the last saved global adapter: this workflow then skips the rounds that
 adapter already holds, so `num_rounds` keeps meaning the job's total.
+
+The guard lives here, in the workflow every job has, not in an optional widget: a site whose base
+fingerprint differs from the announced one replies with the FATAL_HEADER, and training on another base
+would aggregate garbage, so the whole job stops with the site's reason (a site's own panic would stop
+only that site).
 """
 
 from __future__ import annotations
 
 from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
 
+from .announce import FATAL_HEADER
+
 
 class ResumableScatterAndGather(ScatterAndGather):
-    """ScatterAndGather (same arguments) that starts after the rounds already in a resumed adapter."""
+    """ScatterAndGather (same arguments) that starts after the rounds already in a resumed adapter and stops
+    the job on a site's fatal reply."""
 
     def start_controller(self, fl_ctx: FLContext) -> None:
         super().start_controller(fl_ctx)
@@ -25,3 +35,12 @@ class ResumableScatterAndGather(ScatterAndGather):
             fl_ctx.set_prop(AppConstants.START_ROUND, self._start_round, private=True, sticky=True)
             fl_ctx.set_prop(AppConstants.NUM_ROUNDS, self._num_rounds, private=True, sticky=False)
             self.log_info(fl_ctx, f"resuming at round {done}: {self._num_rounds} round(s) to go of {total}")
+
+    def _accept_train_result(self, client_name: str, result: Shareable, fl_ctx: FLContext,
+                             is_unknown_task: bool = False) -> bool:
+        reason = result.get_header(FATAL_HEADER) if result is not None else None
+        if reason:
+            self.log_error(fl_ctx, f"stopping the job: {client_name}: {reason}")
+            self.system_panic(f"{client_name}: {reason}", fl_ctx)
+            return False
+        return super()._accept_train_result(client_name, result, fl_ctx, is_unknown_task=is_unknown_task)
