@@ -1,0 +1,149 @@
+"""How much one faulty site of four can hurt the default job, under each way the server can combine updates.
+
+Runs the default job (jobs/clip_lora as shipped: 4 sites, Dirichlet label skew, 8 rounds) in the real NVFlare
+simulator, written by the Recipe (nvflare_lora.recipe.write_job), with tests/faulty_executor.FaultyExecutor in
+the executor's place. site-4 (the largest share of the data) is faulty in every round, one way at a time:
+
+  none       behaves (the baseline of each row)
+  x1e4       sends 10^4 x its real update: finite, right keys (a learning-rate bug, or an attack)
+  sign_flip  sends its real update negated
+  steps1e9   sends its real update but claims 10^9 local steps (NUM_STEPS_CURRENT_ROUND)
+  absent     (reference, default settings only) replies an error every round: the job without site-4's
+             data, the most any aggregator can reach when it must ignore that site
+
+Aggregation settings (LoRAAggregator arguments, nvflare_lora.aggregation.Robustness):
+
+  fedavg         estimator mean, no clipping, no weight cap, no direction check: plain FedAvg, the job before
+                 issue 13
+  clip+cap       mean, clip_multiple 2, max_weight_ratio 2, no direction check
+  default        the job as shipped: clip+cap and min_agreement 0.5 (an update whose cosine with the round's
+                 coordinate-wise median update is below half the sites' median cosine is left out)
+  median         coordinate-wise median (clip, cap and direction check as default)
+  trimmed_mean   trim_fraction 0.25 (with 4 sites: the largest and smallest value per coordinate dropped)
+
+Metric: the final global adapter (the persistor's `latest`) evaluated by every site in cross-site evaluation,
+accuracy weighted by each site's validation count (the faulty site's data counts too: it is real data).
+The sites' validation splits are the only held-out data of this job; nothing is tuned on them here: the
+default's settings were fixed before this run and are reported as they are.
+
+Usage: HF_HUB_OFFLINE=1 python benchmarks/robustness.py [--workdir DIR] [--rounds 8]
+Last line: `robustness: clean=<A> worst_faulty_default=<B> drop=<C>pt` (target drop <= 2 points).
+Raw results: benchmarks/results/robustness.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests")]
+
+from simjob import cross_site_results, run_simulator  # noqa: E402
+
+from nvflare_lora.recipe import settings, write_job  # noqa: E402
+
+FAULTY_SITE = "site-4"
+FAULTS = ("none", "x1e4", "sign_flip", "steps1e9")
+REFERENCE = "absent"  # site-4 replies an error every round: what the job reaches without its data at all
+SETTINGS = {
+    "fedavg": {"estimator": "mean", "clip_multiple": None, "max_weight_ratio": None, "min_agreement": None},
+    "clip+cap": {"min_agreement": None},
+    "default": {},
+    "median": {"estimator": "median"},
+    "trimmed_mean": {"estimator": "trimmed_mean", "trim_fraction": 0.25},
+}
+
+
+def faulty_job(dest: Path, name: str, fault: str, rounds: int, **agg) -> Path:
+    """The default job with these aggregator settings, its executor replaced by FaultyExecutor."""
+    job = write_job(dest, name, settings(num_rounds=rounds, **agg))
+    client_file = job / "app" / "config" / "config_fed_client.json"
+    client = json.loads(client_file.read_text())
+    executor = client["executors"][0]["executor"]
+    executor["path"] = "faulty_executor.FaultyExecutor"
+    executor["args"]["faults"] = {FAULTY_SITE: {"*": "nothing" if fault == REFERENCE else fault}} \
+        if fault != "none" else {}
+    client_file.write_text(json.dumps(client, indent=2))
+    return job
+
+
+def final_accuracy(ws: Path) -> dict:
+    results = cross_site_results(ws)
+    accs = {site: r["SRV_latest"]["val_accuracy"] for site, r in results.items()}
+    counts = {site: r["SRV_latest"]["count"] for site, r in results.items()}
+    mean = sum(accs[s] * counts[s] for s in accs) / sum(counts.values())
+    return {"accuracy": mean, "per_site": accs, "counts": counts}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", default="")
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--faulty-site", default=FAULTY_SITE, help="the faulty site (default: site-4, the largest share)")
+    p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "robustness.json"))
+    p.add_argument("--only", default="", help="comma-separated settings/fault keys to run (no table, no JSON)")
+    args = p.parse_args()
+    global FAULTY_SITE
+    FAULTY_SITE = args.faulty_site
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="robustness_"))
+    load = os.getloadavg()[0]
+    rows = {}
+    plan = [(name, agg, fault) for name, agg in SETTINGS.items() for fault in FAULTS] + [("default", {}, REFERENCE)]
+    if args.only:
+        plan = [x for x in plan if f"{x[0]}/{x[2]}" in args.only.split(",")]
+    for name, agg, fault in plan:
+        if True:
+            key = f"{name}/{fault}"
+            dest = work / key.replace("/", "_")
+            shutil.rmtree(dest, ignore_errors=True)
+            dest.mkdir(parents=True)
+            job = faulty_job(dest, "job", fault, args.rounds, **agg)
+            t0 = time.perf_counter()
+            proc = run_simulator(job, dest / "ws", n=4, threads=4, test_components=True, timeout=900)
+            seconds = time.perf_counter() - t0
+            if proc.returncode != 0:
+                raise SystemExit(f"{key}: simulator failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+            comm = json.loads((dest / "ws" / "server" / "simulate_job" / "app_server" / "communication.json").read_text())
+            count = {what: {site: sum(site in ((r.get("aggregation") or {}).get(what) or {}) for r in comm["rounds"])
+                            for site in ("site-1", "site-2", "site-3", "site-4")}
+                     for what in ("clipped", "capped", "excluded")}
+            rows[key] = {"settings": name, "fault": fault, **final_accuracy(dest / "ws"), "seconds": round(seconds, 1),
+                         "rounds_bounded": count}
+            honest = {w: sum(n for s, n in c.items() if s != FAULTY_SITE) for w, c in count.items()}
+            print(f"{key}: accuracy {rows[key]['accuracy']:.4f} ({seconds:.0f}s; {FAULTY_SITE} clipped/capped/left out "
+                  f"in {count['clipped'][FAULTY_SITE]}/{count['capped'][FAULTY_SITE]}/{count['excluded'][FAULTY_SITE]} "
+                  f"rounds; honest sites {honest['clipped']}/{honest['capped']}/{honest['excluded']} site-rounds)",
+                  flush=True)
+
+    if args.only:
+        return
+    print("\n| aggregation | " + " | ".join(FAULTS) + " | worst drop |\n|---|" + "---|" * (len(FAULTS) + 1))
+    for name in SETTINGS:
+        accs = [rows[f"{name}/{f}"]["accuracy"] for f in FAULTS]
+        drop = 100 * (accs[0] - min(accs[1:]))
+        print(f"| {name} | " + " | ".join(f"{a:.4f}" for a in accs) + f" | {drop:.1f} pt |")
+    print(f"\nreference: default settings, {FAULTY_SITE} absent (error reply every round): "
+          f"{rows['default/' + REFERENCE]['accuracy']:.4f}")
+    clean = rows["default/none"]["accuracy"]
+    worst = min(rows[f"default/{f}"]["accuracy"] for f in FAULTS[1:])
+    print(f"\nfaulty site: {FAULTY_SITE}, every round; {args.rounds} rounds; final cross-site accuracy of the latest "
+          f"global adapter over all 4 sites' validation data. Load average at start {load:.2f}, at end "
+          f"{os.getloadavg()[0]:.2f} ({os.cpu_count()} cores).")
+    out = Path(args.json)
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"rounds": args.rounds, "faulty_site": FAULTY_SITE, "settings": SETTINGS,
+                               "load_at_start": load, "results": rows}, indent=1) + "\n")
+    print(f"robustness: clean={clean:.4f} worst_faulty_default={worst:.4f} drop={100 * (clean - worst):.1f}pt")
+
+
+if __name__ == "__main__":
+    main()
