@@ -11,8 +11,9 @@ level, so it runs only where bitsandbytes is importable, see --bnb-path; else it
 
 Per mode: upload bytes per round (all 4 sites, as the server's communication.json measures them: tensor
 bytes + key names, before the server's filters), the ratio against none, the ratio of a full-model FedAvg
-upload at CLIP ViT-B/32 shapes (transformers.CLIPModel(CLIPConfig()) on the meta device, 151,277,313
-parameters x 4 bytes) to this mode's upload at ViT-B/32 *adapter* shapes (same LoRA settings as the job;
+upload at CLIP ViT-B/32 shapes (benchmarks/federation.py full_fedavg_bytes, the one baseline of every
+"x smaller" figure: the classifier a site would train in full, image tower + projection + head of
+CLIPConfig(), 87,854,346 parameters x 4 bytes) to this mode's upload at ViT-B/32 *adapter* shapes (same LoRA settings as the job;
 an update of that shape, random normal, encoded by the same codec and counted the same way), the final
 accuracy (the last global adapter, SRV_latest, validated by every site, weighted by the sites' validation
 counts) and its difference from none in percentage points.
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import sys
 import tempfile
@@ -120,15 +122,13 @@ def job_lora() -> tuple:
 
 
 def vitb32_upload_bytes(modes, fraction: float) -> tuple:
-    """(full-model FedAvg upload bytes, {mode: one site's upload bytes at ViT-B/32 adapter shapes})."""
-    import torch
-    from transformers import CLIPConfig, CLIPModel
+    """(full-model FedAvg upload bytes of one site, {mode: one site's upload bytes at ViT-B/32 adapter shapes})."""
+    from federation import full_fedavg_bytes
 
-    with torch.device("meta"):
-        full_params = sum(p.numel() for p in CLIPModel(CLIPConfig()).parameters())
     num_classes, lora = job_lora()
     with tempfile.TemporaryDirectory() as d:
         shapes = adapter_shapes(write_vitb32_config(d), num_classes, lora)
+        full_bytes = full_fedavg_bytes(write_vitb32_config(d), num_classes)
     rng = np.random.default_rng(0)
     update = {k: (0.01 * rng.standard_normal(s)).astype(np.float32) for k, s in shapes.items()}
     sizes = {}
@@ -140,7 +140,7 @@ def vitb32_upload_bytes(modes, fraction: float) -> tuple:
         else:
             spec = codec.CompressionSpec(mode, fraction=fraction)
             sizes[mode] = payload_bytes({PAYLOAD_KEY: codec.encode(update, spec)})
-    return full_params, sizes
+    return full_bytes, sizes
 
 
 def human(n: float) -> str:
@@ -169,9 +169,9 @@ def main() -> None:
         sys.exit("--fraction must be in (0, 0.1]")
     runs = modes + (["none (repeat)"] if a.noise else [])
 
-    full_params, b32 = vitb32_upload_bytes([m for m in modes], a.fraction)
-    full_bytes = full_params * 4
-    print(f"full-model FedAvg upload at ViT-B/32: {full_params:,} params x 4 B = {human(full_bytes)} per site")
+    full_bytes, b32 = vitb32_upload_bytes([m for m in modes], a.fraction)
+    print(f"full-model FedAvg upload at ViT-B/32 (the classifier: image tower, projection, head): "
+          f"{full_bytes // 4:,} params x 4 B = {human(full_bytes)} per site")
 
     workdir = Path(a.workdir or tempfile.mkdtemp(prefix="compression-bench-"))
     results, skipped = {}, {}
@@ -217,6 +217,10 @@ def main() -> None:
         return (f"{mode} {none['upload_per_round'] / r['upload_per_round']:.2f}x "
                 f"dacc={100 * (r['final_accuracy'] - none['final_accuracy']):+.1f}")
 
+    out = Path(__file__).parent / "results" / "compression.json"
+    out.write_text(json.dumps({"fraction": a.fraction, "rounds": a.rounds, "full_fedavg_bytes_vitb32": full_bytes,
+                               "vitb32_upload_per_site": b32, "skipped": skipped, "results": results,
+                               "load_at_end": os.getloadavg()[0]}, indent=1, default=float) + "\n")
     print(f"compression: {summary('int8')} {summary('topk+int8')}")
 
 

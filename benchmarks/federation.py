@@ -343,6 +343,15 @@ def bench_server_memory(tmp: Path) -> Dict:
 
 
 # ---- (c) upload per round ------------------------------------------------------------------------------
+def full_fedavg_bytes(model: str, num_classes: int) -> int:
+    """THE full-model FedAvg baseline of every "x smaller" figure: one site's fp32 upload when it sends the
+    whole model it trains, our CLIPImageClassifier (image tower, projection and head; no text tower, which
+    the classifier does not have), counted on the meta device."""
+    cfg = load_clip_config(resolve_model(str(model)))
+    with torch.device("meta"):
+        return sum(p.numel() for p in CLIPImageClassifier(cfg, num_classes, include_text=False).parameters()) * FP32
+
+
 def upload_sizes(observed: Optional[Dict], sites: int = 4) -> Dict:
     from nvflare_lora.fl.persistor import AdapterPersistor
 
@@ -352,9 +361,7 @@ def upload_sizes(observed: Optional[Dict], sites: int = 4) -> Dict:
     base = ensure_vitb32_base()
     shapes = adapter_shapes(str(base), num_classes, lora)
     adapter = sum(int(np.prod(s)) for s in shapes.values()) * FP32
-    cfg = load_clip_config(resolve_model(str(base)))
-    with torch.device("meta"):
-        full = sum(p.numel() for p in CLIPImageClassifier(cfg, num_classes, include_text=False).parameters()) * FP32
+    full = full_fedavg_bytes(str(base), num_classes)
     res = {"adapter_per_site": adapter, "full_per_site": full, "sites": sites, "num_keys": len(shapes)}
     if observed is not None:
         per_site = [u["bytes"] for r in observed["rounds"] for u in r["upload"].values()]
@@ -441,6 +448,9 @@ def main(argv=None) -> int:
               f"computed {c['full_per_site'] / c['adapter_per_site']:.1f}")
         summary.append(f"upload_vs_full=1/{z:.0f}")
     print(f"\ntotal benchmark time {time.perf_counter() - t_start:.0f}s")
+    raw = {"a": a, "b": {k: {kk: vv for kk, vv in v.items() if kk != "communication"} for k, v in b.items()}
+           if b else None, "c": c, "load_at_end": os.getloadavg()[0]}
+    (Path(__file__).parent / "results" / "federation.json").write_text(json.dumps(raw, indent=1, default=str) + "\n")
     print("federation: " + " ".join(summary))
     return 0
 

@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here needs the hub; fail fast rather than wait on it
 
@@ -276,6 +277,12 @@ def main() -> None:
 
     block = tables["vitb32"]["towers"]["image tower + head (default)"]
     row, base = block["rows"][("qv", 16)], block["base_total"]
+    raw = {model: {tower: {"base_total": b["base_total"],
+                           "rows": {f"{t} r{r}": v for (t, r), v in b["rows"].items()}}
+                   for tower, b in t["towers"].items()} for model, t in tables.items()}
+    out = Path(__file__).parent / "results" / "params.json"
+    out.write_text(json.dumps({"tables": raw, "epoch_runs": runs, "load_at_end": os.getloadavg()[0]}, indent=1,
+                              default=str) + "\n")
     print(f"params: vitb32 r16 qv adapter={row['trainable']} ({100 * row['trainable'] / base:.2f}% of {base})")
 
 

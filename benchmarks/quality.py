@@ -13,38 +13,40 @@ training seed the same initial adapter and batch order):
 3. LoRA (rank --rank 8, alpha 2*rank, q/v of the image tower, a new 10-class head trained in full) adapts
    the base to the TARGET domain for --rounds 200 rounds. Per round a site takes --local-steps 5 AdamW
    steps of batch 32 on its share (a fresh optimiser each round, as in the NVFlare executor; few local
-   steps keep the sites from drifting apart under label skew, and LoRA makes many rounds cheap; at 100
-   rounds central had converged but the federations under alpha 0.1 had not). Peak lr:
-   --lr 0.01 for the single-party runs (central, local-only), --fed-lr 0.02 for the federations (averaging
-   partly cancels the sites' updates, so each site steps further), cosine-decayed over the rounds to 5%.
-   Both were picked on a validation split carved from the pool (an earlier version of this script: a
-   0.01/0.02 grid per method and split; central and local-only chose 0.01, ffa chose 0.02 on all three
-   splits, fedavg and exact on two of three; the numbers are in benchmarks/README.md):
+   steps keep the sites from drifting apart under label skew, and LoRA makes many rounds cheap), peak lr
+   cosine-decayed over the rounds to 5%:
    - central: one party holding the whole training pool, the same rounds and schedule, seeing per round
      as many samples as the 4 sites together (the upper bound);
    - local-only: each of the 4 sites trains alone on its share; accuracy = mean over the sites;
    - fedavg / ffa / exact: 4 sites; each round every site trains on its share from the global adapter and
-     the server aggregates the diffs weighted by local steps (as the NVFlare job does).
+     the server aggregates the diffs as the default job's LoRAAggregator does (weights: local steps,
+     capped at 2x the median; norms clipped to 2x the median: nvflare_lora.recipe.JobSettings' defaults).
    Sites' shares: nvflare_lora.data.partition (the executor's split) of the training pool, IID and
    Dirichlet label skew with alpha 0.5 and 0.1.
    --hetero adds two runs under alpha 0.5 with site ranks 2, 4, 8, 8 (global rank 8): fedavg and exact.
-4. Accuracy: the global adapter after the last round on the 359 test images (target domain), the mean
-   over the training --seeds 0,1 (initial adapter and batch order; the data, base and shares stay fixed);
-   curves score it every --eval-every 5 rounds. Runs differ by 0 to 4.5 points from seed to seed.
+4. Choices on validation data, in this script: a fixed 20% of the training pool (--val-fraction) is held
+   out as the validation split (sites and central train on the rest). For every method and split, the peak
+   lr comes from the grid LR_GRID, run once (training seed 0) and scored on the validation split; then the
+   chosen lr is run with every training seed of --seeds (default 0,1,2) and only those runs are scored on
+   the 359 test images. The best federated rule of a split (the summary line) is also the one with the
+   best validation accuracy, not the best test accuracy.
+5. Accuracy: the global adapter after the last round on the test images (target domain): mean over the
+   seeds (initial adapter and batch order; data, base and shares stay fixed) and their spread; curves
+   score it every --eval-every 5 rounds.
 
 Same code as the NVFlare components: the sites run nvflare_lora.aggregation_site.SiteAggregation (what
-CLIPLoRAExecutor runs), the server nvflare_lora.aggregation.project/aggregate (what SiteRankFilter and
-LoRAAggregator run); bytes are measured like the server's communication.json (accounting.payload_bytes:
+CLIPLoRAExecutor runs), the server nvflare_lora.aggregation.project/aggregate (what AdapterShareableGenerator
+and LoRAAggregator run); bytes are measured like the server's communication.json (accounting.payload_bytes:
 tensor bytes + key names) on what each site receives (download) and sends (upload).
 
-The 34 runs (2 seeds, with --hetero) are independent; --workers 2 processes (one torch thread each) share
-them out: about 21 minutes of CPU time, 11 minutes on the 2-core machine when it is not loaded by
-others. Results do not depend on --workers.
+The runs are independent; --workers 2 processes (one torch thread each) share them out. Results do not
+depend on --workers.
 
 Usage:  HF_HUB_OFFLINE=1 python benchmarks/quality.py [--hetero] [--workers 2] [--plots benchmarks/results]
-Last line: `quality: central=<A> best_fed=<B>(<method>) iid_gap=<X> a0.1_gap=<Y>`: A = central accuracy,
-B = the best federated test accuracy under IID and its rule, X / Y = A minus the best federated test
-accuracy under IID / alpha 0.1, all in points (percent), means over the seeds.
+Raw results: --json (default benchmarks/results/quality.json, next to the plots).
+Last line: `quality: central=<A> best_fed=<B>(<method>) iid_gap=<X> a0.1_gap=<Y>`: A = central test
+accuracy, B = the test accuracy under IID of the rule validation chose, X / Y = A minus the test accuracy of
+the validation-chosen rule under IID / alpha 0.1, all in points (percent), means over the seeds.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ OUT = ROOT / "benchmarks" / "out" / "quality"
 SITES = 4
 PARTITIONS = [("iid", "iid", None), ("a0.5", "dirichlet", 0.5), ("a0.1", "dirichlet", 0.1)]
 RULES = ("fedavg", "ffa", "exact")
+LR_GRID = (0.01, 0.02)  # peak lr; chosen per method and split on the validation split
 HETERO_RANKS = (2, 4, 8, 8)
 
 from nvflare_lora import CLIPLoRAWrapper, FederatedCLIPModel, LoRAConfig  # noqa: E402
@@ -78,12 +81,16 @@ from nvflare_lora.aggregation_site import SiteAggregation, site_lora_config  # n
 from nvflare_lora.data import ImageDataset, partition  # noqa: E402
 from nvflare_lora.fl.accounting import payload_bytes  # noqa: E402
 from nvflare_lora.models import build_classifier, preprocessing_for, save_preset  # noqa: E402
+from nvflare_lora.recipe import JobSettings  # noqa: E402
 from nvflare_lora.training import train_local  # noqa: E402
+
+JOB_ROBUSTNESS = JobSettings().robustness()  # the default job's aggregator
 
 
 # ---- data -------------------------------------------------------------------------------------------
-def digit_domains(seed: int):
-    """(source images, target images, labels, pool indices, test indices); images uint8 HxW."""
+def digit_domains(seed: int, val_fraction: float = 0.2):
+    """(source images, target images, labels, pool indices, val indices, test indices); images uint8 HxW.
+    pool + val is the training pool of the earlier versions (80%); val is --val-fraction of it."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -91,7 +98,10 @@ def digit_domains(seed: int):
     target = np.stack([255 - np.rot90(im) for im in source])
     perm = np.random.default_rng(seed).permutation(len(d.target))
     n_test = int(round(0.2 * len(perm)))
-    return source, target, d.target.astype(np.int64), np.sort(perm[n_test:]), np.sort(perm[:n_test])
+    rest = perm[n_test:]
+    n_val = int(round(val_fraction * len(rest)))
+    return (source, target, d.target.astype(np.int64), np.sort(rest[n_val:]), np.sort(rest[:n_val]),
+            np.sort(perm[:n_test]))
 
 
 def as_dataset(images: np.ndarray, labels: np.ndarray, preprocess) -> ImageDataset:
@@ -148,16 +158,17 @@ def pretrained_base(args, source, labels, train_idx) -> Path:
 class Bench:
     """The training runs; `seed` (per run) sets the initial adapter and every batch order."""
 
-    def __init__(self, args, base: Path, pool: ImageDataset, test: ImageDataset):
+    def __init__(self, args, base: Path, pool: ImageDataset, val: ImageDataset, test: ImageDataset):
         self.args, self.base, self.pool = args, base, pool
-        self.xt, self.yt = test.tensors()
+        self.eval_sets = {"val": val.tensors(), "test": test.tensors()}
+        self.on, self.every = "test", args.eval_every  # set per run by _run_job
 
     def lora(self, seed: int) -> LoRAConfig:
         return LoRAConfig(r=self.args.rank, lora_alpha=2 * self.args.rank, lora_dropout=0.0, seed=seed)
 
     def scored(self, rnd: int) -> bool:
         """Score the model every --eval-every rounds and after the last one (scoring is not free on 2 cores)."""
-        return (rnd + 1) % self.args.eval_every == 0 or rnd + 1 == self.args.rounds
+        return (rnd + 1) % self.every == 0 or rnd + 1 == self.args.rounds
 
     def scored_rounds(self) -> List[int]:
         return [r + 1 for r in range(self.args.rounds) if self.scored(r)]
@@ -172,8 +183,9 @@ class Bench:
         return SiteAggregation(fed, mode)
 
     def accuracy(self, site: SiteAggregation, state) -> float:
+        x, y = self.eval_sets[self.on]
         with site.evaluating(state):
-            return float(site.fed.evaluate(self.xt, self.yt)["accuracy"])
+            return float(site.fed.evaluate(x, y)["accuracy"])
 
     def train(self, site: SiteAggregation, data, rnd: int, lr: float, seed: int, salt: int, parties: int = 1) -> Dict:
         """One round of local training: --local-epochs over `data`, capped at --local-steps per party
@@ -219,10 +231,11 @@ class Bench:
         if exact:
             state.update(zero_residuals(state))
         accs, up, down, errors = [], [], [], []
+        bounded = {"clipped": 0, "capped": 0, "excluded": 0, "site_rounds": 0}  # what the robust settings did
         for rnd in range(self.args.rounds):
             updates, up_b, down_b = [], 0, 0
             for k, (part, rank) in enumerate(zip(parts, ranks)):
-                sent = project(state, rank, scaling, exact)  # what SiteRankFilter sends
+                sent = project(state, rank, scaling, exact)  # what AdapterShareableGenerator sends
                 site = sites[rank]
                 received = site.load_global(sent)             # what CLIPLoRAExecutor does with it
                 stats = self.train(site, self.pool.subset(part), rnd, lr, seed, k + 1)
@@ -230,14 +243,17 @@ class Bench:
                 updates.append(SiteUpdate(diff, float(stats["steps"]), f"site-{k + 1}"))
                 down_b += payload_bytes(sent)
                 up_b += payload_bytes(diff)
-            state, info = aggregate(state, updates, mode, scaling)  # what LoRAAggregator does
+            state, info = aggregate(state, updates, mode, scaling, JOB_ROBUSTNESS)  # what LoRAAggregator does
+            for what in ("clipped", "capped", "excluded"):
+                bounded[what] += len(info[what])
+            bounded["site_rounds"] += len(updates)
             if self.scored(rnd):
                 accs.append(self.accuracy(server, state))
             up.append(up_b)
             down.append(down_b)
             errors.append(info["product_error"])
         return {"accuracy": accs, "rounds": self.scored_rounds(), "upload_bytes": up, "download_bytes": down,
-                "product_error": errors}
+                "product_error": errors, "bounded": bounded}
 
 
 # ---- report ------------------------------------------------------------------------------------------
@@ -252,27 +268,28 @@ def kb(x: float) -> str:
 def table(results: Dict) -> List[str]:
     cols = [p for p, _, _ in PARTITIONS]
 
-    def cell(r) -> str:  # mean over seeds, +- half the spread between them
+    def cell(r) -> str:  # mean over seeds, +- half the spread between them, and the lr validation chose
         f = r["final_per_seed"]
-        return f"{pts(np.mean(f))} +-{50 * (max(f) - min(f)):.1f}"
+        return f"{pts(np.mean(f))} +-{50 * (max(f) - min(f)):.1f} @{r['chosen_lr']:g}"
 
-    lines = [f"{'method':<24}" + "".join(f"{c:>14}" for c in cols) + f"{'up/round':>11}{'down/round':>12}"
-             f"{'product err':>12}", "-" * 101]
-    lines.append(f"{'central (upper bound)':<24}" + "".join(f"{cell(results['central']):>14}" for _ in cols)
+    lines = [f"{'method':<24}" + "".join(f"{c:>20}" for c in cols) + f"{'up/round':>11}{'down/round':>12}"
+             f"{'product err':>12}", "-" * 119]
+    lines.append(f"{'central (upper bound)':<24}" + "".join(f"{cell(results['central']):>20}" for _ in cols)
                  + f"{'-':>11}{'-':>12}{'-':>12}")
     for label, key in [("local-only (mean of 4)", "local")] + [(m, m) for m in RULES]:
         r = results[cols[0]][key]
         up = kb(np.mean(r["upload_bytes"])) if "upload_bytes" in r else "0"
         down = kb(np.mean(r["download_bytes"])) if "download_bytes" in r else "0"
         err = f"{np.mean(r['product_error']):.1e}" if "product_error" in r else "-"
-        lines.append(f"{label:<24}" + "".join(f"{cell(results[p][key]):>14}" for p in cols)
+        lines.append(f"{label:<24}" + "".join(f"{cell(results[p][key]):>20}" for p in cols)
                      + f"{up:>11}{down:>12}{err:>12}")
     for key, r in results.get("hetero", {}).items():
-        lines.append(f"{key:<24}{'':>14}{cell(r):>14}{'':>14}{kb(np.mean(r['upload_bytes'])):>11}"
+        lines.append(f"{key:<24}{'':>20}{cell(r):>20}{'':>20}{kb(np.mean(r['upload_bytes'])):>11}"
                      f"{kb(np.mean(r['download_bytes'])):>12}{np.mean(r['product_error']):>12.1e}")
-    lines.append("-" * 101)
+    lines.append("-" * 119)
     lines.append("test accuracy (%) of the final global adapter (359 target-domain images): mean over the seeds +- half")
-    lines.append("their spread; bytes: the 4 sites together, mean per round (tensor bytes + key names); product err:")
+    lines.append("their spread, @ the peak lr chosen on the validation split; bytes: the 4 sites together, mean per")
+    lines.append("round (tensor bytes + key names); product err:")
     lines.append("|global B.A - mean of the sites' B.A| / |mean|, mean over rounds (hetero rows: alpha 0.5)")
     return lines
 
@@ -331,14 +348,16 @@ _BENCH = None
 def _worker_init(args) -> None:
     global _BENCH
     torch.set_num_threads(args.threads)
-    source, target, labels, pool, test = digit_domains(args.data_seed)
+    source, target, labels, pool, val, test = digit_domains(args.data_seed, args.val_fraction)
     base = pretrained_base(args, source, labels, pool)
     pp = preprocessing_for(str(base))
-    _BENCH = Bench(args, base, *(as_dataset(target[i], labels[i], pp) for i in (pool, test)))
+    _BENCH = Bench(args, base, *(as_dataset(target[i], labels[i], pp) for i in (pool, val, test)))
 
 
 def _run_job(job):
-    kind, p, parts, ranks, lr, seed = job
+    kind, p, parts, ranks, lr, seed, on = job
+    _BENCH.on = on  # validation runs (the lr grid) are scored once, at the end; test runs every --eval-every
+    _BENCH.every = _BENCH.args.rounds if on == "val" else _BENCH.args.eval_every
     t = time.perf_counter()
     if kind == "central":
         result = _BENCH.central(lr, seed)
@@ -347,8 +366,8 @@ def _run_job(job):
     else:
         result = _BENCH.federated(kind, parts, ranks, lr, seed)
     name = kind if kind == "central" else f"{p} {'local-only' if kind == 'local' else kind}"
-    name += (f" ranks {ranks}" if p == "hetero" else "") + f" seed {seed}"
-    print(f"  {name:<32} final {pts(result['accuracy'][-1]):>5}%  ({time.perf_counter() - t:.0f}s)", flush=True)
+    name += (f" ranks {ranks}" if p == "hetero" else "") + f" lr {lr} seed {seed}"
+    print(f"  {name:<40} final {on} {pts(result['accuracy'][-1]):>5}%  ({time.perf_counter() - t:.0f}s)", flush=True)
     return result
 
 
@@ -360,7 +379,20 @@ def mean_over_seeds(runs: List[Dict]) -> Dict:
     if "product_error" in out:
         out["product_error"] = np.mean([r["product_error"] for r in runs], axis=0).tolist()
     out.pop("per_site_final", None)
+    if "bounded" in out:
+        out["bounded"] = {k: sum(r["bounded"][k] for r in runs) for k in runs[0]["bounded"]}
     return out
+
+
+def _rounded(obj):
+    """The results with floats to 5 significant digits (keeps the JSON small; accuracies are k/359)."""
+    if isinstance(obj, float):
+        return float(f"{obj:.5g}")
+    if isinstance(obj, dict):
+        return {str(k): _rounded(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_rounded(v) for v in obj]
+    return obj
 
 
 def run_jobs(args, jobs):
@@ -387,56 +419,84 @@ def main(argv=None) -> Dict:
     ap.add_argument("--fed-lr", type=float, default=2e-2, help="peak lr of the sites in a federation")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--pretrain-epochs", type=int, default=15)
-    ap.add_argument("--seeds", default="0,1", help="training seeds (initial adapter, batch order); results are means")
+    ap.add_argument("--seeds", default="0,1,2", help="training seeds of the test runs (initial adapter, batch order)")
+    ap.add_argument("--val-fraction", type=float, default=0.2, help="share of the training pool held out to pick lr")
     ap.add_argument("--data-seed", type=int, default=0, help="test split, base pretraining and site shares")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker (1: the CPU is shared)")
     ap.add_argument("--workers", type=int, default=2, help="processes running the training runs in parallel")
     ap.add_argument("--hetero", action="store_true", help=f"also site ranks {HETERO_RANKS} under alpha 0.5")
     ap.add_argument("--plots", default=str(ROOT / "benchmarks" / "results"), help="folder for the PNGs ('' = none)")
-    ap.add_argument("--json", default=str(OUT / "results.json"))
+    ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
 
-    source, target, labels, pool, _ = digit_domains(args.data_seed)
+    source, target, labels, pool, _, _ = digit_domains(args.data_seed, args.val_fraction)
     OUT.mkdir(parents=True, exist_ok=True)
     pretrained_base(args, source, labels, pool)  # once, before the workers start
 
     seeds = [int(x) for x in args.seeds.split(",")]
-    jobs = [("central", None, None, None, args.lr, seed) for seed in seeds]
+    splits = {}
     for p, scheme, alpha in PARTITIONS:
-        parts = partition(labels[pool], SITES, scheme, alpha if alpha else 0.5, args.data_seed)
-        print(f"{p}: site sizes {[len(x) for x in parts]}", flush=True)
-        for seed in seeds:
-            jobs.append(("local", p, parts, None, args.lr, seed))
-            jobs += [(mode, p, parts, [args.rank] * SITES, args.fed_lr, seed) for mode in RULES]
+        splits[p] = partition(labels[pool], SITES, scheme, alpha if alpha else 0.5, args.data_seed)
+        print(f"{p}: site sizes {[len(x) for x in splits[p]]}", flush=True)
+
+    def method_jobs(p, kind, lr, run_seeds, on):
+        if kind == "central":
+            return [("central", None, None, None, lr, s, on) for s in run_seeds]
+        ranks = None if kind == "local" else [args.rank] * SITES
+        return [(kind, p, splits[p], ranks, lr, s, on) for s in run_seeds]
+
+    methods = [(None, "central")] + [(p, m) for p, _, _ in PARTITIONS for m in ("local",) + RULES]
+    # 1. the lr grid, every method and split, training seed 0, scored on the validation split
+    grid = [j for p, m in methods for lr in LR_GRID for j in method_jobs(p, m, lr, [0], "val")]
+    val: Dict = {}
+    for (kind, p, _, _, lr, _, _), result in run_jobs(args, grid):
+        val.setdefault((p, kind), {})[lr] = result["accuracy"][-1]
+    chosen = {key: max(LR_GRID, key=lambda lr: (by[lr], -lr)) for key, by in val.items()}  # ties: the smaller lr
+    # 2. the chosen lr with every seed, scored on the test images
+    jobs = [j for p, m in methods for j in method_jobs(p, m, chosen[(p, m)], seeds, "test")]
     if args.hetero:
-        parts = partition(labels[pool], SITES, "dirichlet", 0.5, args.data_seed)
         ranks = [min(r, args.rank) for r in HETERO_RANKS]
-        jobs += [(mode, "hetero", parts, ranks, args.fed_lr, seed) for mode in ("fedavg", "exact") for seed in seeds]
+        jobs += [(mode, "hetero", splits["a0.5"], ranks, chosen[("a0.5", mode)], seed, "test")
+                 for mode in ("fedavg", "exact") for seed in seeds]
 
     runs: Dict = {}
-    for (kind, p, _, ranks, _, _), result in run_jobs(args, jobs):
+    for (kind, p, _, ranks, _, _, _), result in run_jobs(args, jobs):
         key = f"{kind} ranks {'/'.join(map(str, ranks))}" if p == "hetero" else kind
         runs.setdefault(p or "central", {}).setdefault(key, []).append(result)
-    results: Dict = {"settings": vars(args)}
+    results: Dict = {"settings": vars(args), "lr_grid": list(LR_GRID), "robustness": JOB_ROBUSTNESS.to_dict()}
     for p, by in runs.items():
         merged = {k: mean_over_seeds(rs) for k, rs in by.items()}
+        for k, r in merged.items():
+            vk = (None if p == "central" else ("a0.5" if p == "hetero" else p), k.split(" ")[0])
+            r["val_accuracy_by_lr"] = {str(lr): a for lr, a in val[vk].items()}
+            r["chosen_lr"] = chosen[vk]
         results[p] = merged["central"] if p == "central" else merged
 
     print()
     for line in table(results):
         print(line)
+    fed = [(p, k, r["bounded"]) for p, by in results.items() if isinstance(by, dict) and p not in ("settings", "central")
+           for k, r in by.items() if isinstance(r, dict) and "bounded" in r]
+    total = {w: sum(b[w] for _, _, b in fed) for w in ("clipped", "capped", "excluded", "site_rounds")}
+    print(f"robust aggregation over all federated test runs: {total['clipped']} clipped, {total['capped']} capped, "
+          f"{total['excluded']} left out of {total['site_rounds']} site-rounds; per run: " + ", ".join(
+              f"{p}/{k} {b['clipped']}/{b['capped']}/{b['excluded']}" for p, k, b in fed if any(
+                  b[w] for w in ("clipped", "capped", "excluded"))))
     written = plots(results, Path(args.plots)) if args.plots else []
     for path in written:
         print(f"plot: {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=1))
+    Path(args.json).write_text(json.dumps(_rounded(results)) + "\n")
     final = lambda r: float(np.mean(r["final_per_seed"]))  # noqa: E731
     central = final(results["central"])
-    best = {p: max(RULES, key=lambda m: final(results[p][m])) for p, _, _ in PARTITIONS}
+    # the rule of each split is the one validation preferred (its validation accuracy at its chosen lr)
+    best = {p: max(RULES, key=lambda m: val[(p, m)][chosen[(p, m)]]) for p, _, _ in PARTITIONS}
     best_iid, best_a01 = final(results["iid"][best["iid"]]), final(results["a0.1"][best["a0.1"]])
-    print(f"total {time.perf_counter() - t0:.0f}s")
+    print(f"validation chose: {best} (lr per method and split: " + ", ".join(
+        f"{p or 'central'}/{m} {lr}" for (p, m), lr in chosen.items()) + ")")
+    print(f"total {time.perf_counter() - t0:.0f}s, load average {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
     print(f"quality: central={pts(central)} best_fed={pts(best_iid)}({best['iid']}) "
           f"iid_gap={100 * (central - best_iid):.1f} a0.1_gap={100 * (central - best_a01):.1f}")
     return results

@@ -211,7 +211,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--checks", action="store_true",
                     help="also run the baseline size with torch's default threads, and with -t 2 (a fresh "
                          "worker process per task), to show why neither is used")
-    ap.add_argument("--json", help="also write the rows to this JSON file")
+    ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "scale.json"),
+                    help="write the rows to this JSON file ('' = none)")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sites.split(",")]
     if args.rounds < 2:

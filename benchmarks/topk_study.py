@@ -2,7 +2,7 @@
 
 benchmarks/compression.py measures each mode in the real NVFlare simulator (about a minute a run). This
 script replays the same default job in one process (the job's model, LoRA settings, data split, local
-training and step-weighted FedAvg; for data seed 0 it reproduces the simulator's uncompressed accuracy,
+training and aggregation, nvflare_lora.aggregation.aggregate with the job's Robustness; for data seed 0 it reproduces the simulator's uncompressed accuracy,
 0.7028, exactly) so that many variants and seeds fit in a few minutes. Uploads go through the real codec
 (nvflare_lora.compression.encode / encode_with_feedback with a ResidualStore), as AdapterCompressor does.
 
@@ -24,6 +24,8 @@ Last line: `topk_study: f=0.1 dacc=<mean points> [<per seed>] f=0.3 dacc=<D> rou
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
 import tempfile
@@ -43,10 +45,14 @@ from simjob import JOB  # noqa: E402
 
 from nvflare_lora import CLIPLoRAWrapper, FederatedCLIPModel  # noqa: E402
 from nvflare_lora import compression as codec  # noqa: E402
+from nvflare_lora.aggregation import SiteUpdate, aggregate  # noqa: E402
 from nvflare_lora.data import load_dataset, site_split  # noqa: E402
 from nvflare_lora.fl.accounting import payload_bytes  # noqa: E402
 from nvflare_lora.fl.compression import PAYLOAD_KEY  # noqa: E402
+from nvflare_lora.recipe import JobSettings  # noqa: E402
 from nvflare_lora.training import train_local  # noqa: E402
+
+ROBUSTNESS = JobSettings().robustness()  # the default job's aggregator
 
 
 def job_settings() -> dict:
@@ -108,8 +114,8 @@ def _digits(preprocess):
 
 def run(variant: str, fraction: float, seed: int, rounds: int, s: dict) -> dict:
     """One federation; returns accuracy after every round and upload bytes per round (all sites)."""
-    torch.manual_seed(seed)  # the initial adapter, as the persistor's seed
     num_classes, lora = job_lora()
+    lora = dataclasses.replace(lora, seed=seed)  # the initial adapter, as the persistor's seed
     fed = FederatedCLIPModel("tiny-clip", num_classes)
     CLIPLoRAWrapper(fed, lora).apply_lora_to_federated_model()
     data = _digits(fed.preprocess)
@@ -121,19 +127,17 @@ def run(variant: str, fraction: float, seed: int, rounds: int, s: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         uploaders = [Uploader(variant, fraction, os.path.join(tmp, str(i))) for i in range(len(sites))]
         for rnd in range(rounds):
-            received, steps, nbytes = [], [], 0
+            received, nbytes = [], 0
             for (train, _), up in zip(sites, uploaders):
                 fed.set_parameters(glob)
                 st = train_local(fed, train, epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"],
                                  weight_decay=s["weight_decay"], max_grad_norm=s["max_grad_norm"], seed=seed + rnd)
                 local = fed.get_parameters()
                 got, b = up.send({k: (local[k] - glob[k]).astype(np.float32) for k in glob})
-                received.append(got)
-                steps.append(st["steps"])
+                received.append(SiteUpdate({k: np.asarray(v, np.float32) for k, v in got.items()}, float(st["steps"]),
+                                           f"site-{len(received) + 1}"))
                 nbytes += b
-            w = np.asarray(steps, float) / sum(steps)
-            glob = {k: (glob[k] + sum(w[i] * received[i][k] for i in range(len(sites)))).astype(np.float32)
-                    for k in glob}
+            glob, _ = aggregate(glob, received, "fedavg", lora.scaling, ROBUSTNESS)  # what LoRAAggregator does
             fed.set_parameters(glob)
             results = [fed.evaluate(x, y) for x, y in val]
             accs.append(sum(r["accuracy"] * r["count"] for r in results) / sum(r["count"] for r in results))
@@ -186,6 +190,10 @@ def main() -> None:
     known = [c for c in catch if c]
     med = f"{int(np.median(known))}" if len(known) == len(catch) else f">{3 * rounds}"
     f1, per = summary["topk+int8 f=0.1"]
+    raw = {"rounds": rounds, "seeds": seeds, "settings": s, "rounds_to_match": catch,
+           "variants": {label: [{"accuracy": r["acc"], "bytes": r["bytes"]} for r in runs] for label, runs in table.items()},
+           "long_topk_f0.1": [r["acc"] for r in long]}
+    (Path(__file__).parent / "results" / "topk_study.json").write_text(json.dumps(raw, default=float) + "\n")
     print(f"topk_study: f=0.1 dacc={f1:+.1f} [{' '.join(f'{d:+.1f}' for d in per)}] "
           f"f=0.3 dacc={summary['topk+int8 f=0.3'][0]:+.1f} rounds_to_match={med}/{rounds}")
 

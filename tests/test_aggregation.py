@@ -431,7 +431,7 @@ def test_site_ranks_naming_a_site_that_is_not_in_the_job_stop_it_at_the_start(tm
 
     job = _aggregation_job(tmp_path / "job", "fedavg", '{ "site-9" = 8 }', server={"num_rounds": "1"})
     ws = tmp_path / "ws"
-    proc = run_simulator(job, ws, n=2, threads=2)
+    run_simulator(job, ws, n=2, threads=2)
     log = (ws / "simulator_output.txt").read_text()
     assert "site_ranks names ['site-9'], which are not sites of this job; its sites are ['site-1', 'site-2']" in log, \
         log[-3000:]
