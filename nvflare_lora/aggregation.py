@@ -20,6 +20,12 @@ exact, the components a site does not get are folded into its residual, so every
 exactly the global model. All sites use the same scaling s (a site of rank r_k uses lora_alpha =
 s * r_k), so B @ A products of different ranks add up without rescaling.
 
+Robustness (the job's defaults in LoRAAggregator): before the rule combines them, the round's updates are
+bounded relative to the round itself (weights capped at a multiple of the median weight, norms clipped to
+a multiple of the median norm, updates pointing away from the coordinate-wise median update left out),
+and "combine" is the weighted mean, the coordinate-wise median or a trimmed mean. update_spec is the one
+statement of what a site must send; check_update the one check of it.
+
 Everything is numpy (float64 inside, float32 out); no NVFlare import.
 """
 
