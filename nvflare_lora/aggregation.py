@@ -110,13 +110,14 @@ def rank_of(state: Mapping[str, object]) -> int:
     return ranks.pop()
 
 
-def zero_residuals(state: Mapping[str, np.ndarray]) -> State:
+def residual_shapes(state: Mapping[str, object]) -> Dict[str, Tuple[int, int]]:
+    """{residual key: (out, in)} for every LoRA layer of an adapter dict or a {key: shape} dict."""
+    return {residual_key(l): (_shape(state[b_key(l)])[0], _shape(state[a_key(l)])[1]) for l in lora_layers(state)}
+
+
+def zero_residuals(state: Mapping[str, object]) -> State:
     """Zero residuals for every LoRA layer of `state` (the exact rule's starting point)."""
-    out = {}
-    for layer in lora_layers(state):
-        out[residual_key(layer)] = np.zeros((np.shape(state[b_key(layer)])[0], np.shape(state[a_key(layer)])[1]),
-                                            np.float32)
-    return out
+    return {k: np.zeros(shape, np.float32) for k, shape in residual_shapes(state).items()}
 
 
 # ---- effective updates -----------------------------------------------------------------------------

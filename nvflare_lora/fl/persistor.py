@@ -26,8 +26,7 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.model_desc import ModelDescriptor
 
 from ..adapter import AdapterMismatchError, check_adapter, init_adapter_state
-from ..aggregation import (a_key, b_key, check_mode, fold_residuals, lora_layers, residual_key, unfold, update_spec,
-                           zero_residuals)
+from ..aggregation import check_mode, fold_residuals, residual_shapes, unfold, update_spec, zero_residuals
 from ..checkpoint import read_adapter_dir, save_adapter_dir
 from ..config import LoRAConfig
 from ..federated import adapter_skeleton
@@ -151,8 +150,7 @@ class AdapterPersistor(ModelPersistor):
     def _training_shapes(self) -> Dict:
         shapes = dict(self._shapes)
         if self.aggregation == "exact":
-            shapes.update({residual_key(l): (self._shapes[b_key(l)][0], self._shapes[a_key(l)][1])
-                           for l in lora_layers(self._shapes)})
+            shapes.update(residual_shapes(self._shapes))
         return shapes
 
     def _check_site_names(self, fl_ctx: FLContext) -> None:
