@@ -1,34 +1,147 @@
-"""Image data for a site: bundled digits, an image folder, or a CSV of path,label; and splits across sites.
+"""Image data for a site: bundled digits, an image folder, or a CSV of path,label; batches; splits across sites.
 
-No torchvision: PIL and numpy do the decoding, nvflare_lora.models.Preprocessing does CLIP's resize,
-crop and normalisation.
+A dataset is a list of (file, label): images are decoded and preprocessed per item, in DataLoader worker
+processes (SiteLoader), so a site's memory does not grow with its number of images. No torchvision: PIL
+and numpy decode (nvflare_lora.preprocessing.open_image), Preprocessing does CLIP's resize, crop and
+normalisation, Augmentation the training crops and flips.
+
+Bad files: a file that cannot be opened is left out when the folder is listed; one that fails to decode
+later (a truncated PNG opens but does not decode) is left out of the batch it was in and of every later
+pass. Both are recorded in the dataset's BadImages, which names them and stops the site with
+TooManyBadImages once more than `max_bad_images` (a share, default 1%) of the listed images are bad.
 """
 
 from __future__ import annotations
 
 import csv
+import logging
+import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+MAX_BAD_IMAGES = 0.01
+_log = logging.getLogger(__name__)
 
 
-class ImageDataset:
-    """Images with integer labels, preprocessed on first use and kept in memory.
+class TooManyBadImages(ValueError):
+    """More than max_bad_images of a site's images cannot be read."""
 
-    items: list of (source, label) where source is a path or a uint8 array; `preprocess` turns one
-    image into a (3, H, W) float tensor.
+
+class BadImages:
+    """The unreadable files of one site's data (shared by its train and validation subsets).
+
+    total: how many images were listed; max_share: the share of them that may be bad before the site stops."""
+
+    def __init__(self, where: str, total: int = 0, max_share: float = MAX_BAD_IMAGES):
+        self.where, self.total = where, total
+        self.max_share = check_share(max_share)
+        self.files: Dict[str, str] = {}  # path -> reason, in the order found
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __contains__(self, source) -> bool:
+        return isinstance(source, (str, Path)) and str(source) in self.files
+
+    def record(self, source, reason: str) -> None:
+        self.files.setdefault(str(source), reason)
+        self.check()
+
+    def summary(self, first: int = 3) -> str:
+        shown = "; ".join(f"{p} ({r})" for p, r in list(self.files.items())[:first])
+        more = f"; and {len(self) - first} more" if len(self) > first else ""
+        return f"{len(self)} of {self.total} images in {self.where} unreadable, skipped: {shown}{more}"
+
+    def check(self) -> None:
+        if self.total and len(self) > self.max_share * self.total:
+            raise TooManyBadImages(
+                f"{len(self)} of {self.total} images ({len(self) / self.total:.1%}) in {self.where} cannot be read, "
+                f"more than max_bad_images={self.max_share:.1%}: {self.summary()}. Repair or remove those files, or "
+                f"raise max_bad_images in the job (or in the site's local/nvflare_lora_site.json)")
+
+
+def check_share(max_share: float) -> float:
+    if isinstance(max_share, bool) or not isinstance(max_share, (int, float)) or not 0 <= max_share < 1:
+        raise ValueError(f"max_bad_images must be a share in [0, 1) (0.01 = 1% of a site's images may be "
+                         f"unreadable), got {max_share!r}")
+    return float(max_share)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Training augmentation as CLIP fine-tuning does it: a random resized crop (area share in [min_scale, 1],
+    aspect ratio in [3/4, 4/3]) to the model's crop size, and a horizontal flip with probability 1/2.
+    Deterministic: the draws of an item come from (seed, item index) only, whatever the worker count."""
+
+    min_scale: float = 0.5
+    hflip: bool = True
+
+    def __post_init__(self):
+        if not 0 < self.min_scale <= 1:
+            raise ValueError(f"augmentation min_scale must be in (0, 1], got {self.min_scale!r}")
+
+    def __call__(self, image, preprocess, rng: np.random.Generator) -> np.ndarray:
+        from PIL import Image
+
+        w, h = image.size
+        box = None
+        for _ in range(10):  # torchvision's RandomResizedCrop: draw until the crop fits, else the centre
+            area = w * h * rng.uniform(self.min_scale, 1.0)
+            ratio = float(np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3))))
+            cw, ch = int(round(np.sqrt(area * ratio))), int(round(np.sqrt(area / ratio)))
+            if 0 < cw <= w and 0 < ch <= h:
+                left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+                box = (left, top, left + cw, top + ch)
+                break
+        if box is None:
+            side = min(w, h)
+            box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+        size = preprocess.crop_size
+        image = image.resize((size, size), Image.BICUBIC, box=box)
+        if self.hflip and rng.random() < 0.5:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        return preprocess.normalize(image)
+
+
+def augmentation(spec) -> Optional[Augmentation]:
+    """The job's `augment` setting (false, true, or {"min_scale", "hflip"}) as an Augmentation or None."""
+    if spec is False or spec is None:
+        return None
+    if spec is True:
+        return Augmentation()
+    if isinstance(spec, dict):
+        unknown = sorted(set(spec) - {"min_scale", "hflip"})
+        if unknown:
+            raise ValueError(f"augment has unknown key(s) {unknown}; valid: min_scale, hflip")
+        return Augmentation(**spec)
+    raise ValueError(f"augment must be false, true or {{\"min_scale\": 0.5, \"hflip\": true}}, got {spec!r}")
+
+
+class ImageDataset(Dataset):
+    """Images with integer labels: only the list of (source, label) is held; each item is decoded and
+    preprocessed when it is read.
+
+    items: (source, label) where source is a path or a uint8 array; `preprocess` is the model's
+    Preprocessing. An item is read as dataset[i] (evaluation) or dataset[(i, seed)] (training: with
+    `augment` set, the item's random crop and flip are drawn from (seed, i)). It comes back as
+    (pixels or None, label, i, reason or None): a file that does not decode gives None and the reason.
     """
 
-    def __init__(self, items: Sequence[Tuple[object, int]], classes: Sequence[str], preprocess: Callable):
+    def __init__(self, items: Sequence[Tuple[object, int]], classes: Sequence[str], preprocess: Callable,
+                 bad: Optional[BadImages] = None, notes: Sequence[str] = (), augment: Optional[Augmentation] = None):
         self.items = list(items)
         self.classes = list(classes)
         self.preprocess = preprocess
-        self._cache: Dict[int, torch.Tensor] = {}
+        self.bad = bad if bad is not None else BadImages("memory", len(self.items))
+        self.notes = list(notes)  # set-up warnings (empty class folders) for the site's log
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.items)
@@ -37,31 +150,113 @@ class ImageDataset:
     def labels(self) -> np.ndarray:
         return np.asarray([lab for _, lab in self.items], dtype=np.int64)
 
-    def image(self, i: int) -> torch.Tensor:
-        if i not in self._cache:
-            src = self.items[i][0]
-            if isinstance(src, (str, Path)):
-                from PIL import Image
+    def __getitem__(self, key):
+        i, seed = key if isinstance(key, tuple) else (key, None)
+        src, label = self.items[i]
+        try:
+            if self.augment is not None and seed is not None:
+                from .preprocessing import to_rgb
 
-                with Image.open(src) as im:
-                    self._cache[i] = self.preprocess(im)
+                arr = self.augment(to_rgb(src), self.preprocess, np.random.default_rng([int(seed), int(i)]))
+                pixels = torch.from_numpy(arr)
             else:
-                self._cache[i] = self.preprocess(src)
-        return self._cache[i]
+                pixels = self.preprocess(src)
+        except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for corrupt, truncated, unknown files
+            return None, label, i, f"{type(e).__name__}: {e}"
+        return pixels, label, i, None
+
+    def usable(self) -> List[int]:
+        """Indices of the items not known to be bad."""
+        if not len(self.bad):
+            return list(range(len(self.items)))
+        return [i for i, (src, _) in enumerate(self.items) if src not in self.bad]
 
     def batch(self, indices) -> Tuple[torch.Tensor, torch.Tensor]:
-        idx = [int(i) for i in indices]
-        x = torch.stack([self.image(i) for i in idx])
-        y = torch.as_tensor([self.items[i][1] for i in idx], dtype=torch.long)
+        """These items as one batch, in this process (a bounded sample: the exporter's verification)."""
+        x, y, bad = collate([self[int(i)] for i in indices])
+        self._record(bad)
         return x, y
 
-    def tensors(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        return self.batch(range(len(self)))
+    def _record(self, bad: Sequence[Tuple[int, str]]) -> None:
+        for i, reason in bad:
+            self.bad.record(self.items[i][0], reason)
 
     def subset(self, indices) -> "ImageDataset":
-        sub = ImageDataset([self.items[int(i)] for i in indices], self.classes, self.preprocess)
-        sub._cache = {j: self._cache[int(i)] for j, i in enumerate(indices) if int(i) in self._cache}
-        return sub
+        return ImageDataset([self.items[int(i)] for i in indices], self.classes, self.preprocess, self.bad,
+                            self.notes, self.augment)
+
+
+def collate(samples) -> Tuple[Optional[torch.Tensor], torch.Tensor, List[Tuple[int, str]]]:
+    """DataLoader collate_fn: (pixels, labels, [(index, reason) of items that did not decode])."""
+    good = [s for s in samples if s[0] is not None]
+    bad = [(s[2], s[3]) for s in samples if s[0] is None]
+    x = torch.stack([s[0] for s in good]) if good else None
+    return x, torch.as_tensor([s[1] for s in good], dtype=torch.long), bad
+
+
+def default_workers() -> int:
+    """DataLoader workers when the job says "auto": one core is left to training, at most 4 decode."""
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
+class _SeededBatches:
+    """The batch sampler: batches of (index, seed) keys over the usable items; with shuffle, the order of
+    pass `epoch` is the (epoch+1)-th torch.randperm of a generator seeded with `seed` (runs in the main
+    process, so persistent workers follow it)."""
+
+    def __init__(self, dataset: ImageDataset, batch_size: int, shuffle: bool):
+        self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
+        self.seed, self.epoch = 0, 0
+
+    def _order(self) -> List[int]:
+        usable = self.dataset.usable()
+        if not self.shuffle:
+            return usable
+        g = torch.Generator().manual_seed(int(self.seed))
+        for _ in range(self.epoch + 1):
+            perm = torch.randperm(len(usable), generator=g)
+        return [usable[int(j)] for j in perm]
+
+    def __iter__(self) -> Iterator[List]:
+        order = self._order()
+        key_seed = int(self.seed) * 100003 + int(self.epoch) if self.shuffle else None
+        for i in range(0, len(order), self.batch_size):
+            yield [(j, key_seed) for j in order[i:i + self.batch_size]]
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset.usable()) // self.batch_size)
+
+
+class SiteLoader:
+    """Batches of one split through torch.utils.data.DataLoader: decoding in `num_workers` worker processes
+    (0: in this process; "auto": default_workers()), kept alive between passes; pinned memory on CUDA.
+    `batches(seed, epoch)` is one pass: shuffled (training) or in order (evaluation); items that fail to
+    decode are recorded in the dataset's BadImages and left out. Same seed and epoch, same batches."""
+
+    def __init__(self, dataset: ImageDataset, batch_size: int = 32, shuffle: bool = False, num_workers=0,
+                 device: str | torch.device = "cpu"):
+        if not len(dataset):
+            raise ValueError(f"no images to load from {dataset.bad.where}")
+        workers = default_workers() if num_workers == "auto" else int(num_workers)
+        if workers < 0:
+            raise ValueError(f"num_workers must be >= 0 or \"auto\", got {num_workers!r}")
+        self.dataset, self.num_workers = dataset, workers
+        self.sampler = _SeededBatches(dataset, int(batch_size), shuffle)
+        self.loader = DataLoader(dataset, batch_sampler=self.sampler, num_workers=workers, collate_fn=collate,
+                                 pin_memory=torch.device(device).type == "cuda", persistent_workers=workers > 0)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def batches(self, seed: int = 0, epoch: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        self.sampler.seed, self.sampler.epoch = int(seed), int(epoch)
+        for x, y, bad in self.loader:
+            self.dataset._record(bad)
+            if x is not None:
+                yield x, y
+
+    def __iter__(self):
+        return self.batches()
 
 
 def digits_arrays() -> Tuple[np.ndarray, np.ndarray]:
@@ -79,36 +274,80 @@ def digits_arrays() -> Tuple[np.ndarray, np.ndarray]:
 
 
 def load_digits_dataset(preprocess: Callable) -> ImageDataset:
-    """scikit-learn's bundled 8x8 digits (1,797 real images, no download) as RGB images."""
+    """scikit-learn's bundled 8x8 digits (1,797 real images, no download) as RGB images (192 bytes each)."""
     images, labels = digits_arrays()
     imgs = np.clip(images * (255.0 / 16.0), 0, 255).astype(np.uint8)
     items = [(np.stack([im] * 3, axis=-1), int(lab)) for im, lab in zip(imgs, labels)]
-    return ImageDataset(items, [str(i) for i in range(10)], preprocess)
+    return ImageDataset(items, [str(i) for i in range(10)], preprocess, BadImages("the bundled digits", len(items)))
 
 
-def load_image_folder(root: str | Path, preprocess: Callable, classes: Optional[Sequence[str]] = None) -> ImageDataset:
-    """root/<class_name>/<image>: one sub-folder per class, sorted names give the label order."""
-    root = Path(root)
+def _opens(path: Path) -> Optional[str]:
+    """None if PIL recognises the file as an image (header only: cheap), else the reason."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.size
+    except (OSError, ValueError, SyntaxError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _listed(entries: List[Tuple[Path, int]], classes: Sequence[str], preprocess: Callable, where: str,
+            max_bad_images: float, notes: Sequence[str] = ()) -> ImageDataset:
+    """The dataset of the files that open; the others recorded as bad (and the share checked)."""
+    bad = BadImages(where, len(entries), max_bad_images)
+    items = []
+    for path, label in entries:
+        reason = _opens(path)
+        if reason is None:
+            items.append((path, label))
+        else:
+            bad.files[str(path)] = reason
+    bad.check()
+    return ImageDataset(items, classes, preprocess, bad, notes)
+
+
+def load_image_folder(root: str | Path, preprocess: Callable, classes: Optional[Sequence[str]] = None,
+                      max_bad_images: float = MAX_BAD_IMAGES) -> ImageDataset:
+    """root/<class_name>/.../<image>: one first-level folder per class (sorted names give the label order
+    unless `classes` is given), images found at any depth under it, extensions in any case. Folders and
+    files whose names start with "." are ignored. A class folder without images stays in the label list."""
+    check_share(max_bad_images)
+    root = Path(root).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist; expected root/<class_name>/<image files>")
-    found = sorted(p.name for p in root.iterdir() if p.is_dir())
+        raise FileNotFoundError(f"image folder {root} does not exist; expected {root}/<class_name>/<image files>")
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     classes = list(classes) if classes is not None else found
     unknown = sorted(set(found) - set(classes))
     if unknown:
-        raise ValueError(f"image folder {root} has class folders {unknown} that are not in the label list {classes}")
-    items = []
+        raise ValueError(f"image folder {root} has class folders {unknown} that are not in the job's labels "
+                         f"{classes}: rename or remove them, or add them to the job's labels")
+    entries, notes = [], []
     for label, name in enumerate(classes):
-        folder = root / name
-        if folder.is_dir():
-            items += [(p, label) for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
-    if not items:
-        raise ValueError(f"image folder {root} holds no images ({sorted(IMAGE_SUFFIXES)}) under class sub-folders")
-    return ImageDataset(items, classes, preprocess)
+        files = []
+        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            files += [Path(dirpath) / f for f in sorted(filenames)
+                      if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES]
+        if not files:
+            notes.append(f"class {name!r} has no images in {root / name}: it stays in the label list")
+            _log.warning(notes[-1])
+        entries += [(f, label) for f in files]
+    if not entries:
+        raise ValueError(f"image folder {root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under class "
+                         f"sub-folders; expected {root}/<class_name>/<image files>")
+    return _listed(entries, classes, preprocess, str(root), max_bad_images, notes)
 
 
-def load_csv(path: str | Path, preprocess: Callable, classes: Optional[Sequence[str]] = None) -> ImageDataset:
-    """A CSV with columns path,label (a header row is allowed); relative paths are read from the CSV's folder."""
-    path = Path(path)
+def load_csv(path: str | Path, preprocess: Callable, classes: Optional[Sequence[str]] = None,
+             max_bad_images: float = MAX_BAD_IMAGES) -> ImageDataset:
+    """A CSV with columns path,label (a header row is allowed); relative paths are read from the CSV's folder.
+    Files that do not exist are refused (the CSV is wrong); files that exist but do not open are bad images."""
+    check_share(max_bad_images)
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"CSV {path} does not exist; expected a file of path,label rows")
     rows = []
     with open(path, newline="") as fh:
         for i, row in enumerate(csv.reader(fh)):
@@ -121,25 +360,28 @@ def load_csv(path: str | Path, preprocess: Callable, classes: Optional[Sequence[
         raise ValueError(f"{path} lists no images")
     classes = list(classes) if classes is not None else sorted({lab for _, lab in rows})
     index = {c: i for i, c in enumerate(classes)}
-    items = []
-    for p, lab in rows:
-        if lab not in index:
-            raise ValueError(f"{path}: label {lab!r} is not in the label list {classes}")
-        f = Path(p) if Path(p).is_absolute() else path.parent / p
-        if not f.is_file():
-            raise FileNotFoundError(f"{path}: image {f} does not exist")
-        items.append((f, index[lab]))
-    return ImageDataset(items, classes, preprocess)
+    unknown = sorted({lab for _, lab in rows} - set(index))
+    if unknown:
+        raise ValueError(f"{path}: labels {unknown} are not in the job's labels {classes}")
+    entries = [(Path(p) if Path(p).is_absolute() else path.parent / p, index[lab]) for p, lab in rows]
+    missing = [str(f) for f, _ in entries if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{path} names {len(missing)} file(s) that do not exist, e.g. {missing[:3]}; "
+                                f"relative paths are read from {path.parent}: fix the paths or remove those rows")
+    notes = [f"class {c!r} has no rows in {path}: it stays in the label list" for c in classes
+             if c not in {lab for _, lab in rows}]
+    return _listed(entries, classes, preprocess, str(path), max_bad_images, notes)
 
 
-def load_dataset(source: str, preprocess: Callable, classes: Optional[Sequence[str]] = None) -> ImageDataset:
+def load_dataset(source: str, preprocess: Callable, classes: Optional[Sequence[str]] = None,
+                 max_bad_images: float = MAX_BAD_IMAGES) -> ImageDataset:
     """"digits", a folder of class sub-folders, or a .csv file."""
     if source == "digits":
         return load_digits_dataset(preprocess)
     p = Path(source).expanduser()
     if p.suffix.lower() == ".csv":
-        return load_csv(p, preprocess, classes)
-    return load_image_folder(p, preprocess, classes)
+        return load_csv(p, preprocess, classes, max_bad_images)
+    return load_image_folder(p, preprocess, classes, max_bad_images)
 
 
 # ---- splitting one dataset across sites ----------------------------------------------------------

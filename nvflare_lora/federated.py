@@ -29,20 +29,22 @@ class FederatedCLIPModel:
         num_classes: size of the classification head.
         labels: class names, in label order (default "0", "1", ...).
         include_text: also load the text tower (for zero-shot export or LoRA on text).
+        normalize_embeds: the head reads unit-length image embeddings (CLIP's zero-shot classifier; see
+            nvflare_lora.zeroshot, which sets such a head from the class names).
         device: "auto" (CUDA when present), "cpu" or "cuda".
         learning_rate, weight_decay, max_grad_norm: the AdamW settings train_step uses.
     """
 
     def __init__(self, model_name: str = TINY_PRESET, num_classes: int = 10, labels: Optional[Sequence[str]] = None,
                  include_text: bool = False, device: str = "auto", learning_rate: float = 1e-3,
-                 weight_decay: float = 0.0, max_grad_norm: Optional[float] = 1.0):
+                 weight_decay: float = 0.0, max_grad_norm: Optional[float] = 1.0, normalize_embeds: bool = False):
         self.model_name = str(model_name)
         self.num_classes = num_classes
         self.labels = list(labels) if labels is not None else [str(i) for i in range(num_classes)]
         if len(self.labels) != num_classes:
             raise ValueError(f"{len(self.labels)} labels given for num_classes={num_classes}")
         self.device = pick_device(device)
-        self.model, self.source = build_classifier(model_name, num_classes, include_text, self.device)
+        self.model, self.source = build_classifier(model_name, num_classes, include_text, self.device, normalize_embeds)
         self.preprocess = preprocessing_for(model_name)
         self.lora_config: Optional[LoRAConfig] = None
         self.configure_optimizer(learning_rate, weight_decay, max_grad_norm)
@@ -91,7 +93,8 @@ class FederatedCLIPModel:
     def train_step(self, data: torch.Tensor, labels: torch.Tensor) -> float:
         return _train_step(self.model, self._ensure_optimizer(), data, labels, self.max_grad_norm)
 
-    def evaluate(self, data: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> Dict[str, float]:
+    def evaluate(self, data, labels: Optional[torch.Tensor] = None, batch_size: int = 256) -> Dict[str, float]:
+        """Loss, accuracy and count over (data, labels) tensors, or over a SiteLoader / ImageDataset alone."""
         return _evaluate(self.model, data, labels, batch_size)
 
     @torch.no_grad()

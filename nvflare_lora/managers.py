@@ -54,6 +54,7 @@ def model_metadata(fed: FederatedCLIPModel, extra: Dict | None = None) -> Dict:
         "labels": fed.labels,
         "preprocessing": fed.preprocess.to_dict(),
         "lora_config": fed.lora_config.to_dict() if fed.lora_config else None,
+        "head": {"normalize_embeds": fed.base_model.normalize_embeds},
         "parameters": fed.parameter_counts(),
         "format": "nvflare_lora/1",
     }

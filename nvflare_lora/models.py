@@ -136,11 +136,15 @@ _SHAPE_KEYS = {
 class CLIPImageClassifier(nn.Module):
     """CLIP image encoder + projection + a linear head: pixel_values -> logits.
 
+    normalize_embeds: the head reads the image embedding scaled to unit length, as CLIP's zero-shot
+    classifier does (nvflare_lora.zeroshot sets the head to logit_scale x the normalised text embeddings
+    of the class prompts: the logits are then CLIPModel's logits_per_image).
+
     Module names follow transformers' CLIPModel (vision_model.*, visual_projection, text_model.*,
     text_projection), so a CLIP checkpoint's keys load as they are and LoRA target paths read the same.
     """
 
-    def __init__(self, clip_config, num_classes: int, include_text: bool = False):
+    def __init__(self, clip_config, num_classes: int, include_text: bool = False, normalize_embeds: bool = False):
         super().__init__()
         from transformers import CLIPTextModel, CLIPVisionModel
 
@@ -156,6 +160,7 @@ class CLIPImageClassifier(nn.Module):
             self.text_projection = nn.Linear(tc.hidden_size, clip_config.projection_dim, bias=False)
             self.logit_scale = nn.Parameter(torch.tensor(float(clip_config.logit_scale_init_value)))
         self.classifier = nn.Linear(clip_config.projection_dim, num_classes)
+        self.normalize_embeds = bool(normalize_embeds)
         self.name_or_path = ""  # PEFT records this as base_model_name_or_path
 
     @property
@@ -166,8 +171,14 @@ class CLIPImageClassifier(nn.Module):
         pooled = self.vision_model(pixel_values=pixel_values).pooler_output
         return self.visual_projection(pooled)
 
+    def features(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """What the head reads: the image embedding, at unit length under normalize_embeds."""
+        if self.normalize_embeds:
+            return image_embeds / image_embeds.norm(p=2, dim=-1, keepdim=True)
+        return image_embeds
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.image_embeds(pixel_values))
+        return self.classifier(self.features(self.image_embeds(pixel_values)))
 
     def base_state_keys(self) -> List[str]:
         return [k for k in self.state_dict() if not k.startswith("classifier.")]
@@ -256,13 +267,14 @@ def fingerprint_difference(expected: Dict[str, str], actual: Dict[str, str]) -> 
 
 
 def build_classifier(model_name: str, num_classes: int, include_text: bool = False,
-                     device: str | torch.device = "cpu") -> Tuple[CLIPImageClassifier, ModelSource]:
+                     device: str | torch.device = "cpu",
+                     normalize_embeds: bool = False) -> Tuple[CLIPImageClassifier, ModelSource]:
     """Build the classifier and load the frozen base weights (the head keeps its seeded init)."""
     source = resolve_model(model_name)
     cfg = load_clip_config(source)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = CLIPImageClassifier(cfg, num_classes, include_text=include_text)
+        model = CLIPImageClassifier(cfg, num_classes, include_text=include_text, normalize_embeds=normalize_embeds)
     wanted = set(model.base_state_keys())
     if source.kind == "preset":
         state = {k: v for k, v in _preset_state(source.name).items() if k in wanted}

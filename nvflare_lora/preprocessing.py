@@ -1,7 +1,8 @@
 """CLIP image preprocessing with numpy and PIL only, so that serving (exporters/onnx/predict.py) needs no torch.
 
-Training, verification and serving all call this one implementation: resize the short side to `size`
-(bicubic), centre-crop to `crop_size`, scale to [0, 1], normalise by mean/std, channels first.
+Training, verification and serving all call this one implementation: open an image as RGB (open_image:
+EXIF orientation applied; grayscale, palette, RGBA, CMYK and 16-bit images converted), resize the short
+side to `size` (bicubic), centre-crop to `crop_size`, scale to [0, 1], normalise by mean/std, channels first.
 """
 
 from __future__ import annotations
@@ -32,18 +33,19 @@ class Preprocessing:
         return cls(size=int(d["size"]), crop_size=int(d["crop_size"]), mean=tuple(d["mean"]), std=tuple(d["std"]))
 
     def array(self, image) -> np.ndarray:
-        """PIL image or HxW / HxWx3 uint8 array -> float32 array (3, crop, crop)."""
+        """PIL image, HxW / HxWx3 uint8 array or image file -> float32 array (3, crop, crop)."""
         from PIL import Image
 
-        if isinstance(image, np.ndarray):
-            image = Image.fromarray(image)
-        image = image.convert("RGB")
+        image = to_rgb(image)
         w, h = image.size
         scale = self.size / min(w, h)
         nw, nh = max(self.crop_size, round(w * scale)), max(self.crop_size, round(h * scale))
         image = image.resize((nw, nh), Image.BICUBIC)
         left, top = (nw - self.crop_size) // 2, (nh - self.crop_size) // 2
-        image = image.crop((left, top, left + self.crop_size, top + self.crop_size))
+        return self.normalize(image.crop((left, top, left + self.crop_size, top + self.crop_size)))
+
+    def normalize(self, image) -> np.ndarray:
+        """An RGB PIL image of the final size -> float32 array (3, H, W), scaled to [0, 1] and normalised."""
         arr = np.asarray(image, dtype=np.float32) / 255.0
         arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return np.ascontiguousarray(arr.transpose(2, 0, 1))
@@ -53,3 +55,30 @@ class Preprocessing:
         import torch
 
         return torch.from_numpy(self.array(image))
+
+
+def to_rgb(image):
+    """A PIL RGB image from a PIL image, a uint8 array (HxW or HxWx3) or a path: EXIF orientation applied;
+    16-bit and 32-bit grayscale scaled to 8 bits (PIL's own convert would clip them to white); palette,
+    RGBA, LA, CMYK and 1-bit converted (alpha dropped, as torchvision's loader does)."""
+    from PIL import Image, ImageOps
+
+    if isinstance(image, np.ndarray):
+        return Image.fromarray(image).convert("RGB")
+    if not isinstance(image, Image.Image):
+        return open_image(image)
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        image = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8))
+    return image.convert("RGB")
+
+
+def open_image(path):
+    """Decode an image file completely (a truncated or corrupt file raises here, not later) as RGB."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        return to_rgb(im)

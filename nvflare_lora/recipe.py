@@ -52,11 +52,16 @@ class JobSettings:
             download_compression: the server's codec for the global adapter; compression_args: the codec's
             other arguments (block_size, fraction, ...), for both.
         resume_from: a saved adapter directory to continue from (see README, Server restart).
+        head_init, prompt_templates, initial_adapter: how the head starts ("seeded", or "zeroshot": CLIP's
+            zero-shot classifier from the class names, in the initial adapter that `python -m
+            nvflare_lora.zeroshot JOB_DIR` writes), and an adapter round 0 starts from (AdapterPersistor).
         cross_site_eval: evaluate the best and latest global adapters at every site after training.
     Site side (CLIPLoRAExecutor):
         data, num_sites, partition, alpha, data_seed, val_fraction: the data and its simulated split.
         local_epochs, max_steps, batch_size, lr, weight_decay, max_grad_norm, train_seed: local training.
         model_path, device, torch_threads: where the site's base is, and what it runs on.
+        max_bad_images, num_workers, augment: unreadable images a site may skip (a share), DataLoader
+            workers ("auto" or a number), training augmentation (false, true or {"min_scale", "hflip"}).
     """
 
     model: str = "tiny-clip"
@@ -83,6 +88,9 @@ class JobSettings:
     download_compression: str = "none"
     compression_args: Dict = field(default_factory=dict)
     resume_from: str = ""
+    head_init: str = "seeded"
+    prompt_templates: Optional[List[str]] = None
+    initial_adapter: str = ""
     cross_site_eval: bool = True
     data: str = "digits"
     num_sites: int = 4
@@ -100,12 +108,17 @@ class JobSettings:
     model_path: str = ""
     device: str = "auto"
     torch_threads: int = 1
+    max_bad_images: float = 0.01
+    num_workers: object = 0
+    augment: object = False
 
     def __post_init__(self):
         from .aggregation import AGGREGATIONS
         from .compression import MODES
         from .config import LoRAConfig
+        from .data import augmentation, check_share
         from .fl.persistor import check_site_ranks
+        from .zeroshot import DEFAULT_TEMPLATES, head_spec
 
         _one_of("aggregation", self.aggregation, AGGREGATIONS)
         try:  # each setting is checked by the one class that owns it
@@ -113,6 +126,9 @@ class JobSettings:
                        target_modules=self.target_modules, target_components=self.target_components, seed=self.seed)
             self.robustness()
             check_site_ranks(self.site_ranks, self.r)
+            head_spec(self.head_init, self.prompt_templates or DEFAULT_TEMPLATES)
+            check_share(self.max_bad_images)
+            augmentation(self.augment)
         except (TypeError, ValueError) as e:
             raise RecipeError(str(e)) from None
         _one_of("partition", self.partition, PARTITIONS)
@@ -129,6 +145,12 @@ class JobSettings:
         if self.resume_from and self.aggregation == "exact":
             raise RecipeError("resume_from is not supported with aggregation 'exact' yet (its checkpoints hold the "
                               "folded update); start a new run, or resume under 'fedavg' or 'ffa'")
+        if self.num_workers != "auto" and (isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int)
+                                           or self.num_workers < 0):
+            raise RecipeError(f"num_workers must be \"auto\" or an integer >= 0, got {self.num_workers!r}")
+        if self.head_init == "zeroshot" and not (self.initial_adapter or self.resume_from):
+            raise RecipeError("head_init 'zeroshot' needs initial_adapter (e.g. \"initial_adapter\", written by "
+                              "`python -m nvflare_lora.zeroshot JOB_DIR`): the server never loads the base")
         if self.labels is not None and len(self.labels) != self.num_classes:
             raise RecipeError(f"{len(self.labels)} labels given for num_classes={self.num_classes}")
 
@@ -139,6 +161,16 @@ class JobSettings:
 
         return Robustness(estimator=self.estimator, clip_multiple=self.clip_multiple, trim_fraction=self.trim_fraction,
                           weighting=self.weighting, max_weight_ratio=self.max_weight_ratio, min_agreement=self.min_agreement)
+
+
+# jobs/clip_lora_vitb32: the job at real shapes (README, Real sites): a ViT-B/32 base in a local directory, each
+# site's own image folder (~/nvflare_lora/elpv/site-1, ...), the head started as CLIP's zero-shot classifier,
+# seeded augmentation, DataLoader workers from the cores. One short round as shipped (CPU-sized): raise
+# num_rounds, max_steps and batch_size for a real run. tests/test_recipe.py checks the folder is this.
+VITB32_JOB = dict(model="~/nvflare_lora/clip-vit-b32", num_classes=2, labels=["functional", "defective"],
+                  head_init="zeroshot", initial_adapter="initial_adapter", data="~/nvflare_lora/elpv/{site}",
+                  num_sites=2, num_rounds=1, local_epochs=1, max_steps=2, batch_size=8, num_workers="auto",
+                  augment=True)
 
 
 def _one_of(name: str, value, valid) -> None:
@@ -171,7 +203,9 @@ def server_config(s: JobSettings) -> Dict:
     persistor_args.update(r=s.r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout, target_modules=s.target_modules,
                           target_components=list(s.target_components), seed=s.seed, aggregation=s.aggregation,
                           site_ranks=dict(s.site_ranks) if s.site_ranks else None, checkpoint_dir="adapter",
-                          resume_from=s.resume_from)
+                          resume_from=s.resume_from, head_init=s.head_init,
+                          prompt_templates=list(s.prompt_templates) if s.prompt_templates else None,
+                          initial_adapter=s.initial_adapter)
     workflows = [{
         "id": "scatter_and_gather", "path": "nvflare_lora.fl.workflow.ResumableScatterAndGather",
         "args": {"min_clients": s.min_clients, "num_rounds": "{num_rounds}", "start_round": 0,
@@ -220,6 +254,7 @@ def client_config(s: JobSettings) -> Dict:
                      "max_steps": s.max_steps, "batch_size": s.batch_size, "lr": s.lr,
                      "weight_decay": s.weight_decay, "max_grad_norm": s.max_grad_norm, "seed": s.train_seed,
                      "model_path": s.model_path, "device": s.device, "torch_threads": s.torch_threads,
+                     "max_bad_images": s.max_bad_images, "num_workers": s.num_workers, "augment": s.augment,
                      "tracking_writer_id": "tb_writer"}}}],
         "task_result_filters": [{"tasks": ["train"], "filters": [_compressor(s.compression, s.compression_args)]}],
         "task_data_filters": [{"tasks": ["train"], "filters": [_decompressor()]}],

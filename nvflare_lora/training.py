@@ -50,19 +50,33 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, pixel_values:
     return float(loss.detach())
 
 
+def _in_batches(pixel_values, labels, batch_size: int):
+    """(x, y) batches: slices of two tensors, or, when labels is None, pixel_values itself (a SiteLoader,
+    a DataLoader, any iterable of (x, y))."""
+    if labels is None:
+        if hasattr(pixel_values, "items") and hasattr(pixel_values, "preprocess"):  # an ImageDataset
+            from .data import SiteLoader
+
+            pixel_values = SiteLoader(pixel_values, batch_size)
+        return iter(pixel_values)
+    return ((pixel_values[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, int(labels.shape[0]), batch_size))
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, pixel_values: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> Dict:
-    """Mean cross-entropy and top-1 accuracy over the given tensors."""
+def evaluate(model: nn.Module, pixel_values, labels: Optional[torch.Tensor] = None, batch_size: int = 256) -> Dict:
+    """Mean cross-entropy and top-1 accuracy: over two tensors (pixel_values, labels), or over the batches of
+    a SiteLoader / ImageDataset / iterable of (x, y) passed alone, one batch in memory at a time."""
     device = next(p for p in model.parameters()).device
     was_training = model.training
     model.eval()
-    total_loss, correct, n = 0.0, 0, int(labels.shape[0])
-    for i in range(0, n, batch_size):
-        x, y = pixel_values[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
+    total_loss, correct, n = 0.0, 0, 0
+    for x, y in _in_batches(pixel_values, labels, batch_size):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast_for(device):
             logits = model(x).float()
         total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(-1) == y).sum())
+        n += int(y.shape[0])
     model.train(was_training)
     return {"loss": total_loss / max(n, 1), "accuracy": correct / max(n, 1), "count": n}
 
@@ -71,29 +85,30 @@ class Aborted(RuntimeError):
     """Training stopped because the abort callback said so."""
 
 
-def train_local(fed_model, dataset, epochs: int = 1, max_steps: Optional[int] = None, batch_size: int = 32,
+def train_local(fed_model, data, epochs: int = 1, max_steps: Optional[int] = None, batch_size: int = 32,
                 lr: float = 1e-3, weight_decay: float = 0.0, max_grad_norm: Optional[float] = 1.0, seed: int = 0,
                 should_abort: Optional[Callable[[], bool]] = None,
                 on_step: Optional[Callable[[int, float], None]] = None) -> Dict:
-    """Train `fed_model` (a FederatedCLIPModel) on `dataset` with a fresh AdamW over its trainable tensors.
+    """Train `fed_model` (a FederatedCLIPModel) on `data` with a fresh AdamW over its trainable tensors.
 
-    Stops after `epochs` passes or `max_steps` steps, whichever comes first; `should_abort` is checked
-    between steps and raises Aborted. Returns steps, samples, mean loss and wall time.
+    data: a SiteLoader (its batch size and workers; the executor keeps one per job), or an ImageDataset
+    (batches of `batch_size` decoded in this process). Pass e of the `epochs` is the loader's shuffled pass
+    (seed, e). Stops after `epochs` passes or `max_steps` steps, whichever comes first; `should_abort` is
+    checked between steps and raises Aborted. Returns steps, samples, mean loss and wall time.
     """
+    from .data import SiteLoader
+
+    loader = data if isinstance(data, SiteLoader) else SiteLoader(data, batch_size, shuffle=True)
+    if not loader.sampler.shuffle:
+        raise ValueError("train_local needs a shuffling SiteLoader (SiteLoader(..., shuffle=True))")
     fed_model.configure_optimizer(lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
-    g = torch.Generator().manual_seed(int(seed))
-    n = len(dataset)
-    if n == 0:
-        raise ValueError("the training set of this site is empty: check the data split and num_sites")
     steps, samples, losses, t0 = 0, 0, [], time.perf_counter()
-    for _ in range(max(1, epochs)):
-        order = torch.randperm(n, generator=g)
-        for i in range(0, n, batch_size):
+    for epoch in range(max(1, epochs)):
+        for x, y in loader.batches(seed, epoch):
             if max_steps is not None and steps >= max_steps:
                 break
             if should_abort is not None and should_abort():
                 raise Aborted(f"aborted after {steps} steps")
-            x, y = dataset.batch(order[i:i + batch_size])
             loss = fed_model.train_step(x, y)
             steps += 1
             samples += int(y.shape[0])
@@ -102,5 +117,7 @@ def train_local(fed_model, dataset, epochs: int = 1, max_steps: Optional[int] = 
                 on_step(steps, loss)
         if max_steps is not None and steps >= max_steps:
             break
-    return {"steps": steps, "samples": samples, "loss": float(np.mean(losses)) if losses else float("nan"),
-            "seconds": time.perf_counter() - t0}
+    if steps == 0:
+        raise ValueError("no training batch could be read: every image of this site's training split is bad or "
+                         "the split is empty (check the data and num_sites)")
+    return {"steps": steps, "samples": samples, "loss": float(np.mean(losses)), "seconds": time.perf_counter() - t0}

@@ -385,7 +385,7 @@ def test_exact_checkpoint_is_a_folded_plain_peft_adapter_that_scores_as_the_site
     # site-1 scored this checkpoint in cross-site evaluation (unfolded by the server, residual on its
     # frozen weights); plain PEFT on the folded adapter must score the same on the same images
     _, val = site_split(load_digits_dataset(preprocessing_for("tiny-clip")), "site-1", 2, "iid", 0.5, 0, 0.2)
-    plain = evaluate(model, *val.tensors())["accuracy"]
+    plain = evaluate(model, val)["accuracy"]
     results = cross_site_results(exact_run)
     assert abs(plain - results["site-1"]["SRV_latest"]["val_accuracy"]) <= 1.0 / len(val) + 1e-9
     # every site scored every model, whatever its rank (site models of rank 16 and 8 included)

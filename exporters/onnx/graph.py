@@ -40,7 +40,7 @@ class ImageOutputs(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         embeds = self.classifier.image_embeds(pixel_values)
-        return self.classifier.classifier(embeds), embeds
+        return self.classifier.classifier(self.classifier.features(embeds)), embeds
 
 
 class TextOutputs(nn.Module):

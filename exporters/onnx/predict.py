@@ -15,9 +15,7 @@ from typing import List, Tuple
 
 import numpy as np
 import onnxruntime as ort
-from PIL import Image
-
-from nvflare_lora.preprocessing import Preprocessing  # numpy + PIL: serving needs no torch
+from nvflare_lora.preprocessing import Preprocessing, open_image  # numpy + PIL: serving needs no torch
 
 
 class ImageClassifier:
@@ -61,8 +59,7 @@ def main(argv=None) -> int:
     images = []
     for path in args.images:
         try:
-            with Image.open(path) as im:
-                images.append(im.convert("RGB"))
+            images.append(open_image(path))  # the decoding training used (EXIF, 16-bit, palette, ...)
         except OSError as e:
             print(f"error: cannot read image {path}: {e}", file=sys.stderr)
             return 2

@@ -77,7 +77,8 @@ def rebuild(checkpoint: Path, model: Optional[str] = None, include_text: bool = 
         notes.append(f"{checkpoint / META_FILE} records no base fingerprint: the base could not be checked")
 
     fed = FederatedCLIPModel(base, num_classes, labels=meta.get("labels"), device="cpu",
-                             include_text=include_text or "text" in lora.towers)
+                             include_text=include_text or "text" in lora.towers,
+                             normalize_embeds=bool((meta.get("head") or {}).get("normalize_embeds", False)))
     wrapper = CLIPLoRAWrapper(fed, lora)
     wrapper.apply_lora_to_federated_model()
     try:

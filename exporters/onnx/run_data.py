@@ -37,8 +37,9 @@ def executor_args(run_dir: Path) -> Optional[Dict]:
     return None
 
 
-def run_validation_set(run_dir: Path, preprocess) -> Tuple[Optional[ImageDataset], str]:
-    """(dataset or None, a sentence saying what it is or why it could not be rebuilt)."""
+def run_validation_set(run_dir: Path, preprocess, classes=None) -> Tuple[Optional[ImageDataset], str]:
+    """(dataset or None, a sentence saying what it is or why it could not be rebuilt). classes: the model's
+    labels, in its order (an image folder's class folders are matched to them by name)."""
     if run_dir.is_file() or not run_dir.exists():
         return None, "no run directory"
     args = executor_args(run_dir)
@@ -54,8 +55,16 @@ def run_validation_set(run_dir: Path, preprocess) -> Tuple[Optional[ImageDataset
         return ImageDataset(items, full.classes, preprocess), (
             f"the run's validation images: digits, {args['num_sites']} sites, {args['partition']} split, "
             f"val_fraction {args['val_fraction']}")
-    if not Path(data).exists():
-        return None, f"the run's data {data!r} is not on this machine"
-    dataset = load_dataset(data, preprocess)
-    _, val = train_val_split(len(dataset), float(args["val_fraction"]), int(args["data_seed"]))
-    return dataset.subset(val), f"the run's validation images from {data}"
+    # one folder per site ("{site}" in the path): the sites whose apps (app_<site>) are in the run directory
+    sites = sorted({p.name[4:] for p in run_dir.rglob("app_*") if p.is_dir()} - {"server"}) if "{site}" in data else [""]
+    if not sites:
+        return None, f"no site app (app_<site>) under {run_dir} to resolve {data!r}"
+    items, ds = [], None
+    for site in sites:
+        path = data.replace("{site}", site)
+        if not Path(path).expanduser().exists():
+            return None, f"the run's data {path!r} is not on this machine"
+        ds = load_dataset(path, preprocess, classes)
+        _, val = train_val_split(len(ds), float(args["val_fraction"]), int(args["data_seed"]))
+        items += ds.subset(val).items
+    return ImageDataset(items, ds.classes, preprocess), f"the run's validation images from {data}"

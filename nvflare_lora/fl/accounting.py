@@ -28,7 +28,7 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.widgets.widget import Widget
 
 from ..checkpoint import write_json_atomic
-from .announce import AGGREGATION_INFO_PROP, REFUSED_PROP, TRAIN_LOSS_KEY, VAL_COUNT_KEY
+from .announce import AGGREGATION_INFO_PROP, BAD_IMAGES_KEY, REFUSED_PROP, TRAIN_LOSS_KEY, VAL_COUNT_KEY
 
 COMPRESSION_META_KEY = "nvflare_lora_compression"  # set by compression filters: {"mode", "raw_bytes", ...}
 
@@ -149,6 +149,7 @@ class CommunicationLog(Widget):
             "train_loss": dxo.get_meta_prop(TRAIN_LOSS_KEY),
             "val_accuracy": metrics.get("val_accuracy"),
             "val_count": dxo.get_meta_prop(VAL_COUNT_KEY),
+            "bad_images": dxo.get_meta_prop(BAD_IMAGES_KEY),
         }
 
     def _aggregation(self, fl_ctx: FLContext) -> None:

@@ -21,9 +21,10 @@ from ..adapter import adapter_shapes_of, check_adapter
 from ..aggregation import project, rank_of
 
 ANNOUNCE_KEY = "nvflare_lora"          # server -> site: {"model", "fingerprint", "lora_config", "num_classes", "labels",
-#                                        "aggregation", "site_ranks"}
+#                                        "aggregation", "site_ranks", "head"}
 TRAIN_LOSS_KEY = "nvflare_lora_train_loss"    # site -> server: mean local training loss this round
 VAL_COUNT_KEY = "nvflare_lora_val_count"      # site -> server: size of the validation split behind INITIAL_METRICS
+BAD_IMAGES_KEY = "nvflare_lora_bad_images"    # site -> server: unreadable images of this site skipped so far
 FATAL_HEADER = "nvflare_lora_fatal"           # site -> server (reply header): why this job must stop
 REFUSED_PROP = "nvflare_lora_refused"         # server fl_ctx, set by the aggregator: why it refused a contribution
 AGGREGATION_INFO_PROP = "nvflare_lora_aggregation"  # server fl_ctx and aggregate meta: what the round's aggregation did

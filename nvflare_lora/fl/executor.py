@@ -24,12 +24,12 @@ from nvflare.app_common.app_constant import AppConstants
 
 from .. import adapter as ad
 from ..aggregation_site import SiteAggregation, site_lora_config
-from ..data import load_dataset, site_split, train_val_split
+from ..data import MAX_BAD_IMAGES, SiteLoader, augmentation, load_dataset, site_split, train_val_split
 from ..federated import CLIPLoRAWrapper, FederatedCLIPModel
 from ..managers import fingerprint
-from ..models import fingerprint_difference
+from ..models import fingerprint_difference, preprocessing_for
 from ..training import Aborted, train_local
-from .announce import ANNOUNCE_KEY, FATAL_HEADER, TRAIN_LOSS_KEY, VAL_COUNT_KEY
+from .announce import ANNOUNCE_KEY, BAD_IMAGES_KEY, FATAL_HEADER, TRAIN_LOSS_KEY, VAL_COUNT_KEY
 
 DATA_ENV = "NVFLARE_LORA_DATA"
 SITE_CONFIG_FILE = "nvflare_lora_site.json"
@@ -47,8 +47,15 @@ class CLIPLoRAExecutor(Executor):
 
     Args:
         data: "digits" (bundled; split across num_sites by `partition`), an image folder
-            (root/<class>/<image>) or a CSV of path,label. A site overrides it without editing the job
-            with the environment variable NVFLARE_LORA_DATA or `data` in <workspace>/local/nvflare_lora_site.json.
+            (root/<class>/.../<image>) or a CSV of path,label; "{site}" in it is replaced by the site's name
+            (one folder per site on one machine). A site overrides it without editing the job with the
+            environment variable NVFLARE_LORA_DATA or `data` in <workspace>/local/nvflare_lora_site.json.
+        max_bad_images: share of the site's images that may be unreadable (skipped, named in the log and
+            counted in the round's metrics) before the site stops with an error naming the share.
+        num_workers: DataLoader worker processes decoding images ("auto": from the cores, see
+            nvflare_lora.data.default_workers; 0: in the training process).
+        augment: training augmentation: false, true (random resized crop of area share 0.5..1, horizontal
+            flip), or {"min_scale": 0.5, "hflip": true}; seeded by `seed` and the round.
         num_sites: how many sites share a simulated split ("site-1" ... "site-N"); unused for own data.
         partition: "iid" or "dirichlet" (label skew) for a simulated split.
         alpha: Dirichlet concentration; smaller means stronger skew.
@@ -71,6 +78,7 @@ class CLIPLoRAExecutor(Executor):
                  data_seed: int = 0, val_fraction: float = 0.2, local_epochs: int = 1, max_steps: Optional[int] = None,
                  batch_size: int = 32, lr: float = 3e-3, weight_decay: float = 0.0, max_grad_norm: float = 1.0,
                  seed: int = 0, model_path: str = "", device: str = "auto", torch_threads: int = 0,
+                 max_bad_images: float = MAX_BAD_IMAGES, num_workers="auto", augment=False,
                  tracking_writer_id: str = "tb_writer",
                  train_task_name: str = AppConstants.TASK_TRAIN, validate_task_name: str = AppConstants.TASK_VALIDATION,
                  submit_model_task_name: str = AppConstants.TASK_SUBMIT_MODEL):
@@ -81,11 +89,13 @@ class CLIPLoRAExecutor(Executor):
         self.lr, self.weight_decay, self.max_grad_norm, self.seed = lr, weight_decay, max_grad_norm, seed
         self.model_path, self.device, self.tracking_writer_id = model_path, device, tracking_writer_id
         self.torch_threads = torch_threads
+        self.max_bad_images, self.num_workers, self.augment = max_bad_images, num_workers, augment
         self.train_task_name, self.validate_task_name = train_task_name, validate_task_name
         self.submit_model_task_name = submit_model_task_name
         self.fed: Optional[FederatedCLIPModel] = None
         self.announced: Optional[Dict] = None
         self.train_set = self.val_set = None
+        self.train_loader = self.val_loader = None
         self.local_adapter: Optional[Dict] = None
         self.site_aggregation: Optional[SiteAggregation] = None
         self.writer = None
@@ -118,8 +128,21 @@ class CLIPLoRAExecutor(Executor):
 
             torch.set_num_threads(threads)
         t0 = time.perf_counter()
+        # the data first (its listing needs only the base's preprocessing): a wrong folder fails before the base is read
+        data = str(settings.get("data", self.data)).replace("{site}", site)
+        dataset = load_dataset(data, preprocessing_for(model_name),
+                               classes=announced.get("labels") if data != "digits" else None,
+                               max_bad_images=settings.get("max_bad_images", self.max_bad_images))
+        if data == "digits" and "data" not in settings:
+            self.train_set, self.val_set = site_split(dataset, site, self.num_sites, self.partition, self.alpha,
+                                                      self.data_seed, self.val_fraction)
+        else:  # the site's own data: all of it is this site's share
+            tr, va = train_val_split(len(dataset), self.val_fraction, self.data_seed)
+            self.train_set, self.val_set = dataset.subset(tr), dataset.subset(va)
+        head = announced.get("head") or {}
         fed = FederatedCLIPModel(model_name, announced["num_classes"], labels=announced.get("labels"),
-                                 device=settings.get("device", self.device))
+                                 device=settings.get("device", self.device),
+                                 normalize_embeds=bool(head.get("normalize_embeds", False)))
         local = fingerprint(fed, self._cache_dir(fl_ctx) / FINGERPRINT_CACHE)
         why = fingerprint_difference(announced["fingerprint"], local)
         if why:
@@ -128,17 +151,18 @@ class CLIPLoRAExecutor(Executor):
         # The announced LoRA settings at this site's rank (site_ranks), and the announced aggregation rule.
         CLIPLoRAWrapper(fed, site_lora_config(announced, site)).apply_lora_to_federated_model()
         self.site_aggregation = SiteAggregation.from_announcement(fed, announced)
-        data = settings.get("data", self.data)
-        dataset = load_dataset(data, fed.preprocess, classes=announced.get("labels") if data != "digits" else None)
-        if data == "digits" and "data" not in settings:
-            self.train_set, self.val_set = site_split(dataset, site, self.num_sites, self.partition, self.alpha,
-                                                      self.data_seed, self.val_fraction)
-        else:  # the site's own data: all of it is this site's share
-            tr, va = train_val_split(len(dataset), self.val_fraction, self.data_seed)
-            self.train_set, self.val_set = dataset.subset(tr), dataset.subset(va)
+        self.train_set.augment = augmentation(settings.get("augment", self.augment))
+        workers = settings.get("num_workers", self.num_workers)
+        self.train_loader = SiteLoader(self.train_set, self.batch_size, shuffle=True, num_workers=workers, device=fed.device)
+        self.val_loader = SiteLoader(self.val_set, max(self.batch_size, 64), num_workers=workers, device=fed.device)
         self.fed, self.announced = fed, announced
+        for note in dataset.notes:
+            self.log_warning(fl_ctx, f"{site}: {note}")
+        self._bad_seen = 0
+        self._report_bad(fl_ctx)
         self.log_info(fl_ctx, f"{site}: base {model_name!r} ready in {time.perf_counter() - t0:.1f}s; "
-                              f"{len(self.train_set)} train / {len(self.val_set)} val images from {data!r}; "
+                              f"{len(self.train_set)} train / {len(self.val_set)} val images from {data!r} "
+                              f"({self.train_loader.num_workers} loader workers); "
                               f"adapter {fed.parameter_counts()['exchanged']:,} parameters")
         if self.tracking_writer_id:
             self.writer = fl_ctx.get_engine().get_component(self.tracking_writer_id)
@@ -187,12 +211,12 @@ class CLIPLoRAExecutor(Executor):
         # strict: keys, shapes, finite values; under the exact rule the residuals go onto the frozen weights
         global_adapter = self.site_aggregation.load_global(dxo.data)
 
-        xv, yv = self.val_set.tensors()
-        val = self.fed.evaluate(xv, yv)
-        stats = train_local(self.fed, self.train_set, epochs=self.local_epochs, max_steps=self.max_steps,
+        val = self.fed.evaluate(self.val_loader)
+        stats = train_local(self.fed, self.train_loader, epochs=self.local_epochs, max_steps=self.max_steps,
                             batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
                             max_grad_norm=self.max_grad_norm, seed=self.seed + int(rnd),
                             should_abort=lambda: abort_signal.triggered)
+        self._report_bad(fl_ctx)
         self.local_adapter = self.site_aggregation.local_state()
         self._keep_local_adapter(fl_ctx)
         update = self.site_aggregation.update(global_adapter)  # local - global; under ffa without A
@@ -202,11 +226,13 @@ class CLIPLoRAExecutor(Executor):
         if self.writer is not None:
             self.writer.add_scalar("val_accuracy_global", val["accuracy"], global_step=int(rnd))
             self.writer.add_scalar("train_loss", stats["loss"], global_step=int(rnd))
+            self.writer.add_scalar("bad_images", len(self.train_set.bad), global_step=int(rnd))
         out = DXO(data_kind=DataKind.WEIGHT_DIFF, data=update, meta={
             MetaKey.NUM_STEPS_CURRENT_ROUND: stats["steps"],
             MetaKey.INITIAL_METRICS: {"val_accuracy": val["accuracy"], "val_loss": val["loss"]},
             VAL_COUNT_KEY: val["count"],
             TRAIN_LOSS_KEY: stats["loss"],
+            BAD_IMAGES_KEY: len(self.train_set.bad),
         })
         return out.to_shareable()
 
@@ -218,12 +244,20 @@ class CLIPLoRAExecutor(Executor):
             self._ensure_model(dxo, fl_ctx)
         # any rank, with or without residuals; what this site had loaded is restored afterwards
         with self.site_aggregation.evaluating(dxo.data):
-            xv, yv = self.val_set.tensors()
-            val = self.fed.evaluate(xv, yv)
+            val = self.fed.evaluate(self.val_loader)
+        self._report_bad(fl_ctx)
         model_owner = shareable.get_header(AppConstants.MODEL_OWNER, "?")
         self.log_info(fl_ctx, f"{fl_ctx.get_identity_name()}: model of {model_owner}: val acc {val['accuracy']:.4f}")
         return DXO(data_kind=DataKind.METRICS, data={"val_accuracy": val["accuracy"], "val_loss": val["loss"],
-                                                    "count": val["count"]}).to_shareable()
+                                                    "count": val["count"],
+                                                    "bad_images": len(self.val_set.bad)}).to_shareable()
+
+    def _report_bad(self, fl_ctx: FLContext) -> None:
+        """Name the site's unreadable images in its log when there are new ones (the first few and the count)."""
+        bad = self.train_set.bad
+        if len(bad) > self._bad_seen:
+            self.log_warning(fl_ctx, f"{fl_ctx.get_identity_name()}: {bad.summary()}")
+            self._bad_seen = len(bad)
 
     def _local_adapter_path(self, fl_ctx: FLContext) -> Path:
         return Path(fl_ctx.get_engine().get_workspace().get_app_dir(fl_ctx.get_job_id())) / LOCAL_ADAPTER_FILE

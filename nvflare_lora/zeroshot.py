@@ -1,0 +1,167 @@
+"""CLIP's zero-shot classifier as the starting head, and the initial adapter file that carries it.
+
+    python -m nvflare_lora.zeroshot JOB_DIR            # writes JOB_DIR/app/config/initial_adapter/
+
+The head becomes logit_scale x the normalised text embeddings of the class prompts (one prompt per
+template, averaged and renormalised per class) with bias 0, and the model normalises its image
+embeddings: round 0 then scores what CLIP scores zero-shot. The server never loads the base, so the text
+tower runs once, here, on a machine that has the base: the command writes the job's initial adapter (this
+head, LoRA at its seeded init) as a checkpoint directory with the base fingerprint, and the job's
+persistor (head_init = "zeroshot", initial_adapter = "initial_adapter") starts from it after checking
+that fingerprint, the LoRA settings, the labels and the templates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+HEAD_INITS = ("seeded", "zeroshot")
+HEAD_WEIGHT, HEAD_BIAS = "base_model.model.classifier.weight", "base_model.model.classifier.bias"
+INITIAL_ADAPTER_DIR = "initial_adapter"
+
+
+class ZeroShotError(ValueError):
+    """The base cannot give a zero-shot head (no text tower, no tokenizer) or the settings are wrong."""
+
+
+def check_templates(templates: Sequence[str]) -> List[str]:
+    templates = list(templates or ())
+    if not templates or any(not isinstance(t, str) or t.count("{}") != 1 for t in templates):
+        raise ZeroShotError(f"prompt_templates must be a non-empty list of strings with one '{{}}' for the class "
+                            f"name each, e.g. {list(DEFAULT_TEMPLATES)}; got {templates!r}")
+    return templates
+
+
+def head_spec(head_init: str, templates: Sequence[str]) -> Dict:
+    """What the job announces about its head: how it starts and whether image embeddings are normalised."""
+    if head_init not in HEAD_INITS:
+        raise ZeroShotError(f"head_init must be one of {', '.join(map(repr, HEAD_INITS))}; got {head_init!r}")
+    if head_init == "seeded":
+        return {"init": "seeded", "normalize_embeds": False}
+    return {"init": "zeroshot", "normalize_embeds": True, "templates": check_templates(templates)}
+
+
+def load_tokenizer(model_name: str):
+    """The base's own CLIP tokenizer (tokenizer.json, or vocab.json + merges.txt, in its directory)."""
+    from .models import resolve_model
+
+    source = resolve_model(model_name)
+    fix = (f"save the tokenizer that came with the checkpoint into it (CLIPTokenizer.from_pretrained(...)"
+           f".save_pretrained(DIR)), or start from a seeded head (head_init = \"seeded\")")
+    if source.path is None:
+        raise ZeroShotError(f"base {model_name!r} is a built-in preset without a tokenizer: a zero-shot head needs a "
+                            f"CLIP checkpoint directory with its tokenizer; {fix}")
+    files = {p.name for p in source.path.iterdir()}
+    if "tokenizer.json" not in files and not {"vocab.json", "merges.txt"} <= files:
+        raise ZeroShotError(f"base {source.path} has no tokenizer (tokenizer.json, or vocab.json and merges.txt): "
+                            f"a zero-shot head encodes the class names with it; {fix}")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(source.path), local_files_only=True)
+
+
+@torch.no_grad()
+def text_embeddings(classifier, tokenizer, labels: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+    """(classes, projection_dim): per class, the unit-length mean of its prompts' unit-length text embeddings."""
+    out = []
+    max_len = classifier.clip_config.text_config.max_position_embeddings
+    for label in labels:
+        prompts = [t.format(label) for t in templates]
+        tok = tokenizer(prompts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+        pooled = classifier.text_model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).pooler_output
+        emb = classifier.text_projection(pooled)
+        emb = emb / emb.norm(dim=-1, keepdim=True)
+        mean = emb.mean(0)
+        out.append(mean / mean.norm())
+    return torch.stack(out)
+
+
+def zeroshot_head(model_name: str, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES):
+    """(weight (classes, projection_dim), bias (classes,)) of CLIP's zero-shot classifier, float32 numpy."""
+    from .models import build_classifier
+
+    templates = check_templates(templates)
+    tokenizer = load_tokenizer(model_name)
+    classifier, _ = build_classifier(model_name, len(labels), include_text=True)
+    if not classifier.include_text:
+        raise ZeroShotError(f"base {model_name!r} has no text tower")
+    weight = classifier.logit_scale.exp() * text_embeddings(classifier.eval(), tokenizer, labels, templates)
+    return weight.float().numpy(), np.zeros(len(labels), np.float32)
+
+
+def write_initial_adapter(out: str | Path, model_name: str, labels: Sequence[str], lora,
+                          templates: Sequence[str] = DEFAULT_TEMPLATES) -> Path:
+    """The job's initial adapter with a zero-shot head, as a checkpoint directory (safetensors + JSON)."""
+    from . import adapter as ad
+    from .checkpoint import save_adapter_dir
+    from .federated import adapter_skeleton
+    from .models import base_fingerprint, preprocessing_for
+
+    if not lora.train_head:
+        raise ZeroShotError("a zero-shot head must be trained and exchanged: add 'classifier' to target_components")
+    labels = list(labels)
+    shapes, peft_config = adapter_skeleton(model_name, len(labels), lora)
+    state = ad.init_adapter_state(shapes, lora.seed)
+    state[HEAD_WEIGHT], state[HEAD_BIAS] = zeroshot_head(model_name, labels, templates)
+    ad.check_adapter(state, shapes, "zero-shot adapter", float32=True)
+    n = int(sum(v.size for v in state.values()))
+    meta = {"base_model": str(model_name), "base_fingerprint": base_fingerprint(model_name),
+            "num_classes": len(labels), "labels": labels, "preprocessing": preprocessing_for(model_name).to_dict(),
+            "lora_config": lora.to_dict(), "head": head_spec("zeroshot", templates), "round": -1,
+            "checkpoint": "initial", "parameters": {"exchanged": n, "trainable": n}, "format": "nvflare_lora/1"}
+    return save_adapter_dir(out, state, peft_config, meta)
+
+
+def persistor_args(job_dir: Path) -> Dict:
+    """The AdapterPersistor arguments of a job folder's server config (.conf or .json)."""
+    from pyhocon import ConfigFactory
+
+    for name in ("config_fed_server.conf", "config_fed_server.json"):
+        path = job_dir / "app" / "config" / name
+        if path.is_file():
+            conf = ConfigFactory.parse_file(str(path))
+            for comp in conf.get("components", []):
+                if str(comp.get("path", "")).endswith("AdapterPersistor"):
+                    return {k: v for k, v in dict(comp.get("args", {})).items()}
+            raise ZeroShotError(f"{path} has no nvflare_lora AdapterPersistor component")
+    raise ZeroShotError(f"{job_dir} is not a job folder: no app/config/config_fed_server.conf or .json")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m nvflare_lora.zeroshot", description=__doc__.splitlines()[0])
+    p.add_argument("job_dir", metavar="JOB_DIR", help="the job folder (its server config names the base, labels, LoRA)")
+    p.add_argument("--out", help=f"where to write (default JOB_DIR/app/config/{INITIAL_ADAPTER_DIR})")
+    p.add_argument("--model", help="this machine's copy of the base, if not at the job's path (same fingerprint)")
+    args = p.parse_args(argv)
+    from .config import LoRAConfig
+
+    job = Path(args.job_dir)
+    try:
+        a = persistor_args(job)
+        labels = list(a.get("labels") or [str(i) for i in range(int(a.get("num_classes", 10)))])
+        lora = LoRAConfig(r=a.get("r", 16), lora_alpha=a.get("lora_alpha", 32), lora_dropout=a.get("lora_dropout", 0.1),
+                          target_modules=a.get("target_modules"),
+                          target_components=a.get("target_components") or ["vision", "classifier"], seed=a.get("seed", 0))
+        templates = a.get("prompt_templates") or list(DEFAULT_TEMPLATES)
+        out = Path(args.out) if args.out else job / "app" / "config" / (a.get("initial_adapter") or INITIAL_ADAPTER_DIR)
+        model = args.model or a.get("model", "tiny-clip")
+        path = write_initial_adapter(out, model, labels, lora, templates)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote the zero-shot initial adapter ({len(labels)} classes, templates {templates}) to {path}")
+    if a.get("head_init") != "zeroshot" or not a.get("initial_adapter"):
+        print(f"note: the job starts from it only with head_init = \"zeroshot\" and initial_adapter = "
+              f"\"{out.name if not args.out else out}\" in its persistor args")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
