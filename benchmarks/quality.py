@@ -78,7 +78,7 @@ HETERO_RANKS = (2, 4, 8, 8)
 from nvflare_lora import CLIPLoRAWrapper, FederatedCLIPModel, LoRAConfig  # noqa: E402
 from nvflare_lora.aggregation import SiteUpdate, aggregate, project, zero_residuals  # noqa: E402
 from nvflare_lora.aggregation_site import SiteAggregation, site_lora_config  # noqa: E402
-from nvflare_lora.data import ImageDataset, partition  # noqa: E402
+from nvflare_lora.data import ImageDataset, SiteLoader, partition  # noqa: E402
 from nvflare_lora.fl.accounting import payload_bytes  # noqa: E402
 from nvflare_lora.models import build_classifier, preprocessing_for, save_preset  # noqa: E402
 from nvflare_lora.recipe import JobSettings  # noqa: E402
@@ -107,7 +107,6 @@ def digit_domains(seed: int, val_fraction: float = 0.2):
 def as_dataset(images: np.ndarray, labels: np.ndarray, preprocess) -> ImageDataset:
     ds = ImageDataset([(np.stack([im] * 3, axis=-1), int(y)) for im, y in zip(images, labels)],
                       [str(i) for i in range(10)], preprocess)
-    ds.tensors()  # preprocess once; subsets share the cache
     return ds
 
 
@@ -127,14 +126,11 @@ def pretrained_base(args, source, labels, train_idx) -> Path:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(model.parameters(), lr=settings["lr"])
     data = as_dataset(source[train_idx], labels[train_idx], preprocessing_for("tiny-clip"))
-    x, y = data.tensors()
-    g = torch.Generator().manual_seed(args.data_seed)
+    loader = SiteLoader(data, settings["batch"], shuffle=True)  # epoch e: the (e+1)-th randperm of data_seed
     model.train()
-    for _ in range(args.pretrain_epochs):
-        order = torch.randperm(len(y), generator=g)
-        for i in range(0, len(y), settings["batch"]):
-            b = order[i:i + settings["batch"]]
-            loss = F.cross_entropy(model(x[b]), y[b])
+    for epoch in range(args.pretrain_epochs):
+        for x, y in loader.batches(args.data_seed, epoch):
+            loss = F.cross_entropy(model(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -160,7 +156,7 @@ class Bench:
 
     def __init__(self, args, base: Path, pool: ImageDataset, val: ImageDataset, test: ImageDataset):
         self.args, self.base, self.pool = args, base, pool
-        self.eval_sets = {"val": val.tensors(), "test": test.tensors()}
+        self.eval_sets = {"val": SiteLoader(val, 512), "test": SiteLoader(test, 512)}
         self.on, self.every = "test", args.eval_every  # set per run by _run_job
 
     def lora(self, seed: int) -> LoRAConfig:
@@ -183,9 +179,8 @@ class Bench:
         return SiteAggregation(fed, mode)
 
     def accuracy(self, site: SiteAggregation, state) -> float:
-        x, y = self.eval_sets[self.on]
         with site.evaluating(state):
-            return float(site.fed.evaluate(x, y)["accuracy"])
+            return float(site.fed.evaluate(self.eval_sets[self.on])["accuracy"])
 
     def train(self, site: SiteAggregation, data, rnd: int, lr: float, seed: int, salt: int, parties: int = 1) -> Dict:
         """One round of local training: --local-epochs over `data`, capped at --local-steps per party

@@ -46,7 +46,7 @@ from simjob import JOB  # noqa: E402
 from nvflare_lora import CLIPLoRAWrapper, FederatedCLIPModel  # noqa: E402
 from nvflare_lora import compression as codec  # noqa: E402
 from nvflare_lora.aggregation import SiteUpdate, aggregate  # noqa: E402
-from nvflare_lora.data import load_dataset, site_split  # noqa: E402
+from nvflare_lora.data import SiteLoader, load_dataset, site_split  # noqa: E402
 from nvflare_lora.fl.accounting import payload_bytes  # noqa: E402
 from nvflare_lora.fl.compression import PAYLOAD_KEY  # noqa: E402
 from nvflare_lora.recipe import JobSettings  # noqa: E402
@@ -121,7 +121,7 @@ def run(variant: str, fraction: float, seed: int, rounds: int, s: dict) -> dict:
     data = _digits(fed.preprocess)
     sites = [site_split(data, f"site-{i + 1}", s["sites"], s["partition"], s["alpha"], seed, s["val_fraction"])
              for i in range(s["sites"])]
-    val = [v.tensors() for _, v in sites]
+    val = [SiteLoader(v, 256) for _, v in sites]
     glob = {k: v.copy() for k, v in fed.get_parameters().items()}
     accs, sent_bytes = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -139,7 +139,7 @@ def run(variant: str, fraction: float, seed: int, rounds: int, s: dict) -> dict:
                 nbytes += b
             glob, _ = aggregate(glob, received, "fedavg", lora.scaling, ROBUSTNESS)  # what LoRAAggregator does
             fed.set_parameters(glob)
-            results = [fed.evaluate(x, y) for x, y in val]
+            results = [fed.evaluate(loader) for loader in val]
             accs.append(sum(r["accuracy"] * r["count"] for r in results) / sum(r["count"] for r in results))
             sent_bytes.append(nbytes)
     return {"acc": accs, "bytes": float(np.mean(sent_bytes))}

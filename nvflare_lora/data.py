@@ -54,16 +54,19 @@ class BadImages:
         self.files.setdefault(str(source), reason)
         self.check()
 
-    def summary(self, first: int = 3) -> str:
+    def named(self, first: int = 3) -> str:
+        """The first few bad files with their reasons, and how many more."""
         shown = "; ".join(f"{p} ({r})" for p, r in list(self.files.items())[:first])
-        more = f"; and {len(self) - first} more" if len(self) > first else ""
-        return f"{len(self)} of {self.total} images in {self.where} unreadable, skipped: {shown}{more}"
+        return shown + (f"; and {len(self) - first} more" if len(self) > first else "")
+
+    def summary(self) -> str:
+        return f"{len(self)} of {self.total} images in {self.where} unreadable, skipped: {self.named()}"
 
     def check(self) -> None:
         if self.total and len(self) > self.max_share * self.total:
             raise TooManyBadImages(
                 f"{len(self)} of {self.total} images ({len(self) / self.total:.1%}) in {self.where} cannot be read, "
-                f"more than max_bad_images={self.max_share:.1%}: {self.summary()}. Repair or remove those files, or "
+                f"more than max_bad_images={self.max_share:.1%}: {self.named()}. Repair or remove those files, or "
                 f"raise max_bad_images in the job (or in the site's local/nvflare_lora_site.json)")
 
 

@@ -164,11 +164,11 @@ class JobSettings:
 
 
 # jobs/clip_lora_vitb32: the job at real shapes (README, Real sites): a ViT-B/32 base in a local directory, each
-# site's own image folder (~/nvflare_lora/elpv/site-1, ...), the head started as CLIP's zero-shot classifier,
+# site's own image folder (~/nvflare-lora/elpv/site-1, ...), the head started as CLIP's zero-shot classifier,
 # seeded augmentation, DataLoader workers from the cores. One short round as shipped (CPU-sized): raise
 # num_rounds, max_steps and batch_size for a real run. tests/test_recipe.py checks the folder is this.
-VITB32_JOB = dict(model="~/nvflare_lora/clip-vit-b32", num_classes=2, labels=["functional", "defective"],
-                  head_init="zeroshot", initial_adapter="initial_adapter", data="~/nvflare_lora/elpv/{site}",
+VITB32_JOB = dict(model="~/nvflare-lora/clip-vit-b32", num_classes=2, labels=["functional", "defective"],
+                  head_init="zeroshot", initial_adapter="initial_adapter", data="~/nvflare-lora/elpv/{site}",
                   num_sites=2, num_rounds=1, local_epochs=1, max_steps=2, batch_size=8, num_workers="auto",
                   augment=True)
 

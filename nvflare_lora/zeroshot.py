@@ -53,8 +53,8 @@ def load_tokenizer(model_name: str):
     from .models import resolve_model
 
     source = resolve_model(model_name)
-    fix = (f"save the tokenizer that came with the checkpoint into it (CLIPTokenizer.from_pretrained(...)"
-           f".save_pretrained(DIR)), or start from a seeded head (head_init = \"seeded\")")
+    fix = ("save the tokenizer that came with the checkpoint into it (CLIPTokenizer.from_pretrained(...)"
+           ".save_pretrained(DIR)), or start from a seeded head (head_init = \"seeded\")")
     if source.path is None:
         raise ZeroShotError(f"base {model_name!r} is a built-in preset without a tokenizer: a zero-shot head needs a "
                             f"CLIP checkpoint directory with its tokenizer; {fix}")

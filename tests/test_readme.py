@@ -33,7 +33,7 @@ def newcomer(tmp_path_factory):
     """Run every block; return the folder and each command's output."""
     home = tmp_path_factory.mktemp("newcomer")
     shutil.copytree(REPO / "jobs", home / "jobs")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HOME": str(home)}  # the README's ~/nvflare_lora lands in the fixture
     outputs = []
     for lang, code in blocks():
         if lang == "bash":
@@ -79,6 +79,37 @@ def test_the_recipe_gives_the_job_folders_round_accuracies(newcomer):
     assert [(r["round"], r["global_val_accuracy"]) for r in rounds[0]] == \
            [(r["round"], r["global_val_accuracy"]) for r in rounds[1]] and len(rounds[0]) == 8
     assert [round(r["mean_train_loss"], 4) for r in rounds[0]] == [round(r["mean_train_loss"], 4) for r in rounds[1]]
+
+
+def test_the_vitb32_job_starts_at_clips_zero_shot_accuracy_and_exports_verified(newcomer):
+    """jobs/clip_lora_vitb32 as the README runs it: real elpv images per site, a ViT-B/32-shaped base. Round 0's
+    validation accuracy at each site is CLIPModel's zero-shot accuracy on that site's validation images."""
+    import torch
+    from transformers import CLIPModel
+
+    from nvflare_lora.data import SiteLoader, load_image_folder, train_val_split
+    from nvflare_lora.models import preprocessing_for
+    from nvflare_lora.zeroshot import load_tokenizer
+
+    home, _ = newcomer
+    base = home / "nvflare-lora" / "clip-vit-b32"
+    clip = CLIPModel.from_pretrained(str(base)).eval()
+    assert clip.config.vision_config.hidden_size == 768 and clip.config.vision_config.patch_size == 32
+    labels = ["functional", "defective"]
+    prompts = load_tokenizer(str(base))([f"a photo of a {c}." for c in labels], padding=True, return_tensors="pt")
+    first = json.loads((home / "ws_vitb32/server/simulate_job/app_server/communication.json").read_text())["rounds"][0]
+    for site in ("site-1", "site-2"):
+        ds = load_image_folder(home / "nvflare-lora" / "elpv" / site, preprocessing_for(str(base)), labels)
+        assert len(ds) == 100
+        val = ds.subset(train_val_split(len(ds), 0.2, 0)[1])
+        correct = 0
+        with torch.no_grad():
+            for x, y in SiteLoader(val, 16):
+                correct += int((clip(pixel_values=x, **prompts).logits_per_image.argmax(1) == y).sum())
+        assert first["sites"][site]["val_accuracy"] == correct / len(val) and first["sites"][site]["val_count"] == 20
+    report = json.loads((home / "ws_vitb32" / "onnx" / "export_report.json").read_text())
+    assert report["verification"]["data"] == "the run's validation images from ~/nvflare-lora/elpv/{site}"
+    assert report["verification"]["variants"]["fp32"]["max_abs_logit_diff"] <= 1e-4 and not report["failed"]
 
 
 def test_the_simulator_without_allow_fails_and_the_readme_says_the_fix(tmp_path):

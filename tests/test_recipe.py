@@ -24,6 +24,15 @@ def test_the_default_recipe_is_the_job_folder():
     assert _conf(JOB / "meta.conf") == meta("clip_lora", s)
 
 
+def test_the_vitb32_job_folder_is_its_recipe_settings():
+    from nvflare_lora.recipe import VITB32_JOB, settings
+
+    s, job = settings(**VITB32_JOB), JOB.parent / "clip_lora_vitb32"
+    assert _conf(job / "app" / "config" / "config_fed_server.json") == server_config(s)
+    assert _conf(job / "app" / "config" / "config_fed_client.json") == client_config(s)
+    assert _conf(job / "meta.json") == meta("clip_lora_vitb32", s)
+
+
 def test_export_writes_a_job_folder_without_code(tmp_path):
     recipe = CLIPLoRARecipe(r=8, aggregation="exact", site_ranks={"site-2": 4}, compression="int8",
                             compression_args={"block_size": 128})
@@ -55,6 +64,12 @@ def test_export_writes_a_job_folder_without_code(tmp_path):
     ({"trim_fraction": 0.5}, r"trim_fraction must be in \[0, 0.5\).*leave no site"),
     ({"clip_multiple": 0.5}, r"clip_multiple must be a number >= 1"),
     ({"weighting": "data"}, r"weighting must be one of \['steps', 'equal'\]"),
+    ({"max_bad_images": 1}, r"max_bad_images must be a share in \[0, 1\)"),
+    ({"num_workers": -1}, r"num_workers must be \"auto\" or an integer >= 0"),
+    ({"augment": {"scale": 0.5}}, r"augment has unknown key\(s\) \['scale'\]; valid: min_scale, hflip"),
+    ({"head_init": "zeroshot"}, r"head_init 'zeroshot' needs initial_adapter"),
+    ({"head_init": "zeroshot", "initial_adapter": "x", "prompt_templates": ["no slot"]},
+     r"prompt_templates must be a non-empty list of strings with one '\{\}'"),
 ])
 def test_bad_settings_are_refused_with_the_valid_values(kwargs, match):
     with pytest.raises(RecipeError, match=match):

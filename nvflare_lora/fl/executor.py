@@ -24,7 +24,7 @@ from nvflare.app_common.app_constant import AppConstants
 
 from .. import adapter as ad
 from ..aggregation_site import SiteAggregation, site_lora_config
-from ..data import MAX_BAD_IMAGES, SiteLoader, augmentation, load_dataset, site_split, train_val_split
+from ..data import MAX_BAD_IMAGES, SiteLoader, TooManyBadImages, augmentation, load_dataset, site_split, train_val_split
 from ..federated import CLIPLoRAWrapper, FederatedCLIPModel
 from ..managers import fingerprint
 from ..models import fingerprint_difference, preprocessing_for
@@ -195,6 +195,9 @@ class CLIPLoRAExecutor(Executor):
             # reads the header and stops the whole job with this message (a site's own panic stops only the site).
             self.log_error(fl_ctx, f"{site}: {e}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION, headers={FATAL_HEADER: str(e)})
+        except TooManyBadImages as e:  # the site's data, not the code: the message says what to fix
+            self.log_error(fl_ctx, f"{site}: stops contributing: {e}")
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
         except ad.AdapterMismatchError as e:
             self.log_error(fl_ctx, f"{site}: refused the task's model, nothing loaded: {e}")
             return make_reply(ReturnCode.BAD_TASK_DATA)
@@ -222,7 +225,8 @@ class CLIPLoRAExecutor(Executor):
         update = self.site_aggregation.update(global_adapter)  # local - global; under ffa without A
         site = fl_ctx.get_identity_name()
         self.log_info(fl_ctx, f"{site} round {rnd}: global val acc {val['accuracy']:.4f}, "
-                              f"{stats['steps']} steps, train loss {stats['loss']:.4f}, {stats['seconds']:.1f}s")
+                              f"{stats['steps']} steps ({stats['samples']} images), train loss {stats['loss']:.4f}, "
+                              f"{stats['seconds']:.1f}s")
         if self.writer is not None:
             self.writer.add_scalar("val_accuracy_global", val["accuracy"], global_step=int(rnd))
             self.writer.add_scalar("train_loss", stats["loss"], global_step=int(rnd))

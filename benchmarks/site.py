@@ -1,0 +1,298 @@
+"""A site at real scale: a ViT-B/32-shaped base from a local directory, real images at their own size.
+
+Base: nvflare_lora.sample_data.write_random_base (CLIPModel(CLIPConfig()) with seeded random weights:
+ViT-B/32's shapes and cost; no real CLIP weights can be had here). Images: elpv-dataset's real 300x300
+solar-cell photos (nvflare_lora.sample_data), decoded and preprocessed to 224 px on every read.
+LoRA as the jobs configure it: r 16, alpha 32, q/v of the image encoder, head trained. AdamW.
+
+(a) throughput: local training images/s of the executor's path (FederatedCLIPModel + CLIPLoRAWrapper,
+    SiteLoader, train_local: what CLIPLoRAExecutor runs each round) against a plain loop written the way
+    a PyTorch user would: CLIPModel's vision tower + projection + a Linear head in an nn.Module, PEFT's
+    get_peft_model with the same LoraConfig, a torch Dataset of file paths decoded with PIL through the
+    same CLIP preprocessing, DataLoader(shuffle=True), AdamW, clip_grad_norm_. Same images, batch size,
+    workers and threads; each run warms up, then times `steps` steps; the two alternate, `reps` times each,
+    and the ratio is of the medians.
+(b) memory: peak RSS of a site process (and, separately, of its DataLoader workers) doing what a site does
+    with N images: list the folder, build the model with LoRA, train `steps` steps, validate on its whole
+    20% validation split, for N = 1,000 and 8,000 (beyond the 2,624 cells, the cells again rotated: every
+    file a distinct real image). Each N in a fresh process.
+(c) the ViT-B/32 job: jobs/clip_lora_vitb32 as the README runs it (2 sites x 100 elpv images, the zero-shot
+    head, one round), in the real simulator: wall time and peak RSS of the whole process tree.
+
+Usage: HF_HUB_OFFLINE=1 python benchmarks/site.py [--threads 2] [--batch 16] [--steps 4] [--reps 3]
+Last line: `site: throughput_vs_plain=<X>x rss_8k/1k=<Y>x vitb32_round=<Z>s` (targets: X >= 0.95, Y <= 1.15).
+Raw results: benchmarks/results/site.json. benchmarks/gpu_check.py runs (a) on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0)
+
+
+# ---- (a) the two training loops --------------------------------------------------------------------
+def executor_path(base: str, folder: str, batch: int, workers: int, device: str):
+    """A function running `steps` steps the way CLIPLoRAExecutor trains (its classes, its loader)."""
+    from nvflare_lora import CLIPLoRAWrapper, FederatedCLIPModel, LoRAConfig
+    from nvflare_lora.data import SiteLoader, load_dataset
+    from nvflare_lora.training import train_local
+
+    fed = FederatedCLIPModel(base, 2, labels=["functional", "defective"], device=device)
+    CLIPLoRAWrapper(fed, LoRAConfig(**LORA)).apply_lora_to_federated_model()
+    data = load_dataset(folder, fed.preprocess, classes=["functional", "defective"])
+    loader = SiteLoader(data, batch, shuffle=True, num_workers=workers, device=fed.device)
+    rounds = iter(range(10**6))
+
+    def run(steps: int) -> int:
+        return train_local(fed, loader, max_steps=steps, lr=1e-3, seed=next(rounds))["samples"]
+
+    return run
+
+
+class _Files(torch.utils.data.Dataset):
+    def __init__(self, items, preprocess):
+        self.items, self.preprocess = items, preprocess
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        path, label = self.items[i]
+        with Image.open(path) as im:
+            return self.preprocess(im.convert("RGB")), label
+
+
+class _Classifier(nn.Module):
+    def __init__(self, clip, num_classes: int):
+        super().__init__()
+        self.vision_model, self.visual_projection = clip.vision_model, clip.visual_projection
+        self.head = nn.Linear(clip.config.projection_dim, num_classes)
+
+    def forward(self, pixel_values):
+        return self.head(self.visual_projection(self.vision_model(pixel_values=pixel_values).pooler_output))
+
+
+def plain_loop(base: str, folder: str, batch: int, workers: int, device: str, autocast_dtype=None):
+    """The baseline: plain PyTorch + PEFT + DataLoader, written without this package's training code."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import CLIPModel
+
+    from nvflare_lora.models import preprocessing_for
+
+    dev = torch.device(device)
+    model = _Classifier(CLIPModel.from_pretrained(base), 2)
+    model = get_peft_model(model, LoraConfig(target_modules=["q_proj", "v_proj"], modules_to_save=["head"], **LORA)).to(dev)
+    items = [(p, int(p.parent.name == "defective")) for p in sorted(Path(folder).rglob("*.png"))]
+    loader = torch.utils.data.DataLoader(_Files(items, preprocessing_for(base)), batch_size=batch, shuffle=True,
+                                         num_workers=workers, persistent_workers=workers > 0,
+                                         pin_memory=dev.type == "cuda")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+
+    def run(steps: int) -> int:
+        model.train()
+        n = 0
+        for i, (x, y) in enumerate(loader):
+            if i >= steps:
+                break
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            with torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                logits = model(x)
+            loss = nn.functional.cross_entropy(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            n += int(y.shape[0])
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return n
+
+    return run
+
+
+def throughput(base: str, folder: str, batch: int, steps: int, reps: int, workers: int, device: str = "cpu",
+               plain_autocast=None, log=print) -> dict:
+    """Images/s of both loops, alternating, after one warm-up of 2 steps each."""
+    runs = {"executor": executor_path(base, folder, batch, workers, device),
+            "plain": plain_loop(base, folder, batch, workers, device, plain_autocast)}
+    for run in runs.values():
+        run(2)
+    rates = {name: [] for name in runs}
+    for rep in range(reps):
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            n = run(steps)
+            if device != "cpu":
+                torch.cuda.synchronize()
+            rates[name].append(n / (time.perf_counter() - t0))
+            log(f"  rep {rep + 1} {name:8s} {rates[name][-1]:7.2f} images/s")
+    med = {name: statistics.median(v) for name, v in rates.items()}
+    return {"images_per_s": rates, "median": med, "ratio": med["executor"] / med["plain"]}
+
+
+# ---- (b) a site's memory -----------------------------------------------------------------------------
+def site_memory(base: str, folder: str, batch: int, steps: int, workers: int) -> dict:
+    """Run in a fresh process: a site's set-up, `steps` training steps and one full validation pass."""
+    from nvflare_lora import CLIPLoRAWrapper, FederatedCLIPModel, LoRAConfig
+    from nvflare_lora.data import SiteLoader, load_dataset, train_val_split
+    from nvflare_lora.training import train_local
+
+    t0 = time.perf_counter()
+    fed = FederatedCLIPModel(base, 2, labels=["functional", "defective"], device="cpu")
+    CLIPLoRAWrapper(fed, LoRAConfig(**LORA)).apply_lora_to_federated_model()
+    data = load_dataset(folder, fed.preprocess, classes=["functional", "defective"])
+    tr, va = train_val_split(len(data), 0.2, 0)
+    train = SiteLoader(data.subset(tr), batch, shuffle=True, num_workers=workers)
+    val = SiteLoader(data.subset(va), 64, num_workers=workers)
+    stats = train_local(fed, train, max_steps=steps, lr=1e-3)
+    result = fed.evaluate(val)
+    del train, val  # the workers exit, so their peak is in RUSAGE_CHILDREN
+    import gc
+
+    gc.collect()
+    time.sleep(0.5)
+    return {"images": len(data), "val_images": result["count"], "train_samples": stats["samples"],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+            "seconds": time.perf_counter() - t0}
+
+
+# ---- (c) the ViT-B/32 job in the simulator -------------------------------------------------------------
+def tree_rss_mb(pid: int) -> float:
+    import psutil
+
+    try:
+        procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total / 2**20
+
+
+def vitb32_job(work: Path, base_dir: Path) -> dict:
+    """The README's ViT-B/32 commands with HOME=work: sample images, zero-shot adapter, simulator."""
+    home = work / "home"
+    (home / "nvflare-lora").mkdir(parents=True, exist_ok=True)
+    if not (home / "nvflare-lora" / "clip-vit-b32").exists():
+        (home / "nvflare-lora" / "clip-vit-b32").symlink_to(base_dir)
+    shutil.copytree(ROOT / "jobs" / "clip_lora_vitb32", work / "job", dirs_exist_ok=True)
+    env = {**os.environ, "HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    py = sys.executable
+    for cmd in ([py, "-m", "nvflare_lora.sample_data", "elpv", str(home / "nvflare-lora" / "elpv"), "--sites", "2",
+                 "--per-site", "100"],
+                [py, "-m", "nvflare_lora.zeroshot", str(work / "job")],
+                [py, "-m", "nvflare_lora.allow", str(work / "ws")]):
+        subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(["nvflare", "simulator", str(work / "job"), "-w", str(work / "ws"), "-n", "2", "-t", "2"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak = 0.0
+    while proc.poll() is None:
+        peak = max(peak, tree_rss_mb(proc.pid))
+        time.sleep(0.2)
+    wall = time.perf_counter() - t0
+    out = proc.stdout.read()
+    if proc.returncode != 0:
+        raise RuntimeError(f"the ViT-B/32 job failed:\n{out[-3000:]}")
+    comm = json.loads((work / "ws/server/simulate_job/app_server/communication.json").read_text())
+    first = comm["rounds"][0]
+    return {"wall_s": wall, "peak_tree_rss_mb": peak, "round_s": first["seconds"],
+            "round0_val_accuracy": {s: v["val_accuracy"] for s, v in first["sites"].items()},
+            "upload_bytes": first["upload_bytes"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--workers", type=int, default=1, help="DataLoader workers for both loops (default 1)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=4, help="timed steps per run")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "site.json"))
+    p.add_argument("--memory-run", nargs=2, metavar=("BASE", "FOLDER"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_run:
+        print(json.dumps(site_memory(*args.memory_run, args.batch, args.steps, args.workers)))
+        return
+
+    from nvflare_lora.sample_data import write_image_folder, write_random_base
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="site_bench_"))
+    load = os.getloadavg()
+    print(f"workdir {work}; load average at start {load[0]:.2f} on {os.cpu_count()} cores; torch {torch.__version__}, "
+          f"{args.threads} threads, batch {args.batch}, {args.workers} loader worker(s)")
+    base = work / "clip-vit-b32"
+    if not (base / "config.json").is_file():
+        write_random_base(base)
+    folders = {n: work / f"images_{n}" for n in (1000, 8000)}
+    for n, folder in folders.items():
+        if not folder.is_dir():
+            write_image_folder(folder, n)
+
+    print("\n(a) local training throughput, ViT-B/32 shapes, 1,000 real 300x300 images")
+    tp = throughput(str(base), str(folders[1000]), args.batch, args.steps, args.reps, args.workers)
+
+    print("\n(b) a site's peak memory (fresh process each)")
+    mem = {}
+    for n, folder in folders.items():
+        out = subprocess.run([sys.executable, __file__, "--memory-run", str(base), str(folder), "--threads",
+                              str(args.threads), "--batch", str(args.batch), "--steps", str(args.steps),
+                              "--workers", str(args.workers)], capture_output=True, text=True, check=True)
+        mem[n] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"  {n:5d} images: site {mem[n]['peak_rss_mb']:.0f} MB, worker {mem[n]['worker_peak_rss_mb']:.0f} MB, "
+              f"validated {mem[n]['val_images']} images, {mem[n]['seconds']:.0f} s")
+    rss_ratio = (mem[8000]["peak_rss_mb"] + mem[8000]["worker_peak_rss_mb"]) / (
+        mem[1000]["peak_rss_mb"] + mem[1000]["worker_peak_rss_mb"])
+
+    print("\n(c) jobs/clip_lora_vitb32 in the simulator (2 sites x 100 images, one round)")
+    job = vitb32_job(work / "vitb32", base)
+    print(f"  wall {job['wall_s']:.1f} s (round {job['round_s']:.1f} s), peak RSS of the process tree "
+          f"{job['peak_tree_rss_mb']:.0f} MB")
+
+    print("\n| measure | executor path | plain PEFT loop | ratio |")
+    print("|---|---|---|---|")
+    print(f"| (a) images/s, median of {args.reps} | {tp['median']['executor']:.2f} | {tp['median']['plain']:.2f} | "
+          f"{tp['ratio']:.3f}x |")
+    print("\n| (b) images | site peak RSS MB | worker peak RSS MB | images validated |")
+    print("|---|---|---|---|")
+    for n in folders:
+        print(f"| {n} | {mem[n]['peak_rss_mb']:.0f} | {mem[n]['worker_peak_rss_mb']:.0f} | {mem[n]['val_images']} |")
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "load_at_start": load, "throughput": tp, "memory": mem,
+                               "rss_ratio_8k_1k": rss_ratio, "vitb32_job": job}, indent=1, default=str) + "\n")
+    print(f"\nraw results: {out}")
+    print(f"site: throughput_vs_plain={tp['ratio']:.2f}x rss_8k/1k={rss_ratio:.2f}x vitb32_round={job['wall_s']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
