@@ -85,13 +85,14 @@ def text_embeddings(classifier, tokenizer, labels: Sequence[str], templates: Seq
 
 def zeroshot_head(model_name: str, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES):
     """(weight (classes, projection_dim), bias (classes,)) of CLIP's zero-shot classifier, float32 numpy."""
-    from .models import build_classifier
+    from .models import ModelNotFoundError, build_classifier
 
     templates = check_templates(templates)
     tokenizer = load_tokenizer(model_name)
-    classifier, _ = build_classifier(model_name, len(labels), include_text=True)
-    if not classifier.include_text:
-        raise ZeroShotError(f"base {model_name!r} has no text tower")
+    try:
+        classifier, _ = build_classifier(model_name, len(labels), include_text=True)
+    except ModelNotFoundError as e:  # e.g. a checkpoint without the text tower's weights
+        raise ZeroShotError(f"base {model_name!r} cannot give a zero-shot head, its text tower does not load: {e}") from e
     weight = classifier.logit_scale.exp() * text_embeddings(classifier.eval(), tokenizer, labels, templates)
     return weight.float().numpy(), np.zeros(len(labels), np.float32)
 
