@@ -45,6 +45,7 @@ from exporters.onnx.rebuild import rebuild  # noqa: E402
 from nvflare_lora import CLIPLoRAWrapper, FederatedCLIPModel, LoRAConfig  # noqa: E402
 from nvflare_lora.checkpoint import save_adapter_dir  # noqa: E402
 from nvflare_lora.data import load_digits_dataset  # noqa: E402
+from nvflare_lora.models import use_eager_attention  # noqa: E402
 from nvflare_lora.managers import model_metadata  # noqa: E402
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "visual_projection"]
@@ -145,7 +146,7 @@ def bench_shape(shape: str, args, workdir: Path):
     onnx_dir = workdir / f"{shape}-onnx"
     onnx_dir.mkdir()
     merged = copy.deepcopy(rebuilt.merged).eval()
-    graph.use_eager_attention(merged)
+    use_eager_attention(merged)
     graph.export_image_model(merged, onnx_dir / "model.onnx")
     vc = merged.clip_config.vision_config
     fused = variants.optimize(onnx_dir / "model.onnx", onnx_dir / "model.optimized.onnx", vc.num_attention_heads,

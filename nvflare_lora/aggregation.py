@@ -222,6 +222,8 @@ class Robustness:
         is left out of the round (a sign-flipped update points away from what the others agree on).
         Relative, so it adapts to how much honest sites differ; skipped when the median cosine is not
         positive (no agreement to judge by). None: keep every update.
+    clip_norm: a fixed L2 bound instead of clip_multiple (client-level DP's clip: its noise is calibrated to
+        it; see for_client_dp).
     """
 
     estimator: str = "mean"
@@ -230,6 +232,13 @@ class Robustness:
     weighting: str = "steps"
     max_weight_ratio: Optional[float] = None
     min_agreement: Optional[float] = None
+    clip_norm: Optional[float] = None
+
+    @classmethod
+    def for_client_dp(cls, clip_norm: float) -> "Robustness":
+        """DP-FedAvg's one clip: every update cut to clip_norm, the equal-weight mean, no cap and no agreement
+        check (leaving a site out because of the others' updates would break the noise's sensitivity bound)."""
+        return cls(estimator="mean", clip_norm=clip_norm, weighting="equal")
 
     def __post_init__(self):
         if self.estimator not in ESTIMATORS:
@@ -245,6 +254,8 @@ class Robustness:
         if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 <= c < 1):
             raise ValueError(f"min_agreement must be a number in [0, 1) (a share of the round's median cosine) or "
                              f"null, got {c!r}")
+        if self.clip_norm is not None and self.clip_multiple is not None:
+            raise ValueError("give clip_norm (a fixed bound) or clip_multiple (relative to the round), not both")
         t = self.trim_fraction
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < 0.5:
             raise ValueError(f"trim_fraction must be in [0, 0.5) (the share trimmed at each end; 0.5 or more would "
@@ -286,7 +297,7 @@ def bound_influence(updates: Sequence[SiteUpdate], robust: Robustness) -> Tuple[
                 capped[u.site or str(i)] = {"claimed": weights[i], "used": cap}
                 weights[i] = cap
     norms = [update_norm(u.diff) for u in updates]
-    bound = robust.clip_multiple * _median(norms) if robust.clip_multiple is not None else None
+    bound = robust.clip_multiple * _median(norms) if robust.clip_multiple is not None else robust.clip_norm
     cosines = None
     if robust.min_agreement is not None and len(updates) >= 3:
         flat = _flat_common([u.diff for u in updates])

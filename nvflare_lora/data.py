@@ -205,10 +205,11 @@ def default_workers() -> int:
 class _SeededBatches:
     """The batch sampler: batches of (index, seed) keys over the usable items; with shuffle, the order of
     pass `epoch` is the (epoch+1)-th torch.randperm of a generator seeded with `seed` (runs in the main
-    process, so persistent workers follow it)."""
+    process, so persistent workers follow it). With sample_rate q (DP-SGD's Poisson sampling) a pass is
+    round(1 / q) batches, each holding every usable item independently with probability q (possibly none)."""
 
-    def __init__(self, dataset: ImageDataset, batch_size: int, shuffle: bool):
-        self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
+    def __init__(self, dataset: ImageDataset, batch_size: int, shuffle: bool, sample_rate: Optional[float] = None):
+        self.dataset, self.batch_size, self.shuffle, self.sample_rate = dataset, batch_size, shuffle, sample_rate
         self.seed, self.epoch = 0, 0
 
     def _order(self) -> List[int]:
@@ -221,12 +222,21 @@ class _SeededBatches:
         return [usable[int(j)] for j in perm]
 
     def __iter__(self) -> Iterator[List]:
-        order = self._order()
         key_seed = int(self.seed) * 100003 + int(self.epoch) if self.shuffle else None
+        if self.sample_rate is not None:
+            usable = self.dataset.usable()
+            g = torch.Generator().manual_seed(int(self.seed) * 7919 + int(self.epoch))
+            for _ in range(len(self)):
+                picked = torch.nonzero(torch.rand(len(usable), generator=g) < self.sample_rate).flatten()
+                yield [(usable[int(j)], key_seed) for j in picked]
+            return
+        order = self._order()
         for i in range(0, len(order), self.batch_size):
             yield [(j, key_seed) for j in order[i:i + self.batch_size]]
 
     def __len__(self) -> int:
+        if self.sample_rate is not None:
+            return max(1, int(round(1.0 / self.sample_rate)))
         return -(-len(self.dataset.usable()) // self.batch_size)
 
 
@@ -237,25 +247,29 @@ class SiteLoader:
     decode are recorded in the dataset's BadImages and left out. Same seed and epoch, same batches."""
 
     def __init__(self, dataset: ImageDataset, batch_size: int = 32, shuffle: bool = False, num_workers=0,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", sample_rate: Optional[float] = None):
         if not len(dataset):
             raise ValueError(f"no images to load from {dataset.bad.where}")
         workers = default_workers() if num_workers == "auto" else int(num_workers)
         if workers < 0:
             raise ValueError(f"num_workers must be >= 0 or \"auto\", got {num_workers!r}")
         self.dataset, self.num_workers = dataset, workers
-        self.sampler = _SeededBatches(dataset, int(batch_size), shuffle)
+        if sample_rate is not None and not 0 < sample_rate <= 1:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+        self.sampler = _SeededBatches(dataset, int(batch_size), shuffle, sample_rate)
         self.loader = DataLoader(dataset, batch_sampler=self.sampler, num_workers=workers, collate_fn=collate,
                                  pin_memory=torch.device(device).type == "cuda", persistent_workers=workers > 0)
 
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def batches(self, seed: int = 0, epoch: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, seed: int = 0, epoch: int = 0) -> Iterator[Tuple[Optional[torch.Tensor], torch.Tensor]]:
+        """One pass. Under Poisson sampling an empty sample is yielded as (None, empty labels): DP-SGD still
+        takes its (pure noise) step; otherwise batches without a readable image are skipped."""
         self.sampler.seed, self.sampler.epoch = int(seed), int(epoch)
         for x, y, bad in self.loader:
             self.dataset._record(bad)
-            if x is not None:
+            if x is not None or self.sampler.sample_rate is not None:
                 yield x, y
 
     def __iter__(self):

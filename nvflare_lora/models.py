@@ -184,6 +184,14 @@ class CLIPImageClassifier(nn.Module):
         return [k for k in self.state_dict() if not k.startswith("classifier.")]
 
 
+def use_eager_attention(classifier: CLIPImageClassifier) -> None:
+    """Plain matmul + softmax attention in both towers: what torch.onnx traces cleanly and torch.func's vmap
+    batches natively (SDPA has no vmap batching rule on CPU: it falls back to a slow per-sample loop)."""
+    for tower in (classifier.vision_model, getattr(classifier, "text_model", None)):
+        if tower is not None:
+            tower.set_attn_implementation("eager")
+
+
 def _preset_state(name: str) -> Dict[str, torch.Tensor]:
     """The whole seeded CLIPModel of a preset (both towers): its weights are what the preset is."""
     from transformers import CLIPConfig, CLIPModel

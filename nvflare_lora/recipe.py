@@ -62,6 +62,10 @@ class JobSettings:
         model_path, device, torch_threads: where the site's base is, and what it runs on.
         max_bad_images, num_workers, augment: unreadable images a site may skip (a share), DataLoader
             workers ("auto" or a number), training augmentation (false, true or {"min_scale", "hflip"}).
+    Privacy (nvflare_lora.privacy; README, Privacy):
+        dp: sample-level DP-SGD at every site, {"max_grad_norm", "noise_multiplier" | "target_epsilon", "delta"}.
+        client_dp: client-level DP-FedAvg on the server, {"clip_norm", "noise_multiplier" | "target_epsilon",
+            "delta"}. target_epsilon alone is spread over num_rounds.
     """
 
     model: str = "tiny-clip"
@@ -111,12 +115,16 @@ class JobSettings:
     max_bad_images: float = 0.01
     num_workers: object = 0
     augment: object = False
+    dp: Optional[Dict] = None
+    client_dp: Optional[Dict] = None
 
     def __post_init__(self):
         from .aggregation import AGGREGATIONS
         from .compression import MODES
         from .config import LoRAConfig
         from .data import augmentation, check_share
+        from .fl.aggregator import check_client_dp
+        from .privacy import DPConfig
         from .fl.persistor import check_site_ranks
         from .zeroshot import DEFAULT_TEMPLATES, head_spec
 
@@ -129,6 +137,10 @@ class JobSettings:
             head_spec(self.head_init, self.prompt_templates or DEFAULT_TEMPLATES)
             check_share(self.max_bad_images)
             augmentation(self.augment)
+            for name, clip_key in (("dp", "max_grad_norm"), ("client_dp", "clip_norm")):
+                DPConfig.from_setting(self._with_rounds(getattr(self, name)), clip_key)
+            if self.client_dp:
+                check_client_dp(DPConfig.from_setting(self._with_rounds(self.client_dp), "clip_norm"), self.estimator)
         except (TypeError, ValueError) as e:
             raise RecipeError(str(e)) from None
         _one_of("partition", self.partition, PARTITIONS)
@@ -151,9 +163,21 @@ class JobSettings:
         if self.head_init == "zeroshot" and not (self.initial_adapter or self.resume_from):
             raise RecipeError("head_init 'zeroshot' needs initial_adapter (e.g. \"initial_adapter\", written by "
                               "`python -m nvflare_lora.zeroshot JOB_DIR`): the server never loads the base")
+        if self.client_dp and self.aggregation == "exact":
+            raise RecipeError("client_dp works with aggregation 'fedavg' or 'ffa': exact's residual is built from each "
+                              "site's own factors, not from the noised mean (site-level dp works with every rule)")
+        if self.client_dp and self.site_ranks:
+            raise RecipeError("client_dp needs one rank for all sites (site_ranks empty): a rank component held by "
+                              "fewer sites has a larger sensitivity than the noise is calibrated to")
         if self.labels is not None and len(self.labels) != self.num_classes:
             raise RecipeError(f"{len(self.labels)} labels given for num_classes={self.num_classes}")
 
+
+    def _with_rounds(self, d: Optional[Dict]) -> Optional[Dict]:
+        """A DP setting with rounds = num_rounds when it has a target_epsilon to spread and says no rounds."""
+        if d and d.get("target_epsilon") is not None and "rounds" not in d:
+            return {**d, "rounds": self.num_rounds}
+        return d
 
     def robustness(self):
         """The aggregator's Robustness under these settings (benchmarks replay the job with it)."""
@@ -228,7 +252,8 @@ def server_config(s: JobSettings) -> Dict:
             {"id": "aggregator", "path": "nvflare_lora.fl.aggregator.LoRAAggregator",
              "args": {"persistor_id": "persistor", "estimator": s.estimator, "clip_multiple": s.clip_multiple,
                       "trim_fraction": s.trim_fraction, "weighting": s.weighting,
-                      "max_weight_ratio": s.max_weight_ratio, "min_agreement": s.min_agreement}},
+                      "max_weight_ratio": s.max_weight_ratio, "min_agreement": s.min_agreement,
+                      "client_dp": s._with_rounds(s.client_dp)}},
             {"id": "model_selector", "path": "nvflare.app_common.widgets.intime_model_selector.IntimeModelSelector",
              "args": {"key_metric": "val_accuracy"}},
             {"id": "communication_log", "path": "nvflare_lora.fl.accounting.CommunicationLog", "args": {}},
@@ -255,6 +280,7 @@ def client_config(s: JobSettings) -> Dict:
                      "weight_decay": s.weight_decay, "max_grad_norm": s.max_grad_norm, "seed": s.train_seed,
                      "model_path": s.model_path, "device": s.device, "torch_threads": s.torch_threads,
                      "max_bad_images": s.max_bad_images, "num_workers": s.num_workers, "augment": s.augment,
+                     "dp": s._with_rounds(s.dp),
                      "tracking_writer_id": "tb_writer"}}}],
         "task_result_filters": [{"tasks": ["train"], "filters": [_compressor(s.compression, s.compression_args)]}],
         "task_data_filters": [{"tasks": ["train"], "filters": [_decompressor()]}],

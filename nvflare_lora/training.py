@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from typing import Callable, Dict, Optional
 
@@ -88,13 +89,15 @@ class Aborted(RuntimeError):
 def train_local(fed_model, data, epochs: int = 1, max_steps: Optional[int] = None, batch_size: int = 32,
                 lr: float = 1e-3, weight_decay: float = 0.0, max_grad_norm: Optional[float] = 1.0, seed: int = 0,
                 should_abort: Optional[Callable[[], bool]] = None,
-                on_step: Optional[Callable[[int, float], None]] = None) -> Dict:
+                on_step: Optional[Callable[[int, float], None]] = None, private=None) -> Dict:
     """Train `fed_model` (a FederatedCLIPModel) on `data` with a fresh AdamW over its trainable tensors.
 
     data: a SiteLoader (its batch size and workers; the executor keeps one per job), or an ImageDataset
     (batches of `batch_size` decoded in this process). Pass e of the `epochs` is the loader's shuffled pass
     (seed, e). Stops after `epochs` passes or `max_steps` steps, whichever comes first; `should_abort` is
     checked between steps and raises Aborted. Returns steps, samples, mean loss and wall time.
+    private: a nvflare_lora.privacy.PrivateStep: DP-SGD steps (per-sample clip + noise) in place of train_step;
+    the loader must then sample with its sample_rate (Poisson), and empty samples are steps too.
     """
     from .data import SiteLoader
 
@@ -109,10 +112,14 @@ def train_local(fed_model, data, epochs: int = 1, max_steps: Optional[int] = Non
                 break
             if should_abort is not None and should_abort():
                 raise Aborted(f"aborted after {steps} steps")
-            loss = fed_model.train_step(x, y)
+            if private is not None:
+                loss = private(fed_model.model, fed_model._ensure_optimizer(), x, y)
+            else:
+                loss = fed_model.train_step(x, y)
             steps += 1
             samples += int(y.shape[0])
-            losses.append(loss)
+            if not math.isnan(loss):
+                losses.append(loss)
             if on_step is not None:
                 on_step(steps, loss)
         if max_steps is not None and steps >= max_steps:
@@ -120,4 +127,5 @@ def train_local(fed_model, data, epochs: int = 1, max_steps: Optional[int] = Non
     if steps == 0:
         raise ValueError("no training batch could be read: every image of this site's training split is bad or "
                          "the split is empty (check the data and num_sites)")
-    return {"steps": steps, "samples": samples, "loss": float(np.mean(losses)), "seconds": time.perf_counter() - t0}
+    return {"steps": steps, "samples": samples, "loss": float(np.mean(losses)) if losses else float("nan"),
+            "seconds": time.perf_counter() - t0}

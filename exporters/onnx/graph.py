@@ -57,12 +57,6 @@ class TextOutputs(nn.Module):
         return self.text_projection(pooled)
 
 
-def use_eager_attention(classifier: CLIPImageClassifier) -> None:
-    for tower in (classifier.vision_model, getattr(classifier, "text_model", None)):
-        if tower is not None:
-            tower.set_attn_implementation("eager")
-
-
 def example_pixels(classifier: CLIPImageClassifier, batch: int = 2) -> torch.Tensor:
     size = classifier.clip_config.vision_config.image_size
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from nvflare_lora.checkpoint import swap_into_place, write_json_atomic
+from nvflare_lora.models import use_eager_attention
 
 from . import graph, variants, verify
 from .errors import ExportError, VerificationError
@@ -154,7 +155,7 @@ def _export_into(tmp: Path, rebuilt: Rebuilt, pixels, labels, reference, optimiz
     """Write each requested file into tmp and verify it on its own; a variant that fails is deleted and listed
     under report["failed"]. Raises VerificationError only when the fp32 model itself fails: then nothing is kept."""
     merged = rebuilt.merged
-    graph.use_eager_attention(merged)
+    use_eager_attention(merged)
     graph.export_image_model(merged, tmp / FILES["fp32"], opset)
     parities, latency, failed = [], {}, {}
 

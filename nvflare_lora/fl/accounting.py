@@ -28,7 +28,7 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.widgets.widget import Widget
 
 from ..checkpoint import write_json_atomic
-from .announce import AGGREGATION_INFO_PROP, BAD_IMAGES_KEY, REFUSED_PROP, TRAIN_LOSS_KEY, VAL_COUNT_KEY
+from .announce import AGGREGATION_INFO_PROP, BAD_IMAGES_KEY, EPSILON_KEY, REFUSED_PROP, TRAIN_LOSS_KEY, VAL_COUNT_KEY
 
 COMPRESSION_META_KEY = "nvflare_lora_compression"  # set by compression filters: {"mode", "raw_bytes", ...}
 
@@ -150,6 +150,7 @@ class CommunicationLog(Widget):
             "val_accuracy": metrics.get("val_accuracy"),
             "val_count": dxo.get_meta_prop(VAL_COUNT_KEY),
             "bad_images": dxo.get_meta_prop(BAD_IMAGES_KEY),
+            "epsilon": dxo.get_meta_prop(EPSILON_KEY),
         }
 
     def _aggregation(self, fl_ctx: FLContext) -> None:
@@ -160,6 +161,8 @@ class CommunicationLog(Widget):
             self._round(int(rnd))["aggregation"] = {k: info.get(k) for k in (
                 "mode", "robust", "site_names", "weights", "norms", "clip_bound", "cosines", "clipped", "capped", "excluded",
                 "product_error")}
+            if info.get("client_dp"):
+                self._round(int(rnd))["client_dp"] = info["client_dp"]
 
     def _round_done(self, fl_ctx: FLContext) -> None:
         rnd = int(fl_ctx.get_prop(AppConstants.CURRENT_ROUND))

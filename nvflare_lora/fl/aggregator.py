@@ -4,7 +4,9 @@ It checks each site's update against the one update spec (nvflare_lora.aggregati
 keys, shapes and dtype that site must send under the persistor's rule and the site's rank), refuses what
 does not fit, and combines the accepted updates robustly (nvflare_lora.aggregation.aggregate): weights
 capped at a multiple of the round's median, every update's norm clipped to a multiple of the round's
-median norm, then the weighted mean, the coordinate-wise median or the trimmed mean.
+median norm, then the weighted mean, the coordinate-wise median or the trimmed mean. With client_dp
+(DP-FedAvg) the one clip is the fixed clip_norm, the mean is equal-weight, and Gaussian noise calibrated to
+the clip is added to the aggregate, with its own accountant over the rounds.
 """
 
 from __future__ import annotations
@@ -22,8 +24,18 @@ from nvflare.app_common.abstract.model import ModelLearnableKey
 from nvflare.app_common.app_constant import AppConstants
 
 from ..adapter import AdapterMismatchError, adapter_shapes_of
-from ..aggregation import Robustness, SiteUpdate, aggregate, check_update, describe
-from .announce import AGGREGATION_INFO_PROP, REFUSED_PROP
+from ..aggregation import Robustness, SiteUpdate, aggregate, check_update, describe, update_spec
+from ..privacy import Accountant, DPConfig, PrivacyError, add_client_noise
+from .announce import AGGREGATION_INFO_PROP, EPSILON_KEY, REFUSED_PROP
+
+CLIENT_DP_ACCOUNTANT = "client_dp_accountant.json"  # in the server's app dir
+
+
+def check_client_dp(config: DPConfig, estimator: str) -> None:
+    """What client-level DP needs of the rest of the aggregation (refused at set-up with the reason)."""
+    if estimator != "mean":
+        raise PrivacyError(f"client_dp needs estimator 'mean' (its noise is calibrated to one site's clipped share "
+                           f"of the mean); got {estimator!r}")
 
 
 class LoRAAggregator(Aggregator):
@@ -42,15 +54,27 @@ class LoRAAggregator(Aggregator):
         min_agreement: with 3 or more updates in a round, one whose cosine with the round's coordinate-wise
             median update is below min_agreement x the median of those cosines is left out of the round (a
             sign-flipped update points away from what the others agree on); null: keep every update.
+        client_dp: client-level DP (DP-FedAvg), {"clip_norm", "noise_multiplier" | "target_epsilon", "delta",
+            "rounds"}: each update clipped to clip_norm (this replaces clip_multiple, max_weight_ratio,
+            min_agreement and weighting, which DP's sensitivity bound does not allow), the equal-weight mean,
+            plus N(0, (noise_multiplier x clip_norm / sites)^2); estimator must be "mean"; rules fedavg and ffa.
+            Each round's epsilon (sample rate 1: every site every round) is in communication.json.
     """
 
     def __init__(self, persistor_id: str = "persistor", estimator: str = "mean", clip_multiple: Optional[float] = 2.0,
                  trim_fraction: float = 0.25, weighting: str = "steps", max_weight_ratio: Optional[float] = 2.0,
-                 min_agreement: Optional[float] = 0.5):
+                 min_agreement: Optional[float] = 0.5, client_dp: Optional[Dict] = None):
         super().__init__()
         self.persistor_id = persistor_id
         self.robust = Robustness(estimator=estimator, clip_multiple=clip_multiple, trim_fraction=trim_fraction,
                                  weighting=weighting, max_weight_ratio=max_weight_ratio, min_agreement=min_agreement)
+        self.client_dp = DPConfig.from_setting(client_dp, "clip_norm")
+        self.noise_multiplier, self._accountant, self._site_epsilon = None, None, {}
+        if self.client_dp is not None:
+            check_client_dp(self.client_dp, estimator)
+            self.robust = Robustness.for_client_dp(self.client_dp.clip)
+            self.noise_multiplier = self.client_dp.resolve(1.0, 1)
+            self._rng = np.random.default_rng()  # fresh OS entropy: the noise must not be predictable
         self._updates: List[SiteUpdate] = []
         self._lock = threading.Lock()
 
@@ -104,6 +128,8 @@ class LoRAAggregator(Aggregator):
             if any(u.site == site for u in self._updates):
                 return self._refuse(fl_ctx, site, f"second result in round {current_round}", error=False)
             self._updates.append(SiteUpdate(diff=data, weight=float(steps if steps is not None else 1.0), site=site))
+            if dxo.get_meta_prop(EPSILON_KEY) is not None:
+                self._site_epsilon[site] = float(dxo.get_meta_prop(EPSILON_KEY))
         return True
 
     def aggregate(self, fl_ctx: FLContext) -> Shareable:
@@ -113,10 +139,34 @@ class LoRAAggregator(Aggregator):
         if not updates:
             self.log_warning(fl_ctx, "no accepted updates this round: the global adapter stays as it is")
             return DXO(data_kind=DataKind.WEIGHT_DIFF, data={}).to_shareable()
+        if self.client_dp is not None and (persistor.aggregation == "exact" or persistor.site_ranks):
+            raise PrivacyError("client_dp works with aggregation 'fedavg' or 'ffa' and one rank for all sites: exact's "
+                               "residual is built from each site's own factors, and a rank component held by fewer sites "
+                               "has a larger sensitivity than the noise is calibrated to")
         new, info = aggregate(self._global(fl_ctx), updates, persistor.aggregation, persistor.lora.scaling, self.robust)
+        if self.client_dp is not None:
+            new, info["client_dp"] = self._privatise(new, len(updates), persistor, fl_ctx)
+        if self._site_epsilon:
+            info["site_epsilon"] = dict(self._site_epsilon)
         fl_ctx.set_prop(AGGREGATION_INFO_PROP, info, private=True, sticky=False)
         self.log_info(fl_ctx, f"[nvflare_lora] aggregation {describe(info)}")
         return DXO(data_kind=DataKind.WEIGHTS, data=new, meta={AGGREGATION_INFO_PROP: info}).to_shareable()
+
+    def _privatise(self, new: Dict, num_sites: int, persistor, fl_ctx: FLContext):
+        """DP-FedAvg's noise on the exchanged tensors of the aggregate, and this round's spend."""
+        if self._accountant is None:
+            app_dir = fl_ctx.get_engine().get_workspace().get_app_dir(fl_ctx.get_job_id())
+            self._accountant = Accountant(self.client_dp.delta, f"{app_dir}/{CLIENT_DP_ACCOUNTANT}")
+        keys = update_spec(adapter_shapes_of(new), persistor.aggregation)
+        cfg, sigma = self.client_dp, self.noise_multiplier
+        if cfg.target_epsilon is not None and self._accountant.epsilon_after(sigma, 1.0, 1) > cfg.target_epsilon * (1 + 1e-6):
+            self.log_warning(fl_ctx, f"client-level privacy budget spent (epsilon {self._accountant.epsilon():.3g} of "
+                                     f"{cfg.target_epsilon}): the global adapter is no longer updated")
+            return dict(self._global(fl_ctx)), {"epsilon": self._accountant.epsilon(), "spent": True}
+        noised = add_client_noise(new, keys, cfg.clip, sigma, num_sites, self._rng)
+        eps = self._accountant.spend(sigma, 1.0, 1)
+        return noised, {"epsilon": eps, "delta": cfg.delta, "noise_multiplier": sigma, "clip_norm": cfg.clip,
+                        "noise_std": sigma * cfg.clip / num_sites, "sites": num_sites}
 
     def reset(self, fl_ctx: FLContext):
         with self._lock:

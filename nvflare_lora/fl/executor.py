@@ -29,13 +29,15 @@ from ..federated import CLIPLoRAWrapper, FederatedCLIPModel
 from ..managers import fingerprint
 from ..models import fingerprint_difference, preprocessing_for
 from ..training import Aborted, train_local
-from .announce import ANNOUNCE_KEY, BAD_IMAGES_KEY, FATAL_HEADER, TRAIN_LOSS_KEY, VAL_COUNT_KEY
+from ..privacy import Accountant, DPConfig, PrivateStep
+from .announce import ANNOUNCE_KEY, BAD_IMAGES_KEY, EPSILON_KEY, FATAL_HEADER, TRAIN_LOSS_KEY, VAL_COUNT_KEY
 
 DATA_ENV = "NVFLARE_LORA_DATA"
 SITE_CONFIG_FILE = "nvflare_lora_site.json"
 LOCAL_ADAPTER_FILE = "local_adapter.safetensors"  # for submit_model when the simulator respawns the site (-t < -n)
 CACHE_DIR = ".nvflare_lora_cache"  # in the site's workspace: what every task of every job would compute alike
 FINGERPRINT_CACHE = "weights_sha256.json"
+DP_ACCOUNTANT_FILE = "dp_accountant.json"  # in the site's app dir: the epsilon spent survives a site restart
 
 
 class BaseMismatchError(RuntimeError):
@@ -56,6 +58,11 @@ class CLIPLoRAExecutor(Executor):
             nvflare_lora.data.default_workers; 0: in the training process).
         augment: training augmentation: false, true (random resized crop of area share 0.5..1, horizontal
             flip), or {"min_scale": 0.5, "hflip": true}; seeded by `seed` and the round.
+        dp: sample-level DP (DP-SGD), {"max_grad_norm", "noise_multiplier" | "target_epsilon", "delta",
+            "rounds"} (nvflare_lora.privacy): Poisson sampling at rate batch_size / training images, each image's
+            gradient clipped to max_grad_norm, Gaussian noise; the epsilon spent so far goes with every update
+            and into the site log; with target_epsilon the site stops contributing before a round that would
+            exceed it. null: off.
         num_sites: how many sites share a simulated split ("site-1" ... "site-N"); unused for own data.
         partition: "iid" or "dirichlet" (label skew) for a simulated split.
         alpha: Dirichlet concentration; smaller means stronger skew.
@@ -78,7 +85,7 @@ class CLIPLoRAExecutor(Executor):
                  data_seed: int = 0, val_fraction: float = 0.2, local_epochs: int = 1, max_steps: Optional[int] = None,
                  batch_size: int = 32, lr: float = 3e-3, weight_decay: float = 0.0, max_grad_norm: float = 1.0,
                  seed: int = 0, model_path: str = "", device: str = "auto", torch_threads: int = 0,
-                 max_bad_images: float = MAX_BAD_IMAGES, num_workers="auto", augment=False,
+                 max_bad_images: float = MAX_BAD_IMAGES, num_workers="auto", augment=False, dp: Optional[Dict] = None,
                  tracking_writer_id: str = "tb_writer",
                  train_task_name: str = AppConstants.TASK_TRAIN, validate_task_name: str = AppConstants.TASK_VALIDATION,
                  submit_model_task_name: str = AppConstants.TASK_SUBMIT_MODEL):
@@ -90,6 +97,9 @@ class CLIPLoRAExecutor(Executor):
         self.model_path, self.device, self.tracking_writer_id = model_path, device, tracking_writer_id
         self.torch_threads = torch_threads
         self.max_bad_images, self.num_workers, self.augment = max_bad_images, num_workers, augment
+        self.dp = DPConfig.from_setting(dp, "max_grad_norm")  # refused here, at set-up, when out of range
+        self.private: Optional[PrivateStep] = None
+        self.accountant: Optional[Accountant] = None
         self.train_task_name, self.validate_task_name = train_task_name, validate_task_name
         self.submit_model_task_name = submit_model_task_name
         self.fed: Optional[FederatedCLIPModel] = None
@@ -153,7 +163,20 @@ class CLIPLoRAExecutor(Executor):
         self.site_aggregation = SiteAggregation.from_announcement(fed, announced)
         self.train_set.augment = augmentation(settings.get("augment", self.augment))
         workers = settings.get("num_workers", self.num_workers)
-        self.train_loader = SiteLoader(self.train_set, self.batch_size, shuffle=True, num_workers=workers, device=fed.device)
+        sample_rate = None
+        if self.dp is not None:  # Poisson sampling: each image in each step with probability batch_size / n
+            sample_rate = min(1.0, self.batch_size / max(1, len(self.train_set.usable())))
+        self.train_loader = SiteLoader(self.train_set, self.batch_size, shuffle=True, num_workers=workers,
+                                       device=fed.device, sample_rate=sample_rate)
+        if self.dp is not None:
+            steps = len(self.train_loader) * max(1, self.local_epochs)
+            self.dp_steps = min(steps, self.max_steps) if self.max_steps else steps
+            sigma = self.dp.resolve(sample_rate, self.dp_steps)
+            self.private = PrivateStep(self.dp, sigma, sample_rate, len(self.train_set.usable()))
+            self.accountant = Accountant(self.dp.delta, self._app_dir(fl_ctx) / DP_ACCOUNTANT_FILE)
+            self.log_info(fl_ctx, f"{site}: DP-SGD on, noise multiplier {sigma:.3g}, clip {self.dp.clip}, Poisson rate "
+                                  f"{sample_rate:.3g}, {self.dp_steps} steps a round, delta {self.dp.delta}; epsilon so far "
+                                  f"{self.accountant.epsilon():.3g}")
         self.val_loader = SiteLoader(self.val_set, max(self.batch_size, 64), num_workers=workers, device=fed.device)
         self.fed, self.announced = fed, announced
         for note in dataset.notes:
@@ -214,19 +237,30 @@ class CLIPLoRAExecutor(Executor):
         # strict: keys, shapes, finite values; under the exact rule the residuals go onto the frozen weights
         global_adapter = self.site_aggregation.load_global(dxo.data)
 
+        site = fl_ctx.get_identity_name()
+        if self.private is not None and self.dp.target_epsilon is not None:
+            after = self.accountant.epsilon_after(self.private.noise_multiplier, self.private.sample_rate, self.dp_steps)
+            if after > self.dp.target_epsilon * (1 + 1e-6):
+                self.log_warning(fl_ctx, f"{site}: privacy budget reached: epsilon {self.accountant.epsilon():.3g} spent, "
+                                         f"this round would bring it to {after:.3g} > target_epsilon "
+                                         f"{self.dp.target_epsilon}; this site stops contributing")
+                return make_reply(ReturnCode.EXECUTION_EXCEPTION)
         val = self.fed.evaluate(self.val_loader)
         stats = train_local(self.fed, self.train_loader, epochs=self.local_epochs, max_steps=self.max_steps,
                             batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
                             max_grad_norm=self.max_grad_norm, seed=self.seed + int(rnd),
-                            should_abort=lambda: abort_signal.triggered)
+                            should_abort=lambda: abort_signal.triggered, private=self.private)
+        epsilon = None
+        if self.private is not None:
+            epsilon = self.accountant.spend(self.private.noise_multiplier, self.private.sample_rate, stats["steps"])
         self._report_bad(fl_ctx)
         self.local_adapter = self.site_aggregation.local_state()
         self._keep_local_adapter(fl_ctx)
         update = self.site_aggregation.update(global_adapter)  # local - global; under ffa without A
-        site = fl_ctx.get_identity_name()
+        dp_note = f", epsilon {epsilon:.3g} (delta {self.dp.delta})" if epsilon is not None else ""
         self.log_info(fl_ctx, f"{site} round {rnd}: global val acc {val['accuracy']:.4f}, "
                               f"{stats['steps']} steps ({stats['samples']} images), train loss {stats['loss']:.4f}, "
-                              f"{stats['seconds']:.1f}s")
+                              f"{stats['seconds']:.1f}s{dp_note}")
         if self.writer is not None:
             self.writer.add_scalar("val_accuracy_global", val["accuracy"], global_step=int(rnd))
             self.writer.add_scalar("train_loss", stats["loss"], global_step=int(rnd))
@@ -237,6 +271,7 @@ class CLIPLoRAExecutor(Executor):
             VAL_COUNT_KEY: val["count"],
             TRAIN_LOSS_KEY: stats["loss"],
             BAD_IMAGES_KEY: len(self.train_set.bad),
+            **({EPSILON_KEY: epsilon} if epsilon is not None else {}),
         })
         return out.to_shareable()
 
@@ -263,8 +298,12 @@ class CLIPLoRAExecutor(Executor):
             self.log_warning(fl_ctx, f"{fl_ctx.get_identity_name()}: {bad.summary()}")
             self._bad_seen = len(bad)
 
+    @staticmethod
+    def _app_dir(fl_ctx: FLContext) -> Path:
+        return Path(fl_ctx.get_engine().get_workspace().get_app_dir(fl_ctx.get_job_id()))
+
     def _local_adapter_path(self, fl_ctx: FLContext) -> Path:
-        return Path(fl_ctx.get_engine().get_workspace().get_app_dir(fl_ctx.get_job_id())) / LOCAL_ADAPTER_FILE
+        return self._app_dir(fl_ctx) / LOCAL_ADAPTER_FILE
 
     def _keep_local_adapter(self, fl_ctx: FLContext) -> None:
         from safetensors.numpy import save_file

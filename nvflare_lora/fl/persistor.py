@@ -32,6 +32,7 @@ from ..config import LoRAConfig
 from ..federated import adapter_skeleton
 from ..models import base_fingerprint, fingerprint_difference, preprocessing_for
 from ..zeroshot import DEFAULT_TEMPLATES, head_spec
+from .announce import AGGREGATION_INFO_PROP
 
 CHECKPOINTS = ("best", "latest")
 FOLD_META_KEY = "aggregation"  # in nvflare_lora.json: {"mode", "site_ranks", and for exact the fold details}
@@ -117,6 +118,7 @@ class AdapterPersistor(ModelPersistor):
             raise ValueError("give either initial_adapter (start round 0 from an adapter) or resume_from (continue a "
                              "run), not both")
         self.completed_rounds = 0  # rounds already in the adapter loaded by load_model (resume)
+        self._privacy: Optional[Dict] = None  # epsilon spent by the sites (DP-SGD) and the server (client_dp)
         self._fingerprint: Optional[Dict] = None
         self._shapes = None
         self._peft_config = None
@@ -252,6 +254,8 @@ class AdapterPersistor(ModelPersistor):
 
     def _save(self, name: str, weights: Dict, fl_ctx: FLContext, extra: Dict) -> Path:
         rnd = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+        if self._privacy:
+            extra = {"privacy": self._privacy, **extra}
         check_adapter(weights, self._training_shapes(), f"global adapter ({name})")
         if self.aggregation != "exact":
             return save_adapter_dir(self._dir(fl_ctx) / name, weights, self._peft_config,
@@ -267,6 +271,9 @@ class AdapterPersistor(ModelPersistor):
 
     def save_model(self, model: ModelLearnable, fl_ctx: FLContext):
         self._ensure_skeleton()
+        info = fl_ctx.get_prop(AGGREGATION_INFO_PROP) or {}
+        if info.get("site_epsilon") or info.get("client_dp"):  # what the saved adapter has spent so far
+            self._privacy = {"site_epsilon": info.get("site_epsilon") or {}, "client_dp": info.get("client_dp")}
         self._save("latest", model[ModelLearnableKey.WEIGHTS], fl_ctx, {})
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):

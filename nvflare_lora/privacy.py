@@ -1,0 +1,243 @@
+"""Differential privacy for federated LoRA: DP-SGD at each site, DP-FedAvg on the server, and their accountant.
+
+Sample level (a site's images): DP-SGD (Abadi et al. 2016). Each step draws a Poisson sample of the site's
+training images (each image independently with probability q), computes every image's gradient of the
+trainable tensors only (LoRA A/B and the head; the frozen base and, under ffa, the frozen A are not
+trained, so nothing of theirs is released), clips each to L2 norm `max_grad_norm`, sums them, adds
+Gaussian noise of standard deviation noise_multiplier x max_grad_norm and divides by the expected batch
+size q x n. Per-sample gradients come from torch.func (functional_call + vmap + grad) on the model as it
+is: no layer-by-layer hooks (Opacus' GradSampleModule, whose PEFT LoRA gradients have a report of silent
+corruption, opacus#820).
+
+Client level (a site's whole contribution): DP-FedAvg (McMahan et al. 2018) on the server: every update
+clipped to `clip_norm`, the equal-weight mean, plus Gaussian noise of standard deviation noise_multiplier x
+clip_norm / K (K sites). The clip is the aggregation's one clip (aggregation.Robustness.clip_norm).
+
+Accounting: Opacus' RDP accountant (opacus.accountants.RDPAccountant), the library's own, fed the
+(noise_multiplier, sample_rate, steps) of every round; its history is kept as JSON so a site process that
+restarts between tasks keeps counting. epsilon is reported at the job's delta.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+class PrivacyError(ValueError):
+    """A DP setting outside its valid range, or a budget that cannot be met."""
+
+
+def _positive(name: str, v, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise PrivacyError(f"{name} must be a number > 0 ({what}), got {v!r}")
+    return float(v)
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """One DP mechanism's settings: the job's `dp` (sites, DP-SGD) or `client_dp` (server, DP-FedAvg).
+
+    clip: max_grad_norm (per-sample gradient bound, sites) or clip_norm (per-site update bound, server).
+    noise_multiplier: sigma (noise std = sigma x clip); or target_epsilon: sigma is calibrated so that
+        `rounds` rounds spend exactly target_epsilon. With both, sigma is used and target_epsilon is the
+        budget: a site stops contributing before a round that would exceed it.
+    delta: the delta of the reported (epsilon, delta), in (0, 1); below 1 / (number of images) is usual.
+    rounds: the rounds target_epsilon is spread over (the recipe sets it to num_rounds).
+    """
+
+    clip: float
+    delta: float = 1e-5
+    noise_multiplier: Optional[float] = None
+    target_epsilon: Optional[float] = None
+    rounds: Optional[int] = None
+
+    def __post_init__(self):
+        _positive("the clip bound (max_grad_norm / clip_norm)", self.clip, "the L2 norm each gradient or update is cut to")
+        if isinstance(self.delta, bool) or not isinstance(self.delta, (int, float)) or not 0 < self.delta < 1:
+            raise PrivacyError(f"delta must be in (0, 1) (e.g. 1e-5, below 1 / the number of images), got {self.delta!r}")
+        if self.noise_multiplier is None and self.target_epsilon is None:
+            raise PrivacyError("give noise_multiplier (> 0) or target_epsilon (> 0)")
+        if self.noise_multiplier is not None:
+            _positive("noise_multiplier", self.noise_multiplier, "noise std / clip bound")
+        if self.target_epsilon is not None:
+            _positive("target_epsilon", self.target_epsilon, "the privacy budget")
+            if self.noise_multiplier is None and (not isinstance(self.rounds, int) or self.rounds < 1):
+                raise PrivacyError(f"target_epsilon without noise_multiplier needs rounds (an integer >= 1: how many "
+                                   f"rounds share the budget), got {self.rounds!r}")
+
+    @classmethod
+    def from_setting(cls, d: Optional[Mapping], clip_key: str) -> Optional["DPConfig"]:
+        """The job's dict ({clip_key, delta, noise_multiplier | target_epsilon, rounds}) or None (DP off)."""
+        if not d:
+            return None
+        valid = {clip_key, "delta", "noise_multiplier", "target_epsilon", "rounds"}
+        unknown = sorted(set(d) - valid)
+        if unknown:
+            raise PrivacyError(f"unknown DP setting(s) {unknown}; valid: {sorted(valid)}")
+        if clip_key not in d:
+            raise PrivacyError(f"DP needs {clip_key} (> 0: the L2 bound)")
+        return cls(clip=d[clip_key], delta=d.get("delta", 1e-5), noise_multiplier=d.get("noise_multiplier"),
+                   target_epsilon=d.get("target_epsilon"), rounds=d.get("rounds"))
+
+    def resolve(self, sample_rate: float, steps_per_round: int) -> float:
+        """sigma for this mechanism: the given one, or the one that spends target_epsilon over `rounds`;
+        refuses a target that one round already exceeds."""
+        steps_per_round = max(1, int(steps_per_round))
+        if self.noise_multiplier is None:
+            sigma = calibrate(self.target_epsilon, self.delta, sample_rate, self.rounds * steps_per_round)
+        else:
+            sigma = self.noise_multiplier
+        if self.target_epsilon is not None:
+            first = epsilon_of([(sigma, sample_rate, steps_per_round)], self.delta)
+            if first > self.target_epsilon * (1 + 1e-6):
+                raise PrivacyError(f"target_epsilon={self.target_epsilon} is exceeded by the first round already "
+                                   f"(epsilon {first:.3g} at noise_multiplier {sigma:.3g}, sample rate {sample_rate:.3g}, "
+                                   f"{steps_per_round} steps): raise target_epsilon above {first:.3g} or noise_multiplier")
+        return float(sigma)
+
+
+def epsilon_of(history: List[Tuple[float, float, int]], delta: float) -> float:
+    """epsilon at delta of the composition of (noise_multiplier, sample_rate, steps) entries (Opacus RDP)."""
+    from opacus.accountants import RDPAccountant
+
+    if not history:
+        return 0.0
+    acc = RDPAccountant()
+    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    return float(acc.get_epsilon(delta=delta))
+
+
+def calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """The noise multiplier that spends target_epsilon at delta in `steps` steps at `sample_rate` (Opacus)."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                      steps=int(steps), accountant="rdp", epsilon_tolerance=0.005))
+
+
+class Accountant:
+    """(noise_multiplier, sample_rate, steps) of every round so far; kept in a JSON file when `path` is set."""
+
+    def __init__(self, delta: float, path: Optional[Path] = None):
+        self.delta, self.path = delta, Path(path) if path else None
+        self.history: List[Tuple[float, float, int]] = []
+        if self.path is not None and self.path.is_file():
+            self.history = [tuple(h) for h in json.loads(self.path.read_text())["history"]]
+
+    def epsilon(self) -> float:
+        return epsilon_of(self.history, self.delta)
+
+    def epsilon_after(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
+        return epsilon_of(self.history + [(noise_multiplier, sample_rate, steps)], self.delta)
+
+    def spend(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
+        self.history.append((float(noise_multiplier), float(sample_rate), int(steps)))
+        if self.path is not None:
+            tmp = self.path.with_suffix(f".tmp-{os.getpid()}")
+            tmp.write_text(json.dumps({"delta": self.delta, "history": self.history}))
+            os.replace(tmp, self.path)
+        return self.epsilon()
+
+
+# ---- DP-SGD: per-sample gradients, clipping, noise ---------------------------------------------------
+def per_sample_grads(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+    """({name: (B, *shape)} gradients of each sample's cross-entropy w.r.t. the trainable tensors, the
+    per-sample losses), by torch.func on the model as it is."""
+    from torch.func import functional_call, grad, vmap
+
+    trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+    buffers = {n: b for n, b in model.named_buffers()}
+
+    def loss_of(params, xi, yi):
+        logits = functional_call(model, {**frozen, **buffers, **params}, (xi.unsqueeze(0),))
+        loss = F.cross_entropy(logits.float(), yi.unsqueeze(0))
+        return loss, loss
+
+    grads, losses = vmap(grad(loss_of, has_aux=True), in_dims=(None, 0, 0), randomness="different")(trainable, x, y)
+    return grads, losses
+
+
+def clip_and_noise(grads: Mapping[str, torch.Tensor], clip: float, noise_multiplier: float, expected_batch: float,
+                   generator: Optional[torch.Generator] = None) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+    """(the privatised mean gradient, each sample's norm before clipping): every sample's gradient scaled to
+    norm <= clip, summed, plus N(0, (noise_multiplier x clip)^2) per coordinate, divided by expected_batch."""
+    names = list(grads)
+    first = grads[names[0]]
+    norms = torch.sqrt(sum(grads[n].reshape(first.shape[0], -1).pow(2).sum(1) for n in names)) if first.shape[0] else \
+        torch.zeros(0)
+    factors = (clip / (norms + 1e-6)).clamp(max=1.0)
+    out = {}
+    for n in names:
+        g = grads[n]
+        summed = torch.einsum("b,b...->...", factors, g) if g.shape[0] else torch.zeros(g.shape[1:], dtype=g.dtype)
+        noise = torch.normal(0.0, noise_multiplier * clip, size=summed.shape, generator=generator,
+                             device="cpu").to(summed.device, summed.dtype)
+        out[n] = (summed + noise) / expected_batch
+    return out, norms
+
+
+class PrivateStep:
+    """The DP-SGD step of one site: per-sample gradients of the trainable tensors, clipped and noised,
+    then the optimiser's step. Replaces train_step (and its batch-level clip) when DP is on."""
+
+    def __init__(self, config: DPConfig, noise_multiplier: float, sample_rate: float, dataset_size: int,
+                 generator: Optional[torch.Generator] = None):
+        self.config, self.noise_multiplier, self.sample_rate = config, noise_multiplier, sample_rate
+        self.expected_batch = sample_rate * dataset_size
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(
+            int.from_bytes(os.urandom(8), "little") >> 1)  # the noise must not be predictable
+        self.max_norm_seen = 0.0
+        self._eager = False  # switched to eager attention on the first step
+
+    def __call__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: Optional[torch.Tensor],
+                 y: torch.Tensor) -> float:
+        device = next(p for p in model.parameters()).device
+        if not self._eager:
+            from .models import use_eager_attention
+
+            use_eager_attention(model.get_base_model() if hasattr(model, "get_base_model") else model)
+            self._eager = True
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if x is None or len(y) == 0:  # an empty Poisson sample is still a step: pure noise
+            grads = {n: torch.zeros((0,) + tuple(p.shape), device=device) for n, p in params.items()}
+            loss = float("nan")
+        else:
+            model.train()
+            grads, losses = per_sample_grads(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            loss = float(losses.mean())
+        private, norms = clip_and_noise(grads, self.config.clip, self.noise_multiplier, self.expected_batch,
+                                        self.generator)
+        if len(norms):
+            self.max_norm_seen = max(self.max_norm_seen, float(norms.max()))
+        optimizer.zero_grad(set_to_none=True)
+        for n, p in params.items():
+            p.grad = private[n].to(p.dtype)
+        optimizer.step()
+        return loss
+
+    def to_dict(self) -> Dict:
+        return {**dataclasses.asdict(self.config), "noise_multiplier": self.noise_multiplier,
+                "sample_rate": self.sample_rate}
+
+
+def add_client_noise(state: Mapping, keys, clip_norm: float, noise_multiplier: float, num_sites: int, rng) -> Dict:
+    """DP-FedAvg's noise: N(0, (noise_multiplier x clip_norm / num_sites)^2) on every coordinate of `keys`
+    (the exchanged tensors of an equal-weight mean of clipped updates)."""
+    import numpy as np
+
+    std = noise_multiplier * clip_norm / num_sites
+    out = dict(state)
+    for k in keys:
+        v = np.asarray(state[k], np.float64)
+        out[k] = (v + rng.normal(0.0, std, size=v.shape)).astype(np.float32)
+    return out

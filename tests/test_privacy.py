@@ -1,0 +1,168 @@
+"""Differential privacy: DP-SGD's per-sample clipping and noise against a naive loop on the real PEFT model,
+the accountant against Opacus' own, the settings' ranges, and a DP job in the real simulator."""
+
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nvflare_lora import quick_clip_lora
+from nvflare_lora.data import SiteLoader, load_digits_dataset, site_split
+from nvflare_lora.privacy import (Accountant, DPConfig, PrivacyError, PrivateStep, calibrate, clip_and_noise,
+                                  epsilon_of, per_sample_grads)
+from simjob import communication, make_job, run_simulator
+
+
+@pytest.fixture(scope="module")
+def model_and_batch():
+    from nvflare_lora import CLIPLoRAWrapper, FederatedCLIPModel, LoRAConfig
+
+    torch.manual_seed(0)
+    fed = FederatedCLIPModel("tiny-clip", 10)
+    CLIPLoRAWrapper(fed, LoRAConfig(r=4, lora_alpha=8, lora_dropout=0.0)).apply_lora_to_federated_model()  # no dropout: comparable
+    for n, p in fed.model.named_parameters():  # a trained-looking adapter: B != 0, so A gets gradients too
+        if "lora_B" in n:
+            p.data.normal_(0, 0.1)
+    x, y = load_digits_dataset(fed.preprocess).batch(range(6))
+    return fed, x, y
+
+
+def _naive(model, x, y, clip, noise_multiplier, expected_batch, generator):
+    """Microbatches of one: backward, clip the sample's gradient, sum; then noise in the same order."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    summed = {n: torch.zeros_like(p) for n, p in params.items()}
+    model.train()
+    for i in range(len(y)):
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x[i:i + 1]).float(), y[i:i + 1]).backward()
+        norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in params.values()))
+        factor = min(1.0, clip / (float(norm) + 1e-6))
+        for n, p in params.items():
+            summed[n] += p.grad * factor
+    model.zero_grad(set_to_none=True)
+    return {n: (summed[n] + torch.normal(0.0, noise_multiplier * clip, size=summed[n].shape, generator=generator))
+            / expected_batch for n in params}
+
+
+def test_per_sample_clipping_and_noise_equal_a_naive_loop(model_and_batch):
+    fed, x, y = model_and_batch
+    model = fed.model
+    grads, _ = per_sample_grads(model, x, y)
+    assert set(grads) == {n for n, p in model.named_parameters() if p.requires_grad}  # only what is trained
+    assert not any("lora" not in n and "classifier" not in n for n in grads)
+    norms = torch.sqrt(sum(g.reshape(6, -1).pow(2).sum(1) for g in grads.values()))
+    clip = float(norms.median())  # some samples above, some below the bound
+    for sigma in (0.0, 1.3):
+        ours, _ = clip_and_noise(grads, clip, sigma, 4.0, torch.Generator().manual_seed(5))
+        naive = _naive(model, x, y, clip, sigma, 4.0, torch.Generator().manual_seed(5))
+        for n in naive:
+            assert torch.allclose(ours[n], naive[n], atol=1e-6, rtol=0), (n, sigma, (ours[n] - naive[n]).abs().max())
+
+
+def test_noise_has_the_calibrated_distribution_and_no_sample_exceeds_the_bound(model_and_batch):
+    fed, x, y = model_and_batch
+    grads, _ = per_sample_grads(fed.model, x, y)
+    clip = 1e-3  # far below every sample's norm: each one is cut
+    # noise off, one sample at a time: what reaches the optimiser has exactly the bound's norm
+    for i in range(len(y)):
+        one = {n: g[i:i + 1] for n, g in grads.items()}
+        out, norms = clip_and_noise(one, clip, 0.0, 1.0)
+        assert float(norms[0]) > clip
+        assert math.isclose(float(torch.sqrt(sum(v.pow(2).sum() for v in out.values()))), clip, rel_tol=1e-4)
+    # noise on, no signal: per-coordinate mean 0 and std sigma x clip / expected batch
+    empty = {n: g[:0] for n, g in grads.items()}
+    draws = torch.cat([torch.cat([v.flatten() for v in clip_and_noise(empty, 0.5, 2.0, 8.0,
+                                                                       torch.Generator().manual_seed(s))[0].values()])
+                       for s in range(20)])
+    assert abs(float(draws.mean())) < 0.01 and math.isclose(float(draws.std()), 2.0 * 0.5 / 8.0, rel_tol=0.02)
+
+
+def test_a_private_step_trains_only_the_adapter(model_and_batch):
+    fed, x, y = model_and_batch
+    frozen = {n: p.detach().clone() for n, p in fed.model.named_parameters() if not p.requires_grad}
+    trained = {n: p.detach().clone() for n, p in fed.model.named_parameters() if p.requires_grad}
+    step = PrivateStep(DPConfig(clip=1.0, noise_multiplier=1.0), 1.0, 0.5, 12)
+    loss = step(fed.model, fed._ensure_optimizer(), x, y)
+    assert math.isfinite(loss)
+    after = dict(fed.model.named_parameters())
+    assert all(torch.equal(after[n], v) for n, v in frozen.items())
+    assert any(not torch.equal(after[n], v) for n, v in trained.items())
+    assert math.isnan(step(fed.model, fed._ensure_optimizer(), None, torch.zeros(0, dtype=torch.long)))  # empty sample
+
+
+def test_the_accountant_matches_opacus_and_survives_a_restart(tmp_path):
+    from opacus.accountants import RDPAccountant
+
+    reference = RDPAccountant()
+    for _ in range(3 * 120):
+        reference.step(noise_multiplier=1.1, sample_rate=0.05)  # the library's own path, step by step
+    acc = Accountant(1e-5, tmp_path / "acc.json")
+    for _ in range(3):
+        acc.spend(1.1, 0.05, 120)
+    assert math.isclose(acc.epsilon(), reference.get_epsilon(delta=1e-5), rel_tol=1e-9)
+    assert math.isclose(Accountant(1e-5, tmp_path / "acc.json").epsilon(), acc.epsilon(), rel_tol=1e-12)
+    sigma = calibrate(3.0, 1e-5, 0.05, 360)
+    assert 2.9 <= epsilon_of([(sigma, 0.05, 360)], 1e-5) <= 3.0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"clip": 1.0, "noise_multiplier": 0.0}, r"noise_multiplier must be a number > 0"),
+    ({"clip": 0.0, "noise_multiplier": 1.0}, r"clip bound .* must be a number > 0"),
+    ({"clip": 1.0, "noise_multiplier": 1.0, "delta": 1.0}, r"delta must be in \(0, 1\)"),
+    ({"clip": 1.0}, r"give noise_multiplier \(> 0\) or target_epsilon \(> 0\)"),
+])
+def test_bad_dp_settings_are_refused_with_the_valid_range(kwargs, match):
+    with pytest.raises(PrivacyError, match=match):
+        DPConfig(**kwargs)
+
+
+def test_a_target_epsilon_the_first_round_exceeds_is_refused_at_set_up():
+    from nvflare_lora.recipe import RecipeError, settings
+
+    with pytest.raises(PrivacyError, match=r"target_epsilon=0.1 is exceeded by the first round already .* raise "
+                                           r"target_epsilon above"):
+        DPConfig(clip=1.0, noise_multiplier=0.5, target_epsilon=0.1).resolve(0.1, 20)
+    with pytest.raises(RecipeError, match=r"unknown DP setting\(s\) \['noise'\]"):
+        settings(dp={"max_grad_norm": 1.0, "noise": 1.0})
+    with pytest.raises(RecipeError, match=r"client_dp works with aggregation 'fedavg' or 'ffa'"):
+        settings(aggregation="exact", client_dp={"clip_norm": 0.5, "noise_multiplier": 1.0})
+    with pytest.raises(RecipeError, match=r"client_dp needs estimator 'mean'"):
+        settings(estimator="median", client_dp={"clip_norm": 0.5, "noise_multiplier": 1.0})
+
+
+def test_poisson_sampling_is_seeded_and_has_the_rate():
+    pp = quick_clip_lora("tiny-clip", 10, 4).model.preprocess
+    train, _ = site_split(load_digits_dataset(pp), "site-1", 4, "iid")
+    loader = SiteLoader(train, 32, shuffle=True, sample_rate=0.1)
+    sizes = [len(y) for _, y in loader.batches(3)]
+    assert len(sizes) == 10 and sizes == [len(y) for _, y in loader.batches(3)]
+    assert abs(np.mean(sizes) - 0.1 * len(train)) < 0.35 * 0.1 * len(train)
+
+
+def test_a_dp_job_records_epsilon_per_site_per_round_and_stops_a_site_at_its_budget(tmp_path):
+    """DP-SGD at both sites (noise 1.0) with a budget between what the smaller and the larger site spend in
+    two rounds: the smaller site (higher sampling rate) stops before round 3, the other goes on; client-level
+    DP on the server too. epsilon per site per round in communication.json, both in the checkpoint."""
+    dp = '{ max_grad_norm = 1.0, noise_multiplier = 1.0, target_epsilon = 3.2, delta = 1e-5 }'
+    job = make_job(tmp_path / "job", server={"num_rounds": "4", "min_clients": "1", "client_dp": '{ clip_norm = 1.0, noise_multiplier = 0.3 }'},
+                   client={"dp": dp, "num_sites": "2", "local_epochs": "1", "partition": '"iid"'},
+                   cross_site_eval=False)
+    proc = run_simulator(job, tmp_path / "ws", n=2, threads=2, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    rounds = communication(tmp_path / "ws")["rounds"]
+    eps = {site: [r["sites"][site]["epsilon"] for r in rounds if site in r["sites"]] for site in ("site-1", "site-2")}
+    print(eps)
+    assert all(e == sorted(e) and all(0 < v <= 3.2 for v in e) for e in eps.values())
+    assert len(rounds) == 4 and all(r["client_dp"]["epsilon"] > 0 for r in rounds)
+    logs = {s: (tmp_path / "ws" / s / "log.txt").read_text() for s in ("site-1", "site-2")}
+    stopped = [s for s, log in logs.items() if "privacy budget reached" in log]
+    assert stopped and len(eps[stopped[0]]) < 4, eps
+    assert re.search(r"this round would bring it to [\d.]+ > target_epsilon 3.2; this site stops contributing",
+                     logs[stopped[0]])
+    import json
+
+    meta = json.loads((tmp_path / "ws/server/simulate_job/app_server/adapter/latest/nvflare_lora.json").read_text())
+    assert set(meta["privacy"]["site_epsilon"]) == {"site-1", "site-2"} and meta["privacy"]["client_dp"]["epsilon"] > 0
