@@ -105,8 +105,17 @@ class DPConfig:
         return float(sigma)
 
 
+def _opacus():
+    try:
+        import opacus.accountants  # noqa: F401
+    except ImportError as e:
+        raise PrivacyError("DP accounting uses Opacus: pip install opacus (or pip install -e '.[dp]')") from e
+    return opacus
+
+
 def epsilon_of(history: List[Tuple[float, float, int]], delta: float) -> float:
     """epsilon at delta of the composition of (noise_multiplier, sample_rate, steps) entries (Opacus RDP)."""
+    _opacus()
     from opacus.accountants import RDPAccountant
 
     if not history:
@@ -118,6 +127,7 @@ def epsilon_of(history: List[Tuple[float, float, int]], delta: float) -> float:
 
 def calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     """The noise multiplier that spends target_epsilon at delta in `steps` steps at `sample_rate` (Opacus)."""
+    _opacus()
     from opacus.accountants.utils import get_noise_multiplier
 
     return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,

@@ -143,26 +143,34 @@ def test_poisson_sampling_is_seeded_and_has_the_rate():
 
 
 def test_a_dp_job_records_epsilon_per_site_per_round_and_stops_a_site_at_its_budget(tmp_path):
-    """DP-SGD at both sites (noise 1.0) with a budget between what the smaller and the larger site spend in
-    two rounds: the smaller site (higher sampling rate) stops before round 3, the other goes on; client-level
-    DP on the server too. epsilon per site per round in communication.json, both in the checkpoint."""
-    dp = '{ max_grad_norm = 1.0, noise_multiplier = 1.0, target_epsilon = 3.2, delta = 1e-5 }'
-    job = make_job(tmp_path / "job", server={"num_rounds": "4", "min_clients": "1", "client_dp": '{ clip_norm = 1.0, noise_multiplier = 0.3 }'},
-                   client={"dp": dp, "num_sites": "2", "local_epochs": "1", "partition": '"iid"'},
-                   cross_site_eval=False)
+    """DP-SGD at both sites (noise 1.0) with a budget that the smaller site (the higher sampling rate) reaches
+    after two rounds and the larger one never does in four: the smaller one stops and says so, the other goes
+    on; client-level DP on the server too. epsilon per site per round in communication.json is what the
+    accountant gives for that site's sampling rate and steps, and both parts are in the checkpoint."""
+    dp = "{ max_grad_norm = 1.0, noise_multiplier = 1.0, target_epsilon = 3.3, delta = 1e-5 }"
+    job = make_job(tmp_path / "job", server={"num_rounds": "4", "min_clients": "1",
+                                             "client_dp": "{ clip_norm = 1.0, noise_multiplier = 0.3 }"},
+                   client={"dp": dp, "num_sites": "2", "alpha": "0.05", "local_epochs": "1"}, cross_site_eval=False)
     proc = run_simulator(job, tmp_path / "ws", n=2, threads=2, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     rounds = communication(tmp_path / "ws")["rounds"]
-    eps = {site: [r["sites"][site]["epsilon"] for r in rounds if site in r["sites"]] for site in ("site-1", "site-2")}
-    print(eps)
-    assert all(e == sorted(e) and all(0 < v <= 3.2 for v in e) for e in eps.values())
-    assert len(rounds) == 4 and all(r["client_dp"]["epsilon"] > 0 for r in rounds)
-    logs = {s: (tmp_path / "ws" / s / "log.txt").read_text() for s in ("site-1", "site-2")}
-    stopped = [s for s, log in logs.items() if "privacy budget reached" in log]
-    assert stopped and len(eps[stopped[0]]) < 4, eps
-    assert re.search(r"this round would bring it to [\d.]+ > target_epsilon 3.2; this site stops contributing",
-                     logs[stopped[0]])
+    got = {site: [r["sites"][site]["epsilon"] for r in rounds if site in r["sites"]] for site in ("site-1", "site-2")}
+    pp = quick_clip_lora("tiny-clip", 10, 4).model.preprocess
+    for site, eps in got.items():
+        n = len(site_split(load_digits_dataset(pp), site, 2, "dirichlet", 0.05, 0, 0.2)[0])
+        q = 32 / n
+        expected = [epsilon_of([(1.0, q, round(1 / q))] * k, 1e-5) for k in range(1, 5)]
+        kept = [e for e in expected if e <= 3.3]
+        assert eps == pytest.approx(kept, rel=1e-9), (site, eps, expected)
+    assert len(got["site-1"]) == 4 and len(got["site-2"]) == 2  # site-2 has fewer images: it spends faster
+    site2 = (tmp_path / "ws" / "site-2" / "log.txt").read_text()
+    assert re.search(r"site-2: privacy budget reached: epsilon 3.13 spent, this round would bring it to 3.56 > "
+                     r"target_epsilon 3.3; this site stops contributing", site2)
+    client = [r["client_dp"] for r in rounds]
+    assert [c["epsilon"] for c in client] == pytest.approx([epsilon_of([(0.3, 1.0, 1)] * k, 1e-5) for k in range(1, 5)])
+    assert client[-1]["noise_std"] == pytest.approx(0.3 * 1.0 / 1)  # one site left: std = sigma x clip / 1
     import json
 
     meta = json.loads((tmp_path / "ws/server/simulate_job/app_server/adapter/latest/nvflare_lora.json").read_text())
-    assert set(meta["privacy"]["site_epsilon"]) == {"site-1", "site-2"} and meta["privacy"]["client_dp"]["epsilon"] > 0
+    assert meta["privacy"]["site_epsilon"] == {"site-1": got["site-1"][-1], "site-2": got["site-2"][-1]}
+    assert meta["privacy"]["client_dp"]["epsilon"] == pytest.approx(client[-1]["epsilon"])

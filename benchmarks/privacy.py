@@ -1,0 +1,246 @@
+"""What sample-level differential privacy (DP-SGD at every site) costs federated LoRA in accuracy and time.
+
+Protocol: benchmarks/quality.py's, unchanged (digits; a base pretrained on the source domain; 4 sites
+adapting it to rotated + inverted digits with LoRA r 8 on q/v + a new head; 200 rounds of 5 local AdamW
+steps, cosine lr; the default job's robust aggregation), on its Dirichlet alpha 0.5 split (the default
+job's skew). Each site trains with nvflare_lora.privacy's DP-SGD as CLIPLoRAExecutor does with `dp` set:
+Poisson sampling at rate q = 32 / (site's training images), each image's gradient of the trainable tensors
+clipped to C, Gaussian noise sigma x C; sigma calibrated per site (Opacus RDP) so that its 200 x 5 steps
+spend exactly epsilon at delta 1e-5. The rules: fedavg and ffa (FFA-LoRA, A frozen: the research's answer
+to DP noise amplified through B.A). epsilon in {1, 3, 8, inf}; inf is training without DP.
+
+Choices on validation data, in this script: at epsilon 8, per rule, the clip C, the peak lr and the local
+steps per round from DP_GRID (training seed 0, scored on quality.py's validation split; fewer steps spend
+the budget on fewer, less noisy steps); the chosen settings are then used at epsilon 1 and 3 too. Without
+DP the lr comes from quality.py's LR_GRID the same way (5 local steps, quality.py's protocol). Only the
+chosen settings are run with every seed of --seeds and scored on the 359 test images.
+
+Time: one site's local training (5 steps a round, its share) with DP and without, alternating, 30 rounds
+each: the ratio of the median round times (DP's batches are Poisson, 32 images on average).
+
+Usage: HF_HUB_OFFLINE=1 python benchmarks/privacy.py [--workers 2] [--seeds 0,1] [--rounds 200]
+Last line: `privacy: eps8_ffa=<A> nodp_ffa=<B> gap=<C>pt dp_time=<D>x` (targets: gap <= 5, dp_time <= 2.5).
+Raw results: benchmarks/results/privacy.json, plot benchmarks/results/privacy.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Dict
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "benchmarks")]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import quality  # noqa: E402
+from nvflare_lora.data import SiteLoader, partition  # noqa: E402
+from nvflare_lora.privacy import DPConfig, PrivateStep, calibrate  # noqa: E402
+from nvflare_lora.training import train_local  # noqa: E402
+
+SPLIT = ("a0.5", "dirichlet", 0.5)
+RULES = ("fedavg", "ffa")
+EPSILONS = (1.0, 3.0, 8.0)
+DELTA = 1e-5
+DP_GRID = [(clip, lr, steps) for clip in (0.1, 1.0) for lr in (0.02, 0.05) for steps in (1, 5)]
+
+
+class PrivateBench(quality.Bench):
+    """quality.Bench with every site's local training under DP-SGD at `epsilon` (None: without DP)."""
+
+    epsilon, clip, dp_steps = None, 1.0, 5
+
+    def train(self, site, data, rnd, lr, seed, salt, parties=1):
+        if self.epsilon is None:
+            return super().train(site, data, rnd, lr, seed, salt, parties)
+        n = len(data)
+        q = min(1.0, self.args.batch_size / n)
+        sigma = _sigma(self.epsilon, q, self.args.rounds * self.dp_steps)
+        private = PrivateStep(DPConfig(clip=self.clip, delta=DELTA, noise_multiplier=sigma), sigma, q, n,
+                              generator=torch.Generator().manual_seed(seed * 1_000_003 + rnd * 101 + salt))
+        loader = SiteLoader(data, self.args.batch_size, shuffle=True, sample_rate=q)
+        return train_local(site.fed, loader, epochs=self.args.local_epochs, max_steps=self.dp_steps,
+                           lr=self.lr(rnd, lr), seed=seed * 100_003 + rnd * 101 + salt, private=private)
+
+
+_SIGMAS: Dict = {}
+
+
+def _sigma(epsilon: float, q: float, steps: int) -> float:
+    key = (epsilon, round(q, 12), steps)
+    if key not in _SIGMAS:
+        _SIGMAS[key] = calibrate(epsilon, DELTA, q, steps)
+    return _SIGMAS[key]
+
+
+_BENCH = None
+
+
+def _init(args) -> None:
+    global _BENCH
+    torch.set_num_threads(args.threads)
+    source, target, labels, pool, val, test = quality.digit_domains(args.data_seed, args.val_fraction)
+    base = quality.pretrained_base(args, source, labels, pool)
+    pp = quality.preprocessing_for(str(base))
+    _BENCH = PrivateBench(args, base, *(quality.as_dataset(target[i], labels[i], pp) for i in (pool, val, test)))
+
+
+def _run(job):
+    rule, parts, epsilon, (clip, lr, steps), seed, on = job
+    _BENCH.epsilon, _BENCH.clip, _BENCH.dp_steps, _BENCH.on = epsilon, clip, steps, on
+    _BENCH.every = _BENCH.args.rounds if on == "val" else _BENCH.args.eval_every
+    t = time.perf_counter()
+    result = _BENCH.federated(rule, parts, [_BENCH.args.rank] * quality.SITES, lr, seed)
+    result["seconds"] = time.perf_counter() - t
+    eps = "inf" if epsilon is None else f"{epsilon:g}"
+    print(f"  {rule:6s} eps {eps:>3} C {clip:<4g} lr {lr:<6g} steps {steps} seed {seed} {on:4s} "
+          f"{100 * result['accuracy'][-1]:5.1f}%  "
+          f"({result['seconds']:.0f}s)", flush=True)
+    return result
+
+
+def run_all(args, jobs):
+    if args.workers <= 1:
+        _init(args)
+        return [_run(j) for j in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init,
+                             initargs=(args,)) as pool:
+        return list(pool.map(_run, jobs))
+
+
+def dp_time(args, parts) -> Dict:
+    """Median seconds of one site's round (5 steps) with DP-SGD and without, alternating, in this process."""
+    _init(args)
+    site = _BENCH.model("fedavg", 0)
+    data = _BENCH.pool.subset(parts[0])
+    times = {"dp": [], "plain": []}
+    for rnd in range(args.time_rounds):
+        for name, eps in (("plain", None), ("dp", 8.0)):
+            _BENCH.epsilon = eps
+            t = time.perf_counter()
+            stats = _BENCH.train(site, data, rnd, 0.01, 0, 1)
+            times[name].append((time.perf_counter() - t, stats["samples"]))
+    med = {k: statistics.median(t for t, _ in v) for k, v in times.items()}
+    per_image = {k: statistics.median(t / max(n, 1) for t, n in v) for k, v in times.items()}
+    return {"round_s": med, "ratio": med["dp"] / med["plain"], "per_image_s": per_image,
+            "per_image_ratio": per_image["dp"] / per_image["plain"],
+            "images_per_round": {k: float(np.mean([n for _, n in v])) for k, v in times.items()}}
+
+
+def plot(results: Dict, path: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[bench]'): no plot written")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = list(range(len(EPSILONS) + 1))
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for rule, colour in zip(RULES, ("tab:blue", "tab:orange")):
+        finals = [results[rule][f"{e:g}"]["final_per_seed"] for e in EPSILONS] + [results[rule]["inf"]["final_per_seed"]]
+        ax.errorbar(xs, [100 * np.mean(f) for f in finals], yerr=[50 * (max(f) - min(f)) for f in finals],
+                    marker="o", capsize=3, color=colour, label=rule)
+    ax.set_xticks(xs, [f"{e:g}" for e in EPSILONS] + ["inf (no DP)"])
+    ax.set_xlabel(f"epsilon per site (delta {DELTA:g})")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=72)
+    plt.close(fig)
+    print(f"plot: {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for name, default in (("rounds", 200), ("local_epochs", 1), ("local_steps", 5), ("eval_every", 20), ("rank", 8),
+                          ("batch_size", 32), ("pretrain_epochs", 15), ("data_seed", 0), ("threads", 1),
+                          ("workers", 2), ("time_rounds", 30)):
+        ap.add_argument("--" + name.replace("_", "-"), type=int, default=default)
+    ap.add_argument("--val-fraction", type=float, default=0.2)
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "privacy.json"))
+    ap.add_argument("--plot", default=str(ROOT / "benchmarks" / "results" / "privacy.png"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    load = os.getloadavg()
+    source, target, labels, pool, _, _ = quality.digit_domains(args.data_seed, args.val_fraction)
+    quality.OUT.mkdir(parents=True, exist_ok=True)
+    quality.pretrained_base(args, source, labels, pool)
+    parts = partition(labels[pool], quality.SITES, SPLIT[1], SPLIT[2], args.data_seed)
+    print(f"{SPLIT[0]}: sites' training images {[len(p) for p in parts]}; load average {load[0]:.2f} on "
+          f"{os.cpu_count()} cores", flush=True)
+    seeds = [int(s) for s in args.seeds.split(",")]
+
+    # 1. choices on the validation split (seed 0): DP's (clip, lr, steps) at epsilon 8, and the lr without DP
+    grid = [(r, parts, 8.0, choice, 0, "val") for r in RULES for choice in DP_GRID]
+    grid += [(r, parts, None, (1.0, lr, args.local_steps), 0, "val") for r in RULES for lr in quality.LR_GRID]
+    val: Dict = {}
+    for job, result in zip(grid, run_all(args, grid)):
+        rule, _, eps, choice = job[:4]
+        val.setdefault((rule, eps is None), {})[choice] = result["accuracy"][-1]
+    chosen = {key: max(by, key=lambda k: (by[k], -k[1], -k[0])) for key, by in val.items()}  # ties: smaller lr, clip
+
+    # 2. the chosen settings with every seed, on the test images
+    jobs = [(r, parts, e, chosen[(r, False)], s, "test") for r in RULES for e in EPSILONS for s in seeds]
+    jobs += [(r, parts, None, chosen[(r, True)], s, "test") for r in RULES for s in seeds]
+    results: Dict = {"settings": vars(args), "split": SPLIT[0], "delta": DELTA, "dp_grid": DP_GRID,
+                     "lr_grid": list(quality.LR_GRID), "load_at_start": load,
+                     "validation": {f"{r} {'nodp' if nodp else 'eps8'}": {f"C={c} lr={lr} steps={n}": a
+                                                                            for (c, lr, n), a in by.items()}
+                                    for (r, nodp), by in val.items()}}
+    runs: Dict = {}
+    for job, result in zip(jobs, run_all(args, jobs)):
+        rule, eps = job[0], job[2]
+        runs.setdefault(rule, {}).setdefault("inf" if eps is None else f"{eps:g}", []).append(result)
+    for rule, by in runs.items():
+        results[rule] = {}
+        for eps, rs in by.items():
+            results[rule][eps] = {"final_per_seed": [r["accuracy"][-1] for r in rs],
+                                  "accuracy": np.mean([r["accuracy"] for r in rs], axis=0).tolist(),
+                                  "rounds": rs[0]["rounds"], "seconds": [r["seconds"] for r in rs],
+                                  "chosen": chosen[(rule, eps == "inf")]}
+
+    print("\n3. one site's round with DP-SGD and without (this process)", flush=True)
+    timing = dp_time(args, parts)
+    results["dp_time"] = timing
+
+    print("\n| rule | " + " | ".join(f"eps {e:g}" for e in EPSILONS) + " | no DP | chosen (C, lr, steps) with DP | lr without |")
+    print("|---|" + "---|" * (len(EPSILONS) + 3))
+    for rule in RULES:
+        cells = []
+        for e in [f"{e:g}" for e in EPSILONS] + ["inf"]:
+            f = results[rule][e]["final_per_seed"]
+            cells.append(f"{100 * np.mean(f):.1f} +-{50 * (max(f) - min(f)):.1f}")
+        print(f"| {rule} | " + " | ".join(cells) + f" | {chosen[(rule, False)]} | {chosen[(rule, True)][1]} |")
+    print(f"test accuracy (%) of the final global adapter, mean over seeds {seeds} +- half their spread")
+    print(f"site round: {timing['round_s']['dp']:.3f}s with DP, {timing['round_s']['plain']:.3f}s without "
+          f"({timing['ratio']:.2f}x; per image {timing['per_image_ratio']:.2f}x; images per round "
+          f"{timing['images_per_round']['dp']:.1f} vs {timing['images_per_round']['plain']:.1f})")
+    plot(results, Path(args.plot))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(quality._rounded(results), default=str) + "\n")
+    print(f"total {time.perf_counter() - t0:.0f}s, load average {os.getloadavg()[0]:.2f}")
+    eps8, nodp = np.mean(results["ffa"]["8"]["final_per_seed"]), np.mean(results["ffa"]["inf"]["final_per_seed"])
+    print(f"privacy: eps8_ffa={100 * eps8:.1f} nodp_ffa={100 * nodp:.1f} gap={100 * (nodp - eps8):.1f}pt "
+          f"dp_time={timing['ratio']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
