@@ -88,6 +88,10 @@ class DPConfig:
         return cls(clip=d[clip_key], delta=d.get("delta", 1e-5), noise_multiplier=d.get("noise_multiplier"),
                    target_epsilon=d.get("target_epsilon"), rounds=d.get("rounds"))
 
+    def over_budget(self, epsilon: float) -> bool:
+        """True when `epsilon` exceeds target_epsilon (beyond the calibration's rounding); never without a target."""
+        return self.target_epsilon is not None and epsilon > self.target_epsilon * (1 + 1e-6)
+
     def resolve(self, sample_rate: float, steps_per_round: int) -> float:
         """sigma for this mechanism: the given one, or the one that spends target_epsilon over `rounds`;
         refuses a target that one round already exceeds."""
@@ -98,7 +102,7 @@ class DPConfig:
             sigma = self.noise_multiplier
         if self.target_epsilon is not None:
             first = epsilon_of([(sigma, sample_rate, steps_per_round)], self.delta)
-            if first > self.target_epsilon * (1 + 1e-6):
+            if self.over_budget(first):
                 raise PrivacyError(f"target_epsilon={self.target_epsilon} is exceeded by the first round already "
                                    f"(epsilon {first:.3g} at noise_multiplier {sigma:.3g}, sample rate {sample_rate:.3g}, "
                                    f"{steps_per_round} steps): raise target_epsilon above {first:.3g} or noise_multiplier")

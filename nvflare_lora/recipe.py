@@ -126,7 +126,7 @@ class JobSettings:
         from .fl.aggregator import check_client_dp
         from .privacy import DPConfig
         from .fl.persistor import check_site_ranks
-        from .zeroshot import DEFAULT_TEMPLATES, head_spec
+        from .zeroshot import check_head
 
         _one_of("aggregation", self.aggregation, AGGREGATIONS)
         try:  # each setting is checked by the one class that owns it
@@ -134,13 +134,13 @@ class JobSettings:
                        target_modules=self.target_modules, target_components=self.target_components, seed=self.seed)
             self.robustness()
             check_site_ranks(self.site_ranks, self.r)
-            head_spec(self.head_init, self.prompt_templates or DEFAULT_TEMPLATES)
+            check_head(self.head_init, self.prompt_templates, self.initial_adapter, self.resume_from)
             check_share(self.max_bad_images)
             augmentation(self.augment)
             for name, clip_key in (("dp", "max_grad_norm"), ("client_dp", "clip_norm")):
                 DPConfig.from_setting(self._with_rounds(getattr(self, name)), clip_key)
             if self.client_dp:
-                check_client_dp(DPConfig.from_setting(self._with_rounds(self.client_dp), "clip_norm"), self.estimator)
+                check_client_dp(self.estimator, self.aggregation, self.site_ranks)
         except (TypeError, ValueError) as e:
             raise RecipeError(str(e)) from None
         _one_of("partition", self.partition, PARTITIONS)
@@ -160,15 +160,6 @@ class JobSettings:
         if self.num_workers != "auto" and (isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int)
                                            or self.num_workers < 0):
             raise RecipeError(f"num_workers must be \"auto\" or an integer >= 0, got {self.num_workers!r}")
-        if self.head_init == "zeroshot" and not (self.initial_adapter or self.resume_from):
-            raise RecipeError("head_init 'zeroshot' needs initial_adapter (e.g. \"initial_adapter\", written by "
-                              "`python -m nvflare_lora.zeroshot JOB_DIR`): the server never loads the base")
-        if self.client_dp and self.aggregation == "exact":
-            raise RecipeError("client_dp works with aggregation 'fedavg' or 'ffa': exact's residual is built from each "
-                              "site's own factors, not from the noised mean (site-level dp works with every rule)")
-        if self.client_dp and self.site_ranks:
-            raise RecipeError("client_dp needs one rank for all sites (site_ranks empty): a rank component held by "
-                              "fewer sites has a larger sensitivity than the noise is calibrated to")
         if self.labels is not None and len(self.labels) != self.num_classes:
             raise RecipeError(f"{len(self.labels)} labels given for num_classes={self.num_classes}")
 

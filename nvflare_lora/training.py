@@ -55,9 +55,9 @@ def _in_batches(pixel_values, labels, batch_size: int):
     """(x, y) batches: slices of two tensors, or, when labels is None, pixel_values itself (a SiteLoader,
     a DataLoader, any iterable of (x, y))."""
     if labels is None:
-        if hasattr(pixel_values, "items") and hasattr(pixel_values, "preprocess"):  # an ImageDataset
-            from .data import SiteLoader
+        from .data import ImageDataset, SiteLoader
 
+        if isinstance(pixel_values, ImageDataset):
             pixel_values = SiteLoader(pixel_values, batch_size)
         return iter(pixel_values)
     return ((pixel_values[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, int(labels.shape[0]), batch_size))

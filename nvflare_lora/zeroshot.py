@@ -48,6 +48,16 @@ def head_spec(head_init: str, templates: Sequence[str]) -> Dict:
     return {"init": "zeroshot", "normalize_embeds": True, "templates": check_templates(templates)}
 
 
+def check_head(head_init: str, templates: Optional[Sequence[str]], initial_adapter: str = "", resume_from: str = "") -> Dict:
+    """head_spec, and refuses a zero-shot head without the adapter file that holds it."""
+    spec = head_spec(head_init, templates or DEFAULT_TEMPLATES)
+    if head_init == "zeroshot" and not (initial_adapter or resume_from):
+        raise ZeroShotError("head_init 'zeroshot' needs initial_adapter (the server never loads the base, so it needs "
+                            "the initial adapter that holds the zero-shot head): run `python -m nvflare_lora.zeroshot "
+                            "JOB_DIR` and set initial_adapter = \"initial_adapter\"")
+    return spec
+
+
 def load_tokenizer(model_name: str):
     """The base's own CLIP tokenizer (tokenizer.json, or vocab.json + merges.txt, in its directory)."""
     from .models import resolve_model

@@ -31,11 +31,17 @@ from .announce import AGGREGATION_INFO_PROP, EPSILON_KEY, REFUSED_PROP
 CLIENT_DP_ACCOUNTANT = "client_dp_accountant.json"  # in the server's app dir
 
 
-def check_client_dp(config: DPConfig, estimator: str) -> None:
+def check_client_dp(estimator: str, aggregation: str = "fedavg", site_ranks: Optional[Dict] = None) -> None:
     """What client-level DP needs of the rest of the aggregation (refused at set-up with the reason)."""
     if estimator != "mean":
         raise PrivacyError(f"client_dp needs estimator 'mean' (its noise is calibrated to one site's clipped share "
                            f"of the mean); got {estimator!r}")
+    if aggregation == "exact":
+        raise PrivacyError("client_dp works with aggregation 'fedavg' or 'ffa': exact's residual is built from each "
+                           "site's own factors, not from the noised mean (site-level dp works with every rule)")
+    if site_ranks:
+        raise PrivacyError("client_dp needs one rank for all sites (site_ranks empty): a rank component held by "
+                           "fewer sites has a larger sensitivity than the noise is calibrated to")
 
 
 class LoRAAggregator(Aggregator):
@@ -71,7 +77,7 @@ class LoRAAggregator(Aggregator):
         self.client_dp = DPConfig.from_setting(client_dp, "clip_norm")
         self.noise_multiplier, self._accountant, self._site_epsilon = None, None, {}
         if self.client_dp is not None:
-            check_client_dp(self.client_dp, estimator)
+            check_client_dp(estimator)
             self.robust = Robustness.for_client_dp(self.client_dp.clip)
             self.noise_multiplier = self.client_dp.resolve(1.0, 1)
             self._rng = np.random.default_rng()  # fresh OS entropy: the noise must not be predictable
@@ -139,10 +145,8 @@ class LoRAAggregator(Aggregator):
         if not updates:
             self.log_warning(fl_ctx, "no accepted updates this round: the global adapter stays as it is")
             return DXO(data_kind=DataKind.WEIGHT_DIFF, data={}).to_shareable()
-        if self.client_dp is not None and (persistor.aggregation == "exact" or persistor.site_ranks):
-            raise PrivacyError("client_dp works with aggregation 'fedavg' or 'ffa' and one rank for all sites: exact's "
-                               "residual is built from each site's own factors, and a rank component held by fewer sites "
-                               "has a larger sensitivity than the noise is calibrated to")
+        if self.client_dp is not None:
+            check_client_dp(self.robust.estimator, persistor.aggregation, persistor.site_ranks)
         new, info = aggregate(self._global(fl_ctx), updates, persistor.aggregation, persistor.lora.scaling, self.robust)
         if self.client_dp is not None:
             new, info["client_dp"] = self._privatise(new, len(updates), persistor, fl_ctx)
@@ -159,7 +163,7 @@ class LoRAAggregator(Aggregator):
             self._accountant = Accountant(self.client_dp.delta, f"{app_dir}/{CLIENT_DP_ACCOUNTANT}")
         keys = update_spec(adapter_shapes_of(new), persistor.aggregation)
         cfg, sigma = self.client_dp, self.noise_multiplier
-        if cfg.target_epsilon is not None and self._accountant.epsilon_after(sigma, 1.0, 1) > cfg.target_epsilon * (1 + 1e-6):
+        if cfg.over_budget(self._accountant.epsilon_after(sigma, 1.0, 1)):
             self.log_warning(fl_ctx, f"client-level privacy budget spent (epsilon {self._accountant.epsilon():.3g} of "
                                      f"{cfg.target_epsilon}): the global adapter is no longer updated")
             return dict(self._global(fl_ctx)), {"epsilon": self._accountant.epsilon(), "spent": True}

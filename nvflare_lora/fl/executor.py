@@ -238,9 +238,9 @@ class CLIPLoRAExecutor(Executor):
         global_adapter = self.site_aggregation.load_global(dxo.data)
 
         site = fl_ctx.get_identity_name()
-        if self.private is not None and self.dp.target_epsilon is not None:
+        if self.private is not None:
             after = self.accountant.epsilon_after(self.private.noise_multiplier, self.private.sample_rate, self.dp_steps)
-            if after > self.dp.target_epsilon * (1 + 1e-6):
+            if self.dp.over_budget(after):
                 self.log_warning(fl_ctx, f"{site}: privacy budget reached: epsilon {self.accountant.epsilon():.3g} spent, "
                                          f"this round would bring it to {after:.3g} > target_epsilon "
                                          f"{self.dp.target_epsilon}; this site stops contributing")

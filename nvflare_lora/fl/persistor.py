@@ -31,7 +31,7 @@ from ..checkpoint import read_adapter_dir, save_adapter_dir
 from ..config import LoRAConfig
 from ..federated import adapter_skeleton
 from ..models import base_fingerprint, fingerprint_difference, preprocessing_for
-from ..zeroshot import DEFAULT_TEMPLATES, head_spec
+from ..zeroshot import DEFAULT_TEMPLATES, check_head, head_spec
 from .announce import AGGREGATION_INFO_PROP
 
 CHECKPOINTS = ("best", "latest")
@@ -108,12 +108,8 @@ class AdapterPersistor(ModelPersistor):
             raise ValueError("resume_from is not supported with aggregation = \"exact\" yet: its checkpoints hold the "
                              "folded update (a larger rank); start a new run, or resume under fedavg/ffa")
         self.head_init = head_init
-        self._head = head_spec(head_init, prompt_templates or list(DEFAULT_TEMPLATES))  # announced; a loaded file's wins
+        self._head = check_head(head_init, prompt_templates, initial_adapter, resume_from)  # announced; a loaded file's wins
         self.initial_adapter = initial_adapter
-        if head_init == "zeroshot" and not (initial_adapter or resume_from):
-            raise ValueError("head_init = \"zeroshot\" needs the initial adapter that holds the zero-shot head (the "
-                             "server never loads the base to compute it): run `python -m nvflare_lora.zeroshot JOB_DIR` "
-                             "and set initial_adapter = \"initial_adapter\"")
         if initial_adapter and resume_from:
             raise ValueError("give either initial_adapter (start round 0 from an adapter) or resume_from (continue a "
                              "run), not both")
