@@ -18,7 +18,7 @@
 Accuracy: the last round's global validation accuracy (communication.json), and the best checkpoint's.
 
 Usage: HF_HUB_OFFLINE=1 python benchmarks/newcomer.py [--workdir DIR] [--skip-plain]
-Last line: `newcomer: plain=<S>s floor=<F>s nvflare_floor=<N>s t4=<T>s int8_agree_min=<P>%`
+Last line: `newcomer: plain=<S>s floor=<F>s nvflare_floor=<N>s t4=<T>s int8_agree_min=<P>% int8_passed=<K>/3`
 Targets (issue 12): plain <= 1.25 x floor, t4 <= 70 s, int8 >= 99.5%.
 """
 
@@ -145,7 +145,8 @@ def main() -> None:
         int8 = report["verification"]["variants"]["int8"]
         schemes = int8_schemes(ws, Path(tempfile.mkdtemp(dir=work, prefix=f"int8-{seed}-")))
         results["int8"].append({"seed": seed, "exit_code": proc.returncode, "export_agreement": 100 * int8["top1_agreement"],
-                                "samples": int8["samples"], "cpu": int8["cpu"], "schemes": schemes})
+                                "samples": int8["samples"], "near_tie_flips": int8["near_tie_flips"],
+                                "passed": int8["passed"], "cpu": int8["cpu"], "schemes": schemes})
         print(f"int8 seed {seed}: {results['int8'][-1]}", flush=True)
     results["load_at_end"] = [round(x, 2) for x in os.getloadavg()]
 
@@ -161,9 +162,11 @@ def main() -> None:
               f"{results['plain']['seconds'] / results['import_floor_seconds']:.2f}x; plain / NVFlare floor = "
               f"{results['plain']['seconds'] / results['nvflare_floor']['seconds']:.2f}x")
     schemes = sorted(k for k in results["int8"][0]["schemes"] if k != "images")
-    print("\n| seed | exporter int8 agreement | " + " | ".join(schemes) + " |\n|---|---|" + "---|" * len(schemes))
+    print("\n| seed | exporter int8 agreement | near-tie flips | gate | " + " | ".join(schemes) + " |\n|---|---|---|---|"
+          + "---|" * len(schemes))
     for r in results["int8"]:
-        print(f"| {r['seed']} | {r['export_agreement']:.2f}% ({r['samples']}) | "
+        print(f"| {r['seed']} | {r['export_agreement']:.2f}% ({r['samples']}) | {r['near_tie_flips']} | "
+              f"{'passed' if r['passed'] else 'failed'} | "
               + " | ".join(f"{r['schemes'][k]:.2f}%" for k in schemes) + " |")
     print(f"load average at start {load}, at end {results['load_at_end']} ({os.cpu_count()} cores)")
     out = ROOT / "benchmarks" / "results" / "newcomer.json"
@@ -172,7 +175,8 @@ def main() -> None:
     plain = results.get("plain", {}).get("seconds", float("nan"))
     print(f"newcomer: plain={plain:.0f}s floor={results.get('import_floor_seconds', float('nan')):.0f}s "
           f"nvflare_floor={results.get('nvflare_floor', {}).get('seconds', float('nan')):.0f}s "
-          f"t4={results['t4']['seconds']:.0f}s int8_agree_min={agree_min:.2f}%")
+          f"t4={results['t4']['seconds']:.0f}s int8_agree_min={agree_min:.2f}% "
+          f"int8_passed={sum(r['passed'] for r in results['int8'])}/{len(results['int8'])}")
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ def blocks():
 def _int8_gate_only(line, proc) -> bool:
     """The README says the export may end so: exit 1 because int8 alone missed its 99% top-1 gate."""
     return ("exporters.onnx " in line and proc.returncode == 1
-            and re.search(r"not written: int8: top-1 agreement [\d.]+% \(\d+/\d+\) is below 99% by [\d.]+ points$",
-                          proc.stderr.strip()) is not None)
+            and re.search(r"not written: int8: top-1 agreement [\d.]+% \(\d+/\d+( \+ \d+ near-ties?)?\) "
+                          r"is below 99% by [\d.]+ points$", proc.stderr.strip()) is not None)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_the_readme_runs_simulate_export_predict_and_python_as_written(newcomer)
                  "quick_clip_lora(", "ImageClassifier(", "CLIPLoRARecipe("):
         assert step in ran, f"the README no longer shows {step!r}"
     report = json.loads((home / "ws" / "onnx" / "export_report.json").read_text())
-    int8_written = report["verification"]["variants"]["int8"]["top1_agreement"] >= 0.99
+    int8_written = report["verification"]["variants"]["int8"]["passed"]
     assert set(report["failed"]) == (set() if int8_written else {"int8"})
     assert {p.name for p in (home / "ws" / "onnx").glob("*.onnx")} == {
         "model.onnx", "model.optimized.onnx", "model.fp16.onnx"} | ({"model.int8.onnx"} if int8_written else set())

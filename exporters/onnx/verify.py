@@ -2,6 +2,11 @@
 
 fp32 graphs (plain and optimized) must match to max |logit difference| <= 1e-4 with every top-1 equal;
 fp16 and int8 must agree on top-1 for >= 99% of the images. A failure says by how much.
+
+A near-tie is not a disagreement: where the exported model picks a class that the reference scores within
+NEAR_TIE (1%) of the image's logit range (max - min) below its own top-1, the reference itself cannot tell
+the two apart at that precision, and which one wins depends on the CPU's kernels (an AVX-512 FP16 CPU rounds
+fp16 otherwise than an AVX2 one). Such flips are counted and reported, not failed. Non-finite logits fail.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 
 FP32_MAX_ABS_DIFF = 1e-4
 REDUCED_PRECISION_TOP1 = 0.99
+NEAR_TIE = 0.01  # of the image's reference logit range: a lead smaller than this is a near-tie
 # (max |logit diff| allowed or None, minimum top-1 agreement) per variant
 THRESHOLDS = {"fp32": (FP32_MAX_ABS_DIFF, 1.0), "optimized": (FP32_MAX_ABS_DIFF, 1.0),
               "fp16": (None, REDUCED_PRECISION_TOP1), "int8": (None, REDUCED_PRECISION_TOP1)}
@@ -72,21 +78,31 @@ class Parity:
     top1_required: float
     accuracy: Optional[float] = None  # of the exported model, when the data's classes are the model's labels
     cpu: Optional[Dict] = None  # int8: the CPU it was verified on (its integer kernels depend on the ISA)
+    near_tie_flips: int = 0  # top-1 changes on images the reference scores as near-ties: not disagreements
+    finite: bool = True
+
+    @property
+    def counted_agreement(self) -> float:
+        """The gated figure: top-1 agreement with near-tie flips not counted against it."""
+        return (round(self.top1_agreement * self.samples) + self.near_tie_flips) / self.samples
 
     @property
     def failures(self) -> List[str]:
         out = []
+        if not self.finite:
+            out.append("the logits are not all finite")
         if self.max_abs_allowed is not None and not self.max_abs_logit_diff <= self.max_abs_allowed:
             out.append(f"max |logit difference| {self.max_abs_logit_diff:.3g} exceeds {self.max_abs_allowed:g} by "
                        f"{self.max_abs_logit_diff - self.max_abs_allowed:.3g}")
-        if self.top1_agreement < self.top1_required:
-            agree, short = round(self.top1_agreement * self.samples), self.top1_required - self.top1_agreement
-            out.append(f"top-1 agreement {100 * self.top1_agreement:.2f}% ({agree}/{self.samples}) is below "
+        if self.counted_agreement < self.top1_required:
+            agree, short = round(self.top1_agreement * self.samples), self.top1_required - self.counted_agreement
+            ties = f" + {self.near_tie_flips} near-tie{'s' * (self.near_tie_flips > 1)}" if self.near_tie_flips else ""
+            out.append(f"top-1 agreement {100 * self.counted_agreement:.2f}% ({agree}/{self.samples}{ties}) is below "
                        f"{100 * self.top1_required:g}% by {100 * short:.2f} points")
         return out
 
     def to_dict(self) -> Dict:
-        return {**asdict(self), "passed": not self.failures}
+        return {**asdict(self), "counted_agreement": self.counted_agreement, "passed": not self.failures}
 
 
 def compare(variant: str, reference: Sequence[np.ndarray], exported: Sequence[np.ndarray], provider: str,
@@ -96,12 +112,16 @@ def compare(variant: str, reference: Sequence[np.ndarray], exported: Sequence[np
     ref_logits, out_logits = np.asarray(reference[0], np.float64), np.asarray(exported[0], np.float64)
     embeds_diff = (float(np.abs(np.asarray(reference[1], np.float64) - np.asarray(exported[1], np.float64)).max())
                    if len(reference) > 1 and len(exported) > 1 else float("nan"))
-    logit_diff = float(np.abs(ref_logits - out_logits).max())
-    if not np.isfinite(out_logits).all():
-        logit_diff = float("inf")
-    accuracy = float((out_logits.argmax(1) == labels).mean()) if labels is not None else None
-    return Parity(variant, len(ref_logits), logit_diff, embeds_diff,
-                  float((ref_logits.argmax(1) == out_logits.argmax(1)).mean()), provider, max_abs, top1, accuracy)
+    finite = bool(np.isfinite(out_logits).all())
+    logit_diff = float(np.abs(ref_logits - out_logits).max()) if finite else float("inf")
+    ref_top, out_top = ref_logits.argmax(1), out_logits.argmax(1)
+    rows = np.arange(len(ref_logits))
+    lead = ref_logits[rows, ref_top] - ref_logits[rows, out_top]  # how far the reference ranks the exported pick
+    spread = ref_logits.max(1) - ref_logits.min(1)
+    near_ties = int(((ref_top != out_top) & (lead <= NEAR_TIE * spread)).sum()) if finite else 0
+    accuracy = float((out_top == labels).mean()) if labels is not None else None
+    return Parity(variant, len(ref_logits), logit_diff, embeds_diff, float((ref_top == out_top).mean()), provider,
+                  max_abs, top1, accuracy, near_tie_flips=near_ties, finite=finite)
 
 
 INT8_CPU_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
