@@ -227,9 +227,10 @@ def _verify_image_model(path: Path, variant: str, reference, pixels, labels, log
         parity.cpu = verify.cpu_features()
     run = lambda x, s=session: s.run(None, {"pixel_values": x})  # noqa: E731
     latency = {f"batch_{b}": verify.latency_ms(run, pixels[:b]) for b in (1, 8) if len(pixels) >= b}
+    ties = parity.near_tie_flips
     log(f"  {variant:9s} {FILES[variant]:22s} max|dlogit| {parity.max_abs_logit_diff:.2e}  top-1 "
-        f"{100 * parity.top1_agreement:6.2f}%"
-        + (f" (+{parity.near_tie_flips} near-tie{'s' * (parity.near_tie_flips > 1)})" if parity.near_tie_flips else "") + f"  {parity.provider}  "
+        f"{100 * parity.top1_agreement:6.2f}%" + (f" (+{ties} near-tie{'s' * (ties > 1)})" if ties else "")
+        + f"  {parity.provider}  "
         + "  ".join(f"{k.replace('_', ' ')}: {v:.1f} ms" for k, v in latency.items())
         + ("" if not parity.failures else "  NOT WRITTEN: " + "; ".join(parity.failures)))
     return parity, latency

@@ -5,8 +5,9 @@ fp16 and int8 must agree on top-1 for >= 99% of the images. A failure says by ho
 
 A near-tie is not a disagreement: where the exported model picks a class that the reference scores within
 NEAR_TIE (1%) of the image's logit range (max - min) below its own top-1, the reference itself cannot tell
-the two apart at that precision, and which one wins depends on the CPU's kernels (an AVX-512 FP16 CPU rounds
-fp16 otherwise than an AVX2 one). Such flips are counted and reported, not failed. Non-finite logits fail.
+the two apart at that precision, and which one wins depends on the CPU's kernels (CI once refused an fp16
+file over one such flip in 32 images on a CPU that rounds otherwise). Such flips are counted and reported,
+not failed. Non-finite logits fail.
 """
 
 from __future__ import annotations
