@@ -5,7 +5,7 @@ mode, each a copy of the job that differs only in its upload filters (client tas
 server task_result_filters, task "train"); downloads are left uncompressed so every difference in
 accuracy comes from the upload. Every copy waits for all 4 sites each round (min_clients = 4): with the
 job's 2, a site that is slow on a loaded machine misses a round, and which one differs from run to run.
-Modes: none, fp16, int8, int4, topk+int8 (nvflare_lora.fl.compression, top-k with error feedback), and
+Modes: none, fp16, int8, int4, topk+int8 (nvflare_lora.fl.filters.compressor, top-k with error feedback), and
 NVFlare's own ModelQuantizer/ModelDequantizer in float16 as a peer (it imports bitsandbytes at module
 level, so it runs only where bitsandbytes is importable, see --bnb-path; else its row says why not).
 
@@ -50,8 +50,8 @@ from simjob import JOB, communication, cross_site_results, make_job, run_simulat
 
 from nvflare_lora import LoRAConfig, adapter_shapes  # noqa: E402
 from nvflare_lora import compression as codec  # noqa: E402
-from nvflare_lora.fl.accounting import payload_bytes  # noqa: E402
-from nvflare_lora.fl.compression import PAYLOAD_KEY  # noqa: E402
+from nvflare_lora.fl.protocol import payload_bytes  # noqa: E402
+from nvflare_lora.fl.filters.compressor import PAYLOAD_KEY  # noqa: E402
 
 MODES = ["none", "fp16", "int8", "int4", "topk+int8", "nvflare-fp16"]
 QUANTIZER = "nvflare.app_opt.pt.quantization."

@@ -153,9 +153,9 @@ def bench_executor(reps: int, tmp: Path) -> Dict:
 
     from nvflare_lora import CLIPLoRAWrapper, FederatedCLIPModel, LoRAConfig
     from nvflare_lora.data import load_digits_dataset, site_split
-    from nvflare_lora.fl.announce import AdapterShareableGenerator
-    from nvflare_lora.fl.executor import CLIPLoRAExecutor
-    from nvflare_lora.fl.persistor import AdapterPersistor
+    from nvflare_lora.fl.server.shareable_generator import AdapterShareableGenerator
+    from nvflare_lora.fl.site.executor import CLIPLoRAExecutor
+    from nvflare_lora.fl.server.persistor import AdapterPersistor
 
     persistor_args, executor_args = job_args()
     # The server side, real: the persistor's initial global adapter, sent by the job's shareable generator.
@@ -352,7 +352,7 @@ def full_fedavg_bytes(model: str, num_classes: int) -> int:
 
 
 def upload_sizes(observed: Optional[Dict], sites: int = 4) -> Dict:
-    from nvflare_lora.fl.persistor import AdapterPersistor
+    from nvflare_lora.fl.server.persistor import AdapterPersistor
 
     persistor_args, _ = job_args()
     lora = AdapterPersistor(**persistor_args).lora  # the job's LoRA settings, as the server builds them

@@ -9,7 +9,7 @@ from nvflare.apis.executor import Executor
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.shareable import make_reply
 
-from nvflare_lora.fl.announce import TRAIN_LOSS_KEY, VAL_COUNT_KEY
+from nvflare_lora.fl.protocol import TRAIN_LOSS_KEY, VAL_COUNT_KEY
 
 
 class FloorExecutor(Executor):

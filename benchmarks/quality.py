@@ -34,7 +34,7 @@ training seed the same initial adapter and batch order):
    seeds (initial adapter and batch order; data, base and shares stay fixed) and their spread; curves
    score it every --eval-every 5 rounds.
 
-Same code as the NVFlare components: the sites run nvflare_lora.aggregation_site.SiteAggregation (what
+Same code as the NVFlare components: the sites run nvflare_lora.aggregation.site.SiteAggregation (what
 CLIPLoRAExecutor runs), the server nvflare_lora.aggregation.project/aggregate (what AdapterShareableGenerator
 and LoRAAggregator run); bytes are measured like the server's communication.json (accounting.payload_bytes:
 tensor bytes + key names) on what each site receives (download) and sends (upload).
@@ -77,9 +77,9 @@ HETERO_RANKS = (2, 4, 8, 8)
 
 from nvflare_lora import CLIPLoRAWrapper, FederatedCLIPModel, LoRAConfig  # noqa: E402
 from nvflare_lora.aggregation import SiteUpdate, aggregate, project, zero_residuals  # noqa: E402
-from nvflare_lora.aggregation_site import SiteAggregation, site_lora_config  # noqa: E402
+from nvflare_lora.aggregation.site import SiteAggregation, site_lora_config  # noqa: E402
 from nvflare_lora.data import ImageDataset, SiteLoader, partition  # noqa: E402
-from nvflare_lora.fl.accounting import payload_bytes  # noqa: E402
+from nvflare_lora.fl.protocol import payload_bytes  # noqa: E402
 from nvflare_lora.models import build_classifier, preprocessing_for, save_preset  # noqa: E402
 from nvflare_lora.recipe import JobSettings  # noqa: E402
 from nvflare_lora.training import train_local  # noqa: E402

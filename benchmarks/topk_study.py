@@ -47,8 +47,8 @@ from nvflare_lora import CLIPLoRAWrapper, FederatedCLIPModel  # noqa: E402
 from nvflare_lora import compression as codec  # noqa: E402
 from nvflare_lora.aggregation import SiteUpdate, aggregate  # noqa: E402
 from nvflare_lora.data import SiteLoader, load_dataset, site_split  # noqa: E402
-from nvflare_lora.fl.accounting import payload_bytes  # noqa: E402
-from nvflare_lora.fl.compression import PAYLOAD_KEY  # noqa: E402
+from nvflare_lora.fl.protocol import payload_bytes  # noqa: E402
+from nvflare_lora.fl.filters.compressor import PAYLOAD_KEY  # noqa: E402
 from nvflare_lora.recipe import JobSettings  # noqa: E402
 from nvflare_lora.training import train_local  # noqa: E402
 

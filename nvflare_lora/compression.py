@@ -11,7 +11,7 @@ compress() gives {tensor name: blob}; pack() joins such a dict into one uint8 ar
 list of names, each blob's length, the blobs), which is what travels in an NVFlare DXO: one array instead
 of one per tensor, and names at about a sixth of their plain length. encode()/decode() do both steps.
 Numpy arrays cross NVFlare as np.save bytes (allow_pickle=False), so nothing is unpickled. Pure numpy:
-the NVFlare filters that use these codecs live in nvflare_lora/fl/compression.py.
+the NVFlare filters that use these codecs live in nvflare_lora/fl/filters/compressor.py.
 
 Scales are absmax / levels rounded *up* to bfloat16 (the upper half of a float32: same range, 2 bytes),
 and values are quantized against that stored scale, so the error bound is exactly half a stored step.

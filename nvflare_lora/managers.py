@@ -9,7 +9,7 @@ from typing import Dict, List
 
 from .checkpoint import META_FILE, CheckpointError, read_adapter_dir, save_adapter_dir, write_json_atomic
 from .config import LoRAConfig
-from .federated import CLIPLoRAWrapper, FederatedCLIPModel
+from .lora_model import CLIPLoRAWrapper, FederatedCLIPModel
 from .models import base_fingerprint, fingerprint_difference
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

@@ -123,9 +123,9 @@ class JobSettings:
         from .compression import MODES
         from .config import LoRAConfig
         from .data import augmentation, check_share
-        from .fl.aggregator import check_client_dp
+        from .fl.server.aggregator import check_client_dp
         from .privacy import DPConfig
-        from .fl.persistor import check_site_ranks
+        from .fl.server.persistor import check_site_ranks
         from .zeroshot import check_head
 
         _one_of("aggregation", self.aggregation, AGGREGATIONS)
@@ -203,11 +203,11 @@ def settings(**kwargs) -> JobSettings:
 
 
 def _compressor(mode: str, args: Dict) -> Dict:
-    return {"path": "nvflare_lora.fl.compression.AdapterCompressor", "args": {"mode": mode, **(args if mode != "none" else {})}}
+    return {"path": "nvflare_lora.fl.filters.compressor.AdapterCompressor", "args": {"mode": mode, **(args if mode != "none" else {})}}
 
 
 def _decompressor() -> Dict:
-    return {"path": "nvflare_lora.fl.decompressor.AdapterDecompressor", "args": {"require_compressed": False}}
+    return {"path": "nvflare_lora.fl.filters.decompressor.AdapterDecompressor", "args": {"require_compressed": False}}
 
 
 def server_config(s: JobSettings) -> Dict:
@@ -222,7 +222,7 @@ def server_config(s: JobSettings) -> Dict:
                           prompt_templates=list(s.prompt_templates) if s.prompt_templates else None,
                           initial_adapter=s.initial_adapter)
     workflows = [{
-        "id": "scatter_and_gather", "path": "nvflare_lora.fl.workflow.ResumableScatterAndGather",
+        "id": "scatter_and_gather", "path": "nvflare_lora.fl.server.workflow.ResumableScatterAndGather",
         "args": {"min_clients": s.min_clients, "num_rounds": "{num_rounds}", "start_round": 0,
                  "wait_time_after_min_received": s.wait_time_after_min_received, "aggregator_id": "aggregator",
                  "persistor_id": "persistor", "shareable_generator_id": "shareable_generator",
@@ -237,18 +237,18 @@ def server_config(s: JobSettings) -> Dict:
         "task_data_filters": [{"tasks": ["train"], "filters": [_compressor(s.download_compression, s.compression_args)]}],
         "task_result_filters": [{"tasks": ["train"], "filters": [_decompressor()]}],
         "components": [
-            {"id": "persistor", "path": "nvflare_lora.fl.persistor.AdapterPersistor", "args": persistor_args},
-            {"id": "shareable_generator", "path": "nvflare_lora.fl.announce.AdapterShareableGenerator",
+            {"id": "persistor", "path": "nvflare_lora.fl.server.persistor.AdapterPersistor", "args": persistor_args},
+            {"id": "shareable_generator", "path": "nvflare_lora.fl.server.shareable_generator.AdapterShareableGenerator",
              "args": {"persistor_id": "persistor"}},
-            {"id": "aggregator", "path": "nvflare_lora.fl.aggregator.LoRAAggregator",
+            {"id": "aggregator", "path": "nvflare_lora.fl.server.aggregator.LoRAAggregator",
              "args": {"persistor_id": "persistor", "estimator": s.estimator, "clip_multiple": s.clip_multiple,
                       "trim_fraction": s.trim_fraction, "weighting": s.weighting,
                       "max_weight_ratio": s.max_weight_ratio, "min_agreement": s.min_agreement,
                       "client_dp": s._with_rounds(s.client_dp)}},
             {"id": "model_selector", "path": "nvflare.app_common.widgets.intime_model_selector.IntimeModelSelector",
              "args": {"key_metric": "val_accuracy"}},
-            {"id": "communication_log", "path": "nvflare_lora.fl.accounting.CommunicationLog", "args": {}},
-            {"id": "model_locator", "path": "nvflare_lora.fl.model_locator.AdapterModelLocator",
+            {"id": "communication_log", "path": "nvflare_lora.fl.server.communication_log.CommunicationLog", "args": {}},
+            {"id": "model_locator", "path": "nvflare_lora.fl.server.model_locator.AdapterModelLocator",
              "args": {"persistor_id": "persistor"}},
             {"id": "json_generator", "path": "nvflare.app_common.widgets.validation_json_generator.ValidationJsonGenerator",
              "args": {}},
@@ -264,7 +264,7 @@ def client_config(s: JobSettings) -> Dict:
     return {
         "format_version": 2,
         "executors": [{"tasks": ["train", "validate", "submit_model"], "executor": {
-            "id": "executor", "path": "nvflare_lora.fl.executor.CLIPLoRAExecutor",
+            "id": "executor", "path": "nvflare_lora.fl.site.executor.CLIPLoRAExecutor",
             "args": {"data": s.data, "num_sites": s.num_sites, "partition": s.partition, "alpha": s.alpha,
                      "data_seed": s.data_seed, "val_fraction": s.val_fraction, "local_epochs": s.local_epochs,
                      "max_steps": s.max_steps, "batch_size": s.batch_size, "lr": s.lr,

@@ -112,7 +112,7 @@ def write_initial_adapter(out: str | Path, model_name: str, labels: Sequence[str
     """The job's initial adapter with a zero-shot head, as a checkpoint directory (safetensors + JSON)."""
     from . import adapter as ad
     from .checkpoint import save_adapter_dir
-    from .federated import adapter_skeleton
+    from .lora_model import adapter_skeleton
     from .models import base_fingerprint, preprocessing_for
 
     if not lora.train_head:

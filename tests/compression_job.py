@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import Optional, Tuple
 
-CODEC = "nvflare_lora.fl.compression."
-DECODER = "nvflare_lora.fl.decompressor."
+CODEC = "nvflare_lora.fl.filters.compressor."
+DECODER = "nvflare_lora.fl.filters.decompressor."
 
 
 def codec_pair(mode: str, **args) -> Tuple[dict, dict]:

@@ -9,7 +9,7 @@ from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.shareable import make_reply
 from nvflare.app_common.app_constant import AppConstants
 
-from nvflare_lora.fl.executor import CLIPLoRAExecutor
+from nvflare_lora.fl.site.executor import CLIPLoRAExecutor
 
 
 def corrupt(data: dict, fault: str) -> dict:

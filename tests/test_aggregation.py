@@ -10,7 +10,7 @@ from nvflare_lora import LoRAConfig, quick_clip_lora
 from nvflare_lora.adapter import AdapterMismatchError
 from nvflare_lora.aggregation import (SiteUpdate, aggregate, fold_residuals, project, rank_of, residual_key,
                                       split_residuals, unfold, upload_keys, zero_residuals)
-from nvflare_lora.aggregation_site import SiteAggregation, site_lora_config
+from nvflare_lora.aggregation.site import SiteAggregation, site_lora_config
 
 LAYERS = ["base_model.model.enc.0.q_proj", "base_model.model.enc.0.v_proj", "base_model.model.enc.1.q_proj"]
 HEAD = "base_model.model.classifier.weight"
@@ -267,7 +267,7 @@ def test_ffa_site_trains_B_and_head_only_and_never_sends_A():
 
 def test_the_persistor_gives_each_site_its_own_rank_and_rule():
     from nvflare_lora.aggregation import check_update
-    from nvflare_lora.fl.persistor import AdapterPersistor
+    from nvflare_lora.fl.server.persistor import AdapterPersistor
 
     def update(rank, keys=None):
         shapes = _shapes_at(rank)
@@ -294,7 +294,7 @@ def test_the_persistor_gives_each_site_its_own_rank_and_rule():
     ({"aggregation": "exact", "resume_from": "/somewhere"}, "resume_from is not supported with aggregation"),
 ])
 def test_the_persistor_refuses_a_bad_rule_or_rank_naming_the_valid_values(kwargs, match):
-    from nvflare_lora.fl.persistor import AdapterPersistor
+    from nvflare_lora.fl.server.persistor import AdapterPersistor
 
     with pytest.raises(ValueError, match=match):
         AdapterPersistor(r=16, **kwargs)
@@ -316,7 +316,7 @@ def _aggregation_job(path, rule, site_ranks="null", server=None):
 
 def _sizes(shapes, keep=lambda k: True):
     """Bytes of an adapter of these shapes as communication.json counts them."""
-    from nvflare_lora.fl.accounting import payload_bytes
+    from nvflare_lora.fl.protocol import payload_bytes
 
     return payload_bytes({k: np.zeros(s, np.float32) for k, s in shapes.items() if keep(k)})
 

@@ -1,5 +1,5 @@
 """Compression of adapter tensors: the codecs (nvflare_lora.compression) and the NVFlare filters
-(nvflare_lora.fl.compression), the latter on real DXOs through NVFlare's own serialization."""
+(nvflare_lora.fl.filters.compressor), the latter on real DXOs through NVFlare's own serialization."""
 
 import struct
 import zlib
@@ -154,8 +154,8 @@ def test_topk_indices_cost_near_their_entropy(fraction):
 def test_payload_ratios_on_the_tiny_adapter():
     """What the server's accounting sees (tensor bytes + key names): int8 and top-k + int8 targets."""
     arrays = {k: _randn(s, i, 0.01) for i, (k, s) in enumerate(TINY.items())}
-    from nvflare_lora.fl.accounting import payload_bytes
-    from nvflare_lora.fl.compression import PAYLOAD_KEY
+    from nvflare_lora.fl.protocol import payload_bytes
+    from nvflare_lora.fl.filters.compressor import PAYLOAD_KEY
 
     none = payload_bytes(arrays)
     int8 = payload_bytes({PAYLOAD_KEY: codec.encode(arrays, CompressionSpec("int8"))})
@@ -346,9 +346,9 @@ def _send(compressor, decompressor, dxo, tmp_path, rnd=0, sender="site-1", recei
 def test_filters_round_trip_through_nvflare_serialization(tmp_path, mode, kind):
     from nvflare.apis.dxo import DXO, MetaKey
     from nvflare.fuel.utils import fobs  # noqa: F401 (import order: decomposers need fobs loaded)
-    from nvflare_lora.fl.accounting import COMPRESSION_META_KEY, payload_bytes
-    from nvflare_lora.fl.compression import PAYLOAD_KEY, AdapterCompressor
-    from nvflare_lora.fl.decompressor import AdapterDecompressor
+    from nvflare_lora.fl.protocol import COMPRESSION_META_KEY, payload_bytes
+    from nvflare_lora.fl.filters.compressor import PAYLOAD_KEY, AdapterCompressor
+    from nvflare_lora.fl.filters.decompressor import AdapterDecompressor
 
     arrays = {k: _randn(s, i, 0.01) for i, (k, s) in enumerate(TINY.items())}
     meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: 12, MetaKey.INITIAL_METRICS: {"val_accuracy": 0.5}}
@@ -374,8 +374,8 @@ def test_filters_round_trip_through_nvflare_serialization(tmp_path, mode, kind):
 
 def test_topk_filter_keeps_its_residual_in_the_app_dir_across_restarts(tmp_path):
     from nvflare.apis.dxo import DXO
-    from nvflare_lora.fl.compression import AdapterCompressor
-    from nvflare_lora.fl.decompressor import AdapterDecompressor
+    from nvflare_lora.fl.filters.compressor import AdapterCompressor
+    from nvflare_lora.fl.filters.decompressor import AdapterDecompressor
 
     raw_sum = {k: np.zeros(s) for k, s in TINY.items()}
     got_sum = {k: np.zeros(s) for k, s in TINY.items()}
@@ -394,9 +394,9 @@ def test_topk_filter_keeps_its_residual_in_the_app_dir_across_restarts(tmp_path)
 
 def test_decompressor_refuses_malformed_dxos(tmp_path):
     from nvflare.apis.dxo import DXO
-    from nvflare_lora.fl.accounting import COMPRESSION_META_KEY
-    from nvflare_lora.fl.compression import PAYLOAD_KEY, AdapterCompressor
-    from nvflare_lora.fl.decompressor import AdapterDecompressor
+    from nvflare_lora.fl.protocol import COMPRESSION_META_KEY
+    from nvflare_lora.fl.filters.compressor import PAYLOAD_KEY, AdapterCompressor
+    from nvflare_lora.fl.filters.decompressor import AdapterDecompressor
 
     ctx = _fl_ctx("server", peer="site-2")
     arrays = {k: _randn(s, 1) for k, s in TINY.items()}
@@ -430,7 +430,7 @@ def test_decompressor_refuses_malformed_dxos(tmp_path):
 
 def test_compressor_refuses_bad_configs_and_inputs():
     from nvflare.apis.dxo import DXO
-    from nvflare_lora.fl.compression import AdapterCompressor
+    from nvflare_lora.fl.filters.compressor import AdapterCompressor
 
     for kwargs, match in [(dict(mode="topk", data_kinds=["WEIGHTS"]), "not a full model"),
                           (dict(mode="int8", error_feedback=True), "WEIGHT_DIFF only"),

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nvflare_lora import LoRAConfig, adapter_shapes
-from nvflare_lora.fl.accounting import keys_digest
+from nvflare_lora.fl.server.communication_log import keys_digest
 from simjob import communication, cross_site_results, make_job, run_simulator, server_app_dir
 
 ROUNDS = 3
@@ -96,7 +96,7 @@ def test_site_with_another_base_stops_the_job_saying_which_and_why(tmp_path):
     # the guard is the workflow's, not the accounting widget's: the job stops with CommunicationLog removed
     log_block = ('    {\n      # Per-round bytes (per site, both directions), accuracy, loss, refused/clipped updates:\n'
                  '      # <app_server>/communication.json, and one progress line per round in the server log.\n'
-                 '      id = "communication_log"\n      path = "nvflare_lora.fl.accounting.CommunicationLog"\n'
+                 '      id = "communication_log"\n      path = "nvflare_lora.fl.server.communication_log.CommunicationLog"\n'
                  '      args {}\n    }\n')
     job = make_job(tmp_path / "job", server={"num_rounds": "2", "model": f'"{base}"'},
                    client={"model_path": '"tiny-clip"'},  # every site uses the preset instead

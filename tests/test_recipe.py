@@ -46,7 +46,7 @@ def test_export_writes_a_job_folder_without_code(tmp_path):
     assert persistor["args"]["site_ranks"] == {"site-2": 4} and persistor["args"]["aggregation"] == "exact"
     # one stack: the same aggregator for every rule, and per-site ranks need no filter
     assert [c["path"] for c in server["components"] if c["id"] == "aggregator"] == [
-        "nvflare_lora.fl.aggregator.LoRAAggregator"]
+        "nvflare_lora.fl.server.aggregator.LoRAAggregator"]
     assert [f["path"].rsplit(".", 1)[1] for f in server["task_data_filters"][0]["filters"]] == ["AdapterCompressor"]
     client = json.loads((job / "app/config/config_fed_client.json").read_text())
     assert client["task_result_filters"][0]["filters"][0]["args"] == {"mode": "int8", "block_size": 128}

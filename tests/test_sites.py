@@ -164,7 +164,7 @@ def test_zeroshot_head_gives_clips_logits_per_image(tiny_base):
 
 def test_initial_adapter_is_checked_against_the_jobs_base_and_head(tiny_base, tmp_path):
     from nvflare_lora.config import LoRAConfig
-    from nvflare_lora.fl.persistor import AdapterPersistor
+    from nvflare_lora.fl.server.persistor import AdapterPersistor
     from nvflare_lora.recipe import RecipeError, settings
     from nvflare_lora.zeroshot import write_initial_adapter
 

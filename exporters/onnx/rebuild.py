@@ -12,7 +12,7 @@ from typing import Dict, List, Optional
 from nvflare_lora.adapter import AdapterMismatchError
 from nvflare_lora.checkpoint import META_FILE, CheckpointError, read_adapter_dir
 from nvflare_lora.config import LoRAConfig
-from nvflare_lora.federated import CLIPLoRAWrapper, FederatedCLIPModel
+from nvflare_lora.lora_model import CLIPLoRAWrapper, FederatedCLIPModel
 from nvflare_lora.models import (CLIPImageClassifier, ModelNotFoundError, Preprocessing, base_fingerprint,
                                  fingerprint_difference)
 

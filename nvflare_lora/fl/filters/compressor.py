@@ -1,5 +1,5 @@
 """AdapterCompressor: the NVFlare filter that compresses adapter tensors on the way out (its partner,
-AdapterDecompressor in nvflare_lora.fl.decompressor, restores them on the way in).
+AdapterDecompressor in nvflare_lora.fl.filters.decompressor, restores them on the way in).
 
 AdapterCompressor replaces a DXO's tensors by one packed uint8 array (nvflare_lora.compression.encode)
 and records {"mode", "raw_bytes", "compressed_bytes", ...} in meta["nvflare_lora_compression"];
@@ -28,8 +28,8 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.app_constant import AppConstants
 
-from .. import compression as codec
-from .accounting import COMPRESSION_META_KEY, payload_bytes
+from ... import compression as codec
+from ..protocol import COMPRESSION_META_KEY, payload_bytes
 
 PAYLOAD_KEY = "nvflare_lora_compressed"  # the one entry of a compressed DXO's data
 FORMAT = 1

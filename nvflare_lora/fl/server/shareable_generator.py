@@ -1,4 +1,4 @@
-"""What the server tells every site with each task, and what sites report back, as DXO meta keys.
+"""AdapterShareableGenerator: sends the global adapter and what every site must know with it.
 
 The server's job config is the one source of truth for the model: its persistor declares the base
 model, the LoRA settings, the labels and the aggregation rule, and AdapterShareableGenerator puts them,
@@ -17,18 +17,10 @@ from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.shareablegenerators.full_model_shareable_generator import FullModelShareableGenerator
 
-from ..adapter import adapter_shapes_of, check_adapter
-from ..aggregation import project, rank_of
+from ...adapter import adapter_shapes_of, check_adapter
+from ...aggregation import project, rank_of
+from ..protocol import ANNOUNCE_KEY
 
-ANNOUNCE_KEY = "nvflare_lora"          # server -> site: {"model", "fingerprint", "lora_config", "num_classes", "labels",
-#                                        "aggregation", "site_ranks", "head"}
-TRAIN_LOSS_KEY = "nvflare_lora_train_loss"    # site -> server: mean local training loss this round
-VAL_COUNT_KEY = "nvflare_lora_val_count"      # site -> server: size of the validation split behind INITIAL_METRICS
-EPSILON_KEY = "nvflare_lora_epsilon"          # site -> server: the site's DP-SGD epsilon spent so far (at its delta)
-BAD_IMAGES_KEY = "nvflare_lora_bad_images"    # site -> server: unreadable images of this site skipped so far
-FATAL_HEADER = "nvflare_lora_fatal"           # site -> server (reply header): why this job must stop
-REFUSED_PROP = "nvflare_lora_refused"         # server fl_ctx, set by the aggregator: why it refused a contribution
-AGGREGATION_INFO_PROP = "nvflare_lora_aggregation"  # server fl_ctx and aggregate meta: what the round's aggregation did
 
 
 class AdapterShareableGenerator(FullModelShareableGenerator):

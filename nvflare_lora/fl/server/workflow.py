@@ -19,7 +19,7 @@ from nvflare.apis.shareable import Shareable
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
 
-from .announce import FATAL_HEADER
+from ..protocol import FATAL_HEADER
 
 
 class ResumableScatterAndGather(ScatterAndGather):

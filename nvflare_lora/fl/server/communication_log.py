@@ -27,24 +27,9 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.widgets.widget import Widget
 
-from ..checkpoint import write_json_atomic
-from .announce import AGGREGATION_INFO_PROP, BAD_IMAGES_KEY, EPSILON_KEY, REFUSED_PROP, TRAIN_LOSS_KEY, VAL_COUNT_KEY
-
-COMPRESSION_META_KEY = "nvflare_lora_compression"  # set by compression filters: {"mode", "raw_bytes", ...}
-
-
-def payload_bytes(obj) -> int:
-    """Bytes of a DXO's data as it travels: arrays by nbytes, nested dicts walked, the rest as JSON."""
-    if isinstance(obj, np.ndarray):
-        return int(obj.nbytes)
-    if isinstance(obj, dict):
-        return int(sum(len(str(k)) + payload_bytes(v) for k, v in obj.items()))
-    if isinstance(obj, (list, tuple)) and any(isinstance(v, (np.ndarray, dict)) for v in obj):
-        return int(sum(payload_bytes(v) for v in obj))
-    if isinstance(obj, (bytes, bytearray)):
-        return len(obj)
-    return len(json.dumps(obj, default=str))
-
+from ...checkpoint import write_json_atomic
+from ..protocol import (AGGREGATION_INFO_PROP, BAD_IMAGES_KEY, COMPRESSION_META_KEY, EPSILON_KEY, REFUSED_PROP,
+                        TRAIN_LOSS_KEY, VAL_COUNT_KEY, payload_bytes)
 
 def keys_digest(data: Dict) -> str:
     return hashlib.sha256("\n".join(sorted(map(str, data))).encode()).hexdigest()[:16]

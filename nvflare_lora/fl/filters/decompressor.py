@@ -1,4 +1,4 @@
-"""AdapterDecompressor: checks and decodes what nvflare_lora.fl.compression.AdapterCompressor produced."""
+"""AdapterDecompressor: checks and decodes what nvflare_lora.fl.filters.compressor.AdapterCompressor produced."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from nvflare.apis.dxo_filter import DXOFilter
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
-from .. import compression as codec
-from .accounting import COMPRESSION_META_KEY, payload_bytes
-from .compression import _KINDS, FORMAT, PAYLOAD_KEY, _copy_meta, _kind, _kinds
+from ... import compression as codec
+from ..protocol import COMPRESSION_META_KEY, payload_bytes
+from .compressor import _KINDS, FORMAT, PAYLOAD_KEY, _copy_meta, _kind, _kinds
 
 
 class AdapterDecompressor(DXOFilter):

@@ -38,7 +38,9 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .adapter import AdapterMismatchError, check_adapter
+__all__ = ['AGGREGATIONS', 'ESTIMATORS', 'RESIDUAL_SUFFIX', 'Robustness', 'SiteUpdate', 'WEIGHTINGS', 'a_key', 'aggregate', 'b_key', 'bound_influence', 'check_mode', 'check_update', 'describe', 'effective_delta', 'fold_residuals', 'is_residual_key', 'lora_layers', 'project', 'rank_of', 'residual_key', 'residual_shapes', 'site_rank_of', 'split_residuals', 'unfold', 'update_norm', 'update_spec', 'upload_keys', 'zero_residuals']
+
+from ..adapter import AdapterMismatchError, check_adapter
 
 AGGREGATIONS = ("fedavg", "ffa", "exact")
 RESIDUAL_SUFFIX = ".nvflare_lora_residual"  # <layer path> + this: dense (out, in) delta added to the frozen weight

@@ -9,7 +9,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.model import ModelLearnableKey
 from nvflare.app_common.abstract.model_locator import ModelLocator
 
-from .announce import ANNOUNCE_KEY
+from ..protocol import ANNOUNCE_KEY
 
 
 class AdapterModelLocator(ModelLocator):

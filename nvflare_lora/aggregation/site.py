@@ -1,6 +1,6 @@
 """A site's side of the announced aggregation: its rank, what it trains, loads, sends and evaluates.
 
-Driven only by the settings the server announces with every task (nvflare_lora.fl.announce):
+Driven only by the settings the server announces with every task (nvflare_lora.fl.server.shareable_generator):
 "aggregation" ("fedavg" when absent) and "site_ranks" ({site: rank}; the global rank when absent).
 The NVFlare executor and benchmarks/quality.py both use it, so both run the same code.
 """
@@ -14,10 +14,10 @@ from typing import Dict, Mapping
 import numpy as np
 import torch
 
-from . import adapter as ad
-from .aggregation import (check_mode, check_update, effective_delta, lora_layers, residual_key, split_residuals,
+from .. import adapter as ad
+from .rules import (check_mode, check_update, effective_delta, lora_layers, residual_key, split_residuals,
                           update_spec, upload_keys)
-from .config import LoRAConfig
+from ..config import LoRAConfig
 
 State = Dict[str, np.ndarray]
 

@@ -25,14 +25,14 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.model_desc import ModelDescriptor
 
-from ..adapter import AdapterMismatchError, check_adapter, init_adapter_state
-from ..aggregation import check_mode, fold_residuals, residual_shapes, unfold, update_spec, zero_residuals
-from ..checkpoint import read_adapter_dir, save_adapter_dir
-from ..config import LoRAConfig
-from ..federated import adapter_skeleton
-from ..models import base_fingerprint, fingerprint_difference, preprocessing_for
-from ..zeroshot import DEFAULT_TEMPLATES, check_head, head_spec
-from .announce import AGGREGATION_INFO_PROP
+from ...adapter import AdapterMismatchError, check_adapter, init_adapter_state
+from ...aggregation import check_mode, fold_residuals, residual_shapes, unfold, update_spec, zero_residuals
+from ...checkpoint import read_adapter_dir, save_adapter_dir
+from ...config import LoRAConfig
+from ...lora_model import adapter_skeleton
+from ...models import base_fingerprint, fingerprint_difference, preprocessing_for
+from ...zeroshot import DEFAULT_TEMPLATES, check_head, head_spec
+from ..protocol import AGGREGATION_INFO_PROP
 
 CHECKPOINTS = ("best", "latest")
 FOLD_META_KEY = "aggregation"  # in nvflare_lora.json: {"mode", "site_ranks", and for exact the fold details}
@@ -62,7 +62,7 @@ class AdapterPersistor(ModelPersistor):
         checkpoint_dir: folder under the server's app directory for best/ and latest/.
         resume_from: a saved global adapter to continue from after a server restart: a checkpoint
             directory (…/adapter/latest) or the app/run directory holding it. Its base fingerprint and
-            LoRA settings must equal this job's. With nvflare_lora.fl.workflow.ResumableScatterAndGather
+            LoRA settings must equal this job's. With nvflare_lora.fl.server.workflow.ResumableScatterAndGather
             the job then runs only the rounds still missing. Not supported under exact yet.
         aggregation: "fedavg" (FedIT: A, B and the head averaged), "ffa" (FFA-LoRA: A stays at the shared
             seeded init; sites train and send only B and the head: half the LoRA upload) or "exact"

@@ -22,15 +22,15 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
-from .. import adapter as ad
-from ..aggregation_site import SiteAggregation, site_lora_config
-from ..data import MAX_BAD_IMAGES, SiteLoader, TooManyBadImages, augmentation, load_dataset, site_split, train_val_split
-from ..federated import CLIPLoRAWrapper, FederatedCLIPModel
-from ..managers import fingerprint
-from ..models import fingerprint_difference, preprocessing_for
-from ..training import Aborted, train_local
-from ..privacy import Accountant, DPConfig, PrivateStep
-from .announce import ANNOUNCE_KEY, BAD_IMAGES_KEY, EPSILON_KEY, FATAL_HEADER, TRAIN_LOSS_KEY, VAL_COUNT_KEY
+from ... import adapter as ad
+from ...aggregation.site import SiteAggregation, site_lora_config
+from ...data import MAX_BAD_IMAGES, SiteLoader, TooManyBadImages, augmentation, load_dataset, site_split, train_val_split
+from ...lora_model import CLIPLoRAWrapper, FederatedCLIPModel
+from ...managers import fingerprint
+from ...models import fingerprint_difference, preprocessing_for
+from ...training import Aborted, train_local
+from ...privacy import Accountant, DPConfig, PrivateStep
+from ..protocol import ANNOUNCE_KEY, BAD_IMAGES_KEY, EPSILON_KEY, FATAL_HEADER, TRAIN_LOSS_KEY, VAL_COUNT_KEY
 
 DATA_ENV = "NVFLARE_LORA_DATA"
 SITE_CONFIG_FILE = "nvflare_lora_site.json"

@@ -23,10 +23,10 @@ from nvflare.app_common.abstract.aggregator import Aggregator
 from nvflare.app_common.abstract.model import ModelLearnableKey
 from nvflare.app_common.app_constant import AppConstants
 
-from ..adapter import AdapterMismatchError, adapter_shapes_of
-from ..aggregation import Robustness, SiteUpdate, aggregate, check_update, describe, update_spec
-from ..privacy import Accountant, DPConfig, PrivacyError, add_client_noise
-from .announce import AGGREGATION_INFO_PROP, EPSILON_KEY, REFUSED_PROP
+from ...adapter import AdapterMismatchError, adapter_shapes_of
+from ...aggregation import Robustness, SiteUpdate, aggregate, check_update, describe, update_spec
+from ...privacy import Accountant, DPConfig, PrivacyError, add_client_noise
+from ..protocol import AGGREGATION_INFO_PROP, EPSILON_KEY, REFUSED_PROP
 
 CLIENT_DP_ACCOUNTANT = "client_dp_accountant.json"  # in the server's app dir
 

@@ -1,0 +1,36 @@
+"""What travels with the adapter tensors: the DXO meta keys and headers between server and sites.
+
+Server -> site, with every task: ANNOUNCE_KEY, the job's model facts (nvflare_lora.federation.ServerFacts.announcement).
+Site -> server, with every update: its metrics, bad images and DP spend. Filters add COMPRESSION_META_KEY.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+ANNOUNCE_KEY = "nvflare_lora"          # server -> site: {"model", "fingerprint", "lora_config", "num_classes", "labels",
+#                                        "aggregation", "site_ranks", "head"}
+TRAIN_LOSS_KEY = "nvflare_lora_train_loss"    # site -> server: mean local training loss this round
+VAL_COUNT_KEY = "nvflare_lora_val_count"      # site -> server: size of the validation split behind INITIAL_METRICS
+EPSILON_KEY = "nvflare_lora_epsilon"          # site -> server: the site's DP-SGD epsilon spent so far (at its delta)
+BAD_IMAGES_KEY = "nvflare_lora_bad_images"    # site -> server: unreadable images of this site skipped so far
+FATAL_HEADER = "nvflare_lora_fatal"           # site -> server (reply header): why this job must stop
+REFUSED_PROP = "nvflare_lora_refused"         # server fl_ctx, set by the aggregator: why it refused a contribution
+AGGREGATION_INFO_PROP = "nvflare_lora_aggregation"  # server fl_ctx and aggregate meta: what the round's aggregation did
+
+COMPRESSION_META_KEY = "nvflare_lora_compression"  # set by compression filters: {"mode", "raw_bytes", ...}
+
+
+def payload_bytes(obj) -> int:
+    """Bytes of a DXO's data as it travels: arrays by nbytes, nested dicts walked, the rest as JSON."""
+    if isinstance(obj, np.ndarray):
+        return int(obj.nbytes)
+    if isinstance(obj, dict):
+        return int(sum(len(str(k)) + payload_bytes(v) for k, v in obj.items()))
+    if isinstance(obj, (list, tuple)) and any(isinstance(v, (np.ndarray, dict)) for v in obj):
+        return int(sum(payload_bytes(v) for v in obj))
+    if isinstance(obj, (bytes, bytearray)):
+        return len(obj)
+    return len(json.dumps(obj, default=str))
