@@ -85,6 +85,7 @@ def final_accuracy(ws: Path) -> dict:
 
 
 def main() -> None:
+    global FAULTY_SITE  # --faulty-site replaces it for faulty_job() and the report
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default="")
     p.add_argument("--rounds", type=int, default=8)
@@ -92,7 +93,6 @@ def main() -> None:
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "robustness.json"))
     p.add_argument("--only", default="", help="comma-separated settings/fault keys to run (no table, no JSON)")
     args = p.parse_args()
-    global FAULTY_SITE
     FAULTY_SITE = args.faulty_site
     work = Path(args.workdir or tempfile.mkdtemp(prefix="robustness_"))
     load = os.getloadavg()[0]
