@@ -1,5 +1,6 @@
-"""README.md's commands, as written, in order (install and the test command aside), from a fresh folder
-outside the repository that holds only the repository's jobs/: the newcomer's path, end to end."""
+"""README.md's commands, as written, in order (install and the test command aside), then those of
+docs/guide.md's Real sites section (the ViT-B/32 job), from a fresh folder outside the repository that holds
+only the repository's jobs/: the newcomer's path, end to end."""
 
 import json
 import os
@@ -13,12 +14,28 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
+GUIDE = (REPO / "docs" / "guide.md").read_text()
+REAL_SITES = "Real sites: image folders, ViT-B/32, zero-shot start"  # the guide's section with the ViT-B/32 job
 NOT_RUN = ("python3 -m venv", "pip install", "HF_HUB_OFFLINE=1 python -m pytest")  # install, and this test itself
 
 
-def blocks():
-    """(language, code) of every fenced bash/python block, in README order."""
-    return [(lang, code) for lang, code in re.findall(r"```(bash|python)\n(.*?)```", README, re.S)]
+def section(text: str, heading: str) -> str:
+    """The `## heading` section of a Markdown text, up to the next `## ` heading."""
+    match = re.search(rf"^## {re.escape(heading)}\n(.*?)(?=^## |\Z)", text, re.S | re.M)
+    assert match, f"no section '## {heading}'"
+    return match.group(1)
+
+
+def blocks(text: str = README):
+    """(language, code) of every fenced bash/python block of a Markdown text, in order."""
+    return [(lang, code) for lang, code in re.findall(r"```(bash|python)\n(.*?)```", text, re.S)]
+
+
+def newcomer_blocks():
+    """What the newcomer runs: every README block, then the guide's Real sites blocks."""
+    real_sites = blocks(section(GUIDE, REAL_SITES))
+    assert real_sites, f"docs/guide.md's {REAL_SITES!r} section has no bash/python block"
+    return blocks() + real_sites
 
 
 def _int8_gate_only(line, proc) -> bool:
@@ -35,7 +52,7 @@ def newcomer(tmp_path_factory):
     shutil.copytree(REPO / "jobs", home / "jobs")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HOME": str(home)}  # the README's ~/nvflare_lora lands in the fixture
     outputs = []
-    for lang, code in blocks():
+    for lang, code in newcomer_blocks():
         if lang == "bash":
             for line in code.strip().splitlines():
                 if line.startswith(NOT_RUN):
@@ -82,8 +99,9 @@ def test_the_recipe_gives_the_job_folders_round_accuracies(newcomer):
 
 
 def test_the_vitb32_job_starts_at_clips_zero_shot_accuracy_and_exports_verified(newcomer):
-    """jobs/clip_lora_vitb32 as the README runs it: real elpv images per site, a ViT-B/32-shaped base. Round 0's
-    validation accuracy at each site is CLIPModel's zero-shot accuracy on that site's validation images."""
+    """jobs/clip_lora_vitb32 as docs/guide.md's Real sites section runs it: real elpv images per site, a
+    ViT-B/32-shaped base. Round 0's validation accuracy at each site is CLIPModel's zero-shot accuracy on that
+    site's validation images."""
     import torch
     from transformers import CLIPModel
 
