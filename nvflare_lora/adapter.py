@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from .config import LoRAConfig
+from .errors import NVFlareLoRAError
 
 Shapes = Dict[str, Tuple[int, ...]]
 
 
-class AdapterMismatchError(ValueError):
+class AdapterMismatchError(NVFlareLoRAError):
     """An adapter dict does not fit the model: wrong key set, shape, dtype or non-finite values."""
 
 

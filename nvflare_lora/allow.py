@@ -32,10 +32,9 @@ def allow(workspace: str | Path, prefix: str = PREFIX) -> Path:
     if prefix not in allow_list and "*" not in allow_list:
         allow_list.append(prefix)
     resources["class_allow_list"] = allow_list
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(resources, indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    from .checkpoint import atomic_write
+
+    return atomic_write(path, json.dumps(resources, indent=2) + "\n")
 
 
 def main(argv=None) -> int:

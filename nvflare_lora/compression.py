@@ -30,7 +30,6 @@ import dataclasses
 import math
 import os
 import struct
-import tempfile
 import zlib
 from typing import Dict, Mapping, Optional, Tuple
 
@@ -530,19 +529,13 @@ class ResidualStore:
         return residual
 
     def save(self, residual: Mapping[str, np.ndarray]) -> None:
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
 
-        folder = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".residual-", suffix=".tmp", dir=folder)
-        os.close(fd)
-        try:
-            save_file({k: np.ascontiguousarray(v, np.float32) for k, v in residual.items()}, tmp,
-                      metadata={"format": "nvflare_lora.compression_residual/1"})
-            os.replace(tmp, self.path)  # atomic: a crash leaves the old residual, never half a file
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        from .checkpoint import atomic_write
+
+        # atomic: a crash leaves the old residual, never half a file
+        atomic_write(self.path, save({k: np.ascontiguousarray(v, np.float32) for k, v in residual.items()},
+                                     metadata={"format": "nvflare_lora.compression_residual/1"}))
 
 
 def encode_with_feedback(arrays: Mapping[str, np.ndarray], spec: CompressionSpec, store: ResidualStore,

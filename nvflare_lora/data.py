@@ -19,18 +19,19 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from .errors import NVFlareLoRAError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 MAX_BAD_IMAGES = 0.01
 _log = logging.getLogger(__name__)
 
 
-class TooManyBadImages(ValueError):
+class TooManyBadImages(NVFlareLoRAError):
     """More than max_bad_images of a site's images cannot be read."""
 
 
@@ -455,3 +456,30 @@ def site_split(dataset: ImageDataset, site_name: str, num_sites: int, scheme: st
     part = partition(dataset.labels, num_sites, scheme, alpha, seed)[site_index(site_name, num_sites)]
     tr, va = train_val_split(len(part), val_fraction, seed + 1)
     return dataset.subset(part[tr]), dataset.subset(part[va])
+
+
+def split_record(site_name: str, data: str, simulated: bool, num_sites: int, partition: str, alpha: float,
+                 data_seed: int, val_fraction: float) -> Dict:
+    """How a site's data is split, as plain JSON: the site sends it with its updates and the server keeps it
+    in the checkpoint metadata, so the exporter verifies on the images the sites really held (site_datasets)."""
+    rec = {"site": site_name, "data": str(data), "simulated": bool(simulated), "data_seed": int(data_seed),
+           "val_fraction": float(val_fraction)}
+    if simulated:
+        rec.update(num_sites=int(num_sites), partition=str(partition), alpha=float(alpha))
+    return rec
+
+
+def site_datasets(record: Mapping, preprocess: Callable, classes: Optional[Sequence[str]] = None,
+                  max_bad_images: float = MAX_BAD_IMAGES) -> Tuple[ImageDataset, ImageDataset, ImageDataset]:
+    """(train, validation, whole dataset) of the site a split_record describes: the digits' simulated share of
+    site-N, or all of the site's own data cut by train_val_split. The one place a site's split is made."""
+    data = record["data"]
+    dataset = load_dataset(data, preprocess, classes=classes if data != "digits" else None,
+                           max_bad_images=max_bad_images)
+    if record["simulated"]:
+        train, val = site_split(dataset, record["site"], record["num_sites"], record["partition"], record["alpha"],
+                                record["data_seed"], record["val_fraction"])
+    else:
+        tr, va = train_val_split(len(dataset), record["val_fraction"], record["data_seed"])
+        train, val = dataset.subset(tr), dataset.subset(va)
+    return train, val, dataset

@@ -7,10 +7,11 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-from .checkpoint import META_FILE, CheckpointError, read_adapter_dir, save_adapter_dir, write_json_atomic
+from .checkpoint import META_FILE, CheckpointError, CheckpointMeta, read_adapter_dir, save_adapter_dir, write_json_atomic
 from .config import LoRAConfig
 from .lora_model import CLIPLoRAWrapper, FederatedCLIPModel
 from .models import base_fingerprint, fingerprint_difference
+from .checkpoint import atomic_write
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -30,10 +31,7 @@ class LoRAConfigManager:
 
     def save_config(self, config: LoRAConfig, name: str) -> Path:
         path = self.root / f"{_check_name(name)}.yaml"
-        tmp = path.with_suffix(".yaml.tmp")
-        tmp.write_text(config.to_yaml())
-        tmp.replace(path)
-        return path
+        return atomic_write(path, config.to_yaml())
 
     def load_config(self, name: str) -> LoRAConfig:
         path = self.root / f"{_check_name(name)}.yaml"
@@ -45,21 +43,13 @@ class LoRAConfigManager:
         return sorted(p.stem for p in self.root.glob("*.yaml"))
 
 
-def model_metadata(fed: FederatedCLIPModel, extra: Dict | None = None) -> Dict:
-    """The metadata JSON that travels with every adapter: enough to rebuild and check the base."""
-    meta = {
-        "base_model": fed.model_name,
-        "base_fingerprint": fingerprint(fed),
-        "num_classes": fed.num_classes,
-        "labels": fed.labels,
-        "preprocessing": fed.preprocess.to_dict(),
-        "lora_config": fed.lora_config.to_dict() if fed.lora_config else None,
-        "head": {"normalize_embeds": fed.base_model.normalize_embeds},
-        "parameters": fed.parameter_counts(),
-        "format": "nvflare_lora/1",
-    }
-    meta.update(extra or {})
-    return meta
+def model_metadata(fed: FederatedCLIPModel, extra: Dict | None = None) -> CheckpointMeta:
+    """The metadata that travels with every adapter: enough to rebuild and check the base."""
+    return CheckpointMeta(base_model=fed.model_name, base_fingerprint=fingerprint(fed), labels=list(fed.labels),
+                          preprocessing=fed.preprocess.to_dict(),
+                          lora_config=fed.lora_config.to_dict() if fed.lora_config else None,
+                          head={"normalize_embeds": fed.base_model.normalize_embeds},
+                          parameters=fed.parameter_counts(), **(extra or {}))
 
 
 def fingerprint(fed: FederatedCLIPModel, cache_file=None) -> Dict[str, str]:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .preprocessing import CLIP_MEAN, CLIP_STD, Preprocessing
+from .errors import NVFlareLoRAError
 
 TINY_PRESET = "tiny-clip"
 
@@ -39,7 +40,7 @@ _TINY_CONFIG = dict(
 PRESETS = {TINY_PRESET: (_TINY_CONFIG, 0)}
 
 
-class ModelNotFoundError(ValueError):
+class ModelNotFoundError(NVFlareLoRAError):
     """The model name is not a preset, not a directory, and not reachable on a hub."""
 
 
@@ -232,10 +233,9 @@ def weights_sha256(source: ModelSource, cache_file: Optional[Path] = None) -> st
             pass
         if not isinstance(cache.get(stamp), str):
             cache[stamp] = weights_sha256(source)
-            Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(f"{cache_file}.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(cache, indent=1))
-            os.replace(tmp, cache_file)
+            from .checkpoint import atomic_write
+
+            atomic_write(cache_file, json.dumps(cache, indent=1))
         return cache[stamp]
     h = hashlib.sha256()
     if source.kind == "preset":

@@ -30,9 +30,11 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from .errors import NVFlareLoRAError
+from .checkpoint import atomic_write
 
 
-class PrivacyError(ValueError):
+class PrivacyError(NVFlareLoRAError):
     """A DP setting outside its valid range, or a budget that cannot be met."""
 
 
@@ -156,9 +158,7 @@ class Accountant:
     def spend(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
         self.history.append((float(noise_multiplier), float(sample_rate), int(steps)))
         if self.path is not None:
-            tmp = self.path.with_suffix(f".tmp-{os.getpid()}")
-            tmp.write_text(json.dumps({"delta": self.delta, "history": self.history}))
-            os.replace(tmp, self.path)
+            atomic_write(self.path, json.dumps({"delta": self.delta, "history": self.history}))
         return self.epsilon()
 
 
@@ -255,3 +255,16 @@ def add_client_noise(state: Mapping, keys, clip_norm: float, noise_multiplier: f
         v = np.asarray(state[k], np.float64)
         out[k] = (v + rng.normal(0.0, std, size=v.shape)).astype(np.float32)
     return out
+
+
+def check_client_dp(estimator: str, aggregation: str = "fedavg", site_ranks: Optional[Dict] = None) -> None:
+    """What client-level DP needs of the rest of the aggregation (refused at set-up with the reason)."""
+    if estimator != "mean":
+        raise PrivacyError(f"client_dp needs estimator 'mean' (its noise is calibrated to one site's clipped share "
+                           f"of the mean); got {estimator!r}")
+    if aggregation == "exact":
+        raise PrivacyError("client_dp works with aggregation 'fedavg' or 'ffa': exact's residual is built from each "
+                           "site's own factors, not from the noised mean (site-level dp works with every rule)")
+    if site_ranks:
+        raise PrivacyError("client_dp needs one rank for all sites (site_ranks empty): a rank component held by "
+                           "fewer sites has a larger sensitivity than the noise is calibrated to")

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+from .errors import NVFlareLoRAError
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 HEAD_INITS = ("seeded", "zeroshot")
@@ -27,7 +28,7 @@ HEAD_WEIGHT, HEAD_BIAS = "base_model.model.classifier.weight", "base_model.model
 INITIAL_ADAPTER_DIR = "initial_adapter"
 
 
-class ZeroShotError(ValueError):
+class ZeroShotError(NVFlareLoRAError):
     """The base cannot give a zero-shot head (no text tower, no tokenizer) or the settings are wrong."""
 
 
@@ -111,7 +112,7 @@ def write_initial_adapter(out: str | Path, model_name: str, labels: Sequence[str
                           templates: Sequence[str] = DEFAULT_TEMPLATES) -> Path:
     """The job's initial adapter with a zero-shot head, as a checkpoint directory (safetensors + JSON)."""
     from . import adapter as ad
-    from .checkpoint import save_adapter_dir
+    from .checkpoint import CheckpointMeta, save_adapter_dir
     from .lora_model import adapter_skeleton
     from .models import base_fingerprint, preprocessing_for
 
@@ -123,26 +124,11 @@ def write_initial_adapter(out: str | Path, model_name: str, labels: Sequence[str
     state[HEAD_WEIGHT], state[HEAD_BIAS] = zeroshot_head(model_name, labels, templates)
     ad.check_adapter(state, shapes, "zero-shot adapter", float32=True)
     n = int(sum(v.size for v in state.values()))
-    meta = {"base_model": str(model_name), "base_fingerprint": base_fingerprint(model_name),
-            "num_classes": len(labels), "labels": labels, "preprocessing": preprocessing_for(model_name).to_dict(),
-            "lora_config": lora.to_dict(), "head": head_spec("zeroshot", templates), "round": -1,
-            "checkpoint": "initial", "parameters": {"exchanged": n, "trainable": n}, "format": "nvflare_lora/1"}
+    meta = CheckpointMeta(base_model=str(model_name), base_fingerprint=base_fingerprint(model_name), labels=labels,
+                          preprocessing=preprocessing_for(model_name).to_dict(), lora_config=lora.to_dict(),
+                          head=head_spec("zeroshot", templates), round=-1, checkpoint="initial",
+                          parameters={"exchanged": n, "trainable": n})
     return save_adapter_dir(out, state, peft_config, meta)
-
-
-def persistor_args(job_dir: Path) -> Dict:
-    """The AdapterPersistor arguments of a job folder's server config (.conf or .json)."""
-    from pyhocon import ConfigFactory
-
-    for name in ("config_fed_server.conf", "config_fed_server.json"):
-        path = job_dir / "app" / "config" / name
-        if path.is_file():
-            conf = ConfigFactory.parse_file(str(path))
-            for comp in conf.get("components", []):
-                if str(comp.get("path", "")).endswith("AdapterPersistor"):
-                    return {k: v for k, v in dict(comp.get("args", {})).items()}
-            raise ZeroShotError(f"{path} has no nvflare_lora AdapterPersistor component")
-    raise ZeroShotError(f"{job_dir} is not a job folder: no app/config/config_fed_server.conf or .json")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -151,24 +137,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", help=f"where to write (default JOB_DIR/app/config/{INITIAL_ADAPTER_DIR})")
     p.add_argument("--model", help="this machine's copy of the base, if not at the job's path (same fingerprint)")
     args = p.parse_args(argv)
-    from .config import LoRAConfig
+    from .settings import read_job
 
     job = Path(args.job_dir)
     try:
-        a = persistor_args(job)
-        labels = list(a.get("labels") or [str(i) for i in range(int(a.get("num_classes", 10)))])
-        lora = LoRAConfig(r=a.get("r", 16), lora_alpha=a.get("lora_alpha", 32), lora_dropout=a.get("lora_dropout", 0.1),
-                          target_modules=a.get("target_modules"),
-                          target_components=a.get("target_components") or ["vision", "classifier"], seed=a.get("seed", 0))
-        templates = a.get("prompt_templates") or list(DEFAULT_TEMPLATES)
-        out = Path(args.out) if args.out else job / "app" / "config" / (a.get("initial_adapter") or INITIAL_ADAPTER_DIR)
-        model = args.model or a.get("model", "tiny-clip")
-        path = write_initial_adapter(out, model, labels, lora, templates)
+        _, js = read_job(job)  # the job schema's one reader: the same settings the server runs with
+        labels, templates = js.labels_or_default(), list(js.prompt_templates or DEFAULT_TEMPLATES)
+        out = Path(args.out) if args.out else job / "app" / "config" / (js.initial_adapter or INITIAL_ADAPTER_DIR)
+        path = write_initial_adapter(out, args.model or js.model, labels, js.lora_config(), templates)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote the zero-shot initial adapter ({len(labels)} classes, templates {templates}) to {path}")
-    if a.get("head_init") != "zeroshot" or not a.get("initial_adapter"):
+    if js.head_init != "zeroshot" or not js.initial_adapter:
         print(f"note: the job starts from it only with head_init = \"zeroshot\" and initial_adapter = "
               f"\"{out.name if not args.out else out}\" in its persistor args")
     return 0

@@ -1,7 +1,10 @@
 """The two ways an export stops: bad input (exit 2) and a failed verification (exit 1)."""
 
 
-class ExportError(Exception):
+from nvflare_lora.errors import NVFlareLoRAError
+
+
+class ExportError(NVFlareLoRAError):
     """Something the user supplied is missing or wrong: the message says what and what to do."""
 
     exit_code = 2

@@ -40,7 +40,7 @@ def verification_images(source: str, run_dir: Path, rebuilt: Rebuilt, samples: i
 
     data, what = None, ""
     if source == "auto":
-        data, why = run_validation_set(run_dir, rebuilt.preprocessing, rebuilt.labels)
+        data, why = run_validation_set(rebuilt.metadata, rebuilt.preprocessing, rebuilt.labels)
         what = why if data is not None else f"digits ({why}, so the run's validation images are not known)"
         source = "digits" if data is None else source
     if data is None:

@@ -38,7 +38,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ['AGGREGATIONS', 'ESTIMATORS', 'RESIDUAL_SUFFIX', 'Robustness', 'SiteUpdate', 'WEIGHTINGS', 'a_key', 'aggregate', 'b_key', 'bound_influence', 'check_mode', 'check_update', 'describe', 'effective_delta', 'fold_residuals', 'is_residual_key', 'lora_layers', 'project', 'rank_of', 'residual_key', 'residual_shapes', 'site_rank_of', 'split_residuals', 'unfold', 'update_norm', 'update_spec', 'upload_keys', 'zero_residuals']
+__all__ = ['AGGREGATIONS', 'check_site_ranks', 'ESTIMATORS', 'RESIDUAL_SUFFIX', 'Robustness', 'SiteUpdate', 'WEIGHTINGS', 'a_key', 'aggregate', 'b_key', 'bound_influence', 'check_mode', 'check_update', 'describe', 'effective_delta', 'fold_residuals', 'is_residual_key', 'lora_layers', 'project', 'rank_of', 'residual_key', 'residual_shapes', 'site_rank_of', 'split_residuals', 'unfold', 'update_norm', 'update_spec', 'upload_keys', 'zero_residuals']
 
 from ..adapter import AdapterMismatchError, check_adapter
 
@@ -495,3 +495,14 @@ def describe(info: Optional[Dict]) -> str:
         text += ", weight capped " + ", ".join(f"{s} ({c['claimed']:.3g} -> {c['used']:.3g})"
                                               for s, c in info["capped"].items())
     return text
+
+
+def check_site_ranks(site_ranks: Optional[Dict], r: int) -> Dict[str, int]:
+    """{site: rank} with every rank an integer in 1..r, else a ValueError naming the site and the range."""
+    out = {}
+    for site, rank in (site_ranks or {}).items():
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= r:
+            raise ValueError(f"site_ranks[{site!r}] = {rank!r}: a site's rank must be an integer from 1 to the "
+                             f"global rank r={r} (raise r to the largest site rank)")
+        out[str(site)] = rank
+    return out

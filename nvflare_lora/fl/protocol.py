@@ -15,6 +15,7 @@ ANNOUNCE_KEY = "nvflare_lora"          # server -> site: {"model", "fingerprint"
 TRAIN_LOSS_KEY = "nvflare_lora_train_loss"    # site -> server: mean local training loss this round
 VAL_COUNT_KEY = "nvflare_lora_val_count"      # site -> server: size of the validation split behind INITIAL_METRICS
 EPSILON_KEY = "nvflare_lora_epsilon"          # site -> server: the site's DP-SGD epsilon spent so far (at its delta)
+VAL_SPLIT_KEY = "nvflare_lora_val_split"       # site -> server: how the site split its data (data.split_record)
 BAD_IMAGES_KEY = "nvflare_lora_bad_images"    # site -> server: unreadable images of this site skipped so far
 FATAL_HEADER = "nvflare_lora_fatal"           # site -> server (reply header): why this job must stop
 REFUSED_PROP = "nvflare_lora_refused"         # server fl_ctx, set by the aggregator: why it refused a contribution

@@ -1,7 +1,7 @@
 """LoRAAggregator: the job's one aggregator, for every LoRA rule and every site rank.
 
 It checks each site's update against the one update spec (nvflare_lora.aggregation.update_spec: the
-keys, shapes and dtype that site must send under the persistor's rule and the site's rank), refuses what
+keys, shapes and dtype that site must send under the job's rule and the site's rank), refuses what
 does not fit, and combines the accepted updates robustly (nvflare_lora.aggregation.aggregate): weights
 capped at a multiple of the round's median, every update's norm clipped to a multiple of the round's
 median norm, then the weighted mean, the coordinate-wise median or the trimmed mean. With client_dp
@@ -15,6 +15,7 @@ import threading
 from typing import Dict, List, Optional
 
 import numpy as np
+
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.fl_constant import ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
@@ -23,33 +24,25 @@ from nvflare.app_common.abstract.aggregator import Aggregator
 from nvflare.app_common.abstract.model import ModelLearnableKey
 from nvflare.app_common.app_constant import AppConstants
 
-from ...adapter import AdapterMismatchError, adapter_shapes_of
-from ...aggregation import Robustness, SiteUpdate, aggregate, check_update, describe, update_spec
-from ...privacy import Accountant, DPConfig, PrivacyError, add_client_noise
+from ...adapter import AdapterMismatchError
+from ...aggregation import Robustness, SiteUpdate, describe
+from ...aggregation.server import ServerAggregation
+from ...facts import JobFacts
+from ...privacy import DPConfig
+from ...settings import default
 from ..protocol import AGGREGATION_INFO_PROP, EPSILON_KEY, REFUSED_PROP
 
 CLIENT_DP_ACCOUNTANT = "client_dp_accountant.json"  # in the server's app dir
 
 
-def check_client_dp(estimator: str, aggregation: str = "fedavg", site_ranks: Optional[Dict] = None) -> None:
-    """What client-level DP needs of the rest of the aggregation (refused at set-up with the reason)."""
-    if estimator != "mean":
-        raise PrivacyError(f"client_dp needs estimator 'mean' (its noise is calibrated to one site's clipped share "
-                           f"of the mean); got {estimator!r}")
-    if aggregation == "exact":
-        raise PrivacyError("client_dp works with aggregation 'fedavg' or 'ffa': exact's residual is built from each "
-                           "site's own factors, not from the noised mean (site-level dp works with every rule)")
-    if site_ranks:
-        raise PrivacyError("client_dp needs one rank for all sites (site_ranks empty): a rank component held by "
-                           "fewer sites has a larger sensitivity than the noise is calibrated to")
-
-
 class LoRAAggregator(Aggregator):
-    """Aggregates the sites' WEIGHT_DIFFs by the persistor's rule (fedavg, ffa or exact), any mix of site
-    ranks included, bounding every site's influence. Returns the new global adapter as WEIGHTS.
+    """Aggregates the sites' WEIGHT_DIFFs by the job's rule (fedavg, ffa or exact), any mix of site ranks
+    included, bounding every site's influence (nvflare_lora.aggregation.server.ServerAggregation, which the
+    in-process round runs too). Returns the new global adapter as WEIGHTS.
 
     Args:
-        persistor_id: the AdapterPersistor whose rule, scaling and site ranks apply.
+        r, lora_alpha, aggregation, site_ranks: the rule facts, the same values the persistor is given
+            (nvflare_lora.settings writes them alike): rank, scaling numerator, rule, {site: rank}.
         estimator: "mean" (weighted mean: FedAvg), "median" (coordinate-wise) or "trimmed_mean".
         clip_multiple: clip each update's L2 norm to this multiple of the round's median update norm
             (>= 1; null: no clipping).
@@ -67,28 +60,21 @@ class LoRAAggregator(Aggregator):
             Each round's epsilon (sample rate 1: every site every round) is in communication.json.
     """
 
-    def __init__(self, persistor_id: str = "persistor", estimator: str = "mean", clip_multiple: Optional[float] = 2.0,
-                 trim_fraction: float = 0.25, weighting: str = "steps", max_weight_ratio: Optional[float] = 2.0,
-                 min_agreement: Optional[float] = 0.5, client_dp: Optional[Dict] = None):
+    def __init__(self, r: int = default("r"), lora_alpha: float = default("lora_alpha"),
+                 aggregation: str = default("aggregation"), site_ranks: Optional[Dict[str, int]] = default("site_ranks"),
+                 estimator: str = default("estimator"), clip_multiple: Optional[float] = default("clip_multiple"),
+                 trim_fraction: float = default("trim_fraction"), weighting: str = default("weighting"),
+                 max_weight_ratio: Optional[float] = default("max_weight_ratio"),
+                 min_agreement: Optional[float] = default("min_agreement"), client_dp: Optional[Dict] = default("client_dp")):
         super().__init__()
-        self.persistor_id = persistor_id
-        self.robust = Robustness(estimator=estimator, clip_multiple=clip_multiple, trim_fraction=trim_fraction,
-                                 weighting=weighting, max_weight_ratio=max_weight_ratio, min_agreement=min_agreement)
+        self.facts = JobFacts.rule(r, lora_alpha, aggregation, site_ranks)
+        robust = Robustness(estimator=estimator, clip_multiple=clip_multiple, trim_fraction=trim_fraction,
+                            weighting=weighting, max_weight_ratio=max_weight_ratio, min_agreement=min_agreement)
         self.client_dp = DPConfig.from_setting(client_dp, "clip_norm")
-        self.noise_multiplier, self._accountant, self._site_epsilon = None, None, {}
-        if self.client_dp is not None:
-            check_client_dp(estimator)
-            self.robust = Robustness.for_client_dp(self.client_dp.clip)
-            self.noise_multiplier = self.client_dp.resolve(1.0, 1)
-            self._rng = np.random.default_rng()  # fresh OS entropy: the noise must not be predictable
+        self.server = ServerAggregation(self.facts, robust, self.client_dp)  # refuses a bad client_dp mix here
+        self._site_epsilon: Dict[str, float] = {}
         self._updates: List[SiteUpdate] = []
         self._lock = threading.Lock()
-
-    def _persistor(self, fl_ctx: FLContext):
-        persistor = fl_ctx.get_engine().get_component(self.persistor_id)
-        if not hasattr(persistor, "update_spec"):
-            raise TypeError(f"component {self.persistor_id!r} is not an nvflare_lora AdapterPersistor")
-        return persistor
 
     @staticmethod
     def _global(fl_ctx: FLContext) -> Dict[str, np.ndarray]:
@@ -122,12 +108,10 @@ class LoRAAggregator(Aggregator):
         if dxo.get_meta_prop(MetaKey.PROCESSED_ALGORITHM):
             return self._refuse(fl_ctx, site, f"the update is still encoded ({dxo.get_meta_prop(MetaKey.PROCESSED_ALGORITHM)}); "
                                               f"decode it with a server task_result_filter (AdapterDecompressor)")
-        persistor = self._persistor(fl_ctx)
         steps = dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND)
         data = dxo.data or {}
         try:
-            spec = persistor.update_spec(site, adapter_shapes_of(self._global(fl_ctx)))
-            check_update(data, spec, persistor.aggregation, "update", steps)
+            self.server.check(site, data, steps, self._global(fl_ctx))
         except AdapterMismatchError as e:
             return self._refuse(fl_ctx, site, str(e))
         with self._lock:
@@ -139,38 +123,23 @@ class LoRAAggregator(Aggregator):
         return True
 
     def aggregate(self, fl_ctx: FLContext) -> Shareable:
-        persistor = self._persistor(fl_ctx)
         with self._lock:
             updates, self._updates = self._updates, []
         if not updates:
             self.log_warning(fl_ctx, "no accepted updates this round: the global adapter stays as it is")
             return DXO(data_kind=DataKind.WEIGHT_DIFF, data={}).to_shareable()
-        if self.client_dp is not None:
-            check_client_dp(self.robust.estimator, persistor.aggregation, persistor.site_ranks)
-        new, info = aggregate(self._global(fl_ctx), updates, persistor.aggregation, persistor.lora.scaling, self.robust)
-        if self.client_dp is not None:
-            new, info["client_dp"] = self._privatise(new, len(updates), persistor, fl_ctx)
+        if self.client_dp is not None and self.server.accountant_path is None:
+            app_dir = fl_ctx.get_engine().get_workspace().get_app_dir(fl_ctx.get_job_id())
+            self.server.accountant_path = f"{app_dir}/{CLIENT_DP_ACCOUNTANT}"
+        new, info = self.server.aggregate(self._global(fl_ctx), updates)
+        if (info.get("client_dp") or {}).get("spent"):
+            self.log_warning(fl_ctx, f"client-level privacy budget spent (epsilon {info['client_dp']['epsilon']:.3g} of "
+                                     f"{self.client_dp.target_epsilon}): the global adapter is no longer updated")
         if self._site_epsilon:
             info["site_epsilon"] = dict(self._site_epsilon)
         fl_ctx.set_prop(AGGREGATION_INFO_PROP, info, private=True, sticky=False)
         self.log_info(fl_ctx, f"[nvflare_lora] aggregation {describe(info)}")
         return DXO(data_kind=DataKind.WEIGHTS, data=new, meta={AGGREGATION_INFO_PROP: info}).to_shareable()
-
-    def _privatise(self, new: Dict, num_sites: int, persistor, fl_ctx: FLContext):
-        """DP-FedAvg's noise on the exchanged tensors of the aggregate, and this round's spend."""
-        if self._accountant is None:
-            app_dir = fl_ctx.get_engine().get_workspace().get_app_dir(fl_ctx.get_job_id())
-            self._accountant = Accountant(self.client_dp.delta, f"{app_dir}/{CLIENT_DP_ACCOUNTANT}")
-        keys = update_spec(adapter_shapes_of(new), persistor.aggregation)
-        cfg, sigma = self.client_dp, self.noise_multiplier
-        if cfg.over_budget(self._accountant.epsilon_after(sigma, 1.0, 1)):
-            self.log_warning(fl_ctx, f"client-level privacy budget spent (epsilon {self._accountant.epsilon():.3g} of "
-                                     f"{cfg.target_epsilon}): the global adapter is no longer updated")
-            return dict(self._global(fl_ctx)), {"epsilon": self._accountant.epsilon(), "spent": True}
-        noised = add_client_noise(new, keys, cfg.clip, sigma, num_sites, self._rng)
-        eps = self._accountant.spend(sigma, 1.0, 1)
-        return noised, {"epsilon": eps, "delta": cfg.delta, "noise_multiplier": sigma, "clip_norm": cfg.clip,
-                        "noise_std": sigma * cfg.clip / num_sites, "sites": num_sites}
 
     def reset(self, fl_ctx: FLContext):
         with self._lock:

@@ -13,7 +13,6 @@ other values as JSON; NVFlare's framing (headers, a few hundred bytes) is not co
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from pathlib import Path
 from typing import Dict, Optional

@@ -1,0 +1,78 @@
+"""The server's half of a round, without NVFlare: what each site is sent, which updates are accepted, and the
+new global adapter. nvflare_lora.fl.server (shareable generator, aggregator) and the in-process round
+(nvflare_lora.round) both call this one class.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Tuple
+
+import numpy as np
+
+from ..adapter import adapter_shapes_of
+from ..privacy import Accountant, DPConfig, add_client_noise, check_client_dp
+from .rules import Robustness, SiteUpdate, aggregate, check_update, project, rank_of, update_spec
+
+State = Dict[str, np.ndarray]
+
+
+class ServerAggregation:
+    """The rule, the bounds on each site's influence and, optionally, client-level DP (DP-FedAvg).
+
+    Args:
+        facts: the job's JobFacts (rule, rank, scaling, site ranks).
+        robust: nvflare_lora.aggregation.Robustness (weight caps, norm clipping, estimator, direction check).
+        client_dp: a DPConfig for DP-FedAvg, or None: each update clipped to its fixed clip, the equal-weight
+            mean, plus Gaussian noise; its spend is kept by an Accountant (at accountant_path when given).
+    """
+
+    def __init__(self, facts, robust: Optional[Robustness] = None, client_dp: Optional[DPConfig] = None,
+                 accountant_path=None):
+        self.facts = facts
+        self.robust = robust or Robustness()
+        self.client_dp = client_dp
+        self.noise_multiplier = None
+        self.accountant_path = accountant_path
+        self._accountant: Optional[Accountant] = None
+        if client_dp is not None:
+            check_client_dp(self.robust.estimator, facts.aggregation, facts.site_ranks)
+            self.robust = Robustness.for_client_dp(client_dp.clip)
+            self.noise_multiplier = client_dp.resolve(1.0, 1)
+            self._rng = np.random.default_rng()  # fresh OS entropy: the noise must not be predictable
+
+    def for_site(self, global_state: Mapping[str, np.ndarray], site: Optional[str]) -> State:
+        """The global adapter as `site` receives it: at its own rank (site_ranks), else as is."""
+        rank = self.facts.site_rank(site)
+        if rank == rank_of(global_state):
+            return dict(global_state)
+        return project(global_state, rank, self.facts.scaling, self.facts.aggregation == "exact")
+
+    def check(self, site: str, update: Mapping[str, np.ndarray], steps, global_state: Mapping[str, np.ndarray]) -> None:
+        """Refuse (AdapterMismatchError, naming the fault) an update that is not exactly this site's spec."""
+        spec = self.facts.update_spec(adapter_shapes_of(global_state), site)
+        check_update(update, spec, self.facts.aggregation, "update", steps)
+
+    def aggregate(self, global_state: Mapping[str, np.ndarray], updates: List[SiteUpdate]) -> Tuple[State, Dict]:
+        """(new global adapter, what the round did). No updates: the global adapter unchanged."""
+        if not updates:
+            return dict(global_state), {"sites": 0}
+        new, info = aggregate(global_state, updates, self.facts.aggregation, self.facts.scaling, self.robust)
+        if self.client_dp is not None:
+            new, info["client_dp"] = self._privatise(global_state, new, len(updates))
+        return new, info
+
+    def _privatise(self, global_state, new: Dict, num_sites: int):
+        """DP-FedAvg's noise on the exchanged tensors of the aggregate, and this round's spend."""
+        if self._accountant is None:
+            self._accountant = Accountant(self.client_dp.delta, self.accountant_path)
+        keys = update_spec(adapter_shapes_of(new), self.facts.aggregation)
+        cfg, sigma = self.client_dp, self.noise_multiplier
+        if cfg.over_budget(self._accountant.epsilon_after(sigma, 1.0, 1)):
+            return dict(global_state), {"epsilon": self._accountant.epsilon(), "spent": True}
+        noised = add_client_noise(new, keys, cfg.clip, sigma, num_sites, self._rng)
+        eps = self._accountant.spend(sigma, 1.0, 1)
+        return noised, {"epsilon": eps, "delta": cfg.delta, "noise_multiplier": sigma, "clip_norm": cfg.clip,
+                        "noise_std": sigma * cfg.clip / num_sites, "sites": num_sites}
+
+    def epsilon(self) -> Optional[float]:
+        return self._accountant.epsilon() if self._accountant is not None else None

@@ -1,0 +1,116 @@
+"""What every party of a job must agree on, as one object: JobFacts.
+
+The server builds it from the job's settings (nvflare_lora.settings.JobSettings); it goes to every site with
+each task as the announcement (a plain dict in the DXO meta, nvflare_lora.fl.protocol.ANNOUNCE_KEY) and the
+site rebuilds it with JobFacts.from_announcement. The persistor, the aggregator and the shareable generator
+each hold one built from the same settings, instead of asking one another; the in-process round
+(nvflare_lora.round) uses the same object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Tuple
+
+from .aggregation import check_mode, check_site_ranks, update_spec
+from .config import LoRAConfig
+
+
+@dataclass(frozen=True)
+class JobFacts:
+    """model: the base (preset, local directory or hub id); labels: class names in label order; lora: the LoRA
+    settings at the global rank; aggregation: the rule; site_ranks: {site: rank} below r; head: how the head
+    started ({"init", "normalize_embeds", ...}, nvflare_lora.zeroshot.head_spec); fingerprint: the base's
+    (None until the server computes it)."""
+
+    model: str
+    labels: Tuple[str, ...]
+    lora: LoRAConfig
+    aggregation: str = "fedavg"
+    site_ranks: Dict[str, int] = field(default_factory=dict)
+    head: Dict = field(default_factory=dict)
+    fingerprint: Optional[Dict] = None
+
+    def __post_init__(self):
+        check_mode(self.aggregation)
+        object.__setattr__(self, "site_ranks", check_site_ranks(self.site_ranks, self.lora.r))
+        object.__setattr__(self, "labels", tuple(str(x) for x in self.labels))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def scaling(self) -> float:
+        return self.lora.scaling
+
+    @classmethod
+    def rule(cls, r: int, lora_alpha: float, aggregation: str = "fedavg", site_ranks: Optional[Dict] = None) -> "JobFacts":
+        """Only the rule facts (what the aggregator and the shareable generator need): rank, scaling, rule, ranks."""
+        return cls(model="", labels=(), lora=LoRAConfig(r=r, lora_alpha=lora_alpha), aggregation=aggregation,
+                   site_ranks=dict(site_ranks or {}))
+
+    @classmethod
+    def from_settings(cls, s, head: Optional[Dict] = None) -> "JobFacts":
+        from .zeroshot import check_head
+
+        return cls(model=str(s.model), labels=tuple(s.labels_or_default()), lora=s.lora_config(),
+                   aggregation=s.aggregation, site_ranks=dict(s.site_ranks or {}),
+                   head=dict(head or check_head(s.head_init, s.prompt_templates, s.initial_adapter, s.resume_from)))
+
+    # ---- a site's view ---------------------------------------------------------------------------
+    def site_rank(self, site: Optional[str]) -> int:
+        return self.site_ranks.get(site, self.lora.r) if site else self.lora.r
+
+    def site_lora(self, site: Optional[str]) -> LoRAConfig:
+        """The LoRA settings at this site's rank. lora_alpha follows the rank (alpha_k = s * r_k) so that every
+        site scales B @ A by the same s = lora_alpha / r: products of different ranks then add up."""
+        rank = self.site_rank(site)
+        if rank == self.lora.r:
+            return self.lora
+        return dataclasses.replace(self.lora, r=rank, lora_alpha=self.lora.scaling * rank)
+
+    def update_spec(self, global_shapes: Mapping[str, Tuple[int, ...]], site: Optional[str] = None) -> Dict:
+        """Keys and shapes `site` must send this round (the one update spec, at the site's rank)."""
+        return update_spec(global_shapes, self.aggregation, self.site_rank(site))
+
+    # ---- the announcement: what travels to the sites ----------------------------------------------
+    def announcement(self) -> Dict:
+        return {"model": self.model, "fingerprint": self.fingerprint, "lora_config": self.lora.to_dict(),
+                "num_classes": self.num_classes, "labels": list(self.labels), "aggregation": self.aggregation,
+                "site_ranks": dict(self.site_ranks), "head": dict(self.head)}
+
+    @classmethod
+    def from_announcement(cls, a: Mapping) -> "JobFacts":
+        return cls(model=str(a["model"]), labels=tuple(a.get("labels") or [str(i) for i in range(a["num_classes"])]),
+                   lora=LoRAConfig.from_dict(dict(a["lora_config"])), aggregation=a.get("aggregation", "fedavg"),
+                   site_ranks=dict(a.get("site_ranks") or {}), head=dict(a.get("head") or {}),
+                   fingerprint=a.get("fingerprint"))
+
+    def with_(self, **changes) -> "JobFacts":
+        return dataclasses.replace(self, **changes)
+
+    def label_list(self) -> List[str]:
+        return list(self.labels)
+
+    # ---- the global adapter in the form sites train ------------------------------------------------
+    def training_shapes(self, shapes: Mapping[str, Tuple[int, ...]]) -> Dict:
+        """The global adapter's shapes as exchanged: the adapter, plus one residual per layer under exact."""
+        from .aggregation import residual_shapes
+
+        out = dict(shapes)
+        if self.aggregation == "exact":
+            out.update(residual_shapes(shapes))
+        return out
+
+    def initial_global(self, shapes: Mapping[str, Tuple[int, ...]]) -> Dict:
+        """The global adapter before round 1: the shared seeded init (and zero residuals under exact),
+        computed identically by every party."""
+        from .adapter import init_adapter_state
+        from .aggregation import zero_residuals
+
+        weights = init_adapter_state(dict(shapes), self.lora.seed)
+        if self.aggregation == "exact":
+            weights.update(zero_residuals(weights))
+        return weights

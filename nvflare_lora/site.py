@@ -1,0 +1,160 @@
+"""A site's work, without NVFlare: set up once, then each round load the global adapter, evaluate it, train,
+and build the update. The executor (nvflare_lora.fl.site.executor) only maps NVFlare's tasks onto it; the
+in-process round (nvflare_lora.round) drives the same object.
+
+    site = Site("site-1", facts, settings)       # data, base (fingerprint-checked), LoRA at its rank, loaders
+    site.load_global(weights)                   # strict: keys, shapes, finite values
+    before = site.evaluate()                    # the global adapter on this site's validation split
+    stats = site.train(rnd)                     # local steps (DP-SGD when settings.dp)
+    update = site.update()                      # local - global, only what the rule sends
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Dict, Mapping, Optional
+
+import numpy as np
+
+from .aggregation.site import SiteAggregation
+from .data import SiteLoader, augmentation, site_datasets, split_record
+from .errors import NVFlareLoRAError
+from .facts import JobFacts
+from .lora_model import CLIPLoRAWrapper, FederatedCLIPModel
+from .managers import fingerprint
+from .models import fingerprint_difference, preprocessing_for
+from .privacy import Accountant, PrivateStep
+from .settings import SITE_CONFIG_FILE, JobSettings
+from .training import train_local
+
+DP_ACCOUNTANT_FILE = "dp_accountant.json"  # in the site's work dir: the epsilon spent survives a site restart
+FINGERPRINT_CACHE = "weights_sha256.json"  # in the site's cache dir: what every job would compute alike
+
+
+class BaseMismatchError(NVFlareLoRAError):
+    """This site's base model is not the one the server announced."""
+
+
+class Site:
+    """One site of a federation.
+
+    Args:
+        name: the site's name ("site-1"; a simulated split needs site-N).
+        facts: the job's facts as the server announced them (nvflare_lora.facts.JobFacts).
+        settings: the site's settings (nvflare_lora.settings.JobSettings; the executor's arguments with the
+            site's own overrides already applied).
+        simulated: True when the site's data is its share of a simulated split (the digits, not overridden).
+        workdir: where the site keeps its DP accountant (None: in memory).
+        cache_dir: where the base's weights hash is cached (None: not cached).
+    """
+
+    def __init__(self, name: str, facts: JobFacts, settings: JobSettings, simulated: Optional[bool] = None,
+                 workdir: Optional[Path] = None, cache_dir: Optional[Path] = None):
+        t0 = time.perf_counter()
+        s = self.settings = settings
+        self.name, self.facts = name, facts
+        if s.torch_threads > 0:
+            import torch
+
+            torch.set_num_threads(s.torch_threads)
+        model_name = s.model_path or facts.model
+        data = str(s.data).replace("{site}", name)
+        simulated = data == "digits" if simulated is None else simulated
+        self.split = split_record(name, data, simulated, s.num_sites, s.partition, s.alpha, s.data_seed, s.val_fraction)
+        # the data first (its listing needs only the base's preprocessing): a wrong folder fails before the base is read
+        self.train_set, self.val_set, dataset = site_datasets(self.split, preprocessing_for(model_name),
+                                                              facts.label_list(), s.max_bad_images)
+        self.notes = list(dataset.notes)
+        self.fed = FederatedCLIPModel(model_name, facts.num_classes, labels=facts.label_list(), device=s.device,
+                                      normalize_embeds=bool(facts.head.get("normalize_embeds", False)))
+        if facts.fingerprint is not None:
+            local = fingerprint(self.fed, Path(cache_dir) / FINGERPRINT_CACHE if cache_dir else None)
+            why = fingerprint_difference(facts.fingerprint, local)
+            if why:
+                raise BaseMismatchError(f"{why}. Give this site the same base as the server "
+                                        f"(model_path in the job or in local/{SITE_CONFIG_FILE}).")
+        # the job's LoRA settings at this site's rank (site_ranks), and the job's rule
+        CLIPLoRAWrapper(self.fed, facts.site_lora(name)).apply_lora_to_federated_model()
+        self.rule = SiteAggregation(self.fed, facts.aggregation)
+        self.train_set.augment = augmentation(s.augment)
+        self.private: Optional[PrivateStep] = None
+        self.accountant: Optional[Accountant] = None
+        sample_rate = None
+        if s.dp:  # Poisson sampling: each image in each step with probability batch_size / n
+            from .privacy import DPConfig
+
+            dp = self.dp = DPConfig.from_setting(s.dp, "max_grad_norm")
+            sample_rate = min(1.0, s.batch_size / max(1, len(self.train_set.usable())))
+        self.train_loader = SiteLoader(self.train_set, s.batch_size, shuffle=True, num_workers=s.num_workers,
+                                       device=self.fed.device, sample_rate=sample_rate)
+        if s.dp:
+            steps = len(self.train_loader) * max(1, s.local_epochs)
+            self.dp_steps = min(steps, s.max_steps) if s.max_steps else steps
+            sigma = dp.resolve(sample_rate, self.dp_steps)
+            self.private = PrivateStep(dp, sigma, sample_rate, len(self.train_set.usable()))
+            self.accountant = Accountant(dp.delta, Path(workdir) / DP_ACCOUNTANT_FILE if workdir else None)
+        self.val_loader = SiteLoader(self.val_set, max(s.batch_size, 64), num_workers=s.num_workers,
+                                     device=self.fed.device)
+        self.global_adapter: Optional[Dict[str, np.ndarray]] = None
+        self.setup_seconds = time.perf_counter() - t0
+
+    # ---- a round -----------------------------------------------------------------------------------
+    def load_global(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Load the global adapter as received (strict; under exact its residuals go onto the frozen weights)."""
+        self.global_adapter = self.rule.load_global(weights)
+
+    def evaluate(self) -> Dict:
+        """Loss, accuracy and count of the loaded model on this site's validation split."""
+        return self.fed.evaluate(self.val_loader)
+
+    def over_budget(self) -> Optional[str]:
+        """Why this site must not train another round (its DP budget), or None."""
+        if self.private is None:
+            return None
+        after = self.accountant.epsilon_after(self.private.noise_multiplier, self.private.sample_rate, self.dp_steps)
+        if self.dp.over_budget(after):
+            return (f"privacy budget reached: epsilon {self.accountant.epsilon():.3g} spent, this round would bring "
+                    f"it to {after:.3g} > target_epsilon {self.dp.target_epsilon}; this site stops contributing")
+        return None
+
+    def train(self, rnd: int, should_abort: Optional[Callable[[], bool]] = None) -> Dict:
+        """Local training from the loaded global adapter: steps, samples, loss, seconds (and epsilon with DP)."""
+        s = self.settings
+        stats = train_local(self.fed, self.train_loader, epochs=s.local_epochs, max_steps=s.max_steps,
+                            batch_size=s.batch_size, lr=s.lr, weight_decay=s.weight_decay,
+                            max_grad_norm=s.max_grad_norm, seed=s.train_seed + int(rnd), should_abort=should_abort,
+                            private=self.private)
+        if self.private is not None:
+            stats["epsilon"] = self.accountant.spend(self.private.noise_multiplier, self.private.sample_rate,
+                                                     stats["steps"])
+        return stats
+
+    def update(self) -> Dict[str, np.ndarray]:
+        """local - global for the keys the rule sends (ffa: no A; never residuals), checked against the spec."""
+        if self.global_adapter is None:
+            raise RuntimeError("load_global() before update()")
+        return self.rule.update(self.global_adapter)
+
+    def local_state(self) -> Dict[str, np.ndarray]:
+        """This site's model as an adapter dict (with its residuals under exact)."""
+        return self.rule.local_state()
+
+    def evaluating(self, weights: Mapping[str, np.ndarray]):
+        """Context: any adapter of this model's layers loaded for evaluation (another rank included), then
+        what was loaded restored."""
+        return self.rule.evaluating(weights)
+
+    def evaluate_adapter(self, weights: Mapping[str, np.ndarray]) -> Dict:
+        with self.evaluating(weights):
+            return self.evaluate()
+
+    @property
+    def bad_images(self):
+        return self.train_set.bad
+
+    def describe(self) -> str:
+        return (f"{self.name}: base {self.fed.model_name!r} ready in {self.setup_seconds:.1f}s; {len(self.train_set)} "
+                f"train / {len(self.val_set)} val images from {self.split['data']!r} "
+                f"({self.train_loader.num_workers} loader workers); "
+                f"adapter {self.fed.parameter_counts()['exchanged']:,} parameters")
