@@ -35,8 +35,9 @@ from .settings import JobSettings
 from .site import Site
 
 State = Dict[str, np.ndarray]
-# a site's update may be changed on its way to the server (a compression codec, a fault in a test)
-Channel = Callable[[str, State], State]
+# what a site sends may be changed on its way to the server (a compression codec, a fault in a test):
+# channel(site, update, steps) -> (update, steps), or None for a site whose reply never arrives
+Channel = Callable[[str, State, int], Optional[tuple]]
 
 
 @dataclass
@@ -69,17 +70,21 @@ def run_round(server: ServerAggregation, sites: Sequence[Site], global_state: Ma
             continue
         before = site.evaluate()
         stats = site.train(rnd)                                          # 3: local training
-        update = site.update()
-        if channel is not None:
-            update = channel(site.name, update)
+        update, steps = site.update(), stats["steps"]
         result.val_accuracy[site.name], result.val_count[site.name] = before["accuracy"], before["count"]
         result.steps[site.name], result.train_loss[site.name] = stats["steps"], stats["loss"]
+        if channel is not None:
+            sent = channel(site.name, update, steps)
+            if sent is None:                                             # lost on the way: as if the site died
+                result.refused[site.name] = "no reply"
+                continue
+            update, steps = sent
         try:                                                             # 4: the server's check
-            server.check(site.name, update, stats["steps"], global_state)
+            server.check(site.name, update, steps, global_state)
         except AdapterMismatchError as e:
             result.refused[site.name] = str(e)
             continue
-        updates.append(SiteUpdate(diff=update, weight=float(stats["steps"]), site=site.name))
+        updates.append(SiteUpdate(diff=update, weight=float(steps), site=site.name))
     new, result.aggregation = server.aggregate(global_state, updates)   # 5: the rule
     return new, result
 

@@ -402,19 +402,23 @@ def _wrap(text: str, width: int) -> List[str]:
 def write_job(job_dir: str | os.PathLike, name: str, s: JobSettings) -> Path:
     """Write the job folder job_dir/name: meta.conf and app/config/config_fed_{server,client}.conf, the
     settings' help as comments. No custom/ code: the components come from the installed package."""
-    root = Path(job_dir) / name
-    config = root / "app" / "config"
-    config.mkdir(parents=True, exist_ok=True)
-    helps = {n: f.metadata["help"] for n, f in FIELDS.items()}
+    return write_configs(Path(job_dir) / name, meta(name, s), server_config(s), client_config(s))
+
+
+def write_configs(root: Path, meta_d: Dict, server: Dict, client: Dict) -> Path:
+    """Write a job folder from its three config dicts (as server_config / client_config / meta give them)."""
     from .checkpoint import atomic_write
 
-    for path, content in ((root / "meta.conf", meta(name, s)), (config / "config_fed_server.conf", server_config(s)),
-                          (config / "config_fed_client.conf", client_config(s))):
+    root = Path(root)
+    config = root / "app" / "config"
+    helps = {n: f.metadata["help"] for n, f in FIELDS.items()}
+    for path, content in ((root / "meta.conf", meta_d), (config / "config_fed_server.conf", server),
+                          (config / "config_fed_client.conf", client)):
         text = "\n".join(f"# {line}" for line in _wrap(HEADER, 104)) + "\n" + to_hocon(content, 0, helps) + "\n"
         atomic_write(path, text)
-        for stale in (path.with_suffix(".json"),):  # one format: a .json beside would be read first by NVFlare
-            if stale.exists():
-                stale.unlink()
+        stale = path.with_suffix(".json")  # one format: a .json beside would be read first by NVFlare
+        if stale.exists():
+            stale.unlink()
     return root
 
 
