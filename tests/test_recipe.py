@@ -1,55 +1,148 @@
-"""CLIPLoRARecipe (NVFlare 2.9's Recipe API): the same job as jobs/clip_lora. Its SimEnv run against the job
+"""The job schema (nvflare_lora.settings) owns every setting: the components' defaults are its defaults, the
+shipped job folders are what it writes, read_job is its exact inverse, and a site's own settings are checked
+against it. CLIPLoRARecipe (NVFlare 2.9's Recipe API) writes the same job; its SimEnv run against the job
 folder's is in tests/test_readme.py (the README shows both commands)."""
 
+import inspect
 import json
 import subprocess
 import sys
 
 import pytest
 
-from nvflare_lora.recipe import CLIPLoRARecipe, JobSettings, RecipeError, client_config, meta, server_config
+from nvflare_lora.recipe import CLIPLoRARecipe
+from nvflare_lora.settings import (DEFAULTS, FIELDS, SHIPPED_JOBS, SITE_LOCAL, JobSettings, SettingsError, read_job,
+                                   settings, site_overrides, write_job)
 from simjob import JOB
 
-def _conf(path):
-    from pyhocon import ConfigFactory  # NVFlare's own config reader
-
-    return json.loads(json.dumps(ConfigFactory.parse_file(str(path)).as_plain_ordered_dict()))
+JOBS = JOB.parent
 
 
-def test_the_default_recipe_is_the_job_folder():
-    """One source of truth: the shipped .conf files say exactly what the recipe's defaults generate."""
-    s = JobSettings()
-    assert _conf(JOB / "app" / "config" / "config_fed_server.conf") == server_config(s)
-    assert _conf(JOB / "app" / "config" / "config_fed_client.conf") == client_config(s)
-    assert _conf(JOB / "meta.conf") == meta("clip_lora", s)
+def _component_classes():
+    from nvflare_lora.fl.server.aggregator import LoRAAggregator
+    from nvflare_lora.fl.server.persistor import AdapterPersistor
+    from nvflare_lora.fl.server.shareable_generator import AdapterShareableGenerator
+    from nvflare_lora.fl.site.executor import CLIPLoRAExecutor
+
+    return {"persistor": AdapterPersistor, "aggregator": LoRAAggregator,
+            "shareable_generator": AdapterShareableGenerator, "executor": CLIPLoRAExecutor}
 
 
-def test_the_vitb32_job_folder_is_its_recipe_settings():
-    from nvflare_lora.recipe import VITB32_JOB, settings
+@pytest.mark.parametrize("role", ["persistor", "aggregator", "shareable_generator", "executor"])
+def test_every_component_built_without_arguments_has_the_schemas_defaults(role):
+    cls = _component_classes()[role]
+    cls()  # a job config may leave every key out
+    params = inspect.signature(cls.__init__).parameters
+    mine = {n for n, f in FIELDS.items() if role in f.metadata["to"]}
+    assert mine <= set(params), f"{cls.__name__} lacks arguments {sorted(mine - set(params))}"
+    for name in mine:
+        assert params[name].default == DEFAULTS[name], f"{cls.__name__}({name}=...) default differs from the schema"
+    # and it does not take a setting under another name
+    assert not {p for p in params if p not in FIELDS and p not in (
+        "self", "checkpoint_dir", "tracking_writer_id", "train_task_name", "validate_task_name",
+        "submit_model_task_name")}
 
-    s, job = settings(**VITB32_JOB), JOB.parent / "clip_lora_vitb32"
-    assert _conf(job / "app" / "config" / "config_fed_server.json") == server_config(s)
-    assert _conf(job / "app" / "config" / "config_fed_client.json") == client_config(s)
-    assert _conf(job / "meta.json") == meta("clip_lora_vitb32", s)
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_JOBS))
+def test_the_shipped_job_folders_are_what_the_schema_writes(name, tmp_path):
+    s = JobSettings(**SHIPPED_JOBS[name])
+    written = write_job(tmp_path, name, s)
+    for path in sorted(p for p in written.rglob("*") if p.is_file()):
+        rel = path.relative_to(written)
+        assert (JOBS / name / rel).read_text() == path.read_text(), \
+            f"jobs/{name}/{rel} differs from the schema: rewrite with `python -m nvflare_lora.settings write jobs`"
+    shipped = sorted(p.relative_to(JOBS / name).as_posix() for p in (JOBS / name).rglob("*") if p.is_file())
+    assert [p for p in shipped if p != "job.py"] == [
+        "app/config/config_fed_client.conf", "app/config/config_fed_server.conf", "meta.conf"]
+    assert read_job(JOBS / name) == (name, s)
 
 
-def test_export_writes_a_job_folder_without_code(tmp_path):
+def test_the_written_configs_carry_each_settings_help_as_a_comment():
+    text = (JOB / "app" / "config" / "config_fed_server.conf").read_text()
+    assert "# LoRA rank of the update B @ A." in text and "r = 16" in text
+    assert "# Sites sharing a simulated split" in (JOB / "app" / "config" / "config_fed_client.conf").read_text()
+
+
+def test_read_job_is_the_inverse_of_write_job(tmp_path):
+    s = JobSettings(r=8, lora_alpha=8, aggregation="ffa", site_ranks={"site-2": 4}, compression="topk+int8",
+                    compression_args={"fraction": 0.1}, download_compression="int8", num_rounds=3,
+                    dp={"max_grad_norm": 1.0, "target_epsilon": 8.0}, cross_site_eval=False, labels=list("abcdefghij"))
+    assert read_job(write_job(tmp_path, "j", s)) == ("j", s)
+
+
+def test_a_job_the_schema_cannot_read_names_the_file_and_key(tmp_path):
+    job = write_job(tmp_path, "j", JobSettings())
+    conf = job / "app" / "config" / "config_fed_client.conf"
+    conf.write_text(conf.read_text().replace("local_epochs = 2", "local_epoch = 2"))
+    with pytest.raises(SettingsError, match=r"config_fed_client.conf: executor argument 'local_epoch' is not a "
+                                            r"setting; valid: .*local_epochs"):
+        read_job(job)
+    conf.write_text(conf.read_text().replace("local_epoch = 2", "local_epochs = 0"))
+    with pytest.raises(SettingsError, match=r"local_epochs must be an integer >= 1"):
+        read_job(job)
+    server = job / "app" / "config" / "config_fed_server.conf"
+    server.write_text(server.read_text().replace("aggregation = \"fedavg\"", "aggregation = \"ffa\"", 1))
+    conf.write_text(conf.read_text().replace("local_epochs = 0", "local_epochs = 2"))
+    with pytest.raises(SettingsError, match=r"aggregation = 'ffa', another component 'fedavg'|"
+                                            r"aggregation = 'fedavg', another component 'ffa'"):
+        read_job(job)
+    (job / "meta.conf").unlink()
+    with pytest.raises(SettingsError, match=r"meta.conf \(or .json\) not found"):
+        read_job(job)
+
+
+def test_a_sites_own_settings_are_checked_against_the_schema(monkeypatch):
+    monkeypatch.delenv("NVFLARE_LORA_DATA", raising=False)
+    assert site_overrides({"data": "/data/x", "torch_threads": 0}) == {"data": "/data/x", "torch_threads": 0}
+    with pytest.raises(SettingsError, match=r"nvflare_lora_site.json: unknown key\(s\) dta; a site may set "
+                                            + ", ".join(SITE_LOCAL)):
+        site_overrides({"dta": "/data/x"})
+    with pytest.raises(SettingsError, match=r"num_workers must be"):
+        site_overrides({"num_workers": -2})
+    assert site_overrides({}, environ={"NVFLARE_LORA_DATA": "/data/y"}) == {"data": "/data/y"}
+
+
+def test_an_executor_refuses_a_sites_misspelt_local_key_at_its_first_task(tmp_path):
+    """The executor reads <workspace>/local/nvflare_lora_site.json through the schema: a typo stops the site
+    with the valid keys, instead of silently training on the job's data."""
+    from nvflare.apis.fl_constant import ReturnCode
+
+    from nvflare_lora.fl.site.executor import CLIPLoRAExecutor
+
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / "nvflare_lora_site.json").write_text(json.dumps({"data_path": "/data"}))
+
+    class Workspace:
+        def get_site_config_dir(self):
+            return str(tmp_path / "local")
+
+    class Engine:
+        def get_workspace(self):
+            return Workspace()
+
+    class Ctx:
+        def get_engine(self):
+            return Engine()
+
+        def get_identity_name(self):
+            return "site-1"
+
+    with pytest.raises(SettingsError, match=r"unknown key\(s\) data_path; a site may set data, model_path"):
+        CLIPLoRAExecutor()._site_overrides(Ctx())
+    assert ReturnCode.EXECUTION_EXCEPTION  # the executor turns it into this reply (execute's SettingsError branch)
+
+
+def test_the_recipe_writes_the_schemas_job_folder_without_code(tmp_path):
     recipe = CLIPLoRARecipe(r=8, aggregation="exact", site_ranks={"site-2": 4}, compression="int8",
                             compression_args={"block_size": 128})
     recipe.export(str(tmp_path))
     job = tmp_path / "clip_lora"
     assert sorted(p.relative_to(job).as_posix() for p in job.rglob("*") if p.is_file()) == [
-        "app/config/config_fed_client.json", "app/config/config_fed_server.json", "meta.json"]
-    server = json.loads((job / "app/config/config_fed_server.json").read_text())
-    persistor = server["components"][0]
-    assert persistor["path"].endswith("persistor.AdapterPersistor") and persistor["args"]["r"] == 8
-    assert persistor["args"]["site_ranks"] == {"site-2": 4} and persistor["args"]["aggregation"] == "exact"
-    # one stack: the same aggregator for every rule, and per-site ranks need no filter
-    assert [c["path"] for c in server["components"] if c["id"] == "aggregator"] == [
-        "nvflare_lora.fl.server.aggregator.LoRAAggregator"]
-    assert [f["path"].rsplit(".", 1)[1] for f in server["task_data_filters"][0]["filters"]] == ["AdapterCompressor"]
-    client = json.loads((job / "app/config/config_fed_client.json").read_text())
-    assert client["task_result_filters"][0]["filters"][0]["args"] == {"mode": "int8", "block_size": 128}
+        "app/config/config_fed_client.conf", "app/config/config_fed_server.conf", "meta.conf"]
+    assert read_job(job) == ("clip_lora", recipe.settings)
+    written = write_job(tmp_path / "again", "clip_lora", recipe.settings)
+    assert (written / "app/config/config_fed_server.conf").read_text() == \
+        (job / "app/config/config_fed_server.conf").read_text()
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -70,10 +163,17 @@ def test_export_writes_a_job_folder_without_code(tmp_path):
     ({"head_init": "zeroshot"}, r"head_init 'zeroshot' needs initial_adapter"),
     ({"head_init": "zeroshot", "initial_adapter": "x", "prompt_templates": ["no slot"]},
      r"prompt_templates must be a non-empty list of strings with one '\{\}'"),
+    ({"resume_from": "ws", "aggregation": "exact"}, r"resume_from is not supported with aggregation 'exact'"),
+    ({"resume_from": "ws", "initial_adapter": "x"}, r"either initial_adapter .* or resume_from"),
+    ({"client_dp": {"clip_norm": 1.0, "noise_multiplier": 1.0}, "estimator": "median"},
+     r"client_dp needs estimator 'mean'"),
+    ({"labels": ["a"]}, r"1 labels given for num_classes=10"),
 ])
 def test_bad_settings_are_refused_with_the_valid_values(kwargs, match):
-    with pytest.raises(RecipeError, match=match):
+    with pytest.raises(SettingsError, match=match):
         CLIPLoRARecipe(**kwargs)
+    with pytest.raises(SettingsError, match=match):  # the same words from the schema itself
+        settings(**kwargs)
 
 
 def test_job_py_refuses_a_bad_setting_in_one_line(tmp_path):
@@ -81,3 +181,10 @@ def test_job_py_refuses_a_bad_setting_in_one_line(tmp_path):
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "r" in proc.stderr, proc.stderr
+
+
+def test_nothing_but_the_schema_parses_job_configs():
+    """One reader: no other module of the package, tests or benchmarks imports pyhocon."""
+    out = subprocess.run(["git", "grep", "-l", "-e", "from pyhocon", "-e", "import pyhocon", "--", "*.py"], capture_output=True, text=True,
+                         cwd=JOBS.parent).stdout.split()
+    assert out == ["nvflare_lora/settings.py"], out

@@ -7,7 +7,7 @@
     python jobs/clip_lora/job.py --env prod --startup-kit /path/to/admin@org.com
     python jobs/clip_lora/job.py --export --export-dir out/        # write the job folder, run nothing
 
---set KEY=VALUE takes any setting of nvflare_lora.recipe.JobSettings; VALUE is JSON (strings quoted), or
+--set KEY=VALUE takes any setting of nvflare_lora.settings.JobSettings (the job schema); VALUE is JSON (strings quoted), or
 a bare word taken as a string. An unknown setting or a bad value: one line naming it, exit status 2.
 """
 
