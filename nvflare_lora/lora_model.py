@@ -15,7 +15,7 @@ import torch
 
 from . import adapter as ad
 from .config import LoRAConfig
-from .models import TINY_PRESET, CLIPImageClassifier, build_classifier, load_clip_config, preprocessing_for, resolve_model
+from .models import TINY_PRESET, check_labels, CLIPImageClassifier, build_classifier, load_clip_config, preprocessing_for, resolve_model
 from .training import evaluate as _evaluate
 from .training import make_optimizer, pick_device
 from .training import train_step as _train_step
@@ -40,9 +40,7 @@ class FederatedCLIPModel:
                  weight_decay: float = 0.0, max_grad_norm: Optional[float] = 1.0, normalize_embeds: bool = False):
         self.model_name = str(model_name)
         self.num_classes = num_classes
-        self.labels = list(labels) if labels is not None else [str(i) for i in range(num_classes)]
-        if len(self.labels) != num_classes:
-            raise ValueError(f"{len(self.labels)} labels given for num_classes={num_classes}")
+        self.labels = check_labels(labels, num_classes)
         self.device = pick_device(device)
         self.model, self.source = build_classifier(model_name, num_classes, include_text, self.device, normalize_embeds)
         self.preprocess = preprocessing_for(model_name)

@@ -15,7 +15,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -42,6 +42,15 @@ PRESETS = {TINY_PRESET: (_TINY_CONFIG, 0)}
 
 class ModelNotFoundError(NVFlareLoRAError):
     """The model name is not a preset, not a directory, and not reachable on a hub."""
+
+
+def check_labels(labels: Optional[Sequence[str]], num_classes: int) -> List[str]:
+    """The class names in label order ("0", "1", ... when None), one per class, else a ValueError (the one check
+    of a label list: the model, the job schema)."""
+    out = [str(x) for x in labels] if labels is not None else [str(i) for i in range(num_classes)]
+    if len(out) != num_classes:
+        raise ValueError(f"{len(out)} labels given for num_classes={num_classes}")
+    return out
 
 
 def _how_to_supply(name: str, tried: List[str]) -> str:

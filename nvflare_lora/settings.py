@@ -164,6 +164,7 @@ class JobSettings:
         from .aggregation import AGGREGATIONS, check_site_ranks
         from .compression import MODES
         from .data import augmentation, check_share
+        from .models import check_labels
         from .privacy import DPConfig, check_client_dp
         from .zeroshot import check_head
 
@@ -201,8 +202,10 @@ class JobSettings:
         if self.num_workers != "auto" and (isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int)
                                            or self.num_workers < 0):
             raise SettingsError(f"num_workers must be \"auto\" or an integer >= 0, got {self.num_workers!r}")
-        if self.labels is not None and len(self.labels) != self.num_classes:
-            raise SettingsError(f"{len(self.labels)} labels given for num_classes={self.num_classes}")
+        try:
+            check_labels(self.labels, self.num_classes)
+        except ValueError as e:
+            raise SettingsError(str(e)) from None
 
     # ---- what the settings mean to the library ----
     def lora_config(self):

@@ -152,7 +152,7 @@ def test_the_recipe_writes_the_schemas_job_folder_without_code(tmp_path):
     ({"compression": "zip"}, r"compression must be one of 'none', 'fp16', 'int8'"),
     ({"min_clients": 5}, r"min_clients \(5\) exceeds num_sites \(4\)"),
     ({"site_ranks": {"site-1": 32}}, r"site_ranks\['site-1'\] = 32: a site's rank must be an integer from 1 to the "
-                                     r"global rank r=16"),
+                                     r"global rank 16"),
     ({"estimator": "mode"}, r"estimator must be one of \['mean', 'median', 'trimmed_mean'\]"),
     ({"trim_fraction": 0.5}, r"trim_fraction must be in \[0, 0.5\).*leave no site"),
     ({"clip_multiple": 0.5}, r"clip_multiple must be a number >= 1"),

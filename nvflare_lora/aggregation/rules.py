@@ -38,7 +38,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ['AGGREGATIONS', 'check_site_ranks', 'ESTIMATORS', 'RESIDUAL_SUFFIX', 'Robustness', 'SiteUpdate', 'WEIGHTINGS', 'a_key', 'aggregate', 'b_key', 'bound_influence', 'check_mode', 'check_update', 'describe', 'effective_delta', 'fold_residuals', 'is_residual_key', 'lora_layers', 'project', 'rank_of', 'residual_key', 'residual_shapes', 'site_rank_of', 'split_residuals', 'unfold', 'update_norm', 'update_spec', 'upload_keys', 'zero_residuals']
+__all__ = ['AGGREGATIONS', 'check_rank', 'check_site_ranks', 'ESTIMATORS', 'RESIDUAL_SUFFIX', 'Robustness', 'SiteUpdate', 'WEIGHTINGS', 'a_key', 'aggregate', 'b_key', 'bound_influence', 'check_mode', 'check_update', 'describe', 'effective_delta', 'fold_residuals', 'is_residual_key', 'lora_layers', 'project', 'rank_of', 'residual_key', 'residual_shapes', 'site_rank_of', 'split_residuals', 'unfold', 'update_norm', 'update_spec', 'upload_keys', 'zero_residuals']
 
 from ..adapter import AdapterMismatchError, check_adapter
 
@@ -135,8 +135,7 @@ def project(state: Mapping[str, np.ndarray], rank: int, scaling: float, exact: b
     columns); the head as is. exact: the dropped components s * B[:, rank:] @ A[rank:] are added to the
     layer's residual, so the site's effective update equals the global one."""
     full = rank_of(state)
-    if not 1 <= rank <= full:
-        raise ValueError(f"a site rank must be between 1 and the global rank {full}, got {rank}")
+    check_rank(rank, full)
     out = {}
     for k, v in state.items():
         v = np.asarray(v)
@@ -162,9 +161,7 @@ def update_spec(global_shapes: Mapping[str, Tuple[int, ...]], mode: str, rank: O
     exact). Every party that checks or builds an update uses it: the server's aggregator, the site before
     sending, benchmarks and tests."""
     full = rank_of(global_shapes)
-    rank = full if rank is None else rank
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 1 <= rank <= full:
-        raise ValueError(f"a site rank must be an integer from 1 to the global rank {full}, got {rank!r}")
+    rank = full if rank is None else check_rank(rank, full)
     spec = {}
     for k in upload_keys(global_shapes, mode):
         shape = tuple(global_shapes[k])
@@ -499,10 +496,14 @@ def describe(info: Optional[Dict]) -> str:
 
 def check_site_ranks(site_ranks: Optional[Dict], r: int) -> Dict[str, int]:
     """{site: rank} with every rank an integer in 1..r, else a ValueError naming the site and the range."""
-    out = {}
-    for site, rank in (site_ranks or {}).items():
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= r:
-            raise ValueError(f"site_ranks[{site!r}] = {rank!r}: a site's rank must be an integer from 1 to the "
-                             f"global rank r={r} (raise r to the largest site rank)")
-        out[str(site)] = rank
-    return out
+    return {str(site): check_rank(rank, r, f"site_ranks[{site!r}] = {rank!r}: ") for site, rank in
+            (site_ranks or {}).items()}
+
+
+def check_rank(rank, full: int, who: str = "") -> int:
+    """A site's LoRA rank: an integer from 1 to the global rank, else a ValueError saying so (the one check of
+    a site rank: site_ranks, the update spec, the projection)."""
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 1 <= rank <= full:
+        raise ValueError(f"{who or f'a site rank of {rank!r}: '}a site's rank must be an integer from 1 to the global "
+                         f"rank {full} (between 1 and the global rank r; raise r to the largest site rank)")
+    return int(rank)
