@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "LoRAConfig": "config", "FederatedCLIPModel": "lora_model", "CLIPLoRAWrapper": "lora_model",
     "quick_clip_lora": "lora_model", "adapter_shapes": "lora_model", "adapter_skeleton": "lora_model",
-    "initial_adapter": "lora_model", "LoRAConfigManager": "managers", "LoRAModelManager": "managers",
+"LoRAConfigManager": "managers", "LoRAModelManager": "managers",
     "TINY_PRESET": "models", "ModelNotFoundError": "models",
 }
 __all__ = list(_EXPORTS)

@@ -119,11 +119,6 @@ def adapter_shapes(model_name: str, num_classes: int, lora: LoRAConfig, include_
     return adapter_skeleton(model_name, num_classes, lora, include_text)[0]
 
 
-def initial_adapter(model_name: str, num_classes: int, lora: LoRAConfig) -> Dict[str, np.ndarray]:
-    """The global adapter before round 1: shared seeded init, computed identically by every party."""
-    return ad.init_adapter_state(adapter_shapes(model_name, num_classes, lora), lora.seed)
-
-
 class CLIPLoRAWrapper:
     """Puts LoRA (via PEFT) on a FederatedCLIPModel, keeping its federated interface.
 
