@@ -58,8 +58,11 @@ class RoundResult:
 
 
 def run_round(server: ServerAggregation, sites: Sequence[Site], global_state: Mapping[str, np.ndarray], rnd: int,
-              channel: Optional[Channel] = None) -> tuple:
-    """One round: every site trains from `global_state`; returns (new global adapter, RoundResult)."""
+              channel: Optional[Channel] = None, evaluate: bool = True, lr: Optional[float] = None,
+              seeds: Optional[Mapping[str, int]] = None) -> tuple:
+    """One round: every site trains from `global_state`; returns (new global adapter, RoundResult).
+    evaluate=False skips the sites' evaluation of what they received; lr and seeds ({site: seed}) set this
+    round's learning rate and batch orders (a schedule a benchmark runs; default: each site's settings)."""
     result = RoundResult(rnd, {}, {}, {}, {})
     updates: List[SiteUpdate] = []
     for site in sites:
@@ -68,10 +71,11 @@ def run_round(server: ServerAggregation, sites: Sequence[Site], global_state: Ma
         if why:                                                          # its DP budget: it stops contributing
             result.refused[site.name] = why
             continue
-        before = site.evaluate()
-        stats = site.train(rnd)                                          # 3: local training
+        if evaluate:
+            before = site.evaluate()
+            result.val_accuracy[site.name], result.val_count[site.name] = before["accuracy"], before["count"]
+        stats = site.train(rnd, lr=lr, seed=(seeds or {}).get(site.name))  # 3: local training
         update, steps = site.update(), stats["steps"]
-        result.val_accuracy[site.name], result.val_count[site.name] = before["accuracy"], before["count"]
         result.steps[site.name], result.train_loss[site.name] = stats["steps"], stats["loss"]
         if channel is not None:
             sent = channel(site.name, update, steps)

@@ -47,10 +47,11 @@ class Site:
         simulated: True when the site's data is its share of a simulated split (the digits, not overridden).
         workdir: where the site keeps its DP accountant (None: in memory).
         cache_dir: where the base's weights hash is cached (None: not cached).
+        datasets: (train, validation) ImageDatasets already in memory (benchmarks), instead of settings.data.
     """
 
     def __init__(self, name: str, facts: JobFacts, settings: JobSettings, simulated: Optional[bool] = None,
-                 workdir: Optional[Path] = None, cache_dir: Optional[Path] = None):
+                 workdir: Optional[Path] = None, cache_dir: Optional[Path] = None, datasets=None):
         t0 = time.perf_counter()
         s = self.settings = settings
         self.name, self.facts = name, facts
@@ -62,10 +63,13 @@ class Site:
         data = str(s.data).replace("{site}", name)
         simulated = data == "digits" if simulated is None else simulated
         self.split = split_record(name, data, simulated, s.num_sites, s.partition, s.alpha, s.data_seed, s.val_fraction)
-        # the data first (its listing needs only the base's preprocessing): a wrong folder fails before the base is read
-        self.train_set, self.val_set, dataset = site_datasets(self.split, preprocessing_for(model_name),
-                                                              facts.label_list(), s.max_bad_images)
-        self.notes = list(dataset.notes)
+        if datasets is not None:
+            (self.train_set, self.val_set), self.notes = datasets, []
+            self.split = None  # not data a checkpoint could point the exporter at
+        else:  # the data first (its listing needs only the base's preprocessing): a wrong folder fails before the base
+            self.train_set, self.val_set, dataset = site_datasets(self.split, preprocessing_for(model_name),
+                                                                  facts.label_list(), s.max_bad_images)
+            self.notes = list(dataset.notes)
         self.fed = FederatedCLIPModel(model_name, facts.num_classes, labels=facts.label_list(), device=s.device,
                                       normalize_embeds=bool(facts.head.get("normalize_embeds", False)))
         if facts.fingerprint is not None:
@@ -118,13 +122,15 @@ class Site:
                     f"it to {after:.3g} > target_epsilon {self.dp.target_epsilon}; this site stops contributing")
         return None
 
-    def train(self, rnd: int, should_abort: Optional[Callable[[], bool]] = None) -> Dict:
-        """Local training from the loaded global adapter: steps, samples, loss, seconds (and epsilon with DP)."""
+    def train(self, rnd: int, should_abort: Optional[Callable[[], bool]] = None, lr: Optional[float] = None,
+              seed: Optional[int] = None) -> Dict:
+        """Local training from the loaded global adapter: steps, samples, loss, seconds (and epsilon with DP).
+        lr, seed: this round's learning rate and batch-order seed (default: the settings' lr, train_seed + rnd)."""
         s = self.settings
         stats = train_local(self.fed, self.train_loader, epochs=s.local_epochs, max_steps=s.max_steps,
-                            batch_size=s.batch_size, lr=s.lr, weight_decay=s.weight_decay,
-                            max_grad_norm=s.max_grad_norm, seed=s.train_seed + int(rnd), should_abort=should_abort,
-                            private=self.private)
+                            batch_size=s.batch_size, lr=s.lr if lr is None else lr, weight_decay=s.weight_decay,
+                            max_grad_norm=s.max_grad_norm, seed=s.train_seed + int(rnd) if seed is None else seed,
+                            should_abort=should_abort, private=self.private)
         if self.private is not None:
             stats["epsilon"] = self.accountant.spend(self.private.noise_multiplier, self.private.sample_rate,
                                                      stats["steps"])
