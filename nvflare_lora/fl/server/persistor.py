@@ -34,7 +34,7 @@ from ...config import LoRAConfig
 from ...facts import JobFacts
 from ...lora_model import adapter_skeleton
 from ...models import base_fingerprint, fingerprint_difference, preprocessing_for
-from ...settings import CHECKPOINT_DIR, default, settings
+from ...settings import CHECKPOINT_DIR, SettingsError, default, settings
 from ...zeroshot import DEFAULT_TEMPLATES, head_spec
 from ..protocol import AGGREGATION_INFO_PROP, ANNOUNCE_KEY, VAL_SPLIT_KEY
 
@@ -128,7 +128,7 @@ class AdapterPersistor(ModelPersistor):
             return
         unknown = sorted(set(self.facts.site_ranks) - names)
         if names and unknown:
-            raise ValueError(f"site_ranks names {unknown}, which are not sites of this job; its sites are "
+            raise SettingsError(f"site_ranks names {unknown}, which are not sites of this job; its sites are "
                              f"{sorted(names)}")
 
     def load_model(self, fl_ctx: FLContext) -> ModelLearnable:
@@ -173,20 +173,20 @@ class AdapterPersistor(ModelPersistor):
         state, _, meta = read_adapter_dir(path)
         check_adapter(state, self._shapes, f"saved adapter {path}")
         if need_fingerprint and not meta.get("base_fingerprint"):
-            raise ValueError(f"{what} {path}: its nvflare_lora.json records no base fingerprint, so it cannot be "
+            raise CheckpointError(f"{what} {path}: its nvflare_lora.json records no base fingerprint, so it cannot be "
                              f"checked against this job's base; write it with nvflare_lora (python -m nvflare_lora.zeroshot)")
         why = meta.get("base_fingerprint") and fingerprint_difference(meta["base_fingerprint"], self.facts.fingerprint)
         if why:
-            raise ValueError(f"{what} {path} was made for another base: {why}")
+            raise CheckpointError(f"{what} {path} was made for another base: {why}")
         if meta.get("lora_config") and LoRAConfig.from_dict(meta["lora_config"]) != self.lora:
-            raise ValueError(f"{what} {path}: saved with LoRA settings {meta['lora_config']}, "
+            raise CheckpointError(f"{what} {path}: saved with LoRA settings {meta['lora_config']}, "
                              f"this job declares {self.lora.to_dict()}")
         if meta.get("labels") and list(meta["labels"]) != self.facts.label_list():
-            raise ValueError(f"{what} {path}: saved for labels {meta['labels']}, this job's labels are "
+            raise CheckpointError(f"{what} {path}: saved for labels {meta['labels']}, this job's labels are "
                              f"{self.facts.label_list()}")
         head = meta.get("head") or head_spec("seeded", DEFAULT_TEMPLATES)
         if self.settings.head_init == "zeroshot" and head != self.facts.head:
-            raise ValueError(f"{what} {path}: its head is {head}, this job declares {self.facts.head} (head_init, "
+            raise CheckpointError(f"{what} {path}: its head is {head}, this job declares {self.facts.head} (head_init, "
                              f"prompt_templates); rewrite it with `python -m nvflare_lora.zeroshot JOB_DIR`")
         self.facts = self.facts.with_(head=dict(head))
         return {k: np.asarray(v, np.float32) for k, v in state.items()}, meta
