@@ -26,7 +26,7 @@ def run_validation_set(metadata: Mapping, preprocess, classes=None) -> Tuple[Opt
         items += val.items
         classes_seen = whole.classes
         sources.add(record["data"] if not record.get("simulated") else
-                    f"{record['data']}, {record['num_sites']} sites, {record['partition']} split")
+                    f"{record['data']} ({record['partition']} split)")
     return ImageDataset(items, classes_seen, preprocess), (
         f"the sites' validation images ({len(splits)} sites: {'; '.join(sorted(sources))}, "
         f"val_fraction {next(iter(splits.values()))['val_fraction']})")
