@@ -1,55 +1,45 @@
-"""Put compression filters into a copy of jobs/clip_lora (for the compression test and benchmark).
+"""A job variant whose train-task filters are not nvflare_lora's codecs (benchmarks/compression.py compares
+NVFlare's own ModelQuantizer with them).
 
-Filters of one task and direction form one chain, in order, so they are inserted into the job's own
-chains: a receiver's decompressor goes first (the server's aggregator must see float32 tensors),
-a sender's compressor last. The rewritten config is JSON, which is valid HOCON (comments are lost).
+nvflare_lora's codecs need no helper: they are settings (simjob.make_job(dest, compression="topk+int8",
+download_compression="int8", compression_args={"fraction": 0.1})). Other filters take the place of the job's
+own AdapterCompressor / AdapterDecompressor in the train task's chains, in the config dicts the schema's
+writer writes (nvflare_lora.settings), never by editing config text.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
-CODEC = "nvflare_lora.fl.filters.compressor."
-DECODER = "nvflare_lora.fl.filters.decompressor."
+from nvflare_lora.settings import (COMPRESSOR, DECOMPRESSOR, client_config, meta, server_config, settings,
+                                   write_configs)
 
-
-def codec_pair(mode: str, **args) -> Tuple[dict, dict]:
-    """(compressor, decompressor) filter specs for nvflare_lora's codecs."""
-    return ({"path": CODEC + "AdapterCompressor", "args": {"mode": mode, **args}},
-            {"path": DECODER + "AdapterDecompressor", "args": {}})
+Pair = Tuple[Dict, Dict]  # (sender's filter spec, receiver's filter spec): {"path": ..., "args": {...}}
 
 
-def add_filter(config: Path, chain: str, task: str, spec: dict, first: bool) -> None:
-    from pyhocon import ConfigFactory
-
-    conf = ConfigFactory.parse_file(str(config)).as_plain_ordered_dict()
-    chains = conf.setdefault(chain, [])
-    for c in chains:
+def _replace(config: Dict, chain: str, path: str, spec: Dict, task: str = "train") -> None:
+    for c in config[chain]:
         if task in c["tasks"]:
-            if list(c["tasks"]) != [task]:
-                raise ValueError(f"{config.name}: {chain} chain {c['tasks']} is shared with other tasks")
-            same = [i for i, f in enumerate(c["filters"]) if f.get("path") == spec["path"]]
-            if same:  # the job already wires this filter (switched off): configure it in place
-                c["filters"][same[0]] = spec
-            else:
-                c["filters"].insert(0 if first else len(c["filters"]), spec)
-            break
-    else:
-        chains.append({"tasks": [task], "filters": [spec]})
-    config.write_text(json.dumps(conf, indent=2) + "\n")
+            slots = [i for i, f in enumerate(c["filters"]) if f["path"] == path]
+            if len(slots) != 1:
+                raise ValueError(f"{chain} of {task!r} holds {len(slots)} filters {path}, expected 1")
+            c["filters"][slots[0]] = spec
+            return
+    raise ValueError(f"no {chain} chain for task {task!r}")
 
 
-def add_compression(job: Path, upload: Optional[Tuple[dict, dict]] = None,
-                    download: Optional[Tuple[dict, dict]] = None, task: str = "train") -> Path:
-    """upload: sites' results (client compresses, server decompresses); download: the global model."""
-    cfg = Path(job) / "app" / "config"
-    client, server = cfg / "config_fed_client.conf", cfg / "config_fed_server.conf"
+def job_with_filters(dest: Path, upload: Optional[Pair] = None, download: Optional[Pair] = None,
+                     **changes) -> Path:
+    """The default job with some settings changed (simjob.make_job's keywords), written to `dest`, with
+    upload: the sites' results (the site's filter, then the server's) and download: the global model (the
+    server's filter, then the site's) in place of the job's compressor and decompressor."""
+    s = settings(**changes)
+    server, client = server_config(s), client_config(s)
     if upload:
-        add_filter(client, "task_result_filters", task, upload[0], first=False)
-        add_filter(server, "task_result_filters", task, upload[1], first=True)
+        _replace(client, "task_result_filters", COMPRESSOR, upload[0])
+        _replace(server, "task_result_filters", DECOMPRESSOR, upload[1])
     if download:
-        add_filter(server, "task_data_filters", task, download[0], first=False)
-        add_filter(client, "task_data_filters", task, download[1], first=True)
-    return Path(job)
+        _replace(server, "task_data_filters", COMPRESSOR, download[0])
+        _replace(client, "task_data_filters", DECOMPRESSOR, download[1])
+    return write_configs(Path(dest), meta(Path(dest).name, s), server, client)

@@ -457,28 +457,33 @@ def test_compressor_refuses_bad_configs_and_inputs():
 
 # ---- the real simulator -------------------------------------------------------------------------
 
-def test_simulator_with_compression_both_ways_learns(tmp_path):
-    from compression_job import add_compression, codec_pair
+def test_simulator_compresses_both_ways_on_the_wire_and_keeps_the_residual_at_the_site(tmp_path):
+    """What only NVFlare shows: the job's filters on the wire (bytes per direction as the server counts
+    them), the error-feedback residual in each site's app directory, and a job that completes and learns."""
     from simjob import communication, cross_site_results, make_job, run_simulator
 
-    job = add_compression(make_job(tmp_path / "job", server={"num_rounds": "3", "min_clients": "4"}),
-                          upload=codec_pair("topk+int8", fraction=0.1), download=codec_pair("int8"))
+    sites = ["site-1", "site-2"]
+    job = make_job(tmp_path / "job", num_rounds=2, num_sites=2, min_clients=2, compression="topk+int8",
+                   download_compression="int8", compression_args={"fraction": 0.1})
     ws = tmp_path / "ws"
-    proc = run_simulator(job, ws, n=4, threads=4)
+    proc = run_simulator(job, ws, n=2, threads=2)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
 
     comm = communication(ws)
-    assert len(comm["rounds"]) == 3
+    assert len(comm["rounds"]) == 2
     for r in comm["rounds"]:
-        assert len(r["upload"]) == 4 and len(r["download"]) == 4
+        assert sorted(r["upload"]) == sites and sorted(r["download"]) == sites
         for up in r["upload"].values():
             assert up["compression"] == "topk+int8" and up["data_kind"] == "WEIGHT_DIFF"
             assert up["raw_bytes"] >= 20 * up["bytes"]
         for down in r["download"].values():
             assert down["compression"] == "int8" and down["data_kind"] == "WEIGHTS"
             assert down["raw_bytes"] >= 3.9 * down["bytes"]
-    for site in ("site-1", "site-2", "site-3", "site-4"):  # error feedback kept in each site's app dir
-        assert (ws / site / "simulate_job" / f"app_{site}" / codec.ResidualStore.FILE_NAME).is_file()
+    for site in sites:  # error feedback: what top-k did not send, kept in the site's own app directory
+        from safetensors.numpy import load_file
+
+        residual = load_file(str(ws / site / "simulate_job" / f"app_{site}" / codec.ResidualStore.FILE_NAME))
+        assert sorted(residual) == sorted(TINY) and max(np.abs(v).max() for v in residual.values()) > 0, site
     round0 = comm["rounds"][0]["global_val_accuracy"]  # the shared initial adapter, untrained
     final = [v["SRV_latest"]["val_accuracy"] for v in cross_site_results(ws).values()]
-    assert len(final) == 4 and np.mean(final) > round0 + 0.15, (round0, final)
+    assert len(final) == 2 and np.mean(final) > round0 + 0.1, (round0, final)
