@@ -1,6 +1,7 @@
 """LoRA-aware aggregation: the rules against an explicit weighted sum of B.A, the site side on a real PEFT
-model, folded checkpoints loaded by plain PEFT, and one real simulator run of the exact rule with two
-site ranks."""
+model, the server's per-site checks, ffa in the in-process federation (nvflare_lora.round), folded
+checkpoints loaded by plain PEFT, and one real simulator run of the exact rule with two site ranks (what
+NVFlare adds: the wire, the checkpoint, cross-site evaluation)."""
 
 import numpy as np
 import pytest
@@ -10,7 +11,8 @@ from nvflare_lora import LoRAConfig, quick_clip_lora
 from nvflare_lora.adapter import AdapterMismatchError
 from nvflare_lora.aggregation import (SiteUpdate, aggregate, fold_residuals, project, rank_of, residual_key,
                                       split_residuals, unfold, upload_keys, zero_residuals)
-from nvflare_lora.aggregation.site import SiteAggregation, site_lora_config
+from nvflare_lora.aggregation.site import SiteAggregation
+from nvflare_lora.facts import JobFacts
 
 LAYERS = ["base_model.model.enc.0.q_proj", "base_model.model.enc.0.v_proj", "base_model.model.enc.1.q_proj"]
 HEAD = "base_model.model.classifier.weight"
@@ -229,8 +231,8 @@ def test_evaluating_another_rank_is_exact_and_restores_the_site():
     other = _random_like(big.get_parameters(), seed=3)
     big.set_parameters(other)
     want = big(x)
-    announced = {"lora_config": LoRAConfig(r=8, lora_alpha=16).to_dict(), "site_ranks": {"site-2": 2}}
-    cfg = site_lora_config(announced, "site-2")
+    facts = JobFacts.rule(8, 16, site_ranks={"site-2": 2})
+    cfg = facts.site_lora("site-2")
     assert (cfg.r, cfg.scaling) == (2, 2.0)  # same scaling as the global rank 8, alpha 16
     from nvflare_lora import CLIPLoRAWrapper, FederatedCLIPModel
 
@@ -265,32 +267,43 @@ def test_ffa_site_trains_B_and_head_only_and_never_sends_A():
     assert any(np.abs(update[k]).max() > 0 for k in update if ".lora_B." in k)
 
 
-def test_the_persistor_gives_each_site_its_own_rank_and_rule():
-    from nvflare_lora.aggregation import check_update
-    from nvflare_lora.fl.server.persistor import AdapterPersistor
+def test_the_server_sends_and_checks_each_site_at_its_own_rank_and_rule():
+    """The aggregator built from the job's settings (as the job config gives its arguments) checks each
+    update against that site's spec; the shareable generator sends each site the adapter at its rank."""
+    from nvflare_lora.aggregation import check_update, rank_of
+    from nvflare_lora.fl.server.aggregator import LoRAAggregator
+    from nvflare_lora.fl.server.shareable_generator import AdapterShareableGenerator
+    from nvflare_lora.settings import component_args, settings
 
     def update(rank, keys=None):
-        shapes = _shapes_at(rank)
-        return {k: np.zeros(s, np.float32) for k, s in shapes.items() if keys is None or k in keys}
+        return {k: np.zeros(s, np.float32) for k, s in _shapes_at(rank).items() if keys is None or k in keys}
 
-    p = AdapterPersistor(aggregation="fedavg", site_ranks={"site-2": 8}, r=16, lora_alpha=32, lora_dropout=0.0)
-    check_update(update(8), p.update_spec("site-2"), "fedavg")   # the aggregator passes the site's name
-    check_update(update(16), p.update_spec("site-1"), "fedavg")  # unlisted: the global rank
+    job = settings(aggregation="fedavg", site_ranks={"site-2": 8}, r=16, lora_alpha=32)
+    server = LoRAAggregator(**component_args(job, "aggregator")).server
+    g = _random_like(update(16), seed=6)
+    server.check("site-2", update(8), 10, g)   # the aggregator passes the site's name
+    server.check("site-1", update(16), 10, g)  # unlisted: the global rank
     with pytest.raises(AdapterMismatchError, match="has shape"):
-        check_update(update(16), p.update_spec("site-2"), "fedavg")
+        server.check("site-2", update(16), 10, g)
     with pytest.raises(AdapterMismatchError, match="has shape"):
-        check_update(update(8), p.update_spec("site-1"), "fedavg")
-    ffa = AdapterPersistor(aggregation="ffa", r=16, lora_alpha=32, lora_dropout=0.0)
-    no_a = [k for k in _shapes_at(16) if ".lora_A." not in k]
-    check_update(update(16, no_a), ffa.update_spec("site-1"), "ffa")
+        server.check("site-1", update(8), 10, g)
+    check_update(update(8), JobFacts.from_settings(job).update_spec(_shapes_at(16), "site-2"), "fedavg")  # the one spec
+
+    generator = AdapterShareableGenerator(**component_args(job, "shareable_generator")).server
+    sent = generator.for_site(g, "site-2")
+    assert rank_of(sent) == 8 and rank_of(generator.for_site(g, "site-1")) == 16
+    assert all(np.array_equal(sent[k], g[k][:8]) for k in sent if ".lora_A." in k)  # its first 8 components
+
+    ffa = LoRAAggregator(**component_args(settings(aggregation="ffa", r=16, lora_alpha=32), "aggregator")).server
+    ffa.check("site-1", update(16, [k for k in _shapes_at(16) if ".lora_A." not in k]), 10, g)
     with pytest.raises(AdapterMismatchError, match="unexpected"):
-        check_update(update(16), ffa.update_spec("site-1"), "ffa")  # A is frozen under ffa: never sent
+        ffa.check("site-1", update(16), 10, g)  # A is frozen under ffa: never sent
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"aggregation": "mean"}, r"unknown aggregation 'mean'; choose one of \['fedavg', 'ffa', 'exact'\]"),
+    ({"aggregation": "mean"}, r"aggregation must be one of 'fedavg', 'ffa', 'exact'; got 'mean'"),
     ({"site_ranks": {"site-2": 32}}, r"site_ranks\['site-2'\] = 32: a site's rank must be an integer from 1 to the "
-                                     r"global rank r=16"),
+                                     r"global rank 16"),
     ({"aggregation": "exact", "resume_from": "/somewhere"}, "resume_from is not supported with aggregation"),
 ])
 def test_the_persistor_refuses_a_bad_rule_or_rank_naming_the_valid_values(kwargs, match):
@@ -300,37 +313,93 @@ def test_the_persistor_refuses_a_bad_rule_or_rank_naming_the_valid_values(kwargs
         AdapterPersistor(r=16, **kwargs)
 
 
+class _Client:
+    def __init__(self, name):
+        self.name = name
+
+
+class _Engine:
+    def __init__(self, names):
+        self._clients = [_Client(n) for n in names]
+
+    def get_clients(self):
+        return self._clients
+
+
+class _Context:
+    """Only what the persistor asks of NVFlare at the start: the job's sites (engine.get_clients())."""
+
+    def __init__(self, names):
+        self._engine = _Engine(names)
+
+    def get_engine(self):
+        return self._engine
+
+
+def test_site_ranks_naming_a_site_that_is_not_in_the_job_stop_it_at_the_start():
+    from nvflare_lora.fl.server.persistor import AdapterPersistor
+
+    persistor = AdapterPersistor(site_ranks={"site-9": 8})
+    why = r"site_ranks names \['site-9'\], which are not sites of this job; its sites are \['site-1', 'site-2'\]"
+    with pytest.raises(ValueError, match=why):
+        persistor._check_site_names(_Context(["site-1", "site-2"]))
+    with pytest.raises(ValueError, match=why):  # checked when the workflow asks for the initial model: no round runs
+        persistor.load_model(_Context(["site-1", "site-2"]))
+    persistor._check_site_names(_Context(["site-1", "site-9"]))  # a site of the job: accepted
+
+
+# ---- ffa in real rounds: A never moves and never travels up -------------------------------------------
+def test_ffa_run_sends_no_lora_A_keeps_it_at_the_shared_init_and_learns():
+    from nvflare_lora.adapter import init_adapter_state
+    from nvflare_lora.round import Federation
+    from nvflare_lora.settings import settings
+
+    fed = Federation(settings(aggregation="ffa", num_sites=2, min_clients=2, partition="iid", num_rounds=3,
+                              local_epochs=1, max_steps=10, lr=0.01))
+    sent = []
+    fed.run(channel=lambda site, update, steps: (sent.append(update) or (update, steps)))
+    shapes = _shapes_at(16)  # the default job: r=16, alpha 32
+    assert len(sent) == 6 and not any(r.refused for r in fed.history)  # the server's check knows the rule
+    no_a = {k for k in shapes if ".lora_A." not in k}
+    assert all({k: v.shape for k, v in u.items()} == {k: shapes[k] for k in no_a} for u in sent), "A is never sent"
+    init = init_adapter_state(shapes, 0)  # the shared seeded init, as every party computes it
+    for state in [fed.global_adapter] + [site.local_state() for site in fed.sites]:
+        for k in shapes:
+            if ".lora_A." in k:
+                assert np.array_equal(state[k], init[k]), k  # bit for bit, on the server and at the sites
+    assert any(np.abs(fed.global_adapter[k] - init[k]).max() > 0 for k in no_a if ".lora_B." in k)
+    scores = fed.evaluate()
+    final = np.mean([scores[s]["accuracy"] for s in ("site-1", "site-2")])
+    assert final > fed.history[0].global_val_accuracy + 0.1, final
+
+
 # ---- the exact rule with two site ranks, end to end in the NVFlare simulator -------------------------
 SIM_ROUNDS, GLOBAL_RANK, SMALL_RANK = 2, 16, 8
 
 
-def _aggregation_job(path, rule, site_ranks="null", server=None):
-    """The default job (2 IID sites, 1 local epoch) under `rule`: only the persistor's aggregation changes;
-    the aggregator is the default job's one LoRAAggregator."""
-    from simjob import make_job
-
-    return make_job(path, server={"min_clients": "2", "aggregation": f'"{rule}"', "site_ranks": site_ranks,
-                                  **(server or {})},
-                    client={"num_sites": "2", "partition": '"iid"', "local_epochs": "1"})
-
-
-def _sizes(shapes, keep=lambda k: True):
+def _sizes(shapes):
     """Bytes of an adapter of these shapes as communication.json counts them."""
     from nvflare_lora.fl.protocol import payload_bytes
 
-    return payload_bytes({k: np.zeros(s, np.float32) for k, s in shapes.items() if keep(k)})
+    return payload_bytes({k: np.zeros(s, np.float32) for k, s in shapes.items()})
 
 
 @pytest.fixture(scope="module")
 def exact_run(tmp_path_factory):
+    """The default job (2 IID sites, 1 local epoch, 2 rounds) under exact with site-2 at rank 8: per-site ranks
+    need nothing but site_ranks (no filter to wire). Cross-site evaluation also sends the sites' own models
+    (ranks 16 and 8) to each other (its submit_model task, set in the written config's dict)."""
+    from nvflare_lora.settings import client_config, meta, server_config, settings, write_configs
     from simjob import run_simulator
 
     tmp = tmp_path_factory.mktemp("exact")
-    # per-site ranks need nothing but site_ranks: no filter to wire
-    job = _aggregation_job(tmp / "job", "exact", f'{{ "site-2" = {SMALL_RANK} }}',
-                           server={"num_rounds": str(SIM_ROUNDS), "r": str(GLOBAL_RANK),
-                                   # also send the sites' own models (ranks 16 and 8) to each other
-                                   "submit_model_task_name": '"submit_model"'})
+    s = settings(num_rounds=SIM_ROUNDS, min_clients=2, num_sites=2, partition="iid", local_epochs=1,
+                 aggregation="exact", r=GLOBAL_RANK, site_ranks={"site-2": SMALL_RANK}, cross_site_eval=True)
+    server = server_config(s)
+    cross_site = [w for w in server["workflows"] if w["id"] == "cross_site_validate"]
+    assert len(cross_site) == 1
+    cross_site[0]["args"]["submit_model_task_name"] = "submit_model"
+    job = write_configs(tmp / "exact", meta("exact", s), server, client_config(s))
     ws = tmp / "ws"
     proc = run_simulator(job, ws, n=2, threads=2)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -394,45 +463,3 @@ def test_exact_checkpoint_is_a_folded_plain_peft_adapter_that_scores_as_the_site
     start = communication(exact_run)["rounds"][0]["global_val_accuracy"]
     final = np.mean([results[s]["SRV_latest"]["val_accuracy"] for s in ("site-1", "site-2")])
     assert final > start + 0.1, (start, final)
-
-
-# ---- ffa in the NVFlare simulator: A never moves and never travels up ---------------------------------
-def test_ffa_run_sends_no_lora_A_keeps_it_at_the_shared_init_and_learns(tmp_path):
-    from nvflare_lora.adapter import init_adapter_state
-    from nvflare_lora.checkpoint import read_adapter_dir
-    from simjob import communication, cross_site_results, run_simulator, server_app_dir
-
-    job = _aggregation_job(tmp_path / "job", "ffa", server={"num_rounds": "3"})
-    ws = tmp_path / "ws"
-    proc = run_simulator(job, ws, n=2, threads=2)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-
-    shapes = _shapes_at(16)  # the default job: r=16, alpha 32
-    comm = communication(ws)
-    assert len(comm["rounds"]) == 3 and comm["totals"]["refused_updates"] == 0  # the validator knows the rule
-    up, down = _sizes(shapes, lambda k: ".lora_A." not in k), _sizes(shapes)
-    for r in comm["rounds"]:
-        for site in ("site-1", "site-2"):
-            assert r["upload"][site]["bytes"] == up and r["download"][site]["bytes"] == down, r
-    state, _, meta = read_adapter_dir(server_app_dir(ws) / "adapter" / "latest")
-    assert meta["aggregation"]["mode"] == "ffa"
-    init = init_adapter_state(shapes, 0)
-    for k in shapes:
-        if ".lora_A." in k:
-            assert np.array_equal(state[k], init[k]), k  # bit for bit the shared seeded init
-    assert any(np.abs(state[k]).max() > 0 for k in shapes if ".lora_B." in k)
-    results = cross_site_results(ws)
-    final = np.mean([results[s]["SRV_latest"]["val_accuracy"] for s in ("site-1", "site-2")])
-    assert final > comm["rounds"][0]["global_val_accuracy"] + 0.1, final
-
-
-def test_site_ranks_naming_a_site_that_is_not_in_the_job_stop_it_at_the_start(tmp_path):
-    from simjob import run_simulator, server_app_dir
-
-    job = _aggregation_job(tmp_path / "job", "fedavg", '{ "site-9" = 8 }', server={"num_rounds": "1"})
-    ws = tmp_path / "ws"
-    run_simulator(job, ws, n=2, threads=2)
-    log = (ws / "simulator_output.txt").read_text()
-    assert "site_ranks names ['site-9'], which are not sites of this job; its sites are ['site-1', 'site-2']" in log, \
-        log[-3000:]
-    assert not (server_app_dir(ws) / "adapter" / "latest").exists(), "no round may run"
