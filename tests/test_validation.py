@@ -1,15 +1,14 @@
 """The server refuses malformed updates, bounds the influence of the rest, and the job goes on."""
 
-import json
-
 import numpy as np
 import pytest
 
-from faulty_executor import corrupt
+from faulty_executor import STEP_FAULTS, corrupt
 from nvflare_lora import LoRAConfig, adapter_shapes
 from nvflare_lora.adapter import AdapterMismatchError
 from nvflare_lora.aggregation import Robustness, SiteUpdate, aggregate, check_update, update_norm, update_spec
-from simjob import communication, cross_site_results, make_job, run_simulator, server_app_dir
+from nvflare_lora.round import Federation
+from nvflare_lora.settings import settings
 
 SHAPES = adapter_shapes("tiny-clip", 10, LoRAConfig(r=4, lora_alpha=8))
 SPEC = update_spec(SHAPES, "fedavg")
@@ -143,84 +142,107 @@ def test_bad_robustness_settings_are_refused_naming_the_valid_values(kwargs, mat
         Robustness(**kwargs)
 
 
-FAULTS = {"site-3": {"0": "extra_key", "1": "nan", "2": "float64"},
-          "site-4": {"0": "missing_key", "1": "wrong_shape", "2": "inf"}}
-NOTHING = {site: {r: "nothing" for r in rounds} for site, rounds in FAULTS.items()}
+# ---- in a real round: the in-process federation (nvflare_lora.round), real sites, real training --------
+def _channel(faults, rnd):
+    """What the sites send in round `rnd`, changed as faults {site: {round: fault}} say ("*": every round):
+    a fault of faulty_executor.corrupt, an inflated step count (STEP_FAULTS), or "nothing" (no reply)."""
+    def send(site, update, steps):
+        fault = faults.get(site, {}).get(rnd, faults.get(site, {}).get("*"))
+        if fault is None:
+            return update, steps
+        if fault == "nothing":
+            return None
+        if fault in STEP_FAULTS:
+            return update, STEP_FAULTS[fault]
+        return corrupt(update, fault), steps
+    return send
 
 
-def _faulty_job(tmp, name, faults):
-    return make_job(
-        tmp / name, cross_site_eval=False,
-        # refused results count as responses: wait long enough that every good site is always in
-        server={"num_rounds": "3", "wait_time_after_min_received": "120"},
-        client={"local_epochs": "1", "max_steps": "5", "path": '"faulty_executor.FaultyExecutor"'},
-        client_text={'data = "digits"': f"faults = {json.dumps(faults)}\n          data = \"digits\""},
-    )
+def _run(faults, sites=None, **changes):
+    fed = Federation(settings(**changes), sites=sites)
+    for rnd in range(fed.settings.num_rounds):
+        fed.run_round(_channel(faults, rnd))
+    return fed
 
 
-def _final_adapter(ws):
-    from nvflare_lora.checkpoint import read_adapter_dir
-
-    return read_adapter_dir(server_app_dir(ws) / "adapter" / "latest")[0]
-
-
-def test_bad_updates_are_left_out_and_the_result_equals_a_run_without_them(tmp_path):
-    ws_bad, ws_quiet = tmp_path / "ws_bad", tmp_path / "ws_quiet"
-    proc = run_simulator(_faulty_job(tmp_path, "bad", FAULTS), ws_bad, n=4, threads=4, test_components=True)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    log = (ws_bad / "simulator_output.txt").read_text()
-    reasons = {"extra_key": "unexpected 1 key", "missing_key": "missing 1 key", "wrong_shape": "has shape (3, 3)",
-               "nan": "NaN or Inf", "inf": "NaN or Inf", "float64": "expected a float32 array"}
-    comm = communication(ws_bad)
-    for site, rounds in FAULTS.items():
-        for rnd, fault in rounds.items():
-            assert f"refused the update of {site}" in log
-            assert reasons[fault] in comm["rounds"][int(rnd)]["refused"][site], (site, rnd, fault)
-    assert comm["totals"]["refused_updates"] == 6
-    for r in comm["rounds"]:
-        assert sorted(r["sites"]) == ["site-1", "site-2"], "only the good sites may be aggregated"
-
-    final = _final_adapter(ws_bad)
-    assert all(np.isfinite(v).all() for v in final.values())
-
-    proc = run_simulator(_faulty_job(tmp_path, "quiet", NOTHING), ws_quiet, n=4, threads=4, test_components=True)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    quiet = _final_adapter(ws_quiet)
-    assert set(quiet) == set(final)
-    worst = max(float(np.max(np.abs(final[k] - quiet[k]))) for k in final)
-    assert worst < 1e-5, f"refused updates changed the global adapter by up to {worst}"
+def _largest_difference(a, b):
+    assert set(a) == set(b)
+    return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
 
 
-# ---- a faulty site cannot ruin the default job --------------------------------------------------------
-def _shipped_job(tmp, name, faults):
-    """The default job exactly as shipped (8 rounds, 4 sites, robust aggregation), with FaultyExecutor."""
-    return make_job(tmp / name, client={"path": '"faulty_executor.FaultyExecutor"'},
-                    client_text={'data = "digits"': f"faults = {json.dumps(faults)}\n          data = \"digits\""})
+def _accuracy(fed):
+    """The global adapter's accuracy over every site's validation images (as cross-site evaluation scores it)."""
+    scores = fed.evaluate()
+    return sum(s["accuracy"] * s["count"] for s in scores.values()) / sum(s["count"] for s in scores.values())
 
 
-def _final_cross_site_accuracy(ws):
-    res = cross_site_results(ws)
-    return (sum(r["SRV_latest"]["val_accuracy"] * r["SRV_latest"]["count"] for r in res.values())
-            / sum(r["SRV_latest"]["count"] for r in res.values()))
+FAULTS = {"site-3": {0: "extra_key", 1: "nan", 2: "float64"},
+          "site-4": {0: "missing_key", 1: "wrong_shape", 2: "inf"}}
+REASONS = {"extra_key": "unexpected 1 key", "missing_key": "missing 1 key", "wrong_shape": "has shape (3, 3)",
+           "nan": "NaN or Inf", "inf": "NaN or Inf", "float64": "expected a float32 array"}
+QUICK = dict(num_rounds=3, local_epochs=1, max_steps=3)
+
+
+def test_bad_updates_are_left_out_and_the_result_equals_a_run_without_them():
+    bad = _run(FAULTS, **QUICK)
+    for rnd, result in enumerate(bad.history):
+        assert result.refused.keys() == {"site-3", "site-4"}, result.refused
+        for site, rounds in FAULTS.items():
+            assert REASONS[rounds[rnd]] in result.refused[site], (site, rnd, result.refused[site])
+        assert result.aggregation["site_names"] == ["site-1", "site-2"], "only the good sites may be aggregated"
+    assert all(np.isfinite(v).all() for v in bad.global_adapter.values())
+
+    # the refused sites leave no trace: the same rounds run by site-1 and site-2 alone give the same adapter
+    alone = _run({}, sites=["site-1", "site-2"], **QUICK)
+    assert all(not r.refused for r in alone.history)
+    worst = _largest_difference(bad.global_adapter, alone.global_adapter)
+    assert worst < 1e-6, f"refused updates changed the global adapter by up to {worst}"
+    assert [r.val_accuracy for r in alone.history] == [{s: r.val_accuracy[s] for s in ("site-1", "site-2")}
+                                                       for r in bad.history]
+
+
+# ---- a faulty site cannot ruin the job ---------------------------------------------------------------------
+# The default job's bounds (clip at 2x the round's median norm, weights capped at 2x the median, updates
+# below 0.5x the median cosine left out), 3 short rounds on an IID split: enough learning (0.1 -> ~0.4)
+# that a ruined job shows.
+ROBUST = dict(num_rounds=3, local_epochs=1, max_steps=10, lr=0.01, partition="iid")
 
 
 @pytest.fixture(scope="module")
-def clean_accuracy(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("clean")
-    proc = run_simulator(_shipped_job(tmp, "clean", {}), tmp / "ws", n=4, threads=4, test_components=True)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return _final_cross_site_accuracy(tmp / "ws")
+def without_site_4():
+    """The same job without site-4 at all: what a faulty site-4 must not make much worse."""
+    fed = _run({}, sites=["site-1", "site-2", "site-3"], **ROBUST)
+    assert _accuracy(fed) > fed.history[0].global_val_accuracy + 0.2, "the reference job must learn"
+    return fed
 
 
-@pytest.mark.parametrize("fault, bounded", [("x1e4", "clipped"), ("steps1e9", "capped")])
-def test_a_site_sending_huge_updates_or_claiming_huge_step_counts_cannot_ruin_the_default_job(
-        tmp_path, clean_accuracy, fault, bounded):
-    ws = tmp_path / "ws"
-    proc = run_simulator(_shipped_job(tmp_path, fault, {"site-4": {"*": fault}}), ws, n=4, threads=4,
-                         test_components=True)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    comm = communication(ws)
-    assert all("site-4" in r["aggregation"][bounded] for r in comm["rounds"]), f"site-4 must be {bounded} every round"
-    assert all(sorted(r["sites"]) == ["site-1", "site-2", "site-3", "site-4"] for r in comm["rounds"])
-    faulty = _final_cross_site_accuracy(ws)
-    assert faulty >= clean_accuracy - 0.02, f"{fault}: final cross-site accuracy {faulty:.4f}, clean {clean_accuracy:.4f}"
+@pytest.mark.parametrize("fault, bounded", [("x1e4", "clipped"), ("steps1e9", "capped"), ("sign_flip", "excluded")])
+def test_a_site_sending_huge_or_reversed_updates_or_huge_step_counts_cannot_ruin_the_job(
+        without_site_4, fault, bounded):
+    fed = _run({"site-4": {"*": fault}}, **ROBUST)
+    for result in fed.history:
+        info = result.aggregation
+        assert not result.refused, "a well-formed update is not refused: it is bounded"
+        assert list(info[bounded]) == ["site-4"], f"site-4 (and only site-4) must be {bounded} every round"
+        for other in {"clipped", "capped", "excluded"} - {bounded}:
+            assert not info[other], (other, info[other])
+        if bounded == "capped":  # its weight is 2x the median of the four step counts, not 10^9
+            claimed = [result.steps[s] for s in ("site-1", "site-2", "site-3")] + [1e9]
+            assert info["capped"]["site-4"] == {"claimed": 1e9, "used": 2.0 * np.median(claimed)}
+        if bounded == "clipped":  # cut to 2x the median norm, in its own direction
+            assert info["clip_bound"] == pytest.approx(2.0 * np.median(info["norms"]))
+            assert info["clipped"]["site-4"]["factor"] == pytest.approx(info["clip_bound"] / info["norms"][3])
+        if bounded == "excluded":
+            assert info["site_names"] == ["site-1", "site-2", "site-3"]
+    if bounded == "excluded":  # left out: every round equals the round without site-4
+        assert _largest_difference(fed.global_adapter, without_site_4.global_adapter) < 1e-6
+    faulty, clean = _accuracy(fed), _accuracy(without_site_4)
+    assert faulty >= clean - 0.05, f"{fault}: final accuracy {faulty:.4f}, without site-4 {clean:.4f}"
+
+
+def test_without_the_bounds_the_same_huge_site_ruins_the_job(without_site_4):
+    """Why the bounds are on by default: with them off, one site's 10^4-times update wrecks the adapter."""
+    fed = _run({"site-4": {"*": "x1e4"}}, clip_multiple=None, max_weight_ratio=None, min_agreement=None, **ROBUST)
+    assert not any(r.aggregation["clipped"] or r.aggregation["excluded"] for r in fed.history)
+    ruined, clean = _accuracy(fed), _accuracy(without_site_4)
+    assert ruined < clean - 0.2, f"unbounded: final accuracy {ruined:.4f}, without site-4 {clean:.4f}"
