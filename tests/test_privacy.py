@@ -1,5 +1,6 @@
 """Differential privacy: DP-SGD's per-sample clipping and noise against a naive loop on the real PEFT model,
-the accountant against Opacus' own, the settings' ranges, and a DP job in the real simulator."""
+the accountant against Opacus' own, the settings' ranges, and a DP job (DP-SGD at the sites, DP-FedAvg at the
+server) in the in-process federation (nvflare_lora.round), real sites and training."""
 
 import math
 import re
@@ -13,7 +14,6 @@ from nvflare_lora import quick_clip_lora
 from nvflare_lora.data import SiteLoader, load_digits_dataset, site_split
 from nvflare_lora.privacy import (Accountant, DPConfig, PrivacyError, PrivateStep, calibrate, clip_and_noise,
                                   epsilon_of, per_sample_grads)
-from simjob import communication, make_job, run_simulator
 
 
 @pytest.fixture(scope="module")
@@ -142,35 +142,44 @@ def test_poisson_sampling_is_seeded_and_has_the_rate():
     assert abs(np.mean(sizes) - 0.1 * len(train)) < 0.35 * 0.1 * len(train)
 
 
-def test_a_dp_job_records_epsilon_per_site_per_round_and_stops_a_site_at_its_budget(tmp_path):
-    """DP-SGD at both sites (noise 1.0) with a budget that the smaller site (the higher sampling rate) reaches
-    after two rounds and the larger one never does in four: the smaller one stops and says so, the other goes
-    on; client-level DP on the server too. epsilon per site per round in communication.json is what the
-    accountant gives for that site's sampling rate and steps, and both parts are in the checkpoint."""
-    dp = "{ max_grad_norm = 1.0, noise_multiplier = 1.0, target_epsilon = 3.3, delta = 1e-5 }"
-    job = make_job(tmp_path / "job", server={"num_rounds": "4", "min_clients": "1",
-                                             "client_dp": "{ clip_norm = 1.0, noise_multiplier = 0.3 }"},
-                   client={"dp": dp, "num_sites": "2", "alpha": "0.05", "local_epochs": "1"}, cross_site_eval=False)
-    proc = run_simulator(job, tmp_path / "ws", n=2, threads=2, timeout=600)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    rounds = communication(tmp_path / "ws")["rounds"]
-    got = {site: [r["sites"][site]["epsilon"] for r in rounds if site in r["sites"]] for site in ("site-1", "site-2")}
+def test_a_dp_job_records_epsilon_per_site_per_round_and_stops_a_site_at_its_budget():
+    """DP-SGD at both sites (noise 1.0, 6 steps a round) with a budget that the smaller site (the higher
+    sampling rate) reaches after two rounds and the larger one never does in three: the smaller one stops and
+    says so, the other goes on; client-level DP on the server too. Each site's accountant holds what it spent:
+    epsilon per round is what Opacus gives for that site's sampling rate and steps; the server's too."""
+    from nvflare_lora.round import Federation
+    from nvflare_lora.settings import settings
+
+    rounds = 3
+    fed = Federation(settings(num_rounds=rounds, min_clients=1, num_sites=2, alpha=0.05, local_epochs=1,
+                              max_steps=6, dp={"max_grad_norm": 1.0, "noise_multiplier": 1.0, "target_epsilon": 2.5,
+                                               "delta": 1e-5},
+                              client_dp={"clip_norm": 1.0, "noise_multiplier": 0.3}))
+    got = {"site-1": [], "site-2": []}
+    for _ in range(rounds):
+        result = fed.run_round()
+        for site in fed.sites:
+            if site.name in result.steps:  # it trained this round: its spend so far
+                got[site.name].append(site.accountant.epsilon())
     pp = quick_clip_lora("tiny-clip", 10, 4).model.preprocess
     for site, eps in got.items():
         n = len(site_split(load_digits_dataset(pp), site, 2, "dirichlet", 0.05, 0, 0.2)[0])
-        q = 32 / n
-        expected = [epsilon_of([(1.0, q, round(1 / q))] * k, 1e-5) for k in range(1, 5)]
-        kept = [e for e in expected if e <= 3.3]
+        q = 32 / n  # Poisson sampling at batch_size / n, max_steps steps per round
+        expected = [epsilon_of([(1.0, q, 6)] * k, 1e-5) for k in range(1, rounds + 1)]
+        kept = [e for e in expected if e <= 2.5]
         assert eps == pytest.approx(kept, rel=1e-9), (site, eps, expected)
-    assert len(got["site-1"]) == 4 and len(got["site-2"]) == 2  # site-2 has fewer images: it spends faster
-    site2 = (tmp_path / "ws" / "site-2" / "log.txt").read_text()
-    assert re.search(r"site-2: privacy budget reached: epsilon 3.13 spent, this round would bring it to 3.56 > "
-                     r"target_epsilon 3.3; this site stops contributing", site2)
-    client = [r["client_dp"] for r in rounds]
-    assert [c["epsilon"] for c in client] == pytest.approx([epsilon_of([(0.3, 1.0, 1)] * k, 1e-5) for k in range(1, 5)])
-    assert client[-1]["noise_std"] == pytest.approx(0.3 * 1.0 / 1)  # one site left: std = sigma x clip / 1
-    import json
+    assert len(got["site-1"]) == 3 and len(got["site-2"]) == 2  # site-2 has fewer images: it spends faster
+    assert [sorted(r.steps) for r in fed.history] == [["site-1", "site-2"], ["site-1", "site-2"], ["site-1"]]
+    assert not fed.history[0].refused and not fed.history[1].refused
+    assert list(fed.history[2].refused) == ["site-2"]
+    assert re.search(r"privacy budget reached: epsilon 2.39 spent, this round would bring it to 2.61 > "
+                     r"target_epsilon 2.5; this site stops contributing", fed.history[2].refused["site-2"])
+    assert fed.sites[1].accountant.epsilon() == pytest.approx(got["site-2"][-1]), "a stopped site spends nothing"
 
-    meta = json.loads((tmp_path / "ws/server/simulate_job/app_server/adapter/latest/nvflare_lora.json").read_text())
-    assert meta["privacy"]["site_epsilon"] == {"site-1": got["site-1"][-1], "site-2": got["site-2"][-1]}
-    assert meta["privacy"]["client_dp"]["epsilon"] == pytest.approx(client[-1]["epsilon"])
+    client = [r.aggregation["client_dp"] for r in fed.history]
+    assert [c["epsilon"] for c in client] == pytest.approx([epsilon_of([(0.3, 1.0, 1)] * k, 1e-5)
+                                                            for k in range(1, rounds + 1)])
+    assert [c["sites"] for c in client] == [2, 2, 1]
+    assert client[0]["noise_std"] == pytest.approx(0.3 * 1.0 / 2)  # std = sigma x clip / number of sites
+    assert client[-1]["noise_std"] == pytest.approx(0.3 * 1.0 / 1)  # one site left
+    assert fed.server.epsilon() == pytest.approx(client[-1]["epsilon"])
