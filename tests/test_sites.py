@@ -1,5 +1,6 @@
 """A site's real data path: image folders as users have them, unreadable files, DataLoader workers, seeded
-augmentation, and CLIP's zero-shot head; the unit rules first, then the real simulator on image folders.
+augmentation, and CLIP's zero-shot head; the unit rules first, then sites of the in-process federation
+(nvflare_lora.round) on image folders.
 Images are real: elpv-dataset's solar-cell photos, re-saved in the modes and formats users have."""
 
 import io
@@ -16,7 +17,6 @@ from nvflare_lora.data import (Augmentation, SiteLoader, TooManyBadImages, load_
 from nvflare_lora.models import _TINY_CONFIG, preprocessing_for
 from nvflare_lora.preprocessing import open_image
 from nvflare_lora.sample_data import elpv_files, write_random_base
-from simjob import communication, make_job, run_simulator
 
 PP = preprocessing_for("tiny-clip")
 
@@ -202,31 +202,36 @@ def test_zeroshot_needs_a_tokenizer_and_says_how_to_get_one(tmp_path):
         zeroshot_head(str(bare), ["a", "b"])
 
 
-# ---- the real simulator on image folders ---------------------------------------------------------
+# ---- sites on image folders, in the in-process federation -------------------------------------------
 def test_image_folders_with_a_corrupt_file_train_and_a_site_over_max_bad_images_stops(tmp_path):
     """site-1: nested classes, mixed formats and modes, one truncated PNG, an empty class: it trains on every
-    readable image, names the bad file and counts it. site-2: two of its 13 images unreadable: it stops
-    with the share and the folder, and the job (min_clients 1) completes with site-1."""
+    readable image, names the bad file and counts it, and its rounds complete. site-2: two of its 13 images
+    unreadable: it refuses to start, with the share and the folder."""
+    from nvflare_lora.facts import JobFacts
+    from nvflare_lora.round import Federation
+    from nvflare_lora.settings import settings
+    from nvflare_lora.site import Site
+
     root = tmp_path / "images"
     made = make_folder(root / "site-1", extra_good=8)
     make_folder(root / "site-2", start=40)
     for i in range(2):
         (root / "site-2" / "a" / f"junk{i}.png").write_bytes(b"\x89PNG broken")
-    job = make_job(tmp_path / "job", server={"num_classes": "4", "num_rounds": "2", "min_clients": "1"},
-                   client={"data": f'"{root}/{{site}}"', "batch_size": "4", "local_epochs": "1",
-                           "max_bad_images": "0.1", "num_workers": "1"},
-                   server_text={'# labels = ["cat", "dog"]': 'labels = ["a", "b", "c", "d"]'}, cross_site_eval=False)
-    proc = run_simulator(job, tmp_path / "ws", n=2, threads=2, timeout=600)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-3000:]
-    site1 = (tmp_path / "ws" / "site-1" / "log.txt").read_text()
-    assert "class 'd' has no images" in site1
-    assert re.search(r"1 of 19 images in .*site-1 unreadable, skipped: .*broken\.png \(", site1), site1[-2000:]
-    rounds = communication(tmp_path / "ws")["rounds"]
-    for rnd in rounds:
-        s1 = rnd["sites"]["site-1"]
-        trained = int(re.findall(r"site-1 round \d+: global val acc [\d.]+, \d+ steps \((\d+) images\)", site1)[-1])
-        assert s1["bad_images"] == 1 and s1["val_count"] + trained == made["readable"]  # every readable image used
-        assert "site-2" not in rnd["sites"]
-    site2 = (tmp_path / "ws" / "site-2" / "log.txt").read_text()
-    assert re.search(r"2 of 13 images \(15\.4%\) in .*site-2 cannot be read, more than max_bad_images=10\.0%", site2)
+    job = settings(num_classes=4, labels=["a", "b", "c", "d"], num_rounds=2, min_clients=1, batch_size=4,
+                   local_epochs=1, max_bad_images=0.1, num_workers=1)
+    own = {site: {"data": str(root / site)} for site in ("site-1", "site-2")}  # each site's own folder
+
+    fed = Federation(job, sites=["site-1"], site_settings=own)
+    fed.run()
+    site = fed.sites[0]
+    assert any("class 'd' has no images" in note for note in site.notes)
+    assert list(site.bad_images.files) == [made["broken"]]
+    assert re.search(r"1 of 19 images in .*site-1 unreadable, skipped: .*broken\.png \(", site.bad_images.summary())
+    assert [len(r.steps) for r in fed.history] == [1, 1] and not any(r.refused for r in fed.history)
+    trained = site.train(len(fed.history))["samples"]  # one epoch: every training image it can read
+    for result in fed.history:
+        assert result.val_count["site-1"] + trained == made["readable"], "every readable image used, once"
+
+    with pytest.raises(TooManyBadImages, match=r"2 of 13 images \(15\.4%\) in .*site-2 cannot be read, more than "
+                                               r"max_bad_images=10\.0%: .*junk"):
+        Site("site-2", JobFacts.from_settings(job), job.replace(**own["site-2"]))
