@@ -1,6 +1,10 @@
 """What the ONNX export buys at serving time: latency and parity of each engine against unmerged PEFT.
 
     python benchmarks/export.py [--shapes vit-b32,tiny-clip] [--threads 2] [--runs 7] [--samples 128]
+    python benchmarks/export.py --smoke    # CI size: tiny-clip only, 1 round, 16 images, in seconds
+
+--smoke runs the same code at tiny-clip only (no ViT-B/32 base is written), one timing round, parity on 16
+images; its raw results go to benchmarks/out/smoke/export.json, not benchmarks/results/export.json.
 
 For each shape: ViT-B/32 (transformers' CLIPConfig() defaults, random init, 224x224) and the tiny preset.
 Engines, on CPU with --threads threads, batch 1 and 8:
@@ -212,7 +216,12 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--samples", type=int, default=128, help="digits images for parity")
+    p.add_argument("--json", default=None, help="raw results (default benchmarks/results/export.json)")
+    p.add_argument("--smoke", action="store_true", help="tiny size for CI: --shapes tiny-clip --runs 1 --samples 16, "
+                   "JSON to benchmarks/out/smoke/")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.shapes, args.runs, args.samples = "tiny-clip", 1, 16
     torch.set_num_threads(args.threads)
     print(f"CPU, {args.threads} threads, torch {torch.__version__}, onnxruntime "
           f"{__import__('onnxruntime').__version__}; best of {args.runs} interleaved rounds; "
@@ -239,7 +248,15 @@ def main(argv=None) -> int:
     raw = [{"shape": r["shape"], "best_ms": {n: {b: 1000 * v for b, v in per.items()} for n, per in best(r["latency"]).items()},
             "parity": {n: {"max_abs_logit_diff": q.max_abs_logit_diff, "top1_agreement": q.top1_agreement}
                        for n, q in r["parity"].items()}, "size_mb": r["size_mb"], "fused": r["fused"]} for r in results]
-    (Path(__file__).parent / "results" / "export.json").write_text(json.dumps(
+    if args.json:
+        out = Path(args.json)
+    elif args.smoke:
+        from _smoke import out_path
+
+        out = Path(out_path("export.json"))
+    else:
+        out = Path(__file__).parent / "results" / "export.json"
+    out.write_text(json.dumps(
         {"threads": args.threads, "runs": args.runs, "samples": args.samples, "results": raw}, indent=1) + "\n")
     print(f"export (vs peft-eager at {main_result['shape']}, batch 8): ort_fp32 {fp32_x:.2f}x int8 {int8_x:.2f}x, "
           f"parity fp32 {fp32_diff:.1e}")

@@ -12,6 +12,9 @@ Images: --images DIR (class folders), else 1,024 elpv cells when elpv-dataset is
 seeded noise PNGs of 300x300 (said so in the output: they cost the same to decode, they teach nothing).
 
 Usage: python benchmarks/gpu_check.py [--images DIR] [--batch 64] [--steps 10] [--reps 3] [--out DIR]
+       python benchmarks/gpu_check.py --device cpu --smoke    # CI: the whole script in seconds, no GPU
+--smoke: a tiny-clip-shaped base instead of ViT-B/32, 16 images, batch 2, 1 step, 1 rep; raw results to
+$OUT or benchmarks/out/smoke/ (never benchmarks/results/).
 Last line: `gpu_check: train_vs_plain=<X>x train_images_s=<N> merged_fp16_vs_unmerged=<Y>x`.
 Raw results: OUT/gpu_check.json (default benchmarks/results/, or $OUT when set).
 """
@@ -72,7 +75,8 @@ def inference(base: str, batch: int, reps: int, device: str = "cuda") -> dict:
     for name, p in fed.model.named_parameters():
         if "lora_B" in name:  # a trained adapter's B is not zero: make merging change the weights
             p.copy_(torch.randn(p.shape, generator=g) * 0.01)
-    x = torch.randn(batch, 3, 224, 224, generator=g).to(device)
+    size = fed.preprocess.crop_size  # 224 at ViT-B/32
+    x = torch.randn(batch, 3, size, size, generator=g).to(device)
     unmerged = fed.model.eval()
 
     def timed(fn):
@@ -100,9 +104,17 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: cores - 2, at most 8)")
-    p.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--out", default=None, help="folder for gpu_check.json (default: $OUT, else benchmarks/results/, "
+                   "with --smoke benchmarks/out/smoke/)")
     p.add_argument("--device", default="cuda", help="cuda; cpu only to dry-run this script (tiny --batch)")
+    p.add_argument("--smoke", action="store_true", help="tiny size for CI: a tiny-clip-shaped base, 16 images, "
+                   "--batch 2 --steps 1 --reps 1")
     args = p.parse_args()
+    if args.smoke:
+        from _smoke import OUT as smoke_out
+
+        args.batch, args.steps, args.reps = 2, 1, 1
+    args.out = args.out or os.environ.get("OUT") or str(smoke_out if args.smoke else ROOT / "benchmarks" / "results")
     import peft
     import transformers
 
@@ -117,9 +129,14 @@ def main() -> int:
     t0 = time.perf_counter()
     from nvflare_lora.sample_data import write_random_base
 
-    base = str(write_random_base(work / "clip-vit-b32"))
+    if args.smoke:
+        from _smoke import write_tiny_base
+
+        base = str(write_tiny_base(work / "clip-tiny"))
+    else:
+        base = str(write_random_base(work / "clip-vit-b32"))
     folder = Path(args.images) if args.images else work / "images"
-    what = f"images from {folder}" if args.images else images(folder)
+    what = f"images from {folder}" if args.images else images(folder, 16 if args.smoke else 1024)
     workers = args.workers if args.workers is not None else max(1, min(8, (os.cpu_count() or 4) - 2))
     print(f"{env['gpu']}; {what}; batch {args.batch}; {workers} loader workers; set-up {time.perf_counter() - t0:.0f} s")
 

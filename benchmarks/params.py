@@ -17,7 +17,10 @@ nvflare_lora.training.train_local, the process's peak RSS (getrusage ru_maxrss),
 epoch, and the exact training-state bytes (parameters + gradients + AdamW moments) read off the live
 tensors and optimiser.
 
-Usage:  HF_HUB_OFFLINE=1 python benchmarks/params.py
+Usage:  HF_HUB_OFFLINE=1 python benchmarks/params.py [--smoke]
+--smoke: the same at a tiny size (only q,v at r=16 in the tables, one process per variant, 64 training
+images), in seconds; writes
+benchmarks/out/smoke/params.json instead of benchmarks/results/params.json.
 The last line is `params: vitb32 r16 qv adapter=<N> (<P>% of <TOTAL>)`, where N is the default adapter
 (image-tower LoRA + head, 10 classes) and TOTAL the parameters of the classifier it adapts.
 """
@@ -93,7 +96,7 @@ def adapter_row(model_name: str, components, include_text: bool, targets, r: int
             "total": base_total + adapter, "bytes": adapter * FP32}
 
 
-def parameter_tables(models) -> dict:
+def parameter_tables(models, ranks=RANKS, target_sets=TARGET_SETS) -> dict:
     out = {}
     for label, model_name in models.items():
         counts = base_counts(model_name)
@@ -101,7 +104,7 @@ def parameter_tables(models) -> dict:
         for tower_label, (components, include_text) in TOWER_SETS.items():
             base_total = counts[include_text]
             rows = {(t, r): adapter_row(model_name, components, include_text, mods, r, base_total)
-                    for t, mods in TARGET_SETS.items() for r in RANKS}
+                    for t, mods in target_sets.items() for r in ranks}
             out[label]["towers"][tower_label] = {"base_total": base_total, "rows": rows}
     return out
 
@@ -143,7 +146,7 @@ def rss_peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def run_epoch(variant: str, batch_size: int, lr: float, threads: int) -> dict:
+def run_epoch(variant: str, batch_size: int, lr: float, threads: int, train_images: int = 0) -> dict:
     """Build the variant, warm the data cache and kernels, then time exactly one epoch of train_local."""
     # One thread by default: on a CPU shared with other jobs, oversubscribed threads turned a 0.5 s epoch into 20 s.
     torch.set_num_threads(threads)
@@ -163,6 +166,8 @@ def run_epoch(variant: str, batch_size: int, lr: float, threads: int) -> dict:
         raise ValueError(f"unknown variant {variant!r}; use 'lora' or 'full'")
     data = load_digits_dataset(fed.preprocess)
     train, val = site_split(data, "site-1", num_sites=1, scheme="iid", seed=0)
+    if train_images:  # a smaller epoch (--smoke)
+        train = train.subset(range(min(train_images, len(train))))
     train_local(fed, train, max_steps=2, batch_size=batch_size, lr=lr)  # warm-up: first-call allocations
     rss_before = rss_peak_bytes()
     t0 = time.perf_counter()
@@ -177,9 +182,9 @@ def run_epoch(variant: str, batch_size: int, lr: float, threads: int) -> dict:
             **counts, **training_state_bytes(fed)}
 
 
-def epoch_in_subprocess(variant: str, batch_size: int, lr: float, threads: int) -> dict:
+def epoch_in_subprocess(variant: str, batch_size: int, lr: float, threads: int, train_images: int = 0) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--epoch", variant, "--batch-size", str(batch_size),
-           "--lr", str(lr), "--threads", str(threads)]
+           "--lr", str(lr), "--threads", str(threads), "--train-images", str(train_images)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"the {variant} epoch failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -251,15 +256,23 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads in each epoch process")
     ap.add_argument("--repeats", type=int, default=3, help="fresh processes per variant for the epoch timing")
+    ap.add_argument("--train-images", type=int, default=0, help="train on the first N images of the split (0: all)")
+    ap.add_argument("--json", default=None, help="raw results (default benchmarks/results/params.json)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny size for CI: q,v r=16 only, 1 process per variant, 64 training images; JSON to "
+                         "benchmarks/out/smoke/")
     args = ap.parse_args()
+    if args.smoke:
+        args.repeats, args.train_images = 1, args.train_images or 64
     if args.epoch:
-        run = run_epoch(args.epoch, args.batch_size, args.lr, args.threads)
+        run = run_epoch(args.epoch, args.batch_size, args.lr, args.threads, args.train_images)
         print(json.dumps({**run, "batch_size": args.batch_size, "lr": args.lr}))
         return
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="vitb32-config-") as vitb32_dir:
-        tables = parameter_tables({"vitb32": write_vitb32_config(vitb32_dir), "tiny-clip": TINY_PRESET})
+        models = {"vitb32": write_vitb32_config(vitb32_dir), "tiny-clip": TINY_PRESET}
+        tables = parameter_tables(models, (16,), {"qv": TARGET_SETS["qv"]}) if args.smoke else parameter_tables(models)
     print_parameter_tables(tables)
     print(f"\n(counts from meta-device shapes in {time.perf_counter() - t0:.1f} s; 'total' = frozen base + adapter; "
           f"'% of base' = trainable / the classifier's parameters;\n '+head' = the {NUM_CLASSES}-class head "
@@ -268,7 +281,7 @@ def main() -> None:
     trials = []
     for i in range(args.repeats):  # alternate the order so slow spells of the shared CPU hit both variants
         for variant in (("lora", "full") if i % 2 == 0 else ("full", "lora")):
-            trials.append(epoch_in_subprocess(variant, args.batch_size, args.lr, args.threads))
+            trials.append(epoch_in_subprocess(variant, args.batch_size, args.lr, args.threads, args.train_images))
     runs = [median_runs(trials, v) for v in ("lora", "full")]
     check_against_live_models(tables, runs)
     print_epoch_table(runs)
@@ -279,7 +292,14 @@ def main() -> None:
     raw = {model: {tower: {"base_total": b["base_total"],
                            "rows": {f"{t} r{r}": v for (t, r), v in b["rows"].items()}}
                    for tower, b in t["towers"].items()} for model, t in tables.items()}
-    out = Path(__file__).parent / "results" / "params.json"
+    if args.json:
+        out = Path(args.json)
+    elif args.smoke:
+        from _smoke import out_path
+
+        out = Path(out_path("params.json"))
+    else:
+        out = Path(__file__).parent / "results" / "params.json"
     out.write_text(json.dumps({"tables": raw, "epoch_runs": runs, "load_at_end": os.getloadavg()[0]}, indent=1,
                               default=str) + "\n")
     print(f"params: vitb32 r16 qv adapter={row['trainable']} ({100 * row['trainable'] / base:.2f}% of {base})")
