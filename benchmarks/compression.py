@@ -23,6 +23,8 @@ Usage:  HF_HUB_OFFLINE=1 python benchmarks/compression.py [--modes none,int8,...
   --noise runs none a second time, to check that two identical runs agree (the server sums updates in
   arrival order, so they need not be bit-identical): the spread is the yardstick for every dacc.
   --rounds N overrides the job's num_rounds (e.g. to see how many rounds top-k needs to catch up).
+  --smoke: CI size, in one to two minutes: --modes none,topk+int8 --rounds 1 --sites 2 --max-steps 1, JSON to
+  benchmarks/out/smoke/compression.json (int8 then reads "n/a" in the last line).
 Last line: `compression: int8 <X>x dacc=<D> topk+int8 <Y>x dacc=<E>` (D, E in points; negative = worse).
 """
 
@@ -32,6 +34,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -76,11 +79,16 @@ def quantizer_unavailable(extra_path: str) -> str:
     return ""
 
 
-def run_mode(mode: str, fraction: float, workdir: Path, bnb_path: str = "", rounds: int = 0) -> dict:
+def run_mode(mode: str, fraction: float, workdir: Path, bnb_path: str = "", rounds: int = 0, sites: int = 4,
+             max_steps: int = 0) -> dict:
     # min_clients = 4: every site in every round. With the job's 2, a site that is slow on a loaded machine
     # misses a round, and which one does differs from run to run: a bigger effect than any codec's.
-    server = {"min_clients": "4", **({"num_rounds": str(rounds)} if rounds else {})}
-    job = add_compression(make_job(workdir / "job", server=server), upload=upload_filters(mode, fraction))
+    server = {"min_clients": str(sites), **({"num_rounds": str(rounds)} if rounds else {})}
+    client = {"num_sites": str(sites)} if sites != 4 else {}  # 4: the job's own
+    if max_steps:
+        client["max_steps"] = str(max_steps)
+    job = add_compression(make_job(workdir / "job", server=server, client=client),
+                          upload=upload_filters(mode, fraction))
     ws = workdir / "ws"
     if mode == "nvflare-fp16":  # NVFlare's quantizer is not on its own default component allow-list
         from nvflare_lora.allow import allow
@@ -88,15 +96,15 @@ def run_mode(mode: str, fraction: float, workdir: Path, bnb_path: str = "", roun
     start = time.time()
     env = {"PYTHONPATH": os.pathsep.join(p for p in (bnb_path, os.environ.get("PYTHONPATH", "")) if p)} \
         if mode == "nvflare-fp16" and bnb_path else None
-    proc = run_simulator(job, ws, n=4, threads=4, timeout=1800, env=env)
+    proc = run_simulator(job, ws, n=sites, threads=sites, timeout=1800, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{mode}: simulator exit {proc.returncode}; see {ws / 'simulator_output.txt'}\n"
                            + (proc.stdout + proc.stderr)[-3000:])
     comm = communication(ws)
     rounds = comm["rounds"]
-    short = [(r["round"], sorted(r["upload"])) for r in rounds if len(r["upload"]) != 4]
+    short = [(r["round"], sorted(r["upload"])) for r in rounds if len(r["upload"]) != sites]
     if short:
-        raise RuntimeError(f"{mode}: rounds without all 4 sites' updates: {short}")
+        raise RuntimeError(f"{mode}: rounds without all {sites} sites' updates: {short}")
     modes_seen = {up.get("compression") for r in rounds for up in r["upload"].values()}
     last_sites = rounds[-1]["sites"]
     results = cross_site_results(ws)
@@ -158,10 +166,20 @@ def main() -> None:
     ap.add_argument("--noise", action="store_true", help="run none twice, to show run-to-run spread")
     ap.add_argument("--rounds", type=int, default=0, help="override the job's num_rounds (default: the job's)")
     ap.add_argument("--workdir", default=None, help="keep the runs here (default: a temporary directory)")
+    ap.add_argument("--sites", type=int, default=4, help="sites in the simulator (default: the job's 4)")
+    ap.add_argument("--max-steps", type=int, default=0, help="cap on a site's steps per round (0: the job's epochs)")
+    ap.add_argument("--json", default=None, help="raw results (default benchmarks/results/compression.json)")
+    ap.add_argument("--smoke", action="store_true", help="tiny size for CI: --modes none,topk+int8 --rounds 1 "
+                    "--sites 2 --max-steps 1, JSON to benchmarks/out/smoke/")
     ap.add_argument("--bnb-path", default="", help="a directory holding bitsandbytes (pip install --target DIR "
                     "bitsandbytes==0.50.2), put on PYTHONPATH for the nvflare-fp16 run only, so the other runs "
                     "are not changed by its presence")
     a = ap.parse_args()
+    if a.smoke:
+        from _smoke import out_path
+
+        a.modes, a.rounds, a.sites, a.max_steps = "none,topk+int8", 1, 2, 1
+        a.json = a.json or out_path("compression.json")
     modes = [m.strip() for m in a.modes.split(",") if m.strip()]
     if any(m not in MODES for m in modes) or "none" not in modes:
         sys.exit(f"--modes must include none and come from {MODES}")
@@ -182,14 +200,14 @@ def main() -> None:
             continue
         print(f"running {mode} ...", flush=True)
         results[mode] = run_mode(base, a.fraction, workdir / mode.replace(" (repeat)", "-repeat"), a.bnb_path,
-                                 a.rounds)
+                                 a.rounds, a.sites, a.max_steps)
         r = results[mode]
         print(f"  {r['rounds']} rounds, {r['seconds']:.0f} s, upload {human(r['upload_per_round'])}/round, "
               f"final accuracy {r['final_accuracy']:.4f}", flush=True)
 
     none = results["none"]
     print()
-    print(f"{'default job' if not a.rounds else 'default job with num_rounds=' + str(a.rounds)}, 4 sites, "
+    print(f"{'default job' if not a.rounds else 'default job with num_rounds=' + str(a.rounds)}, {a.sites} sites, "
           f"{none['rounds']} rounds; top-k fraction {a.fraction}; upload = all sites, one round")
     head = (f"{'mode':<15}{'upload/round':>14}{'vs none':>9}{'B/32 upload/site':>18}{'vs full FedAvg':>16}"
             f"{'final acc':>11}{'dacc (pts)':>12}")
@@ -206,7 +224,7 @@ def main() -> None:
         print(f"{mode:<15}{human(r['upload_per_round']):>14}{ratio:>8.2f}x{human(b32[base]):>18}"
               f"{full_bytes / b32[base]:>15.0f}x{r['final_accuracy']:>11.4f}{dacc:>+12.1f}")
     print()
-    print("upload/round: bytes of all 4 sites' updates in one round as the server measured them (tensor bytes "
+    print(f"upload/round: bytes of all {a.sites} sites' updates in one round as the server measured them (tensor bytes "
           "+ key names). B/32 upload/site: one site's update at ViT-B/32 adapter shapes, same codec. "
           "dacc: final accuracy minus none's, in points.")
 
@@ -217,10 +235,12 @@ def main() -> None:
         return (f"{mode} {none['upload_per_round'] / r['upload_per_round']:.2f}x "
                 f"dacc={100 * (r['final_accuracy'] - none['final_accuracy']):+.1f}")
 
-    out = Path(__file__).parent / "results" / "compression.json"
+    out = Path(a.json or Path(__file__).parent / "results" / "compression.json")
     out.write_text(json.dumps({"fraction": a.fraction, "rounds": a.rounds, "full_fedavg_bytes_vitb32": full_bytes,
                                "vitb32_upload_per_site": b32, "skipped": skipped, "results": results,
                                "load_at_end": os.getloadavg()[0]}, indent=1, default=float) + "\n")
+    if a.smoke and not a.workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
     print(f"compression: {summary('int8')} {summary('topk+int8')}")
 
 

@@ -33,6 +33,9 @@
     measured, not only computed.
 
 Usage:  HF_HUB_OFFLINE=1 python benchmarks/federation.py  [--reps 30]
+        HF_HUB_OFFLINE=1 python benchmarks/federation.py --smoke    # CI size: 1 warm round in (a); in (b) and
+            (c) a tiny-clip-shaped base directory (benchmarks/_smoke.py, a temporary folder) stands in for the
+            ViT-B/32 one; raw results to benchmarks/out/smoke/federation.json
 The last line is `federation: overhead=<X>x server_rss_vitb32/tiny=<Y>x upload_vs_full=1/<Z>`:
 X = warm executor round / plain loop (steps only), medians of process CPU time (wall time is in the table:
 on the shared CPU it mostly measures other processes' load; with one torch thread CPU time is the work done);
@@ -327,8 +330,9 @@ def run_sim_sampled(job: Path, ws: Path, timeout: float = 480) -> Dict:
             "site_peaks": sorted(i["peak"] for i in workers.values())}
 
 
-def bench_server_memory(tmp: Path) -> Dict:
-    base = ensure_vitb32_base()
+def bench_server_memory(tmp: Path, base: Optional[Path] = None) -> Dict:
+    """base: the large base (default: the ViT-B/32-shaped one, written once)."""
+    base = base or ensure_vitb32_base()
     out = {}
     for name, model in (("tiny", "tiny-clip"), ("vitb32", str(base))):
         job = make_job(tmp / f"job_{name}", server={"num_rounds": "1", "model": json.dumps(model)},
@@ -351,13 +355,13 @@ def full_fedavg_bytes(model: str, num_classes: int) -> int:
         return sum(p.numel() for p in CLIPImageClassifier(cfg, num_classes, include_text=False).parameters()) * FP32
 
 
-def upload_sizes(observed: Optional[Dict], sites: int = 4) -> Dict:
+def upload_sizes(observed: Optional[Dict], sites: int = 4, base: Optional[Path] = None) -> Dict:
     from nvflare_lora.fl.server.persistor import AdapterPersistor
 
     persistor_args, _ = job_args()
     lora = AdapterPersistor(**persistor_args).lora  # the job's LoRA settings, as the server builds them
     num_classes = int(persistor_args["num_classes"])
-    base = ensure_vitb32_base()
+    base = base or ensure_vitb32_base()
     shapes = adapter_shapes(str(base), num_classes, lora)
     adapter = sum(int(np.prod(s)) for s in shapes.values()) * FP32
     full = full_fedavg_bytes(str(base), num_classes)
@@ -378,23 +382,36 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=30, help="warm rounds per side in (a)")
     ap.add_argument("--parts", default="abc", help="which parts to run (for development; the record runs abc)")
+    ap.add_argument("--json", default=None, help="raw results (default benchmarks/results/federation.json)")
+    ap.add_argument("--smoke", action="store_true", help="tiny size for CI: --reps 1, a tiny-clip-shaped base "
+                    "directory in the ViT-B/32 base's place, JSON to benchmarks/out/smoke/")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t_start = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="nvflare_lora_fedbench_"))
+    big = None  # the large base of (b) and (c); None: the ViT-B/32-shaped one
+    if args.smoke:
+        from _smoke import out_path, write_tiny_base
+
+        args.reps = 1
+        args.json = args.json or out_path("federation.json")
+        big = write_tiny_base(tmp / "clip-tiny")
     a = b = c = None
     try:
         if "a" in args.parts:
             print(f"(a) executor vs plain loop, {args.reps} warm rounds each ...", flush=True)
             a = bench_executor(args.reps, tmp / "a")
         if "b" in args.parts:
-            b = bench_server_memory(tmp / "b")
+            b = bench_server_memory(tmp / "b", big)
+            weights = sum(f.stat().st_size for f in (big or VITB32_DIR).glob("*.safetensors"))
         if "c" in args.parts:
-            c = upload_sizes(b["vitb32"]["communication"] if b else None)
+            c = upload_sizes(b["vitb32"]["communication"] if b else None, base=big)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
     print()
+    if args.smoke:
+        print("smoke size: numbers mean nothing; the 'ViT-B/32' base of (b) and (c) is a tiny-clip-shaped directory\n")
     summary = []
     if a:
         m, q = a["median"], a["iqr"]
@@ -427,7 +444,6 @@ def main(argv=None) -> int:
               f"{v['cli_peak'] / t['cli_peak']:6.2f}x")
         print(f"    {'sites (largest worker)':38} {mib(max(t['site_peaks'])):>12} {mib(max(v['site_peaks'])):>12} "
               f"{max(v['site_peaks']) / max(t['site_peaks']):6.2f}x  (they load the base)")
-        weights = sum(f.stat().st_size for f in VITB32_DIR.glob("*.safetensors"))
         print(f"    for scale: the ViT-B/32 weight files hold {mib(weights)} (hashed by the server as a stream); "
               f"the server grew by {mib(v['server_peak'] - t['server_peak'])}")
         print(f"    wall time: tiny {t['wall']:.0f}s, ViT-B/32 {v['wall']:.0f}s; server process holds ws/server logs: "
@@ -449,7 +465,8 @@ def main(argv=None) -> int:
     print(f"\ntotal benchmark time {time.perf_counter() - t_start:.0f}s")
     raw = {"a": a, "b": {k: {kk: vv for kk, vv in v.items() if kk != "communication"} for k, v in b.items()}
            if b else None, "c": c, "load_at_end": os.getloadavg()[0]}
-    (Path(__file__).parent / "results" / "federation.json").write_text(json.dumps(raw, indent=1, default=str) + "\n")
+    out = Path(args.json or Path(__file__).parent / "results" / "federation.json")
+    out.write_text(json.dumps(raw, indent=1, default=str) + "\n")
     print("federation: " + " ".join(summary))
     return 0
 

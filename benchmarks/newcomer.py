@@ -18,6 +18,10 @@
 Accuracy: the last round's global validation accuracy (communication.json), and the best checkpoint's.
 
 Usage: HF_HUB_OFFLINE=1 python benchmarks/newcomer.py [--workdir DIR] [--skip-plain]
+       HF_HUB_OFFLINE=1 python benchmarks/newcomer.py --smoke   # CI size: the -t run and one seed's int8 export,
+           2 sites, 2 rounds of 1 step (the second saves the best adapter), no cross-site evaluation, --skip-plain
+           (the runs without -t start a process per task: minutes even at this size); JSON to
+           benchmarks/out/smoke/newcomer.json
 Last line: `newcomer: plain=<S>s floor=<F>s nvflare_floor=<N>s t4=<T>s int8_agree_min=<P>% int8_passed=<K>/3`
 Targets (issue 12): plain <= 1.25 x floor, t4 <= 70 s, int8 >= 99.5%.
 """
@@ -50,12 +54,13 @@ IMPORTS = ("import nvflare.private.fed.app.simulator.simulator_worker, torch, pe
            "from transformers import CLIPModel")
 
 
-def simulate(job: Path, ws: Path, threads, extra_path: str = "") -> dict:
+def simulate(job: Path, ws: Path, threads, extra_path: str = "", sites: int = 4) -> dict:
     """The README's command, run by its CLI; seconds, site processes started, accuracies."""
     allow(ws)
     if extra_path:
         allow(ws, "floor_executor.")
-    cmd = ["nvflare", "simulator", str(job), "-w", str(ws), "-n", "4"] + (["-t", str(threads)] if threads else [])
+    cmd = ["nvflare", "simulator", str(job), "-w", str(ws), "-n", str(sites)]
+    cmd += ["-t", str(threads)] if threads else []
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if extra_path:
         env["PYTHONPATH"] = os.pathsep.join([extra_path, env.get("PYTHONPATH", "")])
@@ -116,29 +121,52 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", help="keep the workspaces here (default: a temporary directory)")
     p.add_argument("--skip-plain", action="store_true", help="skip the two runs without -t (about 8 minutes)")
+    p.add_argument("--seeds", default="0,1,2", help="training seeds of the int8 exports (0: the -t run's)")
+    p.add_argument("--sites", type=int, default=4, help="-n (and -t) of every run (default: the README's 4)")
+    p.add_argument("--rounds", type=int, default=0, help="num_rounds of every run (0: the job's)")
+    p.add_argument("--max-steps", type=int, default=0, help="cap on a site's steps per round (0: the job's epochs)")
+    p.add_argument("--json", default=None, help="raw results (default benchmarks/results/newcomer.json)")
+    p.add_argument("--smoke", action="store_true", help="tiny size for CI: --skip-plain --seeds 0 --sites 2 "
+                   "--rounds 2 --max-steps 1, no cross-site evaluation, JSON to benchmarks/out/smoke/")
     args = p.parse_args()
+    if args.smoke:
+        from _smoke import out_path
+
+        args.skip_plain, args.seeds, args.sites, args.rounds, args.max_steps = True, "0", 2, 2, 1
+        args.json = args.json or out_path("newcomer.json")
+    seeds = [int(x) for x in args.seeds.split(",")]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="newcomer-"))
     work.mkdir(parents=True, exist_ok=True)
     load = [round(x, 2) for x in os.getloadavg()]
     results = {"load_at_start": load, "cpus": os.cpu_count()}
+    # the job as the README runs it, or a smaller copy (--sites, --rounds, --max-steps, --smoke)
+    server = {"num_rounds": str(args.rounds)} if args.rounds else {}
+    client = {**({"num_sites": str(args.sites)} if args.sites != 4 else {}),
+              **({"max_steps": str(args.max_steps)} if args.max_steps else {})}
+    sized = bool(server or client or args.smoke)
 
-    results["t4"] = simulate(JOB, work / "ws_t4", 4)
+    def job_copy(name: str, server_extra=None, client_extra=None) -> Path:
+        return make_job(work / name, server={**server, **(server_extra or {})},
+                        client={**client, **(client_extra or {})}, cross_site_eval=not args.smoke)
+
+    t4_job = job_copy("job_t4") if sized else JOB
+    results["t4"] = simulate(t4_job, work / "ws_t4", args.sites, sites=args.sites)
     print(f"t4: {results['t4']}", flush=True)
     if not args.skip_plain:
-        results["plain"] = simulate(JOB, work / "ws_plain", None)
+        results["plain"] = simulate(t4_job, work / "ws_plain", None, sites=args.sites)
         print(f"plain: {results['plain']}", flush=True)
-        floor_job = make_job(work / "floor_job", client={"path": '"floor_executor.FloorExecutor"'})
-        results["nvflare_floor"] = simulate(floor_job, work / "ws_floor", None, str(ROOT / "benchmarks"))
+        floor_job = job_copy("floor_job", client_extra={"path": '"floor_executor.FloorExecutor"'})
+        results["nvflare_floor"] = simulate(floor_job, work / "ws_floor", None, str(ROOT / "benchmarks"), args.sites)
         print(f"nvflare floor: {results['nvflare_floor']}", flush=True)
         results["import_seconds"] = round(import_seconds(), 3)
         results["import_floor_seconds"] = round(results["import_seconds"] * results["plain"]["site_processes"], 1)
 
     results["int8"] = []
-    for seed in (0, 1, 2):
+    for seed in seeds:
         ws = work / "ws_t4" if seed == 0 else work / f"ws_seed{seed}"
         if seed:
-            job = make_job(work / f"job_seed{seed}", server={"seed": str(seed)}, client={"seed": str(seed)})
-            simulate(job, ws, 4)
+            job = job_copy(f"job_seed{seed}", server_extra={"seed": str(seed)}, client_extra={"seed": str(seed)})
+            simulate(job, ws, args.sites, sites=args.sites)
         proc = subprocess.run([sys.executable, "-m", "exporters.onnx", str(ws), "--optimize", "--quantize", "int8"],
                               capture_output=True, text=True, cwd=ROOT, timeout=900)
         report = json.loads((ws / "onnx" / "export_report.json").read_text())
@@ -169,8 +197,10 @@ def main() -> None:
               f"{'passed' if r['passed'] else 'failed'} | "
               + " | ".join(f"{r['schemes'][k]:.2f}%" for k in schemes) + " |")
     print(f"load average at start {load}, at end {results['load_at_end']} ({os.cpu_count()} cores)")
-    out = ROOT / "benchmarks" / "results" / "newcomer.json"
+    out = Path(args.json or ROOT / "benchmarks" / "results" / "newcomer.json")
     out.write_text(json.dumps(results, indent=1) + "\n")
+    if args.smoke and not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
     agree_min = min(r["export_agreement"] for r in results["int8"])
     plain = results.get("plain", {}).get("seconds", float("nan"))
     print(f"newcomer: plain={plain:.0f}s floor={results.get('import_floor_seconds', float('nan')):.0f}s "

@@ -27,6 +27,8 @@ The sites' validation splits are the only held-out data of this job; nothing is 
 default's settings were fixed before this run and are reported as they are.
 
 Usage: HF_HUB_OFFLINE=1 python benchmarks/robustness.py [--workdir DIR] [--rounds 8]
+       HF_HUB_OFFLINE=1 python benchmarks/robustness.py --smoke   # CI size: default settings, none and sign_flip,
+           2 sites (site-2 faulty), 1 round of 1 step, no reference run; JSON to benchmarks/out/smoke/robustness.json
 Last line: `robustness: clean=<A> worst_faulty_default=<B> drop=<C>pt` (target drop <= 2 points).
 Raw results: benchmarks/results/robustness.json.
 """
@@ -63,9 +65,11 @@ SETTINGS = {
 }
 
 
-def faulty_job(dest: Path, name: str, fault: str, rounds: int, **agg) -> Path:
-    """The default job with these aggregator settings, its executor replaced by FaultyExecutor."""
-    job = write_job(dest, name, settings(num_rounds=rounds, **agg))
+def faulty_job(dest: Path, name: str, fault: str, rounds: int, sites: int = 4, max_steps: int = 0, **agg) -> Path:
+    """The default job with these aggregator settings, its executor replaced by FaultyExecutor.
+    sites, max_steps: for --smoke (4 and 0 keep the default job's)."""
+    size = {**({"num_sites": sites} if sites != 4 else {}), **({"max_steps": max_steps} if max_steps else {})}
+    job = write_job(dest, name, settings(num_rounds=rounds, **size, **agg))
     client_file = job / "app" / "config" / "config_fed_client.json"
     client = json.loads(client_file.read_text())
     executor = client["executors"][0]["executor"]
@@ -89,15 +93,31 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default="")
     p.add_argument("--rounds", type=int, default=8)
-    p.add_argument("--faulty-site", default=FAULTY_SITE, help="the faulty site (default: site-4, the largest share)")
-    p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "robustness.json"))
+    p.add_argument("--faulty-site", default=None, help="the faulty site (default: site-4, the largest share; with "
+                   "--sites N, site-N)")
+    p.add_argument("--json", default=None, help="raw results (default benchmarks/results/robustness.json)")
     p.add_argument("--only", default="", help="comma-separated settings/fault keys to run (no table, no JSON)")
+    p.add_argument("--sites", type=int, default=4, help="sites in the simulator (default: the job's 4)")
+    p.add_argument("--max-steps", type=int, default=0, help="cap on a site's steps per round (0: the job's epochs)")
+    p.add_argument("--smoke", action="store_true", help="tiny size for CI: settings default, faults none and "
+                   "sign_flip, --sites 2 --rounds 1 --max-steps 1, no reference run, JSON to benchmarks/out/smoke/")
     args = p.parse_args()
-    FAULTY_SITE = args.faulty_site
+    settings_run, faults, reference = dict(SETTINGS), FAULTS, True
+    if args.smoke:
+        from _smoke import out_path
+
+        args.sites, args.rounds, args.max_steps = 2, 1, 1
+        args.json = args.json or out_path("robustness.json")
+        # the reference needs min_clients below the site count: not at 2 sites
+        settings_run, faults, reference = {"default": SETTINGS["default"]}, ("none", "sign_flip"), False
+    args.json = args.json or str(ROOT / "benchmarks" / "results" / "robustness.json")
+    FAULTY_SITE = args.faulty_site or f"site-{args.sites}"
+    sites = [f"site-{i}" for i in range(1, args.sites + 1)]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="robustness_"))
     load = os.getloadavg()[0]
     rows = {}
-    plan = [(name, agg, fault) for name, agg in SETTINGS.items() for fault in FAULTS] + [("default", {}, REFERENCE)]
+    plan = [(name, agg, fault) for name, agg in settings_run.items() for fault in faults]
+    plan += [("default", {}, REFERENCE)] if reference else []
     if args.only:
         plan = [x for x in plan if f"{x[0]}/{x[2]}" in args.only.split(",")]
     for name, agg, fault in plan:
@@ -106,15 +126,16 @@ def main() -> None:
             dest = work / key.replace("/", "_")
             shutil.rmtree(dest, ignore_errors=True)
             dest.mkdir(parents=True)
-            job = faulty_job(dest, "job", fault, args.rounds, **agg)
+            job = faulty_job(dest, "job", fault, args.rounds, args.sites, args.max_steps, **agg)
             t0 = time.perf_counter()
-            proc = run_simulator(job, dest / "ws", n=4, threads=4, test_components=True, timeout=900)
+            proc = run_simulator(job, dest / "ws", n=args.sites, threads=args.sites, test_components=True,
+                                 timeout=900)
             seconds = time.perf_counter() - t0
             if proc.returncode != 0:
                 raise SystemExit(f"{key}: simulator failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
             comm = json.loads((dest / "ws" / "server" / "simulate_job" / "app_server" / "communication.json").read_text())
             count = {what: {site: sum(site in ((r.get("aggregation") or {}).get(what) or {}) for r in comm["rounds"])
-                            for site in ("site-1", "site-2", "site-3", "site-4")}
+                            for site in sites}
                      for what in ("clipped", "capped", "excluded")}
             rows[key] = {"settings": name, "fault": fault, **final_accuracy(dest / "ws"), "seconds": round(seconds, 1),
                          "rounds_bounded": count}
@@ -124,23 +145,26 @@ def main() -> None:
                   f"rounds; honest sites {honest['clipped']}/{honest['capped']}/{honest['excluded']} site-rounds)",
                   flush=True)
 
+    if args.smoke and not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
     if args.only:
         return
-    print("\n| aggregation | " + " | ".join(FAULTS) + " | worst drop |\n|---|" + "---|" * (len(FAULTS) + 1))
-    for name in SETTINGS:
-        accs = [rows[f"{name}/{f}"]["accuracy"] for f in FAULTS]
+    print("\n| aggregation | " + " | ".join(faults) + " | worst drop |\n|---|" + "---|" * (len(faults) + 1))
+    for name in settings_run:
+        accs = [rows[f"{name}/{f}"]["accuracy"] for f in faults]
         drop = 100 * (accs[0] - min(accs[1:]))
         print(f"| {name} | " + " | ".join(f"{a:.4f}" for a in accs) + f" | {drop:.1f} pt |")
-    print(f"\nreference: default settings, {FAULTY_SITE} absent (error reply every round): "
-          f"{rows['default/' + REFERENCE]['accuracy']:.4f}")
+    if reference:
+        print(f"\nreference: default settings, {FAULTY_SITE} absent (error reply every round): "
+              f"{rows['default/' + REFERENCE]['accuracy']:.4f}")
     clean = rows["default/none"]["accuracy"]
-    worst = min(rows[f"default/{f}"]["accuracy"] for f in FAULTS[1:])
+    worst = min(rows[f"default/{f}"]["accuracy"] for f in faults[1:])
     print(f"\nfaulty site: {FAULTY_SITE}, every round; {args.rounds} rounds; final cross-site accuracy of the latest "
-          f"global adapter over all 4 sites' validation data. Load average at start {load:.2f}, at end "
+          f"global adapter over all {args.sites} sites' validation data. Load average at start {load:.2f}, at end "
           f"{os.getloadavg()[0]:.2f} ({os.cpu_count()} cores).")
     out = Path(args.json)
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"rounds": args.rounds, "faulty_site": FAULTY_SITE, "settings": SETTINGS,
+    out.write_text(json.dumps({"rounds": args.rounds, "faulty_site": FAULTY_SITE, "settings": settings_run,
                                "load_at_start": load, "results": rows}, indent=1) + "\n")
     print(f"robustness: clean={clean:.4f} worst_faulty_default={worst:.4f} drop={100 * (clean - worst):.1f}pt")
 

@@ -24,6 +24,8 @@ baseline with torch's default threads, and with -t 2 (the simulator then starts 
 for every task, so each site re-imports torch and rebuilds its model every round).
 
 Usage:  HF_HUB_OFFLINE=1 python benchmarks/scale.py [--sites 4,16,32] [--rounds 4] [--checks]
+        HF_HUB_OFFLINE=1 python benchmarks/scale.py --smoke   # CI size: --sites 2 --rounds 2 --max-steps 1, JSON
+                                                                to benchmarks/out/smoke/scale.json
 Last line: `scale: 32/4 sites time-per-sample <X>x` (steady-state wall time per sample, largest / first size).
 """
 
@@ -49,6 +51,7 @@ from simjob import communication, make_job, run_simulator  # noqa: E402  (the te
 
 VAL_FRACTION = 0.2
 EPOCHS = 2  # the job's local_epochs
+BATCH = 32  # the job's batch_size
 
 
 def train_images_per_round(num_sites: int) -> int:
@@ -62,6 +65,22 @@ def train_images_per_round(num_sites: int) -> int:
     for part in partition(labels, num_sites, "iid", seed=0):
         tr, _ = train_val_split(len(part), VAL_FRACTION, 1)
         total += len(tr)
+    return total
+
+
+def samples_per_round(num_sites: int, max_steps: Optional[int] = None) -> int:
+    """Training samples over all sites in one round: EPOCHS epochs, or the first max_steps batches of them."""
+    if not max_steps:
+        return EPOCHS * train_images_per_round(num_sites)
+    from sklearn.datasets import load_digits
+
+    from nvflare_lora.data import partition, train_val_split
+
+    total = 0
+    for part in partition(load_digits().target, num_sites, "iid", seed=0):
+        tr, _ = train_val_split(len(part), VAL_FRACTION, 1)
+        batches = [min(BATCH, len(tr) - i) for i in range(0, len(tr), BATCH)] * EPOCHS
+        total += sum(batches[:max_steps])
     return total
 
 
@@ -145,13 +164,16 @@ class TreeMonitor:
         self._thread.join()
 
 
-def run_size(num_sites: int, threads: int, rounds: int, tmp: Path, omp_threads: Optional[int], label: str) -> Dict:
+def run_size(num_sites: int, threads: int, rounds: int, tmp: Path, omp_threads: Optional[int], label: str,
+             max_steps: Optional[int] = None) -> Dict:
     name = f"{num_sites}_t{threads}_omp{omp_threads or 'default'}"
+    client = {"num_sites": str(num_sites), "partition": '"iid"', "local_epochs": str(EPOCHS)}
+    if max_steps:
+        client["max_steps"] = str(max_steps)
     job = make_job(tmp / f"job_{name}",
                    server={"num_rounds": str(rounds), "min_clients": str(num_sites),
                            "wait_time_after_min_received": "0"},
-                   client={"num_sites": str(num_sites), "partition": '"iid"', "local_epochs": str(EPOCHS)},
-                   cross_site_eval=False)
+                   client=client, cross_site_eval=False)
     ws = tmp / f"ws_{name}"
     env = {"OMP_NUM_THREADS": str(omp_threads)} if omp_threads else {}
     t0 = time.perf_counter()
@@ -168,7 +190,7 @@ def run_size(num_sites: int, threads: int, rounds: int, tmp: Path, omp_threads: 
     if len(comm) != rounds or any(len(r["upload"]) != num_sites for r in comm):
         raise RuntimeError(f"{num_sites} sites: expected {rounds} rounds with all sites, got "
                            f"{[len(r['upload']) for r in comm]}")
-    samples = EPOCHS * train_images_per_round(num_sites)
+    samples = samples_per_round(num_sites, max_steps)
     marks = mon.at_round
     if set(marks) != set(range(1, rounds + 1)):
         raise RuntimeError(f"missed a round's end while sampling: saw {sorted(marks)} of 1..{rounds}")
@@ -213,7 +235,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "worker process per task), to show why neither is used")
     ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "scale.json"),
                     help="write the rows to this JSON file ('' = none)")
+    ap.add_argument("--max-steps", type=int, default=0, help="cap on each site's steps per round (0: the job's "
+                    f"{EPOCHS} epochs)")
+    ap.add_argument("--smoke", action="store_true", help="tiny size for CI: --sites 2 --rounds 2 --max-steps 1, "
+                    "JSON to benchmarks/out/smoke/")
     args = ap.parse_args(argv)
+    if args.smoke:
+        from _smoke import out_path
+
+        args.sites, args.rounds, args.max_steps = "2", 2, 1
+        args.json = args.json if args.json != ap.get_default("json") else out_path("scale.json")
     sizes = [int(s) for s in args.sites.split(",")]
     if args.rounds < 2:
         ap.error("--rounds must be >= 2 (round 0 includes every site's set-up)")
@@ -229,7 +260,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     with tempfile.TemporaryDirectory(prefix="nvflare_lora_scale_") as tmp:
         for label, n, t, o in runs:
             print(f"running {label}: -n {n} -t {t}, OMP_NUM_THREADS={o or 'default'} ...", flush=True)
-            row = run_size(n, t, args.rounds, Path(tmp), o, label)
+            row = run_size(n, t, args.rounds, Path(tmp), o, label, args.max_steps or None)
             row["load"] = os.getloadavg()[0]
             print("  " + json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}),
                   flush=True)

@@ -20,6 +20,10 @@ LoRA as the jobs configure it: r 16, alpha 32, q/v of the image encoder, head tr
     head, one round), in the real simulator: wall time and peak RSS of the whole process tree.
 
 Usage: HF_HUB_OFFLINE=1 python benchmarks/site.py [--threads 2] [--batch 16] [--steps 4] [--reps 3]
+       HF_HUB_OFFLINE=1 python benchmarks/site.py --smoke    # CI size, in seconds
+--smoke: the same three parts with a tiny-clip-shaped base (benchmarks/_smoke.py) in the ViT-B/32 base's place,
+16 and 32 images for (b), batch 4, 1 step, 1 rep, 8 images per site in (c), in a temporary folder; raw results to
+benchmarks/out/smoke/site.json.
 Last line: `site: throughput_vs_plain=<X>x rss_8k/1k=<Y>x vitb32_round=<Z>s` (targets: X >= 0.95, Y <= 1.15).
 Raw results: benchmarks/results/site.json. benchmarks/gpu_check.py runs (a) on a GPU.
 """
@@ -196,7 +200,7 @@ def tree_rss_mb(pid: int) -> float:
     return total / 2**20
 
 
-def vitb32_job(work: Path, base_dir: Path) -> dict:
+def vitb32_job(work: Path, base_dir: Path, per_site: int = 100) -> dict:
     """The README's ViT-B/32 commands with HOME=work: sample images, zero-shot adapter, simulator."""
     home = work / "home"
     (home / "nvflare-lora").mkdir(parents=True, exist_ok=True)
@@ -206,7 +210,7 @@ def vitb32_job(work: Path, base_dir: Path) -> dict:
     env = {**os.environ, "HOME": str(home), "HF_HUB_OFFLINE": "1"}
     py = sys.executable
     for cmd in ([py, "-m", "nvflare_lora.sample_data", "elpv", str(home / "nvflare-lora" / "elpv"), "--sites", "2",
-                 "--per-site", "100"],
+                 "--per-site", str(per_site)],
                 [py, "-m", "nvflare_lora.zeroshot", str(work / "job")],
                 [py, "-m", "nvflare_lora.allow", str(work / "ws")]):
         subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
@@ -237,29 +241,50 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "site.json"))
+    p.add_argument("--sizes", default="1000,8000", help="images of the two sites in (b); (a) uses the first")
+    p.add_argument("--per-site", type=int, default=100, help="elpv images per site in (c)")
+    p.add_argument("--smoke", action="store_true", help="tiny size for CI: a tiny-clip-shaped base, --sizes 16,32 "
+                   "--batch 4 --steps 1 --reps 1 --per-site 8, a temporary workdir, JSON to benchmarks/out/smoke/")
     p.add_argument("--memory-run", nargs=2, metavar=("BASE", "FOLDER"), help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_run:
         print(json.dumps(site_memory(*args.memory_run, args.batch, args.steps, args.workers)))
         return
+    if args.smoke:
+        from _smoke import out_path
 
+        args.sizes, args.batch, args.steps, args.reps, args.per_site = "16,32", 4, 1, 1, 8
+        args.json = args.json if args.json != p.get_default("json") else out_path("site.json")
+        if not args.workdir:
+            with tempfile.TemporaryDirectory(prefix="site_smoke_") as tmp:
+                return run(args, Path(tmp))
+    run(args, Path(args.workdir or tempfile.mkdtemp(prefix="site_bench_")))
+
+
+def run(args, work: Path) -> None:
     from nvflare_lora.sample_data import write_image_folder, write_random_base
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="site_bench_"))
+    sizes = [int(n) for n in args.sizes.split(",")]
     load = os.getloadavg()
     print(f"workdir {work}; load average at start {load[0]:.2f} on {os.cpu_count()} cores; torch {torch.__version__}, "
           f"{args.threads} threads, batch {args.batch}, {args.workers} loader worker(s)")
-    base = work / "clip-vit-b32"
+    base = work / ("clip-tiny" if args.smoke else "clip-vit-b32")
     if not (base / "config.json").is_file():
-        write_random_base(base)
-    folders = {n: work / f"images_{n}" for n in (1000, 8000)}
+        if args.smoke:
+            from _smoke import write_tiny_base
+
+            write_tiny_base(base)
+        else:
+            write_random_base(base)
+    folders = {n: work / f"images_{n}" for n in sizes}
     for n, folder in folders.items():
         if not folder.is_dir():
             write_image_folder(folder, n)
 
-    print("\n(a) local training throughput, ViT-B/32 shapes, 1,000 real 300x300 images")
-    tp = throughput(str(base), str(folders[1000]), args.batch, args.steps, args.reps, args.workers)
+    print(f"\n(a) local training throughput, {'tiny (smoke)' if args.smoke else 'ViT-B/32'} shapes, {sizes[0]:,} real "
+          f"300x300 images")
+    tp = throughput(str(base), str(folders[sizes[0]]), args.batch, args.steps, args.reps, args.workers)
 
     print("\n(b) a site's peak memory (fresh process each)")
     mem = {}
@@ -270,11 +295,11 @@ def main() -> None:
         mem[n] = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"  {n:5d} images: site {mem[n]['peak_rss_mb']:.0f} MB, worker {mem[n]['worker_peak_rss_mb']:.0f} MB, "
               f"validated {mem[n]['val_images']} images, {mem[n]['seconds']:.0f} s")
-    rss_ratio = (mem[8000]["peak_rss_mb"] + mem[8000]["worker_peak_rss_mb"]) / (
-        mem[1000]["peak_rss_mb"] + mem[1000]["worker_peak_rss_mb"])
+    big, small = mem[sizes[-1]], mem[sizes[0]]
+    rss_ratio = (big["peak_rss_mb"] + big["worker_peak_rss_mb"]) / (small["peak_rss_mb"] + small["worker_peak_rss_mb"])
 
-    print("\n(c) jobs/clip_lora_vitb32 in the simulator (2 sites x 100 images, one round)")
-    job = vitb32_job(work / "vitb32", base)
+    print(f"\n(c) jobs/clip_lora_vitb32 in the simulator (2 sites x {args.per_site} images, one round)")
+    job = vitb32_job(work / "vitb32", base, args.per_site)
     print(f"  wall {job['wall_s']:.1f} s (round {job['round_s']:.1f} s), peak RSS of the process tree "
           f"{job['peak_tree_rss_mb']:.0f} MB")
 
