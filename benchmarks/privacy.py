@@ -19,6 +19,9 @@ Time: one site's local training (5 steps a round, its share) with DP and without
 each: the ratio of the median round times (DP's batches are Poisson, 32 images on average).
 
 Usage: HF_HUB_OFFLINE=1 python benchmarks/privacy.py [--workers 2] [--seeds 0,1] [--rounds 200]
+       HF_HUB_OFFLINE=1 python benchmarks/privacy.py --smoke   # CI size, in seconds: 2 rounds, seed 0,
+           epsilon 8 only, one DP choice (C 0.1, lr 0.02, 1 step), one lr without DP (0.02), the base pretrained
+           for 1 epoch, 2 timing rounds, 1 worker; JSON and plot to benchmarks/out/smoke/
 Last line: `privacy: eps8_ffa=<A> nodp_ffa=<B> gap=<C>pt dp_time=<D>x` (targets: gap <= 5, dp_time <= 2.5).
 Raw results: benchmarks/results/privacy.json, plot benchmarks/results/privacy.png.
 """
@@ -139,7 +142,7 @@ def dp_time(args, parts) -> Dict:
             "images_per_round": {k: float(np.mean([n for _, n in v])) for k, v in times.items()}}
 
 
-def plot(results: Dict, path: Path) -> None:
+def plot(results: Dict, path: Path, epsilons=EPSILONS) -> None:
     try:
         import matplotlib
     except ImportError:
@@ -148,13 +151,14 @@ def plot(results: Dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xs = list(range(len(EPSILONS) + 1))
+    xs = list(range(len(epsilons) + 1))
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for rule, colour in zip(RULES, ("tab:blue", "tab:orange")):
-        finals = [results[rule][f"{e:g}"]["final_per_seed"] for e in EPSILONS] + [results[rule]["inf"]["final_per_seed"]]
+        finals = [results[rule][f"{e:g}"]["final_per_seed"] for e in epsilons]
+        finals += [results[rule]["inf"]["final_per_seed"]]
         ax.errorbar(xs, [100 * np.mean(f) for f in finals], yerr=[50 * (max(f) - min(f)) for f in finals],
                     marker="o", capsize=3, color=colour, label=rule)
-    ax.set_xticks(xs, [f"{e:g}" for e in EPSILONS] + ["inf (no DP)"])
+    ax.set_xticks(xs, [f"{e:g}" for e in epsilons] + ["inf (no DP)"])
     ax.set_xlabel(f"epsilon per site (delta {DELTA:g})")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
@@ -176,7 +180,18 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "privacy.json"))
     ap.add_argument("--plot", default=str(ROOT / "benchmarks" / "results" / "privacy.png"))
+    ap.add_argument("--smoke", action="store_true", help="tiny size for CI (see Usage), JSON and plot to "
+                    "benchmarks/out/smoke/")
     args = ap.parse_args()
+    dp_grid, lr_grid, epsilons = DP_GRID, quality.LR_GRID, EPSILONS
+    if args.smoke:
+        from _smoke import OUT as smoke_out
+
+        args.rounds, args.eval_every, args.pretrain_epochs = 2, 1, 1  # local steps stay 5: the DP timing's round
+        args.seeds, args.workers, args.time_rounds = "0", 1, 2
+        dp_grid, lr_grid, epsilons = [(0.1, 0.02, 1)], (0.02,), (8.0,)
+        args.json = args.json if args.json != ap.get_default("json") else str(smoke_out / "privacy.json")
+        args.plot = args.plot if args.plot != ap.get_default("plot") else str(smoke_out / "privacy.png")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     load = os.getloadavg()
@@ -189,8 +204,8 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
 
     # 1. choices on the validation split (seed 0): DP's (clip, lr, steps) at epsilon 8, and the lr without DP
-    grid = [(r, parts, 8.0, choice, 0, "val") for r in RULES for choice in DP_GRID]
-    grid += [(r, parts, None, (1.0, lr, args.local_steps), 0, "val") for r in RULES for lr in quality.LR_GRID]
+    grid = [(r, parts, 8.0, choice, 0, "val") for r in RULES for choice in dp_grid]
+    grid += [(r, parts, None, (1.0, lr, args.local_steps), 0, "val") for r in RULES for lr in lr_grid]
     val: Dict = {}
     for job, result in zip(grid, run_all(args, grid)):
         rule, _, eps, choice = job[:4]
@@ -198,10 +213,10 @@ def main() -> None:
     chosen = {key: max(by, key=lambda k: (by[k], -k[1], -k[0])) for key, by in val.items()}  # ties: smaller lr, clip
 
     # 2. the chosen settings with every seed, on the test images
-    jobs = [(r, parts, e, chosen[(r, False)], s, "test") for r in RULES for e in EPSILONS for s in seeds]
+    jobs = [(r, parts, e, chosen[(r, False)], s, "test") for r in RULES for e in epsilons for s in seeds]
     jobs += [(r, parts, None, chosen[(r, True)], s, "test") for r in RULES for s in seeds]
-    results: Dict = {"settings": vars(args), "split": SPLIT[0], "delta": DELTA, "dp_grid": DP_GRID,
-                     "lr_grid": list(quality.LR_GRID), "load_at_start": load,
+    results: Dict = {"settings": vars(args), "split": SPLIT[0], "delta": DELTA, "dp_grid": dp_grid,
+                     "lr_grid": list(lr_grid), "load_at_start": load,
                      "validation": {f"{r} {'nodp' if nodp else 'eps8'}": {f"C={c} lr={lr} steps={n}": a
                                                                             for (c, lr, n), a in by.items()}
                                     for (r, nodp), by in val.items()}}
@@ -221,11 +236,12 @@ def main() -> None:
     timing = dp_time(args, parts)
     results["dp_time"] = timing
 
-    print("\n| rule | " + " | ".join(f"eps {e:g}" for e in EPSILONS) + " | no DP | chosen (C, lr, steps) with DP | lr without |")
-    print("|---|" + "---|" * (len(EPSILONS) + 3))
+    print("\n| rule | " + " | ".join(f"eps {e:g}" for e in epsilons)
+          + " | no DP | chosen (C, lr, steps) with DP | lr without |")
+    print("|---|" + "---|" * (len(epsilons) + 3))
     for rule in RULES:
         cells = []
-        for e in [f"{e:g}" for e in EPSILONS] + ["inf"]:
+        for e in [f"{e:g}" for e in epsilons] + ["inf"]:
             f = results[rule][e]["final_per_seed"]
             cells.append(f"{100 * np.mean(f):.1f} +-{50 * (max(f) - min(f)):.1f}")
         print(f"| {rule} | " + " | ".join(cells) + f" | {chosen[(rule, False)]} | {chosen[(rule, True)][1]} |")
@@ -233,7 +249,7 @@ def main() -> None:
     print(f"site round: {timing['round_s']['dp']:.3f}s with DP, {timing['round_s']['plain']:.3f}s without "
           f"({timing['ratio']:.2f}x; per image {timing['per_image_ratio']:.2f}x; images per round "
           f"{timing['images_per_round']['dp']:.1f} vs {timing['images_per_round']['plain']:.1f})")
-    plot(results, Path(args.plot))
+    plot(results, Path(args.plot), epsilons)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(quality._rounded(results), default=str) + "\n")
     print(f"total {time.perf_counter() - t0:.0f}s, load average {os.getloadavg()[0]:.2f}")

@@ -44,6 +44,9 @@ depend on --workers.
 
 Usage:  HF_HUB_OFFLINE=1 python benchmarks/quality.py [--hetero] [--workers 2] [--plots benchmarks/results]
 Raw results: --json (default benchmarks/results/quality.json, next to the plots).
+--smoke (CI size, in seconds): --rounds 2 --eval-every 1 --local-steps 1 --pretrain-epochs 1 --seeds 0 --workers 1
+--lr-grid 0.02; JSON and plots to benchmarks/out/smoke/ (its base is cached in benchmarks/out/quality/, as the full
+run's is).
 Last line: `quality: central=<A> best_fed=<B>(<method>) iid_gap=<X> a0.1_gap=<Y>`: A = central test
 accuracy, B = the test accuracy under IID of the rule validation chose, X / Y = A minus the test accuracy of
 the validation-chosen rule under IID / alpha 0.1, all in points (percent), means over the seeds.
@@ -422,7 +425,18 @@ def main(argv=None) -> Dict:
     ap.add_argument("--hetero", action="store_true", help=f"also site ranks {HETERO_RANKS} under alpha 0.5")
     ap.add_argument("--plots", default=str(ROOT / "benchmarks" / "results"), help="folder for the PNGs ('' = none)")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
+    ap.add_argument("--lr-grid", default=",".join(map(str, LR_GRID)), help="peak lrs tried on the validation split")
+    ap.add_argument("--smoke", action="store_true", help="tiny size for CI: --rounds 2 --eval-every 1 --local-steps 1 "
+                    "--pretrain-epochs 1 --seeds 0 --workers 1 --lr-grid 0.02, JSON and plots to benchmarks/out/smoke/")
     args = ap.parse_args(argv)
+    if args.smoke:
+        from _smoke import OUT as smoke_out
+
+        args.rounds, args.eval_every, args.local_steps, args.pretrain_epochs = 2, 1, 1, 1
+        args.seeds, args.workers, args.lr_grid = "0", 1, "0.02"
+        args.plots = args.plots if args.plots != ap.get_default("plots") else str(smoke_out)
+        args.json = args.json if args.json != ap.get_default("json") else str(smoke_out / "quality.json")
+    lr_grid = tuple(float(x) for x in args.lr_grid.split(","))
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
 
@@ -444,11 +458,11 @@ def main(argv=None) -> Dict:
 
     methods = [(None, "central")] + [(p, m) for p, _, _ in PARTITIONS for m in ("local",) + RULES]
     # 1. the lr grid, every method and split, training seed 0, scored on the validation split
-    grid = [j for p, m in methods for lr in LR_GRID for j in method_jobs(p, m, lr, [0], "val")]
+    grid = [j for p, m in methods for lr in lr_grid for j in method_jobs(p, m, lr, [0], "val")]
     val: Dict = {}
     for (kind, p, _, _, lr, _, _), result in run_jobs(args, grid):
         val.setdefault((p, kind), {})[lr] = result["accuracy"][-1]
-    chosen = {key: max(LR_GRID, key=lambda lr: (by[lr], -lr)) for key, by in val.items()}  # ties: the smaller lr
+    chosen = {key: max(lr_grid, key=lambda lr: (by[lr], -lr)) for key, by in val.items()}  # ties: the smaller lr
     # 2. the chosen lr with every seed, scored on the test images
     jobs = [j for p, m in methods for j in method_jobs(p, m, chosen[(p, m)], seeds, "test")]
     if args.hetero:
@@ -460,7 +474,7 @@ def main(argv=None) -> Dict:
     for (kind, p, _, ranks, _, _, _), result in run_jobs(args, jobs):
         key = f"{kind} ranks {'/'.join(map(str, ranks))}" if p == "hetero" else kind
         runs.setdefault(p or "central", {}).setdefault(key, []).append(result)
-    results: Dict = {"settings": vars(args), "lr_grid": list(LR_GRID), "robustness": JOB_ROBUSTNESS.to_dict()}
+    results: Dict = {"settings": vars(args), "lr_grid": list(lr_grid), "robustness": JOB_ROBUSTNESS.to_dict()}
     for p, by in runs.items():
         merged = {k: mean_over_seeds(rs) for k, rs in by.items()}
         for k, r in merged.items():

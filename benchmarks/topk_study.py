@@ -18,6 +18,8 @@ is the default job). top-k+int8 f=0.1 also runs for 3x the rounds, to count how 
 the baseline's final accuracy.
 
 Usage:  HF_HUB_OFFLINE=1 python benchmarks/topk_study.py [--seeds 0,1,2] [--rounds N]
+        HF_HUB_OFFLINE=1 python benchmarks/topk_study.py --smoke   # CI size, in seconds: --seeds 0 --rounds 1
+                                         --max-steps 1, JSON to benchmarks/out/smoke/topk_study.json
 Last line: `topk_study: f=0.1 dacc=<mean points> [<per seed>] f=0.3 dacc=<D> rounds_to_match=<median rounds>/<job rounds>`
 """
 
@@ -131,7 +133,8 @@ def run(variant: str, fraction: float, seed: int, rounds: int, s: dict) -> dict:
             for (train, _), up in zip(sites, uploaders):
                 fed.set_parameters(glob)
                 st = train_local(fed, train, epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"],
-                                 weight_decay=s["weight_decay"], max_grad_norm=s["max_grad_norm"], seed=seed + rnd)
+                                 weight_decay=s["weight_decay"], max_grad_norm=s["max_grad_norm"], seed=seed + rnd,
+                                 max_steps=s.get("max_steps"))
                 local = fed.get_parameters()
                 got, b = up.send({k: (local[k] - glob[k]).astype(np.float32) for k in glob})
                 received.append(SiteUpdate({k: np.asarray(v, np.float32) for k, v in got.items()}, float(st["steps"]),
@@ -149,9 +152,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", default="0,1,2", help="data/initialisation seeds; 0 is the default job's")
     ap.add_argument("--rounds", type=int, default=0, help="rounds per federation (default: the job's num_rounds)")
+    ap.add_argument("--max-steps", type=int, default=0, help="cap on a site's steps per round (0: the job's epochs)")
+    ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "topk_study.json"))
+    ap.add_argument("--smoke", action="store_true", help="tiny size for CI: --seeds 0 --rounds 1 --max-steps 1, "
+                    "JSON to benchmarks/out/smoke/")
     a = ap.parse_args()
+    if a.smoke:
+        from _smoke import out_path
+
+        a.seeds, a.rounds, a.max_steps = "0", 1, 1
+        a.json = a.json if a.json != ap.get_default("json") else out_path("topk_study.json")
     torch.set_num_threads(1)  # as the job's sites (torch_threads = 1)
     s = job_settings()
+    if a.max_steps:
+        s["max_steps"] = a.max_steps
     rounds = a.rounds or s["rounds"]
     seeds = [int(x) for x in a.seeds.split(",")]
     variants = [("none", "none", 1.0), ("topk+int8 f=0.1", "topk", 0.1), ("topk+int8 f=0.2", "topk", 0.2),
@@ -193,7 +207,7 @@ def main() -> None:
     raw = {"rounds": rounds, "seeds": seeds, "settings": s, "rounds_to_match": catch,
            "variants": {label: [{"accuracy": r["acc"], "bytes": r["bytes"]} for r in runs] for label, runs in table.items()},
            "long_topk_f0.1": [r["acc"] for r in long]}
-    (Path(__file__).parent / "results" / "topk_study.json").write_text(json.dumps(raw, default=float) + "\n")
+    Path(a.json).write_text(json.dumps(raw, default=float) + "\n")
     print(f"topk_study: f=0.1 dacc={f1:+.1f} [{' '.join(f'{d:+.1f}' for d in per)}] "
           f"f=0.3 dacc={summary['topk+int8 f=0.3'][0]:+.1f} rounds_to_match={med}/{rounds}")
 
