@@ -68,8 +68,8 @@ def federation(tmp_path_factory):
 def finished_job(federation, tmp_path_factory):
     """jobs/clip_lora, shortened, submitted over mTLS, followed to the end and downloaded."""
     tmp = tmp_path_factory.mktemp("job")
-    job = make_job(tmp / "clip_lora", server={"num_rounds": str(ROUNDS), "wait_time_after_min_received": "5"},
-                   client={"num_sites": str(len(SITES)), "local_epochs": "1", "max_steps": "5"},
+    job = make_job(tmp / "clip_lora", num_rounds=ROUNDS, wait_time_after_min_received=5, num_sites=len(SITES),
+                   local_epochs=1, max_steps=5,
                    cross_site_eval=False)  # the simulator tests cover it; here it would only add time
     proc = submit(federation, job, tmp / "results")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + federation.log_tails()
@@ -131,6 +131,10 @@ def test_downloaded_result_exports_to_onnx(finished_job, tmp_path):
                            "--verify-samples", "32"], capture_output=True, text=True, timeout=300, cwd=str(ROOT))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert list(out.rglob("*.onnx")), f"no .onnx written under {out}: {sorted(out.rglob('*'))}"
+    # verified on the sites' own validation images: the server recorded each site's split in the checkpoint
+    data = json.loads((out / "export_report.json").read_text())["verification"]["data"]
+    assert data.startswith("the sites' validation images (2 sites: ") and "images-1" in data and "images-2" in data, \
+        data
 
 
 def test_the_admin_sees_each_round_and_the_end(finished_job):
@@ -157,7 +161,7 @@ def test_the_recipe_runs_on_the_provisioned_system_with_prodenv(federation, fini
 
 def test_a_job_that_brings_code_is_refused(federation, finished_job, tmp_path):
     """The policy that the plugin's job runs under really forbids uploaded code (the negative control)."""
-    job = make_job(tmp_path / "clip_lora_byoc", server={"num_rounds": "1"}, cross_site_eval=False)
+    job = make_job(tmp_path / "clip_lora_byoc", num_rounds=1, cross_site_eval=False)
     (job / "app" / "custom").mkdir()
     (job / "app" / "custom" / "anything.py").write_text("print('uploaded code')\n")
     proc = submit(federation, job, tmp_path / "results", timeout=120)
