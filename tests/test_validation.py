@@ -201,6 +201,44 @@ def test_bad_updates_are_left_out_and_the_result_equals_a_run_without_them():
                                                        for r in bad.history]
 
 
+def test_the_nvflare_aggregator_refuses_them_as_the_round_does_and_says_why():
+    """The same check in the job's LoRAAggregator (what NVFlare calls with each result, no simulator needed):
+    a bad result is refused, its reason set for the communication log, and the good ones are aggregated."""
+    from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+    from nvflare.apis.fl_constant import ReservedKey
+    from nvflare.apis.fl_context import FLContext
+    from nvflare.app_common.abstract.model import make_model_learnable
+    from nvflare.app_common.app_constant import AppConstants
+
+    from nvflare_lora.fl.protocol import REFUSED_PROP
+    from nvflare_lora.fl.server.aggregator import LoRAAggregator
+    from nvflare_lora.settings import component_args
+
+    def result(site, data, steps=5):
+        shareable = DXO(DataKind.WEIGHT_DIFF, data=data, meta={MetaKey.NUM_STEPS_CURRENT_ROUND: steps}).to_shareable()
+        shareable.add_cookie(AppConstants.CONTRIBUTION_ROUND, 0)
+        shareable.set_peer_props({ReservedKey.IDENTITY_NAME: site})
+        return shareable
+
+    job = settings(r=4, lora_alpha=8)
+    aggregator = LoRAAggregator(**component_args(job, "aggregator"))
+    ctx = FLContext()
+    ctx.set_prop(AppConstants.GLOBAL_MODEL, make_model_learnable(_global(), {}), private=True, sticky=False)
+    ctx.set_prop(AppConstants.CURRENT_ROUND, 0, private=True, sticky=False)
+    good = [_update(1), _update(2)]
+    assert aggregator.accept(result("site-1", good[0]), ctx) and ctx.get_prop(REFUSED_PROP) is None
+    for fault, reason in REASONS.items():
+        assert not aggregator.accept(result("site-3", corrupt(_update(3), fault)), ctx), fault
+        assert reason in ctx.get_prop(REFUSED_PROP), (fault, ctx.get_prop(REFUSED_PROP))
+    assert not aggregator.accept(result("site-3", _update(3), steps=0), ctx)
+    assert "NUM_STEPS_CURRENT_ROUND" in ctx.get_prop(REFUSED_PROP)
+    assert aggregator.accept(result("site-2", good[1]), ctx)
+    new = from_shareable(aggregator.aggregate(ctx)).data
+    want, _ = aggregate(_global(), [SiteUpdate(u, 5.0, f"site-{i + 1}") for i, u in enumerate(good)], "fedavg", 2.0,
+                        job.robustness())
+    assert _largest_difference(new, want) < 1e-7
+
+
 # ---- a faulty site cannot ruin the job ---------------------------------------------------------------------
 # The default job's bounds (clip at 2x the round's median norm, weights capped at 2x the median, updates
 # below 0.5x the median cosine left out), 3 short rounds on an IID split: enough learning (0.1 -> ~0.4)
