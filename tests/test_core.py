@@ -9,7 +9,7 @@ import torch
 from nvflare_lora import (CLIPLoRAWrapper, FederatedCLIPModel, LoRAConfig, LoRAConfigManager, LoRAModelManager,
                           ModelNotFoundError, adapter_shapes, quick_clip_lora)
 from nvflare_lora.adapter import AdapterMismatchError
-from nvflare_lora.checkpoint import CheckpointError
+from nvflare_lora.checkpoint import CheckpointError, locate_checkpoint
 from nvflare_lora.data import load_digits_dataset, site_split
 from nvflare_lora.models import save_preset
 from nvflare_lora.training import train_local
@@ -361,3 +361,59 @@ def test_weights_hash_cache_is_used_and_invalidated_by_a_changed_file(tmp_path):
     weights.write_bytes(bytes(data))
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
     assert weights_sha256(source, cache) == weights_sha256(source) != plain
+
+
+# ---- checkpoints: metadata and the one locator (persistor resume, exporter) ------------------------
+def test_checkpoint_metadata_is_one_schema_that_reads_back_as_written(tmp_path):
+    """model_metadata gives a CheckpointMeta; the fields a writer adds must be CheckpointMeta's (a misspelt
+    one is refused, not written), and what is saved reads back as the same CheckpointMeta."""
+    from nvflare_lora.checkpoint import CheckpointMeta, read_adapter_dir, save_adapter_dir
+    from nvflare_lora.data import split_record
+    from nvflare_lora.managers import model_metadata
+
+    w = quick_clip_lora("tiny-clip", 10, 4)
+    split = {"site-1": split_record("site-1", "digits", True, 2, "iid", 0.5, 0, 0.2)}
+    meta = model_metadata(w.model, {"round": 3, "metrics": {"val_accuracy": 0.25}, "val_split": split})
+    assert isinstance(meta, CheckpointMeta) and meta.base_model == "tiny-clip" and meta.labels == [str(i) for i in range(10)]
+    with pytest.raises(TypeError, match="rnd"):
+        model_metadata(w.model, {"rnd": 3})
+    path = save_adapter_dir(tmp_path / "best", w.model.get_parameters(), w.peft_model.peft_config["default"], meta)
+    _, _, saved = read_adapter_dir(path)
+    assert saved["num_classes"] == 10 and saved["adapter_parameters"] == sum(v.size for v in w.model.get_parameters().values())
+    assert CheckpointMeta.from_dict(saved) == CheckpointMeta.from_dict(json.loads(json.dumps(meta.to_dict())))
+    assert CheckpointMeta.from_dict(saved).val_split == split
+
+
+def _fake_checkpoint(directory):
+    directory.mkdir(parents=True)
+    (directory / "nvflare_lora.json").write_text("{}")
+    (directory / "adapter_model.safetensors").write_bytes(b"")
+    return directory
+
+
+def test_locate_prefers_best_and_never_falls_back_silently(tmp_path):
+    app = tmp_path / "ws/server/simulate_job/app_server"
+    latest = _fake_checkpoint(app / "adapter/latest")
+    assert locate_checkpoint(tmp_path / "ws", "latest").path == latest
+    fallback = locate_checkpoint(tmp_path / "ws")  # no best yet: latest, said out loud
+    assert fallback.path == latest and "no 'best' checkpoint" in fallback.note
+    with pytest.raises(CheckpointError, match="no checkpoint named 'best'"):
+        locate_checkpoint(tmp_path / "ws", "best")
+    best = _fake_checkpoint(app / "adapter/best")
+    assert locate_checkpoint(tmp_path / "ws").path == best and locate_checkpoint(tmp_path / "ws").note is None
+    assert locate_checkpoint(app).path == best  # the server's app dir works too
+    assert locate_checkpoint(best).path == best  # and the checkpoint itself
+
+
+def test_locate_skips_half_written_dirs_prefers_the_server_and_refuses_ambiguity(tmp_path):
+    _fake_checkpoint(tmp_path / "ws/server/app_server/adapter/.best.tmp-123")
+    server = _fake_checkpoint(tmp_path / "ws/server/app_server/adapter/best")
+    _fake_checkpoint(tmp_path / "ws/site-1/app_site-1/adapter/best")
+    assert locate_checkpoint(tmp_path / "ws").path == server
+    _fake_checkpoint(tmp_path / "jobs/a/best")
+    _fake_checkpoint(tmp_path / "jobs/b/best")
+    with pytest.raises(CheckpointError, match="2 checkpoints named 'best'"):
+        locate_checkpoint(tmp_path / "jobs")
+    only = _fake_checkpoint(tmp_path / "adapters/digits")  # a LoRAModelManager root with one adapter
+    found = locate_checkpoint(tmp_path / "adapters")
+    assert found.path == only and "only checkpoint" in found.note

@@ -1,6 +1,7 @@
 """The ONNX exporter (python -m exporters.onnx) and its serving entry point, on real PEFT models and real
 ONNX Runtime sessions. The run directory is laid out as the simulator writes it; the adapters in it are
-saved with the core library's checkpoint writer."""
+saved with the core library's checkpoint writer, their metadata built as the server builds it
+(managers.model_metadata: a CheckpointMeta)."""
 
 import json
 import os
@@ -16,14 +17,12 @@ import torch
 
 from exporters.onnx import VerificationError
 from exporters.onnx.__main__ import main as export_main
-from exporters.onnx.errors import ExportError
-from exporters.onnx.locate import locate_checkpoint
 from exporters.onnx.predict import ImageClassifier
 from exporters.onnx.predict import main as predict_main
 from exporters.onnx.verify import compare
 from nvflare_lora import FederatedCLIPModel, quick_clip_lora
 from nvflare_lora.checkpoint import save_adapter_dir
-from nvflare_lora.data import load_digits_dataset
+from nvflare_lora.data import load_digits_dataset, split_record
 from nvflare_lora.managers import model_metadata
 from nvflare_lora.models import Preprocessing, build_classifier, save_preset
 from nvflare_lora.training import train_local
@@ -34,6 +33,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
 
 
 def _save(wrapper, directory, **extra):
+    """extra: CheckpointMeta fields (round, metrics, val_split, ...), as the persistor adds them."""
     fed = wrapper.model
     save_adapter_dir(directory, fed.get_parameters(), wrapper.peft_model.peft_config["default"],
                      model_metadata(fed, extra))
@@ -45,12 +45,19 @@ def digits():
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, digits):
-    """A simulator-like workspace: best/ holds a briefly trained adapter, latest/ the untrained initial one."""
-    ws = tmp_path_factory.mktemp("run") / "ws"
-    trained = quick_clip_lora("tiny-clip", 10, 4)
+def trained(digits):
+    """A briefly trained adapter (r=4)."""
+    wrapper = quick_clip_lora("tiny-clip", 10, 4)
     torch.manual_seed(0)  # LoRA dropout draws from the global generator: the same model whatever ran before
-    train_local(trained.model, digits, epochs=1, max_steps=25, batch_size=32, lr=1e-2, seed=0)
+    train_local(wrapper.model, digits, epochs=1, max_steps=25, batch_size=32, lr=1e-2, seed=0)
+    return wrapper
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, trained):
+    """A simulator-like workspace: best/ holds a briefly trained adapter, latest/ the untrained initial one.
+    Their metadata records no site's data split (val_split)."""
+    ws = tmp_path_factory.mktemp("run") / "ws"
     _save(trained, ws / ADAPTER_DIR / "best", round=2, metrics={"val_accuracy": 0.5})
     _save(quick_clip_lora("tiny-clip", 10, 4), ws / ADAPTER_DIR / "latest", round=0)
     return ws
@@ -87,11 +94,48 @@ def test_export_writes_a_verified_serving_directory(exported, run_dir):
     assert report["verification"]["text"]["passed"]
     assert report["optimizer_fusions"].get("Attention", 0) == 2, "both attention blocks should be fused"
     assert set(report["latency_ms"]["fp32"]) == {"batch_1", "batch_8"}
-    assert "digits" in report["verification"]["data"]  # no client config in this fake workspace
     assert json.loads((out / "labels.json").read_text()) == [str(i) for i in range(10)]
     pp = json.loads((out / "preprocessing.json").read_text())
     assert (pp["size"], pp["crop_size"]) == (32, 32) and len(pp["mean"]) == len(pp["std"]) == 3
     assert "exported and verified" in stdout and "checkpoint:" in stdout
+
+
+def test_without_the_sites_split_in_the_checkpoint_it_verifies_on_the_digits_and_says_so(exported, run_dir):
+    from exporters.onnx.run_data import run_validation_set
+
+    out, stdout = exported
+    data = json.loads((out / "export_report.json").read_text())["verification"]["data"]
+    assert data.startswith("digits (") and "records no site's data split" in data, data
+    assert f"verifying on 96 images: {data}" in stdout
+    # a split recorded, but of a site's folder that is not on this machine: the digits again, saying why
+    meta = {"val_split": {"site-1": split_record("site-1", str(run_dir / "elsewhere"), False, 1, "iid", 0.5, 0, 0.2)}}
+    dataset, why = run_validation_set(meta, Preprocessing(size=32, crop_size=32), [str(i) for i in range(10)])
+    assert dataset is None and why.startswith("site-1's data ") and "cannot be read here" in why, why
+
+
+def test_the_export_verifies_on_the_sites_own_validation_images_recorded_in_the_checkpoint(trained, tmp_path, capsys):
+    """The server records each site's split (val_split, sent with its updates) in the checkpoint's metadata;
+    the exporter verifies on exactly those sites' validation images: all of them when asked for more."""
+    from nvflare_lora.facts import JobFacts
+    from nvflare_lora.settings import settings
+    from nvflare_lora.site import Site
+
+    job = settings()  # jobs/clip_lora's split: the digits across 4 sites, Dirichlet label skew
+    sites = [Site(name, JobFacts.from_settings(job), job) for name in ("site-2", "site-4")]
+    run = tmp_path / "ws"
+    _save(trained, run / ADAPTER_DIR / "best", round=7, val_split={s.name: s.split for s in sites})
+    out = tmp_path / "onnx"
+    assert export_main([str(run), "--out", str(out), "--verify-samples", "100000"]) == 0, capsys.readouterr().err
+    report = json.loads((out / "export_report.json").read_text())
+    data = report["verification"]["data"]
+    assert data.startswith("the sites' validation images (2 sites: digits") and "dirichlet" in data, data
+    count = sum(len(s.val_set) for s in sites)
+    assert report["verification"]["variants"]["fp32"]["samples"] == count
+    assert f"verifying on {count} images: {data}" in capsys.readouterr().out
+    # the very images: the reference model scores on them what the model scores on the sites' own splits
+    scores = [trained.model.evaluate(s.val_set) for s in sites]
+    correct = sum(round(e["accuracy"] * e["count"]) for e in scores)
+    assert round(report["verification"]["reference_accuracy"] * count) == correct, (scores, report["verification"])
 
 
 def test_exported_model_is_the_trained_adapter_not_the_untrained_head(exported, run_dir, digits):
@@ -363,39 +407,3 @@ def test_an_unrelated_output_directory_is_not_overwritten(run_dir, tmp_path, cap
     assert export_main([str(run_dir), "--out", str(tmp_path / "mine")]) == 2
     assert "is not an earlier export" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
-
-
-# ---- finding the checkpoint --------------------------------------------------------------------
-def _fake_checkpoint(directory: Path) -> Path:
-    directory.mkdir(parents=True)
-    (directory / "nvflare_lora.json").write_text("{}")
-    (directory / "adapter_model.safetensors").write_bytes(b"")
-    return directory
-
-
-def test_locate_prefers_best_and_never_falls_back_silently(tmp_path):
-    app = tmp_path / "ws/server/simulate_job/app_server"
-    latest = _fake_checkpoint(app / "adapter/latest")
-    assert locate_checkpoint(tmp_path / "ws", "latest").path == latest
-    fallback = locate_checkpoint(tmp_path / "ws")  # no best yet: latest, said out loud
-    assert fallback.path == latest and "no 'best' checkpoint" in fallback.note
-    with pytest.raises(ExportError, match="no checkpoint named 'best'"):
-        locate_checkpoint(tmp_path / "ws", "best")
-    best = _fake_checkpoint(app / "adapter/best")
-    assert locate_checkpoint(tmp_path / "ws").path == best and locate_checkpoint(tmp_path / "ws").note is None
-    assert locate_checkpoint(app).path == best  # the server's app dir works too
-    assert locate_checkpoint(best).path == best  # and the checkpoint itself
-
-
-def test_locate_skips_half_written_dirs_prefers_the_server_and_refuses_ambiguity(tmp_path):
-    _fake_checkpoint(tmp_path / "ws/server/app_server/adapter/.best.tmp-123")
-    server = _fake_checkpoint(tmp_path / "ws/server/app_server/adapter/best")
-    _fake_checkpoint(tmp_path / "ws/site-1/app_site-1/adapter/best")
-    assert locate_checkpoint(tmp_path / "ws").path == server
-    _fake_checkpoint(tmp_path / "jobs/a/best")
-    _fake_checkpoint(tmp_path / "jobs/b/best")
-    with pytest.raises(ExportError, match="2 checkpoints named 'best'"):
-        locate_checkpoint(tmp_path / "jobs")
-    only = _fake_checkpoint(tmp_path / "adapters/digits")  # a LoRAModelManager root with one adapter
-    found = locate_checkpoint(tmp_path / "adapters")
-    assert found.path == only and "only checkpoint" in found.note
