@@ -44,7 +44,7 @@ depend on --workers.
 
 Usage:  HF_HUB_OFFLINE=1 python benchmarks/quality.py [--hetero] [--workers 2] [--plots benchmarks/results]
 Raw results: --json (default benchmarks/results/quality.json, next to the plots).
---smoke (CI size, in seconds): --rounds 2 --eval-every 1 --local-steps 1 --pretrain-epochs 1 --seeds 0 --workers 1
+--smoke (CI size, in seconds): --rounds 1 --eval-every 1 --local-steps 1 --pretrain-epochs 1 --seeds 0 --workers 1
 --lr-grid 0.02; JSON and plots to benchmarks/out/smoke/ (its base is cached in benchmarks/out/quality/, as the full
 run's is).
 Last line: `quality: central=<A> best_fed=<B>(<method>) iid_gap=<X> a0.1_gap=<Y>`: A = central test
@@ -426,13 +426,13 @@ def main(argv=None) -> Dict:
     ap.add_argument("--plots", default=str(ROOT / "benchmarks" / "results"), help="folder for the PNGs ('' = none)")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
     ap.add_argument("--lr-grid", default=",".join(map(str, LR_GRID)), help="peak lrs tried on the validation split")
-    ap.add_argument("--smoke", action="store_true", help="tiny size for CI: --rounds 2 --eval-every 1 --local-steps 1 "
+    ap.add_argument("--smoke", action="store_true", help="tiny size for CI: --rounds 1 --eval-every 1 --local-steps 1 "
                     "--pretrain-epochs 1 --seeds 0 --workers 1 --lr-grid 0.02, JSON and plots to benchmarks/out/smoke/")
     args = ap.parse_args(argv)
     if args.smoke:
         from _smoke import OUT as smoke_out
 
-        args.rounds, args.eval_every, args.local_steps, args.pretrain_epochs = 2, 1, 1, 1
+        args.rounds, args.eval_every, args.local_steps, args.pretrain_epochs = 1, 1, 1, 1
         args.seeds, args.workers, args.lr_grid = "0", 1, "0.02"
         args.plots = args.plots if args.plots != ap.get_default("plots") else str(smoke_out)
         args.json = args.json if args.json != ap.get_default("json") else str(smoke_out / "quality.json")

@@ -22,8 +22,8 @@ LoRA as the jobs configure it: r 16, alpha 32, q/v of the image encoder, head tr
 Usage: HF_HUB_OFFLINE=1 python benchmarks/site.py [--threads 2] [--batch 16] [--steps 4] [--reps 3]
        HF_HUB_OFFLINE=1 python benchmarks/site.py --smoke    # CI size, in seconds
 --smoke: the same three parts with a tiny-clip-shaped base (benchmarks/_smoke.py) in the ViT-B/32 base's place,
-16 and 32 images for (b), batch 4, 1 step, 1 rep, 8 images per site in (c), in a temporary folder; raw results to
-benchmarks/out/smoke/site.json.
+one site of 16 images for (a) and (b) (so rss_8k/1k reads 1.00x), batch 4, 1 step, 1 rep, 8 images per site in
+(c), in a temporary folder; raw results to benchmarks/out/smoke/site.json.
 Last line: `site: throughput_vs_plain=<X>x rss_8k/1k=<Y>x vitb32_round=<Z>s` (targets: X >= 0.95, Y <= 1.15).
 Raw results: benchmarks/results/site.json. benchmarks/gpu_check.py runs (a) on a GPU.
 """
@@ -241,9 +241,9 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "site.json"))
-    p.add_argument("--sizes", default="1000,8000", help="images of the two sites in (b); (a) uses the first")
+    p.add_argument("--sizes", default="1000,8000", help="images of the sites in (b), smallest first; (a) uses the first")
     p.add_argument("--per-site", type=int, default=100, help="elpv images per site in (c)")
-    p.add_argument("--smoke", action="store_true", help="tiny size for CI: a tiny-clip-shaped base, --sizes 16,32 "
+    p.add_argument("--smoke", action="store_true", help="tiny size for CI: a tiny-clip-shaped base, --sizes 16 "
                    "--batch 4 --steps 1 --reps 1 --per-site 8, a temporary workdir, JSON to benchmarks/out/smoke/")
     p.add_argument("--memory-run", nargs=2, metavar=("BASE", "FOLDER"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -254,7 +254,7 @@ def main() -> None:
     if args.smoke:
         from _smoke import out_path
 
-        args.sizes, args.batch, args.steps, args.reps, args.per_site = "16,32", 4, 1, 1, 8
+        args.sizes, args.batch, args.steps, args.reps, args.per_site = "16", 4, 1, 1, 8
         args.json = args.json if args.json != p.get_default("json") else out_path("site.json")
         if not args.workdir:
             with tempfile.TemporaryDirectory(prefix="site_smoke_") as tmp:
