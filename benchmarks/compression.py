@@ -47,7 +47,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
-from compression_job import add_compression, codec_pair  # noqa: E402
+from compression_job import job_with_filters  # noqa: E402
 from params import write_vitb32_config  # noqa: E402
 from simjob import JOB, communication, cross_site_results, make_job, run_simulator  # noqa: E402
 
@@ -60,14 +60,19 @@ MODES = ["none", "fp16", "int8", "int4", "topk+int8", "nvflare-fp16"]
 QUANTIZER = "nvflare.app_opt.pt.quantization."
 
 
-def upload_filters(mode: str, fraction: float):
-    """(client compressor, server decompressor) filter specs for the train task's results; None for none."""
+def upload_settings(mode: str, fraction: float) -> dict:
+    """The job settings of nvflare_lora's upload codec `mode` (the sites' AdapterCompressor; the server's
+    AdapterDecompressor is always in the job). Downloads stay uncompressed."""
     if mode == "none":
-        return None
-    if mode == "nvflare-fp16":
-        return ({"path": QUANTIZER + "quantizer.ModelQuantizer", "args": {"quantization_type": "float16"}},
-                {"path": QUANTIZER + "dequantizer.ModelDequantizer", "args": {}})
-    return codec_pair(mode, **({"fraction": fraction} if mode.startswith("topk") else {}))
+        return {}
+    return {"compression": mode, **({"compression_args": {"fraction": fraction}} if mode.startswith("topk") else {})}
+
+
+def quantizer_filters():
+    """(client, server) filter specs of NVFlare's own float16 ModelQuantizer / ModelDequantizer, in the place of
+    the job's AdapterCompressor / AdapterDecompressor of the train task's results."""
+    return ({"path": QUANTIZER + "quantizer.ModelQuantizer", "args": {"quantization_type": "float16"}},
+            {"path": QUANTIZER + "dequantizer.ModelDequantizer", "args": {}})
 
 
 def quantizer_unavailable(extra_path: str) -> str:
@@ -83,12 +88,12 @@ def run_mode(mode: str, fraction: float, workdir: Path, bnb_path: str = "", roun
              max_steps: int = 0) -> dict:
     # min_clients = 4: every site in every round. With the job's 2, a site that is slow on a loaded machine
     # misses a round, and which one does differs from run to run: a bigger effect than any codec's.
-    server = {"min_clients": str(sites), **({"num_rounds": str(rounds)} if rounds else {})}
-    client = {"num_sites": str(sites)} if sites != 4 else {}  # 4: the job's own
-    if max_steps:
-        client["max_steps"] = str(max_steps)
-    job = add_compression(make_job(workdir / "job", server=server, client=client),
-                          upload=upload_filters(mode, fraction))
+    size = {"min_clients": sites, **({"num_rounds": rounds} if rounds else {}),
+            **({"num_sites": sites} if sites != 4 else {}), **({"max_steps": max_steps} if max_steps else {})}
+    if mode == "nvflare-fp16":
+        job = job_with_filters(workdir / "job", upload=quantizer_filters(), **size)
+    else:
+        job = make_job(workdir / "job", **size, **upload_settings(mode, fraction))
     ws = workdir / "ws"
     if mode == "nvflare-fp16":  # NVFlare's quantizer is not on its own default component allow-list
         from nvflare_lora.allow import allow

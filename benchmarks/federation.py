@@ -89,6 +89,14 @@ def job_args():
     return persistor.as_plain_ordered_dict(), executor.as_plain_ordered_dict()
 
 
+def generator_args():
+    """The shareable generator's args as jobs/clip_lora declares them."""
+    from pyhocon import ConfigFactory
+
+    server = ConfigFactory.parse_file(str(JOB / "app" / "config" / "config_fed_server.conf"))
+    return next(c for c in server["components"] if c["id"] == "shareable_generator")["args"].as_plain_ordered_dict()
+
+
 # ---- (a) executor round vs plain loop ------------------------------------------------------------
 class StubEngine:
     """The only stand-in: NVFlare's engine, as far as the components use it (workspace, components)."""
@@ -118,7 +126,7 @@ def fl_context(root: Path, site: str, components: Dict):
 def plain_round(model, params, train, args: Dict, rnd: int) -> int:
     """The baseline: plain PyTorch, the same batches in the same order as train_local, fresh AdamW."""
     opt = torch.optim.AdamW(params, lr=args["lr"], weight_decay=args["weight_decay"])
-    g = torch.Generator().manual_seed(int(args["seed"]) + rnd)
+    g = torch.Generator().manual_seed(int(args["train_seed"]) + rnd)
     n, bs, max_steps, steps = len(train), int(args["batch_size"]), args.get("max_steps"), 0
     model.train()
     for _ in range(max(1, int(args["local_epochs"]))):
@@ -164,7 +172,7 @@ def bench_executor(reps: int, tmp: Path) -> Dict:
     # The server side, real: the persistor's initial global adapter, sent by the job's shareable generator.
     persistor = AdapterPersistor(**persistor_args)
     server_ctx = fl_context(tmp / "server", "server", {"persistor": persistor})
-    generator = AdapterShareableGenerator(persistor_id="persistor")
+    generator = AdapterShareableGenerator(**generator_args())
     global_model = persistor.load_model(server_ctx)
     num_rounds = 1 + reps
 
@@ -199,7 +207,7 @@ def bench_executor(reps: int, tmp: Path) -> Dict:
                             executor_args["partition"], executor_args["alpha"], executor_args["data_seed"],
                             executor_args["val_fraction"])
     cold_plain_build = time.perf_counter() - t0
-    assert np.array_equal(train.labels, executor.train_set.labels), "baseline must train on the site's own split"
+    assert np.array_equal(train.labels, executor.site.train_set.labels), "baseline must train on the site's own split"
     model = fed.model
     params = [p for p in model.parameters() if p.requires_grad]
     global_adapter = {k: np.asarray(v) for k, v in global_model[ModelLearnableKey.WEIGHTS].items()}
@@ -335,9 +343,8 @@ def bench_server_memory(tmp: Path, base: Optional[Path] = None) -> Dict:
     base = base or ensure_vitb32_base()
     out = {}
     for name, model in (("tiny", "tiny-clip"), ("vitb32", str(base))):
-        job = make_job(tmp / f"job_{name}", server={"num_rounds": "1", "model": json.dumps(model)},
-                       client={"local_epochs": "1", "max_steps": "1", "batch_size": "4", "val_fraction": "0.05"},
-                       cross_site_eval=False)
+        job = make_job(tmp / f"job_{name}", num_rounds=1, model=model, local_epochs=1, max_steps=1, batch_size=4,
+                       val_fraction=0.05, cross_site_eval=False)
         ws = tmp / f"ws_{name}"
         print(f"(b) simulator, 2 sites, one round, base {name} ...", flush=True)
         out[name] = run_sim_sampled(job, ws)

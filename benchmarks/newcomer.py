@@ -77,6 +77,19 @@ def simulate(job: Path, ws: Path, threads, extra_path: str = "", sites: int = 4)
             "best_val_accuracy": (best.get("metrics") or {}).get("val_accuracy")}
 
 
+def floor_executor_job(dest: Path, **changes) -> Path:
+    """The default job (with these settings changed) with benchmarks/floor_executor.py in the executor's place,
+    written by the job schema's writer as tests/simjob.make_job writes its variants."""
+    from nvflare_lora.settings import EXECUTOR, client_config, meta, server_config, settings, write_configs
+
+    s = settings(**changes)
+    client = client_config(s)
+    executor = client["executors"][0]["executor"]
+    assert executor["path"] == EXECUTOR, executor["path"]
+    executor["path"] = "floor_executor.FloorExecutor"
+    return write_configs(Path(dest), meta(Path(dest).name, s), server_config(s), client)
+
+
 def import_seconds(runs: int = 5) -> float:
     times = []
     for _ in range(runs):
@@ -140,14 +153,14 @@ def main() -> None:
     load = [round(x, 2) for x in os.getloadavg()]
     results = {"load_at_start": load, "cpus": os.cpu_count()}
     # the job as the README runs it, or a smaller copy (--sites, --rounds, --max-steps, --smoke)
-    server = {"num_rounds": str(args.rounds)} if args.rounds else {}
-    client = {**({"num_sites": str(args.sites)} if args.sites != 4 else {}),
-              **({"max_steps": str(args.max_steps)} if args.max_steps else {})}
-    sized = bool(server or client or args.smoke)
+    size = {**({"num_rounds": args.rounds} if args.rounds else {}),
+            **({"num_sites": args.sites} if args.sites != 4 else {}),
+            **({"max_steps": args.max_steps} if args.max_steps else {}),
+            **({"cross_site_eval": False} if args.smoke else {})}
+    sized = bool(size)
 
-    def job_copy(name: str, server_extra=None, client_extra=None) -> Path:
-        return make_job(work / name, server={**server, **(server_extra or {})},
-                        client={**client, **(client_extra or {})}, cross_site_eval=not args.smoke)
+    def job_copy(name: str, **changes) -> Path:
+        return make_job(work / name, **size, **changes)
 
     t4_job = job_copy("job_t4") if sized else JOB
     results["t4"] = simulate(t4_job, work / "ws_t4", args.sites, sites=args.sites)
@@ -155,7 +168,7 @@ def main() -> None:
     if not args.skip_plain:
         results["plain"] = simulate(t4_job, work / "ws_plain", None, sites=args.sites)
         print(f"plain: {results['plain']}", flush=True)
-        floor_job = job_copy("floor_job", client_extra={"path": '"floor_executor.FloorExecutor"'})
+        floor_job = floor_executor_job(work / "floor_job", **size)
         results["nvflare_floor"] = simulate(floor_job, work / "ws_floor", None, str(ROOT / "benchmarks"), args.sites)
         print(f"nvflare floor: {results['nvflare_floor']}", flush=True)
         results["import_seconds"] = round(import_seconds(), 3)
@@ -165,7 +178,7 @@ def main() -> None:
     for seed in seeds:
         ws = work / "ws_t4" if seed == 0 else work / f"ws_seed{seed}"
         if seed:
-            job = job_copy(f"job_seed{seed}", server_extra={"seed": str(seed)}, client_extra={"seed": str(seed)})
+            job = job_copy(f"job_seed{seed}", seed=seed, train_seed=seed)
             simulate(job, ws, args.sites, sites=args.sites)
         proc = subprocess.run([sys.executable, "-m", "exporters.onnx", str(ws), "--optimize", "--quantize", "int8"],
                               capture_output=True, text=True, cwd=ROOT, timeout=900)

@@ -167,13 +167,9 @@ class TreeMonitor:
 def run_size(num_sites: int, threads: int, rounds: int, tmp: Path, omp_threads: Optional[int], label: str,
              max_steps: Optional[int] = None) -> Dict:
     name = f"{num_sites}_t{threads}_omp{omp_threads or 'default'}"
-    client = {"num_sites": str(num_sites), "partition": '"iid"', "local_epochs": str(EPOCHS)}
-    if max_steps:
-        client["max_steps"] = str(max_steps)
-    job = make_job(tmp / f"job_{name}",
-                   server={"num_rounds": str(rounds), "min_clients": str(num_sites),
-                           "wait_time_after_min_received": "0"},
-                   client=client, cross_site_eval=False)
+    job = make_job(tmp / f"job_{name}", num_rounds=rounds, min_clients=num_sites, wait_time_after_min_received=0,
+                   num_sites=num_sites, partition="iid", local_epochs=EPOCHS, cross_site_eval=False,
+                   **({"max_steps": max_steps} if max_steps else {}))
     ws = tmp / f"ws_{name}"
     env = {"OMP_NUM_THREADS": str(omp_threads)} if omp_threads else {}
     t0 = time.perf_counter()
