@@ -1,0 +1,144 @@
+"""Every benchmark under benchmarks/ runs at its smoke size, as a user runs it, and ends with its summary line.
+
+`python benchmarks/<script>.py --smoke` from the repository root with HF_HUB_OFFLINE=1: the same code as the
+full run at a tiny size (one or two rounds, a few images, one seed, the smallest grids). Each must exit 0, end
+with its documented summary line, write its raw results under benchmarks/out/smoke/ and leave the measured
+figures in benchmarks/results/ as they are. The numbers of a smoke run mean nothing and are not checked.
+
+The runs are started together when the first of these tests runs, at most SMOKE_JOBS at a time (default 2, the
+cores of the machine this project is tested on; a run mostly waits on the NVFlare simulator's processes or
+spends its time importing torch), the longest first; each test waits for its own run. quality and privacy
+share one cached base (benchmarks/out/quality/), so they run one after the other in the same slot.
+Select them all with `python -m pytest -q tests -k benchmark`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SMOKE_OUT = ROOT / "benchmarks" / "out" / "smoke"
+TIMEOUT = 600
+
+F = r"-?\d+\.\d"  # a signed number with one decimal
+# script -> (extra arguments, its last line, the raw results its smoke run writes under benchmarks/out/smoke/)
+SMOKE = {
+    "params": ([], r"params: vitb32 r16 qv adapter=\d+ \(\d+\.\d\d% of \d+\)", "params.json"),
+    "federation": ([], r"federation: overhead=\d+\.\d{3}x server_rss_vitb32/tiny=\d+\.\d\dx upload_vs_full=1/\d+",
+                   "federation.json"),
+    "scale": ([], r"scale: \d+/\d+ sites time-per-sample \d+\.\d\dx", "scale.json"),
+    # the smoke size runs none and topk+int8 only: int8 reads n/a
+    "compression": ([], r"compression: int8 (\d+\.\d\dx dacc=[+-]\d+\.\d|n/a) topk\+int8 \d+\.\d\dx dacc=[+-]\d+\.\d",
+                    "compression.json"),
+    "robustness": ([], rf"robustness: clean=\d\.\d{{4}} worst_faulty_default=\d\.\d{{4}} drop={F}pt", "robustness.json"),
+    # the smoke size skips the runs without -t (a process per task): plain and the floors read nan
+    "newcomer": ([], r"newcomer: plain=(\d+|nan)s floor=(\d+|nan)s nvflare_floor=(\d+|nan)s t4=\d+s "
+                     r"int8_agree_min=\d+\.\d\d% int8_passed=\d+/\d+", "newcomer.json"),
+    "site": ([], r"site: throughput_vs_plain=\d+\.\d\dx rss_8k/1k=\d+\.\d\dx vitb32_round=\d+s", "site.json"),
+    "gpu_check": (["--device", "cpu"], r"gpu_check: train_vs_plain=\d+\.\d\dx train_images_s=\d+ "
+                                      r"merged_fp16_vs_unmerged=\d+\.\d\dx", "gpu_check.json"),
+    "export": ([], r"export \(vs peft-eager at [\w./-]+, batch 8\): ort_fp32 \d+\.\d\dx int8 \d+\.\d\dx, "
+                   r"parity fp32 \d\.\de[+-]\d\d", "export.json"),
+    "quality": ([], rf"quality: central=\d+\.\d best_fed=\d+\.\d\((fedavg|ffa|exact)\) iid_gap={F} a0\.1_gap={F}",
+                "quality.json"),
+    "privacy": ([], rf"privacy: eps8_ffa=\d+\.\d nodp_ffa=\d+\.\d gap={F}pt dp_time=\d+\.\d\dx", "privacy.json"),
+    "topk_study": ([], r"topk_study: f=0\.1 dacc=[+-]\d+\.\d \[[+-]\d+\.\d( [+-]\d+\.\d)*\] f=0\.3 dacc=[+-]\d+\.\d "
+                       r"rounds_to_match=>?\d+/\d+", "topk_study.json"),
+}
+# Runs in one slot, in this order: the longest first (measured on 2 cores); quality builds the base privacy reuses.
+CHAINS = [["site"], ["federation"], ["compression"], ["newcomer"], ["robustness"], ["scale"], ["quality", "privacy"],
+          ["params"], ["export"], ["topk_study"], ["gpu_check"]]
+assert sorted(s for c in CHAINS for s in c) == sorted(SMOKE)
+
+
+def results_digest() -> Dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(RESULTS.iterdir()) if p.is_file()}
+
+
+def run_smoke(script: str) -> Dict:
+    """`python benchmarks/<script>.py --smoke`, from the repository root, as a user runs it."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # the scripts call the `nvflare` CLI (newcomer, site): the one installed next to this Python
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    cmd = [sys.executable, f"benchmarks/{script}.py", "--smoke", *SMOKE[script][0]]
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+        code, out, err = proc.returncode, proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired as e:
+        code, out, err = None, e.stdout or "", f"timed out after {TIMEOUT}s\n{e.stderr or ''}"
+        out, err = (x.decode(errors="replace") if isinstance(x, bytes) else x for x in (out, err))
+    return {"cmd": " ".join(cmd[1:]), "code": code, "stdout": out, "stderr": err, "started": t0,
+            "seconds": time.time() - t0}
+
+
+class SmokeRuns:
+    """Starts the selected scripts' smoke runs, SMOKE_JOBS at a time, and hands out each one's result."""
+
+    def __init__(self, selected: List[str], jobs: int):
+        self.futures: Dict[str, Future] = {}
+        self.pool = ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="smoke")
+        for chain in CHAINS:
+            chain = [s for s in chain if s in selected]
+            if not chain:
+                continue
+            futures = {s: Future() for s in chain}
+            self.futures.update(futures)
+
+            def run_chain(chain=chain, futures=futures):
+                for script in chain:
+                    try:
+                        result = run_smoke(script)
+                    except BaseException as e:  # noqa: BLE001  handed to the test that waits for it
+                        futures[script].set_exception(e)
+                        continue
+                    futures[script].set_result(result)
+
+            self.pool.submit(run_chain)
+
+    def result(self, script: str) -> Dict:
+        return self.futures[script].result()
+
+
+@pytest.fixture(scope="session")
+def smoke_runs(request):
+    selected = sorted({item.callspec.params["script"] for item in request.session.items
+                       if getattr(item, "originalname", "") == "test_benchmark_smoke" and hasattr(item, "callspec")})
+    before = results_digest()
+    runs = SmokeRuns(selected, int(os.environ.get("SMOKE_JOBS", "2")))
+    yield runs, before
+    runs.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def last_line(text: str) -> Optional[str]:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1].strip() if lines else None
+
+
+@pytest.mark.parametrize("script", list(SMOKE))
+def test_benchmark_smoke(script, smoke_runs):
+    runs, before = smoke_runs
+    r = runs.result(script)
+    log = f"$ python {r['cmd']}  ({r['seconds']:.0f}s)\n--- stdout (tail)\n{r['stdout'][-4000:]}\n" \
+          f"--- stderr (tail)\n{r['stderr'][-4000:]}"
+    print(f"{script} --smoke: {r['seconds']:.1f}s")
+    assert r["code"] == 0, f"exit {r['code']}\n{log}"
+    line = last_line(r["stdout"])
+    assert line is not None and re.fullmatch(SMOKE[script][1], line), f"summary line {line!r}\n{log}"
+    # gpu_check writes to $OUT when it is set (the GPU machines' output folder)
+    raw = Path(os.environ.get("OUT") or SMOKE_OUT if script == "gpu_check" else SMOKE_OUT) / SMOKE[script][2]
+    assert raw.is_file() and raw.stat().st_mtime >= r["started"] - 1, f"{raw} not written by this run\n{log}"
+    after = results_digest()
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    assert not changed, f"benchmarks/results/ changed during the smoke runs: {changed}"
