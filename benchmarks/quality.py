@@ -34,10 +34,13 @@ training seed the same initial adapter and batch order):
    seeds (initial adapter and batch order; data, base and shares stay fixed) and their spread; curves
    score it every --eval-every 5 rounds.
 
-Same code as the NVFlare components: the sites run nvflare_lora.aggregation.site.SiteAggregation (what
-CLIPLoRAExecutor runs), the server nvflare_lora.aggregation.project/aggregate (what AdapterShareableGenerator
-and LoRAAggregator run); bytes are measured like the server's communication.json (accounting.payload_bytes:
-tensor bytes + key names) on what each site receives (download) and sends (upload).
+Same code as the NVFlare job: each run is a JobSettings (the base, LoRA, the rule, site ranks, the default
+job's Robustness, the local training above; Bench.job), every party an nvflare_lora.site.Site (what
+CLIPLoRAExecutor runs), and a federated round nvflare_lora.round.run_round with the job's ServerAggregation
+(what AdapterShareableGenerator and LoRAAggregator run), given this benchmark's lr schedule and batch seeds;
+central and local-only are one Site each, training alone (Site.train) without a server. Bytes are measured like
+the server's communication.json (payload_bytes: tensor bytes + key names) on what each site receives
+(ServerAggregation.for_site: download) and sends (through run_round's channel: upload).
 
 The runs are independent; --workers 2 processes (one torch thread each) share them out. Results do not
 depend on --workers.
@@ -62,7 +65,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -78,13 +81,15 @@ RULES = ("fedavg", "ffa", "exact")
 LR_GRID = (0.01, 0.02)  # peak lr; chosen per method and split on the validation split
 HETERO_RANKS = (2, 4, 8, 8)
 
-from nvflare_lora import CLIPLoRAWrapper, FederatedCLIPModel, LoRAConfig  # noqa: E402
-from nvflare_lora.aggregation import SiteUpdate, aggregate, project, zero_residuals  # noqa: E402
-from nvflare_lora.aggregation.site import SiteAggregation, site_lora_config  # noqa: E402
+from nvflare_lora.aggregation.server import ServerAggregation  # noqa: E402
 from nvflare_lora.data import ImageDataset, SiteLoader, partition  # noqa: E402
+from nvflare_lora.facts import JobFacts  # noqa: E402
 from nvflare_lora.fl.protocol import payload_bytes  # noqa: E402
+from nvflare_lora.lora_model import adapter_shapes  # noqa: E402
 from nvflare_lora.models import build_classifier, preprocessing_for, save_preset  # noqa: E402
-from nvflare_lora.recipe import JobSettings  # noqa: E402
+from nvflare_lora.round import run_round  # noqa: E402
+from nvflare_lora.settings import JobSettings  # noqa: E402
+from nvflare_lora.site import Site  # noqa: E402
 from nvflare_lora.training import train_local  # noqa: E402
 
 JOB_ROBUSTNESS = JobSettings().robustness()  # the default job's aggregator
@@ -155,15 +160,38 @@ def pretrained_base(args, source, labels, train_idx) -> Path:
 
 # ---- training runs -----------------------------------------------------------------------------------
 class Bench:
-    """The training runs; `seed` (per run) sets the initial adapter and every batch order."""
+    """The training runs; `seed` (per run) sets the initial adapter and every batch order.
+
+    Every party is a nvflare_lora.site.Site of the job a run expresses (job()); a federated round is
+    nvflare_lora.round.run_round with the job's ServerAggregation, given this benchmark's schedule (lr, batch
+    seeds). A subclass that replaces train() (privacy.py: DP-SGD) has every party's local round run by it."""
 
     def __init__(self, args, base: Path, pool: ImageDataset, val: ImageDataset, test: ImageDataset):
-        self.args, self.base, self.pool = args, base, pool
+        self.args, self.base, self.pool, self.val = args, base, pool, val
         self.eval_sets = {"val": SiteLoader(val, 512), "test": SiteLoader(test, 512)}
         self.on, self.every = "test", args.eval_every  # set per run by _run_job
 
-    def lora(self, seed: int) -> LoRAConfig:
-        return LoRAConfig(r=self.args.rank, lora_alpha=2 * self.args.rank, lora_dropout=0.0, seed=seed)
+    def job(self, mode: str, seed: int, site_ranks: Optional[Dict[str, int]] = None, parties: int = 1) -> JobSettings:
+        """The job a run is: the base, LoRA r --rank (alpha 2r, no dropout, initial adapter `seed`), the rule and its
+        site ranks, the default job's Robustness; each party's local round --local-epochs over its share, capped at
+        --local-steps per party (central stands for all 4 sites: it gets their steps together), batch --batch-size,
+        AdamW without weight decay and gradients clipped to norm 1 (train_local's defaults), on the CPU with
+        --threads torch threads. lr and batch seeds come from the schedule (lr(), batch_seed())."""
+        a = self.args
+        return JobSettings(model=str(self.base), num_classes=10, r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.0,
+                           seed=seed, aggregation=mode, site_ranks=site_ranks or None, num_rounds=a.rounds,
+                           num_sites=SITES, local_epochs=a.local_epochs,
+                           max_steps=a.local_steps * parties if a.local_steps else None, batch_size=a.batch_size,
+                           weight_decay=0.0, max_grad_norm=1.0, device="cpu", torch_threads=a.threads, num_workers=0)
+
+    def site(self, job: JobSettings, name: str, data: ImageDataset, facts: Optional[JobFacts] = None) -> Site:
+        """A Site of `job` training on `data` (its validation split: the benchmark's; runs are scored by accuracy())."""
+        return Site(name, facts or JobFacts.from_settings(job), job, datasets=(data, self.val))
+
+    def model(self, mode: str, seed: int, rank: int = None) -> Site:
+        """One party of a `mode` job with initial adapter `seed` (at `rank` when given), holding the whole pool."""
+        ranks = {"site-1": rank} if rank and rank != self.args.rank else None
+        return self.site(self.job(mode, seed, ranks), "site-1", self.pool)
 
     def scored(self, rnd: int) -> bool:
         """Score the model every --eval-every rounds and after the last one (scoring is not free on 2 cores)."""
@@ -175,80 +203,97 @@ class Bench:
     def lr(self, rnd: int, lr: float) -> float:
         return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * rnd / self.args.rounds)))
 
-    def model(self, mode: str, seed: int, rank: int = None) -> SiteAggregation:
-        fed = FederatedCLIPModel(str(self.base), 10, device="cpu")
-        announced = {"lora_config": self.lora(seed).to_dict(), "site_ranks": {"s": rank} if rank else {}}
-        CLIPLoRAWrapper(fed, site_lora_config(announced, "s")).apply_lora_to_federated_model()
-        return SiteAggregation(fed, mode)
+    @staticmethod
+    def batch_seed(seed: int, rnd: int, salt: int) -> int:
+        """A party's batch order in round `rnd` (salt: 0 central, k+1 the k-th site)."""
+        return seed * 100_003 + rnd * 101 + salt
 
-    def accuracy(self, site: SiteAggregation, state) -> float:
+    def accuracy(self, site: Site, state) -> float:
         with site.evaluating(state):
             return float(site.fed.evaluate(self.eval_sets[self.on])["accuracy"])
 
-    def train(self, site: SiteAggregation, data, rnd: int, lr: float, seed: int, salt: int, parties: int = 1) -> Dict:
-        """One round of local training: --local-epochs over `data`, capped at --local-steps per party
-        (central stands for all 4 sites: it gets their steps together)."""
+    def train(self, site, data, rnd: int, lr: float, seed: int, salt: int, parties: int = 1) -> Dict:
+        """One round of local training of `site` (anything with .fed) on `data` with train_local, outside a Site:
+        the same steps as Site.train under job() (privacy.py times it, and its DP-SGD subclass replaces it)."""
         steps = self.args.local_steps * parties if self.args.local_steps else None
         return train_local(site.fed, data, epochs=self.args.local_epochs, max_steps=steps,
                            batch_size=self.args.batch_size, lr=self.lr(rnd, lr),
-                           seed=seed * 100_003 + rnd * 101 + salt)
+                           seed=self.batch_seed(seed, rnd, salt))
+
+    def _trains(self, site: Site, lr: float, seed: int, salt: int, parties: int = 1) -> Site:
+        """`site`, whose local round is this class's train() if a subclass replaced it (privacy.py's DP-SGD: from the
+        peak lr, the run's seed and the salt); otherwise Site.train with the schedule's lr and seed, as given."""
+        if type(self).train is not Bench.train:
+            peak, run_seed = lr, seed
+
+            def train(rnd, should_abort=None, lr=None, seed=None):
+                return self.train(site, site.train_set, rnd, peak, run_seed, salt, parties)
+
+            site.train = train
+        return site
+
+    def alone(self, site: Site, lr: float, seed: int, salt: int) -> List[float]:
+        """One party without a server (central, local-only): --rounds rounds of Site.train on its own data from the
+        initial adapter; its accuracy in the scored rounds."""
+        accs = []
+        for rnd in range(self.args.rounds):
+            site.train(rnd, lr=self.lr(rnd, lr), seed=self.batch_seed(seed, rnd, salt))
+            if self.scored(rnd):
+                accs.append(self.accuracy(site, site.local_state()))
+        return accs
 
     def central(self, lr: float, seed: int) -> Dict:
         """The whole pool at one party, the same rounds and schedule: per round as many samples as the 4 sites see."""
-        site = self.model("fedavg", seed)
-        state, accs = site.fed.get_parameters(), []
-        for rnd in range(self.args.rounds):
-            site.load_global(state)
-            self.train(site, self.pool, rnd, lr, seed, 0, parties=SITES)
-            state = site.fed.get_parameters()
-            if self.scored(rnd):
-                accs.append(self.accuracy(site, state))
-        return {"accuracy": accs, "rounds": self.scored_rounds()}
+        site = self._trains(self.site(self.job("fedavg", seed, parties=SITES), "central", self.pool), lr, seed, 0,
+                            parties=SITES)
+        return {"accuracy": self.alone(site, lr, seed, 0), "rounds": self.scored_rounds()}
 
     def local_only(self, parts: Sequence[np.ndarray], lr: float, seed: int) -> Dict:
-        site = self.model("fedavg", seed)
-        init = site.fed.get_parameters()
+        job = self.job("fedavg", seed)
+        facts = JobFacts.from_settings(job)
         per_site = []
         for k, part in enumerate(parts):
-            state, accs = init, []
-            for rnd in range(self.args.rounds):
-                site.load_global(state)
-                self.train(site, self.pool.subset(part), rnd, lr, seed, k + 1)
-                state = site.fed.get_parameters()
-                if self.scored(rnd):
-                    accs.append(self.accuracy(site, state))
-            per_site.append(accs)
+            site = self._trains(self.site(job, f"site-{k + 1}", self.pool.subset(part), facts), lr, seed, k + 1)
+            per_site.append(self.alone(site, lr, seed, k + 1))
         return {"accuracy": np.mean(per_site, axis=0).tolist(), "rounds": self.scored_rounds(),
                 "per_site_final": [a[-1] for a in per_site]}
 
     def federated(self, mode: str, parts: Sequence[np.ndarray], ranks: Sequence[int], lr: float, seed: int) -> Dict:
-        scaling, exact = self.lora(seed).scaling, mode == "exact"
-        sites = {r: self.model(mode, seed, r) for r in sorted(set(ranks))}
-        server = sites[max(ranks)] if max(ranks) == self.args.rank else self.model(mode, seed)
-        state = server.fed.get_parameters()  # the shared seeded init, as AdapterPersistor starts
-        if exact:
-            state.update(zero_residuals(state))
+        """len(parts) sites (site-k: parts[k-1] at rank ranks[k-1]) and the job's server, --rounds rounds of
+        nvflare_lora.round.run_round; the global adapter scored on the benchmark's split."""
+        names = [f"site-{k + 1}" for k in range(len(parts))]
+        job = self.job(mode, seed, {n: r for n, r in zip(names, ranks) if r != self.args.rank})
+        facts = JobFacts.from_settings(job)
+        server = ServerAggregation(facts, job.robustness())  # what AdapterShareableGenerator and LoRAAggregator run
+        sites = [self._trains(self.site(job, n, self.pool.subset(part), facts), lr, seed, k + 1)
+                 for k, (n, part) in enumerate(zip(names, parts))]
+        # the global adapter is scored by a site at the global rank (another rank would score it folded)
+        scorer = next((s for s, r in zip(sites, ranks) if r == self.args.rank), None) or self.site(job, "server",
+                                                                                                  self.val, facts)
+        state = facts.initial_global(adapter_shapes(facts.model, facts.num_classes, facts.lora))  # AdapterPersistor's
+        uploads: Dict[str, int] = {}
+
+        def channel(site: str, update, steps):  # what each site sends, measured as communication.json does
+            uploads[site] = payload_bytes(update)
+            return update, steps
+
         accs, up, down, errors = [], [], [], []
         bounded = {"clipped": 0, "capped": 0, "excluded": 0, "site_rounds": 0}  # what the robust settings did
         for rnd in range(self.args.rounds):
-            updates, up_b, down_b = [], 0, 0
-            for k, (part, rank) in enumerate(zip(parts, ranks)):
-                sent = project(state, rank, scaling, exact)  # what AdapterShareableGenerator sends
-                site = sites[rank]
-                received = site.load_global(sent)             # what CLIPLoRAExecutor does with it
-                stats = self.train(site, self.pool.subset(part), rnd, lr, seed, k + 1)
-                diff = site.update(received)
-                updates.append(SiteUpdate(diff, float(stats["steps"]), f"site-{k + 1}"))
-                down_b += payload_bytes(sent)
-                up_b += payload_bytes(diff)
-            state, info = aggregate(state, updates, mode, scaling, JOB_ROBUSTNESS)  # what LoRAAggregator does
+            uploads.clear()
+            down.append(sum(payload_bytes(server.for_site(state, s.name)) for s in sites))  # what each site receives
+            seeds = {s.name: self.batch_seed(seed, rnd, k + 1) for k, s in enumerate(sites)}
+            state, result = run_round(server, sites, state, rnd, channel, evaluate=False, lr=self.lr(rnd, lr),
+                                      seeds=seeds)
+            if result.refused:
+                raise RuntimeError(f"round {rnd}: the server refused {result.refused}")
+            info = result.aggregation
             for what in ("clipped", "capped", "excluded"):
                 bounded[what] += len(info[what])
-            bounded["site_rounds"] += len(updates)
+            bounded["site_rounds"] += len(result.steps)  # updates the server received (excluded ones too)
             if self.scored(rnd):
-                accs.append(self.accuracy(server, state))
-            up.append(up_b)
-            down.append(down_b)
+                accs.append(self.accuracy(scorer, state))
+            up.append(sum(uploads.values()))
             errors.append(info["product_error"])
         return {"accuracy": accs, "rounds": self.scored_rounds(), "upload_bytes": up, "download_bytes": down,
                 "product_error": errors, "bounded": bounded}
