@@ -1,10 +1,14 @@
 """Why top-k + int8 trails the uncompressed job, and what does not fix it: a fast in-process study.
 
 benchmarks/compression.py measures each mode in the real NVFlare simulator (about a minute a run). This
-script replays the same default job in one process (the job's model, LoRA settings, data split, local
-training and aggregation, nvflare_lora.aggregation.aggregate with the job's Robustness; for data seed 0 it reproduces the simulator's uncompressed accuracy,
-0.7028, exactly) so that many variants and seeds fit in a few minutes. Uploads go through the real codec
-(nvflare_lora.compression.encode / encode_with_feedback with a ResidualStore), as AdapterCompressor does.
+script replays the same default job in one process: an nvflare_lora.round.Federation from the job's settings
+(read_job: model, LoRA, data split, local training, the rule and its Robustness), each round
+nvflare_lora.round.run_round (for data seed 0 it reproduces the simulator's uncompressed accuracy, 0.7028,
+exactly), so that many variants and seeds fit in a few minutes. Uploads go through the real codec
+(nvflare_lora.compression.encode / encode_with_feedback with a ResidualStore), as AdapterCompressor does: the
+round's channel passes each site's update (Site.update: keys in the executor's sorted order, which the packed
+name table's size depends on) through its Uploader. Accuracy after a round: the new global adapter
+on every site's validation split (Federation.evaluate), weighted by the sites' counts.
 
 Variants (rows):
   none                      the baseline
@@ -13,9 +17,9 @@ Variants (rows):
   what-if: global top-k     one magnitude threshold over all tensors (budget 10% of all entries), fp32 values
   what-if: dense head       head sent whole, 10% of each LoRA tensor by top-k (costs more bytes than f=0.1)
 The what-ifs are not shipped; they test whether a smarter choice of entries closes the gap.
-Each variant runs for every data seed (data split, initial adapter and training seeds together; seed 0
-is the default job). top-k+int8 f=0.1 also runs for 3x the rounds, to count how many it needs to reach
-the baseline's final accuracy.
+Each variant runs for every data seed (the job's data_seed, seed and train_seed together: data split,
+initial adapter and batch orders; seed 0 is the default job). top-k+int8 f=0.1 also runs for 3x the rounds,
+to count how many it needs to reach the baseline's final accuracy.
 
 Usage:  HF_HUB_OFFLINE=1 python benchmarks/topk_study.py [--seeds 0,1,2] [--rounds N]
         HF_HUB_OFFLINE=1 python benchmarks/topk_study.py --smoke   # CI size, in seconds: --seeds 0 --rounds 1
@@ -26,7 +30,6 @@ Last line: `topk_study: f=0.1 dacc=<mean points> [<per seed>] f=0.3 dacc=<D> rou
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -42,31 +45,20 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
-from compression import job_lora  # noqa: E402
 from simjob import JOB  # noqa: E402
 
-from nvflare_lora import CLIPLoRAWrapper, FederatedCLIPModel  # noqa: E402
 from nvflare_lora import compression as codec  # noqa: E402
-from nvflare_lora.aggregation import SiteUpdate, aggregate  # noqa: E402
-from nvflare_lora.data import SiteLoader, load_dataset, site_split  # noqa: E402
 from nvflare_lora.fl.protocol import payload_bytes  # noqa: E402
 from nvflare_lora.fl.filters.compressor import PAYLOAD_KEY  # noqa: E402
-from nvflare_lora.recipe import JobSettings  # noqa: E402
-from nvflare_lora.training import train_local  # noqa: E402
-
-ROBUSTNESS = JobSettings().robustness()  # the default job's aggregator
+from nvflare_lora.round import Federation, run_round  # noqa: E402
+from nvflare_lora.settings import JobSettings, read_job  # noqa: E402
 
 
-def job_settings() -> dict:
-    from pyhocon import ConfigFactory
-
-    server = ConfigFactory.parse_file(str(JOB / "app" / "config" / "config_fed_server.conf"))
-    client = ConfigFactory.parse_file(str(JOB / "app" / "config" / "config_fed_client.conf"))
-    args = client["executors"][0]["executor"]["args"]
-    return {"rounds": int(server["num_rounds"]), "sites": int(args["num_sites"]), "partition": args["partition"],
-            "alpha": float(args["alpha"]), "val_fraction": float(args["val_fraction"]),
-            "epochs": int(args["local_epochs"]), "batch_size": int(args["batch_size"]), "lr": float(args["lr"]),
-            "weight_decay": float(args["weight_decay"]), "max_grad_norm": float(args["max_grad_norm"])}
+def job_settings(s: JobSettings) -> dict:
+    """The job's training settings, as the output and the JSON show them."""
+    return {"rounds": s.num_rounds, "sites": s.num_sites, "partition": s.partition, "alpha": s.alpha,
+            "val_fraction": s.val_fraction, "epochs": s.local_epochs, "batch_size": s.batch_size, "lr": s.lr,
+            "weight_decay": s.weight_decay, "max_grad_norm": s.max_grad_norm}
 
 
 class Uploader:
@@ -104,47 +96,26 @@ class Uploader:
         return sent, nbytes
 
 
-_DIGITS = []
-
-
-def _digits(preprocess):
-    """The digits, preprocessed once for all runs (every run uses the same tiny-clip preprocessing)."""
-    if not _DIGITS:
-        _DIGITS.append(load_dataset("digits", preprocess))
-    return _DIGITS[0]
-
-
-def run(variant: str, fraction: float, seed: int, rounds: int, s: dict) -> dict:
-    """One federation; returns accuracy after every round and upload bytes per round (all sites)."""
-    num_classes, lora = job_lora()
-    lora = dataclasses.replace(lora, seed=seed)  # the initial adapter, as the persistor's seed
-    fed = FederatedCLIPModel("tiny-clip", num_classes)
-    CLIPLoRAWrapper(fed, lora).apply_lora_to_federated_model()
-    data = _digits(fed.preprocess)
-    sites = [site_split(data, f"site-{i + 1}", s["sites"], s["partition"], s["alpha"], seed, s["val_fraction"])
-             for i in range(s["sites"])]
-    val = [SiteLoader(v, 256) for _, v in sites]
-    glob = {k: v.copy() for k, v in fed.get_parameters().items()}
-    accs, sent_bytes = [], []
+def run(variant: str, fraction: float, seed: int, rounds: int, job: JobSettings) -> dict:
+    """One federation of `job` with `seed` as its data, initial-adapter and training seed; returns accuracy after
+    every round and upload bytes per round (all sites)."""
+    fed = Federation(job.replace(seed=seed, data_seed=seed, train_seed=seed))  # batch order: train_seed + round
+    accs, sent_bytes, nbytes = [], [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        uploaders = [Uploader(variant, fraction, os.path.join(tmp, str(i))) for i in range(len(sites))]
+        uploaders = {site.name: Uploader(variant, fraction, os.path.join(tmp, site.name)) for site in fed.sites}
+
+        def channel(site: str, update: dict, steps: int) -> tuple:  # AdapterCompressor's place on the way up
+            got, nbytes[site] = uploaders[site].send(update)
+            return {k: np.asarray(v, np.float32) for k, v in got.items()}, steps
+
         for rnd in range(rounds):
-            received, nbytes = [], 0
-            for (train, _), up in zip(sites, uploaders):
-                fed.set_parameters(glob)
-                st = train_local(fed, train, epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"],
-                                 weight_decay=s["weight_decay"], max_grad_norm=s["max_grad_norm"], seed=seed + rnd,
-                                 max_steps=s.get("max_steps"))
-                local = fed.get_parameters()
-                got, b = up.send({k: (local[k] - glob[k]).astype(np.float32) for k in glob})
-                received.append(SiteUpdate({k: np.asarray(v, np.float32) for k, v in got.items()}, float(st["steps"]),
-                                           f"site-{len(received) + 1}"))
-                nbytes += b
-            glob, _ = aggregate(glob, received, "fedavg", lora.scaling, ROBUSTNESS)  # what LoRAAggregator does
-            fed.set_parameters(glob)
-            results = [fed.evaluate(loader) for loader in val]
+            nbytes.clear()
+            fed.global_adapter, result = run_round(fed.server, fed.sites, fed.global_adapter, rnd, channel,
+                                                   evaluate=False)  # scored below, after the round
+            fed.history.append(result)
+            results = fed.evaluate().values()  # the new global adapter on every site's validation split
             accs.append(sum(r["accuracy"] * r["count"] for r in results) / sum(r["count"] for r in results))
-            sent_bytes.append(nbytes)
+            sent_bytes.append(sum(nbytes.values()))
     return {"acc": accs, "bytes": float(np.mean(sent_bytes))}
 
 
@@ -163,8 +134,10 @@ def main() -> None:
         a.seeds, a.rounds, a.max_steps = "0", 1, 1
         a.json = a.json if a.json != ap.get_default("json") else out_path("topk_study.json")
     torch.set_num_threads(1)  # as the job's sites (torch_threads = 1)
-    s = job_settings()
+    job = read_job(JOB)[1]
+    s = job_settings(job)
     if a.max_steps:
+        job = job.replace(max_steps=a.max_steps)
         s["max_steps"] = a.max_steps
     rounds = a.rounds or s["rounds"]
     seeds = [int(x) for x in a.seeds.split(",")]
@@ -174,9 +147,9 @@ def main() -> None:
     t0 = time.time()
     table = {}
     for label, variant, fraction in variants:
-        table[label] = [run(variant, fraction, seed, rounds, s) for seed in seeds]
+        table[label] = [run(variant, fraction, seed, rounds, job) for seed in seeds]
         print(f"  {label}: {[round(r['acc'][-1], 4) for r in table[label]]} ({time.time() - t0:.0f} s)", flush=True)
-    long = [run("topk", 0.1, seed, 3 * rounds, s) for seed in seeds]
+    long = [run("topk", 0.1, seed, 3 * rounds, job) for seed in seeds]
 
     base = [r["acc"][-1] for r in table["none"]]
     print(f"\ndefault job replayed in process: {s['sites']} sites, {rounds} rounds, {s['epochs']} local epochs "
