@@ -51,7 +51,7 @@ from compression_job import job_with_filters  # noqa: E402
 from params import write_vitb32_config  # noqa: E402
 from simjob import JOB, communication, cross_site_results, make_job, run_simulator  # noqa: E402
 
-from nvflare_lora import LoRAConfig, adapter_shapes  # noqa: E402
+from nvflare_lora import adapter_shapes  # noqa: E402
 from nvflare_lora import compression as codec  # noqa: E402
 from nvflare_lora.fl.protocol import payload_bytes  # noqa: E402
 from nvflare_lora.fl.filters.compressor import PAYLOAD_KEY  # noqa: E402
@@ -124,14 +124,11 @@ def run_mode(mode: str, fraction: float, workdir: Path, bnb_path: str = "", roun
 
 
 def job_lora() -> tuple:
-    """The persistor's model settings in the default job (num_classes, LoRAConfig)."""
-    from pyhocon import ConfigFactory
+    """The persistor's model settings in the default job (num_classes, LoRAConfig), read back by the job schema."""
+    from nvflare_lora.settings import read_job
 
-    conf = ConfigFactory.parse_file(str(JOB / "app" / "config" / "config_fed_server.conf"))
-    args = next(c["args"] for c in conf["components"] if c["id"] == "persistor")
-    lora = LoRAConfig(r=args["r"], lora_alpha=args["lora_alpha"], lora_dropout=args["lora_dropout"],
-                      target_modules=args.get("target_modules"), target_components=list(args["target_components"]))
-    return int(args["num_classes"]), lora
+    s = read_job(JOB)[1]
+    return s.num_classes, s.lora_config()
 
 
 def vitb32_upload_bytes(modes, fraction: float) -> tuple:

@@ -79,22 +79,18 @@ FP32 = 4
 
 # ---- the job's settings, read from its configs (one source of truth) ------------------------------
 def job_args():
-    """(persistor args, executor args) exactly as jobs/clip_lora declares them."""
-    from pyhocon import ConfigFactory
+    """(persistor args, executor args) exactly as jobs/clip_lora declares them (read back by the job schema)."""
+    from nvflare_lora.settings import component_args, read_job
 
-    server = ConfigFactory.parse_file(str(JOB / "app" / "config" / "config_fed_server.conf"))
-    client = ConfigFactory.parse_file(str(JOB / "app" / "config" / "config_fed_client.conf"))
-    persistor = next(c for c in server["components"] if c["id"] == "persistor")["args"]
-    executor = next(e["executor"] for e in client["executors"] if "train" in e["tasks"])["args"]
-    return persistor.as_plain_ordered_dict(), executor.as_plain_ordered_dict()
+    s = read_job(JOB)[1]
+    return component_args(s, "persistor"), component_args(s, "executor")
 
 
 def generator_args():
     """The shareable generator's args as jobs/clip_lora declares them."""
-    from pyhocon import ConfigFactory
+    from nvflare_lora.settings import component_args, read_job
 
-    server = ConfigFactory.parse_file(str(JOB / "app" / "config" / "config_fed_server.conf"))
-    return next(c for c in server["components"] if c["id"] == "shareable_generator")["args"].as_plain_ordered_dict()
+    return component_args(read_job(JOB)[1], "shareable_generator")
 
 
 # ---- (a) executor round vs plain loop ------------------------------------------------------------
