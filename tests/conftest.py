@@ -12,6 +12,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 REPO = Path(__file__).resolve().parents[1]
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # 3 workers share 2 cores (pytest.ini): one torch thread each, as
+    import torch                           # every Site sets (the schema's torch_threads 1)
+
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def newcomer_home(tmp_path_factory):
@@ -37,3 +42,38 @@ def shipped_run(newcomer_home):
 
 # README.md's Simulate block, run as written (tests/test_readme.py checks the README still shows them)
 SHIPPED_RUN_COMMANDS = ("python -m nvflare_lora.allow ws", "nvflare simulator jobs/clip_lora -w ws -n 4 -t 4")
+
+
+# ---- parallel runs (pytest-xdist, pytest.ini: -n 3 --dist loadgroup) ----------------------------------
+# Each test file is one group, run on one worker, so a module's fixtures are built once. Tests that read the
+# session's shipped run (fixtures below) are one group wherever they live, so the shipped job runs once; each
+# benchmark's smoke run is a group of its own (quality and privacy share one: privacy reuses quality's base).
+SHIPPED_FIXTURES = {"shipped_run", "readme_run"}
+
+
+def xdist_group(item) -> str:
+    if SHIPPED_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return "shipped_run"
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and "script" in callspec.params:
+        script = callspec.params["script"]
+        return "benchmark-" + ("quality" if script == "privacy" else script)
+    return item.path.stem
+
+
+# the longest groups first (measured with -n 3 on 2 cores), so that no long one is left to start last
+LONGEST_FIRST = ["shipped_run", "test_readme", "test_poc", "test_faults", "test_export", "benchmark-compression",
+                 "benchmark-newcomer", "benchmark-federation", "benchmark-quality", "benchmark-site", "test_core",
+                 "test_aggregation", "benchmark-scale", "test_compression", "test_validation", "test_federation",
+                 "benchmark-topk_study"]
+
+
+@pytest.hookimpl(wrapper=True)  # before every other implementation, pytest-xdist's (which reads the marks) too
+def pytest_collection_modifyitems(config, items):
+    groups = {item: xdist_group(item) for item in items}
+    rank = {g: i for i, g in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(groups[item], len(rank)))
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(groups[item]))
+    return (yield)
+

@@ -5,10 +5,9 @@ full run at a tiny size (one or two rounds, a few images, one seed, the smallest
 with its documented summary line, write its raw results under benchmarks/out/smoke/ and leave the measured
 figures in benchmarks/results/ as they are. The numbers of a smoke run mean nothing and are not checked.
 
-The runs are started together when the first of these tests runs, at most SMOKE_JOBS at a time (default 2, the
-cores of the machine this project is tested on; a run mostly waits on the NVFlare simulator's processes or
-spends its time importing torch), the longest first; each test waits for its own run. quality and privacy
-share one cached base (benchmarks/out/quality/), so they run one after the other in the same slot.
+Each test runs its script; pytest-xdist spreads them over the workers with the rest of the suite (one group
+each, tests/conftest.py), except quality and privacy, which share one cached base (benchmarks/out/quality/)
+and so run one after the other on the same worker.
 Select them all with `python -m pytest -q tests -k benchmark`.
 """
 
@@ -20,9 +19,8 @@ import re
 import subprocess
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import pytest
 
@@ -56,10 +54,6 @@ SMOKE = {
     "topk_study": ([], r"topk_study: f=0\.1 dacc=[+-]\d+\.\d \[[+-]\d+\.\d( [+-]\d+\.\d)*\] f=0\.3 dacc=[+-]\d+\.\d "
                        r"rounds_to_match=>?\d+/\d+", "topk_study.json"),
 }
-# Runs in one slot, in this order: the longest first (measured on 2 cores); quality builds the base privacy reuses.
-CHAINS = [["site"], ["federation"], ["compression"], ["newcomer"], ["robustness"], ["scale"], ["quality", "privacy"],
-          ["params"], ["export"], ["topk_study"], ["gpu_check"]]
-assert sorted(s for c in CHAINS for s in c) == sorted(SMOKE)
 
 
 def results_digest() -> Dict[str, str]:
@@ -83,42 +77,9 @@ def run_smoke(script: str) -> Dict:
             "seconds": time.time() - t0}
 
 
-class SmokeRuns:
-    """Starts the selected scripts' smoke runs, SMOKE_JOBS at a time, and hands out each one's result."""
-
-    def __init__(self, selected: List[str], jobs: int):
-        self.futures: Dict[str, Future] = {}
-        self.pool = ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="smoke")
-        for chain in CHAINS:
-            chain = [s for s in chain if s in selected]
-            if not chain:
-                continue
-            futures = {s: Future() for s in chain}
-            self.futures.update(futures)
-
-            def run_chain(chain=chain, futures=futures):
-                for script in chain:
-                    try:
-                        result = run_smoke(script)
-                    except BaseException as e:  # noqa: BLE001  handed to the test that waits for it
-                        futures[script].set_exception(e)
-                        continue
-                    futures[script].set_result(result)
-
-            self.pool.submit(run_chain)
-
-    def result(self, script: str) -> Dict:
-        return self.futures[script].result()
-
-
 @pytest.fixture(scope="session")
-def smoke_runs(request):
-    selected = sorted({item.callspec.params["script"] for item in request.session.items
-                       if getattr(item, "originalname", "") == "test_benchmark_smoke" and hasattr(item, "callspec")})
-    before = results_digest()
-    runs = SmokeRuns(selected, int(os.environ.get("SMOKE_JOBS", "2")))
-    yield runs, before
-    runs.pool.shutdown(wait=True, cancel_futures=True)
+def results_before():
+    return results_digest()
 
 
 def last_line(text: str) -> Optional[str]:
@@ -127,9 +88,9 @@ def last_line(text: str) -> Optional[str]:
 
 
 @pytest.mark.parametrize("script", list(SMOKE))
-def test_benchmark_smoke(script, smoke_runs):
-    runs, before = smoke_runs
-    r = runs.result(script)
+def test_benchmark_smoke(script, results_before):
+    before = results_before
+    r = run_smoke(script)
     log = f"$ python {r['cmd']}  ({r['seconds']:.0f}s)\n--- stdout (tail)\n{r['stdout'][-4000:]}\n" \
           f"--- stderr (tail)\n{r['stderr'][-4000:]}"
     print(f"{script} --smoke: {r['seconds']:.1f}s")
