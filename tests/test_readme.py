@@ -32,28 +32,12 @@ def blocks(text: str = README):
     return [(lang, code) for lang, code in re.findall(r"```(bash|python)\n(.*?)```", text, re.S)]
 
 
-def newcomer_blocks():
-    """What the newcomer runs: every README block, then the guide's Real sites blocks."""
-    real_sites = blocks(section(GUIDE, REAL_SITES))
-    assert real_sites, f"docs/guide.md's {REAL_SITES!r} section has no bash/python block"
-    return blocks() + real_sites
-
-
-def _int8_gate_only(line, proc) -> bool:
-    """The README says the export may end so: exit 1 because int8 alone missed its 99% top-1 gate."""
-    return ("exporters.onnx " in line and proc.returncode == 1
-            and re.search(r"not written: int8: top-1 agreement [\d.]+% \(\d+/\d+( \+ \d+ near-ties?)?\) "
-                          r"is below 99% by [\d.]+ points$", proc.stderr.strip()) is not None)
-
-
-@pytest.fixture(scope="module")
-def newcomer(newcomer_home, shipped_run):
-    """Run every block in the newcomer's folder (HOME); return the folder and each command's output. The
-    Simulate block's commands ran once for the whole session (conftest.shipped_run) and are not run again."""
-    home = newcomer_home
+def run_blocks(home: Path, blocks_to_run) -> list:
+    """Run the blocks in the newcomer's folder (HOME); return each command and its output. The Simulate
+    block's commands ran once for the whole session (conftest.shipped_run) and are not run again."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HOME": str(home)}  # the README's ~/nvflare_lora lands in the fixture
-    outputs = [(line, "") for line in SHIPPED_RUN_COMMANDS]
-    for lang, code in newcomer_blocks():
+    outputs = []
+    for lang, code in blocks_to_run:
         if lang == "bash":
             for line in code.strip().splitlines():
                 if line.startswith(NOT_RUN) or line in SHIPPED_RUN_COMMANDS:
@@ -67,11 +51,35 @@ def newcomer(newcomer_home, shipped_run):
                                   timeout=600)
             assert proc.returncode == 0, f"{code}\n{(proc.stdout + proc.stderr)[-3000:]}"
             outputs.append((code, proc.stdout + proc.stderr))
-    return home, outputs
+    return outputs
 
 
-def test_the_readme_runs_simulate_export_predict_and_python_as_written(newcomer):
-    home, outputs = newcomer
+def _int8_gate_only(line, proc) -> bool:
+    """The README says the export may end so: exit 1 because int8 alone missed its 99% top-1 gate."""
+    return ("exporters.onnx " in line and proc.returncode == 1
+            and re.search(r"not written: int8: top-1 agreement [\d.]+% \(\d+/\d+( \+ \d+ near-ties?)?\) "
+                          r"is below 99% by [\d.]+ points$", proc.stderr.strip()) is not None)
+
+
+@pytest.fixture(scope="module")
+def readme_run(newcomer_home, shipped_run):
+    """Every README block, in the folder where the session's shipped run already ran its Simulate block."""
+    return newcomer_home, [(line, "") for line in SHIPPED_RUN_COMMANDS] + run_blocks(newcomer_home, blocks())
+
+
+@pytest.fixture(scope="module")
+def real_sites_run(tmp_path_factory):
+    """docs/guide.md's Real sites blocks (the ViT-B/32 job), in a newcomer's folder of their own: they need
+    nothing the README's commands made, so they run beside them."""
+    home = tmp_path_factory.mktemp("real_sites")
+    shutil.copytree(REPO / "jobs", home / "jobs")
+    real_sites = blocks(section(GUIDE, REAL_SITES))
+    assert real_sites, f"docs/guide.md's {REAL_SITES!r} section has no bash/python block"
+    return home, run_blocks(home, real_sites)
+
+
+def test_the_readme_runs_simulate_export_predict_and_python_as_written(readme_run):
+    home, outputs = readme_run
     ran = "\n".join(cmd for cmd, _ in outputs)
     shown = [line for lang, code in blocks() if lang == "bash" for line in code.strip().splitlines()]
     assert all(line in shown for line in SHIPPED_RUN_COMMANDS), "the README no longer shows the session's shipped run"
@@ -90,10 +98,10 @@ def test_the_readme_runs_simulate_export_predict_and_python_as_written(newcomer)
     assert (home / "exported_jobs" / "clip_lora" / "app" / "config" / "config_fed_server.conf").is_file()
 
 
-def test_the_recipe_gives_the_job_folders_round_accuracies(newcomer):
+def test_the_recipe_gives_the_job_folders_round_accuracies(readme_run):
     """`python jobs/clip_lora/job.py` (SimEnv, 2 rounds as the README runs it) and `nvflare simulator
     jobs/clip_lora` (8 rounds) ran the same job: the same accuracies and losses in the rounds both ran."""
-    home, outputs = newcomer
+    home, outputs = readme_run
     assert "results in fl_runs/clip_lora" in dict(outputs)[next(c for c, _ in outputs if "job.py" in c)]
     rounds = [json.loads((ws / "server/simulate_job/app_server/communication.json").read_text())["rounds"]
               for ws in (home / "ws", home / "fl_runs" / "clip_lora")]
@@ -103,7 +111,7 @@ def test_the_recipe_gives_the_job_folders_round_accuracies(newcomer):
     assert [round(r["mean_train_loss"], 4) for r in rounds[0][:2]] == [round(r["mean_train_loss"], 4) for r in rounds[1]]
 
 
-def test_the_vitb32_job_starts_at_clips_zero_shot_accuracy_and_exports_verified(newcomer):
+def test_the_vitb32_job_starts_at_clips_zero_shot_accuracy_and_exports_verified(real_sites_run):
     """jobs/clip_lora_vitb32 as docs/guide.md's Real sites section runs it: real elpv images per site, a
     ViT-B/32-shaped base. Round 0's validation accuracy at each site is CLIPModel's zero-shot accuracy on that
     site's validation images."""
@@ -114,7 +122,7 @@ def test_the_vitb32_job_starts_at_clips_zero_shot_accuracy_and_exports_verified(
     from nvflare_lora.models import preprocessing_for
     from nvflare_lora.zeroshot import load_tokenizer
 
-    home, _ = newcomer
+    home, _ = real_sites_run
     base = home / "nvflare-lora" / "clip-vit-b32"
     clip = CLIPModel.from_pretrained(str(base)).eval()
     assert clip.config.vision_config.hidden_size == 768 and clip.config.vision_config.patch_size == 32
