@@ -1,15 +1,18 @@
 """How much one faulty site of four can hurt the default job, under each way the server can combine updates.
 
-Runs the default job (jobs/clip_lora as shipped: 4 sites, Dirichlet label skew, 8 rounds) in the real NVFlare
-simulator, written from the job schema (tests/simjob.make_job, nvflare_lora.settings' writer), with
-tests/faulty_executor.FaultyExecutor in the executor's place. site-4 (the largest share of the data) is faulty in every round, one way at a time:
+Runs the default job (jobs/clip_lora as shipped: 4 sites, Dirichlet label skew, 8 rounds, read back by the job
+schema) in the in-process round (nvflare_lora.round.Federation: the job's sites and server rule without NVFlare's
+processes; it gives the simulator's per-round accuracies exactly, tests/test_round.py), with
+tests/faulty_executor.fault_channel doing to site-4's updates what FaultyExecutor does in the simulator
+(tests/test_validation.py runs the same faults). site-4 (the largest share of the data) is faulty in every round,
+one way at a time:
 
   none       behaves (the baseline of each row)
   x1e4       sends 10^4 x its real update: finite, right keys (a learning-rate bug, or an attack)
   sign_flip  sends its real update negated
   steps1e9   sends its real update but claims 10^9 local steps (NUM_STEPS_CURRENT_ROUND)
-  absent     (reference, default settings only) replies an error every round: the job without site-4's
-             data, the most any aggregator can reach when it must ignore that site
+  absent     (reference, default settings only) never replies: the job without site-4's updates, the most any
+             aggregator can reach when it must ignore that site
 
 Aggregation settings (LoRAAggregator arguments, nvflare_lora.aggregation.Robustness):
 
@@ -21,12 +24,12 @@ Aggregation settings (LoRAAggregator arguments, nvflare_lora.aggregation.Robustn
   median         coordinate-wise median (clip, cap and direction check as default)
   trimmed_mean   trim_fraction 0.25 (with 4 sites: the largest and smallest value per coordinate dropped)
 
-Metric: the final global adapter (the persistor's `latest`) evaluated by every site in cross-site evaluation,
-accuracy weighted by each site's validation count (the faulty site's data counts too: it is real data).
+Metric: the final global adapter evaluated by every site on its validation split (Federation.evaluate, what
+cross-site evaluation of the persistor's `latest` scores), accuracy weighted by each site's validation count (the faulty site's data counts too: it is real data).
 The sites' validation splits are the only held-out data of this job; nothing is tuned on them here: the
 default's settings were fixed before this run and are reported as they are.
 
-Usage: HF_HUB_OFFLINE=1 python benchmarks/robustness.py [--workdir DIR] [--rounds 8]
+Usage: HF_HUB_OFFLINE=1 python benchmarks/robustness.py [--rounds 8]
        HF_HUB_OFFLINE=1 python benchmarks/robustness.py --smoke   # CI size: default settings, none and sign_flip,
            2 sites (site-2 faulty), 1 round of 1 step, no reference run; JSON to benchmarks/out/smoke/robustness.json
 Last line: `robustness: clean=<A> worst_faulty_default=<B> drop=<C>pt` (target drop <= 2 points).
@@ -38,9 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -49,11 +50,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests")]
 
-from simjob import cross_site_results, make_job, run_simulator  # noqa: E402
+from faulty_executor import fault_channel  # noqa: E402
 
+from nvflare_lora.round import Federation  # noqa: E402
+from nvflare_lora.settings import read_job  # noqa: E402
+
+JOB = ROOT / "jobs" / "clip_lora"
 FAULTY_SITE = "site-4"
 FAULTS = ("none", "x1e4", "sign_flip", "steps1e9")
-REFERENCE = "absent"  # site-4 replies an error every round: what the job reaches without its data at all
+REFERENCE = "absent"  # site-4 never replies: what the job reaches without its updates at all
 SETTINGS = {
     "fedavg": {"estimator": "mean", "clip_multiple": None, "max_weight_ratio": None, "min_agreement": None},
     "clip+cap": {"min_agreement": None},
@@ -63,21 +68,21 @@ SETTINGS = {
 }
 
 
-def faulty_job(dest: Path, name: str, fault: str, rounds: int, sites: int = 4, max_steps: int = 0, **agg) -> Path:
-    """The default job with these aggregator settings, its executor replaced by FaultyExecutor.
+def faulty_run(fault: str, rounds: int, sites: int = 4, max_steps: int = 0, **agg) -> Federation:
+    """The default job with these aggregator settings, FAULTY_SITE faulty in every round, run in process.
     sites, max_steps: for --smoke (4 and 0 keep the default job's)."""
     size = {**({"num_sites": sites} if sites != 4 else {}), **({"max_steps": max_steps} if max_steps else {})}
-    # every round, named one by one: FaultyExecutor's "*" would do, but the schema's HOCON writer leaves keys
-    # unquoted and a bare * does not parse (nvflare_lora.settings.to_hocon)
-    every_round = {str(r): "nothing" if fault == REFERENCE else fault for r in range(rounds)}
-    faults = {FAULTY_SITE: every_round} if fault != "none" else {}
-    return make_job(dest / name, faults=faults, num_rounds=rounds, **size, **agg)
+    fed = Federation(read_job(JOB)[1].replace(num_rounds=rounds, **size, **agg))
+    faults = {FAULTY_SITE: {"*": "nothing" if fault == REFERENCE else fault}} if fault != "none" else {}
+    for rnd in range(rounds):
+        fed.run_round(fault_channel(faults, rnd))
+    return fed
 
 
-def final_accuracy(ws: Path) -> dict:
-    results = cross_site_results(ws)
-    accs = {site: r["SRV_latest"]["val_accuracy"] for site, r in results.items()}
-    counts = {site: r["SRV_latest"]["count"] for site, r in results.items()}
+def final_accuracy(fed: Federation) -> dict:
+    scores = fed.evaluate()
+    accs = {site: r["accuracy"] for site, r in scores.items()}
+    counts = {site: r["count"] for site, r in scores.items()}
     mean = sum(accs[s] * counts[s] for s in accs) / sum(counts.values())
     return {"accuracy": mean, "per_site": accs, "counts": counts}
 
@@ -85,13 +90,12 @@ def final_accuracy(ws: Path) -> dict:
 def main() -> None:
     global FAULTY_SITE  # --faulty-site replaces it for faulty_job() and the report
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", default="")
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--faulty-site", default=None, help="the faulty site (default: site-4, the largest share; with "
                    "--sites N, site-N)")
     p.add_argument("--json", default=None, help="raw results (default benchmarks/results/robustness.json)")
     p.add_argument("--only", default="", help="comma-separated settings/fault keys to run (no table, no JSON)")
-    p.add_argument("--sites", type=int, default=4, help="sites in the simulator (default: the job's 4)")
+    p.add_argument("--sites", type=int, default=4, help="sites in the federation (default: the job's 4)")
     p.add_argument("--max-steps", type=int, default=0, help="cap on a site's steps per round (0: the job's epochs)")
     p.add_argument("--smoke", action="store_true", help="tiny size for CI: settings default, faults none and "
                    "sign_flip, --sites 2 --rounds 1 --max-steps 1, no reference run, JSON to benchmarks/out/smoke/")
@@ -102,12 +106,11 @@ def main() -> None:
 
         args.sites, args.rounds, args.max_steps = 2, 1, 1
         args.json = args.json or out_path("robustness.json")
-        # the reference needs min_clients below the site count: not at 2 sites
+        # the smallest grid: the default settings, one fault, no reference run
         settings_run, faults, reference = {"default": SETTINGS["default"]}, ("none", "sign_flip"), False
     args.json = args.json or str(ROOT / "benchmarks" / "results" / "robustness.json")
     FAULTY_SITE = args.faulty_site or f"site-{args.sites}"
     sites = [f"site-{i}" for i in range(1, args.sites + 1)]
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="robustness_"))
     load = os.getloadavg()[0]
     rows = {}
     plan = [(name, agg, fault) for name, agg in settings_run.items() for fault in faults]
@@ -115,31 +118,21 @@ def main() -> None:
     if args.only:
         plan = [x for x in plan if f"{x[0]}/{x[2]}" in args.only.split(",")]
     for name, agg, fault in plan:
-        if True:
-            key = f"{name}/{fault}"
-            dest = work / key.replace("/", "_")
-            shutil.rmtree(dest, ignore_errors=True)
-            dest.mkdir(parents=True)
-            job = faulty_job(dest, "job", fault, args.rounds, args.sites, args.max_steps, **agg)
-            t0 = time.perf_counter()
-            proc = run_simulator(job, dest / "ws", n=args.sites, threads=args.sites, timeout=900)
-            seconds = time.perf_counter() - t0
-            if proc.returncode != 0:
-                raise SystemExit(f"{key}: simulator failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
-            comm = json.loads((dest / "ws" / "server" / "simulate_job" / "app_server" / "communication.json").read_text())
-            count = {what: {site: sum(site in ((r.get("aggregation") or {}).get(what) or {}) for r in comm["rounds"])
-                            for site in sites}
-                     for what in ("clipped", "capped", "excluded")}
-            rows[key] = {"settings": name, "fault": fault, **final_accuracy(dest / "ws"), "seconds": round(seconds, 1),
-                         "rounds_bounded": count}
-            honest = {w: sum(n for s, n in c.items() if s != FAULTY_SITE) for w, c in count.items()}
-            print(f"{key}: accuracy {rows[key]['accuracy']:.4f} ({seconds:.0f}s; {FAULTY_SITE} clipped/capped/left out "
-                  f"in {count['clipped'][FAULTY_SITE]}/{count['capped'][FAULTY_SITE]}/{count['excluded'][FAULTY_SITE]} "
-                  f"rounds; honest sites {honest['clipped']}/{honest['capped']}/{honest['excluded']} site-rounds)",
-                  flush=True)
+        key = f"{name}/{fault}"
+        t0 = time.perf_counter()
+        fed = faulty_run(fault, args.rounds, args.sites, args.max_steps, **agg)
+        seconds = time.perf_counter() - t0
+        count = {what: {site: sum(site in ((r.aggregation or {}).get(what) or {}) for r in fed.history)
+                        for site in sites}
+                 for what in ("clipped", "capped", "excluded")}
+        rows[key] = {"settings": name, "fault": fault, **final_accuracy(fed), "seconds": round(seconds, 1),
+                     "rounds_bounded": count}
+        honest = {w: sum(n for s, n in c.items() if s != FAULTY_SITE) for w, c in count.items()}
+        print(f"{key}: accuracy {rows[key]['accuracy']:.4f} ({seconds:.0f}s; {FAULTY_SITE} clipped/capped/left out "
+              f"in {count['clipped'][FAULTY_SITE]}/{count['capped'][FAULTY_SITE]}/{count['excluded'][FAULTY_SITE]} "
+              f"rounds; honest sites {honest['clipped']}/{honest['capped']}/{honest['excluded']} site-rounds)",
+              flush=True)
 
-    if args.smoke and not args.workdir:
-        shutil.rmtree(work, ignore_errors=True)
     if args.only:
         return
     print("\n| aggregation | " + " | ".join(faults) + " | worst drop |\n|---|" + "---|" * (len(faults) + 1))
@@ -148,12 +141,12 @@ def main() -> None:
         drop = 100 * (accs[0] - min(accs[1:]))
         print(f"| {name} | " + " | ".join(f"{a:.4f}" for a in accs) + f" | {drop:.1f} pt |")
     if reference:
-        print(f"\nreference: default settings, {FAULTY_SITE} absent (error reply every round): "
+        print(f"\nreference: default settings, {FAULTY_SITE} absent (no reply any round): "
               f"{rows['default/' + REFERENCE]['accuracy']:.4f}")
     clean = rows["default/none"]["accuracy"]
     worst = min(rows[f"default/{f}"]["accuracy"] for f in faults[1:])
     print(f"\nfaulty site: {FAULTY_SITE}, every round; {args.rounds} rounds; final cross-site accuracy of the latest "
-          f"global adapter over all {args.sites} sites' validation data. Load average at start {load:.2f}, at end "
+          f"global adapter over all {args.sites} sites' validation data, in process. Load average at start {load:.2f}, at end "
           f"{os.getloadavg()[0]:.2f} ({os.cpu_count()} cores).")
     out = Path(args.json)
     out.parent.mkdir(exist_ok=True)

@@ -1,5 +1,5 @@
-"""A real CLIPLoRAExecutor that corrupts its own update in chosen rounds, for the server's validation and
-robustness tests and benchmarks/robustness.py."""
+"""A real CLIPLoRAExecutor that corrupts its own update in chosen rounds, and the in-process round's channel
+that does the same (fault_channel), for the server's validation and robustness tests and benchmarks/robustness.py."""
 
 import os
 
@@ -41,6 +41,22 @@ def corrupt(data: dict, fault: str) -> dict:
 
 
 STEP_FAULTS = {"steps1e9": 10**9}  # the update as trained, with an inflated NUM_STEPS_CURRENT_ROUND
+
+
+def fault_channel(faults: dict, rnd: int):
+    """The in-process round's channel (nvflare_lora.round.Channel) that does to round `rnd`'s updates what
+    FaultyExecutor does to its replies: faults {site: {round: fault}} ("*": every round) is a fault of
+    corrupt(), an inflated step count (STEP_FAULTS), or "nothing" (no reply)."""
+    def send(site, update, steps):
+        fault = faults.get(site, {}).get(rnd, faults.get(site, {}).get("*"))
+        if fault is None:
+            return update, steps
+        if fault == "nothing":
+            return None
+        if fault in STEP_FAULTS:
+            return update, STEP_FAULTS[fault]
+        return corrupt(update, fault), steps
+    return send
 
 
 class FaultyExecutor(CLIPLoRAExecutor):

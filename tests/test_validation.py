@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from faulty_executor import STEP_FAULTS, corrupt
+from faulty_executor import corrupt, fault_channel
 from nvflare_lora import LoRAConfig, adapter_shapes
 from nvflare_lora.adapter import AdapterMismatchError
 from nvflare_lora.aggregation import Robustness, SiteUpdate, aggregate, check_update, update_norm, update_spec
@@ -143,25 +143,10 @@ def test_bad_robustness_settings_are_refused_naming_the_valid_values(kwargs, mat
 
 
 # ---- in a real round: the in-process federation (nvflare_lora.round), real sites, real training --------
-def _channel(faults, rnd):
-    """What the sites send in round `rnd`, changed as faults {site: {round: fault}} say ("*": every round):
-    a fault of faulty_executor.corrupt, an inflated step count (STEP_FAULTS), or "nothing" (no reply)."""
-    def send(site, update, steps):
-        fault = faults.get(site, {}).get(rnd, faults.get(site, {}).get("*"))
-        if fault is None:
-            return update, steps
-        if fault == "nothing":
-            return None
-        if fault in STEP_FAULTS:
-            return update, STEP_FAULTS[fault]
-        return corrupt(update, fault), steps
-    return send
-
-
 def _run(faults, sites=None, **changes):
     fed = Federation(settings(**changes), sites=sites)
     for rnd in range(fed.settings.num_rounds):
-        fed.run_round(_channel(faults, rnd))
+        fed.run_round(fault_channel(faults, rnd))
     return fed
 
 
