@@ -20,7 +20,8 @@ Accuracy: the last round's global validation accuracy (communication.json), and 
 Usage: HF_HUB_OFFLINE=1 python benchmarks/newcomer.py [--workdir DIR] [--skip-plain]
        HF_HUB_OFFLINE=1 python benchmarks/newcomer.py --smoke   # CI size: the -t run and one seed's int8 export,
            2 sites, 2 rounds of 1 step (the second saves the best adapter), no cross-site evaluation, --skip-plain
-           (the runs without -t start a process per task: minutes even at this size); JSON to
+           (the runs without -t start a process per task: minutes even at this size), 32 images in the int8 scheme
+           table (each emulated run of a scheme costs seconds per image batch); JSON to
            benchmarks/out/smoke/newcomer.json
 Last line: `newcomer: plain=<S>s floor=<F>s nvflare_floor=<N>s t4=<T>s int8_agree_min=<P>% int8_passed=<K>/3`
 Targets (issue 12): plain <= 1.25 x floor, t4 <= 70 s, int8 >= 99.5%.
@@ -99,15 +100,16 @@ def import_seconds(runs: int = 5) -> float:
     return statistics.median(times)
 
 
-def int8_schemes(ws: Path, out: Path) -> dict:
-    """Top-1 agreement of every int8 scheme with the fp32 export on the run's validation images."""
+def int8_schemes(ws: Path, out: Path, images: int = 256) -> dict:
+    """Top-1 agreement of every int8 scheme with the fp32 export on (up to `images` of) the run's validation
+    images."""
     from exporters.onnx.locate import locate_checkpoint
     from exporters.onnx.pipeline import verification_images
     from exporters.onnx.rebuild import rebuild
     from exporters.onnx.variants import INT8_SCHEMES, quantize_int8
 
     rebuilt = rebuild(locate_checkpoint(ws).path)
-    pixels, _, _ = verification_images("auto", ws, rebuilt, 256)
+    pixels, _, _ = verification_images("auto", ws, rebuilt, images)
     np.save(out / "pixels.npy", pixels)
     runners = {"native": []}
     if shutil.which("qemu-x86_64"):
@@ -139,13 +141,17 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=0, help="num_rounds of every run (0: the job's)")
     p.add_argument("--max-steps", type=int, default=0, help="cap on a site's steps per round (0: the job's epochs)")
     p.add_argument("--json", default=None, help="raw results (default benchmarks/results/newcomer.json)")
+    p.add_argument("--scheme-images", type=int, default=256, help="validation images of the int8 scheme table "
+                   "(each scheme runs on them natively and, with qemu, emulated)")
     p.add_argument("--smoke", action="store_true", help="tiny size for CI: --skip-plain --seeds 0 --sites 2 "
-                   "--rounds 2 --max-steps 1, no cross-site evaluation, JSON to benchmarks/out/smoke/")
+                   "--rounds 2 --max-steps 1 --scheme-images 32, no cross-site evaluation, JSON to "
+                   "benchmarks/out/smoke/")
     args = p.parse_args()
     if args.smoke:
         from _smoke import out_path
 
         args.skip_plain, args.seeds, args.sites, args.rounds, args.max_steps = True, "0", 2, 2, 1
+        args.scheme_images = 32
         args.json = args.json or out_path("newcomer.json")
     seeds = [int(x) for x in args.seeds.split(",")]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="newcomer-"))
@@ -184,7 +190,7 @@ def main() -> None:
                               capture_output=True, text=True, cwd=ROOT, timeout=900)
         report = json.loads((ws / "onnx" / "export_report.json").read_text())
         int8 = report["verification"]["variants"]["int8"]
-        schemes = int8_schemes(ws, Path(tempfile.mkdtemp(dir=work, prefix=f"int8-{seed}-")))
+        schemes = int8_schemes(ws, Path(tempfile.mkdtemp(dir=work, prefix=f"int8-{seed}-")), args.scheme_images)
         results["int8"].append({"seed": seed, "exit_code": proc.returncode, "export_agreement": 100 * int8["top1_agreement"],
                                 "samples": int8["samples"], "near_tie_flips": int8["near_tie_flips"],
                                 "passed": int8["passed"], "cpu": int8["cpu"], "schemes": schemes})
