@@ -32,6 +32,14 @@ def out_path(name: str) -> str:
     return str(OUT / name)
 
 
+def json_path(name: str, given: str | None, smoke: bool) -> str:
+    """Where a benchmark writes its raw results: the --json given, else benchmarks/out/smoke/<name> for a smoke
+    run, else benchmarks/results/<name> (the measured figures)."""
+    if given:
+        return str(given)
+    return out_path(name) if smoke else str(ROOT / "benchmarks" / "results" / name)
+
+
 def write_tiny_base(directory: str | Path) -> Path:
     """A HuggingFace CLIP directory (config, weights, tokenizer) at tiny-clip's shapes, seeded random weights:
     what a smoke run uses where the full run writes a ViT-B/32-shaped base (a second, against a minute)."""

@@ -55,6 +55,7 @@ from nvflare_lora import adapter_shapes  # noqa: E402
 from nvflare_lora import compression as codec  # noqa: E402
 from nvflare_lora.fl.protocol import payload_bytes  # noqa: E402
 from nvflare_lora.fl.filters.compressor import PAYLOAD_KEY  # noqa: E402
+from _smoke import json_path  # noqa: E402  (where its raw results go)
 
 MODES = ["none", "fp16", "int8", "int4", "topk+int8", "nvflare-fp16"]
 QUANTIZER = "nvflare.app_opt.pt.quantization."
@@ -178,10 +179,7 @@ def main() -> None:
                     "are not changed by its presence")
     a = ap.parse_args()
     if a.smoke:
-        from _smoke import out_path
-
         a.modes, a.rounds, a.sites, a.max_steps = "none,topk+int8", 1, 2, 1
-        a.json = a.json or out_path("compression.json")
     modes = [m.strip() for m in a.modes.split(",") if m.strip()]
     if any(m not in MODES for m in modes) or "none" not in modes:
         sys.exit(f"--modes must include none and come from {MODES}")
@@ -237,7 +235,7 @@ def main() -> None:
         return (f"{mode} {none['upload_per_round'] / r['upload_per_round']:.2f}x "
                 f"dacc={100 * (r['final_accuracy'] - none['final_accuracy']):+.1f}")
 
-    out = Path(a.json or Path(__file__).parent / "results" / "compression.json")
+    out = Path(json_path("compression.json", a.json, a.smoke))
     out.write_text(json.dumps({"fraction": a.fraction, "rounds": a.rounds, "full_fedavg_bytes_vitb32": full_bytes,
                                "vitb32_upload_per_site": b32, "skipped": skipped, "results": results,
                                "load_at_end": os.getloadavg()[0]}, indent=1, default=float) + "\n")

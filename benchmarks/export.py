@@ -51,6 +51,7 @@ from nvflare_lora.checkpoint import save_adapter_dir  # noqa: E402
 from nvflare_lora.data import load_digits_dataset  # noqa: E402
 from nvflare_lora.models import use_eager_attention  # noqa: E402
 from nvflare_lora.managers import model_metadata  # noqa: E402
+from _smoke import json_path  # noqa: E402  (where its raw results go)
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "visual_projection"]
 TARGETS = {"ort_fp32": 1.1, "int8": 2.0, "int8_top1": 0.99}
@@ -248,14 +249,7 @@ def main(argv=None) -> int:
     raw = [{"shape": r["shape"], "best_ms": {n: {b: 1000 * v for b, v in per.items()} for n, per in best(r["latency"]).items()},
             "parity": {n: {"max_abs_logit_diff": q.max_abs_logit_diff, "top1_agreement": q.top1_agreement}
                        for n, q in r["parity"].items()}, "size_mb": r["size_mb"], "fused": r["fused"]} for r in results]
-    if args.json:
-        out = Path(args.json)
-    elif args.smoke:
-        from _smoke import out_path
-
-        out = Path(out_path("export.json"))
-    else:
-        out = Path(__file__).parent / "results" / "export.json"
+    out = Path(json_path("export.json", args.json, args.smoke))
     out.write_text(json.dumps(
         {"threads": args.threads, "runs": args.runs, "samples": args.samples, "results": raw}, indent=1) + "\n")
     print(f"export (vs peft-eager at {main_result['shape']}, batch 8): ort_fp32 {fp32_x:.2f}x int8 {int8_x:.2f}x, "

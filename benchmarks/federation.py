@@ -69,6 +69,7 @@ from simjob import JOB, communication, make_job  # noqa: E402  (the tests' job-c
 
 from nvflare_lora import adapter_shapes  # noqa: E402
 from nvflare_lora.models import CLIPImageClassifier, load_clip_config, resolve_model  # noqa: E402
+from _smoke import json_path  # noqa: E402  (where its raw results go)
 
 OUT = ROOT / "benchmarks" / "out"
 VITB32_DIR = OUT / "clip-vitb32-random"
@@ -394,10 +395,9 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="nvflare_lora_fedbench_"))
     big = None  # the large base of (b) and (c); None: the ViT-B/32-shaped one
     if args.smoke:
-        from _smoke import out_path, write_tiny_base
+        from _smoke import write_tiny_base
 
         args.reps = 1
-        args.json = args.json or out_path("federation.json")
         big = write_tiny_base(tmp / "clip-tiny")
     a = b = c = None
     try:
@@ -468,7 +468,7 @@ def main(argv=None) -> int:
     print(f"\ntotal benchmark time {time.perf_counter() - t_start:.0f}s")
     raw = {"a": a, "b": {k: {kk: vv for kk, vv in v.items() if kk != "communication"} for k, v in b.items()}
            if b else None, "c": c, "load_at_end": os.getloadavg()[0]}
-    out = Path(args.json or Path(__file__).parent / "results" / "federation.json")
+    out = Path(json_path("federation.json", args.json, args.smoke))
     out.write_text(json.dumps(raw, indent=1, default=str) + "\n")
     print("federation: " + " ".join(summary))
     return 0

@@ -50,6 +50,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
 from simjob import JOB, communication, make_job, server_app_dir  # noqa: E402
 
 from nvflare_lora.allow import allow  # noqa: E402
+from _smoke import json_path  # noqa: E402  (where its raw results go)
 
 IMPORTS = ("import nvflare.private.fed.app.simulator.simulator_worker, torch, peft; "
            "from transformers import CLIPModel")
@@ -148,11 +149,8 @@ def main() -> None:
                    "benchmarks/out/smoke/")
     args = p.parse_args()
     if args.smoke:
-        from _smoke import out_path
-
         args.skip_plain, args.seeds, args.sites, args.rounds, args.max_steps = True, "0", 2, 2, 1
         args.scheme_images = 32
-        args.json = args.json or out_path("newcomer.json")
     seeds = [int(x) for x in args.seeds.split(",")]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="newcomer-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -216,7 +214,7 @@ def main() -> None:
               f"{'passed' if r['passed'] else 'failed'} | "
               + " | ".join(f"{r['schemes'][k]:.2f}%" for k in schemes) + " |")
     print(f"load average at start {load}, at end {results['load_at_end']} ({os.cpu_count()} cores)")
-    out = Path(args.json or ROOT / "benchmarks" / "results" / "newcomer.json")
+    out = Path(json_path("newcomer.json", args.json, args.smoke))
     out.write_text(json.dumps(results, indent=1) + "\n")
     if args.smoke and not args.workdir:
         shutil.rmtree(work, ignore_errors=True)

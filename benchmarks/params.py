@@ -44,6 +44,7 @@ import torch
 
 from nvflare_lora import TINY_PRESET, LoRAConfig, adapter_shapes
 from nvflare_lora.models import CLIPImageClassifier, load_clip_config, resolve_model
+from _smoke import json_path  # noqa: E402  (where its raw results go)
 
 NUM_CLASSES = 10  # digits; the head is projection_dim x 10 + 10
 RANKS = (8, 16, 32)
@@ -292,14 +293,7 @@ def main() -> None:
     raw = {model: {tower: {"base_total": b["base_total"],
                            "rows": {f"{t} r{r}": v for (t, r), v in b["rows"].items()}}
                    for tower, b in t["towers"].items()} for model, t in tables.items()}
-    if args.json:
-        out = Path(args.json)
-    elif args.smoke:
-        from _smoke import out_path
-
-        out = Path(out_path("params.json"))
-    else:
-        out = Path(__file__).parent / "results" / "params.json"
+    out = Path(json_path("params.json", args.json, args.smoke))
     out.write_text(json.dumps({"tables": raw, "epoch_runs": runs, "load_at_end": os.getloadavg()[0]}, indent=1,
                               default=str) + "\n")
     print(f"params: vitb32 r16 qv adapter={row['trainable']} ({100 * row['trainable'] / base:.2f}% of {base})")

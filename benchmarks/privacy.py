@@ -49,6 +49,7 @@ import quality  # noqa: E402
 from nvflare_lora.data import SiteLoader, partition  # noqa: E402
 from nvflare_lora.privacy import DPConfig, PrivateStep, calibrate  # noqa: E402
 from nvflare_lora.training import train_local  # noqa: E402
+from _smoke import json_path  # noqa: E402  (where its raw results go)
 
 SPLIT = ("a0.5", "dirichlet", 0.5)
 RULES = ("fedavg", "ffa")
@@ -178,7 +179,7 @@ def main() -> None:
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=default)
     ap.add_argument("--val-fraction", type=float, default=0.2)
     ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "privacy.json"))
+    ap.add_argument("--json", default=None, help="raw results (default benchmarks/results/privacy.json)")
     ap.add_argument("--plot", default=str(ROOT / "benchmarks" / "results" / "privacy.png"))
     ap.add_argument("--smoke", action="store_true", help="tiny size for CI (see Usage), JSON and plot to "
                     "benchmarks/out/smoke/")
@@ -190,8 +191,8 @@ def main() -> None:
         args.rounds, args.eval_every, args.pretrain_epochs = 2, 1, 1  # local steps stay 5: the DP timing's round
         args.seeds, args.workers, args.time_rounds = "0", 1, 2
         dp_grid, lr_grid, epsilons = [(0.1, 0.02, 1)], (0.02,), (8.0,)
-        args.json = args.json if args.json != ap.get_default("json") else str(smoke_out / "privacy.json")
         args.plot = args.plot if args.plot != ap.get_default("plot") else str(smoke_out / "privacy.png")
+    args.json = json_path("privacy.json", args.json, args.smoke)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     load = os.getloadavg()

@@ -91,6 +91,7 @@ from nvflare_lora.round import run_round  # noqa: E402
 from nvflare_lora.settings import JobSettings  # noqa: E402
 from nvflare_lora.site import Site  # noqa: E402
 from nvflare_lora.training import train_local  # noqa: E402
+from _smoke import json_path  # noqa: E402  (where its raw results go)
 
 JOB_ROBUSTNESS = JobSettings().robustness()  # the default job's aggregator
 
@@ -469,7 +470,7 @@ def main(argv=None) -> Dict:
     ap.add_argument("--workers", type=int, default=2, help="processes running the training runs in parallel")
     ap.add_argument("--hetero", action="store_true", help=f"also site ranks {HETERO_RANKS} under alpha 0.5")
     ap.add_argument("--plots", default=str(ROOT / "benchmarks" / "results"), help="folder for the PNGs ('' = none)")
-    ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
+    ap.add_argument("--json", default=None, help="raw results (default benchmarks/results/quality.json)")
     ap.add_argument("--lr-grid", default=",".join(map(str, LR_GRID)), help="peak lrs tried on the validation split")
     ap.add_argument("--smoke", action="store_true", help="tiny size for CI: --rounds 1 --eval-every 1 --local-steps 1 "
                     "--pretrain-epochs 1 --seeds 0 --workers 1 --lr-grid 0.02, JSON and plots to benchmarks/out/smoke/")
@@ -480,7 +481,7 @@ def main(argv=None) -> Dict:
         args.rounds, args.eval_every, args.local_steps, args.pretrain_epochs = 1, 1, 1, 1
         args.seeds, args.workers, args.lr_grid = "0", 1, "0.02"
         args.plots = args.plots if args.plots != ap.get_default("plots") else str(smoke_out)
-        args.json = args.json if args.json != ap.get_default("json") else str(smoke_out / "quality.json")
+    args.json = json_path("quality.json", args.json, args.smoke)
     lr_grid = tuple(float(x) for x in args.lr_grid.split(","))
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()

@@ -54,6 +54,7 @@ from faulty_executor import fault_channel  # noqa: E402
 
 from nvflare_lora.round import Federation  # noqa: E402
 from nvflare_lora.settings import read_job  # noqa: E402
+from _smoke import json_path  # noqa: E402  (where its raw results go)
 
 JOB = ROOT / "jobs" / "clip_lora"
 FAULTY_SITE = "site-4"
@@ -102,13 +103,10 @@ def main() -> None:
     args = p.parse_args()
     settings_run, faults, reference = dict(SETTINGS), FAULTS, True
     if args.smoke:
-        from _smoke import out_path
-
         args.sites, args.rounds, args.max_steps = 2, 1, 1
-        args.json = args.json or out_path("robustness.json")
         # the smallest grid: the default settings, one fault, no reference run
         settings_run, faults, reference = {"default": SETTINGS["default"]}, ("none", "sign_flip"), False
-    args.json = args.json or str(ROOT / "benchmarks" / "results" / "robustness.json")
+    args.json = json_path("robustness.json", args.json, args.smoke)
     FAULTY_SITE = args.faulty_site or f"site-{args.sites}"
     sites = [f"site-{i}" for i in range(1, args.sites + 1)]
     load = os.getloadavg()[0]

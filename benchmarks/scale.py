@@ -48,6 +48,7 @@ import psutil  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from simjob import communication, make_job, run_simulator  # noqa: E402  (the tests' job helpers, shared on purpose)
+from _smoke import json_path  # noqa: E402  (where its raw results go)
 
 VAL_FRACTION = 0.2
 EPOCHS = 2  # the job's local_epochs
@@ -229,18 +230,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--checks", action="store_true",
                     help="also run the baseline size with torch's default threads, and with -t 2 (a fresh "
                          "worker process per task), to show why neither is used")
-    ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "scale.json"),
-                    help="write the rows to this JSON file ('' = none)")
+    ap.add_argument("--json", default=None,
+                    help="write the rows to this JSON file (default benchmarks/results/scale.json; '' = none)")
     ap.add_argument("--max-steps", type=int, default=0, help="cap on each site's steps per round (0: the job's "
                     f"{EPOCHS} epochs)")
     ap.add_argument("--smoke", action="store_true", help="tiny size for CI: --sites 2 --rounds 2 --max-steps 1, "
                     "JSON to benchmarks/out/smoke/")
     args = ap.parse_args(argv)
     if args.smoke:
-        from _smoke import out_path
-
         args.sites, args.rounds, args.max_steps = "2", 2, 1
-        args.json = args.json if args.json != ap.get_default("json") else out_path("scale.json")
+    args.json = "" if args.json == "" else json_path("scale.json", args.json, args.smoke)
     sizes = [int(s) for s in args.sites.split(",")]
     if args.rounds < 2:
         ap.error("--rounds must be >= 2 (round 0 includes every site's set-up)")

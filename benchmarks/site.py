@@ -49,6 +49,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+from _smoke import json_path  # noqa: E402  (where its raw results go)
 
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0)
 
@@ -240,7 +241,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4, help="timed steps per run")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--workdir", default=None)
-    p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "site.json"))
+    p.add_argument("--json", default=None, help="raw results (default benchmarks/results/site.json)")
     p.add_argument("--sizes", default="1000,8000", help="images of the sites in (b), smallest first; (a) uses the first")
     p.add_argument("--per-site", type=int, default=100, help="elpv images per site in (c)")
     p.add_argument("--smoke", action="store_true", help="tiny size for CI: a tiny-clip-shaped base, --sizes 16 "
@@ -252,10 +253,7 @@ def main() -> None:
         print(json.dumps(site_memory(*args.memory_run, args.batch, args.steps, args.workers)))
         return
     if args.smoke:
-        from _smoke import out_path
-
         args.sizes, args.batch, args.steps, args.reps, args.per_site = "16", 4, 1, 1, 8
-        args.json = args.json if args.json != p.get_default("json") else out_path("site.json")
         if not args.workdir:
             with tempfile.TemporaryDirectory(prefix="site_smoke_") as tmp:
                 return run(args, Path(tmp))
@@ -311,7 +309,7 @@ def run(args, work: Path) -> None:
     print("|---|---|---|---|")
     for n in folders:
         print(f"| {n} | {mem[n]['peak_rss_mb']:.0f} | {mem[n]['worker_peak_rss_mb']:.0f} | {mem[n]['val_images']} |")
-    out = Path(args.json)
+    out = Path(json_path("site.json", args.json, args.smoke))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "load_at_start": load, "throughput": tp, "memory": mem,
                                "rss_ratio_8k_1k": rss_ratio, "vitb32_job": job}, indent=1, default=str) + "\n")

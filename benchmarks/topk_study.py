@@ -52,6 +52,7 @@ from nvflare_lora.fl.protocol import payload_bytes  # noqa: E402
 from nvflare_lora.fl.filters.compressor import PAYLOAD_KEY  # noqa: E402
 from nvflare_lora.round import Federation, run_round  # noqa: E402
 from nvflare_lora.settings import JobSettings, read_job  # noqa: E402
+from _smoke import json_path  # noqa: E402  (where its raw results go)
 
 
 def job_settings(s: JobSettings) -> dict:
@@ -124,15 +125,12 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2", help="data/initialisation seeds; 0 is the default job's")
     ap.add_argument("--rounds", type=int, default=0, help="rounds per federation (default: the job's num_rounds)")
     ap.add_argument("--max-steps", type=int, default=0, help="cap on a site's steps per round (0: the job's epochs)")
-    ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "topk_study.json"))
+    ap.add_argument("--json", default=None, help="raw results (default benchmarks/results/topk_study.json)")
     ap.add_argument("--smoke", action="store_true", help="tiny size for CI: --seeds 0 --rounds 1 --max-steps 1, "
                     "JSON to benchmarks/out/smoke/")
     a = ap.parse_args()
     if a.smoke:
-        from _smoke import out_path
-
         a.seeds, a.rounds, a.max_steps = "0", 1, 1
-        a.json = a.json if a.json != ap.get_default("json") else out_path("topk_study.json")
     torch.set_num_threads(1)  # as the job's sites (torch_threads = 1)
     job = read_job(JOB)[1]
     s = job_settings(job)
@@ -180,7 +178,7 @@ def main() -> None:
     raw = {"rounds": rounds, "seeds": seeds, "settings": s, "rounds_to_match": catch,
            "variants": {label: [{"accuracy": r["acc"], "bytes": r["bytes"]} for r in runs] for label, runs in table.items()},
            "long_topk_f0.1": [r["acc"] for r in long]}
-    Path(a.json).write_text(json.dumps(raw, default=float) + "\n")
+    Path(json_path("topk_study.json", a.json, a.smoke)).write_text(json.dumps(raw, default=float) + "\n")
     print(f"topk_study: f=0.1 dacc={f1:+.1f} [{' '.join(f'{d:+.1f}' for d in per)}] "
           f"f=0.3 dacc={summary['topk+int8 f=0.3'][0]:+.1f} rounds_to_match={med}/{rounds}")
 
