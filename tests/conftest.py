@@ -76,4 +76,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         item.add_marker(pytest.mark.xdist_group(groups[item]))
     return (yield)
-
