@@ -311,7 +311,9 @@ def run_sim_sampled(job: Path, ws: Path, timeout: float = 480) -> Dict:
             info = seen.setdefault(p.pid, {"peak": 0, "ppid": None, "cmd": "", "server_log_open": False})
             info["peak"] = max(info["peak"], status["VmHWM"], status["VmRSS"])
             try:
-                if not info["cmd"]:
+                # read again until the worker's own: a child caught between fork and exec still shows the
+                # parent's command line (seen under load in CI)
+                if "simulator_worker" not in info["cmd"]:
                     info["ppid"], info["cmd"] = p.ppid(), " ".join(p.cmdline())
                 if check_files and not info["server_log_open"]:
                     info["server_log_open"] = any(f.path.startswith(server_log) for f in p.open_files())
