@@ -52,7 +52,7 @@ sys.path[:0] = [str(ROOT / "tests")]
 
 from faulty_executor import fault_channel  # noqa: E402
 
-from nvflare_lora.round import Federation  # noqa: E402
+from nvflare_lora.round import Federation, weighted_accuracy  # noqa: E402
 from nvflare_lora.settings import read_job  # noqa: E402
 from _smoke import json_path  # noqa: E402  (where its raw results go)
 
@@ -82,10 +82,8 @@ def faulty_run(fault: str, rounds: int, sites: int = 4, max_steps: int = 0, **ag
 
 def final_accuracy(fed: Federation) -> dict:
     scores = fed.evaluate()
-    accs = {site: r["accuracy"] for site, r in scores.items()}
-    counts = {site: r["count"] for site, r in scores.items()}
-    mean = sum(accs[s] * counts[s] for s in accs) / sum(counts.values())
-    return {"accuracy": mean, "per_site": accs, "counts": counts}
+    return {"accuracy": weighted_accuracy(scores), "per_site": {site: r["accuracy"] for site, r in scores.items()},
+            "counts": {site: r["count"] for site, r in scores.items()}}
 
 
 def main() -> None:

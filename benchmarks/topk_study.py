@@ -50,7 +50,7 @@ from simjob import JOB  # noqa: E402
 from nvflare_lora import compression as codec  # noqa: E402
 from nvflare_lora.fl.protocol import payload_bytes  # noqa: E402
 from nvflare_lora.fl.filters.compressor import PAYLOAD_KEY  # noqa: E402
-from nvflare_lora.round import Federation, run_round  # noqa: E402
+from nvflare_lora.round import Federation, run_round, weighted_accuracy  # noqa: E402
 from nvflare_lora.settings import JobSettings, read_job  # noqa: E402
 from _smoke import json_path  # noqa: E402  (where its raw results go)
 
@@ -114,8 +114,7 @@ def run(variant: str, fraction: float, seed: int, rounds: int, job: JobSettings)
             fed.global_adapter, result = run_round(fed.server, fed.sites, fed.global_adapter, rnd, channel,
                                                    evaluate=False)  # scored below, after the round
             fed.history.append(result)
-            results = fed.evaluate().values()  # the new global adapter on every site's validation split
-            accs.append(sum(r["accuracy"] * r["count"] for r in results) / sum(r["count"] for r in results))
+            accs.append(weighted_accuracy(fed.evaluate()))  # the new global adapter on every site's validation split
             sent_bytes.append(sum(nbytes.values()))
     return {"acc": accs, "bytes": float(np.mean(sent_bytes))}
 

@@ -57,6 +57,12 @@ class RoundResult:
         return float(sum(self.val_accuracy[s] * self.val_count[s] for s in self.val_accuracy) / n) if n else float("nan")
 
 
+def weighted_accuracy(scores: Mapping[str, Mapping]) -> float:
+    """One accuracy over every site's validation images: Federation.evaluate's per-site accuracies weighted by
+    their counts."""
+    return sum(s["accuracy"] * s["count"] for s in scores.values()) / sum(s["count"] for s in scores.values())
+
+
 def run_round(server: ServerAggregation, sites: Sequence[Site], global_state: Mapping[str, np.ndarray], rnd: int,
               channel: Optional[Channel] = None, evaluate: bool = True, lr: Optional[float] = None,
               seeds: Optional[Mapping[str, int]] = None) -> tuple:

@@ -7,7 +7,7 @@ from faulty_executor import corrupt, fault_channel
 from nvflare_lora import LoRAConfig, adapter_shapes
 from nvflare_lora.adapter import AdapterMismatchError
 from nvflare_lora.aggregation import Robustness, SiteUpdate, aggregate, check_update, update_norm, update_spec
-from nvflare_lora.round import Federation
+from nvflare_lora.round import Federation, weighted_accuracy
 from nvflare_lora.settings import settings
 
 SHAPES = adapter_shapes("tiny-clip", 10, LoRAConfig(r=4, lora_alpha=8))
@@ -157,8 +157,7 @@ def _largest_difference(a, b):
 
 def _accuracy(fed):
     """The global adapter's accuracy over every site's validation images (as cross-site evaluation scores it)."""
-    scores = fed.evaluate()
-    return sum(s["accuracy"] * s["count"] for s in scores.values()) / sum(s["count"] for s in scores.values())
+    return weighted_accuracy(fed.evaluate())
 
 
 FAULTS = {"site-3": {0: "extra_key", 1: "nan", 2: "float64"},
