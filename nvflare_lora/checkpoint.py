@@ -4,8 +4,11 @@ DIR/adapter_model.safetensors   LoRA A/B and the head, PEFT key names
 DIR/adapter_config.json         PEFT's LoraConfig, so PeftModel.from_pretrained(base, DIR) works
 DIR/nvflare_lora.json           CheckpointMeta: base model and its fingerprint, LoRA config, labels,
                                 preprocessing, head, parameter counts, round, metrics, the sites'
-                                validation splits; bytes and time added when saved
+                                validation splits; bytes and time added when saved, and the manifest:
+                                each tensor's shape, dtype and sha256
 Directories are written next to the target and swapped in, so a reader never sees half a checkpoint.
+Every read checks the tensors against the manifest and refuses a changed, missing or extra one by name
+(resume, the initial adapter, cross-site evaluation and the exporter all read through read_adapter_dir).
 This module is the one writer, reader and locator of checkpoints (the persistor, resume, cross-site
 evaluation, LoRAModelManager, zeroshot and the exporter all use it), and atomic_write is the one atomic
 file write of the package.
@@ -13,6 +16,7 @@ file write of the package.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -120,6 +124,7 @@ def save_adapter_dir(directory: str | Path, state: Mapping[str, np.ndarray], pef
         meta["adapter_bytes"] = int(sum(t.nbytes for t in tensors.values()))
         meta["adapter_tensors"] = len(tensors)
         meta["adapter_parameters"] = int(sum(t.size for t in tensors.values()))
+        meta[MANIFEST_KEY] = tensor_manifest(tensors)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
         swap_into_place(tmp, directory)
     except BaseException:
@@ -164,7 +169,54 @@ def read_adapter_dir(directory: str | Path):
         raise CheckpointError(f"{directory / ADAPTER_FILE} is not a readable safetensors file: {e}") from e
     peft_cfg = json.loads((directory / PEFT_CONFIG_FILE).read_text())
     meta = json.loads((directory / META_FILE).read_text()) if (directory / META_FILE).is_file() else {}
+    if MANIFEST_KEY in meta:
+        check_manifest(state, meta[MANIFEST_KEY], directory)
     return state, peft_cfg, meta
+
+
+# ---- integrity: what was written is what is read ----------------------------------------------------------
+MANIFEST_KEY = "manifest"
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _tensor_sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def tensor_manifest(tensors: Mapping[str, np.ndarray]) -> Dict:
+    """{"tensors": {name: {"shape", "dtype", "sha256"}}}: what save_adapter_dir records and every read checks."""
+    return {"tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype), "sha256": _tensor_sha256(v)}
+                        for k, v in sorted(tensors.items())}}
+
+
+def check_manifest(state: Mapping[str, np.ndarray], manifest: Mapping, directory: Path) -> None:
+    """Refuse a checkpoint whose tensors are not the ones its manifest records, naming the first that differs."""
+    listed = manifest.get("tensors") or {}
+    where = f"checkpoint {directory}"
+    fix = (f"it was changed after it was written: restore it from a copy, or take another checkpoint (the run's "
+           f"'latest' or 'best')")
+    missing, extra = sorted(set(listed) - set(state)), sorted(set(state) - set(listed))
+    if missing or extra:
+        raise CheckpointError(f"{where}: {ADAPTER_FILE} " + "; ".join(
+            ([f"lacks tensor {missing[0]!r} (and {len(missing) - 1} more)" if len(missing) > 1
+              else f"lacks tensor {missing[0]!r}"] if missing else [])
+            + ([f"holds tensor {extra[0]!r} that its manifest does not list"] if extra else []))
+            + f" ({META_FILE} manifest); {fix}")
+    for name, entry in sorted(listed.items()):
+        array = state[name]
+        if list(array.shape) != list(entry["shape"]) or str(array.dtype) != entry["dtype"]:
+            raise CheckpointError(f"{where}: tensor {name!r} is {array.dtype}{list(array.shape)}, its manifest "
+                                  f"records {entry['dtype']}{list(entry['shape'])}; {fix}")
+        if _tensor_sha256(array) != entry["sha256"]:
+            raise CheckpointError(f"{where}: tensor {name!r} does not match the sha256 in its manifest "
+                                  f"({META_FILE}); {fix}")
 
 
 # ---- finding a checkpoint: the one locator (persistor resume, exporter) -----------------------------------
