@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from .errors import NVFlareLoRAError
+from .preprocessing import IMAGE_SUFFIXES, image_files
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 MAX_BAD_IMAGES = 0.01
 _log = logging.getLogger(__name__)
 
@@ -343,11 +343,7 @@ def load_image_folder(root: str | Path, preprocess: Callable, classes: Optional[
                          f"{classes}: rename or remove them, or add them to the job's labels")
     entries, notes = [], []
     for label, name in enumerate(classes):
-        files = []
-        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            files += [Path(dirpath) / f for f in sorted(filenames)
-                      if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES]
+        files = image_files(root / name)
         if not files:
             notes.append(f"class {name!r} has no images in {root / name}: it stays in the label list")
             _log.warning(notes[-1])

