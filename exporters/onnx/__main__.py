@@ -1,5 +1,6 @@
 """python -m exporters.onnx RUN_DIR [--out DIR] [--checkpoint best|latest] [--model PATH] [--optimize]
-[--quantize int8] [--int8-scheme NAME] [--fp16] [--opset N] [--with-text] [--data SOURCE] [--verify-samples N]
+[--quantize int8] [--fp16] [--opset N] [--with-text] [--data SOURCE] [--verify-samples N]
+[--triton DIR [--triton-tensorrt] [--force]]
 
 Exit status: 0 every requested file exported and verified; 1 a requested file failed its verification (it is not
 written; the others are, unless fp32 itself failed: then nothing is); 2 bad input.
@@ -10,7 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import variants  # light: onnxruntime is imported only when a variant is made
 from .errors import ExportError, VerificationError
 
 DESCRIPTION = ("Merge a federated run's global LoRA adapter into its base in fp32, export it to ONNX "
@@ -28,10 +28,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="base model name or local HF directory, overriding the recorded one "
                                     "(its fingerprint must match the recorded base)")
     p.add_argument("--optimize", action="store_true", help="also write ONNX Runtime's fused transformer graph")
-    p.add_argument("--quantize", choices=["int8"], help="also write an int8 dynamically quantized model (CPU serving)")
-    p.add_argument("--int8-scheme", default=variants.INT8_SCHEME, choices=variants.SERVED_INT8_SCHEMES,
-                   help="u8u8 (default: the more accurate) or u8s8_reduce_range (about 3x faster on CPU, less "
-                        "accurate); both give the same logits on every x86 CPU")
+    p.add_argument("--quantize", choices=["int8"], help="also write an int8 dynamically quantized model (CPU serving: "
+                                                         "signed weights, the same logits on every x86 CPU)")
     p.add_argument("--fp16", action="store_true", help="also write an fp16 model (GPU serving)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
     p.add_argument("--with-text", action="store_true", help="also export the text tower + projection (zero-shot)")
@@ -39,6 +37,11 @@ def parser() -> argparse.ArgumentParser:
                    help="verification images: 'auto' (the run's validation images when the run directory holds "
                         "the sites' config, else digits), 'digits', an image folder, or a path,label CSV")
     p.add_argument("--verify-samples", type=int, default=256, help="images used for verification (default 256)")
+    p.add_argument("--triton", metavar="DIR", help="also write a Triton Inference Server model repository (ONNX Runtime "
+                                                   "backend) of the verified files into DIR")
+    p.add_argument("--triton-tensorrt", action="store_true",
+                   help="in the Triton repository, run the GPU models through ONNX Runtime's TensorRT accelerator (FP16)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --triton DIR")
     return p
 
 
@@ -49,8 +52,9 @@ def main(argv=None) -> int:
         from .pipeline import export_run
 
         export_run(args.run_dir, out=args.out, checkpoint=args.checkpoint, model=args.model, optimize=args.optimize,
-                   quantize=args.quantize, int8_scheme=args.int8_scheme, fp16=args.fp16, opset=args.opset or graph.DEFAULT_OPSET,
-                   with_text=args.with_text, data=args.data, samples=args.verify_samples)
+                   quantize=args.quantize, fp16=args.fp16, opset=args.opset or graph.DEFAULT_OPSET,
+                   with_text=args.with_text, data=args.data, samples=args.verify_samples, triton=args.triton,
+                   triton_tensorrt=args.triton_tensorrt, force=args.force)
     except (ExportError, VerificationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

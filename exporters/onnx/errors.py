@@ -14,3 +14,10 @@ class VerificationError(Exception):
     """The exported model does not compute what the unmerged PEFT model computes, by the stated amount."""
 
     exit_code = 1
+
+
+class ServingError(NVFlareLoRAError):
+    """An exported model directory or a prediction input that cannot be served as it is: the message says what
+    and what to do (exit 2)."""
+
+    exit_code = 2

@@ -18,7 +18,7 @@ from typing import Callable, Dict, Optional
 import numpy as np
 import torch
 
-from nvflare_lora.checkpoint import swap_into_place, write_json_atomic
+from nvflare_lora.checkpoint import sha256_file, swap_into_place, write_json_atomic
 from nvflare_lora.models import use_eager_attention
 
 from . import graph, variants, verify
@@ -26,6 +26,7 @@ from .errors import ExportError, VerificationError
 from .locate import locate_checkpoint
 from .rebuild import Rebuilt, rebuild
 from .run_data import run_validation_set
+from .session import SESSION_OPTIONS_RULE, open_session, session_config
 
 REPORT_FILE, LABELS_FILE, PREPROCESSING_FILE = "export_report.json", "labels.json", "preprocessing.json"
 FILES = {"fp32": "model.onnx", "optimized": "model.optimized.onnx", "int8": "model.int8.onnx",
@@ -78,7 +79,7 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 def _text_parity(rebuilt: Rebuilt, path: Path) -> Dict:
     """Text tower: ORT vs the unmerged model's text tower on token ids of two lengths (dynamic axes)."""
     reference = graph.TextOutputs(rebuilt.unmerged).eval()
-    session = verify.open_session(path)
+    session = open_session(path)
     text_config = rebuilt.merged.clip_config.text_config
     diffs = []
     for batch, length in ((1, 4), (4, text_config.max_position_embeddings)):
@@ -100,18 +101,24 @@ def _text_parity(rebuilt: Rebuilt, path: Path) -> Dict:
 
 def export_run(run_dir, out=None, checkpoint: Optional[str] = None, model: Optional[str] = None,
                optimize: bool = False, quantize: Optional[str] = None, fp16: bool = False,
-               int8_scheme: str = variants.INT8_SCHEME,
                opset: int = graph.DEFAULT_OPSET, with_text: bool = False, data: str = "auto",
-               samples: int = 256, log: Callable[[str], None] = print) -> Dict:
+               samples: int = 256, triton: Optional[str] = None, triton_tensorrt: bool = False, force: bool = False,
+               log: Callable[[str], None] = print) -> Dict:
     """Export the run's global adapter merged into its base; returns the report written to OUT/export_report.json.
-    Raises ExportError (bad input) or VerificationError (a requested file does not compute what PEFT computes:
-    raised after the files that did verify are written, or with nothing written when fp32 failed)."""
+    triton: also write a Triton model repository of the verified files there (exporters/onnx/triton.py); an
+    existing non-empty folder is refused unless force. Raises ExportError (bad input) or VerificationError (a
+    requested file does not compute what PEFT computes: raised after the files that did verify are written,
+    with their Triton models, or with nothing written when fp32 failed)."""
     if quantize not in (None, "int8"):
         raise ExportError(f"--quantize supports 'int8' only, got {quantize!r}")
-    if int8_scheme not in variants.SERVED_INT8_SCHEMES:
-        raise ExportError(f"--int8-scheme must be one of {', '.join(variants.SERVED_INT8_SCHEMES)}, got {int8_scheme!r}")
     if samples < 1:
         raise ExportError(f"--verify-samples must be >= 1, got {samples}")
+    if triton_tensorrt and triton is None:
+        raise ExportError("--triton-tensorrt configures the Triton repository: give --triton DIR too")
+    if triton is not None:
+        from .triton import check_repository_target
+
+        check_repository_target(Path(triton).expanduser(), force)
     started = time.perf_counter()
     located = locate_checkpoint(run_dir, checkpoint)
     if located.note:
@@ -131,17 +138,23 @@ def export_run(run_dir, out=None, checkpoint: Optional[str] = None, model: Optio
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        report = _export_into(tmp, rebuilt, pixels, labels, reference, optimize, quantize and int8_scheme, fp16,
+        report = _export_into(tmp, rebuilt, pixels, labels, reference, optimize, quantize == "int8", fp16,
                               opset, with_text, log)
         report.update(source_checkpoint=str(located.path), checkpoint=located.name,
                       notes=([located.note] if located.note else []) + report["notes"],
                       seconds=round(time.perf_counter() - started, 2))
         report["verification"]["data"] = data_used
+        report["sha256"] = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
         write_json_atomic(tmp / REPORT_FILE, report)
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if triton is not None:
+        from .triton import write_repository
+
+        repo = write_repository(out, Path(triton).expanduser(), tensorrt=triton_tensorrt, force=force)
+        log(f"Triton model repository: {repo} ({', '.join(sorted(p.name for p in repo.iterdir() if p.is_dir()))})")
     written = ", ".join(FILES[v] for v in report["files"])
     if report["failed"]:
         raise VerificationError(f"wrote {out} with the files that verified ({written}); not written: "
@@ -150,7 +163,7 @@ def export_run(run_dir, out=None, checkpoint: Optional[str] = None, model: Optio
     return report
 
 
-def _export_into(tmp: Path, rebuilt: Rebuilt, pixels, labels, reference, optimize, int8_scheme, fp16, opset,
+def _export_into(tmp: Path, rebuilt: Rebuilt, pixels, labels, reference, optimize, int8, fp16, opset,
                  with_text, log) -> Dict:
     """Write each requested file into tmp and verify it on its own; a variant that fails is deleted and listed
     under report["failed"]. Raises VerificationError only when the fp32 model itself fails: then nothing is kept."""
@@ -190,7 +203,7 @@ def _export_into(tmp: Path, rebuilt: Rebuilt, pixels, labels, reference, optimiz
         if verified("optimized", build_optimized):
             made.append("optimized")
             source = tmp / FILES["optimized"]  # int8 and fp16 start from the fused graph when it verified
-    if int8_scheme and verified("int8", lambda path: variants.quantize_int8(source, path, int8_scheme)):
+    if int8 and verified("int8", lambda path: variants.quantize_int8(source, path)):
         made.append("int8")
     if fp16 and verified("fp16", lambda path: variants.to_fp16(source, path)):
         made.append("fp16")
@@ -215,12 +228,13 @@ def _export_into(tmp: Path, rebuilt: Rebuilt, pixels, labels, reference, optimiz
     report = _report(rebuilt, made, fused, parities, latency, text, labels, reference, opset, notes)
     report["failed"] = failed
     if "int8" in report["verification"]["variants"]:
-        report["verification"]["variants"]["int8"]["scheme"] = int8_scheme
+        report["verification"]["variants"]["int8"]["scheme"] = variants.INT8_SCHEME
+        report["verification"]["variants"]["int8"]["session_config"] = session_config()
     return report
 
 
 def _verify_image_model(path: Path, variant: str, reference, pixels, labels, log):
-    session = verify.open_session(path, variant)
+    session = open_session(path, variant)
     parity = verify.compare(variant, reference, verify.ort_outputs(session, pixels), session.get_providers()[0],
                             labels)
     if variant == "int8":
@@ -258,4 +272,6 @@ def _report(rebuilt: Rebuilt, files, fused, parities, latency, text, labels, ref
             "reference_accuracy": None if labels is None else float((reference[0].argmax(1) == labels).mean()),
             "variants": {p.variant: p.to_dict() for p in parities}, "text": text},
         "latency_ms": latency, "notes": notes,
+        # what a runtime must set to compute what was verified (exporters/onnx/session.py); the Triton README too
+        "session_options": SESSION_OPTIONS_RULE,
     }

@@ -1,75 +1,225 @@
-"""Serve an exported model: python -m exporters.onnx.predict MODEL_DIR IMAGE... [--top K] [--variant NAME]
+"""Serve an exported model: python -m exporters.onnx.predict MODEL_DIR INPUT... [--top K] [--variant NAME]
+[--batch N] [--out FILE.csv|FILE.jsonl]
 
-This is the code to copy into a service: read the labels and the preprocessing the model was trained
-with, open one ONNX Runtime session (CUDA when onnxruntime-gpu has it, else CPU), and turn logits into
-probabilities. MODEL_DIR is what `python -m exporters.onnx` wrote.
+This is the code to copy into a service: read the labels and the preprocessing the model was trained with,
+check that the files are the ones the export verified (their sha256 in export_report.json), open one ONNX
+Runtime session (CUDA when onnxruntime-gpu has it, else CPU; exporters/onnx/session.py sets what the CPU
+needs for int8), and turn logits into probabilities. MODEL_DIR is what `python -m exporters.onnx` wrote.
+
+INPUT: image files, folders (every image below them, by the rule training uses for class folders:
+nvflare_lora.preprocessing.image_files) and glob patterns ("photos/**/*.jpg"). Images are decoded as training
+decodes them and classified in batches; a file that cannot be decoded is skipped, counted and named at the
+end. Rows go to stdout, or to --out (CSV or JSON lines, written whole at the end); the last line on stderr
+gives the count and the throughput. Exit status: 0 done; 2 bad input (nothing classified, nothing written).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import glob
+import io
 import json
 import sys
+import time
 from pathlib import Path
-from typing import List, Tuple
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
-import onnxruntime as ort
-from nvflare_lora.preprocessing import Preprocessing, open_image  # numpy + PIL: serving needs no torch
+from nvflare_lora.checkpoint import atomic_write, sha256_file  # numpy, hashlib: serving needs no torch
+from nvflare_lora.preprocessing import Preprocessing, image_files, open_image
+
+from .errors import ServingError
+from .session import open_session
+
+REPORT_FILE = "export_report.json"
+OUTPUT_FORMATS = (".csv", ".jsonl")
+
+
+def _reexport(model_dir: Path, report: dict) -> str:
+    return f"python -m exporters.onnx {report.get('source_checkpoint') or 'RUN_DIR'} --out {model_dir}"
+
+
+def read_report(model_dir: str | Path) -> dict:
+    model_dir = Path(model_dir)
+    if not (model_dir / REPORT_FILE).is_file():
+        raise ServingError(f"{model_dir} is not an exported model directory (no {REPORT_FILE}); create one with: "
+                           f"python -m exporters.onnx RUN_DIR --out {model_dir}")
+    return json.loads((model_dir / REPORT_FILE).read_text())
+
+
+def check_files(model_dir: str | Path, names: Iterable[str], report: Optional[dict] = None) -> None:
+    """Refuse any of `names` (files of the export) whose sha256 is not the one export_report.json records: a
+    served file must be the file that was verified."""
+    model_dir = Path(model_dir)
+    report = report if report is not None else read_report(model_dir)
+    hashes = report.get("sha256")
+    if not hashes:
+        raise ServingError(f"{model_dir / REPORT_FILE} records no sha256 of its files (an export from before "
+                           f"integrity checks), so they cannot be checked; re-export: {_reexport(model_dir, report)}")
+    for name in names:
+        path = model_dir / name
+        if name not in hashes:
+            raise ServingError(f"{path}: {REPORT_FILE} records no sha256 for it; re-export: "
+                               f"{_reexport(model_dir, report)}")
+        if not path.is_file():
+            raise ServingError(f"{path} is missing from the export; re-export: {_reexport(model_dir, report)}")
+        if sha256_file(path) != hashes[name]:
+            raise ServingError(f"{path} is not the file the export verified (its sha256 differs from the one in "
+                               f"{REPORT_FILE}): it was changed or damaged after the export; re-export: "
+                               f"{_reexport(model_dir, report)}")
 
 
 class ImageClassifier:
-    """An exported model ready to serve. variant: "fp32", or one the export also wrote ("optimized", "int8", "fp16")."""
+    """An exported model ready to serve. variant: "fp32", or one the export also wrote ("optimized", "int8",
+    "fp16"). Its files are checked against the export's sha256 before the session opens."""
 
     def __init__(self, model_dir: str | Path, variant: str = "fp32"):
         model_dir = Path(model_dir)
-        report = json.loads((model_dir / "export_report.json").read_text())
+        report = read_report(model_dir)
         if variant not in report["files"] or variant == "text":
-            raise ValueError(f"{model_dir} has no {variant!r} model; it has {sorted(set(report['files']) - {'text'})}")
+            raise ServingError(f"{model_dir} has no {variant!r} model; it has "
+                               f"{sorted(set(report['files']) - {'text'})}")
+        model_file = report["files"][variant]
+        external = [f"{model_file}.data"] if (model_dir / f"{model_file}.data").exists() else []
+        check_files(model_dir, [model_file, *external, "labels.json", "preprocessing.json"], report)
+        self.variant = variant
         self.labels: List[str] = json.loads((model_dir / "labels.json").read_text())
         self.preprocess = Preprocessing.from_dict(json.loads((model_dir / "preprocessing.json").read_text()))
-        gpu = "CUDAExecutionProvider" in ort.get_available_providers() and variant != "int8"
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpu else ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(model_dir / report["files"][variant]), providers=providers)
+        self.session = open_session(model_dir / model_file, variant)
 
     def probabilities(self, images) -> np.ndarray:
         """Images (PIL or uint8 arrays) -> (n, classes) softmax probabilities."""
-        pixels = np.stack([self.preprocess.array(im) for im in images])
+        return self._softmax(np.stack([self.preprocess.array(im) for im in images]))
+
+    def _softmax(self, pixels: np.ndarray) -> np.ndarray:
         logits, _image_embeds = self.session.run(["logits", "image_embeds"], {"pixel_values": pixels})
         logits = logits - logits.max(axis=1, keepdims=True)
         e = np.exp(logits)
         return e / e.sum(axis=1, keepdims=True)
 
     def top(self, images, k: int = 3) -> List[List[Tuple[str, float]]]:
-        probs = self.probabilities(images)
+        return self._top(self.probabilities(images), k)
+
+    def _top(self, probs: np.ndarray, k: int) -> List[List[Tuple[str, float]]]:
         return [[(self.labels[i], float(p[i])) for i in np.argsort(-p)[:k]] for p in probs]
+
+    def classify_files(self, paths: Sequence[str | Path], k: int = 3, batch: int = 32,
+                       bad: Optional[dict] = None) -> Iterator[Tuple[str, List[Tuple[str, float]]]]:
+        """(path, top k) of every file that decodes, in batches of `batch`; a file that does not is left out and
+        recorded in `bad` ({path: reason}) when given."""
+        if batch < 1:
+            raise ServingError(f"--batch must be >= 1, got {batch}")
+        for start in range(0, len(paths), batch):
+            names, pixels = [], []
+            for path in paths[start:start + batch]:
+                try:
+                    pixels.append(self.preprocess.array(open_image(path)))  # training's decoding and transform
+                    names.append(str(path))
+                except (OSError, ValueError, SyntaxError) as e:
+                    if bad is not None:
+                        bad[str(path)] = f"{type(e).__name__}: {e}"
+            if names:
+                yield from zip(names, self._top(self._softmax(np.stack(pixels)), k))
+
+
+def expand_inputs(inputs: Sequence[str]) -> List[Path]:
+    """Files as given, folders as the images below them, glob patterns as their matches (recursive "**"), in
+    order, each file once. A path that does not exist, a pattern or folder with no image: ServingError."""
+    out, seen = [], set()
+    for given in inputs:
+        path = Path(given).expanduser()
+        if path.is_dir():
+            found = image_files(path)
+            if not found:
+                raise ServingError(f"folder {path} holds no image files (any depth; .png, .jpg, ...)")
+        elif path.exists():
+            found = [path]
+        elif glob.has_magic(given):
+            found = [Path(p) for p in sorted(glob.glob(str(path), recursive=True)) if Path(p).is_file()]
+            if not found:
+                raise ServingError(f"pattern {given!r} matches no file")
+        else:
+            raise ServingError(f"cannot read image {given}: no such file or folder")
+        for f in found:
+            if f not in seen:
+                seen.add(f)
+                out.append(f)
+    return out
+
+
+def _output_target(out: Optional[str]) -> Optional[Path]:
+    if out is None:
+        return None
+    path = Path(out).expanduser()
+    if path.suffix.lower() not in OUTPUT_FORMATS:
+        raise ServingError(f"--out {out}: name a .csv or a .jsonl file")
+    if not path.parent.is_dir():
+        raise ServingError(f"--out {out}: folder {path.parent} does not exist; create it first")
+    if path.is_dir():
+        raise ServingError(f"--out {out} is a folder; name a .csv or a .jsonl file")
+    return path
+
+
+def _rows_text(rows, fmt: str, k: int) -> str:
+    buf = io.StringIO()
+    if fmt == ".csv":
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["path"] + [f"{c}_{i}" for i in range(1, k + 1) for c in ("label", "probability")])
+        for path, best in rows:
+            writer.writerow([path] + [x for label, p in best for x in (label, f"{p:.6f}")])
+    else:
+        for path, best in rows:
+            buf.write(json.dumps({"path": path, "top": [{"label": label, "probability": round(p, 6)}
+                                                         for label, p in best]}) + "\n")
+    return buf.getvalue()
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m exporters.onnx.predict", description=__doc__.splitlines()[0])
     p.add_argument("model_dir", metavar="MODEL_DIR")
-    p.add_argument("images", metavar="IMAGE", nargs="+")
-    p.add_argument("--top", type=int, default=3, help="labels to print per image (default 3)")
+    p.add_argument("inputs", metavar="INPUT", nargs="+", help="image files, folders (recursive) or glob patterns")
+    p.add_argument("--top", type=int, default=3, help="labels per image (default 3)")
     p.add_argument("--variant", default="fp32", help="fp32 (default), optimized, int8 or fp16, if exported")
+    p.add_argument("--batch", type=int, default=32, help="images per ONNX Runtime call (default 32)")
+    p.add_argument("--out", help="write the rows to FILE.csv or FILE.jsonl instead of stdout")
     args = p.parse_args(argv)
-    if not (Path(args.model_dir) / "export_report.json").is_file():
-        print(f"error: {args.model_dir} is not an exported model directory (no export_report.json); "
-              f"create one with: python -m exporters.onnx RUN_DIR --out {args.model_dir}", file=sys.stderr)
-        return 2
-    images = []
-    for path in args.images:
-        try:
-            images.append(open_image(path))  # the decoding training used (EXIF, 16-bit, palette, ...)
-        except OSError as e:
-            print(f"error: cannot read image {path}: {e}", file=sys.stderr)
-            return 2
+    started = time.perf_counter()
     try:
+        if args.batch < 1:
+            raise ServingError(f"--batch must be >= 1, got {args.batch}")
+        if args.top < 1:
+            raise ServingError(f"--top must be >= 1, got {args.top}")
+        out = _output_target(args.out)
+        paths = expand_inputs(args.inputs)
         classifier = ImageClassifier(args.model_dir, args.variant)
-    except ValueError as e:
+    except ServingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for path, best in zip(args.images, classifier.top(images, args.top)):
-        print(f"{path}: " + "  ".join(f"{label} {prob:.3f}" for label, prob in best))
+    bad, rows, done, last_note = {}, [], 0, time.perf_counter()
+    for row in classifier.classify_files(paths, args.top, args.batch, bad):
+        if out is None:
+            print(f"{row[0]}: " + "  ".join(f"{label} {prob:.3f}" for label, prob in row[1]))
+        else:
+            rows.append(row)
+        done += 1
+        if time.perf_counter() - last_note > 5:  # a long run says how far it is
+            rate = done / (time.perf_counter() - started)
+            print(f"  {done + len(bad)}/{len(paths)} files ({len(bad)} unreadable), {rate:.1f} images/s",
+                  file=sys.stderr)
+            last_note = time.perf_counter()
+    classified = len(paths) - len(bad)
+    if classified == 0:
+        print(f"error: none of the {len(paths)} files could be read as an image: "
+              + "; ".join(f"{k} ({v})" for k, v in list(bad.items())[:3]), file=sys.stderr)
+        return 2
+    if out is not None:
+        atomic_write(out, _rows_text(rows, out.suffix.lower(), args.top))
+    seconds = time.perf_counter() - started
+    skipped = (f"; skipped {len(bad)} unreadable: " + ", ".join(list(bad)[:3]) + (" ..." if len(bad) > 3 else "")
+               if bad else "")
+    print(f"classified {classified} images in {seconds:.1f} s ({classified / seconds:.1f} images/s, batch "
+          f"{args.batch}, {args.variant})" + (f", written to {out}" if out else "") + skipped, file=sys.stderr)
     return 0
 
 

@@ -8,13 +8,12 @@ int8: onnxruntime.quantization.quantize_dynamic, 8-bit weights per output channe
     and fused Attention are quantized: they hold nearly all the weights and time; the patch-embedding
     convolution, the projection and the head stay fp32 (per-tensor, all-op quantization flipped 2-3x
     more top-1 decisions on a tiny trained model).
-    Schemes (INT8_SCHEMES; docs/guide.md, int8 schemes, has the measurements): with signed 8-bit weights
-    (U8S8) ONNX Runtime's x86 kernels without AVX-512 VNNI / AVX-VNNI multiply with vpmaddubsw, whose 16-bit
-    pair sums saturate, so the model computes other logits on an AVX2-only CPU than where it was verified
-    (on the default job 2.3-3.5 points less top-1 agreement under an emulated Haswell). The default, u8u8
-    (unsigned weights), widens to 16 bits first: exact int32 sums and the same logits on every ISA, at the
-    best agreement measured, but no faster than fp32. u8s8_reduce_range (7-bit signed weights) cannot
-    saturate either and keeps the U8S8 kernels' speed (3.1x u8u8 at ViT-B/32, batch 8), with less agreement.
+    Weights are signed 8-bit per output channel with a zero point per channel (the asymmetric grid the unsigned
+    "u8u8" scheme used, shifted by 128: the same logits to the bit, on a VNNI CPU 3.1x faster at ViT-B/32,
+    batch 8). Signed weights saturate ONNX Runtime's U8S8 kernels on x86 CPUs without VNNI unless the session
+    sets session.x64quantprecision, which exporters/onnx/session.py does exactly there: one file, the same
+    logits on every x86 CPU (tested under qemu's Haswell). INT8_SCHEMES keeps the schemes measured against it
+    (benchmarks/export.py, newcomer.py); the export writes only INT8_SCHEME.
 fp16: onnxruntime.transformers' float16 conversion, inputs and outputs kept fp32 so callers do not change:
     for GPU serving (on CPU, ONNX Runtime computes it, but slowly).
 """
@@ -45,14 +44,13 @@ def optimize(src: Path, dst: Path, num_heads: int, hidden_size: int) -> dict:
     return {k: int(v) for k, v in model.get_fused_operator_statistics().items() if v}
 
 
-INT8_SCHEMES = {  # name -> quantize_dynamic arguments; "u8u8" is the export's, the others are measured against it
-    "u8u8": {"weight_type": "QUInt8", "per_channel": True},
-    "u8s8": {"weight_type": "QInt8", "per_channel": True},
-    "u8s8_reduce_range": {"weight_type": "QInt8", "per_channel": True, "reduce_range": True},
+INT8_SCHEMES = {  # name -> quantize_dynamic arguments; "s8" is the export's, the others are measured against it
+    "s8": {"weight_type": "QInt8", "per_channel": True, "extra_options": {"WeightSymmetric": False}},
+    "u8u8": {"weight_type": "QUInt8", "per_channel": True},  # the export's before: the same logits, U8U8 kernels
+    "s8_symmetric": {"weight_type": "QInt8", "per_channel": True},  # quantize_dynamic's default for QInt8
+    "s8_reduce_range": {"weight_type": "QInt8", "per_channel": True, "reduce_range": True},  # 7 bits: no saturation
 }
-INT8_SCHEME = "u8u8"
-# What --int8-scheme offers: both compute the same on every x86 CPU; u8s8 is kept for measurement only.
-SERVED_INT8_SCHEMES = ("u8u8", "u8s8_reduce_range")
+INT8_SCHEME = "s8"
 
 
 def quantize_int8(src: Path, dst: Path, scheme: str = INT8_SCHEME) -> None:

@@ -29,28 +29,6 @@ THRESHOLDS = {"fp32": (FP32_MAX_ABS_DIFF, 1.0), "optimized": (FP32_MAX_ABS_DIFF,
               "fp16": (None, REDUCED_PRECISION_TOP1), "int8": (None, REDUCED_PRECISION_TOP1)}
 
 
-def providers_for(variant: str) -> List[str]:
-    """CUDA when this onnxruntime build has it (onnxruntime-gpu), else CPU; int8 dynamic quantization is CPU's."""
-    import onnxruntime as ort
-
-    if variant != "int8" and "CUDAExecutionProvider" in ort.get_available_providers():
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
-
-
-def open_session(path: Path, variant: str = "fp32", threads: Optional[int] = None, spinning: bool = True):
-    """spinning=False: worker threads sleep between runs instead of busy-waiting, so they do not steal the
-    cores from whatever runs next (a benchmark's PyTorch engines; other work on a shared machine)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    if not spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=providers_for(variant))
-
-
 def run_batches(fn, inputs: np.ndarray, batch_size: int = 16) -> List[np.ndarray]:
     """fn over inputs in batches; the first batch has one image, so every export also proves its dynamic batch axis."""
     bounds = [0, 1] + list(range(1 + batch_size, len(inputs), batch_size)) + [len(inputs)]
