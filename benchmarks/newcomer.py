@@ -13,8 +13,10 @@
    with the README's `python -m exporters.onnx WS --optimize --quantize int8`: the exporter's own top-1
    agreement with the unmerged PEFT model on the run's validation images. The same optimized graph is
    also quantized with the other schemes of exporters/onnx/variants.py and run natively and, when
-   qemu-x86_64 is installed, on an emulated Haswell CPU (AVX2, no AVX-512/VNNI), so the table shows which
-   scheme gives the same answer on both kinds of x86 CPU.
+   qemu-x86_64 is installed, on an emulated Haswell CPU (AVX2, no AVX-512/VNNI), each in a session as the
+   project opens it (exporters/onnx/session.py: session.x64quantprecision where the CPU has no VNNI), and the
+   exported scheme also without that entry on the Haswell, so the table shows which scheme gives the same
+   answer on both kinds of x86 CPU and what the entry does.
 Accuracy: the last round's global validation accuracy (communication.json), and the best checkpoint's.
 
 Usage: HF_HUB_OFFLINE=1 python benchmarks/newcomer.py [--workdir DIR] [--skip-plain]
@@ -107,26 +109,27 @@ def int8_schemes(ws: Path, out: Path, images: int = 256) -> dict:
     from exporters.onnx.locate import locate_checkpoint
     from exporters.onnx.pipeline import verification_images
     from exporters.onnx.rebuild import rebuild
-    from exporters.onnx.variants import INT8_SCHEMES, quantize_int8
+    from exporters.onnx.variants import INT8_SCHEME, INT8_SCHEMES, quantize_int8
 
     rebuilt = rebuild(locate_checkpoint(ws).path)
     pixels, _, _ = verification_images("auto", ws, rebuilt, images)
     np.save(out / "pixels.npy", pixels)
-    runners = {"native": []}
+    runners = {"native": ([], "auto")}
     if shutil.which("qemu-x86_64"):
-        runners["haswell"] = ["qemu-x86_64", "-cpu", "Haswell"]
+        runners["haswell"] = (["qemu-x86_64", "-cpu", "Haswell"], "auto")
+        runners["haswell-no-x64qp"] = (runners["haswell"][0], "off")  # the exported scheme without the entry
     logits = {}
     models = {"fp32": ws / "onnx" / "model.onnx"}
     for scheme in INT8_SCHEMES:
         models[scheme] = out / f"{scheme}.onnx"
         quantize_int8(ws / "onnx" / "model.optimized.onnx", models[scheme], scheme)
     for name, model in models.items():
-        for cpu, prefix in runners.items():
-            if name == "fp32" and cpu != "native":
+        for cpu, (prefix, mode) in runners.items():
+            if (name == "fp32" and cpu != "native") or (cpu == "haswell-no-x64qp" and name != INT8_SCHEME):
                 continue
             dst = out / f"{name}-{cpu}.npy"
             subprocess.run(prefix + [sys.executable, str(ROOT / "tests" / "ort_logits.py"), str(model),
-                                     str(out / "pixels.npy"), str(dst)], check=True, capture_output=True)
+                                     str(out / "pixels.npy"), str(dst), mode], check=True, capture_output=True)
             logits[(name, cpu)] = np.load(dst)
     ref = logits[("fp32", "native")].argmax(1)
     return {f"{name}/{cpu}": round(100 * float((lg.argmax(1) == ref).mean()), 2)

@@ -5,6 +5,7 @@ saved with the core library's checkpoint writer, their metadata built as the ser
 
 import json
 import os
+import re
 import platform
 import shutil
 import subprocess
@@ -19,9 +20,10 @@ from exporters.onnx import VerificationError
 from exporters.onnx.__main__ import main as export_main
 from exporters.onnx.predict import ImageClassifier
 from exporters.onnx.predict import main as predict_main
+from exporters.onnx.session import session_config
 from exporters.onnx.verify import compare
 from nvflare_lora import FederatedCLIPModel, quick_clip_lora
-from nvflare_lora.checkpoint import save_adapter_dir
+from nvflare_lora.checkpoint import save_adapter_dir, sha256_file
 from nvflare_lora.data import load_digits_dataset, split_record
 from nvflare_lora.managers import model_metadata
 from nvflare_lora.models import Preprocessing, build_classifier, save_preset
@@ -66,8 +68,9 @@ def run_dir(tmp_path_factory, trained):
 @pytest.fixture(scope="module")
 def exported(run_dir):
     """The command a user runs, in a subprocess: optimized graph and text tower too."""
-    proc = subprocess.run([sys.executable, "-m", "exporters.onnx", str(run_dir), "--optimize", "--with-text",
-                           "--verify-samples", "96"], capture_output=True, text=True, env=ENV, cwd=REPO, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "exporters.onnx", str(run_dir), "--optimize", "--quantize", "int8",
+                           "--with-text", "--verify-samples", "96", "--triton", str(run_dir / "triton")],
+                          capture_output=True, text=True, env=ENV, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return run_dir / "onnx", proc.stdout
 
@@ -81,9 +84,13 @@ def _session(path):
 # ---- export and verification -------------------------------------------------------------------
 def test_export_writes_a_verified_serving_directory(exported, run_dir):
     out, stdout = exported
-    assert {p.name for p in out.iterdir()} == {"model.onnx", "model.optimized.onnx", "text_model.onnx", "labels.json",
-                                               "preprocessing.json", "export_report.json"}
+    assert {p.name for p in out.iterdir()} == {"model.onnx", "model.optimized.onnx", "model.int8.onnx", "text_model.onnx",
+                                               "labels.json", "preprocessing.json", "export_report.json"}
     report = json.loads((out / "export_report.json").read_text())
+    assert report["sha256"] == {p.name: sha256_file(p) for p in out.iterdir() if p.name != "export_report.json"}
+    int8 = report["verification"]["variants"]["int8"]
+    assert int8["scheme"] == "s8" and int8["session_config"] == session_config()
+    assert report["session_options"]["session.x64quantprecision"]["value"] == "1"
     assert report["source_checkpoint"] == str((run_dir / ADAPTER_DIR / "best").resolve())
     assert report["checkpoint"] == "best" and report["round"] == 2
     assert report["base_model"] == "tiny-clip" and report["base_fingerprint_checked"]
@@ -190,30 +197,35 @@ def test_int8_and_fp16_keep_the_predictions(exported, digits, tmp_path):
 
 @pytest.mark.skipif(platform.machine() != "x86_64" or not shutil.which("qemu-x86_64"),
                     reason="needs x86_64 and qemu-x86_64 (Debian: apt-get install qemu-user; .ci/run installs it)")
-def test_int8_computes_the_same_on_an_avx2_cpu_without_vnni(exported, digits, tmp_path):
-    """ONNX Runtime picks its int8 kernels by CPU: the int8 model must not depend on which one it gets.
-    qemu's Haswell model has AVX2 and no AVX-512/VNNI, like the AMD EPYC machines the U8S8 export failed on.
-    Both schemes the exporter offers; the default must also keep its agreement there."""
-    from exporters.onnx.variants import INT8_SCHEME, SERVED_INT8_SCHEMES, quantize_int8
+def test_one_int8_file_computes_the_same_logits_on_an_avx2_cpu_as_on_a_vnni_one(exported, digits, tmp_path):
+    """The exported int8 file holds signed weights. Opened as the project opens it (exporters/onnx/session.py),
+    it computes the logits of the unsigned-weight model (the same quantization grid, whose U8U8 kernels are exact
+    on every CPU), natively and under qemu's Haswell (AVX2, no AVX-512/VNNI, like the AMD EPYC machines the old
+    signed export failed on). Without session.x64quantprecision the Haswell's U8S8 kernels saturate: the test
+    would catch the option going missing."""
+    from exporters.onnx.session import has_vnni
+    from exporters.onnx.variants import quantize_int8
 
     out, _ = exported
     np.save(tmp_path / "x.npy", digits.batch(range(0, len(digits), 6))[0].numpy())  # 300 digits: emulation is slow
+    haswell = ("qemu-x86_64", "-cpu", "Haswell")
 
-    def logits(model, prefix=()):
-        dst = tmp_path / f"{model.stem}-{len(prefix)}.npy"
+    def logits(model, mode, prefix=()):
+        dst = tmp_path / f"{model.stem}-{mode}-{len(prefix)}.npy"
         subprocess.run([*prefix, sys.executable, str(REPO / "tests" / "ort_logits.py"), str(model),
-                        str(tmp_path / "x.npy"), str(dst)], check=True, capture_output=True, timeout=300)
+                        str(tmp_path / "x.npy"), str(dst), mode], check=True, capture_output=True, timeout=300)
         return np.load(dst)
 
-    reference = logits(out / "model.onnx").argmax(1)
-    for scheme in SERVED_INT8_SCHEMES:
-        quantize_int8(out / "model.onnx", tmp_path / f"{scheme}.onnx", scheme)
-        native, haswell = logits(tmp_path / f"{scheme}.onnx"), logits(tmp_path / f"{scheme}.onnx",
-                                                                       ("qemu-x86_64", "-cpu", "Haswell"))
-        assert np.abs(native - haswell).max() < 0.05, scheme
-        if scheme == INT8_SCHEME:
-            for name, lg in (("native", native), ("haswell", haswell)):
-                assert (lg.argmax(1) == reference).mean() >= 0.97, name
+    quantize_int8(out / "model.optimized.onnx", tmp_path / "unsigned.onnx", "u8u8")
+    unsigned = logits(tmp_path / "unsigned.onnx", "off")
+    signed = out / "model.int8.onnx"
+    for where, prefix in (("native", ()), ("haswell", haswell)):
+        assert np.abs(logits(signed, "auto", prefix) - unsigned).max() < 1e-4, where
+    assert np.abs(logits(signed, "off", haswell) - unsigned).max() > 0.05, "no saturation without the option?"
+    if has_vnni():  # here the option is not needed, and forcing it changes the kernels, not the logits
+        assert np.abs(logits(signed, "on") - logits(signed, "off")).max() < 1e-4
+    reference = logits(out / "model.onnx", "off").argmax(1)
+    assert (unsigned.argmax(1) == reference).mean() >= 0.97
 
 
 def _weight_elements(path, dtype: str) -> int:
@@ -225,13 +237,12 @@ def _weight_elements(path, dtype: str) -> int:
 
 def test_a_failed_check_exits_1_says_by_how_much_and_writes_nothing(run_dir, tmp_path, capsys):
     """A head scaled to logits of ~1e5: fp32 rounding alone then exceeds the absolute 1e-4 tolerance."""
-    from safetensors.numpy import load_file, save_file
+    from nvflare_lora.checkpoint import read_adapter_dir
 
-    ckpt = shutil.copytree(run_dir / ADAPTER_DIR / "best", tmp_path / "run" / "best")
-    state = load_file(str(ckpt / "adapter_model.safetensors"))
+    state, peft_config, meta = read_adapter_dir(run_dir / ADAPTER_DIR / "best")
     for key in ("base_model.model.classifier.weight", "base_model.model.classifier.bias"):
         state[key] = state[key] * 1e5
-    save_file(state, str(ckpt / "adapter_model.safetensors"))
+    save_adapter_dir(tmp_path / "run" / "best", state, peft_config, meta)  # a checkpoint written so (manifest too)
     out = tmp_path / "rejected"
     rc = export_main([str(tmp_path / "run"), "--out", str(out), "--verify-samples", "32"])
     err = capsys.readouterr().err
@@ -248,8 +259,8 @@ def test_a_variant_that_fails_its_gate_is_left_out_and_the_rest_are_written(run_
     monkeypatch.setitem(verify.THRESHOLDS, "int8", (None, 1.01))
     monkeypatch.setitem(verify.THRESHOLDS, "fp16", (None, 0.0))
     out = tmp_path / "served"
-    rc = export_main([str(run_dir), "--out", str(out), "--quantize", "int8", "--int8-scheme", "u8s8_reduce_range",
-                      "--fp16", "--verify-samples", "32"])
+    rc = export_main([str(run_dir), "--out", str(out), "--quantize", "int8", "--fp16", "--verify-samples", "32",
+                      "--triton", str(tmp_path / "triton"), "--triton-tensorrt"])
     captured = capsys.readouterr()
     assert rc == 1, captured.err
     assert "not written: int8: top-1 agreement" in captured.err and "is below 101% by" in captured.err
@@ -259,8 +270,16 @@ def test_a_variant_that_fails_its_gate_is_left_out_and_the_rest_are_written(run_
     assert report["files"] == {"fp32": "model.onnx", "fp16": "model.fp16.onnx"} and list(report["failed"]) == ["int8"]
     int8 = report["verification"]["variants"]["int8"]
     assert not int8["passed"] and int8["cpu"]["machine"] and "int8_flags" in int8["cpu"]
-    assert int8["scheme"] == "u8s8_reduce_range"
+    assert int8["scheme"] == "s8"
     assert ImageClassifier(out, "fp16").top(digits_images(2), k=1)
+    # the Triton repository holds what verified, the fp16 model on GPUs through TensorRT at FP16
+    assert check_triton_repository(tmp_path / "triton", out) == {"clip_lora_fp32", "clip_lora_fp16"}
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    fp16 = text_format.Parse((tmp_path / "triton" / "clip_lora_fp16" / "config.pbtxt").read_text(), mc.ModelConfig())
+    (trt,) = fp16.optimization.execution_accelerators.gpu_execution_accelerator
+    assert trt.name == "tensorrt" and trt.parameters["precision_mode"] == "FP16"
 
 
 def digits_images(n):
@@ -360,8 +379,155 @@ def test_predict_refuses_what_was_not_exported(exported, tmp_path, capsys):
     out, _ = exported
     assert predict_main([str(out), str(tmp_path / "missing.png")]) == 2
     assert "cannot read image" in capsys.readouterr().err
-    with pytest.raises(ValueError, match=r"has no 'int8' model; it has \['fp32', 'optimized'\]"):
-        ImageClassifier(out, "int8")
+    with pytest.raises(ValueError, match=r"has no 'fp16' model; it has \['fp32', 'int8', 'optimized'\]"):
+        ImageClassifier(out, "fp16")
+
+
+def _digit_folder(root: Path, n: int = 12) -> Path:
+    """n digits as PNGs, some in a nested folder, plus a corrupt file and a file that is no image."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    for i, im in enumerate(load_digits().images[:n]):
+        path = root / ("nested/deeper" if i % 3 == 0 else "") / f"d{i:02d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((im * 255 / 16).astype(np.uint8)).save(path)
+    (root / "nested" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n but no image")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_predict_classifies_folders_and_globs_in_batches_skipping_a_corrupt_file(exported, tmp_path, capsys):
+    """One row per readable image (nested folders too, by training's image rule), the corrupt one counted and
+    named, the rows equal to ImageClassifier's, in CSV and in JSON lines."""
+    import csv
+
+    out, _ = exported
+    photos = _digit_folder(tmp_path / "photos")
+    assert predict_main([str(out), str(photos), "--batch", "5", "--variant", "optimized", "--out", str(tmp_path / "p.csv")]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"classified 12 images in [\d.]+ s \([\d.]+ images/s, batch 5, optimized\), written to .*p\.csv; "
+                     r"skipped 1 unreadable: .*broken\.png", err), err
+    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    assert sorted(Path(r["path"]).name for r in rows) == [f"d{i:02d}.png" for i in range(12)]
+    classifier = ImageClassifier(out, "optimized")  # fp32: no per-batch activation scales, so any batching agrees
+    from PIL import Image
+
+    expected = classifier.top([Image.open(r["path"]).convert("RGB") for r in rows], k=3)
+    assert [[r[f"label_{i}"] for i in (1, 2, 3)] for r in rows] == [[lab for lab, _ in e] for e in expected]
+    assert all(abs(float(r["probability_1"]) - e[0][1]) < 1e-5 for r, e in zip(rows, expected))
+    pattern = str(photos / "**" / "deeper" / "*.png")
+    assert predict_main([str(out), pattern, "--top", "1", "--out", str(tmp_path / "p.jsonl")]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [Path(r["path"]).name for r in lines] == ["d00.png", "d03.png", "d06.png", "d09.png"]
+    assert set(lines[0]) == {"path", "top"} and len(lines[0]["top"]) == 1
+
+
+def test_predict_refuses_bad_input_before_it_writes_anything(exported, tmp_path, capsys):
+    out, _ = exported
+    photos = _digit_folder(tmp_path / "photos", 2)
+    cases = [(["--batch", "0"], "--batch must be >= 1, got 0"),
+             (["--out", str(tmp_path / "missing" / "p.csv")], "does not exist; create it first"),
+             (["--out", str(tmp_path / "p.txt")], "name a .csv or a .jsonl file"),
+             ([str(tmp_path / "*.jpg")], "matches no file")]
+    for extra, message in cases:
+        assert predict_main([str(out), str(photos), *extra]) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    assert predict_main([str(out), str(photos / "nested" / "broken.png")]) == 2
+    assert "none of the 1 files could be read as an image" in capsys.readouterr().err
+    assert not list(tmp_path.glob("p.*"))
+
+
+def test_a_changed_byte_in_an_exported_file_is_refused_by_name(exported, tmp_path, capsys):
+    """export_report.json holds the sha256 of every file the export wrote; serving checks what it loads."""
+    out, _ = exported
+    copy = shutil.copytree(out, tmp_path / "onnx")
+    data = bytearray((copy / "model.int8.onnx").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (copy / "model.int8.onnx").write_bytes(bytes(data))
+    assert predict_main([str(copy), str(_digit_folder(tmp_path / "photos", 2)), "--variant", "int8"]) == 2
+    err = capsys.readouterr().err
+    assert "model.int8.onnx is not the file the export verified" in err and "python -m exporters.onnx " in err, err
+    assert ImageClassifier(copy, "fp32").labels  # the untouched files still serve
+    (copy / "labels.json").write_text('["a", "b"]')
+    with pytest.raises(ValueError, match=r"labels\.json is not the file the export verified"):
+        ImageClassifier(copy, "fp32")
+
+
+def test_a_tensor_changed_in_a_checkpoint_is_refused_by_resume_and_export(run_dir, tmp_path, capsys):
+    """nvflare_lora.json's manifest records each tensor's shape, dtype and sha256; every reader checks it."""
+    from nvflare.apis.fl_context import FLContext
+    from safetensors.numpy import load_file, save_file
+
+    from nvflare_lora.fl.server.persistor import AdapterPersistor
+
+    ws = tmp_path / "ws"
+    shutil.copytree(run_dir / "server", ws / "server")
+    latest = ws / ADAPTER_DIR / "latest"
+    manifest = json.loads((latest / "nvflare_lora.json").read_text())["manifest"]["tensors"]
+    key = "base_model.model.classifier.bias"
+    assert manifest[key]["shape"] == [10] and manifest[key]["dtype"] == "float32"
+    state = load_file(str(latest / "adapter_model.safetensors"))
+    state[key] = state[key] + np.float32(1e-3)
+    save_file(state, str(latest / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=rf"tensor '{re.escape(key)}' does not match the sha256 in its manifest"):
+        AdapterPersistor(resume_from=str(ws))._load_resume(FLContext())
+    assert export_main([str(ws), "--checkpoint", "latest", "--out", str(tmp_path / "o")]) == 2
+    assert f"tensor '{key}' does not match the sha256" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def check_triton_repository(repo: Path, export_dir: Path) -> set:
+    """Every config.pbtxt parses into Triton's own ModelConfig protobuf and matches its ONNX graph (names, dtypes,
+    dims without the batch axis); the version folder holds the verified file; returns the model names."""
+    import onnx
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    report = json.loads((export_dir / "export_report.json").read_text())
+    types = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.INT64: "TYPE_INT64"}
+    names = set()
+    for variant, file in report["files"].items():
+        name = f"clip_lora_{variant}"
+        config = text_format.Parse((repo / name / "config.pbtxt").read_text(), mc.ModelConfig())
+        assert config.name == name and config.platform == "onnxruntime_onnx" and config.max_batch_size >= 8
+        assert config.HasField("dynamic_batching")
+        model = repo / name / "1" / "model.onnx"
+        assert sha256_file(model) == report["sha256"][file]
+        graph = onnx.load(str(model)).graph
+        for declared, actual in ((config.input, graph.input), (config.output, graph.output)):
+            assert [t.name for t in declared] == [v.name for v in actual], name
+            for t, v in zip(declared, actual):
+                dims = [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim]
+                assert list(t.dims) == dims[1:] and mc.DataType.Name(t.data_type) == types[v.type.tensor_type.elem_type]
+        kinds = [mc.ModelInstanceGroup.Kind.Name(g.kind) for g in config.instance_group]
+        assert kinds == {"int8": ["KIND_CPU"], "fp16": ["KIND_GPU"]}.get(variant, []), (name, kinds)
+        if variant != "text":
+            assert [o.label_filename for o in config.output] == ["labels.txt", ""]
+            labels = (repo / name / "labels.txt").read_text().splitlines()
+            assert labels == json.loads((export_dir / "labels.json").read_text())
+        names.add(name)
+    readme = (repo / "README.md").read_text()
+    assert "tritonserver --model-repository" in readme and "centre-crop" in readme
+    return names
+
+
+def test_triton_repository_of_the_export_matches_its_graphs(exported, run_dir):
+    out, stdout = exported
+    names = check_triton_repository(run_dir / "triton", out)
+    assert names == {"clip_lora_fp32", "clip_lora_optimized", "clip_lora_int8", "clip_lora_text"}
+    assert "Triton model repository: " in stdout
+    assert "session.x64quantprecision" in (run_dir / "triton" / "README.md").read_text()
+
+
+def test_triton_target_that_is_not_empty_is_refused_before_the_export(run_dir, tmp_path, capsys):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("keep")
+    assert export_main([str(run_dir), "--out", str(tmp_path / "o"), "--triton", str(tmp_path / "mine")]) == 2
+    assert "exists and is not empty; choose another folder, or pass --force" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and (tmp_path / "mine" / "keep.txt").read_text() == "keep"
+    assert export_main([str(run_dir), "--out", str(tmp_path / "o"), "--triton-tensorrt"]) == 2
+    assert "give --triton DIR too" in capsys.readouterr().err
 
 
 # ---- bad input: clear message, exit 2, no traceback ---------------------------------------------

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SHIPPED_RUN_COMMANDS
+from test_export import check_triton_repository
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
@@ -84,7 +85,8 @@ def test_the_readme_runs_simulate_export_predict_and_python_as_written(readme_ru
     shown = [line for lang, code in blocks() if lang == "bash" for line in code.strip().splitlines()]
     assert all(line in shown for line in SHIPPED_RUN_COMMANDS), "the README no longer shows the session's shipped run"
     for step in ("nvflare_lora.allow ws", "nvflare simulator jobs/clip_lora -w ws -n 4 -t 4", "jobs/clip_lora/job.py",
-                 "exporters.onnx ws --optimize --quantize int8 --fp16", "exporters.onnx.predict ws/onnx digit.png",
+                 "exporters.onnx ws --optimize --quantize int8 --fp16 --triton ws/triton",
+                 "exporters.onnx.predict ws/onnx digit.png", "exporters.onnx.predict ws/onnx photos --variant optimized",
                  "quick_clip_lora(", "ImageClassifier(", "CLIPLoRARecipe("):
         assert step in ran, f"the README no longer shows {step!r}"
     report = json.loads((home / "ws" / "onnx" / "export_report.json").read_text())
@@ -93,7 +95,14 @@ def test_the_readme_runs_simulate_export_predict_and_python_as_written(readme_ru
     assert {p.name for p in (home / "ws" / "onnx").glob("*.onnx")} == {
         "model.onnx", "model.optimized.onnx", "model.fp16.onnx"} | ({"model.int8.onnx"} if int8_written else set())
     predicted = dict(outputs)["python -m exporters.onnx.predict ws/onnx digit.png --top 3"]
-    assert re.match(r"digit\.png: \S+ [01]\.\d{3}", predicted.strip().splitlines()[-1]), predicted
+    assert re.match(r"digit\.png: \S+ [01]\.\d{3}", predicted.strip().splitlines()[0]), predicted
+    # the Triton repository of what verified, and the folder of 200 digits classified in batches
+    assert check_triton_repository(home / "ws" / "triton", home / "ws" / "onnx") == {
+        f"clip_lora_{v}" for v in ("fp32", "optimized", "fp16") + (("int8",) if int8_written else ())}
+    rows = (home / "predictions.csv").read_text().splitlines()
+    assert rows[0].startswith("path,label_1,probability_1") and len(rows) == 201
+    folder = next(out for cmd, out in outputs if "ws/onnx photos" in cmd)
+    assert re.search(r"classified 200 images in [\d.]+ s \([\d.]+ images/s, batch 64, optimized\)", folder), folder
     assert (home / "adapters" / "digits" / "adapter_model.safetensors").is_file()
     assert (home / "exported_jobs" / "clip_lora" / "app" / "config" / "config_fed_server.conf").is_file()
 

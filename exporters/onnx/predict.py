@@ -191,8 +191,8 @@ def main(argv=None) -> int:
         if args.top < 1:
             raise ServingError(f"--top must be >= 1, got {args.top}")
         out = _output_target(args.out)
-        paths = expand_inputs(args.inputs)
         classifier = ImageClassifier(args.model_dir, args.variant)
+        paths = expand_inputs(args.inputs)
     except ServingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -218,7 +218,7 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - started
     skipped = (f"; skipped {len(bad)} unreadable: " + ", ".join(list(bad)[:3]) + (" ..." if len(bad) > 3 else "")
                if bad else "")
-    print(f"classified {classified} images in {seconds:.1f} s ({classified / seconds:.1f} images/s, batch "
+    print(f"classified {classified} image{'s' * (classified != 1)} in {seconds:.1f} s ({classified / seconds:.1f} images/s, batch "
           f"{args.batch}, {args.variant})" + (f", written to {out}" if out else "") + skipped, file=sys.stderr)
     return 0
 
