@@ -7,7 +7,9 @@ Where each step lives:
   variants.py  optimized (ORT transformer fusions), int8 (dynamic quantization), fp16
   verify.py    ONNX Runtime vs the unmerged PEFT model on real images, with tolerances; latency
   pipeline.py  export_run: all of the above into a verified output directory
-  predict.py   the serving entry point: load the directory, preprocess, print top labels
+  session.py   every ONNX Runtime session: providers, and the int8 session entry where the CPU needs it
+  triton.py    --triton: a Triton model repository of the verified files
+  predict.py   the serving entry point: check the files' sha256, load, classify files/folders in batches
 """
 
 from .errors import ExportError, VerificationError
