@@ -20,7 +20,7 @@ from exporters.onnx import VerificationError
 from exporters.onnx.__main__ import main as export_main
 from exporters.onnx.predict import ImageClassifier
 from exporters.onnx.predict import main as predict_main
-from exporters.onnx.session import session_config
+from exporters.onnx.session import open_session, session_config
 from exporters.onnx.verify import compare
 from nvflare_lora import FederatedCLIPModel, quick_clip_lora
 from nvflare_lora.checkpoint import save_adapter_dir, sha256_file
@@ -76,9 +76,7 @@ def exported(run_dir):
 
 
 def _session(path):
-    import onnxruntime as ort
-
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return open_session(path, "int8")  # the CPU provider, with the entries this CPU needs for int8 files
 
 
 # ---- export and verification -------------------------------------------------------------------
@@ -573,3 +571,67 @@ def test_an_unrelated_output_directory_is_not_overwritten(run_dir, tmp_path, cap
     assert export_main([str(run_dir), "--out", str(tmp_path / "mine")]) == 2
     assert "is not an earlier export" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+# ---- WiSE-FT at export ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def zero_shot_run(tmp_path_factory):
+    """A run that started from CLIP's zero-shot head (a base with a tokenizer: python -m nvflare_lora.zeroshot), its
+    best adapter moved from that start as training moves it (LoRA B and the head changed)."""
+    from nvflare_lora.checkpoint import read_adapter_dir
+    from nvflare_lora.config import LoRAConfig
+    from nvflare_lora.models import _TINY_CONFIG
+    from nvflare_lora.sample_data import write_random_base
+    from nvflare_lora.zeroshot import write_initial_adapter
+
+    root = tmp_path_factory.mktemp("zero_shot")
+    base = str(write_random_base(root / "base", 0, **_TINY_CONFIG))
+    labels = [str(i) for i in range(10)]
+    init = write_initial_adapter(root / "init", base, labels, LoRAConfig(r=4, lora_alpha=8, lora_dropout=0.0))
+    state, peft_config, meta = read_adapter_dir(init)
+    rng = np.random.default_rng(0)
+    moved = {k: v + (0.5 if "classifier" in k else 0.05) * rng.standard_normal(v.shape).astype(np.float32)
+             if "lora_B" in k or "classifier" in k else v for k, v in state.items()}
+    save_adapter_dir(root / "ws" / ADAPTER_DIR / "best", moved, peft_config, {**meta, "round": 3, "checkpoint": "best"})
+    return root / "ws", base, labels
+
+
+def test_wise_alpha_0_exports_clips_zero_shot_model_and_1_the_fine_tuned_one(zero_shot_run, tmp_path, capsys):
+    from transformers import CLIPModel
+
+    from nvflare_lora.models import preprocessing_for
+    from nvflare_lora.zeroshot import load_tokenizer
+
+    run, base, labels = zero_shot_run
+    out = tmp_path / "onnx"
+    assert export_main([str(run), "--out", str(out), "--wise", "0, 0.5,1", "--verify-samples", "48"]) == 0, \
+        capsys.readouterr().err
+    assert export_main([str(run), "--out", str(tmp_path / "plain"), "--verify-samples", "48"]) == 0
+    x = load_digits_dataset(preprocessing_for(base)).batch(range(0, 300, 5))[0]
+    logits = {name: _session(path / "model.onnx").run(["logits"], {"pixel_values": x.numpy()})[0]
+              for name, path in (("0", out / "wise_0"), ("0.5", out / "wise_0.5"), ("1", out / "wise_1"),
+                                 ("plain", tmp_path / "plain"))}
+    for alpha in ("0", "0.5", "1"):
+        report = json.loads((out / f"wise_{alpha}" / "export_report.json").read_text())
+        assert report["wise_alpha"] == float(alpha) and not report["failed"]
+        assert any(n.startswith(f"WiSE-FT: alpha {alpha} ") for n in report["notes"]), report["notes"]
+    tok = load_tokenizer(base)([f"a photo of a {c}." for c in labels], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        zero_shot = CLIPModel.from_pretrained(base).eval()(pixel_values=x, **tok).logits_per_image.numpy()
+    assert np.abs(logits["0"] - zero_shot).max() < 1e-4  # alpha 0: the base, zero-shot
+    assert np.abs(logits["1"] - logits["plain"]).max() < 1e-5  # alpha 1: the fine-tuned model
+    middle = np.abs(logits["0.5"] - (logits["0"] + logits["1"]) / 2).max()
+    assert np.abs(logits["0.5"] - logits["0"]).max() > 0.1 and np.abs(logits["0.5"] - logits["1"]).max() > 0.1
+    assert middle < np.abs(logits["1"] - logits["0"]).max()  # between the two, not linear (LoRA sits inside)
+
+
+def test_wise_refuses_what_it_cannot_interpolate(run_dir, zero_shot_run, tmp_path, capsys):
+    run, _, _ = zero_shot_run
+    for args, message in (([str(run), "--wise", "1.5"], "--wise ALPHA must be a number in [0, 1]"),
+                          ([str(run), "--wise", "x"], "--wise ALPHA must be a number in [0, 1]"),
+                          ([str(run), "--wise", "0.5,0.5"], "--wise lists an ALPHA twice"),
+                          ([str(run), "--wise", "0,1", "--triton", str(tmp_path / "t")], "--triton takes one model"),
+                          ([str(run_dir), "--wise", "0.5"], "started from a seeded random init (head_init 'seeded')")):
+        assert export_main([*args, "--out", str(tmp_path / "o")]) == 2, args
+        assert message in capsys.readouterr().err, args
+    assert not (tmp_path / "o").exists()

@@ -1,6 +1,6 @@
 """python -m exporters.onnx RUN_DIR [--out DIR] [--checkpoint best|latest] [--model PATH] [--optimize]
 [--quantize int8] [--fp16] [--opset N] [--with-text] [--data SOURCE] [--verify-samples N]
-[--triton DIR [--triton-tensorrt] [--force]]
+[--triton DIR [--triton-tensorrt] [--force]] [--wise ALPHA[,ALPHA...]]
 
 Exit status: 0 every requested file exported and verified; 1 a requested file failed its verification (it is not
 written; the others are, unless fp32 itself failed: then nothing is); 2 bad input.
@@ -42,6 +42,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--triton-tensorrt", action="store_true",
                    help="in the Triton repository, run the GPU models through ONNX Runtime's TensorRT accelerator (FP16)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --triton DIR")
+    p.add_argument("--wise", metavar="ALPHA[,ALPHA...]",
+                   help="WiSE-FT: merge ALPHA x the LoRA update (0: the zero-shot base, 1: the fine-tuned model) and "
+                        "interpolate a zero-shot-started head likewise; a list writes OUT/wise_<ALPHA> for each")
     return p
 
 
@@ -49,12 +52,17 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         from . import graph
-        from .pipeline import export_run
+        from .pipeline import export_run, export_wise
 
-        export_run(args.run_dir, out=args.out, checkpoint=args.checkpoint, model=args.model, optimize=args.optimize,
-                   quantize=args.quantize, fp16=args.fp16, opset=args.opset or graph.DEFAULT_OPSET,
-                   with_text=args.with_text, data=args.data, samples=args.verify_samples, triton=args.triton,
-                   triton_tensorrt=args.triton_tensorrt, force=args.force)
+        options = dict(out=args.out, checkpoint=args.checkpoint, model=args.model, optimize=args.optimize,
+                       quantize=args.quantize, fp16=args.fp16, opset=args.opset or graph.DEFAULT_OPSET,
+                       with_text=args.with_text, data=args.data, samples=args.verify_samples, triton=args.triton,
+                       triton_tensorrt=args.triton_tensorrt, force=args.force)
+        alphas = None if args.wise is None else [a.strip() for a in args.wise.split(",")]
+        if alphas is not None and len(alphas) > 1:
+            export_wise(args.run_dir, alphas, **options)
+        else:
+            export_run(args.run_dir, wise=alphas and alphas[0], **options)
     except (ExportError, VerificationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -24,7 +24,7 @@ from nvflare_lora.models import use_eager_attention
 from . import graph, variants, verify
 from .errors import ExportError, VerificationError
 from .locate import locate_checkpoint
-from .rebuild import Rebuilt, rebuild
+from .rebuild import Rebuilt, check_wise, rebuild
 from .run_data import run_validation_set
 from .session import SESSION_OPTIONS_RULE, open_session, session_config
 
@@ -103,16 +103,19 @@ def export_run(run_dir, out=None, checkpoint: Optional[str] = None, model: Optio
                optimize: bool = False, quantize: Optional[str] = None, fp16: bool = False,
                opset: int = graph.DEFAULT_OPSET, with_text: bool = False, data: str = "auto",
                samples: int = 256, triton: Optional[str] = None, triton_tensorrt: bool = False, force: bool = False,
-               log: Callable[[str], None] = print) -> Dict:
+               wise: Optional[float] = None, log: Callable[[str], None] = print) -> Dict:
     """Export the run's global adapter merged into its base; returns the report written to OUT/export_report.json.
     triton: also write a Triton model repository of the verified files there (exporters/onnx/triton.py); an
     existing non-empty folder is refused unless force. Raises ExportError (bad input) or VerificationError (a
     requested file does not compute what PEFT computes: raised after the files that did verify are written,
-    with their Triton models, or with nothing written when fp32 failed)."""
+    with their Triton models, or with nothing written when fp32 failed). wise: WiSE-FT's ALPHA
+    (exporters/onnx/rebuild.py): the LoRA update scaled by ALPHA, the head interpolated toward its zero-shot start;
+    see export_wise for several."""
     if quantize not in (None, "int8"):
         raise ExportError(f"--quantize supports 'int8' only, got {quantize!r}")
     if samples < 1:
         raise ExportError(f"--verify-samples must be >= 1, got {samples}")
+    wise = None if wise is None else check_wise(wise)
     if triton_tensorrt and triton is None:
         raise ExportError("--triton-tensorrt configures the Triton repository: give --triton DIR too")
     if triton is not None:
@@ -127,7 +130,7 @@ def export_run(run_dir, out=None, checkpoint: Optional[str] = None, model: Optio
     _check_output_dir(out)
     log(f"checkpoint: {located.path}")
 
-    rebuilt = rebuild(located.path, model, include_text=with_text)
+    rebuilt = rebuild(located.path, model, include_text=with_text, wise=wise)
     for note in rebuilt.notes:
         log(f"note: {note}")
     log(f"base: {rebuilt.base_model} (fingerprint {'matches' if rebuilt.fingerprint_checked else 'not recorded'})")
@@ -140,7 +143,7 @@ def export_run(run_dir, out=None, checkpoint: Optional[str] = None, model: Optio
     try:
         report = _export_into(tmp, rebuilt, pixels, labels, reference, optimize, quantize == "int8", fp16,
                               opset, with_text, log)
-        report.update(source_checkpoint=str(located.path), checkpoint=located.name,
+        report.update(source_checkpoint=str(located.path), checkpoint=located.name, wise_alpha=wise,
                       notes=([located.note] if located.note else []) + report["notes"],
                       seconds=round(time.perf_counter() - started, 2))
         report["verification"]["data"] = data_used
@@ -161,6 +164,30 @@ def export_run(run_dir, out=None, checkpoint: Optional[str] = None, model: Optio
                                 + " | ".join(f"{v}: " + "; ".join(f) for v, f in report["failed"].items()))
     log(f"exported and verified: {out}")
     return report
+
+
+def export_wise(run_dir, alphas, out=None, log: Callable[[str], None] = print, **kwargs) -> Dict[float, Dict]:
+    """One verified export per WiSE-FT ALPHA into OUT/wise_<ALPHA> (OUT defaults to RUN_DIR/onnx); every ALPHA is
+    checked before the first export. Returns {alpha: report}. A VerificationError of one ALPHA is raised after
+    the others are written."""
+    alphas = [check_wise(a) for a in alphas]
+    if len(set(alphas)) != len(alphas):
+        raise ExportError(f"--wise lists an ALPHA twice: {alphas}")
+    if kwargs.get("triton") is not None:
+        raise ExportError("--triton takes one model: give one --wise ALPHA with it, or export the chosen ALPHA again")
+    out = Path(out).expanduser() if out else Path(run_dir).expanduser() / "onnx"
+    for a in alphas:
+        _check_output_dir(out / f"wise_{a:g}")
+    reports, failed = {}, []
+    for a in alphas:
+        log(f"WiSE-FT alpha {a:g} -> {out / f'wise_{a:g}'}")
+        try:
+            reports[a] = export_run(run_dir, out=out / f"wise_{a:g}", wise=a, log=log, **kwargs)
+        except VerificationError as e:
+            failed.append(f"alpha {a:g}: {e}")
+    if failed:
+        raise VerificationError(" | ".join(failed))
+    return reports
 
 
 def _export_into(tmp: Path, rebuilt: Rebuilt, pixels, labels, reference, optimize, int8, fp16, opset,

@@ -1,13 +1,21 @@
 """Rebuild the trained model from a checkpoint: the base from its recorded name (checked by fingerprint),
 LoRA from the recorded config, the adapter loaded strictly. Both forms come back: unmerged (the
-reference the export is verified against) and merged in fp32 (what is exported)."""
+reference the export is verified against) and merged in fp32 (what is exported).
+
+WiSE-FT (Wortsman et al., robust fine-tuning of zero-shot models): `wise` = ALPHA interpolates the fine-tuned
+weights with the zero-shot ones. With LoRA that is a scale of the update: the merged weight is W + s·B·A, linear
+in B, so every lora_B times ALPHA gives W + ALPHA·s·B·A in every tower LoRA adapted; a linear head becomes
+ALPHA x the trained head + (1 - ALPHA) x its zero-shot start (recomputed from the base's text tower and the
+recorded templates, as the job's initial adapter was). ALPHA 0 is the zero-shot base, 1 the fine-tuned model."""
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
 
 from nvflare_lora.adapter import AdapterMismatchError
 from nvflare_lora.checkpoint import META_FILE, CheckpointError, read_adapter_dir
@@ -15,6 +23,7 @@ from nvflare_lora.config import LoRAConfig
 from nvflare_lora.lora_model import CLIPLoRAWrapper, FederatedCLIPModel
 from nvflare_lora.models import (CLIPImageClassifier, ModelNotFoundError, Preprocessing, base_fingerprint,
                                  fingerprint_difference)
+from nvflare_lora.zeroshot import HEAD_BIAS, HEAD_WEIGHT, ZeroShotError, zeroshot_head
 
 from .errors import ExportError
 
@@ -48,9 +57,44 @@ def _preprocessing(meta: Dict, fed: FederatedCLIPModel) -> Preprocessing:
     return Preprocessing.from_dict(pp)
 
 
-def rebuild(checkpoint: Path, model: Optional[str] = None, include_text: bool = False) -> Rebuilt:
+def check_wise(alpha) -> float:
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise ExportError(f"--wise ALPHA must be a number in [0, 1] (0: the zero-shot base, 1: the fine-tuned model), "
+                          f"got {alpha!r}")
+    return value
+
+
+def wise_state(state: Dict, alpha: float, zero_shot_head: Optional[Tuple] = None, where: str = "") -> Dict:
+    """The adapter state that merges into ALPHA x the LoRA update, the head interpolated toward zero_shot_head
+    ((weight, bias)). Refuses tensors it cannot interpolate without the base's values."""
+    out = {}
+    for key, value in state.items():
+        if "lora_A" in key:
+            out[key] = value
+        elif "lora_B" in key:
+            out[key] = (alpha * value.astype(np.float64)).astype(np.float32)
+        elif key in (HEAD_WEIGHT, HEAD_BIAS):
+            if zero_shot_head is None:
+                raise ExportError(f"--wise interpolates the head toward its zero-shot start, but the head of {where} "
+                                  f"started from a seeded random init (head_init 'seeded'): export without --wise, or "
+                                  f"train from CLIP's zero-shot head (head_init = \"zeroshot\", docs/guide.md)")
+            start = zero_shot_head[0] if key == HEAD_WEIGHT else zero_shot_head[1]
+            out[key] = (alpha * value.astype(np.float64) + (1 - alpha) * start.astype(np.float64)).astype(np.float32)
+        else:
+            raise ExportError(f"--wise scales LoRA factors and the head; {where} also holds {key!r}, whose zero-shot "
+                              f"value is not in the checkpoint: export without --wise")
+    return out
+
+
+def rebuild(checkpoint: Path, model: Optional[str] = None, include_text: bool = False,
+            wise: Optional[float] = None) -> Rebuilt:
     """Load `checkpoint` onto its base. model: a base name or path overriding the recorded one (its
-    fingerprint must still match). include_text: also build the text tower (for --with-text)."""
+    fingerprint must still match). include_text: also build the text tower (for --with-text). wise: WiSE-FT's
+    ALPHA (module docstring), None for the checkpoint as it is."""
     try:
         state, _, meta = read_adapter_dir(checkpoint)
     except CheckpointError as e:
@@ -76,6 +120,10 @@ def rebuild(checkpoint: Path, model: Optional[str] = None, include_text: bool = 
     else:
         notes.append(f"{checkpoint / META_FILE} records no base fingerprint: the base could not be checked")
 
+    if wise is not None:
+        state = wise_state(state, check_wise(wise), _zero_shot_start(meta, base), str(checkpoint))
+        notes.append(f"WiSE-FT: alpha {wise:g} (the LoRA update scaled by {wise:g}"
+                     + (", the head interpolated toward its zero-shot start)" if HEAD_WEIGHT in state else ")"))
     fed = FederatedCLIPModel(base, num_classes, labels=meta.get("labels"), device="cpu",
                              include_text=include_text or "text" in lora.towers,
                              normalize_embeds=bool((meta.get("head") or {}).get("normalize_embeds", False)))
@@ -90,3 +138,14 @@ def rebuild(checkpoint: Path, model: Optional[str] = None, include_text: bool = 
     return Rebuilt(checkpoint=checkpoint, metadata=meta, base_model=base, fingerprint=fingerprint,
                    fingerprint_checked=bool(expected), unmerged=unmerged, merged=merged, labels=fed.labels,
                    preprocessing=_preprocessing(meta, fed), notes=notes)
+
+
+def _zero_shot_start(meta: Dict, base: str) -> Optional[Tuple]:
+    """The head a zero-shot run started from (recomputed as nvflare_lora.zeroshot wrote it), else None."""
+    head = meta.get("head") or {}
+    if head.get("init") != "zeroshot":
+        return None
+    try:
+        return zeroshot_head(base, meta.get("labels"), head.get("templates"))
+    except ZeroShotError as e:
+        raise ExportError(f"--wise needs the head's zero-shot start: {e}") from e
