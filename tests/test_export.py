@@ -499,8 +499,8 @@ def check_triton_repository(repo: Path, export_dir: Path) -> set:
                 dims = [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim]
                 assert list(t.dims) == dims[1:] and mc.DataType.Name(t.data_type) == types[v.type.tensor_type.elem_type]
         kinds = [mc.ModelInstanceGroup.Kind.Name(g.kind) for g in config.instance_group]
-        assert kinds == {"int8": ["KIND_CPU"], "fp16": ["KIND_GPU"]}.get(variant, []), (name, kinds)
-        if variant != "text":
+        assert kinds == {"int8": ["KIND_CPU"], "fp16": ["KIND_GPU"]}.get(variant.removeprefix("text_"), []), name
+        if not variant.startswith("text"):
             assert [o.label_filename for o in config.output] == ["labels.txt", ""]
             labels = (repo / name / "labels.txt").read_text().splitlines()
             assert labels == json.loads((export_dir / "labels.json").read_text())
@@ -635,3 +635,59 @@ def test_wise_refuses_what_it_cannot_interpolate(run_dir, zero_shot_run, tmp_pat
         assert export_main([*args, "--out", str(tmp_path / "o")]) == 2, args
         assert message in capsys.readouterr().err, args
     assert not (tmp_path / "o").exists()
+
+
+
+# ---- both towers: classes named at serve time -----------------------------------------------------
+def test_predict_classifies_against_labels_no_site_trained_without_torch(zero_shot_run, tmp_path):
+    """The text tower, its tokenizer (read by `tokenizers`) and the prompt templates are exported and verified on
+    the job's labels and on labels no site holds; predict --labels ranks as CLIPModel ranks, with torch and
+    transformers unimportable. At --wise 0 the model is the base, so CLIPModel's logits_per_image is the truth."""
+    from PIL import Image
+    from transformers import CLIPModel
+
+    from nvflare_lora.models import preprocessing_for
+    from nvflare_lora.zeroshot import load_tokenizer
+
+    run, base, labels = zero_shot_run
+    out = tmp_path / "onnx"
+    assert export_main([str(run), "--out", str(out), "--wise", "0", "--with-text", "--verify-samples", "48"]) == 0
+    report = json.loads((out / "export_report.json").read_text())
+    text = report["verification"]["text"]
+    assert text["tokens_equal"] and {"tokenizer.json", "text.json", "class_embeddings.safetensors"} <= set(report["sha256"])
+    assert all(v["passed"] for v in text["prompts"]["text"].values()) and text["unseen_labels"][:2] == ["cat", "dog"]
+    photos = _digit_folder(tmp_path / "photos", 6)
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+            "from exporters.onnx.predict import main\n"
+            f"sys.exit(main([{str(out)!r}, {str(photos)!r}, '--labels', 'cat, dog,bird', '--top', '3', "
+            f"'--out', {str(tmp_path / 'p.jsonl')!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    pp = preprocessing_for(base)
+    x = torch.stack([pp(Image.open(r["path"]).convert("RGB")) for r in rows])
+    clip = CLIPModel.from_pretrained(base).eval()
+    for names in (["cat", "dog", "bird"], labels):
+        tok = load_tokenizer(base)([f"a photo of a {c}." for c in names], padding=True, return_tensors="pt")
+        with torch.no_grad():
+            truth = clip(pixel_values=x, **tok).logits_per_image.softmax(-1).numpy()
+        got = ([[(t["label"], t["probability"]) for t in r["top"]] for r in rows] if names[0] == "cat" else
+               ImageClassifier(out, labels=names).top([Image.open(r["path"]).convert("RGB") for r in rows], k=3))
+        for probs, top in zip(truth, got):
+            assert [lab for lab, _ in top] == [names[i] for i in np.argsort(-probs)[:3]]
+            assert all(abs(p - probs[names.index(lab)]) < 1e-4 for lab, p in top)
+
+
+def test_labels_at_serve_time_refuse_what_they_cannot_serve(exported, zero_shot_run, tmp_path, capsys):
+    run, _, _ = zero_shot_run
+    photos = str(_digit_folder(tmp_path / "photos", 2))
+    out, _ = exported  # tiny-clip, a preset without a tokenizer: its text tower is exported, not servable by name
+    assert "predict --labels" not in json.dumps(json.loads((out / "export_report.json").read_text())["failed"])
+    no_text = tmp_path / "no_text"
+    assert export_main([str(run), "--out", str(no_text), "--verify-samples", "16"]) == 0
+    for model_dir, labels, message in ((out, "cat,dog", "has no tokenizer"),
+                                       (no_text, "cat,dog", "has no text tower"),
+                                       (no_text, " , dog", "none empty"),
+                                       (no_text, "cat,dog,cat", "names ['cat'] more than once")):
+        assert predict_main([str(model_dir), photos, "--labels", labels]) == 2, message
+        assert message in capsys.readouterr().err, message

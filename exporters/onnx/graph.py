@@ -1,8 +1,9 @@
 """The exported graphs and the torch.onnx call.
 
-Image graph: pixel_values (batch, 3, H, W) -> logits (batch, classes), image_embeds (batch, projection_dim),
-one pass through the image tower. Text graph (--with-text): input_ids, attention_mask (batch, sequence) ->
-text_embeds (batch, projection_dim). Embeddings are the projections, not normalised, as CLIPModel gives them.
+Image graph: pixel_values (batch, 3, H, W) -> logits (batch, classes), image_embeds (batch, projection_dim) at
+unit length (what CLIP scores against class text embeddings), one pass through the image tower. Text graph
+(--with-text): input_ids, attention_mask (batch, sequence) -> text_embeds (batch, projection_dim), the
+projection as CLIPModel gives it (serving averages a class's prompts after normalising each).
 
 torch.onnx's dynamo exporter (torch.export + onnxscript, torch's default since 2.9) writes the graph; the
 towers are switched to the "eager" attention implementation first, because its plain MatMul/Softmax
@@ -32,7 +33,7 @@ _TWO_GB = 2 * 1024**3  # protobuf's limit for one file: larger models keep weigh
 
 
 class ImageOutputs(nn.Module):
-    """pixel_values -> (logits, image_embeds) of a CLIPImageClassifier (merged, or unmerged with LoRA layers)."""
+    """pixel_values -> (logits, unit image_embeds) of a CLIPImageClassifier (merged, or unmerged with LoRA layers)."""
 
     def __init__(self, classifier: CLIPImageClassifier):
         super().__init__()
@@ -40,7 +41,10 @@ class ImageOutputs(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         embeds = self.classifier.image_embeds(pixel_values)
-        return self.classifier.classifier(self.classifier.features(embeds)), embeds
+        # unit length as x * rsqrt(sum x^2): with norm() or F.normalize (ReduceL2 in the graph) ONNX Runtime's
+        # transformer optimizer fused no Attention and no SkipLayerNorm anywhere in the tower (measured)
+        unit = embeds * torch.rsqrt((embeds * embeds).sum(dim=-1, keepdim=True))
+        return self.classifier.classifier(self.classifier.features(embeds)), unit
 
 
 class TextOutputs(nn.Module):

@@ -30,7 +30,10 @@ from .session import SESSION_OPTIONS_RULE, open_session, session_config
 
 REPORT_FILE, LABELS_FILE, PREPROCESSING_FILE = "export_report.json", "labels.json", "preprocessing.json"
 FILES = {"fp32": "model.onnx", "optimized": "model.optimized.onnx", "int8": "model.int8.onnx",
-         "fp16": "model.fp16.onnx", "text": "text_model.onnx"}
+         "fp16": "model.fp16.onnx", "text": "text_model.onnx", "text_int8": "text_model.int8.onnx",
+         "text_fp16": "text_model.fp16.onnx"}
+# a label list no site holds: the text tower is verified on it too (serving takes any labels)
+UNSEEN_LABELS = ("cat", "dog", "airplane", "truck", "flower", "house")
 
 
 def verification_images(source: str, run_dir: Path, rebuilt: Rebuilt, samples: int, seed: int = 0):
@@ -97,6 +100,91 @@ def _text_parity(rebuilt: Rebuilt, path: Path) -> Dict:
             "max_length": text_config.max_position_embeddings, "eos_token_id": text_config.eos_token_id,
             "logit_scale": float(rebuilt.merged.logit_scale.exp()),
             "tokenizer": "the base model's CLIP tokenizer (CLIPTokenizer.from_pretrained(BASE))"}
+
+
+def _export_text(tmp: Path, rebuilt: Rebuilt, pixels, reference, int8: bool, fp16: bool, opset: int, made: list,
+                 failed: Dict, log) -> Dict:
+    """The text tower as its own verified file(s), and what serving needs to classify against labels named at run
+    time: tokenizer.json (read by `tokenizers`), text.json (templates, length, padding, logit scale) and the job's
+    class embeddings. Verified twice: text_embeds on token ids of two lengths (dynamic axes), and CLIP's
+    classification of the verification images, through predict.TextEncoder (tokenizers + ONNX Runtime) against
+    PyTorch (transformers' tokenizer + the unmerged text tower), for the job's labels and for UNSEEN_LABELS: fp32
+    to 1e-4 with every top-1 equal; int8 and fp16 text towers (with --quantize int8 / --fp16) by top-1 agreement."""
+    from safetensors.numpy import save_file
+
+    from nvflare_lora.zeroshot import DEFAULT_TEMPLATES, ZeroShotError, load_tokenizer, text_embeddings
+
+    from .predict import CLASS_EMBEDDINGS_FILE, TEXT_FILE, TOKENIZER_FILE, TextEncoder
+
+    graph.export_text_model(rebuilt.merged, tmp / FILES["text"], opset)
+    text = _text_parity(rebuilt, tmp / FILES["text"])
+    log(f"  text      {FILES['text']:22s} max|dembeds| {text['max_abs_embeds_diff']:.2e}"
+        + ("" if text["passed"] else "  NOT WRITTEN"))
+    if not text["passed"]:
+        failed["text"] = [f"max |text_embeds difference| {text['max_abs_embeds_diff']:.3g} exceeds "
+                          f"{verify.FP32_MAX_ABS_DIFF:g} by {text['max_abs_embeds_diff'] - verify.FP32_MAX_ABS_DIFF:.3g}"]
+        (tmp / FILES["text"]).unlink()
+        return text
+    made.append("text")
+    try:
+        tokenizer = load_tokenizer(rebuilt.base_model)
+    except ZeroShotError as e:
+        text["serving"] = f"no labels at serve time: {e}"
+        log(f"  note: the text tower is exported without a tokenizer, so predict --labels cannot use it ({e})")
+        return text
+    templates = list((rebuilt.metadata.get("head") or {}).get("templates") or DEFAULT_TEMPLATES)
+    with tempfile.TemporaryDirectory() as saved:
+        tokenizer.save_pretrained(saved)  # a fast tokenizer writes tokenizer.json, which `tokenizers` reads
+        shutil.copyfile(Path(saved) / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
+    scale = float(rebuilt.merged.logit_scale.exp())
+    write_json_atomic(tmp / TEXT_FILE, {"templates": templates, "max_length": text["max_length"],
+                                        "pad_token_id": tokenizer.pad_token_id, "pad_token": tokenizer.pad_token,
+                                        "logit_scale": scale})
+    image_embeds = verify.ort_outputs(open_session(tmp / FILES["fp32"]), pixels)[1]
+    lists = {"job_labels": list(rebuilt.labels), "unseen_labels": list(UNSEEN_LABELS)}
+    with torch.no_grad():
+        ref = {k: scale * reference[1] @ text_embeddings(rebuilt.unmerged, tokenizer, v, templates).numpy().T
+               for k, v in lists.items()}
+    prompts = [t.format(label) for label in lists["job_labels"] for t in templates]
+    ours = TextEncoder(tmp).tokenizer.encode_batch(prompts)
+    theirs = tokenizer(prompts, padding=True, truncation=True, max_length=text["max_length"])["input_ids"]
+    text.update(templates=templates, logit_scale=scale, tokenizer=f"{TOKENIZER_FILE} (the tokenizers package)",
+                tokens_equal=[e.ids for e in ours] == [list(t) for t in theirs], unseen_labels=lists["unseen_labels"],
+                prompts={})
+    for variant in ("text", "text_int8", "text_fp16"):
+        path = tmp / FILES[variant]
+        if variant == "text_int8" and int8:
+            variants.quantize_int8(tmp / FILES["text"], path)
+        elif variant == "text_fp16" and fp16:
+            variants.to_fp16(tmp / FILES["text"], path)
+        elif variant != "text":
+            continue
+        encoder = TextEncoder(tmp, FILES[variant], variant.replace("text_", "") if variant != "text" else "fp32")
+        gate = {"text": "fp32", "text_int8": "int8", "text_fp16": "fp16"}[variant]
+        parities = {k: verify.compare(gate, [ref[k]], [scale * image_embeds @ encoder.encode(v).T], "CPU")
+                    for k, v in lists.items()}
+        if variant == "text":
+            save_file({"embeddings": encoder.encode(lists["job_labels"])}, str(tmp / CLASS_EMBEDDINGS_FILE))
+        problems = [f"{k}: {f}" for k, par in parities.items() for f in par.failures]
+        if variant == "text" and not text["tokens_equal"]:
+            problems.insert(0, "the tokenizers package gives other token ids than the base's tokenizer")
+        text["prompts"][variant] = {k: par.to_dict() for k, par in parities.items()}
+        log(f"  {variant:9s} {FILES[variant]:22s} labels as text: top-1 "
+            + ", ".join(f"{k.replace('_', ' ')} {100 * par.top1_agreement:.2f}% (max|dlogit| "
+                        f"{par.max_abs_logit_diff:.2e})" for k, par in parities.items())
+            + ("  NOT WRITTEN: " + "; ".join(problems) if problems else ""))
+        if not problems:
+            if variant != "text":
+                made.append(variant)
+            continue
+        failed[variant] = problems
+        if variant == "text":  # without a verified fp32 text tower nothing of the text side is served
+            made.remove("text")
+            for f in (FILES["text"], TOKENIZER_FILE, TEXT_FILE, CLASS_EMBEDDINGS_FILE):
+                (tmp / f).unlink(missing_ok=True)
+            return text
+        path.unlink()
+    return text
 
 
 def export_run(run_dir, out=None, checkpoint: Optional[str] = None, model: Optional[str] = None,
@@ -236,16 +324,7 @@ def _export_into(tmp: Path, rebuilt: Rebuilt, pixels, labels, reference, optimiz
         made.append("fp16")
     text = None
     if with_text:
-        graph.export_text_model(merged, tmp / FILES["text"], opset)
-        text = _text_parity(rebuilt, tmp / FILES["text"])
-        log(f"  text      {FILES['text']:22s} max|dembeds| {text['max_abs_embeds_diff']:.2e}"
-            + ("" if text["passed"] else "  NOT WRITTEN"))
-        if text["passed"]:
-            made.append("text")
-        else:
-            failed["text"] = [f"max |text_embeds difference| {text['max_abs_embeds_diff']:.3g} exceeds "
-                              f"{verify.FP32_MAX_ABS_DIFF:g} by {text['max_abs_embeds_diff'] - verify.FP32_MAX_ABS_DIFF:.3g}"]
-            (tmp / FILES["text"]).unlink()
+        text = _export_text(tmp, rebuilt, pixels, reference, int8, fp16, opset, made, failed, log)
     write_json_atomic(tmp / LABELS_FILE, list(rebuilt.labels))
     write_json_atomic(tmp / PREPROCESSING_FILE, rebuilt.preprocessing.to_dict())
     notes = list(rebuilt.notes)

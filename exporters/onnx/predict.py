@@ -1,5 +1,5 @@
 """Serve an exported model: python -m exporters.onnx.predict MODEL_DIR INPUT... [--top K] [--variant NAME]
-[--batch N] [--out FILE.csv|FILE.jsonl]
+[--batch N] [--out FILE.csv|FILE.jsonl] [--labels "cat,dog,bird"]
 
 This is the code to copy into a service: read the labels and the preprocessing the model was trained with,
 check that the files are the ones the export verified (their sha256 in export_report.json), open one ONNX
@@ -11,6 +11,11 @@ nvflare_lora.preprocessing.image_files) and glob patterns ("photos/**/*.jpg"). I
 decodes them and classified in batches; a file that cannot be decoded is skipped, counted and named at the
 end. Rows go to stdout, or to --out (CSV or JSON lines, written whole at the end); the last line on stderr
 gives the count and the throughput. Exit status: 0 done; 2 bad input (nothing classified, nothing written).
+
+--labels: classify against any label list given at run time, as CLIP does: each label's prompts (the export's
+templates) through the exported text tower, tokenized with the `tokenizers` package (no torch, no transformers),
+and the image's unit embedding scored against the unit class embeddings times CLIP's logit scale. The model's
+own head is not used then. Needs an export made with --with-text from a base that has a tokenizer.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from .session import open_session
 
 REPORT_FILE = "export_report.json"
 OUTPUT_FORMATS = (".csv", ".jsonl")
+TOKENIZER_FILE, TEXT_FILE, CLASS_EMBEDDINGS_FILE = "tokenizer.json", "text.json", "class_embeddings.safetensors"
 
 
 def _reexport(model_dir: Path, report: dict) -> str:
@@ -70,30 +76,94 @@ def check_files(model_dir: str | Path, names: Iterable[str], report: Optional[di
                                f"{_reexport(model_dir, report)}")
 
 
+def check_labels(labels: Sequence[str]) -> List[str]:
+    """A label list given at serve time: names, stripped, none empty, none twice."""
+    out = [str(x).strip() for x in labels]
+    if not out or any(not x for x in out):
+        raise ServingError(f"--labels needs a comma-separated list of class names, none empty; got {list(labels)!r}")
+    twice = sorted({x for x in out if out.count(x) > 1})
+    if twice:
+        raise ServingError(f"--labels names {twice} more than once; give each class once")
+    return out
+
+
+class TextEncoder:
+    """The exported text tower: class names -> unit class embeddings, each the renormalised mean of its prompts'
+    unit text embeddings (as nvflare_lora.zeroshot computes them in PyTorch). Tokenizes with `tokenizers`."""
+
+    def __init__(self, model_dir: str | Path, text_file: str = "text_model.onnx", variant: str = "fp32"):
+        from tokenizers import Tokenizer
+
+        model_dir = Path(model_dir)
+        self.spec = json.loads((model_dir / TEXT_FILE).read_text())
+        self.tokenizer = Tokenizer.from_file(str(model_dir / TOKENIZER_FILE))
+        self.tokenizer.enable_truncation(int(self.spec["max_length"]))
+        self.tokenizer.enable_padding(pad_id=int(self.spec["pad_token_id"]), pad_token=self.spec["pad_token"])
+        self.session = open_session(model_dir / text_file, variant)
+        self.logit_scale = float(self.spec["logit_scale"])
+
+    def encode(self, labels: Sequence[str]) -> np.ndarray:
+        templates = self.spec["templates"]
+        prompts = [t.format(label) for label in labels for t in templates]
+        encodings = self.tokenizer.encode_batch(prompts)
+        ids = np.array([e.ids for e in encodings], np.int64)
+        mask = np.array([e.attention_mask for e in encodings], np.int64)
+        emb = self.session.run(["text_embeds"], {"input_ids": ids, "attention_mask": mask})[0].astype(np.float64)
+        emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+        mean = emb.reshape(len(labels), len(templates), -1).mean(axis=1)
+        return (mean / np.linalg.norm(mean, axis=1, keepdims=True)).astype(np.float32)
+
+
 class ImageClassifier:
     """An exported model ready to serve. variant: "fp32", or one the export also wrote ("optimized", "int8",
     "fp16"). Its files are checked against the export's sha256 before the session opens."""
 
-    def __init__(self, model_dir: str | Path, variant: str = "fp32"):
+    def __init__(self, model_dir: str | Path, variant: str = "fp32", labels: Optional[Sequence[str]] = None):
+        """labels: classify against these class names through the exported text tower instead of the model's
+        head (any list, named at run time; see --labels)."""
         model_dir = Path(model_dir)
         report = read_report(model_dir)
-        if variant not in report["files"] or variant == "text":
-            raise ServingError(f"{model_dir} has no {variant!r} model; it has "
-                               f"{sorted(set(report['files']) - {'text'})}")
+        image_variants = sorted(v for v in report["files"] if not v.startswith("text"))
+        if variant not in image_variants:
+            raise ServingError(f"{model_dir} has no {variant!r} model; it has {image_variants}")
         model_file = report["files"][variant]
-        external = [f"{model_file}.data"] if (model_dir / f"{model_file}.data").exists() else []
-        check_files(model_dir, [model_file, *external, "labels.json", "preprocessing.json"], report)
+        needed = [model_file, "labels.json", "preprocessing.json"]
+        text_file = None
+        if labels is not None:
+            labels = check_labels(labels)
+            if "text" not in report["files"]:
+                raise ServingError(f"{model_dir} has no text tower, so it cannot classify against labels named at "
+                                   f"serve time; re-export with --with-text: {_reexport(model_dir, report)} --with-text")
+            if TOKENIZER_FILE not in report.get("sha256", {}):
+                raise ServingError(f"{model_dir} has no tokenizer (its base {report.get('base_model')!r} came without "
+                                   f"one), so labels cannot be encoded; export from a base directory with its tokenizer")
+            text_file = report["files"].get(f"text_{variant}", report["files"]["text"])
+            needed += [text_file, TOKENIZER_FILE, TEXT_FILE, CLASS_EMBEDDINGS_FILE]
+        check_files(model_dir, [*needed, *(f"{f}.data" for f in needed if (model_dir / f"{f}.data").exists())], report)
         self.variant = variant
         self.labels: List[str] = json.loads((model_dir / "labels.json").read_text())
         self.preprocess = Preprocessing.from_dict(json.loads((model_dir / "preprocessing.json").read_text()))
         self.session = open_session(model_dir / model_file, variant)
+        self.class_embeddings, self.logit_scale = None, None
+        if labels is not None:
+            text = TextEncoder(model_dir, text_file, variant)
+            self.logit_scale = text.logit_scale
+            if labels == self.labels:  # the job's labels: encoded at export, so only the image tower runs
+                from safetensors.numpy import load_file
+
+                self.class_embeddings = load_file(str(model_dir / CLASS_EMBEDDINGS_FILE))["embeddings"]
+            else:
+                self.class_embeddings = text.encode(labels)
+            self.labels = labels
 
     def probabilities(self, images) -> np.ndarray:
         """Images (PIL or uint8 arrays) -> (n, classes) softmax probabilities."""
         return self._softmax(np.stack([self.preprocess.array(im) for im in images]))
 
     def _softmax(self, pixels: np.ndarray) -> np.ndarray:
-        logits, _image_embeds = self.session.run(["logits", "image_embeds"], {"pixel_values": pixels})
+        logits, image_embeds = self.session.run(["logits", "image_embeds"], {"pixel_values": pixels})
+        if self.class_embeddings is not None:  # CLIP's own scoring: unit image embedding . unit class embeddings
+            logits = self.logit_scale * image_embeds @ self.class_embeddings.T
         logits = logits - logits.max(axis=1, keepdims=True)
         e = np.exp(logits)
         return e / e.sum(axis=1, keepdims=True)
@@ -183,6 +253,8 @@ def main(argv=None) -> int:
     p.add_argument("--variant", default="fp32", help="fp32 (default), optimized, int8 or fp16, if exported")
     p.add_argument("--batch", type=int, default=32, help="images per ONNX Runtime call (default 32)")
     p.add_argument("--out", help="write the rows to FILE.csv or FILE.jsonl instead of stdout")
+    p.add_argument("--labels", help="comma-separated class names to classify against through the exported text "
+                                    "tower (any names; an export made with --with-text)")
     args = p.parse_args(argv)
     started = time.perf_counter()
     try:
@@ -191,7 +263,8 @@ def main(argv=None) -> int:
         if args.top < 1:
             raise ServingError(f"--top must be >= 1, got {args.top}")
         out = _output_target(args.out)
-        classifier = ImageClassifier(args.model_dir, args.variant)
+        labels = None if args.labels is None else args.labels.split(",")
+        classifier = ImageClassifier(args.model_dir, args.variant, labels)
         paths = expand_inputs(args.inputs)
     except ServingError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -2,7 +2,8 @@
 
 DIR/<model>/config.pbtxt and DIR/<model>/1/model.onnx for each file the export wrote and verified, read by
 Triton's ONNX Runtime backend: clip_lora_fp32, clip_lora_optimized, clip_lora_int8, clip_lora_fp16, and
-clip_lora_text for the text tower. Each config is written from its ONNX graph (input and output names, dtypes,
+clip_lora_text (and its int8 / fp16 variants) for the text tower, whose folder also holds the tokenizer, the
+prompt templates and the job's class embeddings. Each config is written from its ONNX graph (input and output names, dtypes,
 dims without the batch axis), with max_batch_size and dynamic batching; the logits output names labels.txt;
 int8 runs on CPU instances, fp16 on GPU ones (optionally through ONNX Runtime's TensorRT accelerator at FP16),
 the others where Triton finds a device (KIND_AUTO). DIR/README.md says how to start tritonserver, what a client
@@ -79,13 +80,13 @@ def model_config(name: str, variant: str, inputs: List[Dict], outputs: List[Dict
              f"max_batch_size: {MAX_BATCH_SIZE}", f"input [\n{tensors(inputs, False)}\n]",
              f"output [\n{tensors(outputs, True)}\n]",
              f"dynamic_batching {{\n  max_queue_delay_microseconds: {QUEUE_DELAY_US}\n}}"]
-    kind = INSTANCE_KIND.get(variant)
+    kind = INSTANCE_KIND.get(variant.removeprefix("text_"))
     if kind:
         lines.append(f"instance_group [\n  {{\n    count: 1\n    kind: {kind}\n  }}\n]")
-    if variant == "int8":
+    if variant.endswith("int8"):
         lines.insert(0, "# signed int8 weights: exact on CPUs with AVX-512 VNNI or AVX-VNNI. Without VNNI, ONNX Runtime needs\n"
                         "# the session entry session.x64quantprecision=1, which Triton's backend does not pass: see README.md")
-    if variant == "fp16" and tensorrt:
+    if variant.endswith("fp16") and tensorrt:
         lines.append('optimization {\n  execution_accelerators {\n    gpu_execution_accelerator [\n      {\n'
                      '        name: "tensorrt"\n        parameters { key: "precision_mode" value: "FP16" }\n'
                      '        parameters { key: "max_workspace_size_bytes" value: "1073741824" }\n      }\n    ]\n  }\n}')
@@ -94,7 +95,7 @@ def model_config(name: str, variant: str, inputs: List[Dict], outputs: List[Dict
 
 def write_repository(export_dir: Path, target: Path, tensorrt: bool = False, force: bool = False) -> Path:
     """Write the repository of export_dir's verified files into target (whole or not at all)."""
-    from .predict import check_files, read_report
+    from .predict import CLASS_EMBEDDINGS_FILE, TEXT_FILE, TOKENIZER_FILE, check_files, read_report
 
     check_repository_target(target, force)
     report = read_report(export_dir)
@@ -116,6 +117,11 @@ def write_repository(export_dir: Path, target: Path, tensorrt: bool = False, for
             (tmp / name / "config.pbtxt").write_text(model_config(name, variant, inputs, outputs, tensorrt))
             if any(o["name"] == "logits" for o in outputs):
                 (tmp / name / "labels.txt").write_text("".join(f"{label}\n" for label in labels))
+            if variant == "text":  # what a client needs to turn class names into the text tower's inputs
+                for f in (TOKENIZER_FILE, TEXT_FILE, CLASS_EMBEDDINGS_FILE):
+                    if (export_dir / f).is_file():
+                        check_files(export_dir, [f], report)
+                        shutil.copyfile(export_dir / f, tmp / name / f)
             models[name] = {"variant": variant, "source": file, "sha256": report["sha256"][file],
                             "inputs": inputs, "outputs": outputs}
         (tmp / "README.md").write_text(_readme(report, models, tensorrt))
@@ -132,13 +138,17 @@ def write_repository(export_dir: Path, target: Path, tensorrt: bool = False, for
 def _readme(report: Dict, models: Dict, tensorrt: bool) -> str:
     pp = report["preprocessing"]
     rule = SESSION_OPTIONS_RULE["session.x64quantprecision"]
-    rows = "\n".join(f"| `{name}` | {m['variant']} | {INSTANCE_KIND.get(m['variant'], 'KIND_AUTO')} | "
+    rows = "\n".join(f"| `{name}` | {m['variant']} | {INSTANCE_KIND.get(m['variant'].removeprefix('text_'), 'KIND_AUTO')} | "
                      f"`{m['source']}` | `{m['sha256']}` |" for name, m in models.items())
-    image = next((m for m in models.values() if m["variant"] != "text"), None)
+    image = next((m for m in models.values() if not m["variant"].startswith("text")), None)
     text = ""
     if "clip_lora_text" in models:
         text = ("\n`clip_lora_text` takes CLIP-tokenized `input_ids` and `attention_mask` (INT64, right-padded, "
-                "ending in the end-of-text token; the base model's CLIPTokenizer) and gives `text_embeds`.\n")
+                "ending in the end-of-text token) and gives `text_embeds`. Its folder holds what a client needs to "
+                "classify against any class names: `tokenizer.json` (the `tokenizers` package reads it), `text.json` "
+                "(prompt templates, length, padding, CLIP's logit scale) and `class_embeddings.safetensors` (the "
+                "job's labels, encoded): score the unit `image_embeds` against the unit mean of each class's prompt "
+                "embeddings times the logit scale, as `exporters/onnx/predict.py` (`TextEncoder`) does.\n")
     int8 = ""
     if "clip_lora_int8" in models:
         int8 = (f"\n## int8 and the CPU\n\n`clip_lora_int8` holds signed 8-bit weights. ONNX Runtime computes its "
