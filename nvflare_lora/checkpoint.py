@@ -100,6 +100,13 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
     return path
 
 
+def current_umask() -> int:
+    """The process's umask (mkstemp/mkdtemp create owner-only files; what others must read gets 0o666 & ~umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_json_atomic(path: Path, obj) -> Path:
     return atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
 

@@ -291,10 +291,15 @@ def digits_arrays() -> Tuple[np.ndarray, np.ndarray]:
     return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
 
 
+def digits_uint8() -> Tuple[np.ndarray, np.ndarray]:
+    """digits_arrays' images scaled from 0..16 to 8-bit grey (what the job trains on and sample_data writes)."""
+    images, labels = digits_arrays()
+    return np.clip(images * (255.0 / 16.0), 0, 255).astype(np.uint8), labels
+
+
 def load_digits_dataset(preprocess: Callable) -> ImageDataset:
     """scikit-learn's bundled 8x8 digits (1,797 real images, no download) as RGB images (192 bytes each)."""
-    images, labels = digits_arrays()
-    imgs = np.clip(images * (255.0 / 16.0), 0, 255).astype(np.uint8)
+    imgs, labels = digits_uint8()
     items = [(np.stack([im] * 3, axis=-1), int(lab)) for im, lab in zip(imgs, labels)]
     return ImageDataset(items, [str(i) for i in range(10)], preprocess, BadImages("the bundled digits", len(items)))
 

@@ -96,11 +96,9 @@ def write_mnist(out: str | Path, sites: int = 2, per_site: Optional[int] = None,
 
 def write_digits(out: str | Path, sites: int = 2, per_site: Optional[int] = None, seed: int = 0) -> List[Path]:
     """scikit-learn's digits (0..16) as 8-bit PNGs: OUT/site-k/<digit>/NNNN.png; returns the site folders."""
-    from .data import digits_arrays
+    from .data import digits_uint8
 
-    images, labels = digits_arrays()
-    return _write_digit_images(out, np.clip(images * (255.0 / 16.0), 0, 255).astype(np.uint8), labels, sites,
-                               per_site, seed)
+    return _write_digit_images(out, *digits_uint8(), sites, per_site, seed)
 
 
 def _write_digit_images(out, images: np.ndarray, labels: np.ndarray, sites: int, per_site: Optional[int],

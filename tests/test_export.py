@@ -526,6 +526,9 @@ def test_triton_target_that_is_not_empty_is_refused_before_the_export(run_dir, t
     assert not (tmp_path / "o").exists() and (tmp_path / "mine" / "keep.txt").read_text() == "keep"
     assert export_main([str(run_dir), "--out", str(tmp_path / "o"), "--triton-tensorrt"]) == 2
     assert "give --triton DIR too" in capsys.readouterr().err
+    assert export_main([str(run_dir), "--out", str(tmp_path / "o"), "--triton", str(tmp_path / "o" / "t")]) == 2
+    assert "overlap; give the Triton repository a folder of its own" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 # ---- bad input: clear message, exit 2, no traceback ---------------------------------------------

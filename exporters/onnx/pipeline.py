@@ -8,7 +8,6 @@ the output directory holds either the earlier export or the new one, never half 
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
@@ -18,7 +17,7 @@ from typing import Callable, Dict, Optional
 import numpy as np
 import torch
 
-from nvflare_lora.checkpoint import sha256_file, swap_into_place, write_json_atomic
+from nvflare_lora.checkpoint import current_umask, sha256_file, swap_into_place, write_json_atomic
 from nvflare_lora.models import use_eager_attention
 
 from . import graph, variants, verify
@@ -67,8 +66,7 @@ def _check_output_dir(out: Path) -> None:
 
 def _readable_by_all(directory: Path) -> None:
     """mkdtemp/mkstemp create owner-only files; a served model is read by the service's user, so apply the umask."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     directory.chmod(0o777 & ~umask)
     for f in directory.iterdir():
         f.chmod(0o666 & ~umask)
@@ -153,11 +151,16 @@ def _export_text(tmp: Path, rebuilt: Rebuilt, pixels, reference, int8: bool, fp1
                 prompts={})
     for variant in ("text", "text_int8", "text_fp16"):
         path = tmp / FILES[variant]
-        if variant == "text_int8" and int8:
-            variants.quantize_int8(tmp / FILES["text"], path)
-        elif variant == "text_fp16" and fp16:
-            variants.to_fp16(tmp / FILES["text"], path)
-        elif variant != "text":
+        try:
+            if variant == "text_int8" and int8:
+                variants.quantize_int8(tmp / FILES["text"], path)
+            elif variant == "text_fp16" and fp16:
+                variants.to_fp16(tmp / FILES["text"], path)
+            elif variant != "text":
+                continue
+        except ExportError as e:
+            failed[variant] = [f"could not be built: {e}"]
+            log(f"  {variant:9s} {FILES[variant]:22s} NOT WRITTEN: {failed[variant][0]}")
             continue
         encoder = TextEncoder(tmp, FILES[variant], variant.replace("text_", "") if variant != "text" else "fp32")
         gate = {"text": "fp32", "text_int8": "int8", "text_fp16": "fp16"}[variant]
@@ -206,16 +209,20 @@ def export_run(run_dir, out=None, checkpoint: Optional[str] = None, model: Optio
     wise = None if wise is None else check_wise(wise)
     if triton_tensorrt and triton is None:
         raise ExportError("--triton-tensorrt configures the Triton repository: give --triton DIR too")
-    if triton is not None:
-        from .triton import check_repository_target
-
-        check_repository_target(Path(triton).expanduser(), force)
     started = time.perf_counter()
     located = locate_checkpoint(run_dir, checkpoint)
     if located.note:
         log(f"note: {located.note}")
     out = Path(out).expanduser() if out else Path(run_dir).expanduser() / "onnx"
     _check_output_dir(out)
+    if triton is not None:
+        from .triton import check_repository_target
+
+        repo = Path(triton).expanduser().resolve()
+        if repo == out.resolve() or out.resolve() in repo.parents or repo in out.resolve().parents:
+            raise ExportError(f"--triton {triton} and the export's folder {out} overlap; give the Triton repository a "
+                              f"folder of its own (e.g. beside it)")
+        check_repository_target(repo, force)
     log(f"checkpoint: {located.path}")
 
     rebuilt = rebuild(located.path, model, include_text=with_text, wise=wise)
@@ -259,7 +266,7 @@ def export_wise(run_dir, alphas, out=None, log: Callable[[str], None] = print, *
     checked before the first export. Returns {alpha: report}. A VerificationError of one ALPHA is raised after
     the others are written."""
     alphas = [check_wise(a) for a in alphas]
-    if len(set(alphas)) != len(alphas):
+    if len({f"{a:g}" for a in alphas}) != len(alphas):  # the folder names must differ, not only the numbers
         raise ExportError(f"--wise lists an ALPHA twice: {alphas}")
     if kwargs.get("triton") is not None:
         raise ExportError("--triton takes one model: give one --wise ALPHA with it, or export the chosen ALPHA again")

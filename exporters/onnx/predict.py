@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
-from nvflare_lora.checkpoint import atomic_write, sha256_file  # numpy, hashlib: serving needs no torch
+from nvflare_lora.checkpoint import atomic_write, current_umask, sha256_file  # numpy, hashlib: no torch
 from nvflare_lora.preprocessing import Preprocessing, image_files, open_image
 
 from .errors import ServingError
@@ -51,7 +51,20 @@ def read_report(model_dir: str | Path) -> dict:
     if not (model_dir / REPORT_FILE).is_file():
         raise ServingError(f"{model_dir} is not an exported model directory (no {REPORT_FILE}); create one with: "
                            f"python -m exporters.onnx RUN_DIR --out {model_dir}")
-    return json.loads((model_dir / REPORT_FILE).read_text())
+    try:
+        report = json.loads((model_dir / REPORT_FILE).read_text())
+        if not isinstance(report.get("files"), dict):
+            raise ValueError("it lists no files")
+    except (ValueError, AttributeError) as e:
+        raise ServingError(f"{model_dir / REPORT_FILE} is not a readable export report ({e}); re-export: "
+                           f"python -m exporters.onnx RUN_DIR --out {model_dir}") from None
+    return report
+
+
+def with_external_data(names: Iterable[str], report: dict) -> List[str]:
+    """names and, for each, the external-data file (NAME.data) the export recorded for it (models over 2 GB)."""
+    hashes = report.get("sha256") or {}
+    return [x for name in names for x in (name, f"{name}.data") if x == name or x in hashes]
 
 
 def check_files(model_dir: str | Path, names: Iterable[str], report: Optional[dict] = None) -> None:
@@ -91,8 +104,13 @@ class TextEncoder:
     """The exported text tower: class names -> unit class embeddings, each the renormalised mean of its prompts'
     unit text embeddings (as nvflare_lora.zeroshot computes them in PyTorch). Tokenizes with `tokenizers`."""
 
+    PROMPTS_PER_CALL = 256
+
     def __init__(self, model_dir: str | Path, text_file: str = "text_model.onnx", variant: str = "fp32"):
-        from tokenizers import Tokenizer
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ServingError("classifying against labels needs the tokenizers package: pip install tokenizers") from None
 
         model_dir = Path(model_dir)
         self.spec = json.loads((model_dir / TEXT_FILE).read_text())
@@ -105,10 +123,13 @@ class TextEncoder:
     def encode(self, labels: Sequence[str]) -> np.ndarray:
         templates = self.spec["templates"]
         prompts = [t.format(label) for label in labels for t in templates]
-        encodings = self.tokenizer.encode_batch(prompts)
-        ids = np.array([e.ids for e in encodings], np.int64)
-        mask = np.array([e.attention_mask for e in encodings], np.int64)
-        emb = self.session.run(["text_embeds"], {"input_ids": ids, "attention_mask": mask})[0].astype(np.float64)
+        chunks = []
+        for start in range(0, len(prompts), self.PROMPTS_PER_CALL):  # a long label list in bounded memory
+            encodings = self.tokenizer.encode_batch(prompts[start:start + self.PROMPTS_PER_CALL])
+            ids = np.array([e.ids for e in encodings], np.int64)
+            mask = np.array([e.attention_mask for e in encodings], np.int64)
+            chunks.append(self.session.run(["text_embeds"], {"input_ids": ids, "attention_mask": mask})[0])
+        emb = np.concatenate(chunks).astype(np.float64)
         emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
         mean = emb.reshape(len(labels), len(templates), -1).mean(axis=1)
         return (mean / np.linalg.norm(mean, axis=1, keepdims=True)).astype(np.float32)
@@ -128,6 +149,7 @@ class ImageClassifier:
             raise ServingError(f"{model_dir} has no {variant!r} model; it has {image_variants}")
         model_file = report["files"][variant]
         needed = [model_file, "labels.json", "preprocessing.json"]
+        check_files(model_dir, with_external_data(needed, report), report)
         text_file = None
         if labels is not None:
             labels = check_labels(labels)
@@ -138,22 +160,21 @@ class ImageClassifier:
                 raise ServingError(f"{model_dir} has no tokenizer (its base {report.get('base_model')!r} came without "
                                    f"one), so labels cannot be encoded; export from a base directory with its tokenizer")
             text_file = report["files"].get(f"text_{variant}", report["files"]["text"])
-            needed += [text_file, TOKENIZER_FILE, TEXT_FILE, CLASS_EMBEDDINGS_FILE]
-        check_files(model_dir, [*needed, *(f"{f}.data" for f in needed if (model_dir / f"{f}.data").exists())], report)
+            check_files(model_dir, with_external_data([text_file, TOKENIZER_FILE, TEXT_FILE, CLASS_EMBEDDINGS_FILE],
+                                                      report), report)
         self.variant = variant
         self.labels: List[str] = json.loads((model_dir / "labels.json").read_text())
         self.preprocess = Preprocessing.from_dict(json.loads((model_dir / "preprocessing.json").read_text()))
         self.session = open_session(model_dir / model_file, variant)
         self.class_embeddings, self.logit_scale = None, None
         if labels is not None:
-            text = TextEncoder(model_dir, text_file, variant)
-            self.logit_scale = text.logit_scale
-            if labels == self.labels:  # the job's labels: encoded at export, so only the image tower runs
-                from safetensors.numpy import load_file
+            self.logit_scale = float(json.loads((model_dir / TEXT_FILE).read_text())["logit_scale"])
+            if labels == self.labels:  # the job's labels, encoded at export by the fp32 text tower: only the image
+                from safetensors.numpy import load_file  # tower runs, whatever the variant
 
                 self.class_embeddings = load_file(str(model_dir / CLASS_EMBEDDINGS_FILE))["embeddings"]
-            else:
-                self.class_embeddings = text.encode(labels)
+            else:  # other names: through the variant's own text tower when the export wrote one, else fp32's
+                self.class_embeddings = TextEncoder(model_dir, text_file, variant).encode(labels)
             self.labels = labels
 
     def probabilities(self, images) -> np.ndarray:
@@ -186,7 +207,7 @@ class ImageClassifier:
                 try:
                     pixels.append(self.preprocess.array(open_image(path)))  # training's decoding and transform
                     names.append(str(path))
-                except (OSError, ValueError, SyntaxError) as e:
+                except Exception as e:  # noqa: BLE001 (PIL raises many kinds: a file that does not decode is skipped)
                     if bad is not None:
                         bad[str(path)] = f"{type(e).__name__}: {e}"
             if names:
@@ -269,6 +290,7 @@ def main(argv=None) -> int:
     except ServingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    args.top = min(args.top, len(classifier.labels))
     bad, rows, done, last_note = {}, [], 0, time.perf_counter()
     for row in classifier.classify_files(paths, args.top, args.batch, bad):
         if out is None:
@@ -287,7 +309,7 @@ def main(argv=None) -> int:
               + "; ".join(f"{k} ({v})" for k, v in list(bad.items())[:3]), file=sys.stderr)
         return 2
     if out is not None:
-        atomic_write(out, _rows_text(rows, out.suffix.lower(), args.top))
+        atomic_write(out, _rows_text(rows, out.suffix.lower(), args.top)).chmod(0o666 & ~current_umask())
     seconds = time.perf_counter() - started
     skipped = (f"; skipped {len(bad)} unreadable: " + ", ".join(list(bad)[:3]) + (" ..." if len(bad) > 3 else "")
                if bad else "")

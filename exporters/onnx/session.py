@@ -12,7 +12,9 @@ x86 CPU with AVX2, VNNI or not: set on a VNNI CPU it costs the VNNI speed (bench
 against 72 ms at ViT-B/32, batch 8, 2 threads) for the same logits. So it is set exactly where the CPU lacks VNNI, and then the
 file computes on an AVX2-only CPU what it computes on a VNNI one (tests/test_export.py, under qemu's Haswell).
 The CPU is asked through CPUID (numpy's runtime dispatch table), not /proc/cpuinfo, which an emulator or a
-container can pass through from another CPU; when neither says, the option is set: exact before fast.
+container can pass through from another CPU; when neither says, the option is set: exact before fast. numpy (2.4)
+names AVX-512 VNNI but not AVX-VNNI, so a CPU with AVX-VNNI and no AVX-512 (Intel's client cores since Alder
+Lake) also gets the entry: exact, at the unsigned kernels' speed.
 """
 
 from __future__ import annotations

@@ -95,17 +95,19 @@ def model_config(name: str, variant: str, inputs: List[Dict], outputs: List[Dict
 
 def write_repository(export_dir: Path, target: Path, tensorrt: bool = False, force: bool = False) -> Path:
     """Write the repository of export_dir's verified files into target (whole or not at all)."""
-    from .predict import CLASS_EMBEDDINGS_FILE, TEXT_FILE, TOKENIZER_FILE, check_files, read_report
+    from .predict import (CLASS_EMBEDDINGS_FILE, TEXT_FILE, TOKENIZER_FILE, check_files, read_report,
+                          with_external_data)
 
     check_repository_target(target, force)
     report = read_report(export_dir)
+    check_files(export_dir, ["labels.json"], report)
     labels = json.loads((export_dir / "labels.json").read_text())
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     models = {}
     try:
         for variant, file in report["files"].items():
-            sources = [file] + ([f"{file}.data"] if (export_dir / f"{file}.data").exists() else [])
+            sources = with_external_data([file], report)
             check_files(export_dir, sources, report)  # copy only what the export verified
             name = f"{MODEL_PREFIX}_{variant}"
             version = tmp / name / "1"

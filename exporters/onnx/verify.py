@@ -120,7 +120,10 @@ def cpu_features() -> Dict:
                 flags = set(value.split())
     except OSError:
         pass
-    return {"machine": platform.machine(), "model": model, "int8_flags": [f for f in INT8_CPU_FLAGS if f in flags]}
+    from .session import has_vnni
+
+    return {"machine": platform.machine(), "model": model, "int8_flags": [f for f in INT8_CPU_FLAGS if f in flags],
+            "vnni_by_cpuid": has_vnni()}  # what decided the session entries (/proc/cpuinfo can be another CPU's)
 
 
 def latency_ms(fn, batch: np.ndarray, runs: int = 5) -> float:
