@@ -34,7 +34,9 @@ setup(
         # no longer read the suffix xdist writes (pytest-dev/pytest-xdist#1386, open); the shipped job would run
         # once per worker; tritonclient: Triton's ModelConfig protobuf, which the tests parse --triton's configs into
         "test": ["onnxruntime>=1.18", "pytest>=7,<9.2", "pytest-xdist>=3.5", "psutil>=5", "elpv-dataset>=1.0", "opacus>=1.5",
-                 "tritonclient>=2.40"],
+                 "tritonclient>=2.40", "tenseal>=0.3.16"],
+        # homomorphic encryption (CKKS) of the updates: benchmarks/secure.py; NVFlare's HE components use it too
+        "he": ["tenseal>=0.3.16"],
         # differential privacy: Opacus' RDP accountant (the per-sample gradients are torch.func's)
         "dp": ["opacus>=1.5"],
         "bench": ["matplotlib>=3.5", "elpv-dataset>=1.0", "mlxtend>=0.23"],

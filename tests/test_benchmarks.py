@@ -51,6 +51,8 @@ SMOKE = {
     "quality": ([], rf"quality: central=\d+\.\d best_fed=\d+\.\d\((fedavg|ffa|exact)\) iid_gap={F} a0\.1_gap={F}",
                 "quality.json"),
     "privacy": ([], rf"privacy: eps8_ffa=\d+\.\d nodp_ffa=\d+\.\d gap={F}pt dp_time=\d+\.\d\dx", "privacy.json"),
+    "secure": ([], r"secure: he_upload=\d+\.\dMB plain_adapter=\d+\.\dMB full_fedavg=\d+MB he_vs_full=\d+\.\dx "
+                   r"overhead=\d+\.\ds", "secure.json"),
     "topk_study": ([], r"topk_study: f=0\.1 dacc=[+-]\d+\.\d \[[+-]\d+\.\d( [+-]\d+\.\d)*\] f=0\.3 dacc=[+-]\d+\.\d "
                        r"rounds_to_match=>?\d+/\d+", "topk_study.json"),
 }

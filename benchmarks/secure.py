@@ -1,0 +1,160 @@
+"""What homomorphic encryption costs a LoRA update: bytes and seconds per site and round, at ViT-B/32 shapes.
+
+    python benchmarks/secure.py            # ViT-B/32 shapes (CLIPConfig()), LoRA r 16 on q/v + head, 2 sites
+    python benchmarks/secure.py --smoke    # tiny-clip shapes; JSON to benchmarks/out/smoke/secure.json
+
+CKKS through TenSEAL, with the parameters NVFlare's provisioning gives a project (nvflare.lighter.impl.he.HEBuilder:
+polynomial degree 8192, coefficient moduli [60, 40, 40] bits, scale 2^40; 140 bits of modulus, under the 218 that
+the HomomorphicEncryption.org standard allows N = 8192 at 128-bit classical security). Each site's update is
+encrypted as NVFlare's HEModelEncryptor encrypts a model: one ckks_vector per tensor, the values weighted by the
+site's step count before encryption; the server adds the ciphertexts (what NVFlare's HE aggregator does) and sends
+the encrypted sum; each site decrypts it and divides by the total weight. Two rules: fedavg (A, B and the head are
+sent) and ffa (FFA-LoRA: A frozen, only B and the head are sent; linear, so the encrypted sum stays exact).
+
+Measured per round, for one site: plain upload (float32 adapter diff), HE upload (serialized ciphertexts), HE
+download (the serialized encrypted sum), encryption and decryption seconds (serialization included), and the
+server's sum; the largest error of the decrypted weighted mean against the plain one. Against the plain full-model
+FedAvg upload of the same image classifier (image tower + projection + head, float32). The updates are random
+values of a trained LoRA diff's size (N(0, 0.01)): CKKS's cost does not depend on them.
+Last line: secure: he_upload=<A>MB plain_adapter=<B>MB full_fedavg=<F>MB he_vs_full=<C>x overhead=<D>s
+(A, B, D for fedavg; D = a site's encryption + decryption per round).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from _smoke import json_path  # noqa: E402  (where its raw results go)
+
+MB = 1e6
+TARGETS = {"he_vs_full": 5.0, "overhead_s": 10.0}
+
+
+def he_context(threads: int):
+    """A TenSEAL CKKS context with NVFlare's provisioning defaults (HEBuilder), and its parameters."""
+    import tenseal as ts
+    from nvflare.lighter.impl.he import HEBuilder
+
+    builder = HEBuilder()
+    ctx = ts.context(ts.SCHEME_TYPE.CKKS, poly_modulus_degree=builder.poly_modulus_degree,
+                     coeff_mod_bit_sizes=builder.coeff_mod_bit_sizes, n_threads=threads)
+    ctx.global_scale = 2 ** builder.scale_bits
+    params = {"scheme": "CKKS", "poly_modulus_degree": builder.poly_modulus_degree,
+              "coeff_mod_bit_sizes": list(builder.coeff_mod_bit_sizes), "scale_bits": builder.scale_bits,
+              "slots": builder.poly_modulus_degree // 2,
+              "security": "128-bit classical (HomomorphicEncryption.org standard: N 8192 allows up to 218 modulus bits)",
+              "source": "nvflare.lighter.impl.he.HEBuilder defaults"}
+    return ctx, params
+
+
+def shapes_for(shape: str, workdir: Path):
+    """{key: shape} of the adapter (LoRA r 16 on q/v of the image tower + head, 10 classes) and the plain
+    full-model FedAvg upload in bytes (the image classifier the adapter sits on, float32)."""
+    from transformers import CLIPConfig
+
+    from nvflare_lora import LoRAConfig, adapter_shapes
+    from nvflare_lora.models import _TINY_CONFIG, CLIPImageClassifier
+
+    config = CLIPConfig() if shape == "vit-b32" else CLIPConfig(**_TINY_CONFIG)
+    base = workdir / f"{shape}-config"
+    config.save_pretrained(str(base))  # config.json only: the shapes come from the config, no weight is made
+    lora = LoRAConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    import torch
+
+    with torch.device("meta"):
+        full = sum(p.numel() for p in CLIPImageClassifier(config, 10).parameters()) * 4
+    return adapter_shapes(str(base), 10, lora), full
+
+
+def one_rule(shapes, rule: str, ctx, sites: int, seed: int):
+    """Bytes and seconds of one round under HE for `rule`, and the error against the plain weighted mean."""
+    import tenseal as ts
+
+    keys = [k for k in sorted(shapes) if rule == "fedavg" or "lora_A" not in k]
+    rng = np.random.default_rng(seed)
+    updates = [{k: rng.normal(0, 0.01, shapes[k]).astype(np.float32) for k in keys} for _ in range(sites)]
+    steps = [int(s) for s in rng.integers(20, 60, sites)]
+    plain_mean = {k: sum(w * u[k].astype(np.float64) for w, u in zip(steps, updates)) / sum(steps) for k in keys}
+
+    encrypt_s, uploads = [], []
+    for w, update in zip(steps, updates):  # each site: weigh, encrypt, serialize
+        t0 = time.perf_counter()
+        blobs = {k: ts.ckks_vector(ctx, (update[k].ravel().astype(np.float64) * w).tolist()).serialize() for k in keys}
+        encrypt_s.append(time.perf_counter() - t0)
+        uploads.append(blobs)
+    t0 = time.perf_counter()  # the server: deserialize and add, never decrypts (it holds no secret key in NVFlare)
+    total = {k: ts.ckks_vector_from(ctx, uploads[0][k]) for k in keys}
+    for blobs in uploads[1:]:
+        for k in keys:
+            total[k] += ts.ckks_vector_from(ctx, blobs[k])
+    download = {k: v.serialize() for k, v in total.items()}
+    server_s = time.perf_counter() - t0
+    t0 = time.perf_counter()  # a site: deserialize, decrypt, divide by the total weight
+    mean = {k: np.asarray(ts.ckks_vector_from(ctx, download[k]).decrypt()).reshape(shapes[k]) / sum(steps)
+            for k in keys}
+    decrypt_s = time.perf_counter() - t0
+    error = max(float(np.abs(mean[k] - plain_mean[k]).max()) for k in keys)
+    scale = max(float(np.abs(plain_mean[k]).max()) for k in keys)
+    n = sum(int(np.prod(shapes[k])) for k in keys)
+    return {"rule": rule, "parameters": n, "tensors": len(keys), "plain_upload_mb": 4 * n / MB,
+            "he_upload_mb": sum(len(b) for b in uploads[0].values()) / MB,
+            "he_download_mb": sum(len(b) for b in download.values()) / MB,
+            "encrypt_s": float(np.median(encrypt_s)), "server_sum_s": server_s, "decrypt_s": decrypt_s,
+            "site_overhead_s": float(np.median(encrypt_s)) + decrypt_s, "max_abs_error": error,
+            "max_abs_value": scale, "sites": sites}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="vit-b32", choices=["vit-b32", "tiny-clip"])
+    p.add_argument("--sites", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="TenSEAL threads (the machine's 2 cores)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="raw results (default benchmarks/results/secure.json)")
+    p.add_argument("--smoke", action="store_true", help="tiny-clip shapes, JSON to benchmarks/out/smoke/")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.shape = "tiny-clip"
+    load = os.getloadavg()[0]
+    ctx, params = he_context(args.threads)
+    with tempfile.TemporaryDirectory(prefix="secure-bench-") as tmp:
+        shapes, full_bytes = shapes_for(args.shape, Path(tmp))
+    print(f"{args.shape}: LoRA r 16 on q/v + head, {len(shapes)} tensors; {args.sites} sites; CKKS N "
+          f"{params['poly_modulus_degree']}, moduli {params['coeff_mod_bit_sizes']}, scale 2^{params['scale_bits']} "
+          f"({params['security']}); {args.threads} threads; load average {load:.1f} on {os.cpu_count()} CPUs")
+    rows = [one_rule(shapes, rule, ctx, args.sites, args.seed) for rule in ("fedavg", "ffa")]
+    full_mb = full_bytes / MB
+    print(f"\n{'rule':7s} {'params':>10s} {'plain up MB':>12s} {'HE up MB':>9s} {'HE down MB':>11s} "
+          f"{'encrypt s':>10s} {'server s':>9s} {'decrypt s':>10s} {'max|err|':>9s} {'full/HE':>8s}")
+    for r in rows:
+        print(f"{r['rule']:7s} {r['parameters']:10,d} {r['plain_upload_mb']:12.2f} {r['he_upload_mb']:9.1f} "
+              f"{r['he_download_mb']:11.1f} {r['encrypt_s']:10.2f} {r['server_sum_s']:9.2f} {r['decrypt_s']:10.2f} "
+              f"{r['max_abs_error']:9.1e} {full_mb / r['he_upload_mb']:7.1f}x")
+    print(f"plain full-model FedAvg upload (image classifier, float32): {full_mb:.1f} MB")
+    fedavg = rows[0]
+    ratio, overhead = full_mb / fedavg["he_upload_mb"], fedavg["site_overhead_s"]
+    print(f"targets: he_vs_full {ratio:.1f}x (>= {TARGETS['he_vs_full']:g}x: "
+          f"{'met' if ratio >= TARGETS['he_vs_full'] else 'MISSED'}); site overhead {overhead:.1f} s "
+          f"(<= {TARGETS['overhead_s']:g} s: {'met' if overhead <= TARGETS['overhead_s'] else 'MISSED'}); "
+          f"load average at the end {os.getloadavg()[0]:.1f}")
+    out = Path(json_path("secure.json", args.json, args.smoke))
+    out.write_text(json.dumps({"shape": args.shape, "ckks": params, "threads": args.threads, "load_average": load,
+                               "full_fedavg_upload_mb": full_mb, "rules": rows}, indent=1) + "\n")
+    print(f"secure: he_upload={fedavg['he_upload_mb']:.1f}MB plain_adapter={fedavg['plain_upload_mb']:.1f}MB "
+          f"full_fedavg={full_mb:.0f}MB he_vs_full={ratio:.1f}x overhead={overhead:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
