@@ -110,7 +110,8 @@ class TextEncoder:
         try:
             from tokenizers import Tokenizer
         except ImportError:
-            raise ServingError("classifying against labels needs the tokenizers package: pip install tokenizers") from None
+            raise ServingError("classifying against labels needs the tokenizers package: "
+                               "pip install tokenizers") from None
 
         model_dir = Path(model_dir)
         self.spec = json.loads((model_dir / TEXT_FILE).read_text())
@@ -313,7 +314,8 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - started
     skipped = (f"; skipped {len(bad)} unreadable: " + ", ".join(list(bad)[:3]) + (" ..." if len(bad) > 3 else "")
                if bad else "")
-    print(f"classified {classified} image{'s' * (classified != 1)} in {seconds:.1f} s ({classified / seconds:.1f} images/s, batch "
+    print(f"classified {classified} image{'s' * (classified != 1)} in {seconds:.1f} s "
+          f"({classified / seconds:.1f} images/s, batch "
           f"{args.batch}, {args.variant})" + (f", written to {out}" if out else "") + skipped, file=sys.stderr)
     return 0
 

@@ -9,8 +9,9 @@ AVX-VNNI (32-bit sums, exact, and about 3x faster than U8U8 at ViT-B/32). The se
 moved with them: the same integer products) so that the U8U8 kernels, which do not saturate, run. ONNX Runtime
 applies it wherever its U8U8 and U8S8 kernel tables differ (MlasPlatformU8S8Overflow), which in 1.32 is every
 x86 CPU with AVX2, VNNI or not: set on a VNNI CPU it costs the VNNI speed (benchmarks/README.md, Export: 229 ms
-against 72 ms at ViT-B/32, batch 8, 2 threads) for the same logits. So it is set exactly where the CPU lacks VNNI, and then the
-file computes on an AVX2-only CPU what it computes on a VNNI one (tests/test_export.py, under qemu's Haswell).
+against 72 ms at ViT-B/32, batch 8, 2 threads) for the same logits. So it is set exactly where the CPU lacks
+VNNI, and then the file computes on an AVX2-only CPU what it computes on a VNNI one (tests/test_export.py, under
+qemu's Haswell).
 The CPU is asked through CPUID (numpy's runtime dispatch table), not /proc/cpuinfo, which an emulator or a
 container can pass through from another CPU; when neither says, the option is set: exact before fast. numpy (2.4)
 names AVX-512 VNNI but not AVX-VNNI, so a CPU with AVX-VNNI and no AVX-512 (Intel's client cores since Alder
