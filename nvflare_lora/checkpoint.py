@@ -207,8 +207,8 @@ def check_manifest(state: Mapping[str, np.ndarray], manifest: Mapping, directory
     """Refuse a checkpoint whose tensors are not the ones its manifest records, naming the first that differs."""
     listed = manifest.get("tensors") or {}
     where = f"checkpoint {directory}"
-    fix = (f"it was changed after it was written: restore it from a copy, or take another checkpoint (the run's "
-           f"'latest' or 'best')")
+    fix = ("it was changed after it was written: restore it from a copy, or take another checkpoint (the run's "
+           "'latest' or 'best')")
     missing, extra = sorted(set(listed) - set(state)), sorted(set(state) - set(listed))
     if missing or extra:
         raise CheckpointError(f"{where}: {ADAPTER_FILE} " + "; ".join(

@@ -100,14 +100,15 @@ def _text_parity(rebuilt: Rebuilt, path: Path) -> Dict:
             "tokenizer": "the base model's CLIP tokenizer (CLIPTokenizer.from_pretrained(BASE))"}
 
 
-def _export_text(tmp: Path, rebuilt: Rebuilt, pixels, reference, int8: bool, fp16: bool, opset: int, made: list,
-                 failed: Dict, log) -> Dict:
+def _export_text(tmp: Path, rebuilt: Rebuilt, image_embeds, reference, int8: bool, fp16: bool, opset: int,
+                 made: list, failed: Dict, log) -> Dict:
     """The text tower as its own verified file(s), and what serving needs to classify against labels named at run
     time: tokenizer.json (read by `tokenizers`), text.json (templates, length, padding, logit scale) and the job's
     class embeddings. Verified twice: text_embeds on token ids of two lengths (dynamic axes), and CLIP's
     classification of the verification images, through predict.TextEncoder (tokenizers + ONNX Runtime) against
     PyTorch (transformers' tokenizer + the unmerged text tower), for the job's labels and for UNSEEN_LABELS: fp32
-    to 1e-4 with every top-1 equal; int8 and fp16 text towers (with --quantize int8 / --fp16) by top-1 agreement."""
+    to 1e-4 with every top-1 equal; int8 and fp16 text towers (with --quantize int8 / --fp16) by top-1 agreement.
+    image_embeds: model.onnx's unit image embeddings of the verification images (from its own verification)."""
     from safetensors.numpy import save_file
 
     from nvflare_lora.zeroshot import DEFAULT_TEMPLATES, ZeroShotError, load_tokenizer, text_embeddings
@@ -138,13 +139,12 @@ def _export_text(tmp: Path, rebuilt: Rebuilt, pixels, reference, int8: bool, fp1
     write_json_atomic(tmp / TEXT_FILE, {"templates": templates, "max_length": text["max_length"],
                                         "pad_token_id": tokenizer.pad_token_id, "pad_token": tokenizer.pad_token,
                                         "logit_scale": scale})
-    image_embeds = verify.ort_outputs(open_session(tmp / FILES["fp32"]), pixels)[1]
     lists = {"job_labels": list(rebuilt.labels), "unseen_labels": list(UNSEEN_LABELS)}
     with torch.no_grad():
         ref = {k: scale * reference[1] @ text_embeddings(rebuilt.unmerged, tokenizer, v, templates).numpy().T
                for k, v in lists.items()}
     prompts = [t.format(label) for label in lists["job_labels"] for t in templates]
-    ours = TextEncoder(tmp).tokenizer.encode_batch(prompts)
+    ours = TextEncoder(tmp, FILES["text"]).tokenizer.encode_batch(prompts)
     theirs = tokenizer(prompts, padding=True, truncation=True, max_length=text["max_length"])["input_ids"]
     text.update(templates=templates, logit_scale=scale, tokenizer=f"{TOKENIZER_FILE} (the tokenizers package)",
                 tokens_equal=[e.ids for e in ours] == [list(t) for t in theirs], unseen_labels=lists["unseen_labels"],
@@ -162,12 +162,13 @@ def _export_text(tmp: Path, rebuilt: Rebuilt, pixels, reference, int8: bool, fp1
             failed[variant] = [f"could not be built: {e}"]
             log(f"  {variant:9s} {FILES[variant]:22s} NOT WRITTEN: {failed[variant][0]}")
             continue
-        encoder = TextEncoder(tmp, FILES[variant], variant.replace("text_", "") if variant != "text" else "fp32")
-        gate = {"text": "fp32", "text_int8": "int8", "text_fp16": "fp16"}[variant]
-        parities = {k: verify.compare(gate, [ref[k]], [scale * image_embeds @ encoder.encode(v).T], "CPU")
-                    for k, v in lists.items()}
+        gate = {"text": "fp32", "text_int8": "int8", "text_fp16": "fp16"}[variant]  # also the session's variant
+        encoder = TextEncoder(tmp, FILES[variant], gate)
+        embeddings = {k: encoder.encode(v) for k, v in lists.items()}
+        parities = {k: verify.compare(gate, [ref[k]], [scale * image_embeds @ embeddings[k].T], "CPU")
+                    for k in lists}
         if variant == "text":
-            save_file({"embeddings": encoder.encode(lists["job_labels"])}, str(tmp / CLASS_EMBEDDINGS_FILE))
+            save_file({"embeddings": embeddings["job_labels"]}, str(tmp / CLASS_EMBEDDINGS_FILE))
         problems = [f"{k}: {f}" for k, par in parities.items() for f in par.failures]
         if variant == "text" and not text["tokens_equal"]:
             problems.insert(0, "the tokenizers package gives other token ids than the base's tokenizer")
@@ -292,7 +293,7 @@ def _export_into(tmp: Path, rebuilt: Rebuilt, pixels, labels, reference, optimiz
     merged = rebuilt.merged
     use_eager_attention(merged)
     graph.export_image_model(merged, tmp / FILES["fp32"], opset)
-    parities, latency, failed = [], {}, {}
+    parities, latency, failed, outputs = [], {}, {}, {}
 
     def verified(variant: str, build: Optional[Callable[[Path], None]] = None) -> bool:
         path = tmp / FILES[variant]
@@ -303,7 +304,8 @@ def _export_into(tmp: Path, rebuilt: Rebuilt, pixels, labels, reference, optimiz
             failed[variant] = [f"could not be built: {e}"]
             log(f"  {variant:9s} {FILES[variant]:22s} NOT WRITTEN: {failed[variant][0]}")
             return False
-        parity, latency[variant] = _verify_image_model(path, variant, reference, pixels, labels, log)
+        parity, latency[variant], outputs[variant] = _verify_image_model(path, variant, reference, pixels, labels,
+                                                                          log)
         parities.append(parity)
         if parity.failures:
             failed[variant] = parity.failures
@@ -331,7 +333,7 @@ def _export_into(tmp: Path, rebuilt: Rebuilt, pixels, labels, reference, optimiz
         made.append("fp16")
     text = None
     if with_text:
-        text = _export_text(tmp, rebuilt, pixels, reference, int8, fp16, opset, made, failed, log)
+        text = _export_text(tmp, rebuilt, outputs["fp32"][1], reference, int8, fp16, opset, made, failed, log)
     write_json_atomic(tmp / LABELS_FILE, list(rebuilt.labels))
     write_json_atomic(tmp / PREPROCESSING_FILE, rebuilt.preprocessing.to_dict())
     notes = list(rebuilt.notes)
@@ -347,9 +349,10 @@ def _export_into(tmp: Path, rebuilt: Rebuilt, pixels, labels, reference, optimiz
 
 
 def _verify_image_model(path: Path, variant: str, reference, pixels, labels, log):
+    """(parity, latency, the file's outputs on pixels)."""
     session = open_session(path, variant)
-    parity = verify.compare(variant, reference, verify.ort_outputs(session, pixels), session.get_providers()[0],
-                            labels)
+    outputs = verify.ort_outputs(session, pixels)
+    parity = verify.compare(variant, reference, outputs, session.get_providers()[0], labels)
     if variant == "int8":
         parity.cpu = verify.cpu_features()
     run = lambda x, s=session: s.run(None, {"pixel_values": x})  # noqa: E731
@@ -360,7 +363,7 @@ def _verify_image_model(path: Path, variant: str, reference, pixels, labels, log
         + f"  {parity.provider}  "
         + "  ".join(f"{k.replace('_', ' ')}: {v:.1f} ms" for k, v in latency.items())
         + ("" if not parity.failures else "  NOT WRITTEN: " + "; ".join(parity.failures)))
-    return parity, latency
+    return parity, latency, outputs
 
 
 def _report(rebuilt: Rebuilt, files, fused, parities, latency, text, labels, reference, opset, notes) -> Dict:

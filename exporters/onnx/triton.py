@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from nvflare_lora.checkpoint import sha256_file, swap_into_place
+from nvflare_lora.checkpoint import swap_into_place
 
 from .errors import ExportError
 from .session import SESSION_OPTIONS_RULE
