@@ -57,7 +57,8 @@ class JobFacts:
 
         return cls(model=str(s.model), labels=tuple(s.labels_or_default()), lora=s.lora_config(),
                    aggregation=s.aggregation, site_ranks=dict(s.site_ranks or {}),
-                   head=dict(head or check_head(s.head_init, s.prompt_templates, s.initial_adapter, s.resume_from)))
+                   head=dict(head or check_head(s.head_init, s.prompt_templates, s.initial_adapter, s.resume_from,
+                                                s.head)))
 
     # ---- a site's view ---------------------------------------------------------------------------
     def site_rank(self, site: Optional[str]) -> int:
@@ -93,6 +94,22 @@ class JobFacts:
 
     def label_list(self) -> List[str]:
         return list(self.labels)
+
+    @property
+    def text_head(self) -> bool:
+        """Classes are scored as words by the text tower (each site on its own labels)."""
+        return self.head.get("type") == "text"
+
+    def export_labels(self, given: bool, splits: Mapping[str, Mapping]) -> List[str]:
+        """The labels the global model is evaluated and exported with: the job's when it names them (given), else,
+        under the text head, the union of the labels the sites announced with their splits (site by site, in each
+        site's order), else the job's default."""
+        if given or not self.text_head:
+            return self.label_list()
+        union: List[str] = []
+        for site in sorted(splits):
+            union += [x for x in splits[site].get("labels") or () if x not in union]
+        return union if len(union) >= 2 else self.label_list()
 
     # ---- the global adapter in the form sites train ------------------------------------------------
     def training_shapes(self, shapes: Mapping[str, Tuple[int, ...]]) -> Dict:

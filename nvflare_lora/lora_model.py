@@ -31,21 +31,50 @@ class FederatedCLIPModel:
         include_text: also load the text tower (for zero-shot export or LoRA on text).
         normalize_embeds: the head reads unit-length image embeddings (CLIP's zero-shot classifier; see
             nvflare_lora.zeroshot, which sets such a head from the class names).
+        head: "linear" (a trained layer of num_classes outputs) or "text" (CLIP's scoring: the classes' prompts
+            through the text tower; the labels may change with set_labels; needs a base with its tokenizer).
+        templates: the text head's prompt templates (default ["a photo of a {}."]).
         device: "auto" (CUDA when present), "cpu" or "cuda".
         learning_rate, weight_decay, max_grad_norm: the AdamW settings train_step uses.
     """
 
     def __init__(self, model_name: str = TINY_PRESET, num_classes: int = 10, labels: Optional[Sequence[str]] = None,
                  include_text: bool = False, device: str = "auto", learning_rate: float = 1e-3,
-                 weight_decay: float = 0.0, max_grad_norm: Optional[float] = 1.0, normalize_embeds: bool = False):
+                 weight_decay: float = 0.0, max_grad_norm: Optional[float] = 1.0, normalize_embeds: bool = False,
+                 head: str = "linear", templates: Optional[Sequence[str]] = None):
         self.model_name = str(model_name)
         self.num_classes = num_classes
         self.labels = check_labels(labels, num_classes)
         self.device = pick_device(device)
-        self.model, self.source = build_classifier(model_name, num_classes, include_text, self.device, normalize_embeds)
-        self.preprocess = preprocessing_for(model_name)
+        self.head = head
+        self._tokenizer = None
+        if head == "text":
+            from .zeroshot import DEFAULT_TEMPLATES, check_templates, load_tokenizer
+
+            self.templates = check_templates(templates or DEFAULT_TEMPLATES)
+            self._tokenizer = load_tokenizer(model_name)  # before the weights: a base without one fails at once
+        self.model, self.source = build_classifier(model_name, num_classes, include_text, self.device,
+                                                   normalize_embeds, head)
         self.lora_config: Optional[LoRAConfig] = None
+        if head == "text":
+            self.set_labels(self.labels)
+        self.preprocess = preprocessing_for(model_name)
         self.configure_optimizer(learning_rate, weight_decay, max_grad_norm)
+
+    def set_labels(self, labels: Sequence[str], where: str = "the labels") -> None:
+        """The text head's classes from now on (evaluation, training, export): any list of two or more names."""
+        if self.head != "text":
+            raise ValueError("set_labels needs the text head (FederatedCLIPModel(..., head=\"text\")): a linear "
+                             "head's classes are its trained outputs")
+        from .zeroshot import tokenize_labels
+
+        base = self.base_model
+        max_len = base.clip_config.text_config.max_position_embeddings
+        base.set_labels(tokenize_labels(self._tokenizer, labels, self.templates, max_len, where))
+        self.labels, self.num_classes = [str(x) for x in labels], len(labels)
+        if not any(p.requires_grad for p in base.text_model.parameters()):
+            with torch.no_grad():  # computed now, outside any torch.func transform (DP-SGD's per-sample grads)
+                base.class_embeddings()
 
     # ---- state -------------------------------------------------------------------------------
     @property
@@ -66,10 +95,15 @@ class FederatedCLIPModel:
         """Load exactly the tensors get_parameters() returns; any other key or shape is refused, nothing loaded."""
         if self.is_lora:
             ad.load_adapter_state(self.model, params)
+            self._forget_class_embeddings()
             return
         own = {k: v for k, v in self.model.state_dict().items() if not k.endswith("position_ids")}
         ad.check_adapter(params, ad.adapter_shapes_of(own), "parameters")
         self.model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in params.items()}, strict=False)
+
+    def _forget_class_embeddings(self) -> None:
+        if self.head == "text":
+            self.base_model.forget_class_embeddings()
 
     def parameter_counts(self) -> Dict[str, int]:
         total = sum(p.numel() for p in self.model.parameters())
@@ -170,6 +204,7 @@ class CLIPLoRAWrapper:
         ad.load_adapter_state(peft_model, ad.init_adapter_state(shapes, self.lora_config.seed))
         fed.model = peft_model
         fed.lora_config = self.lora_config
+        fed._forget_class_embeddings()
         fed.configure_optimizer(fed.learning_rate, fed.weight_decay, fed.max_grad_norm)
         return fed
 
@@ -187,6 +222,7 @@ class CLIPLoRAWrapper:
         merged = peft_model.merge_and_unload()
         self.model.model = merged
         self.model.lora_config = None
+        self.model._forget_class_embeddings()
         self.model.configure_optimizer(self.model.learning_rate, self.model.weight_decay, self.model.max_grad_norm)
         return merged
 

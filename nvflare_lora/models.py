@@ -143,34 +143,48 @@ _SHAPE_KEYS = {
 }
 
 
-class CLIPImageClassifier(nn.Module):
-    """CLIP image encoder + projection + a linear head: pixel_values -> logits.
+HEADS = ("linear", "text")
 
-    normalize_embeds: the head reads the image embedding scaled to unit length, as CLIP's zero-shot
-    classifier does (nvflare_lora.zeroshot sets the head to logit_scale x the normalised text embeddings
-    of the class prompts: the logits are then CLIPModel's logits_per_image).
+
+class CLIPImageClassifier(nn.Module):
+    """CLIP image encoder + projection + a head: pixel_values -> logits.
+
+    head "linear": a linear layer over the image embedding (num_classes outputs). normalize_embeds: it reads
+    the embedding at unit length, as CLIP's zero-shot classifier does (nvflare_lora.zeroshot sets it to
+    logit_scale x the unit text embeddings of the class prompts: the logits are then CLIPModel's
+    logits_per_image).
+    head "text": CLIP's own scoring, classes as words: logit_scale x the unit image embedding . the unit text
+    embeddings of the class prompts, computed by the text tower (with its LoRA when it has one). The label
+    list is set with set_labels and can change at any time; nothing trained depends on it. While the text
+    tower has nothing trainable the class embeddings are computed once per label list, not per step.
 
     Module names follow transformers' CLIPModel (vision_model.*, visual_projection, text_model.*,
     text_projection), so a CLIP checkpoint's keys load as they are and LoRA target paths read the same.
     """
 
-    def __init__(self, clip_config, num_classes: int, include_text: bool = False, normalize_embeds: bool = False):
+    def __init__(self, clip_config, num_classes: int, include_text: bool = False, normalize_embeds: bool = False,
+                 head: str = "linear"):
         super().__init__()
         from transformers import CLIPTextModel, CLIPVisionModel
 
-        if not isinstance(num_classes, int) or num_classes < 2:
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(map(repr, HEADS))}; got {head!r}")
+        if head == "linear" and (not isinstance(num_classes, int) or num_classes < 2):
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
         self.clip_config = clip_config
+        self.head = head
         vc = clip_config.vision_config
         self.vision_model = CLIPVisionModel(vc)
         self.visual_projection = nn.Linear(vc.hidden_size, clip_config.projection_dim, bias=False)
-        if include_text:
+        if include_text or head == "text":
             tc = clip_config.text_config
             self.text_model = CLIPTextModel(tc)
             self.text_projection = nn.Linear(tc.hidden_size, clip_config.projection_dim, bias=False)
             self.logit_scale = nn.Parameter(torch.tensor(float(clip_config.logit_scale_init_value)))
-        self.classifier = nn.Linear(clip_config.projection_dim, num_classes)
-        self.normalize_embeds = bool(normalize_embeds)
+        self.classifier = nn.Linear(clip_config.projection_dim, num_classes) if head == "linear" else None
+        self.normalize_embeds = bool(normalize_embeds) or head == "text"
+        self._prompts = None  # text head: (input_ids, attention_mask, templates per class)
+        self._class_cache = None
         self.name_or_path = ""  # PEFT records this as base_model_name_or_path
 
     @property
@@ -187,11 +201,63 @@ class CLIPImageClassifier(nn.Module):
             return image_embeds / image_embeds.norm(p=2, dim=-1, keepdim=True)
         return image_embeds
 
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The head on what it reads (features)."""
+        if self.head == "text":
+            return self.logit_scale.exp() * features @ self.class_embeddings().t()
+        return self.classifier(features)
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(self.image_embeds(pixel_values)))
+        return self.logits(self.features(self.image_embeds(pixel_values)))
 
     def base_state_keys(self) -> List[str]:
         return [k for k in self.state_dict() if not k.startswith("classifier.")]
+
+    # ---- classes as text ------------------------------------------------------------------------
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Unit-length text embeddings of tokenized prompts."""
+        pooled = self.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+        emb = self.text_projection(pooled)
+        return emb / emb.norm(p=2, dim=-1, keepdim=True)
+
+    def set_labels(self, prompts: Tuple[torch.Tensor, torch.Tensor, int]) -> None:
+        """The text head's classes, as (input_ids, attention_mask, templates per class) of the prompts, class by
+        class (nvflare_lora.zeroshot.tokenize_labels)."""
+        self._prompts, self._class_cache = prompts, None
+
+    def forget_class_embeddings(self) -> None:
+        """Drop cached class embeddings (the text tower's weights changed: merged, or an adapter loaded)."""
+        self._class_cache = None
+
+    def class_embeddings(self) -> torch.Tensor:
+        """(classes, projection_dim): per class, the unit-length mean of its prompts' unit text embeddings."""
+        if self._prompts is None:
+            raise RuntimeError("the text head has no labels: call set_labels first")
+        frozen = not any(p.requires_grad for p in self.text_model.parameters())
+        if frozen and self._class_cache is not None:
+            return self._class_cache
+        ids, mask, per_class = self._prompts
+        device = self.text_projection.weight.device
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            emb = self.encode_text(ids.to(device), mask.to(device))
+            mean = emb.view(-1, per_class, emb.shape[-1]).mean(1)
+            out = mean / mean.norm(p=2, dim=-1, keepdim=True)
+        if frozen:
+            self._class_cache = out.detach()
+        return out
+
+    @torch.no_grad()
+    def as_linear_head(self) -> "CLIPImageClassifier":
+        """The text head baked into a linear one (weight logit_scale x the class embeddings, bias 0, unit
+        image embeddings): the same logits, one image-tower graph for export and serving."""
+        if self.head == "text":
+            weight = self.logit_scale.exp() * self.class_embeddings()
+            self.classifier = nn.Linear(weight.shape[1], weight.shape[0]).to(weight.device)
+            self.classifier.weight.copy_(weight)
+            self.classifier.bias.zero_()
+            self.classifier.requires_grad_(False)
+            self.head, self.normalize_embeds = "linear", True
+        return self
 
 
 def use_eager_attention(classifier: CLIPImageClassifier) -> None:
@@ -284,14 +350,15 @@ def fingerprint_difference(expected: Dict[str, str], actual: Dict[str, str]) -> 
 
 
 def build_classifier(model_name: str, num_classes: int, include_text: bool = False,
-                     device: str | torch.device = "cpu",
-                     normalize_embeds: bool = False) -> Tuple[CLIPImageClassifier, ModelSource]:
-    """Build the classifier and load the frozen base weights (the head keeps its seeded init)."""
+                     device: str | torch.device = "cpu", normalize_embeds: bool = False,
+                     head: str = "linear") -> Tuple[CLIPImageClassifier, ModelSource]:
+    """Build the classifier and load the frozen base weights (a linear head keeps its seeded init)."""
     source = resolve_model(model_name)
     cfg = load_clip_config(source)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = CLIPImageClassifier(cfg, num_classes, include_text=include_text, normalize_embeds=normalize_embeds)
+        model = CLIPImageClassifier(cfg, num_classes, include_text=include_text, normalize_embeds=normalize_embeds,
+                                    head=head)
     wanted = set(model.base_state_keys())
     if source.kind == "preset":
         state = {k: v for k, v in _preset_state(source.name).items() if k in wanted}
@@ -313,8 +380,8 @@ def build_classifier(model_name: str, num_classes: int, include_text: bool = Fal
     model.name_or_path = str(model_name)
     for p in model.parameters():
         p.requires_grad_(False)
-    for p in model.classifier.parameters():
-        p.requires_grad_(True)
+    if model.classifier is not None:
+        model.classifier.requires_grad_(True)
     return model.to(device), source
 
 

@@ -82,15 +82,19 @@ class JobSettings:
                     'The server reads only its config and hashes its weight files (the fingerprint).', SRV)
     num_classes: int = _s(10, "Size of the classification head.", SRV)
     labels: Optional[List[str]] = _s(None, 'Class names in label order (null: "0", "1", ...); image folders '
-                                     'use their sub-folder names.', SRV)
+                                     'use their sub-folder names. With head "text": the classes the global model '
+                                     'is evaluated and exported with (null: the union of the sites\' own).', SRV)
+    head: str = _s("linear", '"linear" (a trained layer of num_classes outputs) or "text" (CLIP\'s own scoring: '
+                   'the class names\' prompts through the text tower; each site trains on its own classes; the base '
+                   'needs its tokenizer). docs/guide.md, Choosing a head.', SRV)
     r: int = _s(16, "LoRA rank of the update B @ A.", RULE)
     lora_alpha: float = _s(32, "LoRA scaling numerator: the update is scaled by lora_alpha / r.", RULE)
     lora_dropout: float = _s(0.0, "Dropout on the LoRA input branch, in [0, 1).", SRV)
     target_modules: Optional[List[str]] = _s(None, 'Linear layers that get LoRA inside the chosen towers; null: '
                                              'q_proj and v_proj. e.g. ["q_proj", "k_proj", "v_proj", "out_proj"].', SRV)
-    target_components: List[str] = _s(lambda: ["vision", "classifier"], '"vision" (image encoder), "text", '
-                                      '"classifier" (the head, trained in full and sent with the adapter).', SRV,
-                                      factory=True)
+    target_components: Optional[List[str]] = _s(None, '"vision" (image encoder), "text", "classifier" (a linear '
+                                                'head, trained in full and sent with the adapter); null: ["vision", '
+                                                '"classifier"], or ["vision"] with head "text".', SRV)
     seed: int = _s(0, "Seed of the initial adapter, the same for every party.", SRV)
     # ---- rounds ----
     num_rounds: int = _s(8, "Rounds of ScatterAndGather (the job's total, also when resumed).", ("job",))
@@ -157,6 +161,9 @@ class JobSettings:
                           'process, best for the 8x8 digits).', EXE)
     augment: Any = _s(False, 'Training augmentation: false, true (random resized crop + flip) or '
                       '{"min_scale": 0.5, "hflip": true}; seeded.', EXE)
+    site_labels: Optional[List[str]] = _s(None, 'With head "text": this site\'s own class names (null: its image '
+                                          'folder\'s class folders, or the job\'s labels for the digits); set by '
+                                          'a site in its nvflare_lora_site.json.', EXE)
     dp: Optional[Dict] = _s(None, "Sample-level DP-SGD at every site: {max_grad_norm, noise_multiplier | "
                             "target_epsilon, delta}. null: off (docs/guide.md, Privacy).", EXE)
 
@@ -173,7 +180,8 @@ class JobSettings:
             self.lora_config()
             self.robustness()
             check_site_ranks(self.site_ranks, self.r)
-            check_head(self.head_init, self.prompt_templates, self.initial_adapter, self.resume_from)
+            check_head(self.head_init, self.prompt_templates, self.initial_adapter, self.resume_from, self.head)
+            self._check_text_head()
             check_share(self.max_bad_images)
             augmentation(self.augment)
             for name, clip_key in (("dp", "max_grad_norm"), ("client_dp", "clip_norm")):
@@ -207,13 +215,34 @@ class JobSettings:
         except ValueError as e:
             raise SettingsError(str(e)) from None
 
+    def _check_text_head(self) -> None:
+        from .zeroshot import check_class_names
+
+        if self.site_labels is not None:  # whether the head can use them is the site's check (it learns the head)
+            check_class_names(self.site_labels, "site_labels")
+        if self.head != "text":
+            return
+        if "classifier" in self.lora_config().target_components:
+            raise ValueError('target_components has "classifier", but the text head has no trained layer (the text '
+                             'tower scores the classes): use ["vision"] or ["vision", "text"]')
+        if self.dp and "text" in self.lora_config().towers:
+            raise ValueError('dp (DP-SGD) with the text head needs a frozen text tower: per-sample gradients through '
+                             'the text tower are not supported; use target_components ["vision"]')
+        if self.labels is not None:
+            check_class_names(self.labels, "the job's labels")
+
     # ---- what the settings mean to the library ----
+    def components(self) -> List[str]:
+        """target_components, or its default for the head."""
+        if self.target_components is not None:
+            return list(self.target_components)
+        return ["vision"] if self.head == "text" else ["vision", "classifier"]
+
     def lora_config(self):
         from .config import LoRAConfig
 
         return LoRAConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                          target_modules=self.target_modules, target_components=list(self.target_components),
-                          seed=self.seed)
+                          target_modules=self.target_modules, target_components=self.components(), seed=self.seed)
 
     def robustness(self):
         """The aggregator's Robustness under these settings."""
@@ -244,7 +273,8 @@ DEFAULTS: Dict[str, Any] = {f.name: (f.default_factory() if f.default_factory is
 
 # Settings a site may set for itself, in <workspace>/local/nvflare_lora_site.json (and `data` also through
 # NVFLARE_LORA_DATA), without editing the job: where its data and base are and what it runs on.
-SITE_LOCAL = ("data", "model_path", "device", "torch_threads", "num_workers", "max_bad_images", "augment")
+SITE_LOCAL = ("data", "model_path", "device", "torch_threads", "num_workers", "max_bad_images", "augment",
+              "site_labels")
 
 
 def default(name: str):

@@ -20,6 +20,7 @@ import numpy as np
 from .aggregation.site import SiteAggregation
 from .data import SiteLoader, augmentation, site_datasets, split_record
 from .errors import NVFlareLoRAError
+from .zeroshot import ZeroShotError, check_class_names
 from .facts import JobFacts
 from .lora_model import CLIPLoRAWrapper, FederatedCLIPModel
 from .managers import fingerprint
@@ -63,15 +64,36 @@ class Site:
         data = str(s.data).replace("{site}", name)
         simulated = data == "digits" if simulated is None else simulated
         self.split = split_record(name, data, simulated, s.num_sites, s.partition, s.alpha, s.data_seed, s.val_fraction)
+        if s.site_labels is not None and not facts.text_head:
+            raise NVFlareLoRAError(f"{name}: site_labels names this site's own classes, which only the text head can "
+                                   f"score; this job's head is linear (every site holds the job's labels): remove "
+                                   f"site_labels from local/{SITE_CONFIG_FILE}")
+        # the classes this site trains and validates on: the job's; under the text head its own (site_labels, else
+        # its image folder's class folders; the simulated digits keep the job's)
+        classes = facts.label_list()
+        if facts.text_head and data != "digits":
+            classes = s.site_labels
         if datasets is not None:
             (self.train_set, self.val_set), self.notes = datasets, []
             self.split = None  # not data a checkpoint could point the exporter at
+            classes = list(self.train_set.classes) if facts.text_head else classes
         else:  # the data first (its listing needs only the base's preprocessing): a wrong folder fails before the base
-            self.train_set, self.val_set, dataset = site_datasets(self.split, preprocessing_for(model_name),
-                                                                  facts.label_list(), s.max_bad_images)
+            self.train_set, self.val_set, dataset = site_datasets(self.split, preprocessing_for(model_name), classes,
+                                                                  s.max_bad_images)
             self.notes = list(dataset.notes)
-        self.fed = FederatedCLIPModel(model_name, facts.num_classes, labels=facts.label_list(), device=s.device,
-                                      normalize_embeds=bool(facts.head.get("normalize_embeds", False)))
+            if facts.text_head:
+                classes = list(dataset.classes) if data != "digits" else facts.label_list()
+                self.split["labels"] = list(classes)  # announced with the split: the job's default label set
+        head = dict(model_name=model_name, labels=classes, device=s.device)
+        if facts.text_head:
+            check_class_names(classes, "site_labels" if s.site_labels else f"{name}: the class folders of {data}")
+            head.update(head="text", templates=facts.head.get("templates"))
+        else:
+            head.update(normalize_embeds=bool(facts.head.get("normalize_embeds", False)))
+        try:
+            self.fed = FederatedCLIPModel(num_classes=len(classes), **head)
+        except ZeroShotError as e:
+            raise NVFlareLoRAError(f"{name}: {e}") from None
         if facts.fingerprint is not None:
             local = fingerprint(self.fed, Path(cache_dir) / FINGERPRINT_CACHE if cache_dir else None)
             why = fingerprint_difference(facts.fingerprint, local)
@@ -161,6 +183,7 @@ class Site:
 
     def describe(self) -> str:
         return (f"{self.name}: base {self.fed.model_name!r} ready in {self.setup_seconds:.1f}s; {len(self.train_set)} "
-                f"train / {len(self.val_set)} val images from {self.split['data']!r} "
+                f"train / {len(self.val_set)} val images from {(self.split or {}).get('data', 'memory')!r} "
                 f"({self.train_loader.num_workers} loader workers); "
-                f"adapter {self.fed.parameter_counts()['exchanged']:,} parameters")
+                f"adapter {self.fed.parameter_counts()['exchanged']:,} parameters"
+                + (f"; classes as text: {self.fed.labels}" if self.facts.text_head else ""))

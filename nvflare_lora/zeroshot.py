@@ -40,8 +40,16 @@ def check_templates(templates: Sequence[str]) -> List[str]:
     return templates
 
 
-def head_spec(head_init: str, templates: Sequence[str]) -> Dict:
-    """What the job announces about its head: how it starts and whether image embeddings are normalised."""
+def head_spec(head_init: str, templates: Sequence[str], head: str = "linear") -> Dict:
+    """What the job announces about its head: its type, how it starts, whether image embeddings are normalised
+    (and the prompt templates where the text tower scores the classes)."""
+    if head == "text":
+        if head_init != "seeded":
+            raise ZeroShotError(f"head_init {head_init!r} starts a linear head; the text head has no head to start: it "
+                                f"is CLIP's zero-shot classifier from round 0 (leave head_init at \"seeded\")")
+        return {"type": "text", "init": "text", "normalize_embeds": True, "templates": check_templates(templates)}
+    if head != "linear":
+        raise ZeroShotError(f"head must be \"linear\" or \"text\"; got {head!r}")
     if head_init not in HEAD_INITS:
         raise ZeroShotError(f"head_init must be one of {', '.join(map(repr, HEAD_INITS))}; got {head_init!r}")
     if head_init == "seeded":
@@ -49,9 +57,10 @@ def head_spec(head_init: str, templates: Sequence[str]) -> Dict:
     return {"init": "zeroshot", "normalize_embeds": True, "templates": check_templates(templates)}
 
 
-def check_head(head_init: str, templates: Optional[Sequence[str]], initial_adapter: str = "", resume_from: str = "") -> Dict:
+def check_head(head_init: str, templates: Optional[Sequence[str]], initial_adapter: str = "", resume_from: str = "",
+               head: str = "linear") -> Dict:
     """head_spec, and refuses a zero-shot head without the adapter file that holds it."""
-    spec = head_spec(head_init, templates or DEFAULT_TEMPLATES)
+    spec = head_spec(head_init, templates or DEFAULT_TEMPLATES, head)
     if head_init == "zeroshot" and not (initial_adapter or resume_from):
         raise ZeroShotError("head_init 'zeroshot' needs initial_adapter (the server never loads the base, so it needs "
                             "the initial adapter that holds the zero-shot head): run `python -m nvflare_lora.zeroshot "
@@ -65,33 +74,62 @@ def load_tokenizer(model_name: str):
 
     source = resolve_model(model_name)
     fix = ("save the tokenizer that came with the checkpoint into it (CLIPTokenizer.from_pretrained(...)"
-           ".save_pretrained(DIR)), or start from a seeded head (head_init = \"seeded\")")
+           ".save_pretrained(DIR)), or use a linear head started from a seeded init (head = \"linear\", "
+           "head_init = \"seeded\")")
     if source.path is None:
-        raise ZeroShotError(f"base {model_name!r} is a built-in preset without a tokenizer: a zero-shot head needs a "
-                            f"CLIP checkpoint directory with its tokenizer; {fix}")
+        raise ZeroShotError(f"base {model_name!r} is a built-in preset without a tokenizer: a zero-shot or text head "
+                            f"needs a CLIP checkpoint directory with its tokenizer; {fix}")
     files = {p.name for p in source.path.iterdir()}
     if "tokenizer.json" not in files and not {"vocab.json", "merges.txt"} <= files:
         raise ZeroShotError(f"base {source.path} has no tokenizer (tokenizer.json, or vocab.json and merges.txt): "
-                            f"a zero-shot head encodes the class names with it; {fix}")
+                            f"a zero-shot or text head encodes the class names with it; {fix}")
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(source.path), local_files_only=True)
 
 
+def check_class_names(labels: Sequence[str], where: str = "the labels") -> List[str]:
+    """Class names a text head can score: two or more, none empty or only whitespace, none twice."""
+    labels = [str(x) for x in (labels or ())]
+    if len(labels) < 2:
+        raise ZeroShotError(f"{where} name {len(labels)} class(es) {labels}: a classifier needs two or more; give "
+                            f"this site class folders for at least two classes (or a labels list of its own)")
+    blank = [i for i, x in enumerate(labels) if not x.strip()]
+    if blank:
+        raise ZeroShotError(f"{where}: label(s) at position(s) {blank} are empty or only whitespace; name every class")
+    twice = sorted({x for x in labels if labels.count(x) > 1})
+    if twice:
+        raise ZeroShotError(f"{where} name {twice} more than once; give each class once")
+    return labels
+
+
+def tokenize_labels(tokenizer, labels: Sequence[str], templates: Sequence[str], max_len: int, where: str = "the labels"):
+    """(input_ids, attention_mask, templates per class) of every class's prompts, class by class: what
+    CLIPImageClassifier.set_labels takes. Refuses labels whose prompts the tokenizer truncates to the same tokens
+    (the model could not tell those classes apart)."""
+    labels, templates = check_class_names(labels, where), check_templates(templates)
+    prompts = [t.format(label) for label in labels for t in templates]
+    tok = tokenizer(prompts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+    seen: Dict[tuple, str] = {}
+    ids = tok["input_ids"].view(len(labels), len(templates), -1)
+    for label, rows in zip(labels, ids):
+        key = tuple(map(tuple, rows.tolist()))
+        if key in seen:
+            raise ZeroShotError(f"{where}: {seen[key]!r} and {label!r} become the same tokens once their prompts are "
+                                f"cut to the text tower's {max_len} positions; shorten the prompt templates or rename "
+                                f"one class so they differ early")
+        seen[key] = label
+    return tok["input_ids"], tok["attention_mask"], len(templates)
+
+
 @torch.no_grad()
 def text_embeddings(classifier, tokenizer, labels: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
-    """(classes, projection_dim): per class, the unit-length mean of its prompts' unit-length text embeddings."""
-    out = []
+    """(classes, projection_dim): per class, the unit-length mean of its prompts' unit-length text embeddings
+    (CLIPImageClassifier.class_embeddings, the text head's own computation)."""
     max_len = classifier.clip_config.text_config.max_position_embeddings
-    for label in labels:
-        prompts = [t.format(label) for t in templates]
-        tok = tokenizer(prompts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
-        pooled = classifier.text_model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).pooler_output
-        emb = classifier.text_projection(pooled)
-        emb = emb / emb.norm(dim=-1, keepdim=True)
-        mean = emb.mean(0)
-        out.append(mean / mean.norm())
-    return torch.stack(out)
+    ids, mask, per_class = tokenize_labels(tokenizer, labels, templates, max_len)
+    emb = classifier.encode_text(ids, mask).view(len(labels), per_class, -1).mean(1)
+    return emb / emb.norm(dim=-1, keepdim=True)
 
 
 def zeroshot_head(model_name: str, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES):

@@ -44,7 +44,7 @@ class ImageOutputs(nn.Module):
         # unit length as x * rsqrt(sum x^2): with norm() or F.normalize (ReduceL2 in the graph) ONNX Runtime's
         # transformer optimizer fused no Attention and no SkipLayerNorm anywhere in the tower (measured)
         unit = embeds * torch.rsqrt((embeds * embeds).sum(dim=-1, keepdim=True))
-        return self.classifier.classifier(self.classifier.features(embeds)), unit
+        return self.classifier.logits(self.classifier.features(embeds)), unit
 
 
 class TextOutputs(nn.Module):

@@ -6,7 +6,8 @@ WiSE-FT (Wortsman et al., robust fine-tuning of zero-shot models): `wise` = ALPH
 weights with the zero-shot ones. With LoRA that is a scale of the update: the merged weight is W + s·B·A, linear
 in B, so every lora_B times ALPHA gives W + ALPHA·s·B·A in every tower LoRA adapted; a linear head becomes
 ALPHA x the trained head + (1 - ALPHA) x its zero-shot start (recomputed from the base's text tower and the
-recorded templates, as the job's initial adapter was). ALPHA 0 is the zero-shot base, 1 the fine-tuned model."""
+recorded templates, as the job's initial adapter was); a text head needs nothing more: its class embeddings come
+from the text tower at ALPHA. ALPHA 0 is the zero-shot base, 1 the fine-tuned model."""
 
 from __future__ import annotations
 
@@ -124,9 +125,14 @@ def rebuild(checkpoint: Path, model: Optional[str] = None, include_text: bool = 
         state = wise_state(state, check_wise(wise), _zero_shot_start(meta, base), str(checkpoint))
         notes.append(f"WiSE-FT: alpha {wise:g} (the LoRA update scaled by {wise:g}"
                      + (", the head interpolated toward its zero-shot start)" if HEAD_WEIGHT in state else ")"))
-    fed = FederatedCLIPModel(base, num_classes, labels=meta.get("labels"), device="cpu",
-                             include_text=include_text or "text" in lora.towers,
-                             normalize_embeds=bool((meta.get("head") or {}).get("normalize_embeds", False)))
+    head = meta.get("head") or {}
+    kind = {"head": "text", "templates": head.get("templates")} if head.get("type") == "text" else \
+        {"normalize_embeds": bool(head.get("normalize_embeds", False))}
+    try:
+        fed = FederatedCLIPModel(base, num_classes, labels=meta.get("labels"), device="cpu",
+                                 include_text=include_text or "text" in lora.towers, **kind)
+    except ZeroShotError as e:
+        raise ExportError(f"the text head of {checkpoint} cannot be rebuilt: {e}") from e
     wrapper = CLIPLoRAWrapper(fed, lora)
     wrapper.apply_lora_to_federated_model()
     try:
@@ -134,7 +140,9 @@ def rebuild(checkpoint: Path, model: Optional[str] = None, include_text: bool = 
     except AdapterMismatchError as e:
         raise ExportError(f"the adapter in {checkpoint} does not fit its recorded base and LoRA config: {e}") from e
     unmerged = copy.deepcopy(fed.model).eval().get_base_model()
-    merged = wrapper.merge_and_unload().eval()
+    # a text head is baked into a linear one (logit_scale x the job's class embeddings through the merged text
+    # tower): the same logits, so the graph, verification, Triton and serving are the linear head's
+    merged = wrapper.merge_and_unload().eval().as_linear_head()
     return Rebuilt(checkpoint=checkpoint, metadata=meta, base_model=base, fingerprint=fingerprint,
                    fingerprint_checked=bool(expected), unmerged=unmerged, merged=merged, labels=fed.labels,
                    preprocessing=_preprocessing(meta, fed), notes=notes)

@@ -68,13 +68,13 @@ class AdapterPersistor(ModelPersistor):
                  checkpoint_dir: str = CHECKPOINT_DIR, resume_from: str = default("resume_from"),
                  aggregation: str = default("aggregation"), site_ranks: Optional[Dict[str, int]] = default("site_ranks"),
                  head_init: str = default("head_init"), prompt_templates: Optional[List[str]] = default("prompt_templates"),
-                 initial_adapter: str = default("initial_adapter")):
+                 initial_adapter: str = default("initial_adapter"), head: str = default("head")):
         super().__init__()
         s = settings(model=model, num_classes=num_classes, labels=list(labels) if labels else None, r=r,
                      lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
-                     target_components=list(target_components or default("target_components")), seed=seed,
+                     target_components=list(target_components) if target_components else None, seed=seed,
                      resume_from=resume_from, aggregation=aggregation, site_ranks=site_ranks, head_init=head_init,
-                     prompt_templates=prompt_templates, initial_adapter=initial_adapter)
+                     prompt_templates=prompt_templates, initial_adapter=initial_adapter, head=head)
         self.settings = s
         self.facts = JobFacts.from_settings(s)  # the head: a loaded file's wins (_read_adapter_file)
         self.checkpoint_dir = checkpoint_dir
@@ -108,7 +108,8 @@ class AdapterPersistor(ModelPersistor):
         n = int(sum(int(np.prod(s)) for s in self._shapes.values()))
         f = self.facts
         fields.setdefault("lora_config", f.lora.to_dict())
-        return CheckpointMeta(base_model=f.model, base_fingerprint=f.fingerprint, labels=f.label_list(),
+        labels = f.export_labels(self.settings.labels is not None, self._val_split)
+        return CheckpointMeta(base_model=f.model, base_fingerprint=f.fingerprint, labels=labels,
                               preprocessing=preprocessing_for(f.model).to_dict(), head=dict(f.head),
                               parameters={"exchanged": n, "trainable": n},
                               privacy=self._privacy, val_split=dict(self._val_split) or None, **fields)
@@ -181,10 +182,14 @@ class AdapterPersistor(ModelPersistor):
         if meta.get("lora_config") and LoRAConfig.from_dict(meta["lora_config"]) != self.lora:
             raise CheckpointError(f"{what} {path}: saved with LoRA settings {meta['lora_config']}, "
                              f"this job declares {self.lora.to_dict()}")
-        if meta.get("labels") and list(meta["labels"]) != self.facts.label_list():
+        if meta.get("labels") and list(meta["labels"]) != self.facts.label_list() and not self.facts.text_head:
             raise CheckpointError(f"{what} {path}: saved for labels {meta['labels']}, this job's labels are "
                              f"{self.facts.label_list()}")
         head = meta.get("head") or head_spec("seeded", DEFAULT_TEMPLATES)
+        if head.get("type", "linear") != self.facts.head.get("type", "linear") or (
+                self.facts.text_head and head != self.facts.head):
+            raise CheckpointError(f"{what} {path}: its head is {head}, this job's is {self.facts.head} (head, "
+                                  f"prompt_templates): start a new run, or set the job's head to match")
         if self.settings.head_init == "zeroshot" and head != self.facts.head:
             raise CheckpointError(f"{what} {path}: its head is {head}, this job declares {self.facts.head} (head_init, "
                              f"prompt_templates); rewrite it with `python -m nvflare_lora.zeroshot JOB_DIR`")

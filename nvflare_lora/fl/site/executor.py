@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.executor import Executor
@@ -25,7 +25,7 @@ from ... import adapter as ad
 from ...checkpoint import atomic_write
 from ...data import TooManyBadImages
 from ...facts import JobFacts
-from ...settings import SITE_CONFIG_FILE, SettingsError, default, settings, site_overrides
+from ...settings import FIELDS, SITE_CONFIG_FILE, SettingsError, default, settings, site_overrides
 from ...site import BaseMismatchError, Site
 from ...training import Aborted
 from ..protocol import (ANNOUNCE_KEY, BAD_IMAGES_KEY, EPSILON_KEY, FATAL_HEADER, TRAIN_LOSS_KEY, VAL_COUNT_KEY,
@@ -33,9 +33,7 @@ from ..protocol import (ANNOUNCE_KEY, BAD_IMAGES_KEY, EPSILON_KEY, FATAL_HEADER,
 
 LOCAL_ADAPTER_FILE = "local_adapter.safetensors"  # for submit_model when the simulator respawns the site (-t < -n)
 CACHE_DIR = ".nvflare_lora_cache"  # in the site's workspace: what every task of every job would compute alike
-SITE_ARGS = ("data", "num_sites", "partition", "alpha", "data_seed", "val_fraction", "local_epochs", "max_steps",
-             "batch_size", "lr", "weight_decay", "max_grad_norm", "train_seed", "model_path", "device",
-             "torch_threads", "max_bad_images", "num_workers", "augment", "dp")
+SITE_ARGS = tuple(n for n, f in FIELDS.items() if "executor" in f.metadata["to"])  # the schema's site settings
 
 
 class CLIPLoRAExecutor(Executor):
@@ -43,7 +41,8 @@ class CLIPLoRAExecutor(Executor):
 
     Args: every site setting of nvflare_lora.settings.JobSettings (data, num_sites, partition, alpha, data_seed,
     val_fraction, local_epochs, max_steps, batch_size, lr, weight_decay, max_grad_norm, train_seed, model_path,
-    device, torch_threads, max_bad_images, num_workers, augment, dp), with the schema's defaults and help;
+    device, torch_threads, max_bad_images, num_workers, augment, site_labels, dp), with the schema's defaults and
+    help;
     tracking_writer_id: a TBWriter component for metrics (empty: none); the three task names.
     """
 
@@ -56,7 +55,8 @@ class CLIPLoRAExecutor(Executor):
                  train_seed: int = default("train_seed"), model_path: str = default("model_path"),
                  device: str = default("device"), torch_threads: int = default("torch_threads"),
                  max_bad_images: float = default("max_bad_images"), num_workers=default("num_workers"),
-                 augment=default("augment"), dp: Optional[Dict] = default("dp"),
+                 augment=default("augment"), site_labels: Optional[List[str]] = default("site_labels"),
+                 dp: Optional[Dict] = default("dp"),
                  tracking_writer_id: str = "tb_writer",
                  train_task_name: str = AppConstants.TASK_TRAIN, validate_task_name: str = AppConstants.TASK_VALIDATION,
                  submit_model_task_name: str = AppConstants.TASK_SUBMIT_MODEL):
