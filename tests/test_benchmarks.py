@@ -53,6 +53,9 @@ SMOKE = {
     "privacy": ([], rf"privacy: eps8_ffa=\d+\.\d nodp_ffa=\d+\.\d gap={F}pt dp_time=\d+\.\d\dx", "privacy.json"),
     "secure": ([], r"secure: he_upload=\d+\.\dMB plain_adapter=\d+\.\dMB full_fedavg=\d+MB he_vs_full=\d+\.\dx "
                    r"overhead=\d+\.\ds", "secure.json"),
+    "openvocab": ([], r"openvocab: zs=\d+\.\d linear=\d+\.\d text=\d+\.\d unseen_zs=\d+\.\d unseen_text=\d+\.\d "
+                      r"orig_zs=\d+\.\d orig_wise=\d+\.\d wise_shift=\d+\.\d disjoint_linear=\d+\.\d "
+                      r"disjoint_text=\d+\.\d", "openvocab.json"),
     "topk_study": ([], r"topk_study: f=0\.1 dacc=[+-]\d+\.\d \[[+-]\d+\.\d( [+-]\d+\.\d)*\] f=0\.3 dacc=[+-]\d+\.\d "
                        r"rounds_to_match=>?\d+/\d+", "topk_study.json"),
 }
