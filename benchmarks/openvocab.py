@@ -85,7 +85,7 @@ CAPTIONS = ("a photo of the number {w}.", "the number {w}.", "the digit {d}.", "
 TEMPLATES = ["a photo of the number {}."]
 TRAINED, HELD_OUT = list(range(7)), [7, 8, 9]
 DISJOINT = [[0, 1, 2], [3, 4], [5, 6], [7, 8, 9]]
-LR_GRID = (1e-3, 3e-3, 1e-2)
+LR_GRID = (3e-3, 1e-2, 3e-2)
 WISE_ALPHAS = (0.25, 0.5, 0.75, 1.0)
 SITES = 4
 # The shift: 45 degrees leaves the base 40% zero-shot (10 classes), a domain it knows a little, as CLIP knows

@@ -48,7 +48,8 @@ def model_metadata(fed: FederatedCLIPModel, extra: Dict | None = None) -> Checkp
     return CheckpointMeta(base_model=fed.model_name, base_fingerprint=fingerprint(fed), labels=list(fed.labels),
                           preprocessing=fed.preprocess.to_dict(),
                           lora_config=fed.lora_config.to_dict() if fed.lora_config else None,
-                          head={"normalize_embeds": fed.base_model.normalize_embeds},
+                          head=({"type": "text", "init": "text", "normalize_embeds": True, "templates": fed.templates}
+                                if fed.head == "text" else {"normalize_embeds": fed.base_model.normalize_embeds}),
                           parameters=fed.parameter_counts(), **(extra or {}))
 
 

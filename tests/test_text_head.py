@@ -164,3 +164,36 @@ def test_sites_with_their_own_classes_train_evaluate_and_export_in_the_simulator
     report = json.loads((out / "export_report.json").read_text())
     assert report["labels"] == meta["labels"] and not report["failed"]
     assert re.search("text", json.dumps(report["verification"]["text"]["prompts"]))
+
+
+def test_a_saved_text_head_exports_and_wise_0_is_clips_zero_shot_model(base, tmp_path):
+    """LoRAModelManager saves a text-head model trained on both towers; the exporter bakes its class embeddings into
+    a linear head (verified against the unmerged model), --wise 0 gives CLIP's zero-shot logits on those labels."""
+    from transformers import CLIPModel
+
+    from exporters.onnx.__main__ import main as export_main
+    from exporters.onnx.session import open_session
+    from nvflare_lora import LoRAModelManager
+    from nvflare_lora.data import load_digits_dataset
+    from nvflare_lora.models import preprocessing_for
+    from nvflare_lora.zeroshot import load_tokenizer
+
+    labels, templates = ["zero", "one", "two"], ["the number {}."]
+    fed = FederatedCLIPModel(base, 3, labels=labels, head="text", templates=templates)
+    wrapper = CLIPLoRAWrapper(fed, LoRAConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                              target_components=["vision", "text"]))
+    wrapper.apply_lora_to_federated_model()
+    x, y = load_digits_dataset(preprocessing_for(base)).batch(range(0, 90, 3))
+    for _ in range(5):
+        fed.train_step(x, y % 3)
+    saved = LoRAModelManager(tmp_path / "adapters").save_model(wrapper, "text")
+    out = tmp_path / "onnx"
+    assert export_main([str(saved), "--out", str(out), "--wise", "0,1", "--verify-samples", "32"]) == 0
+    logits = {a: open_session(out / f"wise_{a}" / "model.onnx").run(["logits"], {"pixel_values": x.numpy()})[0]
+              for a in ("0", "1")}
+    for a in ("0", "1"):
+        assert json.loads((out / f"wise_{a}" / "labels.json").read_text()) == labels
+    zero_shot = clip_logits(CLIPModel.from_pretrained(base).eval(), x, labels, templates, load_tokenizer(base))
+    assert np.abs(logits["0"] - zero_shot).max() < 1e-4
+    assert np.abs(logits["1"] - fed(x).cpu().numpy()).max() < 1e-4
+    assert np.abs(logits["1"] - logits["0"]).max() > 1e-2
