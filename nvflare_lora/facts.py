@@ -31,6 +31,7 @@ class JobFacts:
     site_ranks: Dict[str, int] = field(default_factory=dict)
     head: Dict = field(default_factory=dict)
     fingerprint: Optional[Dict] = None
+    secure_aggregation: str = "none"
 
     def __post_init__(self):
         check_mode(self.aggregation)
@@ -46,10 +47,11 @@ class JobFacts:
         return self.lora.scaling
 
     @classmethod
-    def rule(cls, r: int, lora_alpha: float, aggregation: str = "fedavg", site_ranks: Optional[Dict] = None) -> "JobFacts":
+    def rule(cls, r: int, lora_alpha: float, aggregation: str = "fedavg", site_ranks: Optional[Dict] = None,
+             secure_aggregation: str = "none") -> "JobFacts":
         """Only the rule facts (what the aggregator and the shareable generator need): rank, scaling, rule, ranks."""
         return cls(model="", labels=(), lora=LoRAConfig(r=r, lora_alpha=lora_alpha), aggregation=aggregation,
-                   site_ranks=dict(site_ranks or {}))
+                   site_ranks=dict(site_ranks or {}), secure_aggregation=secure_aggregation)
 
     @classmethod
     def from_settings(cls, s, head: Optional[Dict] = None) -> "JobFacts":
@@ -58,7 +60,7 @@ class JobFacts:
         return cls(model=str(s.model), labels=tuple(s.labels_or_default()), lora=s.lora_config(),
                    aggregation=s.aggregation, site_ranks=dict(s.site_ranks or {}),
                    head=dict(head or check_head(s.head_init, s.prompt_templates, s.initial_adapter, s.resume_from,
-                                                s.head)))
+                                                s.head)), secure_aggregation=s.secure_aggregation)
 
     # ---- a site's view ---------------------------------------------------------------------------
     def site_rank(self, site: Optional[str]) -> int:
@@ -80,20 +82,26 @@ class JobFacts:
     def announcement(self) -> Dict:
         return {"model": self.model, "fingerprint": self.fingerprint, "lora_config": self.lora.to_dict(),
                 "num_classes": self.num_classes, "labels": list(self.labels), "aggregation": self.aggregation,
-                "site_ranks": dict(self.site_ranks), "head": dict(self.head)}
+                "site_ranks": dict(self.site_ranks), "head": dict(self.head),
+                "secure_aggregation": self.secure_aggregation}
 
     @classmethod
     def from_announcement(cls, a: Mapping) -> "JobFacts":
         return cls(model=str(a["model"]), labels=tuple(a.get("labels") or [str(i) for i in range(a["num_classes"])]),
                    lora=LoRAConfig.from_dict(dict(a["lora_config"])), aggregation=a.get("aggregation", "fedavg"),
                    site_ranks=dict(a.get("site_ranks") or {}), head=dict(a.get("head") or {}),
-                   fingerprint=a.get("fingerprint"))
+                   fingerprint=a.get("fingerprint"), secure_aggregation=a.get("secure_aggregation", "none"))
 
     def with_(self, **changes) -> "JobFacts":
         return dataclasses.replace(self, **changes)
 
     def label_list(self) -> List[str]:
         return list(self.labels)
+
+    @property
+    def encrypted(self) -> bool:
+        """Sites encrypt their updates and the server aggregates ciphertexts (nvflare_lora.aggregation.secure)."""
+        return self.secure_aggregation == "he"
 
     @property
     def text_head(self) -> bool:

@@ -118,13 +118,20 @@ class Federation:
         shapes, _ = adapter_skeleton(self.facts.model, self.facts.num_classes, self.facts.lora)
         self.shapes = shapes
         self.global_adapter: State = dict(initial) if initial is not None else self.facts.initial_global(shapes)
-        self.server = ServerAggregation(self.facts, settings.robustness(),
-                                        DPConfig.from_setting(settings.with_rounds(settings.client_dp), "clip_norm"))
+        he = None
+        if self.facts.encrypted:  # one context made here, as HEBuilder makes one per project: sites hold its secret
+            from .aggregation.secure import SecureAggregation, make_context  # key, the server nothing of it
+
+            he = make_context()
+            self.server = SecureAggregation(self.facts, shapes)
+        else:
+            self.server = ServerAggregation(self.facts, settings.robustness(),
+                                            DPConfig.from_setting(settings.with_rounds(settings.client_dp), "clip_norm"))
         self.sites = []
         for name in names:
             own = dict((site_settings or {}).get(name, {}))
             simulated = str(own.get("data", settings.data)) == "digits" and "data" not in own
-            self.sites.append(Site(name, self.facts, settings.replace(**own), simulated=simulated))
+            self.sites.append(Site(name, self.facts, settings.replace(**own), simulated=simulated, he_context=he))
         self.history: List[RoundResult] = []
 
     def run_round(self, channel: Optional[Channel] = None) -> RoundResult:
@@ -142,4 +149,4 @@ class Federation:
         """Every site's loss and accuracy of `adapter` (default: the current global adapter), as cross-site
         evaluation reports them; what each site had loaded is restored."""
         adapter = self.global_adapter if adapter is None else adapter
-        return {site.name: site.evaluate_adapter(adapter) for site in self.sites}
+        return {site.name: site.evaluate_adapter(site.decrypt(adapter)) for site in self.sites}

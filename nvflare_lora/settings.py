@@ -56,7 +56,7 @@ CROSS_SITE = "nvflare.app_common.workflows.cross_site_model_eval.CrossSiteModelE
 
 # The server's rule facts: the persistor, the aggregator and the shareable generator each take them as
 # arguments (written alike by write_job), instead of fetching them from one another.
-RULE_FACTS = ("r", "lora_alpha", "aggregation", "site_ranks")
+RULE_FACTS = ("r", "lora_alpha", "aggregation", "site_ranks", "secure_aggregation")
 
 
 def _s(default, help: str, to: Tuple[str, ...], factory: bool = False):
@@ -106,6 +106,9 @@ class JobSettings:
                           '(docs/guide.md, Choosing an aggregation).', RULE)
     site_ranks: Optional[Dict[str, int]] = _s(None, '{site: rank} for sites that train a smaller rank than r.',
                                               RULE)
+    secure_aggregation: str = _s("none", '"none", or "he": sites encrypt their updates (CKKS, the context in '
+                                 'their startup kits) and the server sums ciphertexts it cannot read (fedavg, '
+                                 'ffa; no server-side bounds; docs/guide.md, Confidentiality).', RULE)
     estimator: str = _s("mean", '"mean" (FedAvg), "median" (coordinate-wise) or "trimmed_mean".', AGG)
     clip_multiple: Optional[float] = _s(2.0, "Clip each update's norm to this multiple of the round's median "
                                         "norm (null: off).", AGG)
@@ -188,6 +191,7 @@ class JobSettings:
                 DPConfig.from_setting(self.with_rounds(getattr(self, name)), clip_key)
             if self.client_dp:
                 check_client_dp(self.estimator, self.aggregation, self.site_ranks)
+            self._check_secure()
         except (TypeError, ValueError) as e:
             raise SettingsError(str(e)) from None
         _one_of("partition", self.partition, PARTITIONS)
@@ -214,6 +218,26 @@ class JobSettings:
             check_labels(self.labels, self.num_classes)
         except ValueError as e:
             raise SettingsError(str(e)) from None
+
+    def _check_secure(self) -> None:
+        """Under HE the server reads no update: what needs one in clear is refused, with the reason."""
+        from .aggregation.secure import MODES, check_rule
+
+        _one_of("secure_aggregation", self.secure_aggregation, MODES)
+        if self.secure_aggregation != "he":
+            return
+        check_rule(self.aggregation, self.site_ranks)
+        why = "the server cannot read an encrypted update"
+        reading = [f"{n} = {getattr(self, n)!r}" for n, off in (("estimator", "mean"), ("clip_multiple", None),
+                                                                 ("max_weight_ratio", None), ("min_agreement", None),
+                                                                 ("weighting", "steps"), ("client_dp", None),
+                                                                 ("compression", "none"),
+                                                                 ("download_compression", "none"))
+                   if getattr(self, n) != off]
+        if reading:
+            raise ValueError(f"secure_aggregation \"he\": {', '.join(reading)} need(s) the updates in clear ({why}): "
+                             f"set estimator \"mean\", weighting \"steps\", clip_multiple, max_weight_ratio, "
+                             f"min_agreement and client_dp to null, no compression (docs/guide.md, Confidentiality)")
 
     def _check_text_head(self) -> None:
         from .zeroshot import check_class_names

@@ -49,11 +49,19 @@ class Site:
         workdir: where the site keeps its DP accountant (None: in memory).
         cache_dir: where the base's weights hash is cached (None: not cached).
         datasets: (train, validation) ImageDatasets already in memory (benchmarks), instead of settings.data.
+        he_context: under secure_aggregation "he", the TenSEAL context with the secret key (the site's kit's
+            client_context.tenseal): the global adapter arrives encrypted and the update leaves encrypted.
     """
 
     def __init__(self, name: str, facts: JobFacts, settings: JobSettings, simulated: Optional[bool] = None,
-                 workdir: Optional[Path] = None, cache_dir: Optional[Path] = None, datasets=None):
+                 workdir: Optional[Path] = None, cache_dir: Optional[Path] = None, datasets=None, he_context=None):
         t0 = time.perf_counter()
+        if facts.encrypted and he_context is None:
+            raise NVFlareLoRAError(f"{name}: this job aggregates encrypted updates (secure_aggregation \"he\") and "
+                                   f"the site has no HE context: it comes in a provisioned startup kit "
+                                   f"(client_context.tenseal, written by NVFlare's HEBuilder)")
+        self.he = he_context
+        self._steps = None
         s = self.settings = settings
         self.name, self.facts = name, facts
         if s.torch_threads > 0:
@@ -127,8 +135,18 @@ class Site:
 
     # ---- a round -----------------------------------------------------------------------------------
     def load_global(self, weights: Mapping[str, np.ndarray]) -> None:
-        """Load the global adapter as received (strict; under exact its residuals go onto the frozen weights)."""
-        self.global_adapter = self.rule.load_global(weights)
+        """Load the global adapter as received (strict; under exact its residuals go onto the frozen weights;
+        under HE decrypted first)."""
+        self.global_adapter = self.rule.load_global(self.decrypt(weights))
+
+    def decrypt(self, weights: Mapping) -> Dict:
+        """An adapter as received, in clear (under HE its encrypted tensors decrypted with this site's key)."""
+        if self.he is None:
+            return dict(weights)
+        from .aggregation.secure import decrypt_state
+
+        shapes = {k: tuple(v.shape) for k, v in self.fed.get_parameters().items()}
+        return decrypt_state(self.he, weights, shapes)
 
     def evaluate(self) -> Dict:
         """Loss, accuracy and count of the loaded model on this site's validation split."""
@@ -156,13 +174,20 @@ class Site:
         if self.private is not None:
             stats["epsilon"] = self.accountant.spend(self.private.noise_multiplier, self.private.sample_rate,
                                                      stats["steps"])
+        self._steps = stats["steps"]
         return stats
 
     def update(self) -> Dict[str, np.ndarray]:
-        """local - global for the keys the rule sends (ffa: no A; never residuals), checked against the spec."""
+        """local - global for the keys the rule sends (ffa: no A; never residuals), checked against the spec;
+        under HE multiplied by this round's steps and encrypted (nvflare_lora.aggregation.secure)."""
         if self.global_adapter is None:
             raise RuntimeError("load_global() before update()")
-        return self.rule.update(self.global_adapter)
+        update = self.rule.update(self.global_adapter)
+        if self.he is None:
+            return update
+        from .aggregation.secure import encrypt_update
+
+        return encrypt_update(self.he, update, float(self._steps))
 
     def local_state(self) -> Dict[str, np.ndarray]:
         """This site's model as an adapter dict (with its residuals under exact)."""

@@ -1,0 +1,77 @@
+"""Encrypted aggregation (secure_aggregation "he"): sites encrypt, the server sums ciphertexts it cannot read."""
+
+import numpy as np
+import pytest
+
+from nvflare_lora.aggregation import SiteUpdate
+from nvflare_lora.aggregation.secure import (SecureAggregation, SecureAggregationError, decrypt_state, encrypt_update,
+                                             from_bytes, is_encrypted, load_context, make_context, public,
+                                             to_bytes)
+from nvflare_lora.facts import JobFacts
+from nvflare_lora.round import Federation
+from nvflare_lora.settings import SettingsError, settings
+
+OPEN = dict(clip_multiple=None, max_weight_ratio=None, min_agreement=None)  # the bounds HE cannot apply
+
+
+@pytest.mark.parametrize("rule", ["fedavg", "ffa"])
+def test_the_encrypted_round_gives_the_clear_rounds_global_adapter(rule):
+    """Two rounds, two sites, the same job with and without HE: the decrypted global adapter equals the clear one
+    within CKKS's rounding, and the server never held a clear update or a clear global adapter after round 0."""
+    job = settings(r=4, lora_alpha=8, aggregation=rule, num_sites=2, num_rounds=2, max_steps=3, local_epochs=1, **OPEN)
+    clear = Federation(job)
+    clear.run()
+    secure = Federation(job.replace(secure_aggregation="he"))
+    seen = []
+    secure.run(channel=lambda site, update, steps: seen.append(update) or (update, steps))
+    assert all(is_encrypted(v) for update in seen for v in update.values())
+    sent = {k for k, v in secure.global_adapter.items() if is_encrypted(v)}
+    assert sent == set(clear.facts.update_spec(clear.shapes)), "what the sites send is encrypted, the rest clear"
+    got = secure.sites[0].decrypt(secure.global_adapter)
+    worst = max(float(np.abs(got[k] - clear.global_adapter[k]).max()) for k in got)
+    assert worst < 1e-6, worst
+    assert secure.evaluate()["site-1"]["accuracy"] == pytest.approx(clear.evaluate()["site-1"]["accuracy"], abs=1e-9)
+
+
+def test_the_server_refuses_clear_or_malformed_updates_and_never_needs_the_key():
+    ctx = make_context()
+    server_ctx = load_context(public(ctx).serialize(), "server_context.tenseal", secret=False)
+    job = settings(r=2, lora_alpha=4, num_sites=2, secure_aggregation="he", **OPEN)
+    fed = Federation(job, sites=["site-1"])
+    spec = fed.facts.update_spec(fed.shapes)
+    update = {k: np.full(shape, 0.01, np.float32) for k, shape in spec.items()}
+    server = SecureAggregation(JobFacts.from_settings(job), fed.shapes)
+    enc = encrypt_update(ctx, update, 3.0)
+    server.check("site-1", enc, 3, fed.global_adapter)
+    for bad, steps, message in ((update, 3, r"is in clear .* refused, not aggregated"),
+                                ({k: v for k, v in enc.items() if k != sorted(enc)[0]}, 3, "missing"),
+                                (enc, 0, "step count 0 must be > 0")):
+        with pytest.raises(SecureAggregationError, match=message):
+            server.check("site-1", bad, steps, fed.global_adapter)
+    other = dict(enc)
+    key = sorted(enc)[0]
+    other[key] = encrypt_update(ctx, {key: np.zeros(3)}, 1.0)[key]
+    with pytest.raises(SecureAggregationError, match=r"holds 3 encrypted values"):
+        server.check("site-1", other, 3, fed.global_adapter)
+    new, info = server.aggregate(fed.global_adapter, [SiteUpdate(diff=enc, weight=3.0, site="site-1")])
+    assert info["encrypted"] and all(is_encrypted(new[k]) for k in spec)
+    held = from_bytes(server_ctx, to_bytes(new), set(spec))  # what the server holds: its public context only
+    with pytest.raises(ValueError, match="doesn.t hold a secret_key"):
+        decrypt_state(server_ctx, held, fed.shapes)
+    mean = decrypt_state(ctx, new, fed.shapes)
+    assert max(float(np.abs(mean[k] - (fed.global_adapter[k] + 0.01)).max()) for k in spec) < 1e-6
+    with pytest.raises(SecureAggregationError, match="holds the secret key"):
+        load_context(ctx.serialize(save_secret_key=True), "server_context.tenseal", secret=False)
+    with pytest.raises(SecureAggregationError, match="holds no secret key"):
+        load_context(public(ctx).serialize(), "client_context.tenseal", secret=True)
+
+
+def test_what_needs_clear_updates_is_refused_under_he_with_the_reason():
+    for kw, message in ((dict(aggregation="exact"), "exact rule and site_ranks"),
+                        (dict(site_ranks={"site-1": 4}), "exact rule and site_ranks"),
+                        ({}, r"clip_multiple = 2\.0, max_weight_ratio = 2\.0, min_agreement = 0\.5 need"),
+                        (dict(estimator="median", **OPEN), "estimator = 'median'"),
+                        (dict(compression="int8", **OPEN), "compression = 'int8'"),
+                        (dict(secure_aggregation="paillier"), "secure_aggregation must be one of")):
+        with pytest.raises(SettingsError, match=message):
+            settings(**{"secure_aggregation": "he", **kw})
