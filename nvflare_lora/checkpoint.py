@@ -30,6 +30,11 @@ import numpy as np
 from .errors import NVFlareLoRAError
 
 ADAPTER_FILE = "adapter_model.safetensors"
+# under secure_aggregation "he" the server saves the global adapter as it holds it: the sent tensors as CKKS
+# ciphertexts (uint8 arrays of their serialized bytes), in this file instead of ADAPTER_FILE (PEFT cannot load it;
+# nvflare_lora.json's "encrypted" names the keys and their shapes; a site's key decrypts it: decrypt_checkpoint)
+ENCRYPTED_ADAPTER_FILE = "adapter_model.encrypted.safetensors"
+ENCRYPTED_META_KEY = "encrypted"
 PEFT_CONFIG_FILE = "adapter_config.json"
 META_FILE = "nvflare_lora.json"
 FORMAT = "nvflare_lora/1"
@@ -112,16 +117,19 @@ def write_json_atomic(path: Path, obj) -> Path:
 
 
 def save_adapter_dir(directory: str | Path, state: Mapping[str, np.ndarray], peft_config,
-                     metadata: "CheckpointMeta | Dict") -> Path:
-    """Write a complete checkpoint to a temporary sibling, then swap it in place of `directory`."""
+                     metadata: "CheckpointMeta | Dict", encrypted: Optional[Mapping] = None) -> Path:
+    """Write a complete checkpoint to a temporary sibling, then swap it in place of `directory`.
+    encrypted: {"keys", "shapes"} when the keys' tensors are serialized ciphertexts (ENCRYPTED_ADAPTER_FILE)."""
     from safetensors.numpy import save_file
 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
+    sealed = set((encrypted or {}).get("keys") or ())
     try:
-        tensors = {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in state.items()}
-        save_file(tensors, str(tmp / ADAPTER_FILE))
+        tensors = {k: np.ascontiguousarray(np.asarray(v, dtype=np.uint8 if k in sealed else np.float32))
+                   for k, v in state.items()}
+        save_file(tensors, str(tmp / (ENCRYPTED_ADAPTER_FILE if sealed else ADAPTER_FILE)))
         if hasattr(peft_config, "save_pretrained"):  # a peft LoraConfig: let PEFT write its own format
             peft_config.save_pretrained(str(tmp))
         else:
@@ -132,6 +140,9 @@ def save_adapter_dir(directory: str | Path, state: Mapping[str, np.ndarray], pef
         meta["adapter_tensors"] = len(tensors)
         meta["adapter_parameters"] = int(sum(t.size for t in tensors.values()))
         meta[MANIFEST_KEY] = tensor_manifest(tensors)
+        if sealed:
+            meta[ENCRYPTED_META_KEY] = {"scheme": "CKKS", "keys": sorted(sealed),
+                                        "shapes": {k: list(v) for k, v in encrypted["shapes"].items()}}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
         swap_into_place(tmp, directory)
     except BaseException:
@@ -167,13 +178,14 @@ def read_adapter_dir(directory: str | Path):
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
-    missing = [f for f in (ADAPTER_FILE, PEFT_CONFIG_FILE) if not (directory / f).is_file()]
+    adapter = ENCRYPTED_ADAPTER_FILE if (directory / ENCRYPTED_ADAPTER_FILE).is_file() else ADAPTER_FILE
+    missing = [f for f in (adapter, PEFT_CONFIG_FILE) if not (directory / f).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {directory} is incomplete: {missing} missing")
     try:
-        state = load_file(str(directory / ADAPTER_FILE))
+        state = load_file(str(directory / adapter))
     except Exception as e:
-        raise CheckpointError(f"{directory / ADAPTER_FILE} is not a readable safetensors file: {e}") from e
+        raise CheckpointError(f"{directory / adapter} is not a readable safetensors file: {e}") from e
     peft_cfg = json.loads((directory / PEFT_CONFIG_FILE).read_text())
     meta = json.loads((directory / META_FILE).read_text()) if (directory / META_FILE).is_file() else {}
     if MANIFEST_KEY in meta:
@@ -235,7 +247,37 @@ class Located:
 
 
 def is_checkpoint(directory: Path) -> bool:
-    return (directory / META_FILE).is_file() and (directory / ADAPTER_FILE).is_file()
+    return (directory / META_FILE).is_file() and any((directory / f).is_file()
+                                                     for f in (ADAPTER_FILE, ENCRYPTED_ADAPTER_FILE))
+
+
+def decrypt_checkpoint(state: Mapping[str, np.ndarray], meta: Mapping, context_file: Optional[str | Path],
+                       where: Path) -> Dict[str, np.ndarray]:
+    """A checkpoint's adapter in clear: as read when it is not encrypted, else decrypted with the CKKS context
+    (secret key) in context_file (a site's startup kit: startup/client_context.tenseal)."""
+    sealed = meta.get(ENCRYPTED_META_KEY)
+    if not sealed:
+        return dict(state)
+    from .aggregation.secure import CLIENT_CONTEXT, SecureAggregationError, decrypt_state, from_bytes, load_context
+
+    if not context_file:
+        raise CheckpointError(f"checkpoint {where} is encrypted (secure_aggregation \"he\": the server never held it "
+                              f"in clear): read it where a site's key is, with its kit's startup/{CLIENT_CONTEXT} "
+                              f"(python -m exporters.onnx RUN --he-context KIT/startup/{CLIENT_CONTEXT})")
+    path = Path(context_file).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"HE context {path} does not exist: give a site's startup/{CLIENT_CONTEXT}")
+    try:
+        ctx = load_context(path.read_bytes(), str(path), secret=True)
+        enc = from_bytes(ctx, state, set(sealed["keys"]), f"checkpoint {where}")
+    except SecureAggregationError as e:
+        raise CheckpointError(str(e)) from None
+    shapes = {k: tuple(sealed["shapes"][k]) if k in sealed["keys"] else tuple(np.shape(v)) for k, v in enc.items()}
+    try:
+        return decrypt_state(ctx, enc, shapes)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {where} does not decrypt with {path} ({e}): it is another project's "
+                              f"context") from None
 
 
 def find_checkpoints(run_dir: Path) -> List[Path]:

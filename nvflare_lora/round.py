@@ -119,6 +119,7 @@ class Federation:
         self.shapes = shapes
         self.global_adapter: State = dict(initial) if initial is not None else self.facts.initial_global(shapes)
         he = None
+        settings.check_secure_bounds()
         if self.facts.encrypted:  # one context made here, as HEBuilder makes one per project: sites hold its secret
             from .aggregation.secure import SecureAggregation, make_context  # key, the server nothing of it
 

@@ -220,24 +220,26 @@ class JobSettings:
             raise SettingsError(str(e)) from None
 
     def _check_secure(self) -> None:
-        """Under HE the server reads no update: what needs one in clear is refused, with the reason."""
+        """Under HE the server reads no update: the rule must be linear at one rank (the other components' checks:
+        check_secure_bounds, which needs the whole job)."""
         from .aggregation.secure import MODES, check_rule
 
         _one_of("secure_aggregation", self.secure_aggregation, MODES)
-        if self.secure_aggregation != "he":
-            return
-        check_rule(self.aggregation, self.site_ranks)
-        why = "the server cannot read an encrypted update"
-        reading = [f"{n} = {getattr(self, n)!r}" for n, off in (("estimator", "mean"), ("clip_multiple", None),
-                                                                 ("max_weight_ratio", None), ("min_agreement", None),
-                                                                 ("weighting", "steps"), ("client_dp", None),
-                                                                 ("compression", "none"),
-                                                                 ("download_compression", "none"))
-                   if getattr(self, n) != off]
-        if reading:
-            raise ValueError(f"secure_aggregation \"he\": {', '.join(reading)} need(s) the updates in clear ({why}): "
-                             f"set estimator \"mean\", weighting \"steps\", clip_multiple, max_weight_ratio, "
-                             f"min_agreement and client_dp to null, no compression (docs/guide.md, Confidentiality)")
+        if self.secure_aggregation == "he":
+            check_rule(self.aggregation, self.site_ranks)
+
+    def check_secure_bounds(self) -> "JobSettings":
+        """Under HE, refuse what needs the updates in clear, with the reason: the server's bounds on each site's
+        influence, DP-FedAvg's server-side noise, compression codecs. Called where the whole job is known (writing
+        and reading a job, the in-process round); the aggregator checks its own arguments alike."""
+        from .aggregation.secure import check_bounds
+
+        if self.secure_aggregation == "he":
+            try:
+                check_bounds(self.robustness(), self.client_dp, self.compression, self.download_compression)
+            except ValueError as e:
+                raise SettingsError(str(e)) from None
+        return self
 
     def _check_text_head(self) -> None:
         from .zeroshot import check_class_names
@@ -373,6 +375,7 @@ def _decompressor() -> Dict:
 
 def server_config(s: JobSettings) -> Dict:
     """config_fed_server of the job with these settings."""
+    s.check_secure_bounds()
     persistor = {"checkpoint_dir": CHECKPOINT_DIR, **component_args(s, "persistor")}
     workflows = [{
         "id": "scatter_and_gather", "path": WORKFLOW,
@@ -570,7 +573,7 @@ def read_job(job: str | os.PathLike) -> Tuple[str, JobSettings]:
         if isinstance(d, dict) and d.get("rounds") == found.get("num_rounds", DEFAULTS["num_rounds"]):
             found[key] = {k: v for k, v in d.items() if k != "rounds"}
     try:
-        s = JobSettings(**found)
+        s = JobSettings(**found).check_secure_bounds()
     except SettingsError as e:
         raise SettingsError(f"{job}: {e}") from None
     return str(meta_d.get("name", job.name)), s

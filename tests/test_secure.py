@@ -74,4 +74,19 @@ def test_what_needs_clear_updates_is_refused_under_he_with_the_reason():
                         (dict(compression="int8", **OPEN), "compression = 'int8'"),
                         (dict(secure_aggregation="paillier"), "secure_aggregation must be one of")):
         with pytest.raises(SettingsError, match=message):
-            settings(**{"secure_aggregation": "he", **kw})
+            settings(**{"secure_aggregation": "he", **kw}).check_secure_bounds()
+
+
+def test_an_he_job_in_the_simulator_stops_saying_it_has_no_he_context(tmp_path):
+    """NVFlare's simulator provisions no HE context: the job stops at the sites' set-up, naming the file and where
+    HE jobs run, before any round completes."""
+    from simjob import make_job, run_simulator, server_app_dir
+
+    job = make_job(tmp_path / "he_job", num_rounds=1, num_sites=2, max_steps=1, cross_site_eval=False,
+                   secure_aggregation="he", **OPEN)
+    ws = tmp_path / "ws"
+    proc = run_simulator(job, ws, n=2, threads=2)
+    log = (ws / "simulator_output.txt").read_text()
+    assert "has no usable client_context.tenseal" in log and "the simulator has no HE context" in log, log[-3000:]
+    assert "stopping the job" in log, log[-3000:]
+    assert proc.returncode != 0 or not (server_app_dir(ws) / "adapter" / "latest").exists()

@@ -45,6 +45,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--wise", metavar="ALPHA[,ALPHA...]",
                    help="WiSE-FT: merge ALPHA x the LoRA update (0: the zero-shot base, 1: the fine-tuned model) and "
                         "interpolate a zero-shot-started head likewise; a list writes OUT/wise_<ALPHA> for each")
+    p.add_argument("--he-context", metavar="FILE",
+                   help="a checkpoint of an encrypted job (secure_aggregation \"he\") is decrypted with this site key: "
+                        "a site's startup kit's startup/client_context.tenseal")
     return p
 
 
@@ -57,7 +60,7 @@ def main(argv=None) -> int:
         options = dict(out=args.out, checkpoint=args.checkpoint, model=args.model, optimize=args.optimize,
                        quantize=args.quantize, fp16=args.fp16, opset=args.opset or graph.DEFAULT_OPSET,
                        with_text=args.with_text, data=args.data, samples=args.verify_samples, triton=args.triton,
-                       triton_tensorrt=args.triton_tensorrt, force=args.force)
+                       triton_tensorrt=args.triton_tensorrt, force=args.force, he_context=args.he_context)
         alphas = None if args.wise is None else [a.strip() for a in args.wise.split(",")]
         if alphas is not None and len(alphas) > 1:
             export_wise(args.run_dir, alphas, **options)

@@ -195,14 +195,16 @@ def export_run(run_dir, out=None, checkpoint: Optional[str] = None, model: Optio
                optimize: bool = False, quantize: Optional[str] = None, fp16: bool = False,
                opset: int = graph.DEFAULT_OPSET, with_text: bool = False, data: str = "auto",
                samples: int = 256, triton: Optional[str] = None, triton_tensorrt: bool = False, force: bool = False,
-               wise: Optional[float] = None, log: Callable[[str], None] = print) -> Dict:
+               wise: Optional[float] = None, he_context: Optional[str] = None,
+               log: Callable[[str], None] = print) -> Dict:
     """Export the run's global adapter merged into its base; returns the report written to OUT/export_report.json.
     triton: also write a Triton model repository of the verified files there (exporters/onnx/triton.py); an
     existing non-empty folder is refused unless force. Raises ExportError (bad input) or VerificationError (a
     requested file does not compute what PEFT computes: raised after the files that did verify are written,
     with their Triton models, or with nothing written when fp32 failed). wise: WiSE-FT's ALPHA
     (exporters/onnx/rebuild.py): the LoRA update scaled by ALPHA, the head interpolated toward its zero-shot start;
-    see export_wise for several."""
+    see export_wise for several. he_context: the site key (client_context.tenseal) an encrypted checkpoint is
+    decrypted with (secure_aggregation "he")."""
     if quantize not in (None, "int8"):
         raise ExportError(f"--quantize supports 'int8' only, got {quantize!r}")
     if samples < 1:
@@ -226,7 +228,7 @@ def export_run(run_dir, out=None, checkpoint: Optional[str] = None, model: Optio
         check_repository_target(repo, force)
     log(f"checkpoint: {located.path}")
 
-    rebuilt = rebuild(located.path, model, include_text=with_text, wise=wise)
+    rebuilt = rebuild(located.path, model, include_text=with_text, wise=wise, he_context=he_context)
     for note in rebuilt.notes:
         log(f"note: {note}")
     log(f"base: {rebuilt.base_model} (fingerprint {'matches' if rebuilt.fingerprint_checked else 'not recorded'})")

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from nvflare_lora.adapter import AdapterMismatchError
-from nvflare_lora.checkpoint import META_FILE, CheckpointError, read_adapter_dir
+from nvflare_lora.checkpoint import META_FILE, CheckpointError, decrypt_checkpoint, read_adapter_dir
 from nvflare_lora.config import LoRAConfig
 from nvflare_lora.lora_model import CLIPLoRAWrapper, FederatedCLIPModel
 from nvflare_lora.models import (CLIPImageClassifier, ModelNotFoundError, Preprocessing, base_fingerprint,
@@ -92,12 +92,14 @@ def wise_state(state: Dict, alpha: float, zero_shot_head: Optional[Tuple] = None
 
 
 def rebuild(checkpoint: Path, model: Optional[str] = None, include_text: bool = False,
-            wise: Optional[float] = None) -> Rebuilt:
+            wise: Optional[float] = None, he_context: Optional[str] = None) -> Rebuilt:
     """Load `checkpoint` onto its base. model: a base name or path overriding the recorded one (its
     fingerprint must still match). include_text: also build the text tower (for --with-text). wise: WiSE-FT's
-    ALPHA (module docstring), None for the checkpoint as it is."""
+    ALPHA (module docstring), None for the checkpoint as it is. he_context: the site key an encrypted checkpoint
+    is decrypted with."""
     try:
         state, _, meta = read_adapter_dir(checkpoint)
+        state = decrypt_checkpoint(state, meta, he_context, checkpoint)
     except CheckpointError as e:
         raise ExportError(str(e)) from e
     base = str(model) if model else str(_required(meta, "base_model", checkpoint))

@@ -135,10 +135,27 @@ def to_bytes(state: Mapping) -> Dict[str, np.ndarray]:
     return {k: np.frombuffer(v.serialize(), np.uint8) if is_encrypted(v) else np.asarray(v) for k, v in state.items()}
 
 
-def from_bytes(ctx, arrays: Mapping[str, np.ndarray], encrypted_keys) -> Dict:
+def from_bytes(ctx, arrays: Mapping[str, np.ndarray], encrypted_keys, where: str = "the adapter") -> Dict:
+    """The inverse of to_bytes: the arrays of `encrypted_keys` read back as CKKS vectors under ctx."""
     ts = _ts()
-    return {k: ts.ckks_vector_from(ctx, np.asarray(v, np.uint8).tobytes()) if k in encrypted_keys else v
-            for k, v in arrays.items()}
+    unknown = sorted(set(encrypted_keys) - set(arrays))
+    if unknown:
+        raise SecureAggregationError(f"{where} names encrypted tensors it does not hold: {unknown[:2]}")
+    out = {}
+    for k, v in arrays.items():
+        if k not in encrypted_keys:
+            out[k] = v
+            continue
+        try:
+            out[k] = ts.ckks_vector_from(ctx, np.asarray(v, np.uint8).tobytes())
+        except Exception as e:
+            raise SecureAggregationError(f"{where}: {k!r} is not a CKKS ciphertext of this job's context "
+                                         f"({type(e).__name__}: {e})") from None
+    return out
+
+
+def encrypted_keys(state: Mapping) -> List[str]:
+    return sorted(k for k, v in state.items() if is_encrypted(v))
 
 
 def check_rule(aggregation: str, site_ranks) -> None:
@@ -147,6 +164,23 @@ def check_rule(aggregation: str, site_ranks) -> None:
                                      "rule and site_ranks need products of the LoRA factors, which the server cannot "
                                      "compute from ciphertexts: use aggregation \"fedavg\" or \"ffa\" without "
                                      "site_ranks")
+
+
+def check_bounds(robust, client_dp, compression: str = "none", download_compression: str = "none") -> None:
+    """Refuse (ValueError) the settings that need the updates in clear, naming them."""
+    reading = [f"{n} = {v!r}" for n, v, off in (("estimator", robust.estimator, "mean"),
+                                                ("clip_multiple", robust.clip_multiple, None),
+                                                ("max_weight_ratio", robust.max_weight_ratio, None),
+                                                ("min_agreement", robust.min_agreement, None),
+                                                ("weighting", robust.weighting, "steps"),
+                                                ("client_dp", client_dp, None),
+                                                ("compression", compression, "none"),
+                                                ("download_compression", download_compression, "none")) if v != off]
+    if reading:
+        raise ValueError(f"secure_aggregation \"he\": {', '.join(reading)} need(s) the updates in clear (the server "
+                         f"cannot read an encrypted update): set estimator \"mean\", weighting \"steps\", "
+                         f"clip_multiple, max_weight_ratio, min_agreement and client_dp to null, no compression "
+                         f"(docs/guide.md, Confidentiality)")
 
 
 class SecureAggregation:
@@ -178,3 +212,28 @@ class SecureAggregation:
             new[key] = mean + (value if is_encrypted(value) else np.asarray(value, np.float64).ravel().tolist())
         return new, {"sites": len(updates), "encrypted": True, "total_steps": total,
                      "weights": {u.site: float(u.weight) / total for u in updates}}
+
+
+class WireAggregation:
+    """SecureAggregation on what travels and is stored: ciphertexts serialized to uint8 arrays (to_bytes), with
+    {"keys": encrypted keys, "shapes": every tensor's shape} beside them (the NVFlare aggregator's half).
+    ctx: the server's public context; sealed: the global model's {"keys", "shapes"}."""
+
+    def __init__(self, facts, ctx, sealed: Mapping):
+        self.ctx = ctx
+        self.shapes = {k: tuple(v) for k, v in sealed["shapes"].items()}
+        self.secure = SecureAggregation(facts, self.shapes)
+
+    def check_wire(self, site: str, data: Mapping, sealed: Optional[Mapping], steps) -> Dict:
+        """The site's update read back as ciphertexts, checked (SecureAggregation.check); a clear one is refused."""
+        keys = (sealed or {}).get("keys") or []
+        update = from_bytes(self.ctx, data, set(keys), f"the update of {site}")
+        self.secure.check(site, update, steps, {})
+        return update
+
+    def aggregate(self, global_wire: Mapping, sealed: Mapping, updates: List) -> Tuple[Dict, Dict, Dict]:
+        """(new global adapter as stored, its {"keys", "shapes"}, info)."""
+        current = from_bytes(self.ctx, global_wire, set(sealed.get("keys") or []), "the global adapter")
+        new, info = self.secure.aggregate(current, updates)
+        keys = encrypted_keys(new)
+        return to_bytes(new), {"keys": keys, "shapes": {k: list(v) for k, v in self.shapes.items()}}, info

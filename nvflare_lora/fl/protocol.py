@@ -21,6 +21,8 @@ FATAL_HEADER = "nvflare_lora_fatal"           # site -> server (reply header): w
 REFUSED_PROP = "nvflare_lora_refused"         # server fl_ctx, set by the aggregator: why it refused a contribution
 AGGREGATION_INFO_PROP = "nvflare_lora_aggregation"  # server fl_ctx and aggregate meta: what the round's aggregation did
 
+ENCRYPTED_KEY = "nvflare_lora_encrypted"  # both ways under secure_aggregation "he": the keys whose tensors are CKKS
+#                                          ciphertexts, serialized to uint8 arrays (aggregation.secure.to_bytes)
 COMPRESSION_META_KEY = "nvflare_lora_compression"  # set by compression filters: {"mode", "raw_bytes", ...}
 
 

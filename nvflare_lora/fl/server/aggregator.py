@@ -6,7 +6,9 @@ does not fit, and combines the accepted updates robustly (nvflare_lora.aggregati
 capped at a multiple of the round's median, every update's norm clipped to a multiple of the round's
 median norm, then the weighted mean, the coordinate-wise median or the trimmed mean. With client_dp
 (DP-FedAvg) the one clip is the fixed clip_norm, the mean is equal-weight, and Gaussian noise calibrated to
-the clip is added to the aggregate, with its own accountant over the rounds.
+the clip is added to the aggregate, with its own accountant over the rounds. Under secure_aggregation "he" the
+updates are CKKS ciphertexts: it checks what it can (keys, lengths, step counts) and sums them with the public
+context of the server's kit (nvflare_lora.aggregation.secure.SecureAggregation); no bound applies.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from ...aggregation.server import ServerAggregation
 from ...facts import JobFacts
 from ...privacy import DPConfig
 from ...settings import default
-from ..protocol import AGGREGATION_INFO_PROP, EPSILON_KEY, REFUSED_PROP
+from ...aggregation.secure import SecureAggregationError, WireAggregation, check_bounds
+from ..protocol import AGGREGATION_INFO_PROP, ENCRYPTED_KEY, EPSILON_KEY, REFUSED_PROP
 
 CLIENT_DP_ACCOUNTANT = "client_dp_accountant.json"  # in the server's app dir
 
@@ -65,12 +68,16 @@ class LoRAAggregator(Aggregator):
                  estimator: str = default("estimator"), clip_multiple: Optional[float] = default("clip_multiple"),
                  trim_fraction: float = default("trim_fraction"), weighting: str = default("weighting"),
                  max_weight_ratio: Optional[float] = default("max_weight_ratio"),
-                 min_agreement: Optional[float] = default("min_agreement"), client_dp: Optional[Dict] = default("client_dp")):
+                 min_agreement: Optional[float] = default("min_agreement"), client_dp: Optional[Dict] = default("client_dp"),
+                 secure_aggregation: str = default("secure_aggregation")):
         super().__init__()
-        self.facts = JobFacts.rule(r, lora_alpha, aggregation, site_ranks)
+        self.facts = JobFacts.rule(r, lora_alpha, aggregation, site_ranks, secure_aggregation)
+        self.he = None  # under HE: the server kit's public CKKS context (loaded at the first update)
         robust = Robustness(estimator=estimator, clip_multiple=clip_multiple, trim_fraction=trim_fraction,
                             weighting=weighting, max_weight_ratio=max_weight_ratio, min_agreement=min_agreement)
         self.client_dp = DPConfig.from_setting(client_dp, "clip_norm")
+        if self.facts.encrypted:  # what needs the updates in clear is refused at set-up, naming it
+            check_bounds(robust, client_dp)
         self.server = ServerAggregation(self.facts, robust, self.client_dp)  # refuses a bad client_dp mix here
         self._site_epsilon: Dict[str, float] = {}
         self._updates: List[SiteUpdate] = []
@@ -111,8 +118,11 @@ class LoRAAggregator(Aggregator):
         steps = dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND)
         data = dxo.data or {}
         try:
-            self.server.check(site, data, steps, self._global(fl_ctx))
-        except AdapterMismatchError as e:
+            if self.facts.encrypted:
+                data = self._secure(fl_ctx).check_wire(site, data, dxo.get_meta_prop(ENCRYPTED_KEY), steps)
+            else:
+                self.server.check(site, data, steps, self._global(fl_ctx))
+        except (AdapterMismatchError, SecureAggregationError) as e:
             return self._refuse(fl_ctx, site, str(e))
         with self._lock:
             if any(u.site == site for u in self._updates):
@@ -131,6 +141,8 @@ class LoRAAggregator(Aggregator):
         if self.client_dp is not None and self.server.accountant_path is None:
             app_dir = fl_ctx.get_engine().get_workspace().get_app_dir(fl_ctx.get_job_id())
             self.server.accountant_path = f"{app_dir}/{CLIENT_DP_ACCOUNTANT}"
+        if self.facts.encrypted:
+            return self._aggregate_encrypted(fl_ctx, updates)
         new, info = self.server.aggregate(self._global(fl_ctx), updates)
         if (info.get("client_dp") or {}).get("spent"):
             self.log_warning(fl_ctx, f"client-level privacy budget spent (epsilon {info['client_dp']['epsilon']:.3g} of "
@@ -141,6 +153,48 @@ class LoRAAggregator(Aggregator):
         self.log_info(fl_ctx, f"[nvflare_lora] aggregation {describe(info)}")
         return DXO(data_kind=DataKind.WEIGHTS, data=new, meta={AGGREGATION_INFO_PROP: info}).to_shareable()
 
+    # ---- secure_aggregation "he" ------------------------------------------------------------------------
+    def _secure(self, fl_ctx: FLContext) -> "WireAggregation":
+        if self.he is None:
+            self.he = WireAggregation(self.facts, _server_context(), _global_meta(fl_ctx))
+        return self.he
+
+    def _aggregate_encrypted(self, fl_ctx: FLContext, updates: List[SiteUpdate]) -> Shareable:
+        model = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
+        new, meta, info = self._secure(fl_ctx).aggregate(model[ModelLearnableKey.WEIGHTS], _global_meta(fl_ctx),
+                                                         updates)
+        fl_ctx.set_prop(AGGREGATION_INFO_PROP, info, private=True, sticky=False)
+        self.log_info(fl_ctx, f"[nvflare_lora] aggregation: {info['sites']} encrypted update(s) summed, weights "
+                              f"{info['weights']} (the server reads none of them)")
+        return DXO(data_kind=DataKind.WEIGHTS, data=new, meta={AGGREGATION_INFO_PROP: info, ENCRYPTED_KEY: meta}
+                   ).to_shareable()
+
     def reset(self, fl_ctx: FLContext):
         with self._lock:
             self._updates = []
+
+
+def _global_meta(fl_ctx: FLContext) -> Dict:
+    """The global model's {"keys", "shapes"} under HE (AdapterPersistor puts it there)."""
+    model = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
+    sealed = (model or {}).get(ModelLearnableKey.META, {}).get(ENCRYPTED_KEY)
+    if not sealed:
+        raise SecureAggregationError(f"the global model carries no '{ENCRYPTED_KEY}' meta: secure_aggregation \"he\" "
+                                     f"needs nvflare_lora's AdapterPersistor with the same setting")
+    return sealed
+
+
+def _server_context():
+    """The server kit's public CKKS context (server_context.tenseal, written by NVFlare's HEBuilder)."""
+    from nvflare.fuel.sec.security_content_service import LoadResult, SecurityContentService
+
+    from ...aggregation.secure import SERVER_CONTEXT, load_context
+
+    try:
+        data, rc = SecurityContentService.load_content(SERVER_CONTEXT)
+    except Exception as e:
+        data, rc = None, f"{type(e).__name__}: {e}"
+    if data is None or rc in (LoadResult.INVALID_CONTENT, LoadResult.NO_SUCH_CONTENT):
+        raise SecureAggregationError(f"the server's startup kit has no usable {SERVER_CONTEXT} ({rc}): provision the "
+                                     f"project with NVFlare's HEBuilder")
+    return load_context(data, SERVER_CONTEXT, secret=False)

@@ -29,14 +29,15 @@ from nvflare.app_common.model_desc import ModelDescriptor
 
 from ...adapter import AdapterMismatchError, check_adapter
 from ...aggregation import fold_residuals, unfold
-from ...checkpoint import CHECKPOINT_NAMES, CheckpointError, CheckpointMeta, locate_checkpoint, read_adapter_dir, save_adapter_dir
+from ...checkpoint import (CHECKPOINT_NAMES, ENCRYPTED_META_KEY, CheckpointError, CheckpointMeta, locate_checkpoint,
+                           read_adapter_dir, save_adapter_dir)
 from ...config import LoRAConfig
 from ...facts import JobFacts
 from ...lora_model import adapter_skeleton
 from ...models import base_fingerprint, fingerprint_difference, preprocessing_for
 from ...settings import CHECKPOINT_DIR, SettingsError, default, settings
 from ...zeroshot import DEFAULT_TEMPLATES, head_spec
-from ..protocol import AGGREGATION_INFO_PROP, ANNOUNCE_KEY, VAL_SPLIT_KEY
+from ..protocol import AGGREGATION_INFO_PROP, ANNOUNCE_KEY, ENCRYPTED_KEY, VAL_SPLIT_KEY
 
 CHECKPOINTS = CHECKPOINT_NAMES
 FOLD_META_KEY = "aggregation"  # in nvflare_lora.json: {"mode", "site_ranks", and for exact the fold details}
@@ -68,13 +69,15 @@ class AdapterPersistor(ModelPersistor):
                  checkpoint_dir: str = CHECKPOINT_DIR, resume_from: str = default("resume_from"),
                  aggregation: str = default("aggregation"), site_ranks: Optional[Dict[str, int]] = default("site_ranks"),
                  head_init: str = default("head_init"), prompt_templates: Optional[List[str]] = default("prompt_templates"),
-                 initial_adapter: str = default("initial_adapter"), head: str = default("head")):
+                 initial_adapter: str = default("initial_adapter"), head: str = default("head"),
+                 secure_aggregation: str = default("secure_aggregation")):
         super().__init__()
         s = settings(model=model, num_classes=num_classes, labels=list(labels) if labels else None, r=r,
                      lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
                      target_components=list(target_components) if target_components else None, seed=seed,
                      resume_from=resume_from, aggregation=aggregation, site_ranks=site_ranks, head_init=head_init,
-                     prompt_templates=prompt_templates, initial_adapter=initial_adapter, head=head)
+                     prompt_templates=prompt_templates, initial_adapter=initial_adapter, head=head,
+                     secure_aggregation=secure_aggregation)
         self.settings = s
         self.facts = JobFacts.from_settings(s)  # the head: a loaded file's wins (_read_adapter_file)
         self.checkpoint_dir = checkpoint_dir
@@ -144,9 +147,19 @@ class AdapterPersistor(ModelPersistor):
         n = sum(v.size for v in weights.values())
         self.log_info(fl_ctx, f"global adapter ({self.aggregation}): {len(weights)} tensors, {n:,} parameters "
                               f"({n * 4 / 1024:.1f} KiB fp32), base {self.facts.model!r} never loaded on the server")
-        return make_model_learnable(weights, {ANNOUNCE_KEY: self.facts.announcement()})
+        return make_model_learnable(weights, {ANNOUNCE_KEY: self.facts.announcement(), **self._sealed([])})
+
+    def _sealed(self, keys) -> Dict:
+        """Under HE, the model meta that says which tensors are ciphertexts and every tensor's shape (the
+        aggregator and the sites read it; the server cannot learn shapes from ciphertexts)."""
+        if not self.facts.encrypted:
+            return {}
+        return {ENCRYPTED_KEY: {"keys": sorted(keys), "shapes": {k: list(v) for k, v in self._shapes.items()}}}
 
     def _load_resume(self, fl_ctx: FLContext) -> Dict:
+        if self.facts.encrypted:
+            raise SettingsError("resume_from is not supported under secure_aggregation \"he\" yet (the server would "
+                                "start from ciphertexts it cannot check); start a new run")
         try:
             path = locate_checkpoint(self.settings.resume_from, "latest").path
         except CheckpointError as e:
@@ -199,8 +212,14 @@ class AdapterPersistor(ModelPersistor):
     def _fold_info(self) -> Dict:
         return {"mode": self.aggregation, "site_ranks": dict(self.facts.site_ranks)}
 
-    def _save(self, name: str, weights: Dict, fl_ctx: FLContext, **fields) -> Path:
+    def _save(self, name: str, weights: Dict, fl_ctx: FLContext, sealed: Optional[Dict] = None, **fields) -> Path:
         rnd = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+        if (sealed or {}).get("keys"):  # ciphertexts: saved as the server holds them (checked by the aggregator)
+            if set(weights) != set(self._shapes):
+                raise AdapterMismatchError(f"encrypted global adapter ({name}) does not have the adapter's keys")
+            return save_adapter_dir(self._dir(fl_ctx) / name, weights, self._peft_config,
+                                    self.metadata(round=rnd, checkpoint=name, aggregation=self._fold_info(), **fields),
+                                    encrypted=sealed)
         check_adapter(weights, self.facts.training_shapes(self._shapes), f"global adapter ({name})")
         if self.aggregation != "exact":
             return save_adapter_dir(self._dir(fl_ctx) / name, weights, self._peft_config,
@@ -219,7 +238,7 @@ class AdapterPersistor(ModelPersistor):
         info = fl_ctx.get_prop(AGGREGATION_INFO_PROP) or {}
         if info.get("site_epsilon") or info.get("client_dp"):  # what the saved adapter has spent so far
             self._privacy = {"site_epsilon": info.get("site_epsilon") or {}, "client_dp": info.get("client_dp")}
-        self._save("latest", model[ModelLearnableKey.WEIGHTS], fl_ctx)
+        self._save("latest", model[ModelLearnableKey.WEIGHTS], fl_ctx, _sealed_of(model))
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         super().handle_event(event_type, fl_ctx)
@@ -231,8 +250,8 @@ class AdapterPersistor(ModelPersistor):
             model = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
             metric = fl_ctx.get_prop(AppConstants.VALIDATION_RESULT)
             self._ensure_skeleton()
-            self._save("best", model[ModelLearnableKey.WEIGHTS], fl_ctx, metrics={"val_accuracy": metric},
-                       note="global adapter sent in this round")
+            self._save("best", model[ModelLearnableKey.WEIGHTS], fl_ctx, _sealed_of(model),
+                       metrics={"val_accuracy": metric}, note="global adapter sent in this round")
             self.log_info(fl_ctx, f"saved best global adapter (val accuracy {metric:.4f})")
 
     def _record_val_split(self, fl_ctx: FLContext) -> None:
@@ -261,6 +280,9 @@ class AdapterPersistor(ModelPersistor):
         effective update as the residual, B = 0, A at the shared init)."""
         path = self._dir(fl_ctx) / model_file
         state, peft_cfg, meta = read_adapter_dir(path)
+        sealed = meta.get(ENCRYPTED_META_KEY) or {}
+        if sealed:  # the sites decrypt it (ENCRYPTED_KEY in the task's meta)
+            return make_model_learnable(dict(state), self._sealed(sealed.get("keys") or []))
         state = {k: np.asarray(v, np.float32) for k, v in state.items()}
         if self.aggregation != "exact":
             return make_model_learnable(state, {})
@@ -272,3 +294,8 @@ class AdapterPersistor(ModelPersistor):
         weights = unfold(state, folded_scaling, self.facts.initial_global(self._shapes), self.lora.scaling)
         check_adapter(weights, self.facts.training_shapes(self._shapes), f"checkpoint {path}")
         return make_model_learnable(weights, {})
+
+
+def _sealed_of(model: ModelLearnable) -> Optional[Dict]:
+    """{"keys", "shapes"} of a global model whose tensors are partly ciphertexts (secure_aggregation "he")."""
+    return (model.get(ModelLearnableKey.META) or {}).get(ENCRYPTED_KEY)

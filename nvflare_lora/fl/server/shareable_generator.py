@@ -23,7 +23,7 @@ from ...aggregation import rank_of
 from ...aggregation.server import ServerAggregation
 from ...facts import JobFacts
 from ...settings import default
-from ..protocol import ANNOUNCE_KEY
+from ..protocol import ANNOUNCE_KEY, ENCRYPTED_KEY
 
 
 
@@ -35,15 +35,16 @@ class AdapterShareableGenerator(FullModelShareableGenerator):
     the task data, so they come before any compression filter and need no filter in the job.
 
     Args:
-        r, lora_alpha, aggregation, site_ranks: the rule facts, the same values the persistor is given.
+        r, lora_alpha, aggregation, site_ranks, secure_aggregation: the rule facts, the same values the persistor
+            is given.
         train_task_name: the task whose data is projected to each site's rank.
     """
 
     def __init__(self, r: int = default("r"), lora_alpha: float = default("lora_alpha"),
                  aggregation: str = default("aggregation"), site_ranks: Optional[Dict[str, int]] = default("site_ranks"),
-                 train_task_name: str = AppConstants.TASK_TRAIN):
+                 secure_aggregation: str = default("secure_aggregation"), train_task_name: str = AppConstants.TASK_TRAIN):
         super().__init__()
-        self.server = ServerAggregation(JobFacts.rule(r, lora_alpha, aggregation, site_ranks))
+        self.server = ServerAggregation(JobFacts.rule(r, lora_alpha, aggregation, site_ranks, secure_aggregation))
         self.train_task_name = train_task_name
 
     def learnable_to_shareable(self, model_learnable: ModelLearnable, fl_ctx: FLContext) -> Shareable:
@@ -55,7 +56,8 @@ class AdapterShareableGenerator(FullModelShareableGenerator):
     def shareable_to_learnable(self, shareable: Shareable, fl_ctx: FLContext) -> ModelLearnable:
         base = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
         dxo = from_shareable(shareable)
-        if base is not None and dxo.data and dxo.data_kind in (DataKind.WEIGHT_DIFF, DataKind.WEIGHTS):
+        if base is not None and dxo.data and dxo.data_kind in (DataKind.WEIGHT_DIFF, DataKind.WEIGHTS) and \
+                not dxo.get_meta_prop(ENCRYPTED_KEY):  # ciphertexts were checked by the aggregator
             # Check before anything is added: a partial update must never reach the global adapter.
             check_adapter(dxo.data or {}, adapter_shapes_of(base[ModelLearnableKey.WEIGHTS]), "aggregated update")
         facts = (base or {}).get(ModelLearnableKey.META, {}).get(ANNOUNCE_KEY) if base is not None else None

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.executor import Executor
-from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
@@ -26,10 +26,11 @@ from ...checkpoint import atomic_write
 from ...data import TooManyBadImages
 from ...facts import JobFacts
 from ...settings import FIELDS, SITE_CONFIG_FILE, SettingsError, default, settings, site_overrides
+from ...aggregation.secure import SecureAggregationError
 from ...site import BaseMismatchError, Site
 from ...training import Aborted
-from ..protocol import (ANNOUNCE_KEY, BAD_IMAGES_KEY, EPSILON_KEY, FATAL_HEADER, TRAIN_LOSS_KEY, VAL_COUNT_KEY,
-                        VAL_SPLIT_KEY)
+from ..protocol import (ANNOUNCE_KEY, BAD_IMAGES_KEY, ENCRYPTED_KEY, EPSILON_KEY, FATAL_HEADER, TRAIN_LOSS_KEY,
+                        VAL_COUNT_KEY, VAL_SPLIT_KEY)
 
 LOCAL_ADAPTER_FILE = "local_adapter.safetensors"  # for submit_model when the simulator respawns the site (-t < -n)
 CACHE_DIR = ".nvflare_lora_cache"  # in the site's workspace: what every task of every job would compute alike
@@ -68,6 +69,7 @@ class CLIPLoRAExecutor(Executor):
         self.train_task_name, self.validate_task_name = train_task_name, validate_task_name
         self.submit_model_task_name = submit_model_task_name
         self.site: Optional[Site] = None
+        self.he = None  # the kit's CKKS context under secure_aggregation "he"
         self.announced: Optional[Dict] = None
         self.local_adapter: Optional[Dict] = None
         self.writer = None
@@ -98,8 +100,10 @@ class CLIPLoRAExecutor(Executor):
         s = self._settings(overrides)
         simulated = str(s.data) == "digits" and "data" not in overrides
         workspace = fl_ctx.get_engine().get_workspace()
-        self.site = Site(site, JobFacts.from_announcement(announced), s, simulated=simulated,
-                         workdir=self._app_dir(fl_ctx), cache_dir=Path(workspace.get_root_dir()) / CACHE_DIR)
+        facts = JobFacts.from_announcement(announced)
+        self.he = self._he_context(fl_ctx) if facts.encrypted else None
+        self.site = Site(site, facts, s, simulated=simulated, workdir=self._app_dir(fl_ctx),
+                         cache_dir=Path(workspace.get_root_dir()) / CACHE_DIR, he_context=self.he)
         self.announced = announced
         for note in self.site.notes:
             self.log_warning(fl_ctx, f"{site}: {note}")
@@ -112,6 +116,40 @@ class CLIPLoRAExecutor(Executor):
         self.log_info(fl_ctx, self.site.describe())
         if self.tracking_writer_id:
             self.writer = fl_ctx.get_engine().get_component(self.tracking_writer_id)
+
+    @staticmethod
+    def _he_context(fl_ctx: FLContext):
+        """The site's CKKS context (with its secret key) from its startup kit, as NVFlare's HE filters read it."""
+        from ...aggregation.secure import CLIENT_CONTEXT, SecureAggregationError, load_context
+
+        from nvflare.fuel.sec.security_content_service import LoadResult, SecurityContentService
+
+        bad = [LoadResult.INVALID_CONTENT, LoadResult.NO_SUCH_CONTENT]  # as NVFlare's HE filters judge the file
+        if fl_ctx.get_prop(FLContextKey.SECURE_MODE, True):
+            bad += [LoadResult.INVALID_SIGNATURE, LoadResult.NOT_SIGNED]
+        try:
+            data, rc = SecurityContentService.load_content(CLIENT_CONTEXT)
+        except Exception as e:  # no security content service (the simulator)
+            data, rc = None, f"{type(e).__name__}: {e}"
+        if data is None or rc in bad:
+            raise SecureAggregationError(
+                f"{fl_ctx.get_identity_name()}: this job aggregates encrypted updates (secure_aggregation \"he\") but "
+                f"the site's startup kit has no usable {CLIENT_CONTEXT} ({rc}): provision the project with NVFlare's "
+                f"HEBuilder (deploy/README.md) or `nvflare poc prepare --he`; the simulator has no HE context: run "
+                f"HE jobs in POC or a provisioned system")
+        return load_context(data, CLIENT_CONTEXT, secret=True)
+
+    def _received(self, dxo: DXO) -> Dict:
+        """The DXO's adapter, its encrypted tensors (under HE) read back as ciphertexts for the site to decrypt."""
+        keys = (dxo.get_meta_prop(ENCRYPTED_KEY) or {}).get("keys") or []
+        if not keys:
+            return dxo.data
+        if self.he is None:
+            raise ad.AdapterMismatchError(f"the adapter received holds encrypted tensors ({keys[:2]}), but this job "
+                                          f"does not aggregate encrypted updates: the server's job is not this site's")
+        from ...aggregation.secure import from_bytes
+
+        return from_bytes(self.he, dxo.data, keys, "the global adapter received")
 
     def _ensure_site(self, dxo: DXO, fl_ctx: FLContext) -> None:
         announced = dxo.get_meta_prop(ANNOUNCE_KEY)
@@ -136,9 +174,10 @@ class CLIPLoRAExecutor(Executor):
             return make_reply(ReturnCode.TASK_UNSUPPORTED)
         except Aborted:
             return make_reply(ReturnCode.TASK_ABORTED)
-        except BaseMismatchError as e:
-            # Training on another base would aggregate garbage: the server's workflow (ResumableScatterAndGather)
-            # reads the header and stops the whole job with this message (a site's own panic stops only the site).
+        except (BaseMismatchError, SecureAggregationError) as e:
+            # Training on another base would aggregate garbage, and a site without the job's HE key cannot take
+            # part: the server's workflow (ResumableScatterAndGather) reads the header and stops the whole job with
+            # this message (a site's own panic stops only the site).
             self.log_error(fl_ctx, f"{site}: {e}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION, headers={FATAL_HEADER: str(e)})
         except (TooManyBadImages, SettingsError) as e:  # the site's data or settings: the message says what to fix
@@ -158,7 +197,7 @@ class CLIPLoRAExecutor(Executor):
         self._ensure_site(dxo, fl_ctx)
         rnd = shareable.get_header(AppConstants.CURRENT_ROUND, 0)
         site, name = self.site, fl_ctx.get_identity_name()
-        site.load_global(dxo.data)  # strict: keys, shapes, finite values
+        site.load_global(self._received(dxo))  # strict: keys, shapes, finite values (decrypted first under HE)
         why = site.over_budget()
         if why:
             self.log_warning(fl_ctx, f"{name}: {why}")
@@ -168,7 +207,12 @@ class CLIPLoRAExecutor(Executor):
         self._report_bad(fl_ctx)
         self.local_adapter = site.local_state()
         atomic_write(self._local_adapter_path(fl_ctx), _safetensors(self.local_adapter))
-        update = site.update()  # local - global; under ffa without A
+        update = site.update()  # local - global; under ffa without A; under HE step-weighted and encrypted
+        sealed = {}
+        if self.he is not None:
+            from ...aggregation.secure import encrypted_keys, to_bytes
+
+            sealed, update = {ENCRYPTED_KEY: {"keys": encrypted_keys(update)}}, to_bytes(update)
         epsilon = stats.get("epsilon")
         dp_note = f", epsilon {epsilon:.3g} (delta {site.private.config.delta})" if epsilon is not None else ""
         self.log_info(fl_ctx, f"{name} round {rnd}: global val acc {val['accuracy']:.4f}, "
@@ -186,6 +230,7 @@ class CLIPLoRAExecutor(Executor):
             TRAIN_LOSS_KEY: stats["loss"],
             BAD_IMAGES_KEY: len(site.bad_images),
             **({EPSILON_KEY: epsilon} if epsilon is not None else {}),
+            **sealed,
         })
         return out.to_shareable()
 
@@ -195,7 +240,8 @@ class CLIPLoRAExecutor(Executor):
             raise ad.AdapterMismatchError(f"expected a WEIGHTS DXO to validate, got {dxo.data_kind}")
         if self.site is None:
             self._ensure_site(dxo, fl_ctx)
-        val = self.site.evaluate_adapter(dxo.data)  # any rank; what this site had loaded is restored afterwards
+        # any rank; what this site had loaded is restored afterwards; decrypted first under HE
+        val = self.site.evaluate_adapter(self.site.decrypt(self._received(dxo)))
         self._report_bad(fl_ctx)
         model_owner = shareable.get_header(AppConstants.MODEL_OWNER, "?")
         self.log_info(fl_ctx, f"{fl_ctx.get_identity_name()}: model of {model_owner}: val acc {val['accuracy']:.4f}")
