@@ -32,6 +32,7 @@ class JobFacts:
     head: Dict = field(default_factory=dict)
     fingerprint: Optional[Dict] = None
     secure_aggregation: str = "none"
+    site_clip_norm: Optional[float] = None
 
     def __post_init__(self):
         check_mode(self.aggregation)
@@ -60,7 +61,8 @@ class JobFacts:
         return cls(model=str(s.model), labels=tuple(s.labels_or_default()), lora=s.lora_config(),
                    aggregation=s.aggregation, site_ranks=dict(s.site_ranks or {}),
                    head=dict(head or check_head(s.head_init, s.prompt_templates, s.initial_adapter, s.resume_from,
-                                                s.head)), secure_aggregation=s.secure_aggregation)
+                                                s.head)), secure_aggregation=s.secure_aggregation,
+                   site_clip_norm=s.site_clip_norm)
 
     # ---- a site's view ---------------------------------------------------------------------------
     def site_rank(self, site: Optional[str]) -> int:
@@ -83,14 +85,15 @@ class JobFacts:
         return {"model": self.model, "fingerprint": self.fingerprint, "lora_config": self.lora.to_dict(),
                 "num_classes": self.num_classes, "labels": list(self.labels), "aggregation": self.aggregation,
                 "site_ranks": dict(self.site_ranks), "head": dict(self.head),
-                "secure_aggregation": self.secure_aggregation}
+                "secure_aggregation": self.secure_aggregation, "site_clip_norm": self.site_clip_norm}
 
     @classmethod
     def from_announcement(cls, a: Mapping) -> "JobFacts":
         return cls(model=str(a["model"]), labels=tuple(a.get("labels") or [str(i) for i in range(a["num_classes"])]),
                    lora=LoRAConfig.from_dict(dict(a["lora_config"])), aggregation=a.get("aggregation", "fedavg"),
                    site_ranks=dict(a.get("site_ranks") or {}), head=dict(a.get("head") or {}),
-                   fingerprint=a.get("fingerprint"), secure_aggregation=a.get("secure_aggregation", "none"))
+                   fingerprint=a.get("fingerprint"), secure_aggregation=a.get("secure_aggregation", "none"),
+                   site_clip_norm=a.get("site_clip_norm"))
 
     def with_(self, **changes) -> "JobFacts":
         return dataclasses.replace(self, **changes)

@@ -109,6 +109,9 @@ class JobSettings:
     secure_aggregation: str = _s("none", '"none", or "he": sites encrypt their updates (CKKS, the context in '
                                  'their startup kits) and the server sums ciphertexts it cannot read (fedavg, '
                                  'ffa; no server-side bounds; docs/guide.md, Confidentiality).', RULE)
+    site_clip_norm: Optional[float] = _s(None, "Each site scales its own update to at most this L2 norm before "
+                                         "sending it: the bound on an honest site's influence that stays under "
+                                         "secure_aggregation \"he\", where the server's cannot apply. null: off.", SRV)
     estimator: str = _s("mean", '"mean" (FedAvg), "median" (coordinate-wise) or "trimmed_mean".', AGG)
     clip_multiple: Optional[float] = _s(2.0, "Clip each update's norm to this multiple of the round's median "
                                         "norm (null: off).", AGG)
@@ -195,6 +198,9 @@ class JobSettings:
         except (TypeError, ValueError) as e:
             raise SettingsError(str(e)) from None
         _one_of("partition", self.partition, PARTITIONS)
+        if self.site_clip_norm is not None and (isinstance(self.site_clip_norm, bool) or not isinstance(
+                self.site_clip_norm, (int, float)) or not self.site_clip_norm > 0):
+            raise SettingsError(f"site_clip_norm must be a number > 0 or null, got {self.site_clip_norm!r}")
         for name in ("compression", "download_compression"):
             _one_of(name, getattr(self, name), ("none",) + MODES)
         for name in ("num_classes", "num_rounds", "min_clients", "num_sites", "local_epochs", "batch_size"):

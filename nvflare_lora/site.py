@@ -17,6 +17,7 @@ from typing import Callable, Dict, Mapping, Optional
 
 import numpy as np
 
+from .aggregation import clip_to
 from .aggregation.site import SiteAggregation
 from .data import SiteLoader, augmentation, site_datasets, split_record
 from .errors import NVFlareLoRAError
@@ -62,6 +63,7 @@ class Site:
                                    f"(client_context.tenseal, written by NVFlare's HEBuilder)")
         self.he = he_context
         self._steps = None
+        self.clip_factor = 1.0  # what site_clip_norm scaled this round's update by
         s = self.settings = settings
         self.name, self.facts = name, facts
         if s.torch_threads > 0:
@@ -179,10 +181,11 @@ class Site:
 
     def update(self) -> Dict[str, np.ndarray]:
         """local - global for the keys the rule sends (ffa: no A; never residuals), checked against the spec;
-        under HE multiplied by this round's steps and encrypted (nvflare_lora.aggregation.secure)."""
+        scaled to the job's site_clip_norm; under HE multiplied by this round's steps and encrypted
+        (nvflare_lora.aggregation.secure)."""
         if self.global_adapter is None:
             raise RuntimeError("load_global() before update()")
-        update = self.rule.update(self.global_adapter)
+        update, self.clip_factor = clip_to(self.rule.update(self.global_adapter), self.facts.site_clip_norm)
         if self.he is None:
             return update
         from .aggregation.secure import encrypt_update

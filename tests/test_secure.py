@@ -90,3 +90,19 @@ def test_an_he_job_in_the_simulator_stops_saying_it_has_no_he_context(tmp_path):
     assert "has no usable client_context.tenseal" in log and "the simulator has no HE context" in log, log[-3000:]
     assert "stopping the job" in log, log[-3000:]
     assert proc.returncode != 0 or not (server_app_dir(ws) / "adapter" / "latest").exists()
+
+
+def test_site_clip_norm_bounds_each_sites_update_before_it_is_encrypted():
+    """The bound that stays under HE: each site scales its own update to site_clip_norm before encrypting it."""
+    job = settings(r=4, lora_alpha=8, num_sites=2, max_steps=3, local_epochs=1, site_clip_norm=1e-3,
+                   secure_aggregation="he", **OPEN)
+    fed = Federation(job, sites=["site-1"])
+    site = fed.sites[0]
+    site.load_global(fed.global_adapter)
+    site.train(0)
+    update = decrypt_state(site.he, site.update(), {k: v.shape for k, v in site.local_state().items()})
+    from nvflare_lora.aggregation import update_norm
+
+    assert site.clip_factor < 1.0 and update_norm(update) == pytest.approx(1e-3 * site._steps, rel=1e-4)
+    with pytest.raises(SettingsError, match="site_clip_norm must be a number > 0"):
+        settings(site_clip_norm=0)

@@ -38,7 +38,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ['AGGREGATIONS', 'check_rank', 'check_site_ranks', 'ESTIMATORS', 'RESIDUAL_SUFFIX', 'Robustness', 'SiteUpdate', 'WEIGHTINGS', 'a_key', 'aggregate', 'b_key', 'bound_influence', 'check_mode', 'check_update', 'describe', 'effective_delta', 'fold_residuals', 'is_residual_key', 'lora_layers', 'project', 'rank_of', 'residual_key', 'residual_shapes', 'site_rank_of', 'split_residuals', 'unfold', 'update_norm', 'update_spec', 'upload_keys', 'zero_residuals']
+__all__ = ['AGGREGATIONS', 'check_rank', 'check_site_ranks', 'ESTIMATORS', 'RESIDUAL_SUFFIX', 'Robustness', 'SiteUpdate', 'WEIGHTINGS', 'a_key', 'aggregate', 'b_key', 'bound_influence', 'check_mode', 'check_update', 'clip_to', 'describe', 'effective_delta', 'fold_residuals', 'is_residual_key', 'lora_layers', 'project', 'rank_of', 'residual_key', 'residual_shapes', 'site_rank_of', 'split_residuals', 'unfold', 'update_norm', 'update_spec', 'upload_keys', 'zero_residuals']
 
 from ..adapter import AdapterMismatchError, check_adapter
 
@@ -272,6 +272,16 @@ def update_norm(diff: Mapping[str, np.ndarray]) -> float:
     return float(np.sqrt(sum(float(np.sum(np.square(np.asarray(v, np.float64)))) for v in diff.values())))
 
 
+def clip_to(diff: Mapping[str, np.ndarray], bound: Optional[float], norm: Optional[float] = None) -> Tuple[Dict, float]:
+    """(diff scaled to L2 norm <= bound, the factor applied): the one norm clip (the server's bound on each site's
+    influence, and a site's own site_clip_norm)."""
+    norm = update_norm(diff) if norm is None else norm
+    if bound is None or norm <= bound:
+        return dict(diff), 1.0
+    factor = bound / norm
+    return {k: (np.asarray(v, np.float64) * factor).astype(np.float32) for k, v in diff.items()}, factor
+
+
 def _flat_common(diffs: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:
     """(K, n): every update flattened over the entries all of them hold (under mixed ranks, the shared
     rank components), so they can be compared coordinate by coordinate."""
@@ -312,11 +322,9 @@ def bound_influence(updates: Sequence[SiteUpdate], robust: Robustness) -> Tuple[
         if threshold is not None and cosines[i] < threshold:
             excluded[name] = {"cosine": cosines[i], "threshold": threshold}
             continue
-        diff = u.diff
-        if bound is not None and norms[i] > bound:
-            factor = bound / norms[i]
+        diff, factor = clip_to(u.diff, bound, norms[i])
+        if factor < 1.0:
             clipped[name] = {"norm": norms[i], "factor": factor}
-            diff = {k: (np.asarray(v, np.float64) * factor).astype(np.float32) for k, v in diff.items()}
         out.append(SiteUpdate(diff=diff, weight=weights[i], site=u.site))
     info = {"norms": norms, "clip_bound": bound, "cosines": cosines, "cosine_threshold": threshold,
             "clipped": clipped, "capped": capped,

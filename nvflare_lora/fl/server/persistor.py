@@ -70,14 +70,15 @@ class AdapterPersistor(ModelPersistor):
                  aggregation: str = default("aggregation"), site_ranks: Optional[Dict[str, int]] = default("site_ranks"),
                  head_init: str = default("head_init"), prompt_templates: Optional[List[str]] = default("prompt_templates"),
                  initial_adapter: str = default("initial_adapter"), head: str = default("head"),
-                 secure_aggregation: str = default("secure_aggregation")):
+                 secure_aggregation: str = default("secure_aggregation"),
+                 site_clip_norm: Optional[float] = default("site_clip_norm")):
         super().__init__()
         s = settings(model=model, num_classes=num_classes, labels=list(labels) if labels else None, r=r,
                      lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
                      target_components=list(target_components) if target_components else None, seed=seed,
                      resume_from=resume_from, aggregation=aggregation, site_ranks=site_ranks, head_init=head_init,
                      prompt_templates=prompt_templates, initial_adapter=initial_adapter, head=head,
-                     secure_aggregation=secure_aggregation)
+                     secure_aggregation=secure_aggregation, site_clip_norm=site_clip_norm)
         self.settings = s
         self.facts = JobFacts.from_settings(s)  # the head: a loaded file's wins (_read_adapter_file)
         self.checkpoint_dir = checkpoint_dir
