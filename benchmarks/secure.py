@@ -7,13 +7,15 @@ CKKS through TenSEAL, with the parameters NVFlare's provisioning gives a project
 polynomial degree 8192, coefficient moduli [60, 40, 40] bits, scale 2^40; 140 bits of modulus, under the 218 that
 the HomomorphicEncryption.org standard allows N = 8192 at 128-bit classical security). Each site's update is
 encrypted as NVFlare's HEModelEncryptor encrypts a model: one ckks_vector per tensor, the values weighted by the
-site's step count before encryption; the server adds the ciphertexts (what NVFlare's HE aggregator does) and sends
-the encrypted sum; each site decrypts it and divides by the total weight. Two rules: fedavg (A, B and the head are
-sent) and ffa (FFA-LoRA: A frozen, only B and the head are sent; linear, so the encrypted sum stays exact).
+site's step count before encryption; the server, with the public context only, checks each update, adds the
+ciphertexts, multiplies the sum by 1 / the total steps and adds it to the encrypted global adapter; each site decrypts
+the new global adapter. It is the job's code (nvflare_lora.aggregation.secure: Site.update, SecureAggregation, what
+the NVFlare components run under secure_aggregation "he"). Two rules: fedavg (A, B and the head are sent) and ffa
+(FFA-LoRA: A frozen, only B and the head are sent); both are weighted means, so the encrypted sum stays exact.
 
 Measured per round, for one site: plain upload (float32 adapter diff), HE upload (serialized ciphertexts), HE
-download (the serialized encrypted sum), encryption and decryption seconds (serialization included), and the
-server's sum; the largest error of the decrypted weighted mean against the plain one. Against the plain full-model
+download (the serialized encrypted global adapter), encryption and decryption seconds (serialization included), and
+the server's aggregation; the largest error of the decrypted global adapter against the clear one. Against the plain full-model
 FedAvg upload of the same image classifier (image tower + projection + head, float32). The updates are random
 values of a trained LoRA diff's size (N(0, 0.01)): CKKS's cost does not depend on them.
 Last line: secure: he_upload=<A>MB plain_adapter=<B>MB full_fedavg=<F>MB he_vs_full=<C>x overhead=<D>s
@@ -41,23 +43,6 @@ MB = 1e6
 TARGETS = {"he_vs_full": 5.0, "overhead_s": 10.0}
 
 
-def he_context(threads: int):
-    """A TenSEAL CKKS context with NVFlare's provisioning defaults (HEBuilder), and its parameters."""
-    import tenseal as ts
-    from nvflare.lighter.impl.he import HEBuilder
-
-    builder = HEBuilder()
-    ctx = ts.context(ts.SCHEME_TYPE.CKKS, poly_modulus_degree=builder.poly_modulus_degree,
-                     coeff_mod_bit_sizes=builder.coeff_mod_bit_sizes, n_threads=threads)
-    ctx.global_scale = 2 ** builder.scale_bits
-    params = {"scheme": "CKKS", "poly_modulus_degree": builder.poly_modulus_degree,
-              "coeff_mod_bit_sizes": list(builder.coeff_mod_bit_sizes), "scale_bits": builder.scale_bits,
-              "slots": builder.poly_modulus_degree // 2,
-              "security": "128-bit classical (HomomorphicEncryption.org standard: N 8192 allows up to 218 modulus bits)",
-              "source": "nvflare.lighter.impl.he.HEBuilder defaults"}
-    return ctx, params
-
-
 def shapes_for(shape: str, workdir: Path):
     """{key: shape} of the adapter (LoRA r 16 on q/v of the image tower + head, 10 classes) and the plain
     full-model FedAvg upload in bytes (the image classifier the adapter sits on, float32)."""
@@ -78,38 +63,47 @@ def shapes_for(shape: str, workdir: Path):
 
 
 def one_rule(shapes, rule: str, ctx, sites: int, seed: int):
-    """Bytes and seconds of one round under HE for `rule`, and the error against the plain weighted mean."""
-    import tenseal as ts
+    """Bytes and seconds of one round under HE for `rule` (the job's code: nvflare_lora.aggregation.secure), and the
+    error of the decrypted global adapter against the clear one."""
+    from nvflare_lora.aggregation import SiteUpdate
+    from nvflare_lora.aggregation.secure import (SecureAggregation, decrypt_state, encrypt_update, encrypted_keys,
+                                                 from_bytes, public, to_bytes)
+    from nvflare_lora.facts import JobFacts
 
-    keys = [k for k in sorted(shapes) if rule == "fedavg" or "lora_A" not in k]
+    facts = JobFacts.rule(16, 32, rule, secure_aggregation="he")
+    keys = sorted(facts.update_spec(shapes))
     rng = np.random.default_rng(seed)
+    current = {k: rng.normal(0, 0.01, shapes[k]).astype(np.float32) for k in shapes}  # the global adapter, in clear
     updates = [{k: rng.normal(0, 0.01, shapes[k]).astype(np.float32) for k in keys} for _ in range(sites)]
     steps = [int(s) for s in rng.integers(20, 60, sites)]
-    plain_mean = {k: sum(w * u[k].astype(np.float64) for w, u in zip(steps, updates)) / sum(steps) for k in keys}
+    want = {k: current[k] + sum(w * u[k].astype(np.float64) for w, u in zip(steps, updates)) / sum(steps) for k in keys}
+    held = to_bytes(encrypt_update(ctx, {k: current[k] for k in keys}, 1.0))  # as the server holds it after round 1
+    held.update({k: current[k] for k in shapes if k not in keys})
+    server_ctx = public(ctx)
 
     encrypt_s, uploads = [], []
-    for w, update in zip(steps, updates):  # each site: weigh, encrypt, serialize
+    for w, update in zip(steps, updates):  # each site: weigh, encrypt, serialize (Site.update, the executor)
         t0 = time.perf_counter()
-        blobs = {k: ts.ckks_vector(ctx, (update[k].ravel().astype(np.float64) * w).tolist()).serialize() for k in keys}
+        uploads.append(to_bytes(encrypt_update(ctx, update, w)))
         encrypt_s.append(time.perf_counter() - t0)
-        uploads.append(blobs)
-    t0 = time.perf_counter()  # the server: deserialize and add, never decrypts (it holds no secret key in NVFlare)
-    total = {k: ts.ckks_vector_from(ctx, uploads[0][k]) for k in keys}
-    for blobs in uploads[1:]:
-        for k in keys:
-            total[k] += ts.ckks_vector_from(ctx, blobs[k])
-    download = {k: v.serialize() for k, v in total.items()}
+    t0 = time.perf_counter()  # the server, with the public context: read, check, sum, scale, add, serialize
+    server = SecureAggregation(facts, shapes)
+    received = [SiteUpdate(diff=from_bytes(server_ctx, u, set(keys)), weight=w, site=f"site-{i + 1}")
+                for i, (u, w) in enumerate(zip(uploads, steps))]
+    for u in received:
+        server.check(u.site, u.diff, u.weight, {})
+    new, _ = server.aggregate(from_bytes(server_ctx, held, set(keys)), received)
+    download = to_bytes(new)
     server_s = time.perf_counter() - t0
-    t0 = time.perf_counter()  # a site: deserialize, decrypt, divide by the total weight
-    mean = {k: np.asarray(ts.ckks_vector_from(ctx, download[k]).decrypt()).reshape(shapes[k]) / sum(steps)
-            for k in keys}
+    t0 = time.perf_counter()  # a site: read and decrypt the global adapter
+    got = decrypt_state(ctx, from_bytes(ctx, download, set(encrypted_keys(new))), shapes)
     decrypt_s = time.perf_counter() - t0
-    error = max(float(np.abs(mean[k] - plain_mean[k]).max()) for k in keys)
-    scale = max(float(np.abs(plain_mean[k]).max()) for k in keys)
+    error = max(float(np.abs(got[k] - want[k]).max()) for k in keys)
+    scale = max(float(np.abs(want[k]).max()) for k in keys)
     n = sum(int(np.prod(shapes[k])) for k in keys)
     return {"rule": rule, "parameters": n, "tensors": len(keys), "plain_upload_mb": 4 * n / MB,
-            "he_upload_mb": sum(len(b) for b in uploads[0].values()) / MB,
-            "he_download_mb": sum(len(b) for b in download.values()) / MB,
+            "he_upload_mb": sum(uploads[0][k].nbytes for k in keys) / MB,
+            "he_download_mb": sum(download[k].nbytes for k in keys) / MB,
             "encrypt_s": float(np.median(encrypt_s)), "server_sum_s": server_s, "decrypt_s": decrypt_s,
             "site_overhead_s": float(np.median(encrypt_s)) + decrypt_s, "max_abs_error": error,
             "max_abs_value": scale, "sites": sites}
@@ -127,7 +121,9 @@ def main(argv=None) -> int:
     if args.smoke:
         args.shape = "tiny-clip"
     load = os.getloadavg()[0]
-    ctx, params = he_context(args.threads)
+    from nvflare_lora.aggregation.secure import ckks_parameters, make_context
+
+    ctx, params = make_context(args.threads), ckks_parameters()
     with tempfile.TemporaryDirectory(prefix="secure-bench-") as tmp:
         shapes, full_bytes = shapes_for(args.shape, Path(tmp))
     print(f"{args.shape}: LoRA r 16 on q/v + head, {len(shapes)} tensors; {args.sites} sites; CKKS N "

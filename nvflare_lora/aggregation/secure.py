@@ -26,10 +26,6 @@ import numpy as np
 
 from ..errors import NVFlareLoRAError
 
-# The CKKS parameters NVFlare's provisioning gives a project (nvflare.lighter.impl.he.HEBuilder's defaults):
-# polynomial degree 8192, coefficient moduli [60, 40, 40] bits (140, under the 218 the HomomorphicEncryption.org
-# standard allows at N = 8192 for 128-bit security), scale 2^40.
-CKKS = {"poly_modulus_degree": 8192, "coeff_mod_bit_sizes": [60, 40, 40], "scale_bits": 40}
 CLIENT_CONTEXT, SERVER_CONTEXT = "client_context.tenseal", "server_context.tenseal"  # HEBuilder's file names
 MODES = ("none", "he")
 
@@ -46,13 +42,29 @@ def _ts():
     return ts
 
 
-def make_context():
-    """A CKKS context with secret key, as HEBuilder makes one for a project (CKKS above). For tests and the
-    in-process round; a production job reads its kit's (load_context)."""
+def ckks_parameters() -> Dict:
+    """The CKKS parameters NVFlare's provisioning gives a project (nvflare.lighter.impl.he.HEBuilder's defaults:
+    polynomial degree 8192, coefficient moduli [60, 40, 40] bits, 140 in all, under the 218 that the
+    HomomorphicEncryption.org standard allows at N = 8192 for 128-bit security; scale 2^40)."""
+    _ts()
+    from nvflare.lighter.impl.he import HEBuilder
+
+    b = HEBuilder()
+    return {"scheme": "CKKS", "poly_modulus_degree": b.poly_modulus_degree,
+            "coeff_mod_bit_sizes": list(b.coeff_mod_bit_sizes), "scale_bits": b.scale_bits,
+            "slots": b.poly_modulus_degree // 2,
+            "security": "128-bit classical (HomomorphicEncryption.org standard: N 8192 allows up to 218 modulus bits)",
+            "source": "nvflare.lighter.impl.he.HEBuilder defaults"}
+
+
+def make_context(threads: Optional[int] = None):
+    """A CKKS context with secret key, as HEBuilder makes one for a project (ckks_parameters). For tests, the
+    in-process round and benchmarks; a production job reads its kit's (load_context)."""
     ts = _ts()
-    ctx = ts.context(ts.SCHEME_TYPE.CKKS, poly_modulus_degree=CKKS["poly_modulus_degree"],
-                     coeff_mod_bit_sizes=CKKS["coeff_mod_bit_sizes"])
-    ctx.global_scale = 2 ** CKKS["scale_bits"]
+    p = ckks_parameters()
+    ctx = ts.context(ts.SCHEME_TYPE.CKKS, poly_modulus_degree=p["poly_modulus_degree"],
+                     coeff_mod_bit_sizes=p["coeff_mod_bit_sizes"], **({"n_threads": threads} if threads else {}))
+    ctx.global_scale = 2 ** p["scale_bits"]
     return ctx
 
 
