@@ -64,6 +64,12 @@ def test_the_server_refuses_clear_or_malformed_updates_and_never_needs_the_key()
         load_context(ctx.serialize(save_secret_key=True), "server_context.tenseal", secret=False)
     with pytest.raises(SecureAggregationError, match="holds no secret key"):
         load_context(public(ctx).serialize(), "client_context.tenseal", secret=True)
+    import tenseal as ts
+
+    shallow = ts.context(ts.SCHEME_TYPE.CKKS, poly_modulus_degree=8192, coeff_mod_bit_sizes=[60, 60])
+    shallow.global_scale = 2 ** 40
+    with pytest.raises(SecureAggregationError, match="cannot hold the update's layout"):
+        load_context(shallow.serialize(save_secret_key=True), "client_context.tenseal", secret=True)
 
 
 def test_what_needs_clear_updates_is_refused_under_he_with_the_reason():
