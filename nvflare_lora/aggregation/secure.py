@@ -90,9 +90,10 @@ def load_context(data: bytes, where: str, secret: bool):
     if not secret and ctx.is_private():
         raise SecureAggregationError(f"{where} holds the secret key: the server must not be able to decrypt; give it "
                                      f"the public context ({SERVER_CONTEXT})")
-    try:  # the aggregate needs one multiplication (1 / total steps) and an addition at the level it leaves
-        probe = ts.ckks_vector(ctx, [1.0, 2.0])
-        (probe * 0.5) + probe * 0.5
+    try:  # the aggregate needs one multiplication (1 / total steps) and an addition at the level it leaves; probed
+        if secret:  # where the context can encrypt (a site's: HEBuilder's server context holds no encryption key)
+            probe = ts.ckks_vector(ctx, [1.0, 2.0])
+            (probe * 0.5) + probe * 0.5
     except Exception as e:
         raise SecureAggregationError(f"{where} cannot hold the update's layout: its CKKS parameters allow no "
                                      f"multiplication by the sites' weights ({type(e).__name__}: {e}); provision "
