@@ -197,3 +197,21 @@ def test_a_saved_text_head_exports_and_wise_0_is_clips_zero_shot_model(base, tmp
     assert np.abs(logits["0"] - zero_shot).max() < 1e-4
     assert np.abs(logits["1"] - fed(x).cpu().numpy()).max() < 1e-4
     assert np.abs(logits["1"] - logits["0"]).max() > 1e-2
+
+
+def test_dp_sgd_trains_the_text_head_with_its_frozen_text_tower(base, tmp_path):
+    """DP-SGD's per-sample gradients (torch.func) run through the text head: the class embeddings are computed
+    once, outside the transform, and the sites' own classes hold under Poisson sampling."""
+    from nvflare_lora.round import Federation
+    from nvflare_lora.settings import settings
+
+    write_classes(tmp_path / "site-1", ["zero", "one", "two"])
+    write_classes(tmp_path / "site-2", ["two", "three"], start=12)
+    job = settings(model=base, head="text", num_rounds=1, num_sites=2, batch_size=8, local_epochs=1, max_steps=3,
+                   data=str(tmp_path / "{site}"), dp={"max_grad_norm": 1.0, "noise_multiplier": 1.0})
+    fed = Federation(job)
+    before = {k: v.copy() for k, v in fed.global_adapter.items()}
+    result = fed.run()[0]
+    assert not result.refused and all(result.steps.values())
+    assert [s.fed.labels for s in fed.sites] == [["one", "two", "zero"], ["three", "two"]]
+    assert any(np.abs(fed.global_adapter[k] - before[k]).max() > 0 for k in before if "lora_B" in k)
