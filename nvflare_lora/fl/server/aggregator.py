@@ -32,7 +32,8 @@ from ...aggregation.server import ServerAggregation
 from ...facts import JobFacts
 from ...privacy import DPConfig
 from ...settings import default
-from ...aggregation.secure import SecureAggregationError, WireAggregation, check_bounds
+from ...aggregation.secure import SERVER_CONTEXT, SecureAggregationError, WireAggregation, check_bounds
+from ..he import kit_context
 from ..protocol import AGGREGATION_INFO_PROP, ENCRYPTED_KEY, EPSILON_KEY, REFUSED_PROP
 
 CLIENT_DP_ACCOUNTANT = "client_dp_accountant.json"  # in the server's app dir
@@ -156,7 +157,8 @@ class LoRAAggregator(Aggregator):
     # ---- secure_aggregation "he" ------------------------------------------------------------------------
     def _secure(self, fl_ctx: FLContext) -> "WireAggregation":
         if self.he is None:
-            self.he = WireAggregation(self.facts, _server_context(), _global_meta(fl_ctx))
+            self.he = WireAggregation(self.facts, kit_context(fl_ctx, SERVER_CONTEXT, secret=False),
+                                      _global_meta(fl_ctx))
         return self.he
 
     def _aggregate_encrypted(self, fl_ctx: FLContext, updates: List[SiteUpdate]) -> Shareable:
@@ -182,19 +184,3 @@ def _global_meta(fl_ctx: FLContext) -> Dict:
         raise SecureAggregationError(f"the global model carries no '{ENCRYPTED_KEY}' meta: secure_aggregation \"he\" "
                                      f"needs nvflare_lora's AdapterPersistor with the same setting")
     return sealed
-
-
-def _server_context():
-    """The server kit's public CKKS context (server_context.tenseal, written by NVFlare's HEBuilder)."""
-    from nvflare.fuel.sec.security_content_service import LoadResult, SecurityContentService
-
-    from ...aggregation.secure import SERVER_CONTEXT, load_context
-
-    try:
-        data, rc = SecurityContentService.load_content(SERVER_CONTEXT)
-    except Exception as e:
-        data, rc = None, f"{type(e).__name__}: {e}"
-    if data is None or rc in (LoadResult.INVALID_CONTENT, LoadResult.NO_SUCH_CONTENT):
-        raise SecureAggregationError(f"the server's startup kit has no usable {SERVER_CONTEXT} ({rc}): provision the "
-                                     f"project with NVFlare's HEBuilder")
-    return load_context(data, SERVER_CONTEXT, secret=False)

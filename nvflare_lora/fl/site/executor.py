@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.executor import Executor
-from nvflare.apis.fl_constant import FLContextKey, ReturnCode
+from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
@@ -26,9 +26,10 @@ from ...checkpoint import atomic_write
 from ...data import TooManyBadImages
 from ...facts import JobFacts
 from ...settings import FIELDS, SITE_CONFIG_FILE, SettingsError, default, settings, site_overrides
-from ...aggregation.secure import SecureAggregationError
+from ...aggregation.secure import CLIENT_CONTEXT, SecureAggregationError
 from ...site import BaseMismatchError, Site
 from ...training import Aborted
+from ..he import kit_context
 from ..protocol import (ANNOUNCE_KEY, BAD_IMAGES_KEY, ENCRYPTED_KEY, EPSILON_KEY, FATAL_HEADER, TRAIN_LOSS_KEY,
                         VAL_COUNT_KEY, VAL_SPLIT_KEY)
 
@@ -101,7 +102,7 @@ class CLIPLoRAExecutor(Executor):
         simulated = str(s.data) == "digits" and "data" not in overrides
         workspace = fl_ctx.get_engine().get_workspace()
         facts = JobFacts.from_announcement(announced)
-        self.he = self._he_context(fl_ctx) if facts.encrypted else None
+        self.he = kit_context(fl_ctx, CLIENT_CONTEXT, secret=True) if facts.encrypted else None
         self.site = Site(site, facts, s, simulated=simulated, workdir=self._app_dir(fl_ctx),
                          cache_dir=Path(workspace.get_root_dir()) / CACHE_DIR, he_context=self.he)
         self.announced = announced
@@ -116,28 +117,6 @@ class CLIPLoRAExecutor(Executor):
         self.log_info(fl_ctx, self.site.describe())
         if self.tracking_writer_id:
             self.writer = fl_ctx.get_engine().get_component(self.tracking_writer_id)
-
-    @staticmethod
-    def _he_context(fl_ctx: FLContext):
-        """The site's CKKS context (with its secret key) from its startup kit, as NVFlare's HE filters read it."""
-        from ...aggregation.secure import CLIENT_CONTEXT, SecureAggregationError, load_context
-
-        from nvflare.fuel.sec.security_content_service import LoadResult, SecurityContentService
-
-        bad = [LoadResult.INVALID_CONTENT, LoadResult.NO_SUCH_CONTENT]  # as NVFlare's HE filters judge the file
-        if fl_ctx.get_prop(FLContextKey.SECURE_MODE, True):
-            bad += [LoadResult.INVALID_SIGNATURE, LoadResult.NOT_SIGNED]
-        try:
-            data, rc = SecurityContentService.load_content(CLIENT_CONTEXT)
-        except Exception as e:  # no security content service (the simulator)
-            data, rc = None, f"{type(e).__name__}: {e}"
-        if data is None or rc in bad:
-            raise SecureAggregationError(
-                f"{fl_ctx.get_identity_name()}: this job aggregates encrypted updates (secure_aggregation \"he\") but "
-                f"the site's startup kit has no usable {CLIENT_CONTEXT} ({rc}): provision the project with NVFlare's "
-                f"HEBuilder (deploy/README.md) or `nvflare poc prepare --he`; the simulator has no HE context: run "
-                f"HE jobs in POC or a provisioned system")
-        return load_context(data, CLIENT_CONTEXT, secret=True)
 
     def _received(self, dxo: DXO) -> Dict:
         """The DXO's adapter, its encrypted tensors (under HE) read back as ciphertexts for the site to decrypt."""
