@@ -11,7 +11,7 @@ level, so it runs only where bitsandbytes is importable, see --bnb-path; else it
 
 Per mode: upload bytes per round (all 4 sites, as the server's communication.json measures them: tensor
 bytes + key names, before the server's filters), the ratio against none, the ratio of a full-model FedAvg
-upload at CLIP ViT-B/32 shapes (benchmarks/federation.py full_fedavg_bytes, the one baseline of every
+upload at CLIP ViT-B/32 shapes (benchmarks/_shapes.py full_fedavg_bytes, the one baseline of every
 "x smaller" figure: the classifier a site would train in full, image tower + projection + head of
 CLIPConfig(), 87,854,346 parameters x 4 bytes) to this mode's upload at ViT-B/32 *adapter* shapes (same LoRA settings as the job;
 an update of that shape, random normal, encoded by the same codec and counted the same way), the final
@@ -44,18 +44,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
-
-from compression_job import job_with_filters  # noqa: E402
-from params import write_vitb32_config  # noqa: E402
-from simjob import JOB, communication, cross_site_results, make_job, run_simulator  # noqa: E402
-
-from nvflare_lora import adapter_shapes  # noqa: E402
-from nvflare_lora import compression as codec  # noqa: E402
-from nvflare_lora.fl.protocol import payload_bytes  # noqa: E402
-from nvflare_lora.fl.filters.compressor import PAYLOAD_KEY  # noqa: E402
-from _smoke import json_path  # noqa: E402  (where its raw results go)
+from nvflare_lora import adapter_shapes
+from nvflare_lora import compression as codec
+from nvflare_lora.fl.protocol import payload_bytes
+from nvflare_lora.fl.filters.compressor import PAYLOAD_KEY
+from nvflare_lora.testing.simulator import JOB, communication, cross_site_results, make_job, run_simulator
+from _compression_job import job_with_filters
+from _shapes import full_fedavg_bytes, write_vitb32_config
+from _smoke import json_path  # where its raw results go
 
 MODES = ["none", "fp16", "int8", "int4", "topk+int8", "nvflare-fp16"]
 QUANTIZER = "nvflare.app_opt.pt.quantization."
@@ -134,8 +130,6 @@ def job_lora() -> tuple:
 
 def vitb32_upload_bytes(modes, fraction: float) -> tuple:
     """(full-model FedAvg upload bytes of one site, {mode: one site's upload bytes at ViT-B/32 adapter shapes})."""
-    from federation import full_fedavg_bytes
-
     num_classes, lora = job_lora()
     with tempfile.TemporaryDirectory() as d:
         shapes = adapter_shapes(write_vitb32_config(d), num_classes, lora)

@@ -63,19 +63,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from simjob import JOB, communication, make_job  # noqa: E402  (the tests' job-copy helper, shared on purpose)
+from nvflare_lora import adapter_shapes
+from nvflare_lora.testing.simulator import JOB, communication, make_job
+from _shapes import FP32, full_fedavg_bytes
+from _smoke import json_path  # where its raw results go
 
-from nvflare_lora import adapter_shapes  # noqa: E402
-from nvflare_lora.models import CLIPImageClassifier, load_clip_config, resolve_model  # noqa: E402
-from _smoke import json_path  # noqa: E402  (where its raw results go)
+ROOT = Path(__file__).resolve().parents[1]
 
 OUT = ROOT / "benchmarks" / "out"
 VITB32_DIR = OUT / "clip-vitb32-random"
 JOB_ID = "simulate_job"
 SITE = "site-1"
-FP32 = 4
 
 
 # ---- the job's settings, read from its configs (one source of truth) ------------------------------
@@ -352,15 +350,6 @@ def bench_server_memory(tmp: Path, base: Optional[Path] = None) -> Dict:
 
 
 # ---- (c) upload per round ------------------------------------------------------------------------------
-def full_fedavg_bytes(model: str, num_classes: int) -> int:
-    """THE full-model FedAvg baseline of every "x smaller" figure: one site's fp32 upload when it sends the
-    whole model it trains, our CLIPImageClassifier (image tower, projection and head; no text tower, which
-    the classifier does not have), counted on the meta device."""
-    cfg = load_clip_config(resolve_model(str(model)))
-    with torch.device("meta"):
-        return sum(p.numel() for p in CLIPImageClassifier(cfg, num_classes, include_text=False).parameters()) * FP32
-
-
 def upload_sizes(observed: Optional[Dict], sites: int = 4, base: Optional[Path] = None) -> Dict:
     from nvflare_lora.fl.server.persistor import AdapterPersistor
 

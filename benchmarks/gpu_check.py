@@ -4,8 +4,9 @@ Needs only torch (CUDA), transformers, peft, numpy and PIL: what a GPU machine's
 NVFlare or onnxruntime (their parts are skipped when absent). Under 5 minutes on one GPU.
 
 1. training: images/s of the executor's path (SiteLoader + train_local, bf16 autocast, pinned memory,
-   non-blocking copies) against the plain PyTorch + PEFT + DataLoader loop of benchmarks/site.py with the
-   same bf16 autocast; batch 64, ViT-B/32 shapes, r 16 on q/v + head, DataLoader workers from the cores.
+   non-blocking copies) against the plain PyTorch + PEFT + DataLoader loop of benchmarks/site.py
+   (benchmarks/_throughput.py) with the same bf16 autocast; batch 64, ViT-B/32 shapes, r 16 on q/v + head,
+   DataLoader workers from the cores.
 2. inference: the LoRA model merged into the base and cast to fp16 against the unmerged PEFT model under
    fp16 autocast: images/s at batch 64 and the largest logit difference.
 Images: --images DIR (class folders), else 1,024 elpv cells when elpv-dataset is installed, else 1,024
@@ -22,7 +23,6 @@ Raw results: OUT/gpu_check.json (default benchmarks/results/, or $OUT when set).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -31,18 +31,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from _throughput import throughput  # benchmarks/site.py's (a): the executor's path against a plain loop
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-
-def _site_bench():
-    spec = importlib.util.spec_from_file_location("site_bench", ROOT / "benchmarks" / "site.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def images(folder: Path, count: int = 1024) -> str:
@@ -141,9 +135,8 @@ def main() -> int:
     print(f"{env['gpu']}; {what}; batch {args.batch}; {workers} loader workers; set-up {time.perf_counter() - t0:.0f} s")
 
     print("\n1. training, bf16 autocast")
-    bench = _site_bench()
-    train = bench.throughput(base, str(folder), args.batch, args.steps, args.reps, workers, device=args.device,
-                             plain_autocast=torch.bfloat16)
+    train = throughput(base, str(folder), args.batch, args.steps, args.reps, workers, device=args.device,
+                       plain_autocast=torch.bfloat16)
     print("\n2. inference at batch", args.batch)
     infer = inference(base, args.batch, max(5, args.reps) if args.device == "cuda" else 1, args.device)
 

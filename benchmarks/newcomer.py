@@ -7,7 +7,7 @@
    - import floor (the issue's definition): the number of site processes plain started x the median
      wall time of a fresh `python -c "import <NVFlare's simulator worker>, torch, peft; from transformers
      import CLIPModel"` (5 runs);
-   - NVFlare floor: the same job, no -t, with benchmarks/floor_executor.py in the executor's place (it
+   - NVFlare floor: the same job, no -t, with nvflare_lora/testing/floor.py in the executor's place (it
      imports the same and answers every task at once): what NVFlare's simulator costs per task;
 4. int8: the default job trained with 3 seeds (the job's seed and train_seed 0, 1, 2; `-t 4`), each exported
    with the README's `python -m exporters.onnx WS --optimize --quantize int8`: the exporter's own top-1
@@ -46,28 +46,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 
+from nvflare_lora.allow import allow
+from nvflare_lora.testing import ort_logits
+from nvflare_lora.testing.simulator import JOB, communication, make_job, server_app_dir
+from _smoke import json_path  # where its raw results go
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
-
-from simjob import JOB, communication, make_job, server_app_dir  # noqa: E402
-
-from nvflare_lora.allow import allow  # noqa: E402
-from _smoke import json_path  # noqa: E402  (where its raw results go)
 
 IMPORTS = ("import nvflare.private.fed.app.simulator.simulator_worker, torch, peft; "
            "from transformers import CLIPModel")
 
 
-def simulate(job: Path, ws: Path, threads, extra_path: str = "", sites: int = 4) -> dict:
+def simulate(job: Path, ws: Path, threads, sites: int = 4) -> dict:
     """The README's command, run by its CLI; seconds, site processes started, accuracies."""
-    allow(ws)
-    if extra_path:
-        allow(ws, "floor_executor.")
+    allow(ws)  # nvflare_lora.*: the floor's executor too
     cmd = ["nvflare", "simulator", str(job), "-w", str(ws), "-n", str(sites)]
     cmd += ["-t", str(threads)] if threads else []
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    if extra_path:
-        env["PYTHONPATH"] = os.pathsep.join([extra_path, env.get("PYTHONPATH", "")])
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=1800)
     seconds = time.perf_counter() - t0
@@ -82,15 +77,15 @@ def simulate(job: Path, ws: Path, threads, extra_path: str = "", sites: int = 4)
 
 
 def floor_executor_job(dest: Path, **changes) -> Path:
-    """The default job (with these settings changed) with benchmarks/floor_executor.py in the executor's place,
-    written by the job schema's writer as tests/simjob.make_job writes its variants."""
+    """The default job (with these settings changed) with nvflare_lora.testing.floor's executor in the executor's
+    place, written by the job schema's writer as nvflare_lora.testing.simulator.make_job writes its variants."""
     from nvflare_lora.settings import EXECUTOR, client_config, meta, server_config, settings, write_configs
 
     s = settings(**changes)
     client = client_config(s)
     executor = client["executors"][0]["executor"]
     assert executor["path"] == EXECUTOR, executor["path"]
-    executor["path"] = "floor_executor.FloorExecutor"
+    executor["path"] = "nvflare_lora.testing.floor.FloorExecutor"
     return write_configs(Path(dest), meta(Path(dest).name, s), server_config(s), client)
 
 
@@ -128,8 +123,8 @@ def int8_schemes(ws: Path, out: Path, images: int = 256) -> dict:
             if (name == "fp32" and cpu != "native") or (cpu == "haswell-no-x64qp" and name != INT8_SCHEME):
                 continue
             dst = out / f"{name}-{cpu}.npy"
-            subprocess.run(prefix + [sys.executable, str(ROOT / "tests" / "ort_logits.py"), str(model),
-                                     str(out / "pixels.npy"), str(dst), mode], check=True, capture_output=True)
+            subprocess.run(prefix + ort_logits.command(model, out / "pixels.npy", dst, mode), check=True,
+                           capture_output=True)
             logits[(name, cpu)] = np.load(dst)
     ref = logits[("fp32", "native")].argmax(1)
     return {f"{name}/{cpu}": round(100 * float((lg.argmax(1) == ref).mean()), 2)
@@ -176,7 +171,7 @@ def main() -> None:
         results["plain"] = simulate(t4_job, work / "ws_plain", None, sites=args.sites)
         print(f"plain: {results['plain']}", flush=True)
         floor_job = floor_executor_job(work / "floor_job", **size)
-        results["nvflare_floor"] = simulate(floor_job, work / "ws_floor", None, str(ROOT / "benchmarks"), args.sites)
+        results["nvflare_floor"] = simulate(floor_job, work / "ws_floor", None, args.sites)
         print(f"nvflare floor: {results['nvflare_floor']}", flush=True)
         results["import_seconds"] = round(import_seconds(), 3)
         results["import_floor_seconds"] = round(results["import_seconds"] * results["plain"]["site_processes"], 1)

@@ -51,7 +51,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Sequence
@@ -61,8 +60,6 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _smoke import TINY_CLIP_CONFIG, json_path  # noqa: E402
 from exporters.onnx.rebuild import wise_state  # noqa: E402

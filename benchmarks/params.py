@@ -44,7 +44,8 @@ import torch
 
 from nvflare_lora import TINY_PRESET, LoRAConfig, adapter_shapes
 from nvflare_lora.models import CLIPImageClassifier, load_clip_config, resolve_model
-from _smoke import json_path  # noqa: E402  (where its raw results go)
+from _shapes import FP32, write_vitb32_config
+from _smoke import json_path  # where its raw results go
 
 NUM_CLASSES = 10  # digits; the head is projection_dim x 10 + 10
 RANKS = (8, 16, 32)
@@ -57,18 +58,9 @@ TOWER_SETS = {
     "image tower + head (default)": (["vision", "classifier"], False),
     "both towers + head": (["vision", "text", "classifier"], True),
 }
-FP32 = 4
 
 
 # ---- part 1: counts from shapes ------------------------------------------------------------------
-def write_vitb32_config(directory: str) -> str:
-    """CLIPConfig()'s config.json alone: all resolve_model/load_clip_config read to get shapes (no weights)."""
-    from transformers import CLIPConfig
-
-    CLIPConfig().save_pretrained(directory)
-    return directory
-
-
 def meta_param_count(module_factory) -> int:
     with torch.device("meta"):
         return sum(p.numel() for p in module_factory().parameters())

@@ -15,9 +15,9 @@ to DP noise amplified through B.A). epsilon in {1, 3, 8, inf}; inf is training w
 Choices on validation data, in this script: at epsilon 8, per rule, the clip C, the peak lr and the local
 steps per round from DP_GRID (training seed 0, scored on quality.py's validation split; fewer steps spend
 the budget on fewer, less noisy steps); the chosen settings are then used at epsilon 1 and 3 too. Without
-DP the lr comes from quality.py's LR_GRID the same way (5 local steps, quality.py's protocol). Only the
-chosen settings are run with every seed of --seeds and scored on the test images (359 small, 500 large). Each
-protocol makes its own choices.
+DP the lr comes from quality.py's LR_GRID (benchmarks/_digits.py) the same way (5 local steps, quality.py's
+protocol). Only the chosen settings are run with every seed of --seeds and scored on the test images (359 small,
+500 large). Each protocol makes its own choices.
 
 Time: one site's local training (5 steps a round, its share) with DP and without, alternating, 30 rounds
 each: the ratio of the median round times (DP's batches are Poisson, 32 images on average).
@@ -37,24 +37,23 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Dict
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np
+import torch
+
+from nvflare_lora.data import SiteLoader, partition
+from nvflare_lora.models import preprocessing_for
+from nvflare_lora.privacy import DPConfig, PrivateStep, calibrate
+from nvflare_lora.training import train_local
+from _digits import LR_GRID, OUT, SITES, Bench, as_dataset, digit_domains, pretrained_base, rounded
+from _smoke import json_path  # where its raw results go
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "benchmarks")]
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import quality  # noqa: E402
-from nvflare_lora.data import SiteLoader, partition  # noqa: E402
-from nvflare_lora.privacy import DPConfig, PrivateStep, calibrate  # noqa: E402
-from nvflare_lora.training import train_local  # noqa: E402
-from _smoke import json_path  # noqa: E402  (where its raw results go)
 
 SPLIT = ("a0.5", "dirichlet", 0.5)
 RULES = ("fedavg", "ffa")
@@ -63,8 +62,9 @@ DELTA = 1e-5
 DP_GRID = [(clip, lr, steps) for clip in (0.1, 1.0) for lr in (0.02, 0.05) for steps in (1, 5)]
 
 
-class PrivateBench(quality.Bench):
-    """quality.Bench with every site's local training under DP-SGD at `epsilon` (None: without DP)."""
+class PrivateBench(Bench):
+    """quality.py's Bench (benchmarks/_digits.py) with every site's local training under DP-SGD at `epsilon` (None:
+    without DP)."""
 
     epsilon, clip, dp_steps = None, 1.0, 5
 
@@ -102,7 +102,7 @@ def protocol_data(args, protocol: str):
     validation, 500 test. The base is the same for both: quality.py's, pretrained on scikit-learn's source-domain
     digits only, so no site's image was in its pretraining."""
     if protocol == "small":
-        _, target, labels, pool, val, test = quality.digit_domains(args.data_seed, args.val_fraction)
+        _, target, labels, pool, val, test = digit_domains(args.data_seed, args.val_fraction)
         return target, labels, pool, val, test
     from nvflare_lora.sample_data import mnist_arrays
 
@@ -117,11 +117,11 @@ def protocol_data(args, protocol: str):
 def _init(args, protocol: str = "small") -> None:
     global _BENCH
     torch.set_num_threads(args.threads)
-    source, _, digit_labels, digit_pool, _, _ = quality.digit_domains(args.data_seed, args.val_fraction)
-    base = quality.pretrained_base(args, source, digit_labels, digit_pool)
+    source, _, digit_labels, digit_pool, _, _ = digit_domains(args.data_seed, args.val_fraction)
+    base = pretrained_base(args, source, digit_labels, digit_pool)
     target, labels, pool, val, test = protocol_data(args, protocol)
-    pp = quality.preprocessing_for(str(base))
-    _BENCH = PrivateBench(args, base, *(quality.as_dataset(target[i], labels[i], pp) for i in (pool, val, test)))
+    pp = preprocessing_for(str(base))
+    _BENCH = PrivateBench(args, base, *(as_dataset(target[i], labels[i], pp) for i in (pool, val, test)))
 
 
 def _run(job):
@@ -129,7 +129,7 @@ def _run(job):
     _BENCH.epsilon, _BENCH.clip, _BENCH.dp_steps, _BENCH.on = epsilon, clip, steps, on
     _BENCH.every = _BENCH.args.rounds if on == "val" else _BENCH.args.eval_every
     t = time.perf_counter()
-    result = _BENCH.federated(rule, parts, [_BENCH.args.rank] * quality.SITES, lr, seed)
+    result = _BENCH.federated(rule, parts, [_BENCH.args.rank] * SITES, lr, seed)
     result["seconds"] = time.perf_counter() - t
     eps = "inf" if epsilon is None else f"{epsilon:g}"
     print(f"  {rule:6s} eps {eps:>3} C {clip:<4g} lr {lr:<6g} steps {steps} seed {seed} {on:4s} "
@@ -212,7 +212,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny size for CI (see Usage), JSON and plot to "
                     "benchmarks/out/smoke/")
     args = ap.parse_args()
-    dp_grid, lr_grid, epsilons = DP_GRID, quality.LR_GRID, EPSILONS
+    dp_grid, lr_grid, epsilons = DP_GRID, LR_GRID, EPSILONS
     if args.smoke:
         from _smoke import OUT as smoke_out
 
@@ -225,9 +225,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     load = os.getloadavg()
-    source, _, labels, pool, _, _ = quality.digit_domains(args.data_seed, args.val_fraction)
-    quality.OUT.mkdir(parents=True, exist_ok=True)
-    quality.pretrained_base(args, source, labels, pool)
+    source, _, labels, pool, _, _ = digit_domains(args.data_seed, args.val_fraction)
+    OUT.mkdir(parents=True, exist_ok=True)
+    pretrained_base(args, source, labels, pool)
     seeds = [int(s) for s in args.seeds.split(",")]
     results: Dict = {"settings": vars(args), "split": SPLIT[0], "delta": DELTA, "dp_grid": dp_grid,
                      "lr_grid": list(lr_grid), "load_at_start": load}
@@ -237,7 +237,7 @@ def main() -> None:
 
     print("\n3. one site's round with DP-SGD and without (this process)", flush=True)
     _, labels_small, pool_small, _, _ = protocol_data(args, "small")
-    timing = dp_time(args, partition(labels_small[pool_small], quality.SITES, SPLIT[1], SPLIT[2], args.data_seed))
+    timing = dp_time(args, partition(labels_small[pool_small], SITES, SPLIT[1], SPLIT[2], args.data_seed))
     results["dp_time"] = timing
     for protocol in args.protocols.split(","):
         r = results[protocol]
@@ -262,7 +262,7 @@ def main() -> None:
     last = args.protocols.split(",")[-1]
     plot(results[last], Path(args.plot), epsilons)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(quality._rounded(results), default=str) + "\n")
+    Path(args.json).write_text(json.dumps(rounded(results), default=str) + "\n")
     print(f"total {time.perf_counter() - t0:.0f}s, load average {os.getloadavg()[0]:.2f}")
     for protocol, line in lines.items():
         if protocol != last:
@@ -273,7 +273,7 @@ def main() -> None:
 def one_protocol(args, protocol: str, dp_grid, lr_grid, epsilons, seeds) -> Dict:
     """The protocol's choices on validation (seed 0), then its test runs with every seed."""
     _, labels, pool, _, _ = protocol_data(args, protocol)
-    parts = partition(labels[pool], quality.SITES, SPLIT[1], SPLIT[2], args.data_seed)
+    parts = partition(labels[pool], SITES, SPLIT[1], SPLIT[2], args.data_seed)
     sizes = [len(p) for p in parts]
     print(f"{protocol} sites, {SPLIT[0]}: training images {sizes}", flush=True)
     # 1. choices on the validation split (seed 0): DP's (clip, lr, steps) at epsilon 8, and the lr without DP

@@ -41,19 +41,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests")]
-
-from faulty_executor import fault_channel  # noqa: E402
 
 from nvflare_lora.round import Federation, weighted_accuracy  # noqa: E402
 from nvflare_lora.settings import read_job  # noqa: E402
+from nvflare_lora.testing.faults import fault_channel  # noqa: E402
 from _smoke import json_path  # noqa: E402  (where its raw results go)
 
 JOB = ROOT / "jobs" / "clip_lora"

@@ -45,9 +45,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import psutil  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from simjob import communication, make_job, run_simulator  # noqa: E402  (the tests' job helpers, shared on purpose)
+from nvflare_lora.testing.simulator import communication, make_job, run_simulator  # noqa: E402
 from _smoke import json_path  # noqa: E402  (where its raw results go)
 
 VAL_FRACTION = 0.2

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,17 +41,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
-
-from simjob import JOB  # noqa: E402
-
-from nvflare_lora import compression as codec  # noqa: E402
-from nvflare_lora.fl.protocol import payload_bytes  # noqa: E402
-from nvflare_lora.fl.filters.compressor import PAYLOAD_KEY  # noqa: E402
-from nvflare_lora.round import Federation, run_round, weighted_accuracy  # noqa: E402
-from nvflare_lora.settings import JobSettings, read_job  # noqa: E402
-from _smoke import json_path  # noqa: E402  (where its raw results go)
+from nvflare_lora import compression as codec
+from nvflare_lora.fl.protocol import payload_bytes
+from nvflare_lora.fl.filters.compressor import PAYLOAD_KEY
+from nvflare_lora.round import Federation, run_round, weighted_accuracy
+from nvflare_lora.settings import JobSettings, read_job
+from nvflare_lora.testing.simulator import JOB
+from _smoke import json_path  # where its raw results go
 
 
 def job_settings(s: JobSettings) -> dict:

@@ -390,7 +390,7 @@ def exact_run(tmp_path_factory):
     need nothing but site_ranks (no filter to wire). Cross-site evaluation also sends the sites' own models
     (ranks 16 and 8) to each other (its submit_model task, set in the written config's dict)."""
     from nvflare_lora.settings import client_config, meta, server_config, settings, write_configs
-    from simjob import run_simulator
+    from nvflare_lora.testing.simulator import run_simulator
 
     tmp = tmp_path_factory.mktemp("exact")
     s = settings(num_rounds=SIM_ROUNDS, min_clients=2, num_sites=2, partition="iid", local_epochs=1,
@@ -413,7 +413,7 @@ def _shapes_at(rank):
 
 
 def test_exact_run_sends_each_site_its_rank_and_the_residuals(exact_run):
-    from simjob import communication
+    from nvflare_lora.testing.simulator import communication
 
     comm = communication(exact_run)
     assert len(comm["rounds"]) == SIM_ROUNDS
@@ -441,7 +441,7 @@ def test_exact_checkpoint_is_a_folded_plain_peft_adapter_that_scores_as_the_site
     from nvflare_lora.data import load_digits_dataset, site_split
     from nvflare_lora.models import build_classifier, preprocessing_for
     from nvflare_lora.training import evaluate
-    from simjob import communication, cross_site_results, server_app_dir
+    from nvflare_lora.testing.simulator import communication, cross_site_results, server_app_dir
 
     latest = server_app_dir(exact_run) / "adapter" / "latest"
     state, peft_cfg, meta = read_adapter_dir(latest)

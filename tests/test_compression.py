@@ -460,7 +460,7 @@ def test_compressor_refuses_bad_configs_and_inputs():
 def test_simulator_compresses_both_ways_on_the_wire_and_keeps_the_residual_at_the_site(tmp_path):
     """What only NVFlare shows: the job's filters on the wire (bytes per direction as the server counts
     them), the error-feedback residual in each site's app directory, and a job that completes and learns."""
-    from simjob import communication, cross_site_results, make_job, run_simulator
+    from nvflare_lora.testing.simulator import communication, cross_site_results, make_job, run_simulator
 
     sites = ["site-1", "site-2"]
     job = make_job(tmp_path / "job", num_rounds=2, num_sites=2, min_clients=2, compression="topk+int8",

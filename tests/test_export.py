@@ -27,6 +27,7 @@ from nvflare_lora.checkpoint import save_adapter_dir, sha256_file
 from nvflare_lora.data import load_digits_dataset, split_record
 from nvflare_lora.managers import model_metadata
 from nvflare_lora.models import Preprocessing, build_classifier, save_preset
+from nvflare_lora.testing import ort_logits
 from nvflare_lora.training import train_local
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,8 +211,8 @@ def test_one_int8_file_computes_the_same_logits_on_an_avx2_cpu_as_on_a_vnni_one(
 
     def logits(model, mode, prefix=()):
         dst = tmp_path / f"{model.stem}-{mode}-{len(prefix)}.npy"
-        subprocess.run([*prefix, sys.executable, str(REPO / "tests" / "ort_logits.py"), str(model),
-                        str(tmp_path / "x.npy"), str(dst), mode], check=True, capture_output=True, timeout=300)
+        subprocess.run([*prefix, *ort_logits.command(model, tmp_path / "x.npy", dst, mode)], check=True,
+                       capture_output=True, timeout=300)
         return np.load(dst)
 
     quantize_int8(out / "model.optimized.onnx", tmp_path / "unsigned.onnx", "u8u8")

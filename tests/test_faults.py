@@ -9,7 +9,7 @@ import numpy as np
 from nvflare_lora.checkpoint import read_adapter_dir
 from nvflare_lora.round import Federation
 from nvflare_lora.settings import settings
-from simjob import communication, make_job, run_simulator, server_app_dir
+from nvflare_lora.testing.simulator import communication, make_job, run_simulator, server_app_dir
 
 # short rounds: one epoch capped at 4 steps per site; no cross-site evaluation
 SHORT = dict(cross_site_eval=False, wait_time_after_min_received=5, local_epochs=1, max_steps=4)

@@ -8,7 +8,7 @@ import torch
 
 from nvflare_lora import LoRAConfig, adapter_shapes
 from nvflare_lora.fl.server.communication_log import keys_digest
-from simjob import communication, cross_site_results, run_simulator, server_app_dir
+from nvflare_lora.testing.simulator import communication, cross_site_results, run_simulator, server_app_dir
 
 ROUNDS = 8  # jobs/clip_lora as shipped
 SITES = ["site-1", "site-2", "site-3", "site-4"]

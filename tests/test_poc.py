@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from poc import LocalFederation, process_env, provision, write_site_config
-from simjob import ROOT, make_job
+from nvflare_lora.testing.simulator import ROOT, make_job
+from support.poc import LocalFederation, process_env, provision, write_site_config
 
 SUBMIT = ROOT / "deploy" / "submit.py"  # the guide's submit command, run as documented
 

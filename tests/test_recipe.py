@@ -13,7 +13,7 @@ import pytest
 from nvflare_lora.recipe import CLIPLoRARecipe
 from nvflare_lora.settings import (DEFAULTS, FIELDS, SHIPPED_JOBS, SITE_LOCAL, JobSettings, SettingsError, read_job,
                                    settings, site_overrides, write_job)
-from simjob import JOB
+from nvflare_lora.testing.simulator import JOB
 
 JOBS = JOB.parent
 

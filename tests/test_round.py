@@ -6,7 +6,7 @@ import pytest
 
 from nvflare_lora.round import Federation
 from nvflare_lora.settings import JobSettings
-from simjob import communication
+from nvflare_lora.testing.simulator import communication
 
 
 def test_the_in_process_round_gives_the_simulators_per_round_accuracies(shipped_run):

@@ -86,7 +86,7 @@ def test_what_needs_clear_updates_is_refused_under_he_with_the_reason():
 def test_an_he_job_in_the_simulator_stops_saying_it_has_no_he_context(tmp_path):
     """NVFlare's simulator provisions no HE context: the job stops at the sites' set-up, naming the file and where
     HE jobs run, before any round completes."""
-    from simjob import make_job, run_simulator, server_app_dir
+    from nvflare_lora.testing.simulator import make_job, run_simulator, server_app_dir
 
     job = make_job(tmp_path / "he_job", num_rounds=1, num_sites=2, max_steps=1, cross_site_eval=False,
                    secure_aggregation="he", **OPEN)

@@ -135,7 +135,7 @@ def test_sites_with_their_own_classes_train_evaluate_and_export_in_the_simulator
     text head with LoRA on both towers: each site trains and is evaluated on its own classes, the checkpoint's
     labels are the union they announced, cross-site evaluation scores each site on its own classes, and the
     export verifies on that union."""
-    from simjob import cross_site_results, make_job, run_simulator, server_app_dir
+    from nvflare_lora.testing.simulator import cross_site_results, make_job, run_simulator, server_app_dir
 
     from exporters.onnx.__main__ import main as export_main
 

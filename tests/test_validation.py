@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
-from faulty_executor import corrupt, fault_channel
 from nvflare_lora import LoRAConfig, adapter_shapes
 from nvflare_lora.adapter import AdapterMismatchError
 from nvflare_lora.aggregation import Robustness, SiteUpdate, aggregate, check_update, update_norm, update_spec
 from nvflare_lora.round import Federation, weighted_accuracy
 from nvflare_lora.settings import settings
+from nvflare_lora.testing.faults import corrupt, fault_channel
 
 SHAPES = adapter_shapes("tiny-clip", 10, LoRAConfig(r=4, lora_alpha=8))
 SPEC = update_spec(SHAPES, "fedavg")

@@ -1,4 +1,5 @@
-"""A provisioned NVFlare federation on localhost, for tests: real server and site processes with mTLS kits.
+"""A provisioned NVFlare federation on localhost, for tests/test_poc.py: real server and site processes with mTLS
+kits.
 
 `provision()` turns deploy/project.yml into a localhost project (server "localhost", free ports, the
 requested sites), runs `nvflare provision` and allows nvflare_lora components in every kit.
@@ -23,7 +24,7 @@ from typing import Dict, List, Optional
 import psutil
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROJECT_TEMPLATE = ROOT / "deploy" / "project.yml"
 
 

@@ -1,4 +1,5 @@
-"""A real CLIPLoRAExecutor that corrupts its own update in chosen rounds, and the in-process round's channel
+"""A faulty site: a real CLIPLoRAExecutor that corrupts its own update in chosen rounds (a job names it
+nvflare_lora.testing.faults.FaultyExecutor: simulator.make_job(faults=...)), and the in-process round's channel
 that does the same (fault_channel), for the server's validation and robustness tests and benchmarks/robustness.py."""
 
 import os

@@ -1,10 +1,10 @@
 """A job variant whose train-task filters are not nvflare_lora's codecs (benchmarks/compression.py compares
 NVFlare's own ModelQuantizer with them).
 
-nvflare_lora's codecs need no helper: they are settings (simjob.make_job(dest, compression="topk+int8",
-download_compression="int8", compression_args={"fraction": 0.1})). Other filters take the place of the job's
-own AdapterCompressor / AdapterDecompressor in the train task's chains, in the config dicts the schema's
-writer writes (nvflare_lora.settings), never by editing config text.
+nvflare_lora's codecs need no helper: they are settings (nvflare_lora.testing.simulator.make_job(dest,
+compression="topk+int8", download_compression="int8", compression_args={"fraction": 0.1})). Other filters take
+the place of the job's own AdapterCompressor / AdapterDecompressor in the train task's chains, in the config dicts
+the schema's writer writes (nvflare_lora.settings), never by editing config text.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def _replace(config: Dict, chain: str, path: str, spec: Dict, task: str = "train
 
 def job_with_filters(dest: Path, upload: Optional[Pair] = None, download: Optional[Pair] = None,
                      **changes) -> Path:
-    """The default job with some settings changed (simjob.make_job's keywords), written to `dest`, with
+    """The default job with some settings changed (simulator.make_job's keywords), written to `dest`, with
     upload: the sites' results (the site's filter, then the server's) and download: the global model (the
     server's filter, then the site's) in place of the job's compressor and decompressor."""
     s = settings(**changes)

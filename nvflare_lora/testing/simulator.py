@@ -1,8 +1,9 @@
-"""Run a job in the real NVFlare simulator, for the tests where NVFlare itself is under test.
+"""Run a copy of the shipped job in the real NVFlare simulator: for the tests where NVFlare itself is under test,
+and the benchmarks that measure it.
 
 Jobs are made from settings, never by editing config text: make_job writes the job folder with the schema's
-writer (nvflare_lora.settings), optionally with the test-only FaultyExecutor (a subclass of the real executor)
-in place of the executor.
+writer (nvflare_lora.settings), optionally with the faulty site (nvflare_lora.testing.faults.FaultyExecutor, a
+subclass of the real executor) in place of the executor.
 """
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ from typing import Dict, Optional
 
 from nvflare_lora.settings import EXECUTOR, client_config, meta, server_config, settings, write_configs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository checkout
 JOB = ROOT / "jobs" / "clip_lora"
-FAULTY = "faulty_executor.FaultyExecutor"
+FAULTY = "nvflare_lora.testing.faults.FaultyExecutor"
 
 
 def make_job(dest: Path, faults: Optional[Dict] = None, **changes) -> Path:
     """The default job with some settings changed, written to `dest` (its name is the job's name).
 
-    faults: {site: {round: fault}} runs the sites under tests/faulty_executor.FaultyExecutor."""
+    faults: {site: {round: fault}} runs the sites under FAULTY (nvflare_lora.testing.faults)."""
     s = settings(**changes)
     client = client_config(s)
     if faults is not None:
@@ -37,14 +38,11 @@ def make_job(dest: Path, faults: Optional[Dict] = None, **changes) -> Path:
 
 def run_simulator(job: Path, workspace: Path, n: int = 4, threads: Optional[int] = 4, timeout: int = 600,
                   env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
-    """`nvflare simulator JOB -w WS -n N -t T`, after allowing nvflare_lora components in the workspace (and the
-    test-only FaultyExecutor, put on the path, when the job uses it)."""
+    """`nvflare simulator JOB -w WS -n N -t T`, after allowing nvflare_lora components in the workspace (the
+    faulty site's class among them: it is under the package)."""
     from nvflare_lora.allow import allow
 
     allow(workspace)
-    if FAULTY in (Path(job) / "app" / "config" / "config_fed_client.conf").read_text():
-        allow(workspace, "faulty_executor.")
-        env = {**(env or {}), "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "nvflare.private.fed.app.simulator.simulator", str(job), "-w", str(workspace),
            "-n", str(n)]
     if threads:

@@ -1,7 +1,8 @@
 """The floor of a site task: an executor that imports what CLIPLoRAExecutor needs (torch, transformers' CLIP,
 peft) and answers every task at once with a valid, empty result (a zero WEIGHT_DIFF of the global adapter's
-keys, one step; validation metrics of 0). Run in the default job's place, it measures what NVFlare's
-simulator itself costs per task, so that benchmarks/newcomer.py can say how much of a run is ours."""
+keys, one step; validation metrics of 0). Run in the default job's place (a job names it
+nvflare_lora.testing.floor.FloorExecutor), it measures what NVFlare's simulator itself costs per task, so that
+benchmarks/newcomer.py can say how much of a run is ours."""
 
 import numpy as np
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
