@@ -12,8 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
-from nvflare_lora.settings import (COMPRESSOR, DECOMPRESSOR, client_config, meta, server_config, settings,
-                                   write_configs)
+from nvflare_lora.settings import settings
+
+from nvflare_lora.jobfolder import COMPRESSOR, DECOMPRESSOR, client_config, meta, server_config, write_configs
 
 Pair = Tuple[Dict, Dict]  # (sender's filter spec, receiver's filter spec): {"path": ..., "args": {...}}
 

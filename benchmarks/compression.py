@@ -122,7 +122,7 @@ def run_mode(mode: str, fraction: float, workdir: Path, bnb_path: str = "", roun
 
 def job_lora() -> tuple:
     """The persistor's model settings in the default job (num_classes, LoRAConfig), read back by the job schema."""
-    from nvflare_lora.settings import read_job
+    from nvflare_lora.jobfolder import read_job
 
     s = read_job(JOB)[1]
     return s.num_classes, s.lora_config()

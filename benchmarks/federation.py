@@ -79,7 +79,8 @@ SITE = "site-1"
 # ---- the job's settings, read from its configs (one source of truth) ------------------------------
 def job_args():
     """(persistor args, executor args) exactly as jobs/clip_lora declares them (read back by the job schema)."""
-    from nvflare_lora.settings import component_args, read_job
+    from nvflare_lora.settings import component_args
+    from nvflare_lora.jobfolder import read_job
 
     s = read_job(JOB)[1]
     return component_args(s, "persistor"), component_args(s, "executor")
@@ -87,7 +88,8 @@ def job_args():
 
 def generator_args():
     """The shareable generator's args as jobs/clip_lora declares them."""
-    from nvflare_lora.settings import component_args, read_job
+    from nvflare_lora.settings import component_args
+    from nvflare_lora.jobfolder import read_job
 
     return component_args(read_job(JOB)[1], "shareable_generator")
 

@@ -79,7 +79,8 @@ def simulate(job: Path, ws: Path, threads, sites: int = 4) -> dict:
 def floor_executor_job(dest: Path, **changes) -> Path:
     """The default job (with these settings changed) with nvflare_lora.testing.floor's executor in the executor's
     place, written by the job schema's writer as nvflare_lora.testing.simulator.make_job writes its variants."""
-    from nvflare_lora.settings import EXECUTOR, client_config, meta, server_config, settings, write_configs
+    from nvflare_lora.settings import settings
+    from nvflare_lora.jobfolder import EXECUTOR, client_config, meta, server_config, write_configs
 
     s = settings(**changes)
     client = client_config(s)

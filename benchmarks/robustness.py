@@ -49,7 +49,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 
 from nvflare_lora.round import Federation, weighted_accuracy  # noqa: E402
-from nvflare_lora.settings import read_job  # noqa: E402
+from nvflare_lora.jobfolder import read_job  # noqa: E402
 from nvflare_lora.testing.faults import fault_channel  # noqa: E402
 from _smoke import json_path  # noqa: E402  (where its raw results go)
 

@@ -45,7 +45,8 @@ from nvflare_lora import compression as codec
 from nvflare_lora.fl.protocol import payload_bytes
 from nvflare_lora.fl.filters.compressor import PAYLOAD_KEY
 from nvflare_lora.round import Federation, run_round, weighted_accuracy
-from nvflare_lora.settings import JobSettings, read_job
+from nvflare_lora.settings import JobSettings
+from nvflare_lora.jobfolder import read_job
 from nvflare_lora.testing.simulator import JOB
 from _smoke import json_path  # where its raw results go
 

@@ -14,12 +14,14 @@ import json
 import sys
 from pathlib import Path
 
+from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
+
+from .files import atomic_write
+
 PREFIX = "nvflare_lora."  # a trailing dot: every class under the package
 
 
 def allow(workspace: str | Path, prefix: str = PREFIX) -> Path:
-    from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
-
     local = Path(workspace) / "local"
     local.mkdir(parents=True, exist_ok=True)
     path = local / "resources.json"
@@ -32,8 +34,6 @@ def allow(workspace: str | Path, prefix: str = PREFIX) -> Path:
     if prefix not in allow_list and "*" not in allow_list:
         allow_list.append(prefix)
     resources["class_allow_list"] = allow_list
-    from .checkpoint import atomic_write
-
     return atomic_write(path, json.dumps(resources, indent=2) + "\n")
 
 

@@ -10,15 +10,14 @@ Directories are written next to the target and swapped in, so a reader never see
 Every read checks the tensors against the manifest and refuses a changed, missing or extra one by name
 (resume, the initial adapter, cross-site evaluation and the exporter all read through read_adapter_dir).
 This module is the one writer, reader and locator of checkpoints (the persistor, resume, cross-site
-evaluation, LoRAModelManager, zeroshot and the exporter all use it), and atomic_write is the one atomic
-file write of the package.
+evaluation, LoRAModelManager, zeroshot and the exporter all use it); it swaps directories in with
+nvflare_lora.files, the package's general file tools.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -27,7 +26,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Mapping, Optional
 
 import numpy as np
+from safetensors.numpy import load_file, save_file
+
 from .errors import NVFlareLoRAError
+from .files import swap_into_place
 
 ADAPTER_FILE = "adapter_model.safetensors"
 # under secure_aggregation "he" the server saves the global adapter as it holds it: the sent tensors as CKKS
@@ -86,42 +88,10 @@ class CheckpointMeta:
         return cls(**{k: v for k, v in d.items() if k in known and k != "labels"}, labels=list(labels))
 
 
-def atomic_write(path: str | Path, data: str | bytes) -> Path:
-    """Write a file whole or not at all: a temporary sibling, fsynced, then renamed over `path`. The one
-    atomic write every writer of this package uses (checkpoints, job configs, logs, accountants, caches)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data.encode() if isinstance(data, str) else data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def current_umask() -> int:
-    """The process's umask (mkstemp/mkdtemp create owner-only files; what others must read gets 0o666 & ~umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_json_atomic(path: Path, obj) -> Path:
-    return atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
-
-
 def save_adapter_dir(directory: str | Path, state: Mapping[str, np.ndarray], peft_config,
                      metadata: "CheckpointMeta | Dict", encrypted: Optional[Mapping] = None) -> Path:
     """Write a complete checkpoint to a temporary sibling, then swap it in place of `directory`.
     encrypted: {"keys", "shapes"} when the keys' tensors are serialized ciphertexts (ENCRYPTED_ADAPTER_FILE)."""
-    from safetensors.numpy import save_file
-
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
@@ -151,18 +121,6 @@ def save_adapter_dir(directory: str | Path, state: Mapping[str, np.ndarray], pef
     return directory
 
 
-def swap_into_place(tmp: Path, target: Path) -> None:
-    """Replace directory `target` by the complete directory `tmp`: a reader sees the old or the new one,
-    never a half-written one (only the instant between the two renames has neither)."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _jsonable(o):
     if isinstance(o, (set, frozenset)):
         return sorted(o)
@@ -173,8 +131,6 @@ def _jsonable(o):
 
 def read_adapter_dir(directory: str | Path):
     """(state, peft_config_dict, metadata) of a checkpoint, with a clear error for anything missing."""
-    from safetensors.numpy import load_file
-
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
@@ -195,14 +151,6 @@ def read_adapter_dir(directory: str | Path):
 
 # ---- integrity: what was written is what is read ----------------------------------------------------------
 MANIFEST_KEY = "manifest"
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _tensor_sha256(array: np.ndarray) -> str:
@@ -249,35 +197,6 @@ class Located:
 def is_checkpoint(directory: Path) -> bool:
     return (directory / META_FILE).is_file() and any((directory / f).is_file()
                                                      for f in (ADAPTER_FILE, ENCRYPTED_ADAPTER_FILE))
-
-
-def decrypt_checkpoint(state: Mapping[str, np.ndarray], meta: Mapping, context_file: Optional[str | Path],
-                       where: Path) -> Dict[str, np.ndarray]:
-    """A checkpoint's adapter in clear: as read when it is not encrypted, else decrypted with the CKKS context
-    (secret key) in context_file (a site's startup kit: startup/client_context.tenseal)."""
-    sealed = meta.get(ENCRYPTED_META_KEY)
-    if not sealed:
-        return dict(state)
-    from .aggregation.secure import CLIENT_CONTEXT, SecureAggregationError, decrypt_state, from_bytes, load_context
-
-    if not context_file:
-        raise CheckpointError(f"checkpoint {where} is encrypted (secure_aggregation \"he\": the server never held it "
-                              f"in clear): read it where a site's key is, with its kit's startup/{CLIENT_CONTEXT} "
-                              f"(python -m exporters.onnx RUN --he-context KIT/startup/{CLIENT_CONTEXT})")
-    path = Path(context_file).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"HE context {path} does not exist: give a site's startup/{CLIENT_CONTEXT}")
-    try:
-        ctx = load_context(path.read_bytes(), str(path), secret=True)
-        enc = from_bytes(ctx, state, set(sealed["keys"]), f"checkpoint {where}")
-    except SecureAggregationError as e:
-        raise CheckpointError(str(e)) from None
-    shapes = {k: tuple(sealed["shapes"][k]) if k in sealed["keys"] else tuple(np.shape(v)) for k, v in enc.items()}
-    try:
-        return decrypt_state(ctx, enc, shapes)
-    except ValueError as e:
-        raise CheckpointError(f"checkpoint {where} does not decrypt with {path} ({e}): it is another project's "
-                              f"context") from None
 
 
 def find_checkpoints(run_dir: Path) -> List[Path]:

@@ -34,6 +34,9 @@ import zlib
 from typing import Dict, Mapping, Optional, Tuple
 
 import numpy as np
+from safetensors.numpy import load_file, save as safetensors_bytes
+
+from .files import atomic_write
 
 MODES = ("fp16", "int8", "int4", "topk", "topk+int8")
 _MODE_CODE = {"fp16": 1, "int8": 2, "int4": 3, "topk": 4, "topk+int8": 5}
@@ -507,8 +510,6 @@ class ResidualStore:
         """The stored residual (zeros before the first round); refused if its keys or shapes differ."""
         if not os.path.exists(self.path):
             return {k: np.zeros(s, np.float32) for k, s in shapes.items()}
-        from safetensors.numpy import load_file
-
         try:
             residual = load_file(self.path)
         except Exception as e:  # safetensors raises its own error types for damaged files
@@ -529,13 +530,9 @@ class ResidualStore:
         return residual
 
     def save(self, residual: Mapping[str, np.ndarray]) -> None:
-        from safetensors.numpy import save
-
-        from .checkpoint import atomic_write
-
         # atomic: a crash leaves the old residual, never half a file
-        atomic_write(self.path, save({k: np.ascontiguousarray(v, np.float32) for k, v in residual.items()},
-                                     metadata={"format": "nvflare_lora.compression_residual/1"}))
+        tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in residual.items()}
+        atomic_write(self.path, safetensors_bytes(tensors, metadata={"format": "nvflare_lora.compression_residual/1"}))
 
 
 def encode_with_feedback(arrays: Mapping[str, np.ndarray], spec: CompressionSpec, store: ResidualStore,

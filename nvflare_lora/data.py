@@ -14,6 +14,7 @@ TooManyBadImages once more than `max_bad_images` (a share, default 1%) of the li
 from __future__ import annotations
 
 import csv
+import importlib.util
 import logging
 import os
 import re
@@ -23,9 +24,11 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, 
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+
 from .errors import NVFlareLoRAError
-from .preprocessing import IMAGE_SUFFIXES, image_files
+from .preprocessing import IMAGE_SUFFIXES, image_files, to_rgb
 
 MAX_BAD_IMAGES = 0.01
 _log = logging.getLogger(__name__)
@@ -92,8 +95,6 @@ class Augmentation:
             raise ValueError(f"augmentation min_scale must be in (0, 1], got {self.min_scale!r}")
 
     def __call__(self, image, preprocess, rng: np.random.Generator) -> np.ndarray:
-        from PIL import Image
-
         w, h = image.size
         box = None
         for _ in range(10):  # torchvision's RandomResizedCrop: draw until the crop fits, else the centre
@@ -159,8 +160,6 @@ class ImageDataset(Dataset):
         src, label = self.items[i]
         try:
             if self.augment is not None and seed is not None:
-                from .preprocessing import to_rgb
-
                 arr = self.augment(to_rgb(src), self.preprocess, np.random.default_rng([int(seed), int(i)]))
                 pixels = torch.from_numpy(arr)
             else:
@@ -282,8 +281,6 @@ def digits_arrays() -> Tuple[np.ndarray, np.ndarray]:
 
     The same values as sklearn.datasets.load_digits() (tested), without importing scikit-learn: that import
     takes ~0.8 s, which a site pays on every task when the simulator runs without -t (one process a task)."""
-    import importlib.util
-
     spec = importlib.util.find_spec("sklearn")
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError("the bundled digits come with scikit-learn: pip install scikit-learn")
@@ -306,8 +303,6 @@ def load_digits_dataset(preprocess: Callable) -> ImageDataset:
 
 def _opens(path: Path) -> Optional[str]:
     """None if PIL recognises the file as an image (header only: cheap), else the reason."""
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             im.size

@@ -13,23 +13,26 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Tuple
 
-from .aggregation import check_mode, check_site_ranks, update_spec
+from .adapter import init_adapter_state
+from .aggregation import check_mode, check_site_ranks, residual_shapes, update_spec, zero_residuals
 from .config import LoRAConfig
+from .head import Head
 
 
 @dataclass(frozen=True)
 class JobFacts:
     """model: the base (preset, local directory or hub id); labels: class names in label order; lora: the LoRA
-    settings at the global rank; aggregation: the rule; site_ranks: {site: rank} below r; head: how the head
-    started ({"init", "normalize_embeds", ...}, nvflare_lora.zeroshot.head_spec); fingerprint: the base's
-    (None until the server computes it)."""
+    settings at the global rank; aggregation: the rule; site_ranks: {site: rank} below r; head: the head
+    (nvflare_lora.head.Head); fingerprint: the base's (None until the server computes it); secure_aggregation: the
+    secure mode's name (nvflare_lora.secure.secure_mode turns it into the component); site_clip_norm: each
+    site's bound on its own update."""
 
     model: str
     labels: Tuple[str, ...]
     lora: LoRAConfig
     aggregation: str = "fedavg"
     site_ranks: Dict[str, int] = field(default_factory=dict)
-    head: Dict = field(default_factory=dict)
+    head: Head = field(default_factory=Head)
     fingerprint: Optional[Dict] = None
     secure_aggregation: str = "none"
     site_clip_norm: Optional[float] = None
@@ -38,6 +41,8 @@ class JobFacts:
         check_mode(self.aggregation)
         object.__setattr__(self, "site_ranks", check_site_ranks(self.site_ranks, self.lora.r))
         object.__setattr__(self, "labels", tuple(str(x) for x in self.labels))
+        if not isinstance(self.head, Head):
+            object.__setattr__(self, "head", Head.from_dict(self.head))
 
     @property
     def num_classes(self) -> int:
@@ -55,14 +60,11 @@ class JobFacts:
                    site_ranks=dict(site_ranks or {}), secure_aggregation=secure_aggregation)
 
     @classmethod
-    def from_settings(cls, s, head: Optional[Dict] = None) -> "JobFacts":
-        from .zeroshot import check_head
-
+    def from_settings(cls, s, head: Optional[Head] = None) -> "JobFacts":
+        """The facts of a job's settings (nvflare_lora.settings.JobSettings); head: one read from a file instead."""
         return cls(model=str(s.model), labels=tuple(s.labels_or_default()), lora=s.lora_config(),
-                   aggregation=s.aggregation, site_ranks=dict(s.site_ranks or {}),
-                   head=dict(head or check_head(s.head_init, s.prompt_templates, s.initial_adapter, s.resume_from,
-                                                s.head)), secure_aggregation=s.secure_aggregation,
-                   site_clip_norm=s.site_clip_norm)
+                   aggregation=s.aggregation, site_ranks=dict(s.site_ranks or {}), head=head or s.head_spec(),
+                   secure_aggregation=s.secure_aggregation, site_clip_norm=s.site_clip_norm)
 
     # ---- a site's view ---------------------------------------------------------------------------
     def site_rank(self, site: Optional[str]) -> int:
@@ -84,14 +86,14 @@ class JobFacts:
     def announcement(self) -> Dict:
         return {"model": self.model, "fingerprint": self.fingerprint, "lora_config": self.lora.to_dict(),
                 "num_classes": self.num_classes, "labels": list(self.labels), "aggregation": self.aggregation,
-                "site_ranks": dict(self.site_ranks), "head": dict(self.head),
+                "site_ranks": dict(self.site_ranks), "head": self.head.to_dict(),
                 "secure_aggregation": self.secure_aggregation, "site_clip_norm": self.site_clip_norm}
 
     @classmethod
     def from_announcement(cls, a: Mapping) -> "JobFacts":
         return cls(model=str(a["model"]), labels=tuple(a.get("labels") or [str(i) for i in range(a["num_classes"])]),
                    lora=LoRAConfig.from_dict(dict(a["lora_config"])), aggregation=a.get("aggregation", "fedavg"),
-                   site_ranks=dict(a.get("site_ranks") or {}), head=dict(a.get("head") or {}),
+                   site_ranks=dict(a.get("site_ranks") or {}), head=Head.from_dict(a.get("head")),
                    fingerprint=a.get("fingerprint"), secure_aggregation=a.get("secure_aggregation", "none"),
                    site_clip_norm=a.get("site_clip_norm"))
 
@@ -101,21 +103,11 @@ class JobFacts:
     def label_list(self) -> List[str]:
         return list(self.labels)
 
-    @property
-    def encrypted(self) -> bool:
-        """Sites encrypt their updates and the server aggregates ciphertexts (nvflare_lora.aggregation.secure)."""
-        return self.secure_aggregation == "he"
-
-    @property
-    def text_head(self) -> bool:
-        """Classes are scored as words by the text tower (each site on its own labels)."""
-        return self.head.get("type") == "text"
-
     def export_labels(self, given: bool, splits: Mapping[str, Mapping]) -> List[str]:
         """The labels the global model is evaluated and exported with: the job's when it names them (given), else,
         under the text head, the union of the labels the sites announced with their splits (site by site, in each
         site's order), else the job's default."""
-        if given or not self.text_head:
+        if given or not self.head.text:
             return self.label_list()
         union: List[str] = []
         for site in sorted(splits):
@@ -125,8 +117,6 @@ class JobFacts:
     # ---- the global adapter in the form sites train ------------------------------------------------
     def training_shapes(self, shapes: Mapping[str, Tuple[int, ...]]) -> Dict:
         """The global adapter's shapes as exchanged: the adapter, plus one residual per layer under exact."""
-        from .aggregation import residual_shapes
-
         out = dict(shapes)
         if self.aggregation == "exact":
             out.update(residual_shapes(shapes))
@@ -135,9 +125,6 @@ class JobFacts:
     def initial_global(self, shapes: Mapping[str, Tuple[int, ...]]) -> Dict:
         """The global adapter before round 1: the shared seeded init (and zero residuals under exact),
         computed identically by every party."""
-        from .adapter import init_adapter_state
-        from .aggregation import zero_residuals
-
         weights = init_adapter_state(dict(shapes), self.lora.seed)
         if self.aggregation == "exact":
             weights.update(zero_residuals(weights))

@@ -15,7 +15,9 @@ import torch
 
 from . import adapter as ad
 from .config import LoRAConfig
-from .models import TINY_PRESET, check_labels, CLIPImageClassifier, build_classifier, load_clip_config, preprocessing_for, resolve_model
+from .head import Head, HeadError, check_labels, tokenize_labels
+from .models import (TINY_PRESET, CLIPImageClassifier, build_classifier, load_clip_config, load_tokenizer,
+                     preprocessing_for, resolve_model)
 from .training import evaluate as _evaluate
 from .training import make_optimizer, pick_device
 from .training import train_step as _train_step
@@ -32,7 +34,9 @@ class FederatedCLIPModel:
         normalize_embeds: the head reads unit-length image embeddings (CLIP's zero-shot classifier; see
             nvflare_lora.zeroshot, which sets such a head from the class names).
         head: "linear" (a trained layer of num_classes outputs) or "text" (CLIP's scoring: the classes' prompts
-            through the text tower; the labels may change with set_labels; needs a base with its tokenizer).
+            through the text tower; the labels may change with set_labels; needs a base with its tokenizer), or
+            a nvflare_lora.head.Head (then normalize_embeds and templates come from it). The model keeps it as
+            `head` (a Head).
         templates: the text head's prompt templates (default ["a photo of a {}."]).
         device: "auto" (CUDA when present), "cpu" or "cuda".
         learning_rate, weight_decay, max_grad_norm: the AdamW settings train_step uses.
@@ -46,31 +50,27 @@ class FederatedCLIPModel:
         self.num_classes = num_classes
         self.labels = check_labels(labels, num_classes)
         self.device = pick_device(device)
+        if not isinstance(head, Head):
+            head = Head(kind=head, templates=tuple(templates or ()), normalize_embeds=normalize_embeds)
         self.head = head
         self._tokenizer = None
-        if head == "text":
-            from .zeroshot import DEFAULT_TEMPLATES, check_templates, load_tokenizer
-
-            self.templates = check_templates(templates or DEFAULT_TEMPLATES)
-            self._tokenizer = load_tokenizer(model_name)  # before the weights: a base without one fails at once
+        if head.text:  # before the weights: a base without a tokenizer fails at once
+            self._tokenizer = load_tokenizer(model_name)
         self.model, self.source = build_classifier(model_name, num_classes, include_text, self.device,
-                                                   normalize_embeds, head)
+                                                   head.normalize_embeds, head.kind)
         self.lora_config: Optional[LoRAConfig] = None
-        if head == "text":
+        if head.text:
             self.set_labels(self.labels)
         self.preprocess = preprocessing_for(model_name)
         self.configure_optimizer(learning_rate, weight_decay, max_grad_norm)
 
     def set_labels(self, labels: Sequence[str], where: str = "the labels") -> None:
         """The text head's classes from now on (evaluation, training, export): any list of two or more names."""
-        if self.head != "text":
-            raise ValueError("set_labels needs the text head (FederatedCLIPModel(..., head=\"text\")): a linear "
-                             "head's classes are its trained outputs")
-        from .zeroshot import tokenize_labels
-
+        if not self.head.text:
+            raise HeadError("set_labels needs the text head (FederatedCLIPModel(..., head=\"text\")): a linear "
+                            "head's classes are its trained outputs")
         base = self.base_model
-        max_len = base.clip_config.text_config.max_position_embeddings
-        base.set_labels(tokenize_labels(self._tokenizer, labels, self.templates, max_len, where))
+        base.set_labels(tokenize_labels(self._tokenizer, labels, self.head.templates, base.max_text_positions, where))
         self.labels, self.num_classes = [str(x) for x in labels], len(labels)
         if not any(p.requires_grad for p in base.text_model.parameters()):
             with torch.no_grad():  # computed now, outside any torch.func transform (DP-SGD's per-sample grads)
@@ -102,7 +102,7 @@ class FederatedCLIPModel:
         self.model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in params.items()}, strict=False)
 
     def _forget_class_embeddings(self) -> None:
-        if self.head == "text":
+        if self.head.text:
             self.base_model.forget_class_embeddings()
 
     def parameter_counts(self) -> Dict[str, int]:

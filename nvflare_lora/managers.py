@@ -7,11 +7,11 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-from .checkpoint import META_FILE, CheckpointError, CheckpointMeta, read_adapter_dir, save_adapter_dir, write_json_atomic
+from .checkpoint import META_FILE, CheckpointError, CheckpointMeta, read_adapter_dir, save_adapter_dir
 from .config import LoRAConfig
 from .lora_model import CLIPLoRAWrapper, FederatedCLIPModel
 from .models import base_fingerprint, fingerprint_difference
-from .checkpoint import atomic_write
+from .files import atomic_write, write_json_atomic
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -48,8 +48,7 @@ def model_metadata(fed: FederatedCLIPModel, extra: Dict | None = None) -> Checkp
     return CheckpointMeta(base_model=fed.model_name, base_fingerprint=fingerprint(fed), labels=list(fed.labels),
                           preprocessing=fed.preprocess.to_dict(),
                           lora_config=fed.lora_config.to_dict() if fed.lora_config else None,
-                          head=({"type": "text", "init": "text", "normalize_embeds": True, "templates": fed.templates}
-                                if fed.head == "text" else {"normalize_embeds": fed.base_model.normalize_embeds}),
+                          head=fed.head.to_dict(),
                           parameters=fed.parameter_counts(), **(extra or {}))
 
 

@@ -18,10 +18,15 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from huggingface_hub import snapshot_download
+from safetensors import safe_open
 from torch import nn
+from transformers import AutoTokenizer, CLIPConfig
 
+from .head import KINDS as HEADS, HeadError, tokenize_labels
 from .preprocessing import CLIP_MEAN, CLIP_STD, Preprocessing
 from .errors import NVFlareLoRAError
+from .files import atomic_write
 
 TINY_PRESET = "tiny-clip"
 
@@ -42,15 +47,6 @@ PRESETS = {TINY_PRESET: (_TINY_CONFIG, 0)}
 
 class ModelNotFoundError(NVFlareLoRAError):
     """The model name is not a preset, not a directory, and not reachable on a hub."""
-
-
-def check_labels(labels: Optional[Sequence[str]], num_classes: int) -> List[str]:
-    """The class names in label order ("0", "1", ... when None), one per class, else a ValueError (the one check
-    of a label list: the model, the job schema)."""
-    out = [str(x) for x in labels] if labels is not None else [str(i) for i in range(num_classes)]
-    if len(out) != num_classes:
-        raise ValueError(f"{len(out)} labels given for num_classes={num_classes}")
-    return out
 
 
 def _how_to_supply(name: str, tried: List[str]) -> str:
@@ -101,8 +97,6 @@ def resolve_model(name: str) -> ModelSource:
     tried.append(f"local directory {p.resolve()} (does not exist)")
     if name.count("/") == 1 and not name.startswith((".", "/", "~")):
         try:
-            from huggingface_hub import snapshot_download
-
             local = snapshot_download(
                 name, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json",
                                       "preprocessor_config.json"],
@@ -116,8 +110,6 @@ def resolve_model(name: str) -> ModelSource:
 
 
 def load_clip_config(source: ModelSource):
-    from transformers import CLIPConfig
-
     if source.kind == "preset":
         cfg_dict, _ = PRESETS[source.name]
         return CLIPConfig(**cfg_dict)
@@ -143,7 +135,6 @@ _SHAPE_KEYS = {
 }
 
 
-HEADS = ("linear", "text")
 
 
 class CLIPImageClassifier(nn.Module):
@@ -165,10 +156,12 @@ class CLIPImageClassifier(nn.Module):
     def __init__(self, clip_config, num_classes: int, include_text: bool = False, normalize_embeds: bool = False,
                  head: str = "linear"):
         super().__init__()
+        # transformers' CLIP modelling takes ~3 s to import: only where a model is built (the server imports
+        # this module for fingerprints and never builds one)
         from transformers import CLIPTextModel, CLIPVisionModel
 
         if head not in HEADS:
-            raise ValueError(f"head must be one of {', '.join(map(repr, HEADS))}; got {head!r}")
+            raise HeadError(f"head must be one of {', '.join(map(repr, HEADS))}; got {head!r}")
         if head == "linear" and (not isinstance(num_classes, int) or num_classes < 2):
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
         self.clip_config = clip_config
@@ -220,31 +213,46 @@ class CLIPImageClassifier(nn.Module):
         emb = self.text_projection(pooled)
         return emb / emb.norm(p=2, dim=-1, keepdim=True)
 
-    def set_labels(self, prompts: Tuple[torch.Tensor, torch.Tensor, int]) -> None:
+    def set_labels(self, prompts: Tuple) -> None:
         """The text head's classes, as (input_ids, attention_mask, templates per class) of the prompts, class by
-        class (nvflare_lora.zeroshot.tokenize_labels)."""
-        self._prompts, self._class_cache = prompts, None
+        class (nvflare_lora.head.tokenize_labels)."""
+        ids, mask, per_class = prompts
+        self._prompts, self._class_cache = (torch.as_tensor(ids), torch.as_tensor(mask), int(per_class)), None
 
     def forget_class_embeddings(self) -> None:
         """Drop cached class embeddings (the text tower's weights changed: merged, or an adapter loaded)."""
         self._class_cache = None
 
     def class_embeddings(self) -> torch.Tensor:
-        """(classes, projection_dim): per class, the unit-length mean of its prompts' unit text embeddings."""
+        """(classes, projection_dim) of the labels set with set_labels (cached while the text tower is frozen)."""
         if self._prompts is None:
             raise RuntimeError("the text head has no labels: call set_labels first")
         frozen = not any(p.requires_grad for p in self.text_model.parameters())
         if frozen and self._class_cache is not None:
             return self._class_cache
-        ids, mask, per_class = self._prompts
-        device = self.text_projection.weight.device
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            emb = self.encode_text(ids.to(device), mask.to(device))
-            mean = emb.view(-1, per_class, emb.shape[-1]).mean(1)
-            out = mean / mean.norm(p=2, dim=-1, keepdim=True)
+            out = self._embed_classes(*self._prompts)
         if frozen:
             self._class_cache = out.detach()
         return out
+
+    def _embed_classes(self, ids, mask, per_class: int) -> torch.Tensor:
+        """Per class, the unit-length mean of its prompts' unit text embeddings: the text head's one computation
+        (training, the zero-shot head, export's reference)."""
+        device = self.text_projection.weight.device
+        emb = self.encode_text(torch.as_tensor(ids, device=device), torch.as_tensor(mask, device=device))
+        mean = emb.view(-1, per_class, emb.shape[-1]).mean(1)
+        return mean / mean.norm(p=2, dim=-1, keepdim=True)
+
+    @property
+    def max_text_positions(self) -> int:
+        return int(self.clip_config.text_config.max_position_embeddings)
+
+    @torch.no_grad()
+    def embed_labels(self, tokenizer, labels: Sequence[str], templates: Sequence[str],
+                     where: str = "the labels") -> torch.Tensor:
+        """The class embeddings of any label list (the labels set with set_labels stay as they are)."""
+        return self._embed_classes(*tokenize_labels(tokenizer, labels, templates, self.max_text_positions, where))
 
     @torch.no_grad()
     def as_linear_head(self) -> "CLIPImageClassifier":
@@ -270,7 +278,7 @@ def use_eager_attention(classifier: CLIPImageClassifier) -> None:
 
 def _preset_state(name: str) -> Dict[str, torch.Tensor]:
     """The whole seeded CLIPModel of a preset (both towers): its weights are what the preset is."""
-    from transformers import CLIPConfig, CLIPModel
+    from transformers import CLIPModel  # modelling: ~3 s to import, only where a model is built (see __init__)
 
     cfg_dict, seed = PRESETS[name]
 
@@ -281,8 +289,6 @@ def _preset_state(name: str) -> Dict[str, torch.Tensor]:
 
 
 def _read_safetensors(files: List[Path], want) -> Dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
     out = {}
     for f in files:
         with safe_open(str(f), framework="pt") as fh:
@@ -308,8 +314,6 @@ def weights_sha256(source: ModelSource, cache_file: Optional[Path] = None) -> st
             pass
         if not isinstance(cache.get(stamp), str):
             cache[stamp] = weights_sha256(source)
-            from .checkpoint import atomic_write
-
             atomic_write(cache_file, json.dumps(cache, indent=1))
         return cache[stamp]
     h = hashlib.sha256()
@@ -386,6 +390,23 @@ def build_classifier(model_name: str, num_classes: int, include_text: bool = Fal
 
 
 # ---- preprocessing: CLIP's resize / centre-crop / normalise, without torchvision -----------------
+def load_tokenizer(model_name: str):
+    """The base's own CLIP tokenizer (tokenizer.json, or vocab.json + merges.txt, in its directory): what a text or
+    zero-shot head encodes the class names with."""
+    source = resolve_model(model_name)
+    fix = ("save the tokenizer that came with the checkpoint into it (CLIPTokenizer.from_pretrained(...)"
+           ".save_pretrained(DIR)), or use a linear head started from a seeded init (head = \"linear\", "
+           "head_init = \"seeded\")")
+    if source.path is None:
+        raise HeadError(f"base {model_name!r} is a built-in preset without a tokenizer: a zero-shot or text head "
+                        f"needs a CLIP checkpoint directory with its tokenizer; {fix}")
+    files = {p.name for p in source.path.iterdir()}
+    if "tokenizer.json" not in files and not {"vocab.json", "merges.txt"} <= files:
+        raise HeadError(f"base {source.path} has no tokenizer (tokenizer.json, or vocab.json and merges.txt): "
+                        f"a zero-shot or text head encodes the class names with it; {fix}")
+    return AutoTokenizer.from_pretrained(str(source.path), local_files_only=True)
+
+
 def preprocessing_for(model_name: str) -> Preprocessing:
     """CLIP preprocessing from the model's preprocessor_config.json when it has one, else CLIP's defaults."""
     source = resolve_model(model_name)
@@ -404,7 +425,7 @@ def preprocessing_for(model_name: str) -> Preprocessing:
 
 def save_preset(name: str, directory: str | os.PathLike) -> Path:
     """Write a preset as a HuggingFace CLIP directory (config.json + model.safetensors)."""
-    from transformers import CLIPConfig, CLIPModel
+    from transformers import CLIPModel  # modelling: ~3 s to import, only where a model is built (see __init__)
 
     cfg_dict, seed = PRESETS[name]
     with torch.random.fork_rng(devices=[]):

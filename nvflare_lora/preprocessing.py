@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 import numpy as np
+from PIL import Image, ImageOps
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -37,8 +38,6 @@ class Preprocessing:
 
     def array(self, image) -> np.ndarray:
         """PIL image, HxW / HxWx3 uint8 array or image file -> float32 array (3, crop, crop)."""
-        from PIL import Image
-
         image = to_rgb(image)
         w, h = image.size
         scale = self.size / min(w, h)
@@ -55,7 +54,7 @@ class Preprocessing:
 
     def __call__(self, image):
         """As array(), as a torch tensor (what training and PyTorch inference take)."""
-        import torch
+        import torch  # torch stays out of serving: exporters/onnx/predict.py imports this module
 
         return torch.from_numpy(self.array(image))
 
@@ -64,8 +63,6 @@ def to_rgb(image):
     """A PIL RGB image from a PIL image, a uint8 array (HxW or HxWx3) or a path: EXIF orientation applied;
     16-bit and 32-bit grayscale scaled to 8 bits (PIL's own convert would clip them to white); palette,
     RGBA, LA, CMYK and 1-bit converted (alpha dropped, as torchvision's loader does)."""
-    from PIL import Image, ImageOps
-
     if isinstance(image, np.ndarray):
         return Image.fromarray(image).convert("RGB")
     if not isinstance(image, Image.Image):
@@ -80,8 +77,6 @@ def to_rgb(image):
 
 def open_image(path):
     """Decode an image file completely (a truncated or corrupt file raises here, not later) as RGB."""
-    from PIL import Image
-
     with Image.open(path) as im:
         im.load()
         return to_rgb(im)

@@ -28,10 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
 from .errors import NVFlareLoRAError
-from .checkpoint import atomic_write
+from .files import atomic_write
+from .models import use_eager_attention
 
 
 class PrivacyError(NVFlareLoRAError):
@@ -113,7 +117,7 @@ class DPConfig:
 
 def _opacus():
     try:
-        import opacus.accountants  # noqa: F401
+        import opacus.accountants  # noqa: F401  # opacus: optional (the dp extra)
     except ImportError as e:
         raise PrivacyError("DP accounting uses Opacus: pip install opacus (or pip install -e '.[dp]')") from e
     return opacus
@@ -122,7 +126,7 @@ def _opacus():
 def epsilon_of(history: List[Tuple[float, float, int]], delta: float) -> float:
     """epsilon at delta of the composition of (noise_multiplier, sample_rate, steps) entries (Opacus RDP)."""
     _opacus()
-    from opacus.accountants import RDPAccountant
+    from opacus.accountants import RDPAccountant  # opacus: optional (the dp extra)
 
     if not history:
         return 0.0
@@ -134,7 +138,7 @@ def epsilon_of(history: List[Tuple[float, float, int]], delta: float) -> float:
 def calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     """The noise multiplier that spends target_epsilon at delta in `steps` steps at `sample_rate` (Opacus)."""
     _opacus()
-    from opacus.accountants.utils import get_noise_multiplier
+    from opacus.accountants.utils import get_noise_multiplier  # opacus: optional (the dp extra)
 
     return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
                                       steps=int(steps), accountant="rdp", epsilon_tolerance=0.005))
@@ -166,8 +170,6 @@ class Accountant:
 def per_sample_grads(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
     """({name: (B, *shape)} gradients of each sample's cross-entropy w.r.t. the trainable tensors, the
     per-sample losses), by torch.func on the model as it is."""
-    from torch.func import functional_call, grad, vmap
-
     trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
     buffers = {n: b for n, b in model.named_buffers()}
@@ -217,8 +219,6 @@ class PrivateStep:
                  y: torch.Tensor) -> float:
         device = next(p for p in model.parameters()).device
         if not self._eager:
-            from .models import use_eager_attention
-
             use_eager_attention(model.get_base_model() if hasattr(model, "get_base_model") else model)
             self._eager = True
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -247,8 +247,6 @@ class PrivateStep:
 def add_client_noise(state: Mapping, keys, clip_norm: float, noise_multiplier: float, num_sites: int, rng) -> Dict:
     """DP-FedAvg's noise: N(0, (noise_multiplier x clip_norm / num_sites)^2) on every coordinate of `keys`
     (the exchanged tensors of an equal-weight mean of clipped updates)."""
-    import numpy as np
-
     std = noise_multiplier * clip_norm / num_sites
     out = dict(state)
     for k in keys:

@@ -22,10 +22,12 @@ from typing import Dict, List, Optional
 
 from nvflare.job_config.api import FedJob
 from nvflare.job_config.fed_job_config import FedJobConfig
+from nvflare.recipe.sim_env import SimEnv
 from nvflare.recipe.spec import ExecEnv, Recipe
 
-from .settings import (VITB32_JOB, JobSettings, RecipeError, SettingsError, client_config, meta, server_config,  # noqa: F401
-                       settings, write_job)
+from .allow import allow
+from .settings import JobSettings, RecipeError, SettingsError
+from .jobfolder import VITB32_JOB, client_config, meta, server_config, write_job
 
 
 class _JobWriter(FedJobConfig):
@@ -80,9 +82,5 @@ class CLIPLoRARecipe(Recipe):
     def process_env(self, env: ExecEnv):
         """SimEnv: allow nvflare_lora's components in the workspace it is about to create (NVFlare 2.9 builds
         only classes on the site's class_allow_list; SimEnv would otherwise write NVFlare's default list)."""
-        from nvflare.recipe.sim_env import SimEnv
-
         if isinstance(env, SimEnv):
-            from .allow import allow
-
             allow(Path(env.workspace_root) / self.name)

@@ -30,7 +30,7 @@ from .aggregation import SiteUpdate
 from .aggregation.server import ServerAggregation
 from .facts import JobFacts
 from .lora_model import adapter_skeleton
-from .privacy import DPConfig
+from .secure import SecureAggregation, SecureAggregationError, in_process
 from .settings import JobSettings
 from .site import Site
 
@@ -63,7 +63,7 @@ def weighted_accuracy(scores: Mapping[str, Mapping]) -> float:
     return sum(s["accuracy"] * s["count"] for s in scores.values()) / sum(s["count"] for s in scores.values())
 
 
-def run_round(server: ServerAggregation, sites: Sequence[Site], global_state: Mapping[str, np.ndarray], rnd: int,
+def run_round(server: ServerAggregation | SecureAggregation, sites: Sequence[Site], global_state: Mapping[str, np.ndarray], rnd: int,
               channel: Optional[Channel] = None, evaluate: bool = True, lr: Optional[float] = None,
               seeds: Optional[Mapping[str, int]] = None) -> tuple:
     """One round: every site trains from `global_state`; returns (new global adapter, RoundResult).
@@ -90,8 +90,8 @@ def run_round(server: ServerAggregation, sites: Sequence[Site], global_state: Ma
                 continue
             update, steps = sent
         try:                                                             # 4: the server's check
-            server.check(site.name, update, steps, global_state)
-        except AdapterMismatchError as e:
+            update = server.check(site.name, update, steps, global_state)
+        except (AdapterMismatchError, SecureAggregationError) as e:
             result.refused[site.name] = str(e)
             continue
         updates.append(SiteUpdate(diff=update, weight=float(steps), site=site.name))
@@ -118,21 +118,15 @@ class Federation:
         shapes, _ = adapter_skeleton(self.facts.model, self.facts.num_classes, self.facts.lora)
         self.shapes = shapes
         self.global_adapter: State = dict(initial) if initial is not None else self.facts.initial_global(shapes)
-        he = None
         settings.check_secure_bounds()
-        if self.facts.encrypted:  # one context made here, as HEBuilder makes one per project: sites hold its secret
-            from .aggregation.secure import SecureAggregation, make_context  # key, the server nothing of it
-
-            he = make_context()
-            self.server = SecureAggregation(self.facts, shapes)
-        else:
-            self.server = ServerAggregation(self.facts, settings.robustness(),
-                                            DPConfig.from_setting(settings.with_rounds(settings.client_dp), "clip_norm"))
+        server_mode, site_mode = in_process(self.facts.secure_aggregation)  # the secure mode, chosen once
+        self.server = server_mode.server(self.facts, shapes, settings.robustness(), settings.dp_config("client_dp"))
         self.sites = []
         for name in names:
             own = dict((site_settings or {}).get(name, {}))
             simulated = str(own.get("data", settings.data)) == "digits" and "data" not in own
-            self.sites.append(Site(name, self.facts, settings.replace(**own), simulated=simulated, he_context=he))
+            self.sites.append(Site(name, self.facts, settings.replace(**own), simulated=simulated,
+                                   he_context=site_mode.context))
         self.history: List[RoundResult] = []
 
     def run_round(self, channel: Optional[Channel] = None) -> RoundResult:

@@ -20,6 +20,7 @@ config's ids: enough to run every path (LoRA, zero-shot head, export) at ViT-B/3
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -28,13 +29,12 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 import numpy as np
+from PIL import Image
 
 ELPV_CLASSES = ("functional", "defective")
 
 
 def _package_dir(name: str) -> Path:
-    import importlib.util
-
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(f"the sample images come with the {name.replace('_', '-')} package: "
@@ -96,15 +96,13 @@ def write_mnist(out: str | Path, sites: int = 2, per_site: Optional[int] = None,
 
 def write_digits(out: str | Path, sites: int = 2, per_site: Optional[int] = None, seed: int = 0) -> List[Path]:
     """scikit-learn's digits (0..16) as 8-bit PNGs: OUT/site-k/<digit>/NNNN.png; returns the site folders."""
-    from .data import digits_uint8
+    from .data import digits_uint8  # data imports torch (~3 s): the image writers stay without it
 
     return _write_digit_images(out, *digits_uint8(), sites, per_site, seed)
 
 
 def _write_digit_images(out, images: np.ndarray, labels: np.ndarray, sites: int, per_site: Optional[int],
                         seed: int) -> List[Path]:
-    from PIL import Image
-
     folders = []
     for k, share in enumerate(_shares(len(images), sites, per_site, seed), start=1):
         folder = Path(out) / f"site-{k}"
@@ -119,8 +117,6 @@ def _write_digit_images(out, images: np.ndarray, labels: np.ndarray, sites: int,
 def write_image_folder(out: str | Path, count: int) -> Path:
     """`count` real elpv images as one image folder (beyond 2,624, the cells again rotated by 90, 180, 270
     degrees, so every file is a distinct real image); for measuring a site at a given number of images."""
-    from PIL import Image
-
     files = elpv_files()
     if count > 4 * len(files):
         raise ValueError(f"at most {4 * len(files)} distinct images, asked for {count}")
@@ -141,6 +137,7 @@ def write_image_folder(out: str | Path, count: int) -> Path:
 def write_clip_tokenizer(directory: str | Path, vocab_size: int, bos_token_id: int, eos_token_id: int) -> Path:
     """A byte-level CLIP tokenizer (no merges) with <|startoftext|> and <|endoftext|> at the given ids, filled
     up to vocab_size: built offline, for bases that came without one (random-weight test bases)."""
+    # transformers and torch only for `base`: writing images imports neither (~3-7 s)
     from transformers import CLIPTokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -170,7 +167,7 @@ def write_clip_tokenizer(directory: str | Path, vocab_size: int, bos_token_id: i
 def write_random_base(out: str | Path, seed: int = 0, **config) -> Path:
     """A HuggingFace CLIP directory of CLIPModel(CLIPConfig(**config)) with seeded random weights (default:
     ViT-B/32 shapes, 151M parameters, 605 MB) and a tokenizer (write_clip_tokenizer)."""
-    import torch
+    import torch  # torch and transformers only for `base` (see write_clip_tokenizer)
     from transformers import CLIPConfig, CLIPModel
 
     cfg = CLIPConfig(**config)

@@ -16,17 +16,19 @@ from pathlib import Path
 from typing import Callable, Dict, Mapping, Optional
 
 import numpy as np
+import torch
 
 from .aggregation import clip_to
 from .aggregation.site import SiteAggregation
 from .data import SiteLoader, augmentation, site_datasets, split_record
 from .errors import NVFlareLoRAError
-from .zeroshot import ZeroShotError, check_class_names
 from .facts import JobFacts
+from .head import HeadError, check_class_names
 from .lora_model import CLIPLoRAWrapper, FederatedCLIPModel
 from .managers import fingerprint
 from .models import fingerprint_difference, preprocessing_for
-from .privacy import Accountant, PrivateStep
+from .privacy import Accountant, DPConfig, PrivateStep
+from .secure import secure_mode
 from .settings import SITE_CONFIG_FILE, JobSettings
 from .training import train_local
 
@@ -51,58 +53,50 @@ class Site:
         cache_dir: where the base's weights hash is cached (None: not cached).
         datasets: (train, validation) ImageDatasets already in memory (benchmarks), instead of settings.data.
         he_context: under secure_aggregation "he", the TenSEAL context with the secret key (the site's kit's
-            client_context.tenseal): the global adapter arrives encrypted and the update leaves encrypted.
+            client_context.tenseal), or a callable that loads it: the job's secure mode (nvflare_lora.secure)
+            opens what arrives and seals the update with it.
     """
 
     def __init__(self, name: str, facts: JobFacts, settings: JobSettings, simulated: Optional[bool] = None,
                  workdir: Optional[Path] = None, cache_dir: Optional[Path] = None, datasets=None, he_context=None):
         t0 = time.perf_counter()
-        if facts.encrypted and he_context is None:
-            raise NVFlareLoRAError(f"{name}: this job aggregates encrypted updates (secure_aggregation \"he\") and "
-                                   f"the site has no HE context: it comes in a provisioned startup kit "
-                                   f"(client_context.tenseal, written by NVFlare's HEBuilder)")
-        self.he = he_context
+        self.mode = secure_mode(facts.secure_aggregation, he_context).ready(name)  # how updates leave, adapters arrive
         self._steps = None
         self.clip_factor = 1.0  # what site_clip_norm scaled this round's update by
         s = self.settings = settings
         self.name, self.facts = name, facts
         if s.torch_threads > 0:
-            import torch
-
             torch.set_num_threads(s.torch_threads)
         model_name = s.model_path or facts.model
         data = str(s.data).replace("{site}", name)
         simulated = data == "digits" if simulated is None else simulated
         self.split = split_record(name, data, simulated, s.num_sites, s.partition, s.alpha, s.data_seed, s.val_fraction)
-        if s.site_labels is not None and not facts.text_head:
+        text = facts.head.text
+        if s.site_labels is not None and not text:
             raise NVFlareLoRAError(f"{name}: site_labels names this site's own classes, which only the text head can "
                                    f"score; this job's head is linear (every site holds the job's labels): remove "
                                    f"site_labels from local/{SITE_CONFIG_FILE}")
         # the classes this site trains and validates on: the job's; under the text head its own (site_labels, else
         # its image folder's class folders; the simulated digits keep the job's)
         classes = facts.label_list()
-        if facts.text_head and data != "digits":
+        if text and data != "digits":
             classes = s.site_labels
         if datasets is not None:
             (self.train_set, self.val_set), self.notes = datasets, []
             self.split = None  # not data a checkpoint could point the exporter at
-            classes = list(self.train_set.classes) if facts.text_head else classes
+            classes = list(self.train_set.classes) if text else classes
         else:  # the data first (its listing needs only the base's preprocessing): a wrong folder fails before the base
             self.train_set, self.val_set, dataset = site_datasets(self.split, preprocessing_for(model_name), classes,
                                                                   s.max_bad_images)
             self.notes = list(dataset.notes)
-            if facts.text_head:
+            if text:
                 classes = list(dataset.classes) if data != "digits" else facts.label_list()
                 self.split["labels"] = list(classes)  # announced with the split: the job's default label set
-        head = dict(model_name=model_name, labels=classes, device=s.device)
-        if facts.text_head:
+        if text:
             check_class_names(classes, "site_labels" if s.site_labels else f"{name}: the class folders of {data}")
-            head.update(head="text", templates=facts.head.get("templates"))
-        else:
-            head.update(normalize_embeds=bool(facts.head.get("normalize_embeds", False)))
         try:
-            self.fed = FederatedCLIPModel(num_classes=len(classes), **head)
-        except ZeroShotError as e:
+            self.fed = FederatedCLIPModel(model_name, len(classes), labels=classes, device=s.device, head=facts.head)
+        except HeadError as e:
             raise NVFlareLoRAError(f"{name}: {e}") from None
         if facts.fingerprint is not None:
             local = fingerprint(self.fed, Path(cache_dir) / FINGERPRINT_CACHE if cache_dir else None)
@@ -118,8 +112,6 @@ class Site:
         self.accountant: Optional[Accountant] = None
         sample_rate = None
         if s.dp:  # Poisson sampling: each image in each step with probability batch_size / n
-            from .privacy import DPConfig
-
             dp = self.dp = DPConfig.from_setting(s.dp, "max_grad_norm")
             sample_rate = min(1.0, s.batch_size / max(1, len(self.train_set.usable())))
         self.train_loader = SiteLoader(self.train_set, s.batch_size, shuffle=True, num_workers=s.num_workers,
@@ -142,13 +134,8 @@ class Site:
         self.global_adapter = self.rule.load_global(self.decrypt(weights))
 
     def decrypt(self, weights: Mapping) -> Dict:
-        """An adapter as received, in clear (under HE its encrypted tensors decrypted with this site's key)."""
-        if self.he is None:
-            return dict(weights)
-        from .aggregation.secure import decrypt_state
-
-        shapes = {k: tuple(v.shape) for k, v in self.fed.get_parameters().items()}
-        return decrypt_state(self.he, weights, shapes)
+        """An adapter as received, in clear (under HE its ciphertexts decrypted with this site's key)."""
+        return self.mode.open(weights, {k: tuple(v.shape) for k, v in self.fed.get_parameters().items()})
 
     def evaluate(self) -> Dict:
         """Loss, accuracy and count of the loaded model on this site's validation split."""
@@ -181,16 +168,12 @@ class Site:
 
     def update(self) -> Dict[str, np.ndarray]:
         """local - global for the keys the rule sends (ffa: no A; never residuals), checked against the spec;
-        scaled to the job's site_clip_norm; under HE multiplied by this round's steps and encrypted
-        (nvflare_lora.aggregation.secure)."""
+        scaled to the job's site_clip_norm; sealed as the job's secure mode sends it (under HE multiplied by this
+        round's steps and encrypted: nvflare_lora.secure)."""
         if self.global_adapter is None:
             raise RuntimeError("load_global() before update()")
         update, self.clip_factor = clip_to(self.rule.update(self.global_adapter), self.facts.site_clip_norm)
-        if self.he is None:
-            return update
-        from .aggregation.secure import encrypt_update
-
-        return encrypt_update(self.he, update, float(self._steps))
+        return self.mode.seal(update, self._steps)
 
     def local_state(self) -> Dict[str, np.ndarray]:
         """This site's model as an adapter dict (with its residuals under exact)."""
@@ -214,4 +197,4 @@ class Site:
                 f"train / {len(self.val_set)} val images from {(self.split or {}).get('data', 'memory')!r} "
                 f"({self.train_loader.num_workers} loader workers); "
                 f"adapter {self.fed.parameter_counts()['exchanged']:,} parameters"
-                + (f"; classes as text: {self.fed.labels}" if self.facts.text_head else ""))
+                + (f"; classes as text: {self.fed.labels}" if self.facts.head.text else ""))

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import ImageDataset, SiteLoader
+
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
     if str(device) == "auto":
@@ -55,8 +57,6 @@ def _in_batches(pixel_values, labels, batch_size: int):
     """(x, y) batches: slices of two tensors, or, when labels is None, pixel_values itself (a SiteLoader,
     a DataLoader, any iterable of (x, y))."""
     if labels is None:
-        from .data import ImageDataset, SiteLoader
-
         if isinstance(pixel_values, ImageDataset):
             pixel_values = SiteLoader(pixel_values, batch_size)
         return iter(pixel_values)
@@ -99,8 +99,6 @@ def train_local(fed_model, data, epochs: int = 1, max_steps: Optional[int] = Non
     private: a nvflare_lora.privacy.PrivateStep: DP-SGD steps (per-sample clip + noise) in place of train_step;
     the loader must then sample with its sample_rate (Poisson), and empty samples are steps too.
     """
-    from .data import SiteLoader
-
     loader = data if isinstance(data, SiteLoader) else SiteLoader(data, batch_size, shuffle=True)
     if not loader.sampler.shuffle:
         raise ValueError("train_local needs a shuffling SiteLoader (SiteLoader(..., shuffle=True))")

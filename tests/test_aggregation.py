@@ -389,7 +389,8 @@ def exact_run(tmp_path_factory):
     """The default job (2 IID sites, 1 local epoch, 2 rounds) under exact with site-2 at rank 8: per-site ranks
     need nothing but site_ranks (no filter to wire). Cross-site evaluation also sends the sites' own models
     (ranks 16 and 8) to each other (its submit_model task, set in the written config's dict)."""
-    from nvflare_lora.settings import client_config, meta, server_config, settings, write_configs
+    from nvflare_lora.settings import settings
+    from nvflare_lora.jobfolder import client_config, meta, server_config, write_configs
     from nvflare_lora.testing.simulator import run_simulator
 
     tmp = tmp_path_factory.mktemp("exact")

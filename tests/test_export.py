@@ -23,7 +23,8 @@ from exporters.onnx.predict import main as predict_main
 from exporters.onnx.session import open_session, session_config
 from exporters.onnx.verify import compare
 from nvflare_lora import FederatedCLIPModel, quick_clip_lora
-from nvflare_lora.checkpoint import save_adapter_dir, sha256_file
+from nvflare_lora.checkpoint import save_adapter_dir
+from nvflare_lora.files import sha256_file
 from nvflare_lora.data import load_digits_dataset, split_record
 from nvflare_lora.managers import model_metadata
 from nvflare_lora.models import Preprocessing, build_classifier, save_preset
@@ -691,7 +692,8 @@ def test_labels_at_serve_time_refuse_what_they_cannot_serve(exported, zero_shot_
     assert export_main([str(run), "--out", str(no_text), "--verify-samples", "16"]) == 0
     for model_dir, labels, message in ((out, "cat,dog", "has no tokenizer"),
                                        (no_text, "cat,dog", "has no text tower"),
-                                       (no_text, " , dog", "none empty"),
-                                       (no_text, "cat,dog,cat", "names ['cat'] more than once")):
+                                       (no_text, " , dog", "are empty or only whitespace"),
+                                       (no_text, "cat", "a classifier needs two or more"),
+                                       (no_text, "cat,dog,cat", "['cat'] more than once")):
         assert predict_main([str(model_dir), photos, "--labels", labels]) == 2, message
         assert message in capsys.readouterr().err, message

@@ -96,7 +96,8 @@ def test_site_with_another_base_stops_the_job_saying_which_and_why(tmp_path):
     from safetensors.torch import load_file, save_file
 
     from nvflare_lora.models import save_preset
-    from nvflare_lora.settings import COMM_LOG, client_config, meta, server_config, settings, write_configs
+    from nvflare_lora.settings import settings
+    from nvflare_lora.jobfolder import COMM_LOG, client_config, meta, server_config, write_configs
 
     base = save_preset("tiny-clip", tmp_path / "server_base")
     sd = load_file(str(base / "model.safetensors"))

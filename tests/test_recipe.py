@@ -11,8 +11,8 @@ import sys
 import pytest
 
 from nvflare_lora.recipe import CLIPLoRARecipe
-from nvflare_lora.settings import (DEFAULTS, FIELDS, SHIPPED_JOBS, SITE_LOCAL, JobSettings, SettingsError, read_job,
-                                   settings, site_overrides, write_job)
+from nvflare_lora.settings import DEFAULTS, FIELDS, SITE_LOCAL, JobSettings, SettingsError, settings, site_overrides
+from nvflare_lora.jobfolder import SHIPPED_JOBS, read_job, write_job
 from nvflare_lora.testing.simulator import JOB
 
 JOBS = JOB.parent

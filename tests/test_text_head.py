@@ -106,8 +106,8 @@ def test_text_head_bad_input_is_refused_at_set_up(base, tmp_path):
 
     for kw, message in ((dict(head="text", target_components=["vision", "classifier"]), "no trained layer"),
                         (dict(head="text", head_init="zeroshot", initial_adapter="x"), "starts a linear head"),
-                        (dict(head="text", target_components=["vision", "text"], dp={"noise_multiplier": 1.0}),
-                         "needs a frozen text tower"),
+                        (dict(head="text", target_components=["vision", "text"],
+                              dp={"max_grad_norm": 1.0, "noise_multiplier": 1.0}), "needs a frozen text tower"),
                         (dict(head="text", num_classes=2, labels=["cat", " "]), "empty or only whitespace"),
                         (dict(site_labels=["cat"]), "name 1 class")):
         with pytest.raises(SettingsError, match=message):

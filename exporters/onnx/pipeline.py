@@ -16,13 +16,16 @@ from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
+from safetensors.numpy import save_file
 
-from nvflare_lora.checkpoint import current_umask, sha256_file, swap_into_place, write_json_atomic
-from nvflare_lora.models import use_eager_attention
+from nvflare_lora.files import current_umask, sha256_file, swap_into_place, write_json_atomic
+from nvflare_lora.head import DEFAULT_TEMPLATES, Head, HeadError
+from nvflare_lora.models import load_tokenizer, use_eager_attention
 
 from . import graph, variants, verify
 from .errors import ExportError, VerificationError
 from .locate import locate_checkpoint
+from .predict import CLASS_EMBEDDINGS_FILE, TEXT_FILE, TOKENIZER_FILE, TextEncoder
 from .rebuild import Rebuilt, check_wise, rebuild
 from .run_data import run_validation_set
 from .session import SESSION_OPTIONS_RULE, open_session, session_config
@@ -109,12 +112,6 @@ def _export_text(tmp: Path, rebuilt: Rebuilt, image_embeds, reference, int8: boo
     PyTorch (transformers' tokenizer + the unmerged text tower), for the job's labels and for UNSEEN_LABELS: fp32
     to 1e-4 with every top-1 equal; int8 and fp16 text towers (with --quantize int8 / --fp16) by top-1 agreement.
     image_embeds: model.onnx's unit image embeddings of the verification images (from its own verification)."""
-    from safetensors.numpy import save_file
-
-    from nvflare_lora.zeroshot import DEFAULT_TEMPLATES, ZeroShotError, load_tokenizer, text_embeddings
-
-    from .predict import CLASS_EMBEDDINGS_FILE, TEXT_FILE, TOKENIZER_FILE, TextEncoder
-
     graph.export_text_model(rebuilt.merged, tmp / FILES["text"], opset)
     text = _text_parity(rebuilt, tmp / FILES["text"])
     log(f"  text      {FILES['text']:22s} max|dembeds| {text['max_abs_embeds_diff']:.2e}"
@@ -127,11 +124,11 @@ def _export_text(tmp: Path, rebuilt: Rebuilt, image_embeds, reference, int8: boo
     made.append("text")
     try:
         tokenizer = load_tokenizer(rebuilt.base_model)
-    except ZeroShotError as e:
+    except HeadError as e:
         text["serving"] = f"no labels at serve time: {e}"
         log(f"  note: the text tower is exported without a tokenizer, so predict --labels cannot use it ({e})")
         return text
-    templates = list((rebuilt.metadata.get("head") or {}).get("templates") or DEFAULT_TEMPLATES)
+    templates = list(Head.from_dict(rebuilt.metadata.get("head")).templates or DEFAULT_TEMPLATES)
     with tempfile.TemporaryDirectory() as saved:
         tokenizer.save_pretrained(saved)  # a fast tokenizer writes tokenizer.json, which `tokenizers` reads
         shutil.copyfile(Path(saved) / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
@@ -141,7 +138,7 @@ def _export_text(tmp: Path, rebuilt: Rebuilt, image_embeds, reference, int8: boo
                                         "logit_scale": scale})
     lists = {"job_labels": list(rebuilt.labels), "unseen_labels": list(UNSEEN_LABELS)}
     with torch.no_grad():
-        ref = {k: scale * reference[1] @ text_embeddings(rebuilt.unmerged, tokenizer, v, templates).numpy().T
+        ref = {k: scale * reference[1] @ rebuilt.unmerged.embed_labels(tokenizer, v, templates).numpy().T
                for k, v in lists.items()}
     prompts = [t.format(label) for label in lists["job_labels"] for t in templates]
     ours = TextEncoder(tmp, FILES["text"]).tokenizer.encode_batch(prompts)

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
-from nvflare_lora.checkpoint import atomic_write, current_umask, sha256_file  # numpy, hashlib: no torch
+from nvflare_lora.files import atomic_write, current_umask, sha256_file  # stdlib only: no torch
+from nvflare_lora.head import HeadError, check_class_names  # torch-free, as this module
 from nvflare_lora.preprocessing import Preprocessing, image_files, open_image
 
 from .errors import ServingError
@@ -90,14 +91,12 @@ def check_files(model_dir: str | Path, names: Iterable[str], report: Optional[di
 
 
 def check_labels(labels: Sequence[str]) -> List[str]:
-    """A label list given at serve time: names, stripped, none empty, none twice."""
-    out = [str(x).strip() for x in labels]
-    if not out or any(not x for x in out):
-        raise ServingError(f"--labels needs a comma-separated list of class names, none empty; got {list(labels)!r}")
-    twice = sorted({x for x in out if out.count(x) > 1})
-    if twice:
-        raise ServingError(f"--labels names {twice} more than once; give each class once")
-    return out
+    """A label list given at serve time, stripped, by training's rule (nvflare_lora.head.check_class_names: two or
+    more, none empty, none twice)."""
+    try:
+        return check_class_names(labels, "--labels (a comma-separated list of class names)", strip=True)
+    except HeadError as e:
+        raise ServingError(str(e)) from None
 
 
 class TextEncoder:

@@ -19,12 +19,14 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from nvflare_lora.adapter import AdapterMismatchError
-from nvflare_lora.checkpoint import META_FILE, CheckpointError, decrypt_checkpoint, read_adapter_dir
+from nvflare_lora.checkpoint import META_FILE, CheckpointError, read_adapter_dir
 from nvflare_lora.config import LoRAConfig
 from nvflare_lora.lora_model import CLIPLoRAWrapper, FederatedCLIPModel
 from nvflare_lora.models import (CLIPImageClassifier, ModelNotFoundError, Preprocessing, base_fingerprint,
                                  fingerprint_difference)
-from nvflare_lora.zeroshot import HEAD_BIAS, HEAD_WEIGHT, ZeroShotError, zeroshot_head
+from nvflare_lora.head import Head, HeadError
+from nvflare_lora.secure import decrypt_checkpoint
+from nvflare_lora.zeroshot import HEAD_BIAS, HEAD_WEIGHT, zeroshot_head
 
 from .errors import ExportError
 
@@ -127,13 +129,10 @@ def rebuild(checkpoint: Path, model: Optional[str] = None, include_text: bool = 
         state = wise_state(state, check_wise(wise), _zero_shot_start(meta, base), str(checkpoint))
         notes.append(f"WiSE-FT: alpha {wise:g} (the LoRA update scaled by {wise:g}"
                      + (", the head interpolated toward its zero-shot start)" if HEAD_WEIGHT in state else ")"))
-    head = meta.get("head") or {}
-    kind = {"head": "text", "templates": head.get("templates")} if head.get("type") == "text" else \
-        {"normalize_embeds": bool(head.get("normalize_embeds", False))}
     try:
         fed = FederatedCLIPModel(base, num_classes, labels=meta.get("labels"), device="cpu",
-                                 include_text=include_text or "text" in lora.towers, **kind)
-    except ZeroShotError as e:
+                                 include_text=include_text or "text" in lora.towers, head=Head.from_dict(meta.get("head")))
+    except HeadError as e:
         raise ExportError(f"the text head of {checkpoint} cannot be rebuilt: {e}") from e
     wrapper = CLIPLoRAWrapper(fed, lora)
     wrapper.apply_lora_to_federated_model()
@@ -152,10 +151,10 @@ def rebuild(checkpoint: Path, model: Optional[str] = None, include_text: bool = 
 
 def _zero_shot_start(meta: Dict, base: str) -> Optional[Tuple]:
     """The head a zero-shot run started from (recomputed as nvflare_lora.zeroshot wrote it), else None."""
-    head = meta.get("head") or {}
-    if head.get("init") != "zeroshot":
+    head = Head.from_dict(meta.get("head"))
+    if head.init != "zeroshot":
         return None
     try:
-        return zeroshot_head(base, meta.get("labels"), head.get("templates"))
-    except ZeroShotError as e:
+        return zeroshot_head(base, meta.get("labels"), head.templates)
+    except HeadError as e:
         raise ExportError(f"--wise needs the head's zero-shot start: {e}") from e

@@ -24,6 +24,14 @@ import platform
 from pathlib import Path
 from typing import Dict, List, Optional
 
+try:  # numpy's runtime dispatch table: numpy._core since numpy 2, numpy.core before
+    from numpy._core._multiarray_umath import __cpu_features__ as _NUMPY_CPU_FEATURES
+except ImportError:
+    try:
+        from numpy.core._multiarray_umath import __cpu_features__ as _NUMPY_CPU_FEATURES
+    except ImportError:
+        _NUMPY_CPU_FEATURES = None
+
 X64_QUANT_PRECISION = "session.x64quantprecision"
 # What an export records for other runtimes (export_report.json "session_options"; the Triton README)
 SESSION_OPTIONS_RULE = {
@@ -37,13 +45,7 @@ SESSION_OPTIONS_RULE = {
 def has_vnni() -> Optional[bool]:
     """Whether this x86 CPU has AVX-512 VNNI or AVX-VNNI, from CPUID as numpy's dispatcher reads it; None when
     that cannot be told (then /proc/cpuinfo is asked; an emulated CPU may not be what it says)."""
-    try:
-        from numpy._core._multiarray_umath import __cpu_features__ as features
-    except ImportError:
-        try:
-            from numpy.core._multiarray_umath import __cpu_features__ as features
-        except ImportError:
-            features = None
+    features = _NUMPY_CPU_FEATURES
     if features:
         return bool(features.get("AVX512VNNI") or features.get("AVX_VNNI"))
     try:
@@ -67,7 +69,7 @@ def session_config() -> Dict[str, str]:
 
 def providers_for(variant: str) -> List[str]:
     """CUDA when this onnxruntime build has it (onnxruntime-gpu), else CPU; int8 dynamic quantization is CPU's."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # onnxruntime: optional (the cpu or gpu extra: one of two packages)
 
     if variant != "int8" and "CUDAExecutionProvider" in ort.get_available_providers():
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -79,7 +81,7 @@ def open_session(path: str | Path, variant: str = "fp32", threads: Optional[int]
     """An InferenceSession of an exported file. config: session config entries (default: session_config(), what
     this CPU needs). spinning=False: worker threads sleep between runs instead of busy-waiting, so they do not
     steal the cores from whatever runs next (a benchmark's PyTorch engines; other work on a shared machine)."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # onnxruntime: optional (the cpu or gpu extra)
 
     options = ort.SessionOptions()
     if threads:

@@ -23,9 +23,11 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from nvflare_lora.checkpoint import swap_into_place
+import onnx
+from nvflare_lora.files import swap_into_place
 
 from .errors import ExportError
+from .predict import CLASS_EMBEDDINGS_FILE, TEXT_FILE, TOKENIZER_FILE, check_files, read_report, with_external_data
 from .session import SESSION_OPTIONS_RULE
 
 MODEL_PREFIX = "clip_lora"
@@ -49,8 +51,6 @@ def check_repository_target(target: Path, force: bool) -> None:
 def graph_io(path: Path) -> Tuple[List[Dict], List[Dict]]:
     """(inputs, outputs) of an ONNX file as {"name", "data_type", "dims"} with the batch axis dropped; other
     dynamic axes (the text tower's sequence) are -1."""
-    import onnx
-
     graph = onnx.load(str(path), load_external_data=False).graph
     initializers = {i.name for i in graph.initializer}
 
@@ -95,9 +95,6 @@ def model_config(name: str, variant: str, inputs: List[Dict], outputs: List[Dict
 
 def write_repository(export_dir: Path, target: Path, tensorrt: bool = False, force: bool = False) -> Path:
     """Write the repository of export_dir's verified files into target (whole or not at all)."""
-    from .predict import (CLASS_EMBEDDINGS_FILE, TEXT_FILE, TOKENIZER_FILE, check_files, read_report,
-                          with_external_data)
-
     check_repository_target(target, force)
     report = read_report(export_dir)
     check_files(export_dir, ["labels.json"], report)

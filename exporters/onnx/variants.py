@@ -25,12 +25,14 @@ import logging
 import warnings
 from pathlib import Path
 
+import onnx
+
 from .errors import ExportError
 
 
 def optimize(src: Path, dst: Path, num_heads: int, hidden_size: int) -> dict:
     """Fuse transformer subgraphs; returns the fused-operator counts (empty counts mean nothing matched)."""
-    from onnxruntime.transformers.optimizer import optimize_model
+    from onnxruntime.transformers.optimizer import optimize_model  # onnxruntime: optional (the cpu or gpu extra)
 
     try:
         with warnings.catch_warnings():
@@ -54,7 +56,7 @@ INT8_SCHEME = "s8"
 
 
 def quantize_int8(src: Path, dst: Path, scheme: str = INT8_SCHEME) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import QuantType, quantize_dynamic  # onnxruntime: optional (cpu or gpu extra)
 
     args = dict(INT8_SCHEMES[scheme])
     args["weight_type"] = getattr(QuantType, args["weight_type"])
@@ -67,8 +69,7 @@ def quantize_int8(src: Path, dst: Path, scheme: str = INT8_SCHEME) -> None:
 
 
 def to_fp16(src: Path, dst: Path) -> None:
-    import onnx
-    from onnxruntime.transformers.onnx_model import OnnxModel
+    from onnxruntime.transformers.onnx_model import OnnxModel  # onnxruntime: optional (the cpu or gpu extra)
 
     model = OnnxModel(onnx.load(str(src)))
     try:

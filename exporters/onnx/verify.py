@@ -12,6 +12,7 @@ not failed. Non-finite logits fail.
 
 from __future__ import annotations
 
+import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+
+from .session import has_vnni
 
 
 FP32_MAX_ABS_DIFF = 1e-4
@@ -108,8 +111,6 @@ INT8_CPU_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx
 
 def cpu_features() -> Dict:
     """The processor and the flags that choose ONNX Runtime's int8 kernels (x86: VNNI or not; Arm: dot product)."""
-    import platform
-
     model, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -120,8 +121,6 @@ def cpu_features() -> Dict:
                 flags = set(value.split())
     except OSError:
         pass
-    from .session import has_vnni
-
     return {"machine": platform.machine(), "model": model, "int8_flags": [f for f in INT8_CPU_FLAGS if f in flags],
             "vnni_by_cpuid": has_vnni()}  # what decided the session entries (/proc/cpuinfo can be another CPU's)
 

@@ -1,6 +1,7 @@
 """The server's half of a round, without NVFlare: what each site is sent, which updates are accepted, and the
-new global adapter. nvflare_lora.fl.server (shareable generator, aggregator) and the in-process round
-(nvflare_lora.round) both call this one class.
+new global adapter, in clear. nvflare_lora.fl.server (shareable generator, aggregator) and the in-process round
+(nvflare_lora.round) both call this one class, through the job's secure mode (nvflare_lora.secure: ClearMode
+gives this class, EncryptedMode its encrypted twin with the same calls).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from ..adapter import adapter_shapes_of
+from ..adapter import adapter_shapes_of, check_adapter
 from ..privacy import Accountant, DPConfig, add_client_noise, check_client_dp
 from .rules import Robustness, SiteUpdate, aggregate, check_update, project, rank_of, update_spec
 
@@ -47,10 +48,16 @@ class ServerAggregation:
             return dict(global_state)
         return project(global_state, rank, self.facts.scaling, self.facts.aggregation == "exact")
 
-    def check(self, site: str, update: Mapping[str, np.ndarray], steps, global_state: Mapping[str, np.ndarray]) -> None:
-        """Refuse (AdapterMismatchError, naming the fault) an update that is not exactly this site's spec."""
+    def check(self, site: str, update: Mapping[str, np.ndarray], steps, global_state: Mapping[str, np.ndarray]) -> Dict:
+        """The update as the rule combines it; refused (AdapterMismatchError, naming the fault) when it is not
+        exactly this site's spec."""
         spec = self.facts.update_spec(adapter_shapes_of(global_state), site)
         check_update(update, spec, self.facts.aggregation, "update", steps)
+        return dict(update)
+
+    def check_aggregate(self, new: Mapping[str, np.ndarray], global_state: Mapping[str, np.ndarray]) -> None:
+        """A new global adapter (or aggregated difference) has exactly the global adapter's keys and shapes."""
+        check_adapter(new, adapter_shapes_of(global_state), "aggregated update")
 
     def aggregate(self, global_state: Mapping[str, np.ndarray], updates: List[SiteUpdate]) -> Tuple[State, Dict]:
         """(new global adapter, what the round did). No updates: the global adapter unchanged."""

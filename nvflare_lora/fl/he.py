@@ -5,7 +5,7 @@ from __future__ import annotations
 from nvflare.apis.fl_constant import FLContextKey
 from nvflare.apis.fl_context import FLContext
 
-from ..aggregation.secure import SecureAggregationError, load_context
+from ..secure import SecureAggregationError, load_context
 
 
 def kit_context(fl_ctx: FLContext, file: str, secret: bool):

@@ -1,6 +1,6 @@
 """What travels with the adapter tensors: the DXO meta keys and headers between server and sites.
 
-Server -> site, with every task: ANNOUNCE_KEY, the job's model facts (nvflare_lora.federation.ServerFacts.announcement).
+Server -> site, with every task: ANNOUNCE_KEY, the job's facts (nvflare_lora.facts.JobFacts.announcement).
 Site -> server, with every update: its metrics, bad images and DP spend. Filters add COMPRESSION_META_KEY.
 """
 
@@ -10,8 +10,12 @@ import json
 
 import numpy as np
 
+from ..secure import SHAPES_KEY
+
 ANNOUNCE_KEY = "nvflare_lora"          # server -> site: {"model", "fingerprint", "lora_config", "num_classes", "labels",
-#                                        "aggregation", "site_ranks", "head"}
+#                                        "aggregation", "site_ranks", "head", "secure_aggregation", "site_clip_norm"}
+# Under secure_aggregation "he" no key marks the ciphertexts: a ciphertext travels as a uint8 array, a clear tensor as
+# float32 (nvflare_lora.secure), and the global model's meta carries every tensor's shape (secure.SHAPES_KEY).
 TRAIN_LOSS_KEY = "nvflare_lora_train_loss"    # site -> server: mean local training loss this round
 VAL_COUNT_KEY = "nvflare_lora_val_count"      # site -> server: size of the validation split behind INITIAL_METRICS
 EPSILON_KEY = "nvflare_lora_epsilon"          # site -> server: the site's DP-SGD epsilon spent so far (at its delta)
@@ -21,9 +25,16 @@ FATAL_HEADER = "nvflare_lora_fatal"           # site -> server (reply header): w
 REFUSED_PROP = "nvflare_lora_refused"         # server fl_ctx, set by the aggregator: why it refused a contribution
 AGGREGATION_INFO_PROP = "nvflare_lora_aggregation"  # server fl_ctx and aggregate meta: what the round's aggregation did
 
-ENCRYPTED_KEY = "nvflare_lora_encrypted"  # both ways under secure_aggregation "he": the keys whose tensors are CKKS
-#                                          ciphertexts, serialized to uint8 arrays (aggregation.secure.to_bytes)
 COMPRESSION_META_KEY = "nvflare_lora_compression"  # set by compression filters: {"mode", "raw_bytes", ...}
+
+
+def global_shapes(model) -> dict:
+    """Every tensor's shape of a global model (a ModelLearnable): from its meta where its tensors may be ciphertexts
+    (the persistor puts them there under HE: nvflare_lora.secure.SHAPES_KEY), else from the tensors."""
+    shapes = ((model or {}).get("meta") or {}).get(SHAPES_KEY)
+    if shapes:
+        return {k: tuple(v) for k, v in shapes.items()}
+    return {k: tuple(np.shape(v)) for k, v in ((model or {}).get("weights") or {}).items()}
 
 
 def payload_bytes(obj) -> int:

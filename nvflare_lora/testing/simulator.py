@@ -15,7 +15,9 @@ import sys
 from pathlib import Path
 from typing import Dict, Optional
 
-from nvflare_lora.settings import EXECUTOR, client_config, meta, server_config, settings, write_configs
+from nvflare_lora.settings import settings
+
+from nvflare_lora.jobfolder import EXECUTOR, client_config, meta, server_config, write_configs
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository checkout
 JOB = ROOT / "jobs" / "clip_lora"

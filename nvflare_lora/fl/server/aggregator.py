@@ -6,9 +6,10 @@ does not fit, and combines the accepted updates robustly (nvflare_lora.aggregati
 capped at a multiple of the round's median, every update's norm clipped to a multiple of the round's
 median norm, then the weighted mean, the coordinate-wise median or the trimmed mean. With client_dp
 (DP-FedAvg) the one clip is the fixed clip_norm, the mean is equal-weight, and Gaussian noise calibrated to
-the clip is added to the aggregate, with its own accountant over the rounds. Under secure_aggregation "he" the
-updates are CKKS ciphertexts: it checks what it can (keys, lengths, step counts) and sums them with the public
-context of the server's kit (nvflare_lora.aggregation.secure.SecureAggregation); no bound applies.
+the clip is added to the aggregate, with its own accountant over the rounds. Both go through the job's secure mode
+(nvflare_lora.secure), chosen once from secure_aggregation: under "he" the updates are CKKS ciphertexts, checked as
+far as the server can (keys, lengths, step counts) and summed with the public context of the server's kit; no
+bound applies.
 """
 
 from __future__ import annotations
@@ -27,14 +28,12 @@ from nvflare.app_common.abstract.model import ModelLearnableKey
 from nvflare.app_common.app_constant import AppConstants
 
 from ...adapter import AdapterMismatchError
-from ...aggregation import Robustness, SiteUpdate, describe
-from ...aggregation.server import ServerAggregation
+from ...aggregation import SiteUpdate, describe
 from ...facts import JobFacts
-from ...privacy import DPConfig
-from ...settings import default
-from ...aggregation.secure import SERVER_CONTEXT, SecureAggregationError, WireAggregation, check_bounds
+from ...secure import SERVER_CONTEXT, SecureAggregationError, secure_mode
+from ...settings import PrivacySection, default, settings
 from ..he import kit_context
-from ..protocol import AGGREGATION_INFO_PROP, ENCRYPTED_KEY, EPSILON_KEY, REFUSED_PROP
+from ..protocol import AGGREGATION_INFO_PROP, EPSILON_KEY, REFUSED_PROP, global_shapes
 
 CLIENT_DP_ACCOUNTANT = "client_dp_accountant.json"  # in the server's app dir
 
@@ -44,24 +43,11 @@ class LoRAAggregator(Aggregator):
     included, bounding every site's influence (nvflare_lora.aggregation.server.ServerAggregation, which the
     in-process round runs too). Returns the new global adapter as WEIGHTS.
 
-    Args:
-        r, lora_alpha, aggregation, site_ranks: the rule facts, the same values the persistor is given
-            (nvflare_lora.settings writes them alike): rank, scaling numerator, rule, {site: rank}.
-        estimator: "mean" (weighted mean: FedAvg), "median" (coordinate-wise) or "trimmed_mean".
-        clip_multiple: clip each update's L2 norm to this multiple of the round's median update norm
-            (>= 1; null: no clipping).
-        trim_fraction: share of sites dropped at each end per coordinate by trimmed_mean, in [0, 0.5).
-        weighting: "steps" (a site weighs its reported local steps, NUM_STEPS_CURRENT_ROUND) or "equal".
-        max_weight_ratio: a site's weight is capped at this multiple of the round's median weight (>= 1;
-            null: no cap), so a site cannot outweigh the others by claiming steps.
-        min_agreement: with 3 or more updates in a round, one whose cosine with the round's coordinate-wise
-            median update is below min_agreement x the median of those cosines is left out of the round (a
-            sign-flipped update points away from what the others agree on); null: keep every update.
-        client_dp: client-level DP (DP-FedAvg), {"clip_norm", "noise_multiplier" | "target_epsilon", "delta",
-            "rounds"}: each update clipped to clip_norm (this replaces clip_multiple, max_weight_ratio,
-            min_agreement and weighting, which DP's sensitivity bound does not allow), the equal-weight mean,
-            plus N(0, (noise_multiplier x clip_norm / sites)^2); estimator must be "mean"; rules fedavg and ffa.
-            Each round's epsilon (sample rate 1: every site every round) is in communication.json.
+    Args: the rule facts (r, lora_alpha, aggregation, site_ranks, secure_aggregation: the same values the persistor
+    is given) and the aggregation, robustness and client_dp settings (estimator, clip_multiple, trim_fraction,
+    weighting, max_weight_ratio, min_agreement, client_dp), with the job schema's defaults, help and checks
+    (nvflare_lora.settings: AggregationSection, PrivacySection, SecureSection). With client_dp each round's epsilon
+    (sample rate 1: every site every round) is in communication.json.
     """
 
     def __init__(self, r: int = default("r"), lora_alpha: float = default("lora_alpha"),
@@ -72,14 +58,17 @@ class LoRAAggregator(Aggregator):
                  min_agreement: Optional[float] = default("min_agreement"), client_dp: Optional[Dict] = default("client_dp"),
                  secure_aggregation: str = default("secure_aggregation")):
         super().__init__()
+        s = settings(r=r, lora_alpha=lora_alpha, aggregation=aggregation, site_ranks=site_ranks, estimator=estimator,
+                     clip_multiple=clip_multiple, trim_fraction=trim_fraction, weighting=weighting,
+                     max_weight_ratio=max_weight_ratio, min_agreement=min_agreement, client_dp=client_dp,
+                     secure_aggregation=secure_aggregation).check_secure_bounds()  # refused at set-up, named
         self.facts = JobFacts.rule(r, lora_alpha, aggregation, site_ranks, secure_aggregation)
-        self.he = None  # under HE: the server kit's public CKKS context (loaded at the first update)
-        robust = Robustness(estimator=estimator, clip_multiple=clip_multiple, trim_fraction=trim_fraction,
-                            weighting=weighting, max_weight_ratio=max_weight_ratio, min_agreement=min_agreement)
-        self.client_dp = DPConfig.from_setting(client_dp, "clip_norm")
-        if self.facts.encrypted:  # what needs the updates in clear is refused at set-up, naming it
-            check_bounds(robust, client_dp)
-        self.server = ServerAggregation(self.facts, robust, self.client_dp)  # refuses a bad client_dp mix here
+        # client_dp as written (its rounds in it: the writer spreads a target over num_rounds, which this
+        # component does not know)
+        self.robust, self.client_dp = s.robustness(), PrivacySection.dp_config(s, "client_dp")
+        self.secure_aggregation = secure_aggregation
+        self.server = None  # the secure mode's half of the round: built at the first update (the context and shapes
+        #                     it needs under HE come with the job's fl_ctx)
         self._site_epsilon: Dict[str, float] = {}
         self._updates: List[SiteUpdate] = []
         self._lock = threading.Lock()
@@ -117,12 +106,8 @@ class LoRAAggregator(Aggregator):
             return self._refuse(fl_ctx, site, f"the update is still encoded ({dxo.get_meta_prop(MetaKey.PROCESSED_ALGORITHM)}); "
                                               f"decode it with a server task_result_filter (AdapterDecompressor)")
         steps = dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND)
-        data = dxo.data or {}
         try:
-            if self.facts.encrypted:
-                data = self._secure(fl_ctx).check_wire(site, data, dxo.get_meta_prop(ENCRYPTED_KEY), steps)
-            else:
-                self.server.check(site, data, steps, self._global(fl_ctx))
+            data = self._server(fl_ctx).check(site, dxo.data or {}, steps, self._global(fl_ctx))
         except (AdapterMismatchError, SecureAggregationError) as e:
             return self._refuse(fl_ctx, site, str(e))
         with self._lock:
@@ -139,12 +124,7 @@ class LoRAAggregator(Aggregator):
         if not updates:
             self.log_warning(fl_ctx, "no accepted updates this round: the global adapter stays as it is")
             return DXO(data_kind=DataKind.WEIGHT_DIFF, data={}).to_shareable()
-        if self.client_dp is not None and self.server.accountant_path is None:
-            app_dir = fl_ctx.get_engine().get_workspace().get_app_dir(fl_ctx.get_job_id())
-            self.server.accountant_path = f"{app_dir}/{CLIENT_DP_ACCOUNTANT}"
-        if self.facts.encrypted:
-            return self._aggregate_encrypted(fl_ctx, updates)
-        new, info = self.server.aggregate(self._global(fl_ctx), updates)
+        new, info = self._server(fl_ctx).aggregate(self._global(fl_ctx), updates)
         if (info.get("client_dp") or {}).get("spent"):
             self.log_warning(fl_ctx, f"client-level privacy budget spent (epsilon {info['client_dp']['epsilon']:.3g} of "
                                      f"{self.client_dp.target_epsilon}): the global adapter is no longer updated")
@@ -154,33 +134,19 @@ class LoRAAggregator(Aggregator):
         self.log_info(fl_ctx, f"[nvflare_lora] aggregation {describe(info)}")
         return DXO(data_kind=DataKind.WEIGHTS, data=new, meta={AGGREGATION_INFO_PROP: info}).to_shareable()
 
-    # ---- secure_aggregation "he" ------------------------------------------------------------------------
-    def _secure(self, fl_ctx: FLContext) -> "WireAggregation":
-        if self.he is None:
-            self.he = WireAggregation(self.facts, kit_context(fl_ctx, SERVER_CONTEXT, secret=False),
-                                      _global_meta(fl_ctx))
-        return self.he
-
-    def _aggregate_encrypted(self, fl_ctx: FLContext, updates: List[SiteUpdate]) -> Shareable:
-        model = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
-        new, meta, info = self._secure(fl_ctx).aggregate(model[ModelLearnableKey.WEIGHTS], _global_meta(fl_ctx),
-                                                         updates)
-        fl_ctx.set_prop(AGGREGATION_INFO_PROP, info, private=True, sticky=False)
-        self.log_info(fl_ctx, f"[nvflare_lora] aggregation: {info['sites']} encrypted update(s) summed, weights "
-                              f"{info['weights']} (the server reads none of them)")
-        return DXO(data_kind=DataKind.WEIGHTS, data=new, meta={AGGREGATION_INFO_PROP: info, ENCRYPTED_KEY: meta}
-                   ).to_shareable()
+    def _server(self, fl_ctx: FLContext):
+        """The server's half of the round, from the secure mode (ServerAggregation, or SecureAggregation under HE
+        with the server kit's public context and the global model's shapes)."""
+        if self.server is None:
+            accountant = None  # DP-FedAvg's spend, kept in the server's app dir
+            if self.client_dp is not None:
+                app_dir = fl_ctx.get_engine().get_workspace().get_app_dir(fl_ctx.get_job_id())
+                accountant = f"{app_dir}/{CLIENT_DP_ACCOUNTANT}"
+            mode = secure_mode(self.secure_aggregation, lambda: kit_context(fl_ctx, SERVER_CONTEXT, secret=False))
+            shapes = global_shapes(fl_ctx.get_prop(AppConstants.GLOBAL_MODEL))
+            self.server = mode.server(self.facts, shapes, self.robust, self.client_dp, accountant)
+        return self.server
 
     def reset(self, fl_ctx: FLContext):
         with self._lock:
             self._updates = []
-
-
-def _global_meta(fl_ctx: FLContext) -> Dict:
-    """The global model's {"keys", "shapes"} under HE (AdapterPersistor puts it there)."""
-    model = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
-    sealed = (model or {}).get(ModelLearnableKey.META, {}).get(ENCRYPTED_KEY)
-    if not sealed:
-        raise SecureAggregationError(f"the global model carries no '{ENCRYPTED_KEY}' meta: secure_aggregation \"he\" "
-                                     f"needs nvflare_lora's AdapterPersistor with the same setting")
-    return sealed

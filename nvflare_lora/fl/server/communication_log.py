@@ -26,7 +26,7 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.widgets.widget import Widget
 
-from ...checkpoint import write_json_atomic
+from ...files import write_json_atomic
 from ..protocol import (AGGREGATION_INFO_PROP, BAD_IMAGES_KEY, COMPRESSION_META_KEY, EPSILON_KEY, REFUSED_PROP,
                         TRAIN_LOSS_KEY, VAL_COUNT_KEY, payload_bytes)
 

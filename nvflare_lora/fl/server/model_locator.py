@@ -9,7 +9,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.model import ModelLearnableKey
 from nvflare.app_common.abstract.model_locator import ModelLocator
 
-from ..protocol import ANNOUNCE_KEY, ENCRYPTED_KEY
+from ..protocol import ANNOUNCE_KEY
 
 
 class AdapterModelLocator(ModelLocator):
@@ -30,8 +30,6 @@ class AdapterModelLocator(ModelLocator):
     def locate_model(self, model_name: str, fl_ctx: FLContext) -> Optional[DXO]:
         persistor = fl_ctx.get_engine().get_component(self.persistor_id)
         learnable = persistor.get_model(model_name, fl_ctx)
-        meta = {ANNOUNCE_KEY: persistor.announcement()}
-        sealed = (learnable.get(ModelLearnableKey.META) or {}).get(ENCRYPTED_KEY)
-        if sealed:  # under HE: ciphertexts, which each site decrypts with its own key
-            meta[ENCRYPTED_KEY] = sealed
-        return DXO(DataKind.WEIGHTS, data=learnable[ModelLearnableKey.WEIGHTS], meta=meta)
+        # under HE the tensors the sites sent are ciphertexts (uint8 bytes): each site opens them with its own key
+        return DXO(DataKind.WEIGHTS, data=learnable[ModelLearnableKey.WEIGHTS],
+                   meta={ANNOUNCE_KEY: persistor.announcement()})

@@ -29,15 +29,16 @@ from nvflare.app_common.model_desc import ModelDescriptor
 
 from ...adapter import AdapterMismatchError, check_adapter
 from ...aggregation import fold_residuals, unfold
-from ...checkpoint import (CHECKPOINT_NAMES, ENCRYPTED_META_KEY, CheckpointError, CheckpointMeta, locate_checkpoint,
+from ...checkpoint import (CHECKPOINT_NAMES, CheckpointError, CheckpointMeta, locate_checkpoint,
                            read_adapter_dir, save_adapter_dir)
 from ...config import LoRAConfig
 from ...facts import JobFacts
 from ...lora_model import adapter_skeleton
 from ...models import base_fingerprint, fingerprint_difference, preprocessing_for
 from ...settings import CHECKPOINT_DIR, SettingsError, default, settings
-from ...zeroshot import DEFAULT_TEMPLATES, head_spec
-from ..protocol import AGGREGATION_INFO_PROP, ANNOUNCE_KEY, ENCRYPTED_KEY, VAL_SPLIT_KEY
+from ...head import Head
+from ...secure import secure_mode
+from ..protocol import AGGREGATION_INFO_PROP, ANNOUNCE_KEY, VAL_SPLIT_KEY
 
 CHECKPOINTS = CHECKPOINT_NAMES
 FOLD_META_KEY = "aggregation"  # in nvflare_lora.json: {"mode", "site_ranks", and for exact the fold details}
@@ -81,6 +82,7 @@ class AdapterPersistor(ModelPersistor):
                      secure_aggregation=secure_aggregation, site_clip_norm=site_clip_norm)
         self.settings = s
         self.facts = JobFacts.from_settings(s)  # the head: a loaded file's wins (_read_adapter_file)
+        self.mode = secure_mode(s.secure_aggregation)  # chosen once: how the global adapter is stored
         self.checkpoint_dir = checkpoint_dir
         self.completed_rounds = 0  # rounds already in the adapter loaded by load_model (resume)
         self._privacy: Optional[Dict] = None  # epsilon spent by the sites (DP-SGD) and the server (client_dp)
@@ -114,7 +116,7 @@ class AdapterPersistor(ModelPersistor):
         fields.setdefault("lora_config", f.lora.to_dict())
         labels = f.export_labels(self.settings.labels is not None, self._val_split)
         return CheckpointMeta(base_model=f.model, base_fingerprint=f.fingerprint, labels=labels,
-                              preprocessing=preprocessing_for(f.model).to_dict(), head=dict(f.head),
+                              preprocessing=preprocessing_for(f.model).to_dict(), head=f.head.to_dict(),
                               parameters={"exchanged": n, "trainable": n},
                               privacy=self._privacy, val_split=dict(self._val_split) or None, **fields)
 
@@ -148,19 +150,14 @@ class AdapterPersistor(ModelPersistor):
         n = sum(v.size for v in weights.values())
         self.log_info(fl_ctx, f"global adapter ({self.aggregation}): {len(weights)} tensors, {n:,} parameters "
                               f"({n * 4 / 1024:.1f} KiB fp32), base {self.facts.model!r} never loaded on the server")
-        return make_model_learnable(weights, {ANNOUNCE_KEY: self.facts.announcement(), **self._sealed([])})
+        return make_model_learnable(weights, self._model_meta())
 
-    def _sealed(self, keys) -> Dict:
-        """Under HE, the model meta that says which tensors are ciphertexts and every tensor's shape (the
-        aggregator and the sites read it; the server cannot learn shapes from ciphertexts)."""
-        if not self.facts.encrypted:
-            return {}
-        return {ENCRYPTED_KEY: {"keys": sorted(keys), "shapes": {k: list(v) for k, v in self._shapes.items()}}}
+    def _model_meta(self) -> Dict:
+        """The global model's meta: the job's facts, and what the secure mode needs there (under HE every tensor's
+        shape, which ciphertexts hide); the shareable generator keeps it with the model every round."""
+        return {ANNOUNCE_KEY: self.facts.announcement(), **self.mode.model_meta(self._shapes)}
 
     def _load_resume(self, fl_ctx: FLContext) -> Dict:
-        if self.facts.encrypted:
-            raise SettingsError("resume_from is not supported under secure_aggregation \"he\" yet (the server would "
-                                "start from ciphertexts it cannot check); start a new run")
         try:
             path = locate_checkpoint(self.settings.resume_from, "latest").path
         except CheckpointError as e:
@@ -180,7 +177,7 @@ class AdapterPersistor(ModelPersistor):
                                     f"write the zero-shot one with `python -m nvflare_lora.zeroshot JOB_DIR`, or name "
                                     f"an earlier run's checkpoint directory (…/app_server/adapter/best)")
         state, meta = self._read_adapter_file(path, "initial_adapter", need_fingerprint=True)
-        self.log_info(fl_ctx, f"round 0 starts from {path} (head: {self.facts.head['init']})")
+        self.log_info(fl_ctx, f"round 0 starts from {path} (head: {self.facts.head.init})")
         return state
 
     def _read_adapter_file(self, path: Path, what: str, need_fingerprint: bool = False):
@@ -196,26 +193,27 @@ class AdapterPersistor(ModelPersistor):
         if meta.get("lora_config") and LoRAConfig.from_dict(meta["lora_config"]) != self.lora:
             raise CheckpointError(f"{what} {path}: saved with LoRA settings {meta['lora_config']}, "
                              f"this job declares {self.lora.to_dict()}")
-        if meta.get("labels") and list(meta["labels"]) != self.facts.label_list() and not self.facts.text_head:
+        if meta.get("labels") and list(meta["labels"]) != self.facts.label_list() and not self.facts.head.text:
             raise CheckpointError(f"{what} {path}: saved for labels {meta['labels']}, this job's labels are "
                              f"{self.facts.label_list()}")
-        head = meta.get("head") or head_spec("seeded", DEFAULT_TEMPLATES)
-        if head.get("type", "linear") != self.facts.head.get("type", "linear") or (
-                self.facts.text_head and head != self.facts.head):
-            raise CheckpointError(f"{what} {path}: its head is {head}, this job's is {self.facts.head} (head, "
+        head, own = Head.from_dict(meta.get("head")), self.facts.head  # no record: a seeded linear head
+        if head.kind != own.kind or (own.text and head != own):
+            raise CheckpointError(f"{what} {path}: its head is {head.to_dict()}, this job's is {own.to_dict()} (head, "
                                   f"prompt_templates): start a new run, or set the job's head to match")
-        if self.settings.head_init == "zeroshot" and head != self.facts.head:
-            raise CheckpointError(f"{what} {path}: its head is {head}, this job declares {self.facts.head} (head_init, "
-                             f"prompt_templates); rewrite it with `python -m nvflare_lora.zeroshot JOB_DIR`")
-        self.facts = self.facts.with_(head=dict(head))
+        if self.settings.head_init == "zeroshot" and head != own:
+            raise CheckpointError(f"{what} {path}: its head is {head.to_dict()}, this job declares {own.to_dict()} "
+                                  f"(head_init, prompt_templates); rewrite it with `python -m nvflare_lora.zeroshot "
+                                  f"JOB_DIR`")
+        self.facts = self.facts.with_(head=head)
         return {k: np.asarray(v, np.float32) for k, v in state.items()}, meta
 
     def _fold_info(self) -> Dict:
         return {"mode": self.aggregation, "site_ranks": dict(self.facts.site_ranks)}
 
-    def _save(self, name: str, weights: Dict, fl_ctx: FLContext, sealed: Optional[Dict] = None, **fields) -> Path:
+    def _save(self, name: str, weights: Dict, fl_ctx: FLContext, **fields) -> Path:
         rnd = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
-        if (sealed or {}).get("keys"):  # ciphertexts: saved as the server holds them (checked by the aggregator)
+        sealed = self.mode.stored(weights, self._shapes)
+        if sealed:  # ciphertexts: saved as the server holds them (checked by the aggregator)
             if set(weights) != set(self._shapes):
                 raise AdapterMismatchError(f"encrypted global adapter ({name}) does not have the adapter's keys")
             return save_adapter_dir(self._dir(fl_ctx) / name, weights, self._peft_config,
@@ -239,7 +237,7 @@ class AdapterPersistor(ModelPersistor):
         info = fl_ctx.get_prop(AGGREGATION_INFO_PROP) or {}
         if info.get("site_epsilon") or info.get("client_dp"):  # what the saved adapter has spent so far
             self._privacy = {"site_epsilon": info.get("site_epsilon") or {}, "client_dp": info.get("client_dp")}
-        self._save("latest", model[ModelLearnableKey.WEIGHTS], fl_ctx, _sealed_of(model))
+        self._save("latest", model[ModelLearnableKey.WEIGHTS], fl_ctx)
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         super().handle_event(event_type, fl_ctx)
@@ -251,7 +249,7 @@ class AdapterPersistor(ModelPersistor):
             model = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
             metric = fl_ctx.get_prop(AppConstants.VALIDATION_RESULT)
             self._ensure_skeleton()
-            self._save("best", model[ModelLearnableKey.WEIGHTS], fl_ctx, _sealed_of(model),
+            self._save("best", model[ModelLearnableKey.WEIGHTS], fl_ctx,
                        metrics={"val_accuracy": metric}, note="global adapter sent in this round")
             self.log_info(fl_ctx, f"saved best global adapter (val accuracy {metric:.4f})")
 
@@ -279,11 +277,11 @@ class AdapterPersistor(ModelPersistor):
     def get_model(self, model_file: str, fl_ctx: FLContext) -> ModelLearnable:
         """A checkpoint in the form the sites train: under exact a folded adapter is unfolded (its whole
         effective update as the residual, B = 0, A at the shared init)."""
+        self._ensure_skeleton()
         path = self._dir(fl_ctx) / model_file
         state, peft_cfg, meta = read_adapter_dir(path)
-        sealed = meta.get(ENCRYPTED_META_KEY) or {}
-        if sealed:  # the sites decrypt it (ENCRYPTED_KEY in the task's meta)
-            return make_model_learnable(dict(state), self._sealed(sealed.get("keys") or []))
+        if self.mode.stored(state, self._shapes):  # ciphertexts (uint8 bytes): each site opens them with its key
+            return make_model_learnable(dict(state), self.mode.model_meta(self._shapes))
         state = {k: np.asarray(v, np.float32) for k, v in state.items()}
         if self.aggregation != "exact":
             return make_model_learnable(state, {})
@@ -295,8 +293,3 @@ class AdapterPersistor(ModelPersistor):
         weights = unfold(state, folded_scaling, self.facts.initial_global(self._shapes), self.lora.scaling)
         check_adapter(weights, self.facts.training_shapes(self._shapes), f"checkpoint {path}")
         return make_model_learnable(weights, {})
-
-
-def _sealed_of(model: ModelLearnable) -> Optional[Dict]:
-    """{"keys", "shapes"} of a global model whose tensors are partly ciphertexts (secure_aggregation "he")."""
-    return (model.get(ModelLearnableKey.META) or {}).get(ENCRYPTED_KEY)

@@ -18,18 +18,18 @@ from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.shareablegenerators.full_model_shareable_generator import FullModelShareableGenerator
 
-from ...adapter import adapter_shapes_of, check_adapter
 from ...aggregation import rank_of
-from ...aggregation.server import ServerAggregation
 from ...facts import JobFacts
+from ...secure import secure_mode
 from ...settings import default
-from ..protocol import ANNOUNCE_KEY, ENCRYPTED_KEY
+from ..protocol import ANNOUNCE_KEY, global_shapes
 
 
 
 class AdapterShareableGenerator(FullModelShareableGenerator):
     """Sends the global adapter with the job's facts, gives each site of `site_ranks` the adapter at its own
-    rank, and refuses a malformed aggregate.
+    rank, and refuses a malformed aggregate (in clear every key and shape; under HE what a server can check of
+    ciphertexts: the job's secure mode, nvflare_lora.secure).
 
     Per-site ranks are applied on the server's BEFORE_TASK_DATA_FILTER event, to each site's own copy of
     the task data, so they come before any compression filter and need no filter in the job.
@@ -44,8 +44,16 @@ class AdapterShareableGenerator(FullModelShareableGenerator):
                  aggregation: str = default("aggregation"), site_ranks: Optional[Dict[str, int]] = default("site_ranks"),
                  secure_aggregation: str = default("secure_aggregation"), train_task_name: str = AppConstants.TASK_TRAIN):
         super().__init__()
-        self.server = ServerAggregation(JobFacts.rule(r, lora_alpha, aggregation, site_ranks, secure_aggregation))
+        self.facts = JobFacts.rule(r, lora_alpha, aggregation, site_ranks, secure_aggregation)
+        self.mode = secure_mode(secure_aggregation)  # chosen once: how the aggregate is checked, what each site gets
+        self._server = None
         self.train_task_name = train_task_name
+
+    def server(self, model: ModelLearnable):
+        """The secure mode's server half (for_site, check_aggregate), built from the global model's shapes."""
+        if self._server is None:
+            self._server = self.mode.server(self.facts, global_shapes(model))
+        return self._server
 
     def learnable_to_shareable(self, model_learnable: ModelLearnable, fl_ctx: FLContext) -> Shareable:
         if ANNOUNCE_KEY not in (model_learnable.get(ModelLearnableKey.META) or {}):
@@ -56,14 +64,14 @@ class AdapterShareableGenerator(FullModelShareableGenerator):
     def shareable_to_learnable(self, shareable: Shareable, fl_ctx: FLContext) -> ModelLearnable:
         base = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
         dxo = from_shareable(shareable)
-        if base is not None and dxo.data and dxo.data_kind in (DataKind.WEIGHT_DIFF, DataKind.WEIGHTS) and \
-                not dxo.get_meta_prop(ENCRYPTED_KEY):  # ciphertexts were checked by the aggregator
+        if base is not None and dxo.data and dxo.data_kind in (DataKind.WEIGHT_DIFF, DataKind.WEIGHTS):
             # Check before anything is added: a partial update must never reach the global adapter.
-            check_adapter(dxo.data or {}, adapter_shapes_of(base[ModelLearnableKey.WEIGHTS]), "aggregated update")
-        facts = (base or {}).get(ModelLearnableKey.META, {}).get(ANNOUNCE_KEY) if base is not None else None
+            self.server(base).check_aggregate(dxo.data, base[ModelLearnableKey.WEIGHTS])
+        kept = dict((base or {}).get(ModelLearnableKey.META) or {})
         learnable = super().shareable_to_learnable(shareable, fl_ctx)
-        if facts is not None:  # the job's facts stay with the model
-            learnable[ModelLearnableKey.META] = {**(learnable.get(ModelLearnableKey.META) or {}), ANNOUNCE_KEY: facts}
+        # What the persistor put in the model's meta (the job's facts; under HE every tensor's shape) stays with it
+        # whatever the aggregate's DXO carries: a round whose updates were all refused sends an empty one.
+        learnable[ModelLearnableKey.META] = {**(learnable.get(ModelLearnableKey.META) or {}), **kept}
         return learnable
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
@@ -74,12 +82,12 @@ class AdapterShareableGenerator(FullModelShareableGenerator):
     def _send_at_site_rank(self, fl_ctx: FLContext) -> None:
         peer = fl_ctx.get_peer_context()
         site = peer.get_identity_name() if peer else None
-        if site not in self.server.facts.site_ranks:
+        if site not in self.facts.site_ranks:
             return
         shareable = fl_ctx.get_prop(FLContextKey.TASK_DATA)  # this site's own (shallow) copy of the task data
         dxo = from_shareable(shareable)
-        if dxo.data_kind != DataKind.WEIGHTS or self.server.facts.site_rank(site) == rank_of(dxo.data):
+        if dxo.data_kind != DataKind.WEIGHTS or self.facts.site_rank(site) == rank_of(dxo.data):
             return
-        data = self.server.for_site(dxo.data, site)
+        data = self.server(fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)).for_site(dxo.data, site)
         meta = {k: v for k, v in (dxo.meta or {}).items() if k != MetaKey.FILTER_HISTORY}
         DXO(data_kind=dxo.data_kind, data=data, meta=meta).update_shareable(shareable)

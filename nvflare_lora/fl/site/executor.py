@@ -22,16 +22,16 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
 from ... import adapter as ad
-from ...checkpoint import atomic_write
+from ...files import atomic_write
 from ...data import TooManyBadImages
 from ...facts import JobFacts
 from ...settings import FIELDS, SITE_CONFIG_FILE, SettingsError, default, settings, site_overrides
-from ...aggregation.secure import CLIENT_CONTEXT, SecureAggregationError
+from ...secure import CLIENT_CONTEXT, SecureAggregationError
 from ...site import BaseMismatchError, Site
 from ...training import Aborted
 from ..he import kit_context
-from ..protocol import (ANNOUNCE_KEY, BAD_IMAGES_KEY, ENCRYPTED_KEY, EPSILON_KEY, FATAL_HEADER, TRAIN_LOSS_KEY,
-                        VAL_COUNT_KEY, VAL_SPLIT_KEY)
+from ..protocol import (ANNOUNCE_KEY, BAD_IMAGES_KEY, EPSILON_KEY, FATAL_HEADER, TRAIN_LOSS_KEY, VAL_COUNT_KEY,
+                        VAL_SPLIT_KEY)
 
 LOCAL_ADAPTER_FILE = "local_adapter.safetensors"  # for submit_model when the simulator respawns the site (-t < -n)
 CACHE_DIR = ".nvflare_lora_cache"  # in the site's workspace: what every task of every job would compute alike
@@ -70,7 +70,6 @@ class CLIPLoRAExecutor(Executor):
         self.train_task_name, self.validate_task_name = train_task_name, validate_task_name
         self.submit_model_task_name = submit_model_task_name
         self.site: Optional[Site] = None
-        self.he = None  # the kit's CKKS context under secure_aggregation "he"
         self.announced: Optional[Dict] = None
         self.local_adapter: Optional[Dict] = None
         self.writer = None
@@ -102,9 +101,9 @@ class CLIPLoRAExecutor(Executor):
         simulated = str(s.data) == "digits" and "data" not in overrides
         workspace = fl_ctx.get_engine().get_workspace()
         facts = JobFacts.from_announcement(announced)
-        self.he = kit_context(fl_ctx, CLIENT_CONTEXT, secret=True) if facts.encrypted else None
         self.site = Site(site, facts, s, simulated=simulated, workdir=self._app_dir(fl_ctx),
-                         cache_dir=Path(workspace.get_root_dir()) / CACHE_DIR, he_context=self.he)
+                         cache_dir=Path(workspace.get_root_dir()) / CACHE_DIR,
+                         he_context=lambda: kit_context(fl_ctx, CLIENT_CONTEXT, secret=True))  # loaded only under HE
         self.announced = announced
         for note in self.site.notes:
             self.log_warning(fl_ctx, f"{site}: {note}")
@@ -117,18 +116,6 @@ class CLIPLoRAExecutor(Executor):
         self.log_info(fl_ctx, self.site.describe())
         if self.tracking_writer_id:
             self.writer = fl_ctx.get_engine().get_component(self.tracking_writer_id)
-
-    def _received(self, dxo: DXO) -> Dict:
-        """The DXO's adapter, its encrypted tensors (under HE) read back as ciphertexts for the site to decrypt."""
-        keys = (dxo.get_meta_prop(ENCRYPTED_KEY) or {}).get("keys") or []
-        if not keys:
-            return dxo.data
-        if self.he is None:
-            raise ad.AdapterMismatchError(f"the adapter received holds encrypted tensors ({keys[:2]}), but this job "
-                                          f"does not aggregate encrypted updates: the server's job is not this site's")
-        from ...aggregation.secure import from_bytes
-
-        return from_bytes(self.he, dxo.data, keys, "the global adapter received")
 
     def _ensure_site(self, dxo: DXO, fl_ctx: FLContext) -> None:
         announced = dxo.get_meta_prop(ANNOUNCE_KEY)
@@ -176,7 +163,7 @@ class CLIPLoRAExecutor(Executor):
         self._ensure_site(dxo, fl_ctx)
         rnd = shareable.get_header(AppConstants.CURRENT_ROUND, 0)
         site, name = self.site, fl_ctx.get_identity_name()
-        site.load_global(self._received(dxo))  # strict: keys, shapes, finite values (decrypted first under HE)
+        site.load_global(dxo.data)  # strict: keys, shapes, finite values (opened by the job's secure mode first)
         why = site.over_budget()
         if why:
             self.log_warning(fl_ctx, f"{name}: {why}")
@@ -186,12 +173,7 @@ class CLIPLoRAExecutor(Executor):
         self._report_bad(fl_ctx)
         self.local_adapter = site.local_state()
         atomic_write(self._local_adapter_path(fl_ctx), _safetensors(self.local_adapter))
-        update = site.update()  # local - global; under ffa without A; under HE step-weighted and encrypted
-        sealed = {}
-        if self.he is not None:
-            from ...aggregation.secure import encrypted_keys, to_bytes
-
-            sealed, update = {ENCRYPTED_KEY: {"keys": encrypted_keys(update)}}, to_bytes(update)
+        update = site.update()  # local - global; under ffa without A; under HE step-weighted ciphertexts (bytes)
         epsilon = stats.get("epsilon")
         dp_note = f", epsilon {epsilon:.3g} (delta {site.private.config.delta})" if epsilon is not None else ""
         self.log_info(fl_ctx, f"{name} round {rnd}: global val acc {val['accuracy']:.4f}, "
@@ -209,7 +191,6 @@ class CLIPLoRAExecutor(Executor):
             TRAIN_LOSS_KEY: stats["loss"],
             BAD_IMAGES_KEY: len(site.bad_images),
             **({EPSILON_KEY: epsilon} if epsilon is not None else {}),
-            **sealed,
         })
         return out.to_shareable()
 
@@ -220,7 +201,7 @@ class CLIPLoRAExecutor(Executor):
         if self.site is None:
             self._ensure_site(dxo, fl_ctx)
         # any rank; what this site had loaded is restored afterwards; decrypted first under HE
-        val = self.site.evaluate_adapter(self.site.decrypt(self._received(dxo)))
+        val = self.site.evaluate_adapter(self.site.decrypt(dxo.data))
         self._report_bad(fl_ctx)
         model_owner = shareable.get_header(AppConstants.MODEL_OWNER, "?")
         self.log_info(fl_ctx, f"{fl_ctx.get_identity_name()}: model of {model_owner}: val acc {val['accuracy']:.4f}")
