@@ -73,7 +73,8 @@ from nvflare_lora.round import run_round  # noqa: E402
 from nvflare_lora.sample_data import mnist_arrays, write_random_base  # noqa: E402
 from nvflare_lora.settings import JobSettings  # noqa: E402
 from nvflare_lora.site import Site  # noqa: E402
-from nvflare_lora.zeroshot import HEAD_BIAS, HEAD_WEIGHT, load_tokenizer, zeroshot_head  # noqa: E402
+from nvflare_lora.models import load_tokenizer
+from nvflare_lora.zeroshot import HEAD_BIAS, HEAD_WEIGHT, zeroshot_head  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out" / "openvocab"
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -243,7 +244,7 @@ class Bench:
         x, y = data
         with site.evaluating(state):
             fed = site.fed
-            if fed.head == "text":
+            if fed.head.text:
                 own = list(fed.labels)
                 fed.set_labels([WORDS[c] for c in classes])
                 logits = fed(x)

@@ -9,7 +9,7 @@ the HomomorphicEncryption.org standard allows N = 8192 at 128-bit classical secu
 encrypted as NVFlare's HEModelEncryptor encrypts a model: one ckks_vector per tensor, the values weighted by the
 site's step count before encryption; the server, with the public context only, checks each update, adds the
 ciphertexts, multiplies the sum by 1 / the total steps and adds it to the encrypted global adapter; each site decrypts
-the new global adapter. It is the job's code (nvflare_lora.aggregation.secure: Site.update, SecureAggregation, what
+the new global adapter. It is the job's code (nvflare_lora.secure's EncryptedMode: Site.update, SecureAggregation, what
 the NVFlare components run under secure_aggregation "he"). Two rules: fedavg (A, B and the head are sent) and ffa
 (FFA-LoRA: A frozen, only B and the head are sent); both are weighted means, so the encrypted sum stays exact.
 
@@ -36,6 +36,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
+from nvflare_lora.aggregation import SiteUpdate  # noqa: E402
+from nvflare_lora.facts import JobFacts  # noqa: E402
+from nvflare_lora.secure import EncryptedMode, ckks_parameters, make_context, public  # noqa: E402
 from _smoke import json_path  # noqa: E402  (where its raw results go)
 
 MB = 1e6
@@ -62,12 +65,8 @@ def shapes_for(shape: str, workdir: Path):
 
 
 def one_rule(shapes, rule: str, ctx, sites: int, seed: int):
-    """Bytes and seconds of one round under HE for `rule` (the job's code: nvflare_lora.aggregation.secure), and the
-    error of the decrypted global adapter against the clear one."""
-    from nvflare_lora.aggregation import SiteUpdate
-    from nvflare_lora.aggregation.secure import (SecureAggregation, decrypt_state, encrypt_update, encrypted_keys,
-                                                 from_bytes, public, to_bytes)
-    from nvflare_lora.facts import JobFacts
+    """Bytes and seconds of one round under HE for `rule` (the job's code: nvflare_lora.secure.EncryptedMode, what the
+    sites and the server run), and the error of the decrypted global adapter against the clear one."""
 
     facts = JobFacts.rule(16, 32, rule, secure_aggregation="he")
     keys = sorted(facts.update_spec(shapes))
@@ -76,26 +75,23 @@ def one_rule(shapes, rule: str, ctx, sites: int, seed: int):
     updates = [{k: rng.normal(0, 0.01, shapes[k]).astype(np.float32) for k in keys} for _ in range(sites)]
     steps = [int(s) for s in rng.integers(20, 60, sites)]
     want = {k: current[k] + sum(w * u[k].astype(np.float64) for w, u in zip(steps, updates)) / sum(steps) for k in keys}
-    held = to_bytes(encrypt_update(ctx, {k: current[k] for k in keys}, 1.0))  # as the server holds it after round 1
+    site_mode, server_mode = EncryptedMode(ctx), EncryptedMode(public(ctx))
+    held = site_mode.seal({k: current[k] for k in keys}, 1)  # as the server holds it after round 1
     held.update({k: current[k] for k in shapes if k not in keys})
-    server_ctx = public(ctx)
 
     encrypt_s, uploads = [], []
     for w, update in zip(steps, updates):  # each site: weigh, encrypt, serialize (Site.update, the executor)
         t0 = time.perf_counter()
-        uploads.append(to_bytes(encrypt_update(ctx, update, w)))
+        uploads.append(site_mode.seal(update, w))
         encrypt_s.append(time.perf_counter() - t0)
     t0 = time.perf_counter()  # the server, with the public context: read, check, sum, scale, add, serialize
-    server = SecureAggregation(facts, shapes)
-    received = [SiteUpdate(diff=from_bytes(server_ctx, u, set(keys)), weight=w, site=f"site-{i + 1}")
+    server = server_mode.server(facts, shapes)
+    received = [SiteUpdate(diff=server.check(f"site-{i + 1}", u, w, held), weight=w, site=f"site-{i + 1}")
                 for i, (u, w) in enumerate(zip(uploads, steps))]
-    for u in received:
-        server.check(u.site, u.diff, u.weight, {})
-    new, _ = server.aggregate(from_bytes(server_ctx, held, set(keys)), received)
-    download = to_bytes(new)
+    download, _ = server.aggregate(held, received)
     server_s = time.perf_counter() - t0
     t0 = time.perf_counter()  # a site: read and decrypt the global adapter
-    got = decrypt_state(ctx, from_bytes(ctx, download, set(encrypted_keys(new))), shapes)
+    got = site_mode.open(download, shapes)
     decrypt_s = time.perf_counter() - t0
     error = max(float(np.abs(got[k] - want[k]).max()) for k in keys)
     scale = max(float(np.abs(want[k]).max()) for k in keys)
@@ -120,8 +116,6 @@ def main(argv=None) -> int:
     if args.smoke:
         args.shape = "tiny-clip"
     load = os.getloadavg()[0]
-    from nvflare_lora.aggregation.secure import ckks_parameters, make_context
-
     ctx, params = make_context(args.threads), ckks_parameters()
     with tempfile.TemporaryDirectory(prefix="secure-bench-") as tmp:
         shapes, full_bytes = shapes_for(args.shape, Path(tmp))

@@ -32,9 +32,9 @@ from .errors import NVFlareLoRAError
 from .files import swap_into_place
 
 ADAPTER_FILE = "adapter_model.safetensors"
-# under secure_aggregation "he" the server saves the global adapter as it holds it: the sent tensors as CKKS
+# an encrypted (HE) job's server saves the global adapter as it holds it: the sent tensors as CKKS
 # ciphertexts (uint8 arrays of their serialized bytes), in this file instead of ADAPTER_FILE (PEFT cannot load it;
-# nvflare_lora.json's "encrypted" names the keys and their shapes; a site's key decrypts it: decrypt_checkpoint)
+# nvflare_lora.json's "encrypted" names the keys and their shapes; a site's key decrypts it: nvflare_lora.secure.decrypt_checkpoint)
 ENCRYPTED_ADAPTER_FILE = "adapter_model.encrypted.safetensors"
 ENCRYPTED_META_KEY = "encrypted"
 PEFT_CONFIG_FILE = "adapter_config.json"

@@ -4,8 +4,8 @@ Every tensor becomes one uint8 array (a "blob") that describes itself: a compact
 mode, rounding, source dtype, shape, scale block, entry count, index coding; integers as LEB128 varints,
 so a 2-D int8 tensor's header is 7 bytes), a CRC32 of the whole blob, then three sections: indices
 (top-k only), scales (int modes), values. decompress_tensor checks each section's length against what
-the header implies, the CRC, and every value's range, and refuses with a ValueError anything that does
-not add up: a truncated or altered blob is never reshaped into some other tensor.
+the header implies, the CRC, and every value's range, and refuses with a CompressionError anything that
+does not add up: a truncated or altered blob is never reshaped into some other tensor.
 
 compress() gives {tensor name: blob}; pack() joins such a dict into one uint8 array (the zlib-compressed
 list of names, each blob's length, the blobs), which is what travels in an NVFlare DXO: one array instead
@@ -36,6 +36,7 @@ from typing import Dict, Mapping, Optional, Tuple
 import numpy as np
 from safetensors.numpy import load_file, save as safetensors_bytes
 
+from .errors import NVFlareLoRAError
 from .files import atomic_write
 
 MODES = ("fp16", "int8", "int4", "topk", "topk+int8")
@@ -51,6 +52,11 @@ _INDEX_NONE, _INDEX_RICE = 0, 2  # 1 is left unused (a bitmap, never shorter tha
 _CRC = struct.Struct("<I")
 _U32 = 2**32 - 1
 DEFAULT_MAX_ELEMENTS = 1 << 28  # per tensor, bounds what a forged header can make us allocate
+
+
+class CompressionError(NVFlareLoRAError):
+    """A compression setting that cannot be used, or a blob, payload or residual that does not decode to what it
+    claims: the message names the tensor or setting and what to do."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,19 +79,19 @@ class CompressionSpec:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise ValueError(f"unknown compression mode {self.mode!r}; choose one of {', '.join(MODES)}")
+            raise CompressionError(f"unknown compression mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) \
                 or not 1 <= self.block_size <= _U32:
-            raise ValueError(f"block_size must be a positive int, got {self.block_size!r}")
+            raise CompressionError(f"block_size must be a positive int, got {self.block_size!r}")
         if self.scales not in ("block", "row"):
-            raise ValueError(f"scales must be 'block' or 'row', got {self.scales!r}")
+            raise CompressionError(f"scales must be 'block' or 'row', got {self.scales!r}")
         if self.scales == "row" and self.is_topk:
-            raise ValueError("scales='row' needs dense tensors; top-k modes scale the kept values in blocks "
-                             "(set scales='block' and choose block_size)")
+            raise CompressionError("scales='row' needs dense tensors; top-k modes scale the kept values in blocks "
+                                   "(set scales='block' and choose block_size)")
         if self.rounding not in ("nearest", "stochastic"):
-            raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {self.rounding!r}")
+            raise CompressionError(f"rounding must be 'nearest' or 'stochastic', got {self.rounding!r}")
         if not isinstance(self.fraction, (int, float)) or not 0.0 < float(self.fraction) <= 1.0:
-            raise ValueError(f"fraction must be in (0, 1], got {self.fraction!r}")
+            raise CompressionError(f"fraction must be in (0, 1], got {self.fraction!r}")
 
     @property
     def is_topk(self) -> bool:
@@ -109,7 +115,7 @@ def compress(arrays: Mapping[str, np.ndarray], spec: CompressionSpec, seed: int 
         try:
             out[name] = compress_tensor(x, spec, rng)
         except ValueError as e:
-            raise ValueError(f"tensor {name!r}: {e}") from None
+            raise CompressionError(f"tensor {name!r}: {e}") from None
     return out
 
 
@@ -118,16 +124,16 @@ def compress_tensor(x: np.ndarray, spec: CompressionSpec, rng: Optional[np.rando
     if isinstance(x, np.floating):
         x = np.asarray(x)
     if not isinstance(x, np.ndarray):
-        raise ValueError(f"expected a numpy array, got {type(x).__name__}")
+        raise CompressionError(f"expected a numpy array, got {type(x).__name__}")
     if x.dtype not in _DTYPE_CODE:
-        raise ValueError(f"dtype {x.dtype} is not compressible; only float16/float32/float64 tensors are")
+        raise CompressionError(f"dtype {x.dtype} is not compressible; only float16/float32/float64 tensors are")
     if x.ndim > 255 or any(d > _U32 for d in x.shape) or x.size > _U32:
-        raise ValueError(f"shape {x.shape} is too large for the blob header (at most 2**32-1 entries)")
+        raise CompressionError(f"shape {x.shape} is too large for the blob header (at most 2**32-1 entries)")
     flat = x.astype(np.float32, copy=False).reshape(-1)
     if not np.isfinite(flat).all():
-        raise ValueError("holds NaN or Inf values; refusing to compress a non-finite update")
+        raise CompressionError("holds NaN or Inf values; refusing to compress a non-finite update")
     if spec.rounding == "stochastic" and spec.mode in _LEVELS and rng is None:
-        raise ValueError("stochastic rounding needs a seeded numpy Generator")
+        raise CompressionError("stochastic rounding needs a seeded numpy Generator")
     stochastic = spec.rounding == "stochastic" and spec.mode in _LEVELS
     flags = (_FLAG_STOCHASTIC if stochastic else 0) | (_FLAG_ROW if spec.scales == "row" else 0)
     block = _row_length(x.shape) if spec.scales == "row" else spec.block_size
@@ -140,7 +146,7 @@ def compress_tensor(x: np.ndarray, spec: CompressionSpec, rng: Optional[np.rando
         flat, count = flat[idx], idx.size
     if spec.mode == "fp16":
         if flat.size and np.abs(flat).max() > np.finfo(np.float16).max:
-            raise ValueError("has values beyond the float16 range (65504); use an int mode, which scales")
+            raise CompressionError("has values beyond the float16 range (65504); use an int mode, which scales")
         scales, values = b"", flat.astype("<f2").tobytes()
     elif spec.mode == "topk":
         scales, values = b"", flat.astype("<f4").tobytes()
@@ -244,15 +250,15 @@ def _encode_indices(idx: np.ndarray) -> Tuple[int, int, bytes]:
 
 def decompress(payload: Mapping[str, np.ndarray], expected_mode: Optional[str] = None,
                max_elements: int = DEFAULT_MAX_ELEMENTS) -> Dict[str, np.ndarray]:
-    """{name: blob} -> {name: array}; any malformed blob raises ValueError naming the tensor."""
+    """{name: blob} -> {name: array}; any malformed blob raises CompressionError naming the tensor."""
     if not isinstance(payload, Mapping):
-        raise ValueError(f"a compressed payload is a dict of uint8 arrays, got {type(payload).__name__}")
+        raise CompressionError(f"a compressed payload is a dict of uint8 arrays, got {type(payload).__name__}")
     out = {}
     for name, blob in payload.items():
         try:
             out[name] = decompress_tensor(blob, expected_mode, max_elements)
         except ValueError as e:
-            raise ValueError(f"tensor {name!r}: {e}") from None
+            raise CompressionError(f"tensor {name!r}: {e}") from None
     return out
 
 
@@ -274,20 +280,21 @@ class _Header:
 def _parse_header(blob) -> Tuple[_Header, bytes]:
     if not isinstance(blob, np.ndarray) or blob.dtype != np.uint8 or blob.ndim != 1:
         what = f"{blob.dtype} array of shape {blob.shape}" if isinstance(blob, np.ndarray) else type(blob).__name__
-        raise ValueError(f"a compressed tensor is a 1-D uint8 array, got {what} (was the sender's compressor on?)")
+        raise CompressionError(f"a compressed tensor is a 1-D uint8 array, got {what} "
+                               "(was the sender's compressor on?)")
     raw = blob.tobytes()
     if len(raw) < 3:
-        raise ValueError(f"truncated: {len(raw)} bytes, shorter than any header")
+        raise CompressionError(f"truncated: {len(raw)} bytes, shorter than any header")
     if raw[0] != _FORMAT:
         if raw[0] & 0xF0 == _FORMAT & 0xF0:
-            raise ValueError(f"compressed with format version {raw[0] & 0x0F}; this nvflare_lora reads version "
-                             f"{_FORMAT & 0x0F} (use the same nvflare_lora version on every site)")
-        raise ValueError("not an nvflare_lora compressed tensor (bad format byte)")
+            raise CompressionError(f"compressed with format version {raw[0] & 0x0F}; this nvflare_lora reads version "
+                                   f"{_FORMAT & 0x0F} (use the same nvflare_lora version on every site)")
+        raise CompressionError("not an nvflare_lora compressed tensor (bad format byte)")
     mode_code, dtype_code, flags, ndim = raw[1] & 0x0F, (raw[1] >> 4) & 0x03, raw[1] & 0xC0, raw[2]
     if mode_code not in _CODE_MODE:
-        raise ValueError(f"unknown mode code {mode_code}")
+        raise CompressionError(f"unknown mode code {mode_code}")
     if dtype_code not in _CODE_DTYPE:
-        raise ValueError(f"unknown dtype code {dtype_code}")
+        raise CompressionError(f"unknown dtype code {dtype_code}")
     mode = _CODE_MODE[mode_code]
     at = 3
     shape = []
@@ -303,7 +310,7 @@ def _parse_header(blob) -> Tuple[_Header, bytes]:
         coding, rice_k = packed & 0x03, packed >> 2
         index_len, at = _read_varint(raw, at)
     if len(raw) < at + _CRC.size:
-        raise ValueError(f"truncated: {len(raw)} bytes, the header alone needs {at + _CRC.size}")
+        raise CompressionError(f"truncated: {len(raw)} bytes, the header alone needs {at + _CRC.size}")
     (crc,) = _CRC.unpack_from(raw, at)
     return _Header(mode, flags, _CODE_DTYPE[dtype_code], tuple(shape), block, count, coding, rice_k, index_len,
                    at + _CRC.size, crc), raw
@@ -313,9 +320,9 @@ def _read_varint(raw: bytes, at: int) -> Tuple[int, int]:
     value, shift = 0, 0
     while True:
         if at >= len(raw):
-            raise ValueError(f"truncated: the header ends inside a number at byte {at}")
+            raise CompressionError(f"truncated: the header ends inside a number at byte {at}")
         if shift > 35:
-            raise ValueError("header number longer than 32 bits")
+            raise CompressionError("header number longer than 32 bits")
         b = raw[at]
         value |= (b & 0x7F) << shift
         at, shift = at + 1, shift + 7
@@ -338,20 +345,20 @@ def decompress_tensor(blob: np.ndarray, expected_mode: Optional[str] = None,
     """One blob -> the array it describes, after checking every length, the CRC and every value range."""
     h, raw = _parse_header(blob)
     if expected_mode is not None and h.mode != expected_mode:
-        raise ValueError(f"blob is mode {h.mode!r} but the payload says {expected_mode!r}")
+        raise CompressionError(f"blob is mode {h.mode!r} but the payload says {expected_mode!r}")
     numel = math.prod(h.shape)
     if numel > max_elements:
-        raise ValueError(f"header claims shape {h.shape} ({numel} entries), above the limit of {max_elements}")
+        raise CompressionError(f"header claims shape {h.shape} ({numel} entries), above the limit of {max_elements}")
     if h.block < 1:
-        raise ValueError("scale block size 0 in header")
+        raise CompressionError("scale block size 0 in header")
     if h.flags & _FLAG_ROW and h.block != _row_length(h.shape):
-        raise ValueError(f"row scales but block {h.block} differs from the row length {_row_length(h.shape)}")
+        raise CompressionError(f"row scales but block {h.block} differs from the row length {_row_length(h.shape)}")
     topk = h.mode.startswith("topk")
     if topk:
         if h.count > numel or (numel and not h.count):
-            raise ValueError(f"top-k count {h.count} does not fit shape {h.shape}")
+            raise CompressionError(f"top-k count {h.count} does not fit shape {h.shape}")
         if h.coding != _INDEX_RICE:
-            raise ValueError(f"unknown index coding {h.coding}")
+            raise CompressionError(f"unknown index coding {h.coding}")
 
     n = h.count
     scales_len = 2 * -(-n // h.block) if h.mode in _LEVELS else 0
@@ -359,10 +366,10 @@ def decompress_tensor(blob: np.ndarray, expected_mode: Optional[str] = None,
     expected = h.body_offset + h.index_len + scales_len + values_len
     if len(raw) != expected:
         state = "truncated" if len(raw) < expected else "has trailing bytes"
-        raise ValueError(f"{state}: {len(raw)} bytes, but the header (mode {h.mode}, shape {h.shape}, "
-                         f"count {n}) implies {expected}")
+        raise CompressionError(f"{state}: {len(raw)} bytes, but the header (mode {h.mode}, shape {h.shape}, "
+                               f"count {n}) implies {expected}")
     if zlib.crc32(raw[:h.body_offset - _CRC.size] + raw[h.body_offset:]) != h.crc:
-        raise ValueError("CRC mismatch: the blob was altered in transit")
+        raise CompressionError("CRC mismatch: the blob was altered in transit")
 
     at = h.body_offset
     index_bytes, at = raw[at:at + h.index_len], at + h.index_len
@@ -370,7 +377,7 @@ def decompress_tensor(blob: np.ndarray, expected_mode: Optional[str] = None,
     at += scales_len
     vbytes = raw[at:at + values_len]
     if scales_len and not (np.isfinite(scales).all() and (scales >= 0).all()):
-        raise ValueError("scales must be finite and non-negative")
+        raise CompressionError("scales must be finite and non-negative")
 
     if h.mode == "fp16":
         values = np.frombuffer(vbytes, "<f2").astype(np.float32)
@@ -380,11 +387,11 @@ def decompress_tensor(blob: np.ndarray, expected_mode: Optional[str] = None,
         q = _unpack_int4(vbytes, n) if h.mode == "int4" else np.frombuffer(vbytes, np.int8)
         levels = _LEVELS[h.mode]
         if q.size and (q.min() < -levels or q.max() > levels):
-            raise ValueError(f"quantized value outside [-{levels}, {levels}]")
+            raise CompressionError(f"quantized value outside [-{levels}, {levels}]")
         steps = np.repeat(scales.astype(np.float64), h.block)[:n]
         values = (q.astype(np.float64) * steps).astype(np.float32)
     if not np.isfinite(values).all():
-        raise ValueError("decoded values are not finite")
+        raise CompressionError("decoded values are not finite")
 
     if topk:
         idx = _decode_indices(h.rice_k, index_bytes, n, numel)
@@ -399,31 +406,31 @@ def _unpack_int4(vbytes: bytes, n: int) -> np.ndarray:
     nib = np.empty(2 * b.size, np.uint8)
     nib[0::2], nib[1::2] = b & 0x0F, b >> 4
     if nib.size > n and nib[n]:
-        raise ValueError("int4 padding nibble is not zero")
+        raise CompressionError("int4 padding nibble is not zero")
     nib = nib[:n]
     if nib.size and nib.min() == 0:
-        raise ValueError("int4 nibble 0 is not a valid value")
+        raise CompressionError("int4 nibble 0 is not a valid value")
     return nib.astype(np.int16) - 8
 
 
 def _decode_indices(k: int, data: bytes, m: int, n: int) -> np.ndarray:
     buf = np.frombuffer(data, np.uint8)
     if k > 32:
-        raise ValueError(f"Rice parameter {k} out of range")
+        raise CompressionError(f"Rice parameter {k} out of range")
     bits = np.unpackbits(buf)
     zeros = np.flatnonzero(bits == 0)[:m]
     if zeros.size < m:
-        raise ValueError(f"index stream ends after {zeros.size} of {m} indices")
+        raise CompressionError(f"index stream ends after {zeros.size} of {m} indices")
     end = int(zeros[-1]) + 1 if m else 0
     need = end + m * k
     if need > bits.size or -(-need // 8) != buf.size or bits[need:].any():
-        raise ValueError(f"index stream length {buf.size} bytes does not match its {m} Rice-coded gaps")
+        raise CompressionError(f"index stream length {buf.size} bytes does not match its {m} Rice-coded gaps")
     q = np.diff(zeros, prepend=-1) - 1
     r = bits[end:need].reshape(m, k).astype(np.int64) @ (1 << np.arange(k - 1, -1, -1, dtype=np.int64)) \
         if k else np.zeros(m, np.int64)
     idx = np.cumsum((q.astype(np.int64) << k) + r + 1) - 1
     if m and idx[-1] >= n:
-        raise ValueError(f"index {int(idx[-1])} out of range for {n} entries")
+        raise CompressionError(f"index {int(idx[-1])} out of range for {n} entries")
     return idx
 
 
@@ -437,10 +444,10 @@ def pack(payload: Mapping[str, np.ndarray]) -> np.ndarray:
     length, each blob's length, then the blobs. zlib's Adler-32 guards the names, each blob its own CRC."""
     names = list(payload)
     if any(not n or "\n" in n for n in names):
-        raise ValueError("tensor names must be non-empty and contain no newline")
+        raise CompressionError("tensor names must be non-empty and contain no newline")
     blobs = [np.asarray(payload[n]) for n in names]
     if any(b.dtype != np.uint8 or b.ndim != 1 for b in blobs):
-        raise ValueError("pack() takes the uint8 blobs that compress() returns")
+        raise CompressionError("pack() takes the uint8 blobs that compress() returns")
     zipped = zlib.compress("\n".join(names).encode(), 9)
     head = bytes([_PACK_FORMAT]) + _varints([len(names), len(zipped)]) + zipped + _varints([b.size for b in blobs])
     return np.frombuffer(head + b"".join(b.tobytes() for b in blobs), np.uint8).copy()
@@ -451,28 +458,28 @@ def unpack(packed: np.ndarray) -> Dict[str, np.ndarray]:
     if not isinstance(packed, np.ndarray) or packed.dtype != np.uint8 or packed.ndim != 1:
         what = f"{packed.dtype} array of shape {packed.shape}" if isinstance(packed, np.ndarray) \
             else type(packed).__name__
-        raise ValueError(f"a packed payload is a 1-D uint8 array, got {what}")
+        raise CompressionError(f"a packed payload is a 1-D uint8 array, got {what}")
     raw = packed.tobytes()
     if not raw or raw[0] != _PACK_FORMAT:
-        raise ValueError("not an nvflare_lora packed payload (bad format byte)" if raw else "empty payload")
+        raise CompressionError("not an nvflare_lora packed payload (bad format byte)" if raw else "empty payload")
     n, at = _read_varint(raw, 1)
     zlen, at = _read_varint(raw, at)
     if at + zlen > len(raw):
-        raise ValueError(f"truncated: the name table needs {zlen} bytes, {len(raw) - at} left")
+        raise CompressionError(f"truncated: the name table needs {zlen} bytes, {len(raw) - at} left")
     try:
         names = zlib.decompress(raw[at:at + zlen]).decode().split("\n") if n else []
     except (zlib.error, UnicodeDecodeError) as e:
-        raise ValueError(f"damaged name table: {e}") from None
+        raise CompressionError(f"damaged name table: {e}") from None
     at += zlen
     if len(names) != n or len(set(names)) != n or any(not x for x in names):
-        raise ValueError(f"name table holds {len(names)} names ({len(set(names))} distinct), header says {n}")
+        raise CompressionError(f"name table holds {len(names)} names ({len(set(names))} distinct), header says {n}")
     sizes = []
     for _ in range(n):
         size, at = _read_varint(raw, at)
         sizes.append(size)
     if at + sum(sizes) != len(raw):
         state = "truncated" if at + sum(sizes) > len(raw) else "has trailing bytes"
-        raise ValueError(f"{state}: {len(raw)} bytes, the table of lengths implies {at + sum(sizes)}")
+        raise CompressionError(f"{state}: {len(raw)} bytes, the table of lengths implies {at + sum(sizes)}")
     out = {}
     for name, size in zip(names, sizes):
         out[name] = packed[at:at + size].copy()
@@ -513,8 +520,8 @@ class ResidualStore:
         try:
             residual = load_file(self.path)
         except Exception as e:  # safetensors raises its own error types for damaged files
-            raise ValueError(f"cannot read the compression residual {self.path}: {e}; "
-                             "delete the file to restart error feedback from zero") from None
+            raise CompressionError(f"cannot read the compression residual {self.path}: {e}; "
+                                   "delete the file to restart error feedback from zero") from None
         problem = None
         if set(residual) != set(shapes):
             problem = f"keys differ (stored {len(residual)}, update has {len(shapes)})"
@@ -525,8 +532,8 @@ class ResidualStore:
                 problem = f"tensor {bad[0]!r} has shape {residual[bad[0]].shape}, dtype {residual[bad[0]].dtype} " \
                           f"(expected {tuple(shapes[bad[0]])}, float32, finite)"
         if problem:
-            raise ValueError(f"compression residual {self.path} does not match this update: {problem}. It belongs "
-                             "to another adapter layout; delete it to restart error feedback from zero")
+            raise CompressionError(f"compression residual {self.path} does not match this update: {problem}. It "
+                                   "belongs to another adapter layout; delete it to restart error feedback from zero")
         return residual
 
     def save(self, residual: Mapping[str, np.ndarray]) -> None:

@@ -10,6 +10,8 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import yaml
 
+from .errors import NVFlareLoRAError
+
 # The parts of a CLIP image classifier that can carry LoRA. "encoder" and "image" are the seed's words
 # for the image encoder and mean the same as "vision".
 COMPONENT_ALIASES = {
@@ -46,7 +48,7 @@ def normalize_components(components: Iterable[str]) -> List[str]:
     for c in components:
         key = str(c).strip().lower()
         if key not in COMPONENT_ALIASES:
-            raise ValueError(
+            raise LoRAConfigError(
                 f"unknown LoRA target component {c!r}; valid components are "
                 f"{sorted(set(COMPONENT_ALIASES))} (vision/encoder/image = image encoder, text = text "
                 f"encoder, classifier/head = classification head)"
@@ -55,8 +57,13 @@ def normalize_components(components: Iterable[str]) -> List[str]:
         if name not in out:
             out.append(name)
     if not any(c in TOWER_PREFIX for c in out) and "classifier" not in out:
-        raise ValueError("target_components is empty: name at least one of 'vision', 'text', 'classifier'")
+        raise LoRAConfigError("target_components is empty: name at least one of 'vision', 'text', 'classifier'")
     return out
+
+
+class LoRAConfigError(NVFlareLoRAError):
+    """A LoRA setting that cannot be used (rank, alpha, dropout, targets, bias, keys): the message names the valid
+    values."""
 
 
 @dataclass
@@ -91,28 +98,28 @@ class LoRAConfig:
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"LoRA rank r must be a positive integer, got {self.r!r}")
+            raise LoRAConfigError(f"LoRA rank r must be a positive integer, got {self.r!r}")
         if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
+            raise LoRAConfigError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
         if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+            raise LoRAConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         self.target_components = normalize_components(self.target_components)
         if self.target_modules is not None:
             if isinstance(self.target_modules, str):
                 self.target_modules = [self.target_modules]
             self.target_modules = [str(m) for m in self.target_modules]
             if not self.target_modules:
-                raise ValueError("target_modules is an empty list: use None for the CLIP default or name modules")
+                raise LoRAConfigError("target_modules is an empty list: use None for the CLIP default or name modules")
 
     def __setattr__(self, name, value):
         # checked on assignment too: the original module's README sets lora_config.save_only_trainable = True
         if name == "bias" and value != "none":
-            raise ValueError(f"bias must be 'none', got {value!r}: trainable base biases ('all', 'lora_only') would "
-                             f"be exchanged against the base's values, which the server never loads; the "
-                             f"classification head trains its own bias")
+            raise LoRAConfigError(f"bias must be 'none', got {value!r}: trainable base biases ('all', 'lora_only') "
+                                  f"would be exchanged against the base's values, which the server never loads; the "
+                                  f"classification head trains its own bias")
         if name == "save_only_trainable" and value is not True:
-            raise ValueError(f"save_only_trainable must be True, got {value!r}: only the adapter is saved and "
-                             f"exchanged; the frozen base never leaves a site (load it from its own directory)")
+            raise LoRAConfigError(f"save_only_trainable must be True, got {value!r}: only the adapter is saved and "
+                                  f"exchanged; the frozen base never leaves a site (load it from its own directory)")
         super().__setattr__(name, value)
 
     @property
@@ -135,7 +142,7 @@ class LoRAConfig:
     def for_clip_model(cls, size: str = "medium", r: Optional[int] = None, lora_alpha: Optional[float] = None, **kw):
         """The seed's presets: small (r=8, alpha=16), medium (16/32), large (32/64); r/alpha override."""
         if size not in CLIP_PRESETS:
-            raise ValueError(f"unknown preset size {size!r}; choose one of {sorted(CLIP_PRESETS)}")
+            raise LoRAConfigError(f"unknown preset size {size!r}; choose one of {sorted(CLIP_PRESETS)}")
         pr, pa = CLIP_PRESETS[size]
         return cls(r=r if r is not None else pr, lora_alpha=lora_alpha if lora_alpha is not None else pa, **kw)
 
@@ -154,11 +161,11 @@ class LoRAConfig:
     @classmethod
     def from_dict(cls, d: Dict) -> "LoRAConfig":
         if not isinstance(d, dict):
-            raise ValueError(f"a LoRA config must be a mapping, got {type(d).__name__}")
+            raise LoRAConfigError(f"a LoRA config must be a mapping, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown LoRA config keys {unknown}; valid keys are {sorted(known)}")
+            raise LoRAConfigError(f"unknown LoRA config keys {unknown}; valid keys are {sorted(known)}")
         return cls(**d)
 
     def to_json(self) -> str:
@@ -194,7 +201,7 @@ class LoRAConfig:
         wanted = list(self.module_names())
         missing = [m for m in wanted if m not in valid]
         if missing:
-            raise ValueError(
+            raise LoRAConfigError(
                 f"target modules {missing} do not exist in the {'/'.join(self.towers)} tower(s) of this model; "
                 f"valid names are {valid}"
             )

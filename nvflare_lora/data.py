@@ -34,7 +34,12 @@ MAX_BAD_IMAGES = 0.01
 _log = logging.getLogger(__name__)
 
 
-class TooManyBadImages(NVFlareLoRAError):
+class DataError(NVFlareLoRAError):
+    """A site's data, or a data setting, that cannot be used: the message names the folder, file or setting, and
+    the fix."""
+
+
+class TooManyBadImages(DataError):
     """More than max_bad_images of a site's images cannot be read."""
 
 
@@ -76,8 +81,8 @@ class BadImages:
 
 def check_share(max_share: float) -> float:
     if isinstance(max_share, bool) or not isinstance(max_share, (int, float)) or not 0 <= max_share < 1:
-        raise ValueError(f"max_bad_images must be a share in [0, 1) (0.01 = 1% of a site's images may be "
-                         f"unreadable), got {max_share!r}")
+        raise DataError(f"max_bad_images must be a share in [0, 1) (0.01 = 1% of a site's images may be "
+                        f"unreadable), got {max_share!r}")
     return float(max_share)
 
 
@@ -92,7 +97,7 @@ class Augmentation:
 
     def __post_init__(self):
         if not 0 < self.min_scale <= 1:
-            raise ValueError(f"augmentation min_scale must be in (0, 1], got {self.min_scale!r}")
+            raise DataError(f"augmentation min_scale must be in (0, 1], got {self.min_scale!r}")
 
     def __call__(self, image, preprocess, rng: np.random.Generator) -> np.ndarray:
         w, h = image.size
@@ -124,9 +129,9 @@ def augmentation(spec) -> Optional[Augmentation]:
     if isinstance(spec, dict):
         unknown = sorted(set(spec) - {"min_scale", "hflip"})
         if unknown:
-            raise ValueError(f"augment has unknown key(s) {unknown}; valid: min_scale, hflip")
+            raise DataError(f"augment has unknown key(s) {unknown}; valid: min_scale, hflip")
         return Augmentation(**spec)
-    raise ValueError(f"augment must be false, true or {{\"min_scale\": 0.5, \"hflip\": true}}, got {spec!r}")
+    raise DataError(f"augment must be false, true or {{\"min_scale\": 0.5, \"hflip\": true}}, got {spec!r}")
 
 
 class ImageDataset(Dataset):
@@ -249,13 +254,13 @@ class SiteLoader:
     def __init__(self, dataset: ImageDataset, batch_size: int = 32, shuffle: bool = False, num_workers=0,
                  device: str | torch.device = "cpu", sample_rate: Optional[float] = None):
         if not len(dataset):
-            raise ValueError(f"no images to load from {dataset.bad.where}")
+            raise DataError(f"no images to load from {dataset.bad.where}")
         workers = default_workers() if num_workers == "auto" else int(num_workers)
         if workers < 0:
-            raise ValueError(f"num_workers must be >= 0 or \"auto\", got {num_workers!r}")
+            raise DataError(f"num_workers must be >= 0 or \"auto\", got {num_workers!r}")
         self.dataset, self.num_workers = dataset, workers
         if sample_rate is not None and not 0 < sample_rate <= 1:
-            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+            raise DataError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
         self.sampler = _SeededBatches(dataset, int(batch_size), shuffle, sample_rate)
         self.loader = DataLoader(dataset, batch_sampler=self.sampler, num_workers=workers, collate_fn=collate,
                                  pin_memory=torch.device(device).type == "cuda", persistent_workers=workers > 0)
@@ -339,8 +344,8 @@ def load_image_folder(root: str | Path, preprocess: Callable, classes: Optional[
     classes = list(classes) if classes is not None else found
     unknown = sorted(set(found) - set(classes))
     if unknown:
-        raise ValueError(f"image folder {root} has class folders {unknown} that are not in the job's labels "
-                         f"{classes}: rename or remove them, or add them to the job's labels")
+        raise DataError(f"image folder {root} has class folders {unknown} that are not in the job's labels "
+                        f"{classes}: rename or remove them, or add them to the job's labels")
     entries, notes = [], []
     for label, name in enumerate(classes):
         files = image_files(root / name)
@@ -349,8 +354,8 @@ def load_image_folder(root: str | Path, preprocess: Callable, classes: Optional[
             _log.warning(notes[-1])
         entries += [(f, label) for f in files]
     if not entries:
-        raise ValueError(f"image folder {root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under class "
-                         f"sub-folders; expected {root}/<class_name>/<image files>")
+        raise DataError(f"image folder {root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under class "
+                        f"sub-folders; expected {root}/<class_name>/<image files>")
     return _listed(entries, classes, preprocess, str(root), max_bad_images, notes)
 
 
@@ -368,15 +373,15 @@ def load_csv(path: str | Path, preprocess: Callable, classes: Optional[Sequence[
             if not row or (i == 0 and [c.strip().lower() for c in row[:2]] == ["path", "label"]):
                 continue
             if len(row) < 2:
-                raise ValueError(f"{path}:{i + 1}: expected 'path,label', got {row}")
+                raise DataError(f"{path}:{i + 1}: expected 'path,label', got {row}")
             rows.append((row[0].strip(), row[1].strip()))
     if not rows:
-        raise ValueError(f"{path} lists no images")
+        raise DataError(f"{path} lists no images")
     classes = list(classes) if classes is not None else sorted({lab for _, lab in rows})
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted({lab for _, lab in rows} - set(index))
     if unknown:
-        raise ValueError(f"{path}: labels {unknown} are not in the job's labels {classes}")
+        raise DataError(f"{path}: labels {unknown} are not in the job's labels {classes}")
     entries = [(Path(p) if Path(p).is_absolute() else path.parent / p, index[lab]) for p, lab in rows]
     missing = [str(f) for f, _ in entries if not f.is_file()]
     if missing:
@@ -406,14 +411,14 @@ def partition(labels: np.ndarray, num_sites: int, scheme: str = "iid", alpha: fl
     site has at least `min_size` samples. Deterministic in (labels, num_sites, scheme, alpha, seed)."""
     labels = np.asarray(labels)
     if num_sites < 1:
-        raise ValueError(f"num_sites must be >= 1, got {num_sites}")
+        raise DataError(f"num_sites must be >= 1, got {num_sites}")
     rng = np.random.default_rng(seed)
     if scheme == "iid":
         return [np.sort(p) for p in np.array_split(rng.permutation(len(labels)), num_sites)]
     if scheme != "dirichlet":
-        raise ValueError(f"unknown partition scheme {scheme!r}; use 'iid' or 'dirichlet'")
+        raise DataError(f"unknown partition scheme {scheme!r}; use 'iid' or 'dirichlet'")
     if alpha <= 0:
-        raise ValueError(f"dirichlet alpha must be > 0, got {alpha}")
+        raise DataError(f"dirichlet alpha must be > 0, got {alpha}")
     min_size = min(min_size, len(labels) // num_sites)
     for _ in range(1000):
         parts: List[List[int]] = [[] for _ in range(num_sites)]
@@ -425,14 +430,14 @@ def partition(labels: np.ndarray, num_sites: int, scheme: str = "iid", alpha: fl
                 parts[site] += chunk.tolist()
         if min(len(p) for p in parts) >= min_size:
             return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
-    raise ValueError(f"could not draw a Dirichlet({alpha}) split giving each of {num_sites} sites {min_size} samples")
+    raise DataError(f"could not draw a Dirichlet({alpha}) split giving each of {num_sites} sites {min_size} samples")
 
 
 def site_index(site_name: str, num_sites: int) -> int:
     """'site-3' -> 2. Other names have no partition: they must bring their own data."""
     m = re.fullmatch(r"site-(\d+)", site_name)
     if not m or not 1 <= int(m.group(1)) <= num_sites:
-        raise ValueError(
+        raise DataError(
             f"site {site_name!r} has no share of the simulated split (sites are site-1 ... site-{num_sites}); "
             f"set num_sites in the job, or give this site its own data with the NVFLARE_LORA_DATA environment "
             f"variable or the site's local config"

@@ -37,10 +37,6 @@ COMPRESSOR = "nvflare_lora.fl.filters.compressor.AdapterCompressor"
 DECOMPRESSOR = "nvflare_lora.fl.filters.decompressor.AdapterDecompressor"
 CROSS_SITE = "nvflare.app_common.workflows.cross_site_model_eval.CrossSiteModelEval"
 
-# The server's rule facts: the persistor, the aggregator and the shareable generator each take them as
-# arguments (written alike by write_job), instead of fetching them from one another.
-RULE_FACTS = ("r", "lora_alpha", "aggregation", "site_ranks", "secure_aggregation")
-
 
 def _filter(mode: str, s: JobSettings) -> Dict:
     return {"path": COMPRESSOR, "args": {"mode": mode, **(plain(s.compression_args) if mode != "none" else {})}}

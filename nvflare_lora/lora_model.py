@@ -12,6 +12,7 @@ from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
+from peft import get_peft_model
 
 from . import adapter as ad
 from .config import LoRAConfig
@@ -138,8 +139,6 @@ class FederatedCLIPModel:
 def adapter_skeleton(model_name: str, num_classes: int, lora: LoRAConfig, include_text: bool = False):
     """(shapes, peft LoraConfig) of the adapter, from the model *config* alone: the base is built on the
     meta device, so no weight is read or allocated. This is what the server uses; it never holds the base."""
-    from peft import get_peft_model
-
     cfg = load_clip_config(resolve_model(model_name))
     with torch.device("meta"):
         skeleton = CLIPImageClassifier(cfg, num_classes, include_text=include_text or "text" in lora.towers)
@@ -190,8 +189,6 @@ class CLIPLoRAWrapper:
         return self.model.model
 
     def apply_lora_to_federated_model(self) -> FederatedCLIPModel:
-        from peft import get_peft_model
-
         fed = self.model
         if fed.is_lora:
             raise RuntimeError("this model already has LoRA applied")

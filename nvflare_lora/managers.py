@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -75,8 +76,6 @@ class LoRAModelManager:
         meta = model_metadata(fed, {"metrics": metrics or {}})
         path = save_adapter_dir(self.root / _check_name(name), state, wrapper.peft_model.peft_config["default"], meta)
         meta_path = path / META_FILE
-        import json
-
         meta = json.loads(meta_path.read_text())
         meta["save_seconds"] = round(time.perf_counter() - t0, 4)
         write_json_atomic(meta_path, meta)

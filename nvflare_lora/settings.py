@@ -36,7 +36,7 @@ from .compression import MODES as CODECS
 from .config import LoRAConfig
 from .data import augmentation, check_share
 from .errors import NVFlareLoRAError
-from .head import Head, check_class_names, check_labels
+from .head import Head, check_class_names, check_labels, check_templates
 from .privacy import DPConfig, check_client_dp
 
 PARTITIONS = ("dirichlet", "iid")
@@ -164,6 +164,8 @@ class HeadSection(Section):
 
     def check(self) -> None:
         self.head_spec()
+        if self.prompt_templates is not None:  # given: checked even where this head does not use them
+            check_templates(self.prompt_templates)
         if self.site_labels is not None:  # whether the head can use them is the site's check (it learns the head)
             check_class_names(self.site_labels, "site_labels")
 
@@ -206,15 +208,19 @@ class AggregationSection(Section):
                           '(docs/guide.md, Choosing an aggregation).', RULE)
     site_ranks: Optional[Dict[str, int]] = _s(None, '{site: rank} for sites that train a smaller rank than r.',
                                               RULE)
-    estimator: str = _s("mean", '"mean" (FedAvg), "median" (coordinate-wise) or "trimmed_mean".', AGG)
+    estimator: str = _s("mean", '"mean" (FedAvg: the weighted mean), "median" (coordinate-wise, unweighted) or '
+                        '"trimmed_mean" (per coordinate the floor(trim_fraction x K) largest and smallest of K values '
+                        'dropped, the rest averaged, unweighted).', AGG)
     clip_multiple: Optional[float] = _s(2.0, "Clip each update's norm to this multiple of the round's median "
                                         "norm (null: off).", AGG)
     trim_fraction: float = _s(0.25, "Share of sites trimmed at each end per coordinate by trimmed_mean.", AGG)
     weighting: str = _s("steps", '"steps" (a site weighs its reported local steps) or "equal".', AGG)
     max_weight_ratio: Optional[float] = _s(2.0, "Cap a site's weight at this multiple of the round's median "
                                            "weight (null: off).", AGG)
-    min_agreement: Optional[float] = _s(0.5, "Leave out an update whose cosine with the median update is below "
-                                        "this x the sites' median cosine (3+ sites; null: off).", AGG)
+    min_agreement: Optional[float] = _s(0.5, "Leave out an update whose cosine with the coordinate-wise median "
+                                        "update is below this x the sites' median cosine (3+ sites; relative, so it "
+                                        "adapts to how much honest sites differ; skipped when that median cosine is "
+                                        "not positive; null: off).", AGG)
 
     def check(self) -> None:
         _one_of("aggregation", self.aggregation, AGGREGATIONS)
@@ -536,6 +542,11 @@ LIBRARY_DEFAULTS_THAT_DIFFER = {
                                     "same accuracies and DP-SGD's per-sample gradients see one model",
     ("FederatedCLIPModel", "learning_rate"): "the seed module's API: FederatedCLIPModel(...) trains at 1e-3; a job's "
                                              "LoRA rounds train at 0.003 (measured on the digits: benchmarks/quality)",
+    ("train_local", "epochs"): "train_local's unit is one pass over the data (its plain meaning, and the seed "
+                               "module's); a job's sites make 2 passes a round (measured on the digits)",
+    ("train_local", "lr"): "as FederatedCLIPModel's: the seed module's 1e-3; a job trains at 0.003",
+    ("AdapterCompressor", "mode"): "the filter exists to compress: named in a job without a mode it sends int8; the "
+                                   "job writes its mode, \"none\" by default (the filter then passes updates on)",
     ("Robustness", "clip_multiple"): "Robustness() is the textbook mean (the maths with no bound, which benchmarks "
                                      "compare against); a job bounds each site's influence by default",
     ("Robustness", "max_weight_ratio"): "as clip_multiple: the library's plain weighted mean, the job's capped one",

@@ -605,7 +605,7 @@ def test_wise_alpha_0_exports_clips_zero_shot_model_and_1_the_fine_tuned_one(zer
     from transformers import CLIPModel
 
     from nvflare_lora.models import preprocessing_for
-    from nvflare_lora.zeroshot import load_tokenizer
+    from nvflare_lora.models import load_tokenizer
 
     run, base, labels = zero_shot_run
     out = tmp_path / "onnx"
@@ -652,7 +652,7 @@ def test_predict_classifies_against_labels_no_site_trained_without_torch(zero_sh
     from transformers import CLIPModel
 
     from nvflare_lora.models import preprocessing_for
-    from nvflare_lora.zeroshot import load_tokenizer
+    from nvflare_lora.models import load_tokenizer
 
     run, base, labels = zero_shot_run
     out = tmp_path / "onnx"

@@ -197,7 +197,8 @@ def test_an_encrypted_job_equals_the_clear_one_and_the_server_holds_no_clear_ada
     site's key verifies, and without the key it is refused."""
     from safetensors.numpy import load_file
 
-    from nvflare_lora.checkpoint import ENCRYPTED_ADAPTER_FILE, decrypt_checkpoint, read_adapter_dir
+    from nvflare_lora.checkpoint import ENCRYPTED_ADAPTER_FILE, read_adapter_dir
+    from nvflare_lora.secure import decrypt_checkpoint
     from nvflare_lora.round import Federation
     from nvflare_lora.settings import settings
 

@@ -148,7 +148,8 @@ def test_zeroshot_head_gives_clips_logits_per_image(tiny_base):
     from transformers import CLIPModel
 
     from nvflare_lora import FederatedCLIPModel
-    from nvflare_lora.zeroshot import load_tokenizer, zeroshot_head
+    from nvflare_lora.models import load_tokenizer
+    from nvflare_lora.zeroshot import zeroshot_head
 
     labels = ["functional", "defective", "cat"]
     weight, bias = zeroshot_head(tiny_base, labels, ["a photo of a {}."])

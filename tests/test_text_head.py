@@ -56,7 +56,7 @@ def test_text_head_scores_as_clip_does_before_and_after_text_lora_is_merged(base
 
     from nvflare_lora.data import load_digits_dataset
     from nvflare_lora.models import preprocessing_for
-    from nvflare_lora.zeroshot import load_tokenizer
+    from nvflare_lora.models import load_tokenizer
 
     labels, templates = ["zero", "one", "two", "cat"], ["a photo of a {}.", "{}"]
     fed = FederatedCLIPModel(base, 4, labels=labels, head="text", templates=templates)
@@ -176,7 +176,7 @@ def test_a_saved_text_head_exports_and_wise_0_is_clips_zero_shot_model(base, tmp
     from nvflare_lora import LoRAModelManager
     from nvflare_lora.data import load_digits_dataset
     from nvflare_lora.models import preprocessing_for
-    from nvflare_lora.zeroshot import load_tokenizer
+    from nvflare_lora.models import load_tokenizer
 
     labels, templates = ["zero", "one", "two"], ["the number {}."]
     fed = FederatedCLIPModel(base, 3, labels=labels, head="text", templates=templates)

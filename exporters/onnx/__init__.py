@@ -18,7 +18,8 @@ __all__ = ["ExportError", "VerificationError", "export_run"]
 
 
 def export_run(*args, **kwargs):
-    """See exporters.onnx.pipeline.export_run (imported on use: torch and onnxruntime load slowly)."""
+    """See exporters.onnx.pipeline.export_run."""
+    # torch stays out of serving: exporters.onnx.predict imports this package, and must run without torch
     from .pipeline import export_run as run
 
     return run(*args, **kwargs)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import graph
 from .errors import ExportError, VerificationError
+from .pipeline import export_run, export_wise
 
 DESCRIPTION = ("Merge a federated run's global LoRA adapter into its base in fp32, export it to ONNX "
                "(pixel_values -> logits, image_embeds; dynamic batch), and verify it with ONNX Runtime against "
@@ -46,7 +48,7 @@ def parser() -> argparse.ArgumentParser:
                    help="WiSE-FT: merge ALPHA x the LoRA update (0: the zero-shot base, 1: the fine-tuned model) and "
                         "interpolate a zero-shot-started head likewise; a list writes OUT/wise_<ALPHA> for each")
     p.add_argument("--he-context", metavar="FILE",
-                   help="a checkpoint of an encrypted job (secure_aggregation \"he\") is decrypted with this site key: "
+                   help="a checkpoint of an encrypted (HE) job is decrypted with this site key: "
                         "a site's startup kit's startup/client_context.tenseal")
     return p
 
@@ -54,9 +56,6 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
-        from . import graph
-        from .pipeline import export_run, export_wise
-
         options = dict(out=args.out, checkpoint=args.checkpoint, model=args.model, optimize=args.optimize,
                        quantize=args.quantize, fp16=args.fp16, opset=args.opset or graph.DEFAULT_OPSET,
                        with_text=args.with_text, data=args.data, samples=args.verify_samples, triton=args.triton,

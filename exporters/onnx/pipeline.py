@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Callable, Dict, Optional
 
 import numpy as np
+import onnxruntime
 import torch
 from safetensors.numpy import save_file
 
+from nvflare_lora.data import load_dataset
 from nvflare_lora.files import current_umask, sha256_file, swap_into_place, write_json_atomic
 from nvflare_lora.head import DEFAULT_TEMPLATES, Head, HeadError
 from nvflare_lora.models import load_tokenizer, use_eager_attention
@@ -29,6 +31,7 @@ from .predict import CLASS_EMBEDDINGS_FILE, TEXT_FILE, TOKENIZER_FILE, TextEncod
 from .rebuild import Rebuilt, check_wise, rebuild
 from .run_data import run_validation_set
 from .session import SESSION_OPTIONS_RULE, open_session, session_config
+from .triton import check_repository_target, write_repository
 
 REPORT_FILE, LABELS_FILE, PREPROCESSING_FILE = "export_report.json", "labels.json", "preprocessing.json"
 FILES = {"fp32": "model.onnx", "optimized": "model.optimized.onnx", "int8": "model.int8.onnx",
@@ -42,8 +45,6 @@ def verification_images(source: str, run_dir: Path, rebuilt: Rebuilt, samples: i
     """(pixel arrays, labels or None, description): `samples` images through the model's preprocessing.
     source "auto": the run's validation images when they can be rebuilt, else the bundled digits.
     Labels are kept only when the data's classes are the model's labels, to report accuracy."""
-    from nvflare_lora.data import load_dataset
-
     data, what = None, ""
     if source == "auto":
         data, why = run_validation_set(rebuilt.metadata, rebuilt.preprocessing, rebuilt.labels)
@@ -201,7 +202,7 @@ def export_run(run_dir, out=None, checkpoint: Optional[str] = None, model: Optio
     with their Triton models, or with nothing written when fp32 failed). wise: WiSE-FT's ALPHA
     (exporters/onnx/rebuild.py): the LoRA update scaled by ALPHA, the head interpolated toward its zero-shot start;
     see export_wise for several. he_context: the site key (client_context.tenseal) an encrypted checkpoint is
-    decrypted with (secure_aggregation "he")."""
+    decrypted with (an encrypted job: nvflare_lora.secure)."""
     if quantize not in (None, "int8"):
         raise ExportError(f"--quantize supports 'int8' only, got {quantize!r}")
     if samples < 1:
@@ -216,8 +217,6 @@ def export_run(run_dir, out=None, checkpoint: Optional[str] = None, model: Optio
     out = Path(out).expanduser() if out else Path(run_dir).expanduser() / "onnx"
     _check_output_dir(out)
     if triton is not None:
-        from .triton import check_repository_target
-
         repo = Path(triton).expanduser().resolve()
         if repo == out.resolve() or out.resolve() in repo.parents or repo in out.resolve().parents:
             raise ExportError(f"--triton {triton} and the export's folder {out} overlap; give the Triton repository a "
@@ -249,8 +248,6 @@ def export_run(run_dir, out=None, checkpoint: Optional[str] = None, model: Optio
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if triton is not None:
-        from .triton import write_repository
-
         repo = write_repository(out, Path(triton).expanduser(), tensorrt=triton_tensorrt, force=force)
         log(f"Triton model repository: {repo} ({', '.join(sorted(p.name for p in repo.iterdir() if p.is_dir()))})")
     written = ", ".join(FILES[v] for v in report["files"])
@@ -366,8 +363,6 @@ def _verify_image_model(path: Path, variant: str, reference, pixels, labels, log
 
 
 def _report(rebuilt: Rebuilt, files, fused, parities, latency, text, labels, reference, opset, notes) -> Dict:
-    import onnxruntime
-
     meta, config = rebuilt.metadata, rebuilt.merged.clip_config
     size = config.vision_config.image_size
     return {

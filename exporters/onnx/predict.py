@@ -106,7 +106,7 @@ class TextEncoder:
     PROMPTS_PER_CALL = 256
 
     def __init__(self, model_dir: str | Path, text_file: str = "text_model.onnx", variant: str = "fp32"):
-        try:
+        try:  # tokenizers: optional at serve time, needed only to classify against labels named then
             from tokenizers import Tokenizer
         except ImportError:
             raise ServingError("classifying against labels needs the tokenizers package: "

@@ -38,9 +38,10 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ['AGGREGATIONS', 'check_rank', 'check_site_ranks', 'ESTIMATORS', 'RESIDUAL_SUFFIX', 'Robustness', 'SiteUpdate', 'WEIGHTINGS', 'a_key', 'aggregate', 'b_key', 'bound_influence', 'check_mode', 'check_update', 'clip_to', 'describe', 'effective_delta', 'fold_residuals', 'is_residual_key', 'lora_layers', 'project', 'rank_of', 'residual_key', 'residual_shapes', 'site_rank_of', 'split_residuals', 'unfold', 'update_norm', 'update_spec', 'upload_keys', 'zero_residuals']
+__all__ = ['AGGREGATIONS', 'AggregationError', 'check_rank', 'check_site_ranks', 'ESTIMATORS', 'RESIDUAL_SUFFIX', 'Robustness', 'SiteUpdate', 'WEIGHTINGS', 'a_key', 'aggregate', 'b_key', 'bound_influence', 'check_mode', 'check_update', 'clip_to', 'describe', 'effective_delta', 'fold_residuals', 'is_residual_key', 'lora_layers', 'project', 'rank_of', 'residual_key', 'residual_shapes', 'site_rank_of', 'split_residuals', 'unfold', 'update_norm', 'update_spec', 'upload_keys', 'zero_residuals']
 
 from ..adapter import AdapterMismatchError, check_adapter
+from ..errors import NVFlareLoRAError
 
 AGGREGATIONS = ("fedavg", "ffa", "exact")
 RESIDUAL_SUFFIX = ".nvflare_lora_residual"  # <layer path> + this: dense (out, in) delta added to the frozen weight
@@ -49,10 +50,15 @@ _A, _B = ".lora_A.weight", ".lora_B.weight"
 State = Dict[str, np.ndarray]
 
 
+class AggregationError(NVFlareLoRAError):
+    """An aggregation setting (rule, robustness bound, site rank) or a round's input (no updates, bad weights) that
+    the rule cannot use: the message names the valid values."""
+
+
 def check_mode(mode: str) -> str:
     if mode not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation {mode!r}; choose one of {list(AGGREGATIONS)} "
-                         f"(fedavg: plain mean, ffa: A frozen and only B sent, exact: mean of B@A via a residual)")
+        raise AggregationError(f"unknown aggregation {mode!r}; choose one of {list(AGGREGATIONS)} (fedavg: plain "
+                               f"mean, ffa: A frozen and only B sent, exact: mean of B@A via a residual)")
     return mode
 
 
@@ -205,24 +211,11 @@ WEIGHTINGS = ("steps", "equal")
 
 @dataclass(frozen=True)
 class Robustness:
-    """How the server bounds each site's influence on a round (the aggregator's job-config keys).
-
-    estimator: "mean" (weighted mean), "median" (coordinate-wise median, unweighted) or "trimmed_mean"
-        (per coordinate, drop the floor(trim_fraction * K) largest and smallest of K values, mean of the
-        rest, unweighted).
-    clip_multiple: clip every update's L2 norm to clip_multiple x the round's median update norm (adaptive:
-        no scale to tune per model); None: no clipping.
-    trim_fraction: share dropped at each end by trimmed_mean, in [0, 0.5) (so at least one site is left).
-    weighting: "steps" (a site's reported local steps) or "equal".
-    max_weight_ratio: a site's weight is capped at max_weight_ratio x the round's median weight (a site
-        cannot buy influence by claiming steps); None: no cap.
-    min_agreement: with 3 or more updates, each update's cosine with the round's coordinate-wise median
-        update is compared with the median of those cosines; an update below min_agreement x that median
-        is left out of the round (a sign-flipped update points away from what the others agree on).
-        Relative, so it adapts to how much honest sites differ; skipped when the median cosine is not
-        positive (no agreement to judge by). None: keep every update.
-    clip_norm: a fixed L2 bound instead of clip_multiple (client-level DP's clip: its noise is calibrated to
-        it; see for_client_dp).
+    """How the server bounds each site's influence on a round: what the job's aggregation section takes
+    (nvflare_lora.settings.AggregationSection holds each field's help, valid values and the job's defaults; how
+    they are applied: bound_influence and aggregate). Built with no arguments it is the plain weighted mean, with
+    no bound (settings.LIBRARY_DEFAULTS_THAT_DIFFER says why the job's defaults bound). clip_norm: a fixed L2
+    bound instead of clip_multiple (client-level DP's clip: its noise is calibrated to it; see for_client_dp).
     """
 
     estimator: str = "mean"
@@ -241,24 +234,26 @@ class Robustness:
 
     def __post_init__(self):
         if self.estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {list(ESTIMATORS)}, got {self.estimator!r}")
+            raise AggregationError(f"estimator must be one of {list(ESTIMATORS)}, got {self.estimator!r}")
         if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {list(WEIGHTINGS)}, got {self.weighting!r}")
+            raise AggregationError(f"weighting must be one of {list(WEIGHTINGS)}, got {self.weighting!r}")
         for name in ("clip_multiple", "max_weight_ratio"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
                                   or v < 1):
-                raise ValueError(f"{name} must be a number >= 1 (a multiple of the round's median) or null, got {v!r}")
+                raise AggregationError(f"{name} must be a number >= 1 (a multiple of the round's median) or null, "
+                                       f"got {v!r}")
         c = self.min_agreement
         if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 <= c < 1):
-            raise ValueError(f"min_agreement must be a number in [0, 1) (a share of the round's median cosine) or "
-                             f"null, got {c!r}")
+            raise AggregationError(f"min_agreement must be a number in [0, 1) (a share of the round's median cosine) "
+                                   f"or null, got {c!r}")
         if self.clip_norm is not None and self.clip_multiple is not None:
-            raise ValueError("give clip_norm (a fixed bound) or clip_multiple (relative to the round), not both")
+            raise AggregationError("give clip_norm (a fixed bound) or clip_multiple (relative to the round), "
+                                   "not both")
         t = self.trim_fraction
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < 0.5:
-            raise ValueError(f"trim_fraction must be in [0, 0.5) (the share trimmed at each end; 0.5 or more would "
-                             f"leave no site), got {t!r}")
+            raise AggregationError(f"trim_fraction must be in [0, 0.5) (the share trimmed at each end; 0.5 or more "
+                                   f"would leave no site), got {t!r}")
 
     def to_dict(self) -> Dict:
         return dataclasses.asdict(self)
@@ -365,7 +360,7 @@ def aggregate(global_state: Mapping[str, np.ndarray], updates: Sequence[SiteUpda
     check_mode(mode)
     robust = robust or Robustness()
     if not updates:
-        raise ValueError("no site updates to aggregate")
+        raise AggregationError("no site updates to aggregate")
     full = rank_of(global_state)
     layers = lora_layers(global_state)
     exact = mode == "exact"
@@ -380,7 +375,7 @@ def aggregate(global_state: Mapping[str, np.ndarray], updates: Sequence[SiteUpda
         check_update(u.diff, update_spec(shapes, mode, r), mode, f"update of {u.site or 'a site'}")
     weights = np.asarray([float(u.weight) for u in updates], np.float64)
     if not np.all(np.isfinite(weights)) or np.any(weights < 0) or weights.sum() <= 0:
-        raise ValueError(f"aggregation weights must be finite, >= 0 and not all 0, got {weights.tolist()}")
+        raise AggregationError(f"aggregation weights must be finite, >= 0 and not all 0, got {weights.tolist()}")
     updates, bounded = bound_influence(updates, robust)
     ranks = [site_rank_of(u.diff) for u in updates]
     sent = [project(global_state, r, scaling, exact) for r in ranks]
@@ -503,15 +498,16 @@ def describe(info: Optional[Dict]) -> str:
 
 
 def check_site_ranks(site_ranks: Optional[Dict], r: int) -> Dict[str, int]:
-    """{site: rank} with every rank an integer in 1..r, else a ValueError naming the site and the range."""
+    """{site: rank} with every rank an integer in 1..r, else an AggregationError naming the site and the range."""
     return {str(site): check_rank(rank, r, f"site_ranks[{site!r}] = {rank!r}: ") for site, rank in
             (site_ranks or {}).items()}
 
 
 def check_rank(rank, full: int, who: str = "") -> int:
-    """A site's LoRA rank: an integer from 1 to the global rank, else a ValueError saying so (the one check of
-    a site rank: site_ranks, the update spec, the projection)."""
+    """A site's LoRA rank: an integer from 1 to the global rank, else an AggregationError saying so (the one check
+    of a site rank: site_ranks, the update spec, the projection)."""
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 1 <= rank <= full:
-        raise ValueError(f"{who or f'a site rank of {rank!r}: '}a site's rank must be an integer from 1 to the global "
-                         f"rank {full} (between 1 and the global rank r; raise r to the largest site rank)")
+        raise AggregationError(f"{who or f'a site rank of {rank!r}: '}a site's rank must be an integer from 1 to the "
+                               f"global rank {full} (between 1 and the global rank r; raise r to the largest site "
+                               f"rank)")
     return int(rank)

@@ -1,9 +1,10 @@
-"""The CKKS context of this party's startup kit (secure_aggregation "he"), read as NVFlare's HE filters read it."""
+"""The CKKS context of this party's startup kit (an encrypted job: nvflare_lora.secure), read as NVFlare's HE filters read it."""
 
 from __future__ import annotations
 
 from nvflare.apis.fl_constant import FLContextKey
 from nvflare.apis.fl_context import FLContext
+from nvflare.fuel.sec.security_content_service import LoadResult, SecurityContentService
 
 from ..secure import SecureAggregationError, load_context
 
@@ -12,8 +13,6 @@ def kit_context(fl_ctx: FLContext, file: str, secret: bool):
     """The context in this party's kit (`file`: client_context.tenseal at a site, server_context.tenseal at the
     server) through NVFlare's SecurityContentService: a missing or invalid file, and in secure mode an unsigned one
     or one whose signature fails, are refused (NVFlare's own rule), naming the file and where HE jobs run."""
-    from nvflare.fuel.sec.security_content_service import LoadResult, SecurityContentService
-
     bad = [LoadResult.INVALID_CONTENT, LoadResult.NO_SUCH_CONTENT]
     if fl_ctx.get_prop(FLContextKey.SECURE_MODE, True):
         bad += [LoadResult.INVALID_SIGNATURE, LoadResult.NOT_SIGNED]
@@ -23,7 +22,7 @@ def kit_context(fl_ctx: FLContext, file: str, secret: bool):
         data, rc = None, f"{type(e).__name__}: {e}"
     if data is None or rc in bad:
         raise SecureAggregationError(
-            f"{fl_ctx.get_identity_name()}: this job aggregates encrypted updates (secure_aggregation \"he\") but the "
+            f"{fl_ctx.get_identity_name()}: this job aggregates encrypted updates (HE) but the "
             f"startup kit has no usable {file} ({rc}): provision the project with NVFlare's HEBuilder "
             f"(deploy/README.md) or `nvflare poc prepare --he`; the simulator has no HE context: run HE jobs in POC "
             f"or a provisioned system")

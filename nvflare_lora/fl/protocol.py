@@ -13,8 +13,8 @@ import numpy as np
 from ..secure import SHAPES_KEY
 
 ANNOUNCE_KEY = "nvflare_lora"          # server -> site: {"model", "fingerprint", "lora_config", "num_classes", "labels",
-#                                        "aggregation", "site_ranks", "head", "secure_aggregation", "site_clip_norm"}
-# Under secure_aggregation "he" no key marks the ciphertexts: a ciphertext travels as a uint8 array, a clear tensor as
+#                                        "aggregation", "site_ranks", "head", the secure mode, "site_clip_norm"}
+# In an encrypted (HE) job no key marks the ciphertexts: a ciphertext travels as a uint8 array, a clear tensor as
 # float32 (nvflare_lora.secure), and the global model's meta carries every tensor's shape (secure.SHAPES_KEY).
 TRAIN_LOSS_KEY = "nvflare_lora_train_loss"    # site -> server: mean local training loss this round
 VAL_COUNT_KEY = "nvflare_lora_val_count"      # site -> server: size of the validation split behind INITIAL_METRICS

@@ -29,6 +29,7 @@ from nvflare.apis.shareable import Shareable
 from nvflare.app_common.app_constant import AppConstants
 
 from ... import compression as codec
+from ...compression import CompressionError
 from ..protocol import COMPRESSION_META_KEY, payload_bytes
 
 PAYLOAD_KEY = "nvflare_lora_compressed"  # the one entry of a compressed DXO's data
@@ -40,7 +41,8 @@ def _kinds(data_kinds: Optional[List[str]], default: List[str]) -> List[str]:
     kinds = list(default if data_kinds is None else data_kinds)
     bad = [k for k in kinds if k not in _KINDS]
     if not kinds or bad:
-        raise ValueError(f"data_kinds must be a non-empty list of 'WEIGHT_DIFF' and/or 'WEIGHTS', got {data_kinds!r}")
+        raise CompressionError(f"data_kinds must be a non-empty list of 'WEIGHT_DIFF' and/or 'WEIGHTS', "
+                               f"got {data_kinds!r}")
     return kinds
 
 
@@ -83,14 +85,14 @@ class AdapterCompressor(DXOFilter):
         default = [DataKind.WEIGHT_DIFF] if self.spec.is_topk else [DataKind.WEIGHT_DIFF, DataKind.WEIGHTS]
         kinds = _kinds(data_kinds, default)
         if self.spec.is_topk and DataKind.WEIGHTS in kinds:
-            raise ValueError(f"mode {mode!r} sends only a fraction of the entries, which suits updates, not a full "
-                             "model: use data_kinds=['WEIGHT_DIFF'], or an fp16/int8/int4 mode for WEIGHTS")
+            raise CompressionError(f"mode {mode!r} sends only a fraction of the entries, which suits updates, not a "
+                                   "full model: use data_kinds=['WEIGHT_DIFF'], or an fp16/int8/int4 mode for WEIGHTS")
         self.error_feedback = self.spec.is_topk if error_feedback is None else bool(error_feedback) and not self.off
         if self.error_feedback and DataKind.WEIGHTS in kinds:
-            raise ValueError("error_feedback keeps a site's unsent update; it applies to WEIGHT_DIFF only "
-                             "(set data_kinds=['WEIGHT_DIFF'] or error_feedback=false)")
+            raise CompressionError("error_feedback keeps a site's unsent update; it applies to WEIGHT_DIFF only "
+                                   "(set data_kinds=['WEIGHT_DIFF'] or error_feedback=false)")
         if not residual_file or os.path.basename(residual_file) != residual_file:
-            raise ValueError(f"residual_file must be a plain file name, got {residual_file!r}")
+            raise CompressionError(f"residual_file must be a plain file name, got {residual_file!r}")
         super().__init__(supported_data_kinds=list(_KINDS), data_kinds_to_filter=kinds)
         self.seed = int(seed)
         self.residual_file = residual_file
@@ -100,8 +102,8 @@ class AdapterCompressor(DXOFilter):
         if self.off:
             return None
         if COMPRESSION_META_KEY in (dxo.meta or {}):
-            raise ValueError(f"DXO is already compressed ({dxo.meta[COMPRESSION_META_KEY]}); one compressor per "
-                             "direction")
+            raise CompressionError(f"DXO is already compressed ({dxo.meta[COMPRESSION_META_KEY]}); one compressor per "
+                                   "direction")
         arrays = self._arrays(dxo)
         seed = self._seed(shareable, fl_ctx)
         if self.error_feedback and dxo.data_kind == DataKind.WEIGHT_DIFF:
@@ -134,7 +136,7 @@ class AdapterCompressor(DXOFilter):
             if hasattr(v, "detach") and hasattr(v, "cpu"):  # a torch tensor
                 v = v.detach().cpu().numpy()
             if not isinstance(v, (np.ndarray, np.floating)):
-                raise ValueError(f"cannot compress {_kind(dxo)} entry {k!r}: a {type(v).__name__}, not an array")
+                raise CompressionError(f"cannot compress {_kind(dxo)} entry {k!r}: a {type(v).__name__}, not an array")
             arrays[k] = np.asarray(v)  # a numpy scalar travels as a 0-d array
         return arrays
 

@@ -11,12 +11,13 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
 from ... import compression as codec
+from ...compression import CompressionError
 from ..protocol import COMPRESSION_META_KEY, payload_bytes
 from .compressor import _KINDS, FORMAT, PAYLOAD_KEY, _copy_meta, _kind, _kinds
 
 
 class AdapterDecompressor(DXOFilter):
-    """Checks and decodes what AdapterCompressor produced; refuses anything malformed with a ValueError.
+    """Checks and decodes what AdapterCompressor produced; refuses anything malformed with a CompressionError.
 
     Args:
         data_kinds: DXO kinds to decompress; default ["WEIGHT_DIFF", "WEIGHTS"].
@@ -39,13 +40,13 @@ class AdapterDecompressor(DXOFilter):
         record = (dxo.meta or {}).get(COMPRESSION_META_KEY)
         if record is None:
             if self.require_compressed:
-                raise ValueError(f"{_kind(dxo)} from {sender} arrived uncompressed, but this side decompresses: "
-                                 "add AdapterCompressor to the sender's filters, or set require_compressed=false")
+                raise CompressionError(f"{_kind(dxo)} from {sender} arrived uncompressed, but this side decompresses: "
+                                       "add AdapterCompressor to the sender's filters, or set require_compressed=false")
             return None
         try:
             arrays = self._decode(dxo, record)
         except ValueError as e:
-            raise ValueError(f"refusing compressed {_kind(dxo)} from {sender}: {e}") from None
+            raise CompressionError(f"refusing compressed {_kind(dxo)} from {sender}: {e}") from None
         meta = _copy_meta(dxo)
         self.log_info(fl_ctx, f"decompressed {_kind(dxo)} from {sender} ({record['mode']}): "
                               f"{record['compressed_bytes']} -> {record['raw_bytes']} bytes")
@@ -53,15 +54,16 @@ class AdapterDecompressor(DXOFilter):
 
     def _decode(self, dxo: DXO, record) -> Dict[str, np.ndarray]:
         if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("mode") not in codec.MODES:
-            raise ValueError(f"meta[{COMPRESSION_META_KEY!r}] = {record!r} is not a format-{FORMAT} record of a "
-                             f"known mode ({', '.join(codec.MODES)})")
+            raise CompressionError(f"meta[{COMPRESSION_META_KEY!r}] = {record!r} is not a format-{FORMAT} record of a "
+                                   f"known mode ({', '.join(codec.MODES)})")
         if set(dxo.data) != {PAYLOAD_KEY}:
-            raise ValueError(f"a compressed DXO holds exactly one entry {PAYLOAD_KEY!r}, got {sorted(dxo.data)[:3]}")
+            raise CompressionError(f"a compressed DXO holds exactly one entry {PAYLOAD_KEY!r}, "
+                                   f"got {sorted(dxo.data)[:3]}")
         if payload_bytes(dxo.data) != record.get("compressed_bytes"):
-            raise ValueError(f"payload is {payload_bytes(dxo.data)} bytes, the sender recorded "
-                             f"{record.get('compressed_bytes')} (truncated or replaced in transit)")
+            raise CompressionError(f"payload is {payload_bytes(dxo.data)} bytes, the sender recorded "
+                                   f"{record.get('compressed_bytes')} (truncated or replaced in transit)")
         arrays = codec.decode(dxo.data[PAYLOAD_KEY], record["mode"], self.max_elements)
         if len(arrays) != record.get("tensors") or payload_bytes(arrays) != record.get("raw_bytes"):
-            raise ValueError(f"decoded {len(arrays)} tensors of {payload_bytes(arrays)} bytes, the sender recorded "
-                             f"{record.get('tensors')} of {record.get('raw_bytes')}")
+            raise CompressionError(f"decoded {len(arrays)} tensors of {payload_bytes(arrays)} bytes, the sender "
+                                   f"recorded {record.get('tensors')} of {record.get('raw_bytes')}")
         return arrays

@@ -20,6 +20,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
+from safetensors.numpy import load_file, save
 
 from ... import adapter as ad
 from ...files import atomic_write
@@ -228,14 +229,10 @@ class CLIPLoRAExecutor(Executor):
             path = self._local_adapter_path(fl_ctx)
             if not path.is_file():
                 return make_reply(ReturnCode.EMPTY_RESULT)
-            from safetensors.numpy import load_file
-
             self.local_adapter = load_file(str(path))
         return DXO(data_kind=DataKind.WEIGHTS, data=self.local_adapter,
                    meta={ANNOUNCE_KEY: self.announced} if self.announced else {}).to_shareable()
 
 
 def _safetensors(state: Dict) -> bytes:
-    from safetensors.numpy import save
-
     return save(state)
