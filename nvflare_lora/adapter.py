@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import LoRAConfig
+from .config import LoRAConfig, LoRAConfigError
 from .errors import NVFlareLoRAError
 
 Shapes = Dict[str, Tuple[int, ...]]
@@ -34,7 +34,7 @@ def peft_config(lora: LoRAConfig, model: nn.Module, base_model_name: str = ""):
     linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.startswith("classifier")]
     regex = lora.target_regex(linear_names)
     if not regex:
-        raise ValueError(
+        raise LoRAConfigError(
             f"LoRA needs at least one tower in target_components (got {lora.target_components}); "
             f"for head-only training use LoRAConfig.for_classification_head()"
         )

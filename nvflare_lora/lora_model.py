@@ -15,7 +15,7 @@ import torch
 from peft import get_peft_model
 
 from . import adapter as ad
-from .config import LoRAConfig
+from .config import LoRAConfig, LoRAConfigError
 from .head import Head, HeadError, check_labels, tokenize_labels
 from .models import (TINY_PRESET, CLIPImageClassifier, build_classifier, load_clip_config, load_tokenizer,
                      preprocessing_for, resolve_model)
@@ -193,8 +193,8 @@ class CLIPLoRAWrapper:
         if fed.is_lora:
             raise RuntimeError("this model already has LoRA applied")
         if "text" in self.lora_config.towers and not fed.base_model.include_text:
-            raise ValueError("target_components has 'text' but the model was built without its text tower: "
-                             "create FederatedCLIPModel(..., include_text=True)")
+            raise LoRAConfigError("target_components has 'text' but the model was built without its text tower: "
+                                  "create FederatedCLIPModel(..., include_text=True)")
         base = fed.model.float()
         peft_model = get_peft_model(base, ad.peft_config(self.lora_config, base, fed.model_name))
         shapes = ad.adapter_shapes_of(ad.adapter_state(peft_model))

@@ -10,6 +10,7 @@ from typing import Dict, List
 
 from .checkpoint import META_FILE, CheckpointError, CheckpointMeta, read_adapter_dir, save_adapter_dir
 from .config import LoRAConfig
+from .errors import NVFlareLoRAError
 from .lora_model import CLIPLoRAWrapper, FederatedCLIPModel
 from .models import base_fingerprint, fingerprint_difference
 from .files import atomic_write, write_json_atomic
@@ -19,7 +20,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 def _check_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
-        raise ValueError(f"invalid name {name!r}: use letters, digits, '_', '-' and '.', starting with a letter or digit")
+        raise NVFlareLoRAError(f"invalid name {name!r}: use letters, digits, '_', '-' and '.', starting with a letter "
+                               f"or digit")
     return name
 
 
@@ -70,7 +72,7 @@ class LoRAModelManager:
     def save_model(self, wrapper: CLIPLoRAWrapper, name: str, metrics: Dict | None = None) -> Path:
         fed = wrapper.model
         if not fed.is_lora:
-            raise ValueError("the model has no LoRA adapter to save: call apply_lora_to_federated_model() first")
+            raise NVFlareLoRAError("the model has no LoRA adapter to save: call apply_lora_to_federated_model() first")
         t0 = time.perf_counter()
         state = fed.get_parameters()
         meta = model_metadata(fed, {"metrics": metrics or {}})

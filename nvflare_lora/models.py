@@ -163,7 +163,7 @@ class CLIPImageClassifier(nn.Module):
         if head not in HEADS:
             raise HeadError(f"head must be one of {', '.join(map(repr, HEADS))}; got {head!r}")
         if head == "linear" and (not isinstance(num_classes, int) or num_classes < 2):
-            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+            raise HeadError(f"num_classes must be an integer >= 2, got {num_classes!r}")
         self.clip_config = clip_config
         self.head = head
         vc = clip_config.vision_config

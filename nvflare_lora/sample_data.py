@@ -29,9 +29,17 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 import numpy as np
+import torch
 from PIL import Image
 
+from .data import digits_uint8
+from .errors import NVFlareLoRAError
+
 ELPV_CLASSES = ("functional", "defective")
+
+
+class SampleDataError(NVFlareLoRAError):
+    """A sample-data request that cannot be met (site count, image count, token ids): the message gives the range."""
 
 
 def _package_dir(name: str) -> Path:
@@ -69,7 +77,7 @@ def _place(src: Path, dst: Path) -> None:
 
 def _shares(n: int, sites: int, per_site: Optional[int], seed: int) -> List[np.ndarray]:
     if sites < 1:
-        raise ValueError(f"sites must be >= 1, got {sites}")
+        raise SampleDataError(f"sites must be >= 1, got {sites}")
     parts = np.array_split(np.random.default_rng(seed).permutation(n), sites)
     return [np.sort(p[:per_site] if per_site else p) for p in parts]
 
@@ -96,8 +104,6 @@ def write_mnist(out: str | Path, sites: int = 2, per_site: Optional[int] = None,
 
 def write_digits(out: str | Path, sites: int = 2, per_site: Optional[int] = None, seed: int = 0) -> List[Path]:
     """scikit-learn's digits (0..16) as 8-bit PNGs: OUT/site-k/<digit>/NNNN.png; returns the site folders."""
-    from .data import digits_uint8  # data imports torch (~3 s): the image writers stay without it
-
     return _write_digit_images(out, *digits_uint8(), sites, per_site, seed)
 
 
@@ -119,7 +125,7 @@ def write_image_folder(out: str | Path, count: int) -> Path:
     degrees, so every file is a distinct real image); for measuring a site at a given number of images."""
     files = elpv_files()
     if count > 4 * len(files):
-        raise ValueError(f"at most {4 * len(files)} distinct images, asked for {count}")
+        raise SampleDataError(f"at most {4 * len(files)} distinct images, asked for {count}")
     out = Path(out)
     for i in range(count):
         src, label = files[i % len(files)]
@@ -137,15 +143,14 @@ def write_image_folder(out: str | Path, count: int) -> Path:
 def write_clip_tokenizer(directory: str | Path, vocab_size: int, bos_token_id: int, eos_token_id: int) -> Path:
     """A byte-level CLIP tokenizer (no merges) with <|startoftext|> and <|endoftext|> at the given ids, filled
     up to vocab_size: built offline, for bases that came without one (random-weight test bases)."""
-    # transformers and torch only for `base`: writing images imports neither (~3-7 s)
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer  # transformers only for `base` (3-7 s): the image writers do without it
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars]
     if max(bos_token_id, eos_token_id) >= vocab_size or len(tokens) > min(bos_token_id, eos_token_id):
-        raise ValueError(f"special token ids {bos_token_id}, {eos_token_id} must lie above the {len(tokens)} byte "
-                         f"tokens and below vocab_size {vocab_size}")
+        raise SampleDataError(f"special token ids {bos_token_id}, {eos_token_id} must lie above the {len(tokens)} byte "
+                              f"tokens and below vocab_size {vocab_size}")
     vocab = {t: i for i, t in enumerate(tokens)}
     filler = iter(range(vocab_size))
     for i in range(len(tokens), vocab_size):
@@ -167,8 +172,7 @@ def write_clip_tokenizer(directory: str | Path, vocab_size: int, bos_token_id: i
 def write_random_base(out: str | Path, seed: int = 0, **config) -> Path:
     """A HuggingFace CLIP directory of CLIPModel(CLIPConfig(**config)) with seeded random weights (default:
     ViT-B/32 shapes, 151M parameters, 605 MB) and a tokenizer (write_clip_tokenizer)."""
-    import torch  # torch and transformers only for `base` (see write_clip_tokenizer)
-    from transformers import CLIPConfig, CLIPModel
+    from transformers import CLIPConfig, CLIPModel  # transformers only for `base` (see write_clip_tokenizer)
 
     cfg = CLIPConfig(**config)
     with torch.random.fork_rng(devices=[]):

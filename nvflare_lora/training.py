@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import ImageDataset, SiteLoader
+from .errors import NVFlareLoRAError
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
@@ -31,7 +32,7 @@ def autocast_for(device: torch.device):
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("the model has no trainable parameters: apply LoRA or unfreeze a module first")
+        raise TrainingError("the model has no trainable parameters: apply LoRA or unfreeze a module first")
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
@@ -86,6 +87,11 @@ class Aborted(RuntimeError):
     """Training stopped because the abort callback said so."""
 
 
+class TrainingError(NVFlareLoRAError):
+    """Local training cannot start or cannot make a step (nothing trainable, no readable batch): the message says
+    what to change."""
+
+
 def train_local(fed_model, data, epochs: int = 1, max_steps: Optional[int] = None, batch_size: int = 32,
                 lr: float = 1e-3, weight_decay: float = 0.0, max_grad_norm: Optional[float] = 1.0, seed: int = 0,
                 should_abort: Optional[Callable[[], bool]] = None,
@@ -101,7 +107,7 @@ def train_local(fed_model, data, epochs: int = 1, max_steps: Optional[int] = Non
     """
     loader = data if isinstance(data, SiteLoader) else SiteLoader(data, batch_size, shuffle=True)
     if not loader.sampler.shuffle:
-        raise ValueError("train_local needs a shuffling SiteLoader (SiteLoader(..., shuffle=True))")
+        raise TrainingError("train_local needs a shuffling SiteLoader (SiteLoader(..., shuffle=True))")
     fed_model.configure_optimizer(lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
     steps, samples, losses, t0 = 0, 0, [], time.perf_counter()
     for epoch in range(max(1, epochs)):
@@ -123,7 +129,7 @@ def train_local(fed_model, data, epochs: int = 1, max_steps: Optional[int] = Non
         if max_steps is not None and steps >= max_steps:
             break
     if steps == 0:
-        raise ValueError("no training batch could be read: every image of this site's training split is bad or "
-                         "the split is empty (check the data and num_sites)")
+        raise TrainingError("no training batch could be read: every image of this site's training split is bad or "
+                            "the split is empty (check the data and num_sites)")
     return {"steps": steps, "samples": samples, "loss": float(np.mean(losses)) if losses else float("nan"),
             "seconds": time.perf_counter() - t0}

@@ -10,8 +10,9 @@ class ExportError(NVFlareLoRAError):
     exit_code = 2
 
 
-class VerificationError(Exception):
-    """The exported model does not compute what the unmerged PEFT model computes, by the stated amount."""
+class VerificationError(NVFlareLoRAError):
+    """The exported model does not compute what the unmerged PEFT model computes, by the stated amount. A
+    NVFlareLoRAError like every refusal of this package, but not an ExportError: it exits 1, not 2."""
 
     exit_code = 1
 

@@ -53,7 +53,7 @@ class TextOutputs(nn.Module):
     def __init__(self, classifier: CLIPImageClassifier):
         super().__init__()
         if not classifier.include_text:
-            raise ValueError("the model was built without its text tower")
+            raise ExportError("the model was built without its text tower")
         self.text_model, self.text_projection = classifier.text_model, classifier.text_projection
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

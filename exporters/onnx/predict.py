@@ -55,7 +55,7 @@ def read_report(model_dir: str | Path) -> dict:
     try:
         report = json.loads((model_dir / REPORT_FILE).read_text())
         if not isinstance(report.get("files"), dict):
-            raise ValueError("it lists no files")
+            raise ServingError("it lists no files")
     except (ValueError, AttributeError) as e:
         raise ServingError(f"{model_dir / REPORT_FILE} is not a readable export report ({e}); re-export: "
                            f"python -m exporters.onnx RUN_DIR --out {model_dir}") from None

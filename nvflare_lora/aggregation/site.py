@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from .. import adapter as ad
-from .rules import (check_mode, check_update, effective_delta, lora_layers, residual_key, split_residuals,
-                          update_spec, upload_keys)
+from .rules import (AggregationError, check_mode, check_update, effective_delta, lora_layers, residual_key,
+                    split_residuals, update_spec, upload_keys)
 from ..config import LoRAConfig
 
 State = Dict[str, np.ndarray]
@@ -50,7 +50,7 @@ class SiteAggregation:
 
     def __init__(self, fed, mode: str = "fedavg"):
         if not fed.is_lora:
-            raise ValueError("apply LoRA to the model (CLIPLoRAWrapper) before SiteAggregation")
+            raise AggregationError("apply LoRA to the model (CLIPLoRAWrapper) before SiteAggregation")
         self.fed, self.mode = fed, check_mode(mode)
         self.scaling = fed.lora_config.scaling
         self._frozen_weights: Dict[str, torch.Tensor] = {}  # layer -> the base weight as loaded

@@ -10,6 +10,7 @@ import json
 
 import numpy as np
 
+from ..errors import NVFlareLoRAError
 from ..secure import SHAPES_KEY
 
 ANNOUNCE_KEY = "nvflare_lora"          # server -> site: {"model", "fingerprint", "lora_config", "num_classes", "labels",
@@ -26,6 +27,11 @@ REFUSED_PROP = "nvflare_lora_refused"         # server fl_ctx, set by the aggreg
 AGGREGATION_INFO_PROP = "nvflare_lora_aggregation"  # server fl_ctx and aggregate meta: what the round's aggregation did
 
 COMPRESSION_META_KEY = "nvflare_lora_compression"  # set by compression filters: {"mode", "raw_bytes", ...}
+
+
+class ProtocolError(NVFlareLoRAError):
+    """A task or a global model without what the other side's component puts there: the job pairs components that
+    do not belong together (the message names the one to use)."""
 
 
 def global_shapes(model) -> dict:

@@ -10,6 +10,7 @@ from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.shareable import make_reply
 from nvflare.app_common.app_constant import AppConstants
 
+from nvflare_lora.errors import NVFlareLoRAError
 from nvflare_lora.fl.site.executor import CLIPLoRAExecutor
 
 
@@ -37,7 +38,7 @@ def corrupt(data: dict, fault: str) -> dict:
     elif fault == "float64":
         data[k] = data[k].astype(np.float64)
     else:
-        raise ValueError(f"unknown fault {fault!r}")
+        raise NVFlareLoRAError(f"unknown fault {fault!r}")
     return data
 
 

@@ -22,7 +22,7 @@ from ...aggregation import rank_of
 from ...facts import JobFacts
 from ...secure import secure_mode
 from ...settings import default
-from ..protocol import ANNOUNCE_KEY, global_shapes
+from ..protocol import ANNOUNCE_KEY, ProtocolError, global_shapes
 
 
 
@@ -57,8 +57,8 @@ class AdapterShareableGenerator(FullModelShareableGenerator):
 
     def learnable_to_shareable(self, model_learnable: ModelLearnable, fl_ctx: FLContext) -> Shareable:
         if ANNOUNCE_KEY not in (model_learnable.get(ModelLearnableKey.META) or {}):
-            raise ValueError(f"the global model carries no '{ANNOUNCE_KEY}' facts: the server's persistor must be "
-                             f"nvflare_lora.fl.server.persistor.AdapterPersistor")
+            raise ProtocolError(f"the global model carries no '{ANNOUNCE_KEY}' facts: the server's persistor must be "
+                                f"nvflare_lora.fl.server.persistor.AdapterPersistor")
         return super().learnable_to_shareable(model_learnable, fl_ctx)
 
     def shareable_to_learnable(self, shareable: Shareable, fl_ctx: FLContext) -> ModelLearnable:

@@ -32,7 +32,7 @@ from ...site import BaseMismatchError, Site
 from ...training import Aborted
 from ..he import kit_context
 from ..protocol import (ANNOUNCE_KEY, BAD_IMAGES_KEY, EPSILON_KEY, FATAL_HEADER, TRAIN_LOSS_KEY, VAL_COUNT_KEY,
-                        VAL_SPLIT_KEY)
+                        VAL_SPLIT_KEY, ProtocolError)
 
 LOCAL_ADAPTER_FILE = "local_adapter.safetensors"  # for submit_model when the simulator respawns the site (-t < -n)
 CACHE_DIR = ".nvflare_lora_cache"  # in the site's workspace: what every task of every job would compute alike
@@ -121,8 +121,8 @@ class CLIPLoRAExecutor(Executor):
     def _ensure_site(self, dxo: DXO, fl_ctx: FLContext) -> None:
         announced = dxo.get_meta_prop(ANNOUNCE_KEY)
         if announced is None:
-            raise ValueError(f"the task carries no '{ANNOUNCE_KEY}' settings: the server must use "
-                             f"nvflare_lora.fl.server.shareable_generator.AdapterShareableGenerator")
+            raise ProtocolError(f"the task carries no '{ANNOUNCE_KEY}' settings: the server must use "
+                                f"nvflare_lora.fl.server.shareable_generator.AdapterShareableGenerator")
         if self.site is None:
             self._setup(announced, fl_ctx)
         elif announced != self.announced:
