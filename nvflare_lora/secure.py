@@ -252,6 +252,14 @@ class SecureAggregation:
         return to_bytes(new), {"sites": len(updates), "encrypted": True, "total_steps": total,
                                "weights": {u.site: float(u.weight) / total for u in updates}}
 
+    @staticmethod
+    def describe(info: Mapping) -> str:
+        """What a round's aggregation did, in a line (the aggregator's log)."""
+        if not info.get("sites"):
+            return "no encrypted update"
+        return (f"{info['sites']} encrypted update(s) summed, weights {info['weights']} (the server reads none of "
+                f"them)")
+
     def check_aggregate(self, new: Mapping, global_state: Mapping) -> None:
         """What the server can check of a new global adapter it cannot read: the keys, and each tensor clear of its
         shape or a ciphertext."""

@@ -175,14 +175,20 @@ def test_a_job_that_brings_code_is_refused(federation, finished_job, tmp_path):
 OPEN = dict(clip_multiple=None, max_weight_ratio=None, min_agreement=None)  # bounds that need clear updates
 
 
-HE_JOB = dict(num_rounds=ROUNDS, num_sites=len(SITES), local_epochs=1, max_steps=5, **OPEN)
+HE_ROUNDS = 3
+HE_JOB = dict(num_rounds=HE_ROUNDS, num_sites=len(SITES), local_epochs=1, max_steps=5, **OPEN)
+# every site's update of round 1 is malformed (a key missing), so the aggregator refuses them all: the encrypted
+# global adapter must stay as it is, still ciphertexts, and round 2 go on from it (the in-process round: the same)
+REFUSED_ROUND = 1
+HE_FAULTS = {s: {str(REFUSED_ROUND): "missing_key"} for s in SITES}
 
 
 @pytest.fixture(scope="module")
 def he_job(federation, finished_job, tmp_path_factory):
     """A short encrypted job (with cross-site evaluation) on the provisioned system, downloaded."""
     tmp = tmp_path_factory.mktemp("he")
-    job = make_job(tmp / "clip_lora_he", wait_time_after_min_received=5, secure_aggregation="he", **HE_JOB)
+    job = make_job(tmp / "clip_lora_he", faults=HE_FAULTS, wait_time_after_min_received=5, secure_aggregation="he",
+                   **HE_JOB)
     proc = submit(federation, job, tmp / "results")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + federation.log_tails()
     said = proc.stdout.splitlines()
@@ -192,7 +198,8 @@ def he_job(federation, finished_job, tmp_path_factory):
 def test_an_encrypted_job_equals_the_clear_one_and_the_server_holds_no_clear_adapter(federation, he_job, tmp_path):
     """The global adapter the HE job produces, decrypted with a site's key, equals what the same job gives in clear
     (the in-process round on the same sites' folders: the job's code without NVFlare) within CKKS's rounding
-    (measured 2e-7 after 2 rounds; bound 1e-5); the server's workspace holds only ciphertexts of the sent tensors
+    (bound 1e-5), also through a round whose updates were all refused (round 1: the global adapter stays, still
+    encrypted, and round 2 trains from it); the server's workspace holds only ciphertexts of the sent tensors
     (every safetensors file scanned); cross-site evaluation ran on the encrypted checkpoints; the export from a
     site's key verifies, and without the key it is refused."""
     from safetensors.numpy import load_file
@@ -201,6 +208,7 @@ def test_an_encrypted_job_equals_the_clear_one_and_the_server_holds_no_clear_ada
     from nvflare_lora.secure import decrypt_checkpoint
     from nvflare_lora.round import Federation
     from nvflare_lora.settings import settings
+    from nvflare_lora.testing.faults import fault_channel
 
     he = he_job
     key = federation.kits.site("site-1") / "startup" / "client_context.tenseal"
@@ -208,7 +216,13 @@ def test_an_encrypted_job_equals_the_clear_one_and_the_server_holds_no_clear_ada
     folders = {s: str(federation.kits.prod.parents[2] / "data" / f"images-{i + 1}")  # each site's own folder
                for i, s in enumerate(SITES)}
     clear = Federation(settings(**HE_JOB), sites=SITES, site_settings={s: {"data": f} for s, f in folders.items()})
-    clear.run()
+    faults = {s: {int(r): fault for r, fault in by_round.items()} for s, by_round in HE_FAULTS.items()}
+    for rnd in range(HE_ROUNDS):
+        clear.run_round(channel=fault_channel(faults, rnd))
+    assert sorted(clear.history[REFUSED_ROUND].refused) == SITES
+    comm = json.loads(_one(he.rglob("communication.json"), "communication.json").read_text())
+    refused = {r["round"]: sorted(r["refused"]) for r in comm["rounds"]}
+    assert refused.get(REFUSED_ROUND) == SITES and not refused.get(REFUSED_ROUND + 1), refused
     state, _, meta = read_adapter_dir(_one(he.rglob("adapter/latest"), "latest"))
     assert meta["encrypted"]["scheme"] == "CKKS"
     got = decrypt_checkpoint(state, meta, key, he)

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..adapter import adapter_shapes_of, check_adapter
 from ..privacy import Accountant, DPConfig, add_client_noise, check_client_dp
-from .rules import Robustness, SiteUpdate, aggregate, check_update, project, rank_of, update_spec
+from .rules import Robustness, SiteUpdate, aggregate, check_update, describe, project, rank_of, update_spec
 
 State = Dict[str, np.ndarray]
 
@@ -54,6 +54,11 @@ class ServerAggregation:
         spec = self.facts.update_spec(adapter_shapes_of(global_state), site)
         check_update(update, spec, self.facts.aggregation, "update", steps)
         return dict(update)
+
+    @staticmethod
+    def describe(info: Mapping) -> str:
+        """What a round's aggregation did, in a line (the aggregator's log)."""
+        return describe(info)
 
     def check_aggregate(self, new: Mapping[str, np.ndarray], global_state: Mapping[str, np.ndarray]) -> None:
         """A new global adapter (or aggregated difference) has exactly the global adapter's keys and shapes."""

@@ -28,7 +28,7 @@ from nvflare.app_common.abstract.model import ModelLearnableKey
 from nvflare.app_common.app_constant import AppConstants
 
 from ...adapter import AdapterMismatchError
-from ...aggregation import SiteUpdate, describe
+from ...aggregation import SiteUpdate
 from ...facts import JobFacts
 from ...secure import SERVER_CONTEXT, SecureAggregationError, secure_mode
 from ...settings import PrivacySection, default, settings
@@ -131,7 +131,7 @@ class LoRAAggregator(Aggregator):
         if self._site_epsilon:
             info["site_epsilon"] = dict(self._site_epsilon)
         fl_ctx.set_prop(AGGREGATION_INFO_PROP, info, private=True, sticky=False)
-        self.log_info(fl_ctx, f"[nvflare_lora] aggregation {describe(info)}")
+        self.log_info(fl_ctx, f"[nvflare_lora] aggregation {self.server.describe(info)}")
         return DXO(data_kind=DataKind.WEIGHTS, data=new, meta={AGGREGATION_INFO_PROP: info}).to_shareable()
 
     def _server(self, fl_ctx: FLContext):
