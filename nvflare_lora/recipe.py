@@ -26,7 +26,7 @@ from nvflare.recipe.sim_env import SimEnv
 from nvflare.recipe.spec import ExecEnv, Recipe
 
 from .allow import allow
-from .settings import JobSettings, RecipeError, SettingsError
+from .settings import JobSettings, RecipeError, SettingsError, settings
 from .jobfolder import VITB32_JOB, client_config, meta, server_config, write_job
 
 
