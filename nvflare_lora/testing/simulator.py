@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 from typing import Dict, Optional
 
-from nvflare_lora.settings import settings
-
+from nvflare_lora.allow import allow
 from nvflare_lora.jobfolder import EXECUTOR, client_config, meta, server_config, write_configs
+from nvflare_lora.settings import settings
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository checkout
 JOB = ROOT / "jobs" / "clip_lora"
@@ -42,8 +42,6 @@ def run_simulator(job: Path, workspace: Path, n: int = 4, threads: Optional[int]
                   env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
     """`nvflare simulator JOB -w WS -n N -t T`, after allowing nvflare_lora components in the workspace (the
     faulty site's class among them: it is under the package)."""
-    from nvflare_lora.allow import allow
-
     allow(workspace)
     cmd = [sys.executable, "-m", "nvflare.private.fed.app.simulator.simulator", str(job), "-w", str(workspace),
            "-n", str(n)]
