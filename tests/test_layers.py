@@ -96,3 +96,46 @@ def test_the_file_tools_import_nothing_of_the_package_and_only_the_standard_libr
                              "sys.modules if m.split('.')[0] in ('nvflare_lora', 'numpy', 'torch')))"],
                             capture_output=True, text=True, check=True, cwd=ROOT).stdout.strip()
     assert loaded == str(["nvflare_lora", "nvflare_lora.files"]), loaded  # the package's __init__ is lazy (PEP 562)
+
+
+# ---- benchmarks and tests each with their own helpers ----------------------------------------------------------
+# What both use is in nvflare_lora/testing/, what only tests use in tests/support/, what only benchmarks use in
+# benchmarks/_*.py; a benchmark script runs from any folder with nothing but its own folder on sys.path.
+BENCHMARKS = ROOT / "benchmarks"
+TEST_MODULES = {"tests", "support", "conftest"} | {p.stem for p in (ROOT / "tests").glob("*.py")}
+
+
+def absolute_imports(path: Path):
+    """(line, first part of the module name) of every absolute import in a file (ast)."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from ((node.lineno, alias.name.split(".")[0]) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            yield node.lineno, node.module.split(".")[0]
+
+
+def test_no_benchmark_edits_sys_path_or_imports_a_test_or_another_benchmark_script():
+    scripts = {p.stem for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_")}
+    assert {"quality", "privacy", "site", "gpu_check", "params", "federation"} <= scripts, scripts
+    bad = []
+    for f in sorted(BENCHMARKS.glob("*.py")):
+        rel, text = f.relative_to(ROOT), f.read_text()
+        if "sys.path" in text:
+            bad.append(f"{rel}: mentions sys.path")
+        for loader in ("spec_from_file_location", "run_path", "SourceFileLoader"):  # an import by file path
+            if loader in text:
+                bad.append(f"{rel}: loads a module by its file ({loader})")
+        for line, top in absolute_imports(f):
+            if top in scripts - {f.stem}:
+                bad.append(f"{rel}:{line}: imports the benchmark script {top}.py (move what both use to a "
+                           f"benchmarks/_*.py module)")
+            if top in TEST_MODULES:
+                bad.append(f"{rel}:{line}: imports {top} from tests/ (move what both use to nvflare_lora/testing/)")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_package_and_the_exporter_import_no_test_or_benchmark_module():
+    outside = TEST_MODULES | {p.stem for p in BENCHMARKS.glob("*.py")}
+    bad = [f"{f.relative_to(ROOT)}:{line}: imports {top}" for f in SOURCES for line, top in absolute_imports(f)
+           if top in outside]
+    assert not bad, "\n".join(bad)
