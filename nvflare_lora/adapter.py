@@ -13,6 +13,7 @@ from typing import Dict, Mapping, Tuple
 
 import numpy as np
 import torch
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
 from .config import LoRAConfig, LoRAConfigError
@@ -27,10 +28,6 @@ class AdapterMismatchError(NVFlareLoRAError):
 
 def peft_config(lora: LoRAConfig, model: nn.Module, base_model_name: str = ""):
     """The PEFT LoraConfig for `model` (a CLIPImageClassifier) under our LoRAConfig."""
-    # peft imports transformers' modelling (~5 s): only where a model is adapted; the server imports this module
-    # for the adapter's shapes and checks
-    from peft import LoraConfig
-
     linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.startswith("classifier")]
     regex = lora.target_regex(linear_names)
     if not regex:
@@ -47,8 +44,6 @@ def peft_config(lora: LoRAConfig, model: nn.Module, base_model_name: str = ""):
 
 def adapter_state(peft_model) -> Dict[str, torch.Tensor]:
     """The adapter's tensors (LoRA A/B and the head), detached, in PEFT's saved-adapter naming."""
-    from peft import get_peft_model_state_dict  # peft: ~5 s, only with a model (see peft_config)
-
     # save_embedding_layers=False: we never adapt embeddings, and 'auto' makes PEFT look the base up online.
     return {k: v.detach() for k, v in get_peft_model_state_dict(peft_model, save_embedding_layers=False).items()}
 
@@ -88,8 +83,6 @@ def check_adapter(state: Mapping[str, object], expected: Shapes, what: str = "ad
 
 def load_adapter_state(peft_model, state: Mapping[str, object]) -> None:
     """Write `state` into the model's adapter, all or nothing: every key and shape checked first."""
-    from peft import set_peft_model_state_dict  # peft: ~5 s, only with a model (see peft_config)
-
     check_adapter(state, adapter_shapes_of(adapter_state(peft_model)))
     tensors = {k: torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v).float()
                for k, v in state.items()}

@@ -21,7 +21,7 @@ import torch
 from huggingface_hub import snapshot_download
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoTokenizer, CLIPConfig
+from transformers import AutoTokenizer, CLIPConfig, CLIPModel, CLIPTextModel, CLIPVisionModel
 
 from .head import KINDS as HEADS, HeadError, tokenize_labels
 from .preprocessing import CLIP_MEAN, CLIP_STD, Preprocessing
@@ -156,10 +156,6 @@ class CLIPImageClassifier(nn.Module):
     def __init__(self, clip_config, num_classes: int, include_text: bool = False, normalize_embeds: bool = False,
                  head: str = "linear"):
         super().__init__()
-        # transformers' CLIP modelling takes ~3 s to import: only where a model is built (the server imports
-        # this module for fingerprints and never builds one)
-        from transformers import CLIPTextModel, CLIPVisionModel
-
         if head not in HEADS:
             raise HeadError(f"head must be one of {', '.join(map(repr, HEADS))}; got {head!r}")
         if head == "linear" and (not isinstance(num_classes, int) or num_classes < 2):
@@ -278,8 +274,6 @@ def use_eager_attention(classifier: CLIPImageClassifier) -> None:
 
 def _preset_state(name: str) -> Dict[str, torch.Tensor]:
     """The whole seeded CLIPModel of a preset (both towers): its weights are what the preset is."""
-    from transformers import CLIPModel  # modelling: ~3 s to import, only where a model is built (see __init__)
-
     cfg_dict, seed = PRESETS[name]
 
     with torch.random.fork_rng(devices=[]):
@@ -425,8 +419,6 @@ def preprocessing_for(model_name: str) -> Preprocessing:
 
 def save_preset(name: str, directory: str | os.PathLike) -> Path:
     """Write a preset as a HuggingFace CLIP directory (config.json + model.safetensors)."""
-    from transformers import CLIPModel  # modelling: ~3 s to import, only where a model is built (see __init__)
-
     cfg_dict, seed = PRESETS[name]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -31,6 +31,8 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 from PIL import Image
+from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from .data import digits_uint8
 from .errors import NVFlareLoRAError
@@ -143,9 +145,6 @@ def write_image_folder(out: str | Path, count: int) -> Path:
 def write_clip_tokenizer(directory: str | Path, vocab_size: int, bos_token_id: int, eos_token_id: int) -> Path:
     """A byte-level CLIP tokenizer (no merges) with <|startoftext|> and <|endoftext|> at the given ids, filled
     up to vocab_size: built offline, for bases that came without one (random-weight test bases)."""
-    from transformers import CLIPTokenizer  # transformers only for `base` (3-7 s): the image writers do without it
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
     chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars]
     if max(bos_token_id, eos_token_id) >= vocab_size or len(tokens) > min(bos_token_id, eos_token_id):
@@ -172,7 +171,6 @@ def write_clip_tokenizer(directory: str | Path, vocab_size: int, bos_token_id: i
 def write_random_base(out: str | Path, seed: int = 0, **config) -> Path:
     """A HuggingFace CLIP directory of CLIPModel(CLIPConfig(**config)) with seeded random weights (default:
     ViT-B/32 shapes, 151M parameters, 605 MB) and a tokenizer (write_clip_tokenizer)."""
-    from transformers import CLIPConfig, CLIPModel  # transformers only for `base` (see write_clip_tokenizer)
 
     cfg = CLIPConfig(**config)
     with torch.random.fork_rng(devices=[]):

@@ -271,6 +271,10 @@ def test_the_server_sends_and_checks_each_site_at_its_own_rank_and_rule():
     """The aggregator built from the job's settings (as the job config gives its arguments) checks each
     update against that site's spec; the shareable generator sends each site the adapter at its rank."""
     from nvflare_lora.aggregation import check_update, rank_of
+    from nvflare.apis.fl_context import FLContext
+    from nvflare.app_common.abstract.model import make_model_learnable
+    from nvflare.app_common.app_constant import AppConstants
+
     from nvflare_lora.fl.server.aggregator import LoRAAggregator
     from nvflare_lora.fl.server.shareable_generator import AdapterShareableGenerator
     from nvflare_lora.settings import component_args, settings
@@ -279,8 +283,10 @@ def test_the_server_sends_and_checks_each_site_at_its_own_rank_and_rule():
         return {k: np.zeros(s, np.float32) for k, s in _shapes_at(rank).items() if keys is None or k in keys}
 
     job = settings(aggregation="fedavg", site_ranks={"site-2": 8}, r=16, lora_alpha=32)
-    server = LoRAAggregator(**component_args(job, "aggregator")).server
     g = _random_like(update(16), seed=6)
+    ctx = FLContext()  # the round's context: the global model the aggregator checks against
+    ctx.set_prop(AppConstants.GLOBAL_MODEL, make_model_learnable(g, {}), private=True, sticky=False)
+    server = LoRAAggregator(**component_args(job, "aggregator")).server_half(ctx)
     server.check("site-2", update(8), 10, g)   # the aggregator passes the site's name
     server.check("site-1", update(16), 10, g)  # unlisted: the global rank
     with pytest.raises(AdapterMismatchError, match="has shape"):
@@ -289,12 +295,14 @@ def test_the_server_sends_and_checks_each_site_at_its_own_rank_and_rule():
         server.check("site-1", update(8), 10, g)
     check_update(update(8), JobFacts.from_settings(job).update_spec(_shapes_at(16), "site-2"), "fedavg")  # the one spec
 
-    generator = AdapterShareableGenerator(**component_args(job, "shareable_generator")).server
+    generator = AdapterShareableGenerator(**component_args(job, "shareable_generator")).server_half(
+        make_model_learnable(g, {}))
     sent = generator.for_site(g, "site-2")
     assert rank_of(sent) == 8 and rank_of(generator.for_site(g, "site-1")) == 16
     assert all(np.array_equal(sent[k], g[k][:8]) for k in sent if ".lora_A." in k)  # its first 8 components
 
-    ffa = LoRAAggregator(**component_args(settings(aggregation="ffa", r=16, lora_alpha=32), "aggregator")).server
+    ffa = LoRAAggregator(**component_args(settings(aggregation="ffa", r=16, lora_alpha=32), "aggregator")).server_half(
+        ctx)
     ffa.check("site-1", update(16, [k for k in _shapes_at(16) if ".lora_A." not in k]), 10, g)
     with pytest.raises(AdapterMismatchError, match="unexpected"):
         ffa.check("site-1", update(16), 10, g)  # A is frozen under ffa: never sent

@@ -183,9 +183,9 @@ def test_job_py_refuses_a_bad_setting_in_one_line(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1 and "r" in proc.stderr, proc.stderr
 
 
-def test_nothing_but_the_schema_parses_job_configs():
+def test_nothing_but_the_job_folder_reader_parses_job_configs():
     """One reader: no other module of the package, tests or benchmarks names the HOCON parser (the issue's
     check, git grep -l on the parser's package name in *.py files: so this file spells the name in two halves)."""
     out = subprocess.run(["git", "grep", "-l", "py" + "hocon", "--", "*.py"], capture_output=True, text=True,
                          cwd=JOBS.parent).stdout.split()
-    assert out == ["nvflare_lora/settings.py"], out
+    assert out == ["nvflare_lora/jobfolder.py"], out

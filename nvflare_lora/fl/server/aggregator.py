@@ -107,7 +107,7 @@ class LoRAAggregator(Aggregator):
                                               f"decode it with a server task_result_filter (AdapterDecompressor)")
         steps = dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND)
         try:
-            data = self._server(fl_ctx).check(site, dxo.data or {}, steps, self._global(fl_ctx))
+            data = self.server_half(fl_ctx).check(site, dxo.data or {}, steps, self._global(fl_ctx))
         except (AdapterMismatchError, SecureAggregationError) as e:
             return self._refuse(fl_ctx, site, str(e))
         with self._lock:
@@ -124,7 +124,7 @@ class LoRAAggregator(Aggregator):
         if not updates:
             self.log_warning(fl_ctx, "no accepted updates this round: the global adapter stays as it is")
             return DXO(data_kind=DataKind.WEIGHT_DIFF, data={}).to_shareable()
-        new, info = self._server(fl_ctx).aggregate(self._global(fl_ctx), updates)
+        new, info = self.server_half(fl_ctx).aggregate(self._global(fl_ctx), updates)
         if (info.get("client_dp") or {}).get("spent"):
             self.log_warning(fl_ctx, f"client-level privacy budget spent (epsilon {info['client_dp']['epsilon']:.3g} of "
                                      f"{self.client_dp.target_epsilon}): the global adapter is no longer updated")
@@ -134,7 +134,7 @@ class LoRAAggregator(Aggregator):
         self.log_info(fl_ctx, f"[nvflare_lora] aggregation {self.server.describe(info)}")
         return DXO(data_kind=DataKind.WEIGHTS, data=new, meta={AGGREGATION_INFO_PROP: info}).to_shareable()
 
-    def _server(self, fl_ctx: FLContext):
+    def server_half(self, fl_ctx: FLContext):
         """The server's half of the round, from the secure mode (ServerAggregation, or SecureAggregation under HE
         with the server kit's public context and the global model's shapes)."""
         if self.server is None:

@@ -47,13 +47,13 @@ FOLD_META_KEY = "aggregation"  # in nvflare_lora.json: {"mode", "site_ranks", an
 class AdapterPersistor(ModelPersistor):
     """Holds, initialises and saves the global LoRA adapter (A/B tensors and the head).
 
-    Args: the server's model settings of nvflare_lora.settings.JobSettings, with the schema's defaults and help:
-        model, num_classes, labels, r, lora_alpha, lora_dropout, target_modules, target_components, seed
-        (LoRA), aggregation, site_ranks (the rule), resume_from (continue a run from its last saved adapter),
-        head_init, prompt_templates, initial_adapter (where round 0 starts: the seeded init, the zero-shot head
-        `python -m nvflare_lora.zeroshot JOB_DIR` writes, or an earlier run's checkpoint; a relative path is
-        read from the job's app config folder; its base fingerprint, LoRA settings and labels must equal this
-        job's). checkpoint_dir: folder under the server's app directory for best/ and latest/.
+    Args: the server's settings of the job schema (nvflare_lora.settings: the model, LoRA, head, rounds,
+        aggregation, secure and privacy sections hold each one's default, help and checks): model, num_classes,
+        labels, r, lora_alpha, lora_dropout, target_modules, target_components, seed, resume_from, aggregation,
+        site_ranks, head_init, prompt_templates, initial_adapter (a relative path is read from the job's app
+        config folder; its base fingerprint, LoRA settings, labels and head must equal this job's), head,
+        secure_aggregation, site_clip_norm. checkpoint_dir: folder under the server's app directory for best/ and
+        latest/.
 
     Checkpoints (best/, latest/) stay plain PEFT adapter directories. Under exact the residual is folded
     in: the saved adapter has a larger rank r' (its lora_config says so, with lora_alpha = r') and no

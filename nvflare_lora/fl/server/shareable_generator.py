@@ -46,14 +46,14 @@ class AdapterShareableGenerator(FullModelShareableGenerator):
         super().__init__()
         self.facts = JobFacts.rule(r, lora_alpha, aggregation, site_ranks, secure_aggregation)
         self.mode = secure_mode(secure_aggregation)  # chosen once: how the aggregate is checked, what each site gets
-        self._server = None
+        self.server = None
         self.train_task_name = train_task_name
 
-    def server(self, model: ModelLearnable):
+    def server_half(self, model: ModelLearnable):
         """The secure mode's server half (for_site, check_aggregate), built from the global model's shapes."""
-        if self._server is None:
-            self._server = self.mode.server(self.facts, global_shapes(model))
-        return self._server
+        if self.server is None:
+            self.server = self.mode.server(self.facts, global_shapes(model))
+        return self.server
 
     def learnable_to_shareable(self, model_learnable: ModelLearnable, fl_ctx: FLContext) -> Shareable:
         if ANNOUNCE_KEY not in (model_learnable.get(ModelLearnableKey.META) or {}):
@@ -66,7 +66,7 @@ class AdapterShareableGenerator(FullModelShareableGenerator):
         dxo = from_shareable(shareable)
         if base is not None and dxo.data and dxo.data_kind in (DataKind.WEIGHT_DIFF, DataKind.WEIGHTS):
             # Check before anything is added: a partial update must never reach the global adapter.
-            self.server(base).check_aggregate(dxo.data, base[ModelLearnableKey.WEIGHTS])
+            self.server_half(base).check_aggregate(dxo.data, base[ModelLearnableKey.WEIGHTS])
         kept = dict((base or {}).get(ModelLearnableKey.META) or {})
         learnable = super().shareable_to_learnable(shareable, fl_ctx)
         # What the persistor put in the model's meta (the job's facts; under HE every tensor's shape) stays with it
@@ -88,6 +88,6 @@ class AdapterShareableGenerator(FullModelShareableGenerator):
         dxo = from_shareable(shareable)
         if dxo.data_kind != DataKind.WEIGHTS or self.facts.site_rank(site) == rank_of(dxo.data):
             return
-        data = self.server(fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)).for_site(dxo.data, site)
+        data = self.server_half(fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)).for_site(dxo.data, site)
         meta = {k: v for k, v in (dxo.meta or {}).items() if k != MetaKey.FILTER_HISTORY}
         DXO(data_kind=dxo.data_kind, data=data, meta=meta).update_shareable(shareable)
