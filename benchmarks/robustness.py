@@ -3,7 +3,7 @@
 Runs the default job (jobs/clip_lora as shipped: 4 sites, Dirichlet label skew, 8 rounds, read back by the job
 schema) in the in-process round (nvflare_lora.round.Federation: the job's sites and server rule without NVFlare's
 processes; it gives the simulator's per-round accuracies exactly, tests/test_round.py), with
-tests/faulty_executor.fault_channel doing to site-4's updates what FaultyExecutor does in the simulator
+nvflare_lora.testing.faults.fault_channel doing to site-4's updates what FaultyExecutor does in the simulator
 (tests/test_validation.py runs the same faults). site-4 (the largest share of the data) is faulty in every round,
 one way at a time:
 
