@@ -46,14 +46,12 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-ROOT = Path(__file__).resolve().parents[1]
-
 from nvflare_lora.round import Federation, weighted_accuracy  # noqa: E402
 from nvflare_lora.jobfolder import read_job  # noqa: E402
 from nvflare_lora.testing.faults import fault_channel  # noqa: E402
+from nvflare_lora.testing.simulator import JOB  # noqa: E402  (jobs/clip_lora of this checkout)
 from _smoke import json_path  # noqa: E402  (where its raw results go)
 
-JOB = ROOT / "jobs" / "clip_lora"
 FAULTY_SITE = "site-4"
 FAULTS = ("none", "x1e4", "sign_flip", "steps1e9")
 REFERENCE = "absent"  # site-4 never replies: what the job reaches without its updates at all

@@ -36,9 +36,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
+from transformers import CLIPConfig  # noqa: E402
+
+from nvflare_lora import LoRAConfig, adapter_shapes  # noqa: E402
 from nvflare_lora.aggregation import SiteUpdate  # noqa: E402
+from nvflare_lora.models import _TINY_CONFIG  # noqa: E402
 from nvflare_lora.facts import JobFacts  # noqa: E402
 from nvflare_lora.secure import EncryptedMode, ckks_parameters, make_context, public  # noqa: E402
+from _shapes import full_fedavg_bytes  # noqa: E402
 from _smoke import json_path  # noqa: E402  (where its raw results go)
 
 MB = 1e6
@@ -48,20 +53,11 @@ TARGETS = {"he_vs_full": 5.0, "overhead_s": 10.0}
 def shapes_for(shape: str, workdir: Path):
     """{key: shape} of the adapter (LoRA r 16 on q/v of the image tower + head, 10 classes) and the plain
     full-model FedAvg upload in bytes (the image classifier the adapter sits on, float32)."""
-    from transformers import CLIPConfig
-
-    from nvflare_lora import LoRAConfig, adapter_shapes
-    from nvflare_lora.models import _TINY_CONFIG, CLIPImageClassifier
-
     config = CLIPConfig() if shape == "vit-b32" else CLIPConfig(**_TINY_CONFIG)
     base = workdir / f"{shape}-config"
     config.save_pretrained(str(base))  # config.json only: the shapes come from the config, no weight is made
     lora = LoRAConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
-    import torch
-
-    with torch.device("meta"):
-        full = sum(p.numel() for p in CLIPImageClassifier(config, 10).parameters()) * 4
-    return adapter_shapes(str(base), 10, lora), full
+    return adapter_shapes(str(base), 10, lora), full_fedavg_bytes(str(base), 10)
 
 
 def one_rule(shapes, rule: str, ctx, sites: int, seed: int):
