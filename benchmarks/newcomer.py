@@ -19,12 +19,16 @@
    answer on both kinds of x86 CPU and what the entry does.
 Accuracy: the last round's global validation accuracy (communication.json), and the best checkpoint's.
 
-Usage: HF_HUB_OFFLINE=1 python benchmarks/newcomer.py [--workdir DIR] [--skip-plain]
+Usage: HF_HUB_OFFLINE=1 python benchmarks/newcomer.py [--workdir DIR] [--skip-plain] [--reuse-run WS]
        HF_HUB_OFFLINE=1 python benchmarks/newcomer.py --smoke   # CI size: the -t run and one seed's int8 export,
            2 sites, 2 rounds of 1 step (the second saves the best adapter), no cross-site evaluation, --skip-plain
            (the runs without -t start a process per task: minutes even at this size), 32 images in the int8 scheme
            table (each emulated run of a scheme costs seconds per image batch); JSON to
            benchmarks/out/smoke/newcomer.json
+       --reuse-run WS: WS is a finished workspace of the README's own command (`nvflare simulator jobs/clip_lora
+           -w WS -n 4 -t 4`, the t4 run as shipped): a copy of it stands for the t4 run (its seconds: the span of
+           its server log) and is exported; nothing else changes. The test suite's smoke run passes the session's
+           run of that command (tests/conftest.py, shipped_run) instead of running the simulator once more.
 Last line: `newcomer: plain=<S>s floor=<F>s nvflare_floor=<N>s t4=<T>s int8_agree_min=<P>% int8_passed=<K>/3`
 Targets (issue 12): plain <= 1.25 x floor, t4 <= 70 s, int8 >= 99.5%.
 """
@@ -40,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -58,7 +63,7 @@ IMPORTS = ("import nvflare.private.fed.app.simulator.simulator_worker, torch, pe
 
 
 def simulate(job: Path, ws: Path, threads, sites: int = 4) -> dict:
-    """The README's command, run by its CLI; seconds, site processes started, accuracies."""
+    """The README's command, run by its CLI; seconds, site processes started, accuracies (run_figures)."""
     allow(ws)  # nvflare_lora.*: the floor's executor too
     cmd = ["nvflare", "simulator", str(job), "-w", str(ws), "-n", str(sites)]
     cmd += ["-t", str(threads)] if threads else []
@@ -68,12 +73,28 @@ def simulate(job: Path, ws: Path, threads, sites: int = 4) -> dict:
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    return run_figures(ws, seconds)
+
+
+def run_figures(ws: Path, seconds: float) -> dict:
+    """A finished run's seconds, the site processes it started, its rounds and accuracies."""
     processes = sum(p.read_text().count("ClientTaskWorker started to run") for p in ws.glob("site-*/log.txt"))
     rounds = communication(ws)["rounds"]
     best = json.loads((server_app_dir(ws) / "adapter" / "best" / "nvflare_lora.json").read_text())
     return {"seconds": round(seconds, 1), "site_processes": processes, "rounds": len(rounds),
             "final_val_accuracy": rounds[-1]["global_val_accuracy"],
             "best_val_accuracy": (best.get("metrics") or {}).get("val_accuracy")}
+
+
+def reused_run(src: Path, ws: Path) -> dict:
+    """--reuse-run: a finished workspace of the README's command, copied to `ws` (without an export already in it)
+    so that this script's export writes beside the copy; its seconds are the span of its server log."""
+    if not (server_app_dir(src) / "communication.json").is_file():
+        raise SystemExit(f"--reuse-run {src}: not a finished simulator workspace (no communication.json)")
+    shutil.copytree(src, ws, ignore=shutil.ignore_patterns("onnx", "triton"))
+    stamps = [datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+              for line in (ws / "server" / "log.txt").read_text().splitlines() if line[:2] == "20"]
+    return {**run_figures(ws, (stamps[-1] - stamps[0]).total_seconds()), "reused": str(src)}
 
 
 def floor_executor_job(dest: Path, **changes) -> Path:
@@ -143,6 +164,8 @@ def main() -> None:
     p.add_argument("--json", default=None, help="raw results (default benchmarks/results/newcomer.json)")
     p.add_argument("--scheme-images", type=int, default=256, help="validation images of the int8 scheme table "
                    "(each scheme runs on them natively and, with qemu, emulated)")
+    p.add_argument("--reuse-run", metavar="WS", help="a finished workspace of the README's `nvflare simulator "
+                   "jobs/clip_lora -w WS -n 4 -t 4`: its copy stands for the t4 run (not run again)")
     p.add_argument("--smoke", action="store_true", help="tiny size for CI: --skip-plain --seeds 0 --sites 2 "
                    "--rounds 2 --max-steps 1 --scheme-images 32, no cross-site evaluation, JSON to "
                    "benchmarks/out/smoke/")
@@ -166,7 +189,13 @@ def main() -> None:
         return make_job(work / name, **size, **changes)
 
     t4_job = job_copy("job_t4") if sized else JOB
-    results["t4"] = simulate(t4_job, work / "ws_t4", args.sites, sites=args.sites)
+    if args.reuse_run and sized and not args.skip_plain:
+        p.error("--reuse-run is the README's job at its own size: the runs without -t would be of another size "
+                "(--skip-plain, or no --sites/--rounds/--max-steps)")
+    if args.reuse_run:
+        results["t4"] = reused_run(Path(args.reuse_run).resolve(), work / "ws_t4")
+    else:
+        results["t4"] = simulate(t4_job, work / "ws_t4", args.sites, sites=args.sites)
     print(f"t4: {results['t4']}", flush=True)
     if not args.skip_plain:
         results["plain"] = simulate(t4_job, work / "ws_plain", None, sites=args.sites)

@@ -45,16 +45,23 @@ SHIPPED_RUN_COMMANDS = ("python -m nvflare_lora.allow ws", "nvflare simulator jo
 # ---- parallel runs (pytest-xdist, pytest.ini: -n 3 --dist loadgroup) ----------------------------------
 # Each test file is one group, run on one worker, so a module's fixtures are built once. Tests that read the
 # session's shipped run (fixtures below) are one group wherever they live, so the shipped job runs once; each
-# benchmark's smoke run is a group of its own (quality and privacy share one: privacy reuses quality's base).
+# benchmark's smoke run is a group of its own (quality and privacy share one: privacy reuses quality's base),
+# except the smokes that reuse a session run (SMOKE_REUSES), which join that run's group.
 SHIPPED_FIXTURES = {"shipped_run", "readme_run"}
+# benchmark -> the session run it measures, given to it as --reuse-run (tests/test_benchmarks.py): newcomer's t4
+# run is the README's Simulate command, which shipped_run ran already
+SMOKE_REUSES = {"newcomer": "shipped_run"}
 
 
 def xdist_group(item) -> str:
-    if SHIPPED_FIXTURES & set(getattr(item, "fixturenames", ())):
-        return "shipped_run"
+    fixtures = set(getattr(item, "fixturenames", ()))
     callspec = getattr(item, "callspec", None)
-    if callspec is not None and "script" in callspec.params:
-        script = callspec.params["script"]
+    script = callspec.params.get("script") if callspec is not None else None
+    if script in SMOKE_REUSES:
+        fixtures.add(SMOKE_REUSES[script])
+    if SHIPPED_FIXTURES & fixtures:
+        return "shipped_run"
+    if script is not None:
         return "benchmark-" + ("quality" if script == "privacy" else script)
     return item.path.stem
 

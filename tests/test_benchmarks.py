@@ -7,7 +7,9 @@ figures in benchmarks/results/ as they are. The numbers of a smoke run mean noth
 
 Each test runs its script; pytest-xdist spreads them over the workers with the rest of the suite (one group
 each, tests/conftest.py), except quality and privacy, which share one cached base (benchmarks/out/quality/)
-and so run one after the other on the same worker.
+and so run one after the other on the same worker, and the smokes that measure a run the session already made
+(conftest.SMOKE_REUSES: newcomer's t4 run is the README's Simulate command), which get its workspace with
+`--reuse-run WS` and run in its group.
 Select them all with `python -m pytest -q tests -k benchmark`.
 """
 
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import pytest
+from conftest import SMOKE_REUSES
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -65,12 +68,12 @@ def results_digest() -> Dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(RESULTS.iterdir()) if p.is_file()}
 
 
-def run_smoke(script: str) -> Dict:
-    """`python benchmarks/<script>.py --smoke`, from the repository root, as a user runs it."""
+def run_smoke(script: str, extra=()) -> Dict:
+    """`python benchmarks/<script>.py --smoke [extra]`, from the repository root, as a user runs it."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     # the scripts call the `nvflare` CLI (newcomer, site): the one installed next to this Python
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    cmd = [sys.executable, f"benchmarks/{script}.py", "--smoke", *SMOKE[script][0]]
+    cmd = [sys.executable, f"benchmarks/{script}.py", "--smoke", *SMOKE[script][0], *extra]
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
@@ -93,9 +96,10 @@ def last_line(text: str) -> Optional[str]:
 
 
 @pytest.mark.parametrize("script", list(SMOKE))
-def test_benchmark_smoke(script, results_before):
+def test_benchmark_smoke(script, results_before, request):
     before = results_before
-    r = run_smoke(script)
+    reuse = SMOKE_REUSES.get(script)  # a session run that is what this benchmark would run (conftest)
+    r = run_smoke(script, ["--reuse-run", str(request.getfixturevalue(reuse))] if reuse else [])
     log = f"$ python {r['cmd']}  ({r['seconds']:.0f}s)\n--- stdout (tail)\n{r['stdout'][-4000:]}\n" \
           f"--- stderr (tail)\n{r['stderr'][-4000:]}"
     print(f"{script} --smoke: {r['seconds']:.1f}s")
