@@ -4,9 +4,11 @@ deploy/README.md, step by step: deploy/project.yml is provisioned for localhost 
 every kit is allow-listed with `python -m nvflare_lora.allow` and given deploy/authorization.json (no
 job may bring code), each site is pointed at its own image folder without editing the job (site-1 by
 NVFLARE_LORA_DATA, site-2 by local/nvflare_lora_site.json), jobs/clip_lora (2 rounds, short) is
-submitted, followed to FINISHED:COMPLETED and downloaded by deploy/submit.py over an mTLS admin
-session, and the download is exported to ONNX. Everything the test starts is stopped by pid at the
-end, also when it fails.
+submitted by its Recipe (`python jobs/clip_lora/job.py --env prod`) and downloaded, and the download is
+exported to ONNX; the encrypted job is submitted, followed to FINISHED:COMPLETED and downloaded by
+deploy/submit.py over an mTLS admin session, and so is a job that brings code (refused). Everything the
+test starts is stopped by pid at the end, also when it fails. Each job here costs its server and site
+processes (about half a minute of CPU), so each path is run once: the Recipe's submission is the clear job.
 """
 
 import json
@@ -66,18 +68,19 @@ def federation(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def finished_job(federation, tmp_path_factory):
-    """jobs/clip_lora, shortened, submitted over mTLS, followed to the end and downloaded."""
+    """jobs/clip_lora, shortened, as `python jobs/clip_lora/job.py --env prod --startup-kit ADMIN_KIT` submits it:
+    the Recipe over mTLS, followed to the end and downloaded (deploy/submit.py: the encrypted job below)."""
     tmp = tmp_path_factory.mktemp("job")
-    job = make_job(tmp / "clip_lora", num_rounds=ROUNDS, wait_time_after_min_received=5, num_sites=len(SITES),
-                   local_epochs=1, max_steps=5,
-                   cross_site_eval=False)  # the simulator tests cover it; here it would only add time
-    proc = submit(federation, job, tmp / "results")
+    sets = {"num_rounds": ROUNDS, "num_sites": len(SITES), "local_epochs": 1, "max_steps": 5,
+            "cross_site_eval": "false",  # the simulator tests cover it; here it would only add time
+            "wait_time_after_min_received": 5}
+    cmd = [sys.executable, str(ROOT / "jobs" / "clip_lora" / "job.py"), "--env", "prod",
+           "--startup-kit", str(federation.kits.admin_kit)] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=tmp, env=process_env(federation.home))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + federation.log_tails()
     said = proc.stdout.splitlines()
-    job_id = _one((l.split(" as job ")[1] for l in said if l.startswith("submitted ")), "job id")
-    downloaded = Path(_one((l[len("downloaded to "):] for l in said if l.startswith("downloaded to ")), "download"))
-    assert downloaded.parent == tmp / "results"
-    return job_id, downloaded, said
+    job_id, downloaded = said[-1].split("job ", 1)[1].split(" done; results in ", 1)
+    return job_id, Path(downloaded), said
 
 
 def submit(federation, job: Path, results: Path, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -137,24 +140,23 @@ def test_downloaded_result_exports_to_onnx(finished_job, tmp_path):
         data
 
 
-def test_the_admin_sees_each_round_and_the_end(finished_job):
-    job_id, downloaded, said = finished_job
+def test_the_admin_sees_each_round_and_the_end(he_job):
+    """deploy/submit.py, as the guide runs it (here with the encrypted job): the job's id, each round's line
+    from the server's live log, the end, and where it downloaded the result."""
+    job_id, downloaded, said = he_job
     rounds = [line for line in said if line.startswith("[nvflare_lora] round")]
-    assert [line.split(":")[0] for line in rounds] == [f"[nvflare_lora] round {r}/{ROUNDS}" for r in (1, 2)], said
+    assert [line.split(":")[0] for line in rounds] == [f"[nvflare_lora] round {r}/{HE_ROUNDS}"
+                                                       for r in range(1, HE_ROUNDS + 1)], said
     assert f"job {job_id}: FINISHED:COMPLETED" in said and f"downloaded to {downloaded}" in said
     # round 1 was reported while the job ran (read from the server's live log), not only from the download
     assert said.index(rounds[0]) < said.index(f"job {job_id}: FINISHED:COMPLETED"), said
 
 
-def test_the_recipe_runs_on_the_provisioned_system_with_prodenv(federation, finished_job, tmp_path):
-    """`python jobs/clip_lora/job.py --env prod --startup-kit ADMIN_KIT`: the Recipe submitted over mTLS."""
-    sets = {"num_rounds": ROUNDS, "num_sites": len(SITES), "local_epochs": 1, "max_steps": 5,
-            "cross_site_eval": "false", "wait_time_after_min_received": 5}
-    cmd = [sys.executable, str(ROOT / "jobs" / "clip_lora" / "job.py"), "--env", "prod",
-           "--startup-kit", str(federation.kits.admin_kit)] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=tmp_path, env=process_env(federation.home))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + federation.log_tails()
-    result = Path(proc.stdout.strip().splitlines()[-1].split("results in ", 1)[1])
+def test_the_recipe_runs_on_the_provisioned_system_with_prodenv(finished_job):
+    """`python jobs/clip_lora/job.py --env prod --startup-kit ADMIN_KIT`: the Recipe submitted over mTLS (the
+    clear job of this module), its result downloaded where it says."""
+    job_id, result, said = finished_job
+    assert said[-1] == f"job {job_id} done; results in {result}" and result.is_dir(), said
     comm = json.loads(_one(result.rglob("communication.json"), "communication.json").read_text())
     assert [sorted(r["upload"]) for r in comm["rounds"]] == [SITES] * ROUNDS
 
@@ -185,14 +187,18 @@ HE_FAULTS = {s: {str(REFUSED_ROUND): "missing_key"} for s in SITES}
 
 @pytest.fixture(scope="module")
 def he_job(federation, finished_job, tmp_path_factory):
-    """A short encrypted job (with cross-site evaluation) on the provisioned system, downloaded."""
+    """A short encrypted job (with cross-site evaluation) on the provisioned system, submitted, followed and
+    downloaded by deploy/submit.py: (job id, download, what submit.py said)."""
     tmp = tmp_path_factory.mktemp("he")
     job = make_job(tmp / "clip_lora_he", faults=HE_FAULTS, wait_time_after_min_received=5, secure_aggregation="he",
                    **HE_JOB)
     proc = submit(federation, job, tmp / "results")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + federation.log_tails()
-    said = proc.stdout.splitlines()
-    return Path(_one((l[len("downloaded to "):] for l in said if l.startswith("downloaded to ")), "download"))
+    said = proc.stdout.splitlines()  # deploy/submit.py's account (test_the_admin_sees_each_round_and_the_end)
+    job_id = _one((l.split(" as job ")[1] for l in said if l.startswith("submitted ")), "job id")
+    downloaded = Path(_one((l[len("downloaded to "):] for l in said if l.startswith("downloaded to ")), "download"))
+    assert downloaded.parent == tmp / "results"
+    return job_id, downloaded, said
 
 
 def test_an_encrypted_job_equals_the_clear_one_and_the_server_holds_no_clear_adapter(federation, he_job, tmp_path):
@@ -210,7 +216,7 @@ def test_an_encrypted_job_equals_the_clear_one_and_the_server_holds_no_clear_ada
     from nvflare_lora.settings import settings
     from nvflare_lora.testing.faults import fault_channel
 
-    he = he_job
+    _, he, _ = he_job
     key = federation.kits.site("site-1") / "startup" / "client_context.tenseal"
     assert key.is_file() and (federation.kits.server / "startup" / "server_context.tenseal").is_file()
     folders = {s: str(federation.kits.prod.parents[2] / "data" / f"images-{i + 1}")  # each site's own folder
