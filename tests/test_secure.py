@@ -89,10 +89,10 @@ def test_an_he_job_in_the_simulator_stops_saying_it_has_no_he_context(tmp_path):
     HE jobs run, before any round completes."""
     from nvflare_lora.testing.simulator import make_job, run_simulator, server_app_dir
 
-    job = make_job(tmp_path / "he_job", num_rounds=1, num_sites=2, max_steps=1, cross_site_eval=False,
-                   secure_aggregation="he", **OPEN)
+    job = make_job(tmp_path / "he_job", num_rounds=1, num_sites=1, min_clients=1, max_steps=1, cross_site_eval=False,
+                   secure_aggregation="he", **OPEN)  # one site: the smallest job that shows it
     ws = tmp_path / "ws"
-    proc = run_simulator(job, ws, n=2, threads=2)
+    proc = run_simulator(job, ws, n=1, threads=1)
     log = (ws / "simulator_output.txt").read_text()
     assert "has no usable client_context.tenseal" in log and "the simulator has no HE context" in log, log[-3000:]
     assert "stopping the job" in log, log[-3000:]
