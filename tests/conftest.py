@@ -66,11 +66,13 @@ def xdist_group(item) -> str:
     return item.path.stem
 
 
-# the longest groups first (measured with -n 3 on 2 cores), so that no long one is left to start last
-LONGEST_FIRST = ["shipped_run", "test_readme", "test_poc", "test_faults", "test_export", "benchmark-compression",
-                 "benchmark-newcomer", "benchmark-federation", "benchmark-quality", "benchmark-site", "test_core",
-                 "test_aggregation", "benchmark-scale", "test_compression", "test_validation", "test_federation",
-                 "benchmark-topk_study"]
+# the longest groups first (CPU seconds measured with -n 3 on 2 cores, 2026-12-07: shipped_run with the newcomer
+# smoke ~220, the guide's ViT-B/32 job 140, POC ~115, test_export 100, ...), so that no long one is left to start
+# last; pytest.ini's --no-loadscope-reorder keeps this order (tests/test_round.py checks it)
+LONGEST_FIRST = ["shipped_run", "test_readme", "test_poc", "test_export", "benchmark-quality", "test_faults",
+                 "benchmark-site", "benchmark-compression", "test_text_head", "benchmark-federation", "benchmark-scale",
+                 "test_aggregation", "test_compression", "benchmark-params", "test_secure", "test_validation",
+                 "benchmark-openvocab", "benchmark-topk_study", "test_federation", "benchmark-export", "test_core"]
 
 
 @pytest.hookimpl(wrapper=True)  # before every other implementation, pytest-xdist's (which reads the marks) too
