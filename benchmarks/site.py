@@ -24,6 +24,10 @@ Usage: HF_HUB_OFFLINE=1 python benchmarks/site.py [--threads 2] [--batch 16] [--
 --smoke: the same three parts with a tiny-clip-shaped base (benchmarks/_smoke.py) in the ViT-B/32 base's place,
 one site of 16 images for (a) and (b) (so rss_8k/1k reads 1.00x), batch 4, 1 step, 1 rep, 8 images per site in
 (c), in a temporary folder; raw results to benchmarks/out/smoke/site.json.
+--reuse-run WS: WS is a finished workspace of the guide's ViT-B/32 job (`nvflare simulator jobs/clip_lora_vitb32 -w WS
+-n 2 -t 2`, docs/guide.md): (c) reads that run (its wall time: the span of its server log; its peak RSS is not
+measured) instead of running the job again. The test suite's smoke run passes the session's run of the guide's
+commands (tests/conftest.py, vitb32_run).
 Last line: `site: throughput_vs_plain=<X>x rss_8k/1k=<Y>x vitb32_round=<Z>s` (targets: X >= 0.95, Y <= 1.15).
 Raw results: benchmarks/results/site.json. benchmarks/gpu_check.py runs (a) on a GPU.
 """
@@ -39,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -126,6 +131,20 @@ def vitb32_job(work: Path, base_dir: Path, per_site: int = 100) -> dict:
             "upload_bytes": first["upload_bytes"]}
 
 
+def vitb32_job_reused(ws: Path) -> dict:
+    """--reuse-run: (c)'s figures of a finished run of the guide's ViT-B/32 job: its wall time is its server log's
+    span (first to last line); its peak RSS was not sampled (None)."""
+    comm_file = ws / "server/simulate_job/app_server/communication.json"
+    if not comm_file.is_file():
+        raise SystemExit(f"--reuse-run {ws}: not a finished simulator workspace (no communication.json)")
+    stamps = [datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+              for line in (ws / "server" / "log.txt").read_text().splitlines() if line[:2] == "20"]
+    first = json.loads(comm_file.read_text())["rounds"][0]
+    return {"wall_s": (stamps[-1] - stamps[0]).total_seconds(), "peak_tree_rss_mb": None, "round_s": first["seconds"],
+            "round0_val_accuracy": {s: v["val_accuracy"] for s, v in first["sites"].items()},
+            "upload_bytes": first["upload_bytes"], "reused": str(ws)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
@@ -139,6 +158,8 @@ def main() -> None:
     p.add_argument("--per-site", type=int, default=100, help="elpv images per site in (c)")
     p.add_argument("--smoke", action="store_true", help="tiny size for CI: a tiny-clip-shaped base, --sizes 16 "
                    "--batch 4 --steps 1 --reps 1 --per-site 8, a temporary workdir, JSON to benchmarks/out/smoke/")
+    p.add_argument("--reuse-run", metavar="WS", help="(c) from this finished workspace of the guide's ViT-B/32 job "
+                   "(`nvflare simulator jobs/clip_lora_vitb32 -w WS -n 2 -t 2`) instead of running it again")
     p.add_argument("--memory-run", nargs=2, metavar=("BASE", "FOLDER"), help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -189,10 +210,15 @@ def run(args, work: Path) -> None:
     big, small = mem[sizes[-1]], mem[sizes[0]]
     rss_ratio = (big["peak_rss_mb"] + big["worker_peak_rss_mb"]) / (small["peak_rss_mb"] + small["worker_peak_rss_mb"])
 
-    print(f"\n(c) jobs/clip_lora_vitb32 in the simulator (2 sites x {args.per_site} images, one round)")
-    job = vitb32_job(work / "vitb32", base, args.per_site)
-    print(f"  wall {job['wall_s']:.1f} s (round {job['round_s']:.1f} s), peak RSS of the process tree "
-          f"{job['peak_tree_rss_mb']:.0f} MB")
+    if args.reuse_run:
+        print(f"\n(c) jobs/clip_lora_vitb32 in the simulator: the finished run in {args.reuse_run}")
+        job = vitb32_job_reused(Path(args.reuse_run))
+        print(f"  wall {job['wall_s']:.1f} s (round {job['round_s']:.1f} s), peak RSS not measured (a reused run)")
+    else:
+        print(f"\n(c) jobs/clip_lora_vitb32 in the simulator (2 sites x {args.per_site} images, one round)")
+        job = vitb32_job(work / "vitb32", base, args.per_site)
+        print(f"  wall {job['wall_s']:.1f} s (round {job['round_s']:.1f} s), peak RSS of the process tree "
+              f"{job['peak_tree_rss_mb']:.0f} MB")
 
     print("\n| measure | executor path | plain PEFT loop | ratio |")
     print("|---|---|---|---|")

@@ -4,6 +4,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from support.readme import GUIDE, REAL_SITES, SHIPPED_RUN_COMMANDS, blocks, run_blocks, section
 
 # Nothing in the tests may reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -38,19 +39,35 @@ def shipped_run(newcomer_home):
     return newcomer_home / "ws"
 
 
-# README.md's Simulate block, run as written (tests/test_readme.py checks the README still shows them)
-SHIPPED_RUN_COMMANDS = ("python -m nvflare_lora.allow ws", "nvflare simulator jobs/clip_lora -w ws -n 4 -t 4")
+@pytest.fixture(scope="session")
+def real_sites_run(tmp_path_factory):
+    """docs/guide.md's Real sites blocks (the ViT-B/32 job), run as written once per session, in a newcomer's folder
+    of their own (they need nothing the README's commands made): (that folder, each command and its output).
+    tests/test_readme.py checks them; benchmarks/site.py's smoke measures its ViT-B/32 job (SMOKE_REUSES)."""
+    home = tmp_path_factory.mktemp("real_sites")
+    shutil.copytree(REPO / "jobs", home / "jobs")
+    real_sites = blocks(section(GUIDE, REAL_SITES))
+    assert real_sites, f"docs/guide.md's {REAL_SITES!r} section has no bash/python block"
+    return home, run_blocks(home, real_sites)
+
+
+@pytest.fixture(scope="session")
+def vitb32_run(real_sites_run):
+    """The simulator workspace of the guide's ViT-B/32 job (`nvflare simulator jobs/clip_lora_vitb32 -w ws_vitb32
+    -n 2 -t 2`, run by real_sites_run)."""
+    return real_sites_run[0] / "ws_vitb32"
 
 
 # ---- parallel runs (pytest-xdist, pytest.ini: -n 3 --dist loadgroup) ----------------------------------
-# Each test file is one group, run on one worker, so a module's fixtures are built once. Tests that read the
-# session's shipped run (fixtures below) are one group wherever they live, so the shipped job runs once; each
+# Each test file is one group, run on one worker, so a module's fixtures are built once. Tests that read one of
+# the session's runs (the fixtures of RUN_GROUPS) are one group wherever they live, so that run happens once; each
 # benchmark's smoke run is a group of its own (quality and privacy share one: privacy reuses quality's base),
 # except the smokes that reuse a session run (SMOKE_REUSES), which join that run's group.
-SHIPPED_FIXTURES = {"shipped_run", "readme_run"}
+RUN_GROUPS = {"shipped_run": "shipped_run", "readme_run": "shipped_run",
+              "real_sites_run": "test_readme", "vitb32_run": "test_readme"}
 # benchmark -> the session run it measures, given to it as --reuse-run (tests/test_benchmarks.py): newcomer's t4
-# run is the README's Simulate command, which shipped_run ran already
-SMOKE_REUSES = {"newcomer": "shipped_run"}
+# run is the README's Simulate command, which shipped_run ran already; site.py's (c) is the guide's ViT-B/32 job
+SMOKE_REUSES = {"newcomer": "shipped_run", "site": "vitb32_run"}
 
 
 def xdist_group(item) -> str:
@@ -59,8 +76,9 @@ def xdist_group(item) -> str:
     script = callspec.params.get("script") if callspec is not None else None
     if script in SMOKE_REUSES:
         fixtures.add(SMOKE_REUSES[script])
-    if SHIPPED_FIXTURES & fixtures:
-        return "shipped_run"
+    for fixture, group in RUN_GROUPS.items():
+        if fixture in fixtures:
+            return group
     if script is not None:
         return "benchmark-" + ("quality" if script == "privacy" else script)
     return item.path.stem

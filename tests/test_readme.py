@@ -7,76 +7,16 @@ import os
 import re
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from conftest import SHIPPED_RUN_COMMANDS
+from support.readme import README, REPO, SHIPPED_RUN_COMMANDS, blocks, run_blocks
 from test_export import check_triton_repository
-
-REPO = Path(__file__).resolve().parents[1]
-README = (REPO / "README.md").read_text()
-GUIDE = (REPO / "docs" / "guide.md").read_text()
-REAL_SITES = "Real sites: image folders, ViT-B/32, zero-shot start"  # the guide's section with the ViT-B/32 job
-NOT_RUN = ("python3 -m venv", "pip install", "HF_HUB_OFFLINE=1 python -m pytest")  # install, and this test itself
-
-
-def section(text: str, heading: str) -> str:
-    """The `## heading` section of a Markdown text, up to the next `## ` heading."""
-    match = re.search(rf"^## {re.escape(heading)}\n(.*?)(?=^## |\Z)", text, re.S | re.M)
-    assert match, f"no section '## {heading}'"
-    return match.group(1)
-
-
-def blocks(text: str = README):
-    """(language, code) of every fenced bash/python block of a Markdown text, in order."""
-    return [(lang, code) for lang, code in re.findall(r"```(bash|python)\n(.*?)```", text, re.S)]
-
-
-def run_blocks(home: Path, blocks_to_run) -> list:
-    """Run the blocks in the newcomer's folder (HOME); return each command and its output. The Simulate
-    block's commands ran once for the whole session (conftest.shipped_run) and are not run again."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HOME": str(home)}  # the README's ~/nvflare_lora lands in the fixture
-    outputs = []
-    for lang, code in blocks_to_run:
-        if lang == "bash":
-            for line in code.strip().splitlines():
-                if line.startswith(NOT_RUN) or line in SHIPPED_RUN_COMMANDS:
-                    continue
-                proc = subprocess.run(["bash", "-c", line], cwd=home, env=env, capture_output=True, text=True,
-                                      timeout=900)
-                assert proc.returncode == 0 or _int8_gate_only(line, proc), f"{line}\n{(proc.stdout + proc.stderr)[-3000:]}"
-                outputs.append((line, proc.stdout + proc.stderr))
-        else:
-            proc = subprocess.run([sys.executable, "-c", code], cwd=home, env=env, capture_output=True, text=True,
-                                  timeout=600)
-            assert proc.returncode == 0, f"{code}\n{(proc.stdout + proc.stderr)[-3000:]}"
-            outputs.append((code, proc.stdout + proc.stderr))
-    return outputs
-
-
-def _int8_gate_only(line, proc) -> bool:
-    """The README says the export may end so: exit 1 because int8 alone missed its 99% top-1 gate."""
-    return ("exporters.onnx " in line and proc.returncode == 1
-            and re.search(r"not written: int8: top-1 agreement [\d.]+% \(\d+/\d+( \+ \d+ near-ties?)?\) "
-                          r"is below 99% by [\d.]+ points$", proc.stderr.strip()) is not None)
 
 
 @pytest.fixture(scope="module")
 def readme_run(newcomer_home, shipped_run):
     """Every README block, in the folder where the session's shipped run already ran its Simulate block."""
     return newcomer_home, [(line, "") for line in SHIPPED_RUN_COMMANDS] + run_blocks(newcomer_home, blocks())
-
-
-@pytest.fixture(scope="module")
-def real_sites_run(tmp_path_factory):
-    """docs/guide.md's Real sites blocks (the ViT-B/32 job), in a newcomer's folder of their own: they need
-    nothing the README's commands made, so they run beside them."""
-    home = tmp_path_factory.mktemp("real_sites")
-    shutil.copytree(REPO / "jobs", home / "jobs")
-    real_sites = blocks(section(GUIDE, REAL_SITES))
-    assert real_sites, f"docs/guide.md's {REAL_SITES!r} section has no bash/python block"
-    return home, run_blocks(home, real_sites)
 
 
 def test_the_readme_runs_simulate_export_predict_and_python_as_written(readme_run):
