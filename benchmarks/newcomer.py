@@ -27,8 +27,10 @@ Usage: HF_HUB_OFFLINE=1 python benchmarks/newcomer.py [--workdir DIR] [--skip-pl
            benchmarks/out/smoke/newcomer.json
        --reuse-run WS: WS is a finished workspace of the README's own command (`nvflare simulator jobs/clip_lora
            -w WS -n 4 -t 4`, the t4 run as shipped): a copy of it stands for the t4 run (its seconds: the span of
-           its server log) and is exported; nothing else changes. The test suite's smoke run passes the session's
-           run of that command (tests/conftest.py, shipped_run) instead of running the simulator once more.
+           its server log) and is exported, unless WS holds the README's own export of it (`python -m exporters.onnx
+           ws --optimize --quantize int8 --fp16 --triton ws/triton`: this script's flags and more, the same int8
+           verification), which is then read instead; nothing else changes. The test suite's smoke run passes the
+           session's run of that command (tests/conftest.py, shipped_run) instead of running the simulator once more.
 Last line: `newcomer: plain=<S>s floor=<F>s nvflare_floor=<N>s t4=<T>s int8_agree_min=<P>% int8_passed=<K>/3`
 Targets (issue 12): plain <= 1.25 x floor, t4 <= 70 s, int8 >= 99.5%.
 """
@@ -87,11 +89,12 @@ def run_figures(ws: Path, seconds: float) -> dict:
 
 
 def reused_run(src: Path, ws: Path) -> dict:
-    """--reuse-run: a finished workspace of the README's command, copied to `ws` (without an export already in it)
-    so that this script's export writes beside the copy; its seconds are the span of its server log."""
+    """--reuse-run: a finished workspace of the README's command, copied to `ws` (with the README's export of it, if
+    it has one; without its Triton repository) so that anything this script writes goes beside the copy; its seconds
+    are the span of its server log."""
     if not (server_app_dir(src) / "communication.json").is_file():
         raise SystemExit(f"--reuse-run {src}: not a finished simulator workspace (no communication.json)")
-    shutil.copytree(src, ws, ignore=shutil.ignore_patterns("onnx", "triton"))
+    shutil.copytree(src, ws, ignore=shutil.ignore_patterns("triton"))
     stamps = [datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
               for line in (ws / "server" / "log.txt").read_text().splitlines() if line[:2] == "20"]
     return {**run_figures(ws, (stamps[-1] - stamps[0]).total_seconds()), "reused": str(src)}
@@ -212,12 +215,15 @@ def main() -> None:
         if seed:
             job = job_copy(f"job_seed{seed}", seed=seed, train_seed=seed)
             simulate(job, ws, args.sites, sites=args.sites)
-        proc = subprocess.run([sys.executable, "-m", "exporters.onnx", str(ws), "--optimize", "--quantize", "int8"],
-                              capture_output=True, text=True, cwd=ROOT, timeout=900)
+        if seed == 0 and args.reuse_run and (ws / "onnx" / "export_report.json").is_file():
+            exit_code = None  # the README's export of the reused run (--reuse-run): read, not run again
+        else:
+            exit_code = subprocess.run([sys.executable, "-m", "exporters.onnx", str(ws), "--optimize", "--quantize",
+                                        "int8"], capture_output=True, text=True, cwd=ROOT, timeout=900).returncode
         report = json.loads((ws / "onnx" / "export_report.json").read_text())
         int8 = report["verification"]["variants"]["int8"]
         schemes = int8_schemes(ws, Path(tempfile.mkdtemp(dir=work, prefix=f"int8-{seed}-")), args.scheme_images)
-        results["int8"].append({"seed": seed, "exit_code": proc.returncode, "export_agreement": 100 * int8["top1_agreement"],
+        results["int8"].append({"seed": seed, "exit_code": exit_code, "export_agreement": 100 * int8["top1_agreement"],
                                 "samples": int8["samples"], "near_tie_flips": int8["near_tie_flips"],
                                 "passed": int8["passed"], "cpu": int8["cpu"], "schemes": schemes})
         print(f"int8 seed {seed}: {results['int8'][-1]}", flush=True)

@@ -97,7 +97,12 @@ LONGEST_FIRST = ["shipped_run", "test_readme", "test_poc", "test_export", "bench
 def pytest_collection_modifyitems(config, items):
     groups = {item: xdist_group(item) for item in items}
     rank = {g: i for i, g in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(groups[item], len(rank)))
+
+    def reuses(item) -> bool:  # a smoke that reads a session run goes last in its group (after the README's export)
+        callspec = getattr(item, "callspec", None)
+        return callspec is not None and callspec.params.get("script") in SMOKE_REUSES
+
+    items.sort(key=lambda item: (rank.get(groups[item], len(rank)), reuses(item)))
     for item in items:
         item.add_marker(pytest.mark.xdist_group(groups[item]))
     return (yield)
