@@ -84,13 +84,15 @@ def xdist_group(item) -> str:
     return item.path.stem
 
 
-# the longest groups first (CPU seconds measured with -n 3 on 2 cores, 2026-12-07: shipped_run with the newcomer
-# smoke ~220, the guide's ViT-B/32 job 140, POC ~115, test_export 100, ...), so that no long one is left to start
-# last; pytest.ini's --no-loadscope-reorder keeps this order (tests/test_round.py checks it)
+# the longest groups first (measured with -n 3 on 2 cores, 2026-12-07, CPU seconds: shipped_run with the newcomer
+# smoke ~190, the guide's ViT-B/32 job with the site smoke ~150, POC ~120, test_export ~95, ...; test_federation and
+# test_secure early for their size: their simulator jobs mostly wait), so that no long one is left to start last;
+# pytest.ini's --no-loadscope-reorder keeps this order (tests/test_round.py checks it)
 LONGEST_FIRST = ["shipped_run", "test_readme", "test_poc", "test_export", "benchmark-quality", "test_faults",
-                 "benchmark-site", "benchmark-compression", "test_text_head", "benchmark-federation", "benchmark-scale",
-                 "test_aggregation", "test_compression", "benchmark-params", "test_secure", "test_validation",
-                 "benchmark-openvocab", "benchmark-topk_study", "test_federation", "benchmark-export", "test_core"]
+                 "benchmark-compression", "test_federation", "test_text_head", "benchmark-federation",
+                 "benchmark-scale", "test_secure", "test_compression", "test_aggregation", "benchmark-openvocab",
+                 "benchmark-params", "benchmark-export", "test_validation", "benchmark-topk_study", "test_core",
+                 "test_recipe"]
 
 
 @pytest.hookimpl(wrapper=True)  # before every other implementation, pytest-xdist's (which reads the marks) too
