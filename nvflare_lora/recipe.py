@@ -26,8 +26,8 @@ from nvflare.recipe.sim_env import SimEnv
 from nvflare.recipe.spec import ExecEnv, Recipe
 
 from .allow import allow
-from .settings import JobSettings, RecipeError, SettingsError, settings
-from .jobfolder import VITB32_JOB, client_config, meta, server_config, write_job
+from .settings import JobSettings, RecipeError, SettingsError, settings  # noqa: F401  (the Recipe API's names)
+from .jobfolder import VITB32_JOB, client_config, meta, server_config, write_job  # noqa: F401
 
 
 class _JobWriter(FedJobConfig):

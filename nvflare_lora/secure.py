@@ -133,28 +133,6 @@ def encrypt_update(ctx, update: Mapping[str, np.ndarray], weight: float) -> Dict
     return out
 
 
-def check_encrypted(update: Mapping, spec: Mapping[str, Tuple[int, ...]], steps, where: str) -> None:
-    """What the server can check of an update it cannot read: every key of the spec and no other, each value a
-    CKKS vector of the tensor's length, a positive step count. A clear update is refused, not aggregated."""
-    keys, want = set(update), set(spec)
-    if keys != want:
-        missing, extra = sorted(want - keys), sorted(keys - want)
-        raise SecureAggregationError(f"{where} does not match the job's encrypted update: "
-                                     + "; ".join(p for p in (f"missing {missing[:2]}" if missing else "",
-                                                             f"unexpected {extra[:2]}" if extra else "") if p))
-    clear = sorted(k for k, v in update.items() if not is_encrypted(v))
-    if clear:
-        raise SecureAggregationError(f"{where} is in clear ({clear[0]!r} is not a CKKS vector) but this job aggregates "
-                                     f"encrypted updates (secure_aggregation \"he\"): the site must encrypt with its "
-                                     f"kit's {CLIENT_CONTEXT}; refused, not aggregated")
-    for key, value in update.items():
-        n = int(np.prod(spec[key]))
-        if value.size() != n:
-            raise SecureAggregationError(f"{where}: {key!r} holds {value.size()} encrypted values, the tensor has {n}")
-    if isinstance(steps, bool) or not isinstance(steps, (int, float)) or not np.isfinite(steps) or steps <= 0:
-        raise SecureAggregationError(f"{where}: its step count {steps!r} must be > 0 (the update is weighted by it)")
-
-
 def decrypt_state(ctx, state: Mapping, shapes: Mapping[str, Tuple[int, ...]]) -> Dict[str, np.ndarray]:
     """The adapter in clear, float32 in its shapes (clear tensors pass through)."""
     out = {}
@@ -219,7 +197,8 @@ class SecureAggregation:
         return dict(global_state)
 
     def check(self, site: str, update: Mapping, steps, global_state: Mapping) -> Dict:
-        """The update read back as ciphertexts and checked (keys, lengths, steps); a clear one is refused."""
+        """The update read back as ciphertexts and checked as far as a server can (keys, step count, then each
+        ciphertext's length); a clear one is refused, not aggregated."""
         where = f"the update of {site}"
         clear = sorted(k for k, v in update.items() if not is_ciphertext_bytes(v))
         if clear:
@@ -227,11 +206,19 @@ class SecureAggregation:
                                          f"aggregates encrypted updates (secure_aggregation \"he\"): the site must "
                                          f"encrypt with its kit's {CLIENT_CONTEXT}; refused, not aggregated")
         spec = self.facts.update_spec(self.shapes, site)
-        unknown = sorted(set(update) - set(spec))
-        if unknown:  # before anything is deserialized
-            raise SecureAggregationError(f"{where} does not match the job's encrypted update: unexpected {unknown[:2]}")
+        missing, extra = sorted(set(spec) - set(update)), sorted(set(update) - set(spec))
+        if missing or extra:  # before anything is deserialized
+            raise SecureAggregationError(f"{where} does not match the job's encrypted update: "
+                                         + "; ".join(p for p in (f"missing {missing[:2]}" if missing else "",
+                                                                 f"unexpected {extra[:2]}" if extra else "") if p))
+        if isinstance(steps, bool) or not isinstance(steps, (int, float)) or not np.isfinite(steps) or steps <= 0:
+            raise SecureAggregationError(f"{where}: its step count {steps!r} must be > 0 (the update is weighted by it)")
         enc = from_bytes(self.context, update, set(update), where)
-        check_encrypted(enc, spec, steps, where)
+        for key, value in enc.items():
+            n = int(np.prod(spec[key]))
+            if value.size() != n:
+                raise SecureAggregationError(f"{where}: {key!r} holds {value.size()} encrypted values, the tensor "
+                                             f"has {n}")
         return enc
 
     def aggregate(self, global_state: Mapping, updates: List[SiteUpdate]) -> Tuple[Dict, Dict]:
