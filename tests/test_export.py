@@ -5,8 +5,9 @@ saved with the core library's checkpoint writer, their metadata built as the ser
 
 import json
 import os
-import re
 import platform
+import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -534,11 +535,15 @@ def test_triton_target_that_is_not_empty_is_refused_before_the_export(run_dir, t
 
 
 # ---- bad input: clear message, exit 2, no traceback ---------------------------------------------
-def test_missing_run_dir_via_the_command_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "exporters.onnx", str(tmp_path / "nope")], capture_output=True,
-                          text=True, env=ENV, cwd=REPO, timeout=120)
-    assert proc.returncode == 2
-    assert "run directory" in proc.stderr and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+def test_missing_run_dir_via_the_command_line(tmp_path, capsys, monkeypatch):
+    """`python -m exporters.onnx MISSING` as Python runs it (runpy, as __main__; in this process: a fresh one only
+    adds its imports): exit status 2, one message, no traceback."""
+    monkeypatch.setattr(sys, "argv", ["exporters.onnx", str(tmp_path / "nope")])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_module("exporters.onnx", run_name="__main__", alter_sys=True)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2
+    assert "run directory" in err and "does not exist" in err and "Traceback" not in err
 
 
 def test_run_dir_without_a_checkpoint(tmp_path, capsys):

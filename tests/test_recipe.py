@@ -5,6 +5,7 @@ folder's is in tests/test_readme.py (the README shows both commands)."""
 
 import inspect
 import json
+import runpy
 import subprocess
 import sys
 
@@ -176,11 +177,15 @@ def test_bad_settings_are_refused_with_the_valid_values(kwargs, match):
         settings(**kwargs)
 
 
-def test_job_py_refuses_a_bad_setting_in_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, str(JOB / "job.py"), "--set", "r=0", "-w", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and "r" in proc.stderr, proc.stderr
+def test_job_py_refuses_a_bad_setting_in_one_line(tmp_path, capsys, monkeypatch):
+    """`python jobs/clip_lora/job.py --set r=0` as Python runs it (runpy, as __main__, in this process)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [str(JOB / "job.py"), "--set", "r=0", "-w", str(tmp_path)])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(str(JOB / "job.py"), run_name="__main__")
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and "r" in err, err
 
 
 def test_nothing_but_the_job_folder_reader_parses_job_configs():
