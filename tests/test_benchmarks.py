@@ -107,13 +107,14 @@ def run_in_process(argv, env) -> tuple:
     """(exit code, stdout, stderr) of `python *argv` run by runpy in this process, from the repository root."""
     import torch
 
-    saved = (dict(os.environ), os.getcwd(), list(sys.argv), list(sys.path), torch.get_num_threads())
+    saved = (dict(os.environ), os.getcwd(), list(sys.argv), torch.get_num_threads())
     out, err = io.StringIO(), io.StringIO()
     os.environ.clear()
     os.environ.update(env)
     os.chdir(ROOT)
     sys.argv = list(argv)
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # what `python benchmarks/X.py` puts first
+    here = str(ROOT / "benchmarks")
+    sys.path.insert(0, here)  # what `python benchmarks/X.py` puts first
     code = 0
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -130,8 +131,11 @@ def run_in_process(argv, env) -> tuple:
         os.environ.clear()
         os.environ.update(saved[0])
         os.chdir(saved[1])
-        sys.argv[:], sys.path[:] = saved[2], saved[3]
-        torch.set_num_threads(saved[4])
+        sys.argv[:] = saved[2]
+        # only the folder put first goes: what an import added stays, as in any process (onnxruntime.transformers
+        # puts its own folder on sys.path and imports from it later)
+        sys.path.remove(here)
+        torch.set_num_threads(saved[3])
     return code, out.getvalue(), err.getvalue()
 
 
