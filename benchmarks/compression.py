@@ -23,7 +23,7 @@ Usage:  HF_HUB_OFFLINE=1 python benchmarks/compression.py [--modes none,int8,...
   --noise runs none a second time, to check that two identical runs agree (the server sums updates in
   arrival order, so they need not be bit-identical): the spread is the yardstick for every dacc.
   --rounds N overrides the job's num_rounds (e.g. to see how many rounds top-k needs to catch up).
-  --smoke: CI size, in one to two minutes: --modes none,topk+int8 --rounds 1 --sites 2 --max-steps 1, JSON to
+  --smoke: CI size, in one to two minutes: --modes none,topk+int8 --rounds 1 --sites 1 --max-steps 1, JSON to
   benchmarks/out/smoke/compression.json (int8 then reads "n/a" in the last line).
 Last line: `compression: int8 <X>x dacc=<D> topk+int8 <Y>x dacc=<E>` (D, E in points; negative = worse).
 """
@@ -167,13 +167,13 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=0, help="cap on a site's steps per round (0: the job's epochs)")
     ap.add_argument("--json", default=None, help="raw results (default benchmarks/results/compression.json)")
     ap.add_argument("--smoke", action="store_true", help="tiny size for CI: --modes none,topk+int8 --rounds 1 "
-                    "--sites 2 --max-steps 1, JSON to benchmarks/out/smoke/")
+                    "--sites 1 --max-steps 1, JSON to benchmarks/out/smoke/")
     ap.add_argument("--bnb-path", default="", help="a directory holding bitsandbytes (pip install --target DIR "
                     "bitsandbytes==0.50.2), put on PYTHONPATH for the nvflare-fp16 run only, so the other runs "
                     "are not changed by its presence")
     a = ap.parse_args()
     if a.smoke:
-        a.modes, a.rounds, a.sites, a.max_steps = "none,topk+int8", 1, 2, 1
+        a.modes, a.rounds, a.sites, a.max_steps = "none,topk+int8", 1, 1, 1  # one site: each is a process
     modes = [m.strip() for m in a.modes.split(",") if m.strip()]
     if any(m not in MODES for m in modes) or "none" not in modes:
         sys.exit(f"--modes must include none and come from {MODES}")

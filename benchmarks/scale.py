@@ -24,7 +24,7 @@ baseline with torch's default threads, and with -t 2 (the simulator then starts 
 for every task, so each site re-imports torch and rebuilds its model every round).
 
 Usage:  HF_HUB_OFFLINE=1 python benchmarks/scale.py [--sites 4,16,32] [--rounds 4] [--checks]
-        HF_HUB_OFFLINE=1 python benchmarks/scale.py --smoke   # CI size: --sites 2 --rounds 2 --max-steps 1, JSON
+        HF_HUB_OFFLINE=1 python benchmarks/scale.py --smoke   # CI size: --sites 1 --rounds 2 --max-steps 1, JSON
                                                                 to benchmarks/out/smoke/scale.json
 Last line: `scale: 32/4 sites time-per-sample <X>x` (steady-state wall time per sample, largest / first size).
 """
@@ -232,11 +232,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="write the rows to this JSON file (default benchmarks/results/scale.json; '' = none)")
     ap.add_argument("--max-steps", type=int, default=0, help="cap on each site's steps per round (0: the job's "
                     f"{EPOCHS} epochs)")
-    ap.add_argument("--smoke", action="store_true", help="tiny size for CI: --sites 2 --rounds 2 --max-steps 1, "
+    ap.add_argument("--smoke", action="store_true", help="tiny size for CI: --sites 1 --rounds 2 --max-steps 1, "
                     "JSON to benchmarks/out/smoke/")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.sites, args.rounds, args.max_steps = "2", 2, 1
+        args.sites, args.rounds, args.max_steps = "1", 2, 1  # one site: each is a process (~7 CPU-s to start)
     args.json = "" if args.json == "" else json_path("scale.json", args.json, args.smoke)
     sizes = [int(s) for s in args.sites.split(",")]
     if args.rounds < 2:
