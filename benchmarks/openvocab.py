@@ -102,7 +102,7 @@ def shifted(images: np.ndarray) -> np.ndarray:
 
 def data(args) -> Dict:
     """Image arrays and labels: the pretraining set (original domain) and the shifted domain's train/val/test."""
-    from nvflare_lora.data import digits_uint8
+    from nvflare_lora.sample_data import digits_uint8
 
     mnist, mlab = mnist_arrays()
     perm = np.random.default_rng(args.data_seed).permutation(len(mnist))

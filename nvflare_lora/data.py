@@ -14,7 +14,6 @@ TooManyBadImages once more than `max_bad_images` (a share, default 1%) of the li
 from __future__ import annotations
 
 import csv
-import importlib.util
 import logging
 import os
 import re
@@ -29,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .errors import NVFlareLoRAError
 from .preprocessing import IMAGE_SUFFIXES, image_files, to_rgb
+from .sample_data import digits_uint8
 
 MAX_BAD_IMAGES = 0.01
 _log = logging.getLogger(__name__)
@@ -279,24 +279,6 @@ class SiteLoader:
 
     def __iter__(self):
         return self.batches()
-
-
-def digits_arrays() -> Tuple[np.ndarray, np.ndarray]:
-    """(images (1797, 8, 8) in 0..16, labels): scikit-learn's bundled digits, read from its data file with numpy.
-
-    The same values as sklearn.datasets.load_digits() (tested), without importing scikit-learn: that import
-    takes ~0.8 s, which a site pays on every task when the simulator runs without -t (one process a task)."""
-    spec = importlib.util.find_spec("sklearn")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("the bundled digits come with scikit-learn: pip install scikit-learn")
-    table = np.loadtxt(Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz", delimiter=",")
-    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
-
-
-def digits_uint8() -> Tuple[np.ndarray, np.ndarray]:
-    """digits_arrays' images scaled from 0..16 to 8-bit grey (what the job trains on and sample_data writes)."""
-    images, labels = digits_arrays()
-    return np.clip(images * (255.0 / 16.0), 0, 255).astype(np.uint8), labels
 
 
 def load_digits_dataset(preprocess: Callable) -> ImageDataset:

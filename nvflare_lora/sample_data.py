@@ -29,12 +29,8 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 import numpy as np
-import torch
 from PIL import Image
-from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from .data import digits_uint8
 from .errors import NVFlareLoRAError
 
 ELPV_CLASSES = ("functional", "defective")
@@ -61,6 +57,24 @@ def elpv_files() -> List[Tuple[Path, str]]:
         if len(parts) >= 2:
             out.append((root / parts[0], ELPV_CLASSES[float(parts[1]) >= 0.5]))
     return out
+
+
+def digits_arrays() -> Tuple[np.ndarray, np.ndarray]:
+    """(images (1797, 8, 8) in 0..16, labels): scikit-learn's bundled digits, read from its data file with numpy.
+
+    The same values as sklearn.datasets.load_digits() (tested), without importing scikit-learn: that import
+    takes ~0.8 s, which a site pays on every task when the simulator runs without -t (one process a task)."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("the bundled digits come with scikit-learn: pip install scikit-learn")
+    table = np.loadtxt(Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz", delimiter=",")
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+
+
+def digits_uint8() -> Tuple[np.ndarray, np.ndarray]:
+    """digits_arrays' images scaled from 0..16 to 8-bit grey (what the job trains on and sample_data writes)."""
+    images, labels = digits_arrays()
+    return np.clip(images * (255.0 / 16.0), 0, 255).astype(np.uint8), labels
 
 
 def mnist_arrays() -> Tuple[np.ndarray, np.ndarray]:
@@ -145,6 +159,11 @@ def write_image_folder(out: str | Path, count: int) -> Path:
 def write_clip_tokenizer(directory: str | Path, vocab_size: int, bos_token_id: int, eos_token_id: int) -> Path:
     """A byte-level CLIP tokenizer (no merges) with <|startoftext|> and <|endoftext|> at the given ids, filled
     up to vocab_size: built offline, for bases that came without one (random-weight test bases)."""
+    # transformers, torch: only the base and its tokenizer need them; the image writers start without (~0.3 CPU-s
+    # instead of ~7 on the 2-core machine)
+    from transformers import CLIPTokenizer  # transformers: the base's tokenizer only
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # transformers: the base's tokenizer only
+
     chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars]
     if max(bos_token_id, eos_token_id) >= vocab_size or len(tokens) > min(bos_token_id, eos_token_id):
@@ -171,6 +190,8 @@ def write_clip_tokenizer(directory: str | Path, vocab_size: int, bos_token_id: i
 def write_random_base(out: str | Path, seed: int = 0, **config) -> Path:
     """A HuggingFace CLIP directory of CLIPModel(CLIPConfig(**config)) with seeded random weights (default:
     ViT-B/32 shapes, 151M parameters, 605 MB) and a tokenizer (write_clip_tokenizer)."""
+    import torch  # torch, transformers: only the base needs them (see write_clip_tokenizer)
+    from transformers import CLIPConfig, CLIPModel  # transformers: the base only
 
     cfg = CLIPConfig(**config)
     with torch.random.fork_rng(devices=[]):

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from nvflare_lora import CLIPLoRAWrapper, FederatedCLIPModel, LoRAConfig
-from nvflare_lora.data import digits_uint8
+from nvflare_lora.sample_data import digits_uint8
 from nvflare_lora.models import _TINY_CONFIG
 from nvflare_lora.sample_data import write_random_base
 
