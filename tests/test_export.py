@@ -3,6 +3,8 @@ ONNX Runtime sessions. The run directory is laid out as the simulator writes it;
 saved with the core library's checkpoint writer, their metadata built as the server builds it
 (managers.model_metadata: a CheckpointMeta)."""
 
+import contextlib
+import io
 import json
 import os
 import platform
@@ -70,12 +72,14 @@ def run_dir(tmp_path_factory, trained):
 
 @pytest.fixture(scope="module")
 def exported(run_dir):
-    """The command a user runs, in a subprocess: optimized graph and text tower too."""
-    proc = subprocess.run([sys.executable, "-m", "exporters.onnx", str(run_dir), "--optimize", "--quantize", "int8",
-                           "--with-text", "--verify-samples", "96", "--triton", str(run_dir / "triton")],
-                          capture_output=True, text=True, env=ENV, cwd=REPO, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return run_dir / "onnx", proc.stdout
+    """The command a user runs, through its main in this process (README.md's export runs the command line in a
+    process of its own, tests/test_readme.py): optimized graph and text tower too."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = export_main([str(run_dir), "--optimize", "--quantize", "int8", "--with-text", "--verify-samples", "96",
+                            "--triton", str(run_dir / "triton")])
+    assert code == 0, out.getvalue() + err.getvalue()
+    return run_dir / "onnx", out.getvalue()
 
 
 def _session(path):
