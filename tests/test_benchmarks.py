@@ -5,7 +5,9 @@ full run at a tiny size (one or two rounds, a few images, one seed, the smallest
 with its documented summary line, write its raw results under benchmarks/out/smoke/ and leave the measured
 figures in benchmarks/results/ as they are. The numbers of a smoke run mean nothing and are not checked.
 
-Each test runs its script; pytest-xdist spreads them over the workers with the rest of the suite (one group
+Each test runs its script as Python runs a script (runpy, as `__main__`) in the test's own process, which has
+imported torch and the rest already (run_smoke); gpu_check runs in a fresh interpreter from a folder outside the
+repository, as a user runs any of them. pytest-xdist spreads them over the workers with the rest of the suite (one group
 each, tests/conftest.py), except quality and privacy, which share one cached base (benchmarks/out/quality/)
 and so run one after the other on the same worker, and the smokes that measure a run the session already made
 (conftest.SMOKE_REUSES: newcomer's t4 run is the README's Simulate command), which get its workspace with
@@ -81,7 +83,7 @@ def run_smoke(script: str, extra=(), elsewhere: Optional[Path] = None) -> Dict:
     In this process (the default): the script runs as `__main__` (runpy) with its folder first on sys.path and
     its arguments in sys.argv, as Python runs a script, in the worker that already imported torch and the rest:
     a fresh interpreter per smoke costs about 6 CPU-s of imports on the 2-core machine, 14 smokes about 90 CPU-s
-    (measured 2026-12-07). The environment, the working directory and torch's thread count are restored after.
+    (measured 2026-12-07); what the script changes in the process is put back (run_in_process).
     elsewhere: a fresh `python ROOT/benchmarks/<script>.py` process in that folder (outside the repository), as a
     user runs it from anywhere (FRESH_PROCESS)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -91,8 +93,8 @@ def run_smoke(script: str, extra=(), elsewhere: Optional[Path] = None) -> Dict:
     t0 = time.time()
     if elsewhere is not None:
         try:
-            proc = subprocess.run([sys.executable, str(ROOT / argv[0]), *argv[1:]], cwd=elsewhere, env=env, capture_output=True, text=True,
-                                  timeout=TIMEOUT)
+            proc = subprocess.run([sys.executable, str(ROOT / argv[0]), *argv[1:]], cwd=elsewhere, env=env,
+                                  capture_output=True, text=True, timeout=TIMEOUT)
             code, out, err = proc.returncode, proc.stdout, proc.stderr
         except subprocess.TimeoutExpired as e:
             code, out, err = None, e.stdout or "", f"timed out after {TIMEOUT}s\n{e.stderr or ''}"
@@ -104,10 +106,16 @@ def run_smoke(script: str, extra=(), elsewhere: Optional[Path] = None) -> Dict:
 
 
 def run_in_process(argv, env) -> tuple:
-    """(exit code, stdout, stderr) of `python *argv` run by runpy in this process, from the repository root."""
+    """(exit code, stdout, stderr) of `python *argv` run by runpy in this process, from the repository root. What
+    a script may change for the tests that follow in this process is put back: the environment, the working
+    directory, sys.argv, torch's thread count and the global random generators (torch, numpy, random)."""
+    import random
+
+    import numpy as np
     import torch
 
     saved = (dict(os.environ), os.getcwd(), list(sys.argv), torch.get_num_threads())
+    generators = (torch.random.get_rng_state(), np.random.get_state(), random.getstate())
     out, err = io.StringIO(), io.StringIO()
     os.environ.clear()
     os.environ.update(env)
@@ -131,11 +139,14 @@ def run_in_process(argv, env) -> tuple:
         os.environ.clear()
         os.environ.update(saved[0])
         os.chdir(saved[1])
-        sys.argv[:] = saved[2]
+        sys.argv = saved[2]
         # only the folder put first goes: what an import added stays, as in any process (onnxruntime.transformers
         # puts its own folder on sys.path and imports from it later)
         sys.path.remove(here)
         torch.set_num_threads(saved[3])
+        torch.random.set_rng_state(generators[0])
+        np.random.set_state(generators[1])
+        random.setstate(generators[2])
     return code, out.getvalue(), err.getvalue()
 
 
