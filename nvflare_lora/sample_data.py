@@ -159,10 +159,10 @@ def write_image_folder(out: str | Path, count: int) -> Path:
 def write_clip_tokenizer(directory: str | Path, vocab_size: int, bos_token_id: int, eos_token_id: int) -> Path:
     """A byte-level CLIP tokenizer (no merges) with <|startoftext|> and <|endoftext|> at the given ids, filled
     up to vocab_size: built offline, for bases that came without one (random-weight test bases)."""
-    # transformers, torch: only the base and its tokenizer need them; the image writers start without (~0.3 CPU-s
-    # instead of ~7 on the 2-core machine)
-    from transformers import CLIPTokenizer  # transformers: the base's tokenizer only
-    from transformers.convert_slow_tokenizer import bytes_to_unicode  # transformers: the base's tokenizer only
+    # transformers (and torch) only where the base and its tokenizer are written: the image writers start in
+    # ~0.3 CPU-s instead of ~7 on the 2-core machine
+    from transformers import CLIPTokenizer  # (see above)
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # (see above)
 
     chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars]

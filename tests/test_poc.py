@@ -126,8 +126,8 @@ def test_each_site_trained_on_its_own_folder(federation, finished_job):
 
 
 def test_downloaded_result_exports_to_onnx(finished_job, tmp_path, capsys):
-    """The exporter's main on the downloaded job, in this process (the encrypted job's export below runs the
-    command line in a process of its own)."""
+    """The exporter's main on the downloaded job, in this process (README.md's export runs the command line in a
+    process of its own, tests/test_readme.py)."""
     from exporters.onnx.__main__ import main as export_main
 
     _, downloaded, _ = finished_job
