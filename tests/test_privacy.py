@@ -108,6 +108,20 @@ def test_the_accountant_matches_opacus_and_survives_a_restart(tmp_path):
     assert 2.9 <= epsilon_of([(sigma, 0.05, 360)], 1e-5) <= 3.0
 
 
+def test_epsilon_of_a_long_history_is_opacus_accountants_bit_for_bit():
+    """epsilon_of computes each (noise_multiplier, sample_rate)'s one-step RDP once (a 200-round history took
+    ~6 CPU-s an epsilon before, 1 ms now): the same operations as RDPAccountant.get_epsilon, so the same float."""
+    from opacus.accountants import RDPAccountant
+
+    rng = np.random.default_rng(0)
+    history = [(float(rng.choice([0.6, 1.1, 2.17])), float(rng.choice([0.01, 0.05, 1.0])), int(rng.integers(1, 9)))
+               for _ in range(60)]
+    for upto in (1, 7, 60):
+        reference = RDPAccountant()
+        reference.history = list(history[:upto])
+        assert epsilon_of(history[:upto], 1e-5) == float(reference.get_epsilon(delta=1e-5)), upto
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"clip": 1.0, "noise_multiplier": 0.0}, r"noise_multiplier must be a number > 0"),
     ({"clip": 0.0, "noise_multiplier": 1.0}, r"clip bound .* must be a number > 0"),
