@@ -19,12 +19,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nvflare_lora.adapter import adapter_shapes
 from nvflare_lora.aggregation.server import ServerAggregation
+from nvflare_lora.base_model import preprocessing_for
 from nvflare_lora.data import ImageDataset, SiteLoader
 from nvflare_lora.facts import JobFacts
 from nvflare_lora.fl.protocol import payload_bytes
-from nvflare_lora.lora_model import adapter_shapes
-from nvflare_lora.models import build_classifier, preprocessing_for, save_preset
+from nvflare_lora.models import build_classifier, save_preset
 from nvflare_lora.round import run_round
 from nvflare_lora.settings import JobSettings
 from nvflare_lora.site import Site

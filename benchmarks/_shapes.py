@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from nvflare_lora.models import CLIPImageClassifier, load_clip_config, resolve_model
+from nvflare_lora.base_model import load_clip_config, resolve_model
+from nvflare_lora.models import CLIPImageClassifier
 
 FP32 = 4  # bytes per parameter
 

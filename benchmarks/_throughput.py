@@ -63,7 +63,7 @@ def plain_loop(base: str, folder: str, batch: int, workers: int, device: str, au
     from peft import LoraConfig, get_peft_model
     from transformers import CLIPModel
 
-    from nvflare_lora.models import preprocessing_for
+    from nvflare_lora.base_model import preprocessing_for
 
     dev = torch.device(device)
     model = _Classifier(CLIPModel.from_pretrained(base), 2)

@@ -64,16 +64,16 @@ ROOT = Path(__file__).resolve().parents[1]
 from _smoke import TINY_CLIP_CONFIG, json_path  # noqa: E402
 from exporters.onnx.rebuild import wise_state  # noqa: E402
 from nvflare_lora.adapter import adapter_shapes_of  # noqa: E402
+from nvflare_lora.adapter import adapter_skeleton  # noqa: E402
 from nvflare_lora.aggregation.server import ServerAggregation  # noqa: E402
+from nvflare_lora.base_model import preprocessing_for  # noqa: E402
 from nvflare_lora.data import ImageDataset, partition  # noqa: E402
 from nvflare_lora.facts import JobFacts  # noqa: E402
-from nvflare_lora.lora_model import adapter_skeleton  # noqa: E402
-from nvflare_lora.models import preprocessing_for  # noqa: E402
+from nvflare_lora.models import load_tokenizer
 from nvflare_lora.round import run_round  # noqa: E402
 from nvflare_lora.sample_data import mnist_arrays, write_random_base  # noqa: E402
 from nvflare_lora.settings import JobSettings  # noqa: E402
 from nvflare_lora.site import Site  # noqa: E402
-from nvflare_lora.models import load_tokenizer
 from nvflare_lora.zeroshot import HEAD_BIAS, HEAD_WEIGHT, zeroshot_head  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out" / "openvocab"

@@ -42,8 +42,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here needs the hub; fail
 import numpy as np
 import torch
 
+from nvflare_lora.base_model import load_clip_config, resolve_model
+from nvflare_lora.models import CLIPImageClassifier
 from nvflare_lora import TINY_PRESET, LoRAConfig, adapter_shapes
-from nvflare_lora.models import CLIPImageClassifier, load_clip_config, resolve_model
 from _shapes import FP32, write_vitb32_config
 from _smoke import json_path  # where its raw results go
 

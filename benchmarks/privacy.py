@@ -47,9 +47,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
+from nvflare_lora.base_model import preprocessing_for
 from nvflare_lora.data import SiteLoader, partition
-from nvflare_lora.models import preprocessing_for
-from nvflare_lora.privacy import DPConfig, PrivateStep, calibrate
+from nvflare_lora.dp_sgd import PrivateStep
+from nvflare_lora.privacy import DPConfig, calibrate
 from nvflare_lora.training import train_local
 from _digits import LR_GRID, OUT, SITES, Bench, as_dataset, digit_domains, pretrained_base, rounded
 from _smoke import json_path  # where its raw results go

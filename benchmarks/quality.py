@@ -69,8 +69,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
+from nvflare_lora.base_model import preprocessing_for
 from nvflare_lora.data import partition
-from nvflare_lora.models import preprocessing_for
 from nvflare_lora.settings import JobSettings
 from _digits import LR_GRID, OUT, SITES, Bench, as_dataset, digit_domains, pretrained_base, rounded
 from _smoke import json_path  # where its raw results go

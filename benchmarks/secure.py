@@ -38,10 +38,10 @@ import numpy as np  # noqa: E402
 
 from transformers import CLIPConfig  # noqa: E402
 
-from nvflare_lora import LoRAConfig, adapter_shapes  # noqa: E402
 from nvflare_lora.aggregation import SiteUpdate  # noqa: E402
-from nvflare_lora.models import _TINY_CONFIG  # noqa: E402
+from nvflare_lora.base_model import _TINY_CONFIG  # noqa: E402
 from nvflare_lora.facts import JobFacts  # noqa: E402
+from nvflare_lora import LoRAConfig, adapter_shapes  # noqa: E402
 from nvflare_lora.secure import EncryptedMode, ckks_parameters, make_context, public  # noqa: E402
 from _shapes import full_fedavg_bytes  # noqa: E402
 from _smoke import json_path  # noqa: E402  (where its raw results go)

@@ -11,9 +11,9 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "LoRAConfig": "config", "FederatedCLIPModel": "lora_model", "CLIPLoRAWrapper": "lora_model",
-    "quick_clip_lora": "lora_model", "adapter_shapes": "lora_model", "adapter_skeleton": "lora_model",
-"LoRAConfigManager": "managers", "LoRAModelManager": "managers",
-    "TINY_PRESET": "models", "ModelNotFoundError": "models",
+    "quick_clip_lora": "lora_model", "adapter_shapes": "adapter", "adapter_skeleton": "adapter",
+    "LoRAConfigManager": "managers", "LoRAModelManager": "managers",
+    "TINY_PRESET": "base_model", "ModelNotFoundError": "base_model",
 }
 __all__ = list(_EXPORTS)
 

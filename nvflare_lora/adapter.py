@@ -1,21 +1,23 @@
-"""The adapter as data: which tensors it has, how to read, write, diff and initialise them.
+"""The adapter as data: which tensors it has, how to check, diff and initialise them.
 
 Keys are PEFT's saved-adapter keys (e.g. "base_model.model.vision_model.encoder.layers.0.self_attn.
 q_proj.lora_A.weight", "base_model.model.classifier.weight"), so a dict of them is exactly what
-`adapter_model.safetensors` holds and what plain `PeftModel.from_pretrained` loads.
+`adapter_model.safetensors` holds and what plain `PeftModel.from_pretrained` loads. The adapter's keys, shapes
+and PEFT settings come from the base's config alone (adapter_skeleton: no network is built, peft is not
+imported); nvflare_lora.lora_model puts them on a model with PEFT (tested equal to what PEFT makes).
 """
 
 from __future__ import annotations
 
 import math
+import re
 import zlib
 from typing import Dict, Mapping, Tuple
 
 import numpy as np
 import torch
-from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
-from torch import nn
 
+from .base_model import linear_layers, load_clip_config, resolve_model
 from .config import LoRAConfig, LoRAConfigError
 from .errors import NVFlareLoRAError
 
@@ -26,26 +28,54 @@ class AdapterMismatchError(NVFlareLoRAError):
     """An adapter dict does not fit the model: wrong key set, shape, dtype or non-finite values."""
 
 
-def peft_config(lora: LoRAConfig, model: nn.Module, base_model_name: str = ""):
-    """The PEFT LoraConfig for `model` (a CLIPImageClassifier) under our LoRAConfig."""
-    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.startswith("classifier")]
+PREFIX = "base_model.model."  # PEFT's prefix of every saved adapter key
+HEAD = "classifier"  # the head's module: trained in full (PEFT's modules_to_save)
+
+
+def lora_fields(lora: LoRAConfig, linear_names, base_model_name: str = "") -> Dict:
+    """The fields of PEFT's LoraConfig for a CLIPImageClassifier under our LoRAConfig (linear_names: its nn.Linear
+    module paths but the head's)."""
     regex = lora.target_regex(linear_names)
     if not regex:
         raise LoRAConfigError(
             f"LoRA needs at least one tower in target_components (got {lora.target_components}); "
             f"for head-only training use LoRAConfig.for_classification_head()"
         )
-    return LoraConfig(
-        r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout, target_modules=regex,
-        bias=lora.bias, modules_to_save=["classifier"] if lora.train_head else None,
-        base_model_name_or_path=base_model_name or None,
-    )
+    return dict(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout, target_modules=regex,
+                bias=lora.bias, modules_to_save=[HEAD] if lora.train_head else None,
+                base_model_name_or_path=base_model_name or None)
 
 
-def adapter_state(peft_model) -> Dict[str, torch.Tensor]:
-    """The adapter's tensors (LoRA A/B and the head), detached, in PEFT's saved-adapter naming."""
-    # save_embedding_layers=False: we never adapt embeddings, and 'auto' makes PEFT look the base up online.
-    return {k: v.detach() for k, v in get_peft_model_state_dict(peft_model, save_embedding_layers=False).items()}
+def adapter_config(fields: Mapping) -> Dict:
+    """adapter_config.json of an adapter with these LoraConfig fields: what PeftModel.from_pretrained reads (PEFT
+    fills every other field with its default; tests/test_core.py checks the result equals PEFT's own config)."""
+    return {"peft_type": "LORA", "task_type": None, "inference_mode": True, "fan_in_fan_out": False,
+            "init_lora_weights": True, "use_rslora": False, "use_dora": False, **fields}
+
+
+def adapter_skeleton(model_name: str, num_classes: int, lora: LoRAConfig,
+                     include_text: bool = False) -> Tuple[Shapes, Dict]:
+    """(shapes, adapter_config.json) of the adapter, from the base's config alone: every targeted linear layer's
+    lora_A (r, in) and lora_B (out, r), then the head (modules_to_save), in PEFT's key order. What the server uses:
+    it never builds the base."""
+    cfg = load_clip_config(resolve_model(model_name))
+    layers = linear_layers(cfg, include_text or "text" in lora.towers)
+    fields = lora_fields(lora, layers, str(model_name))
+    selected = re.compile(fields["target_modules"])
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    for name, (fan_in, fan_out) in layers.items():
+        if selected.fullmatch(name):
+            shapes[f"{PREFIX}{name}.lora_A.weight"] = (lora.r, fan_in)
+            shapes[f"{PREFIX}{name}.lora_B.weight"] = (fan_out, lora.r)
+    if lora.train_head:
+        shapes[f"{PREFIX}{HEAD}.weight"] = (num_classes, int(cfg.projection_dim))
+        shapes[f"{PREFIX}{HEAD}.bias"] = (num_classes,)
+    return shapes, adapter_config(fields)
+
+
+def adapter_shapes(model_name: str, num_classes: int, lora: LoRAConfig, include_text: bool = False) -> Shapes:
+    """The adapter's key -> shape (see adapter_skeleton)."""
+    return adapter_skeleton(model_name, num_classes, lora, include_text)[0]
 
 
 def adapter_shapes_of(state: Mapping[str, object]) -> Shapes:
@@ -79,17 +109,6 @@ def check_adapter(state: Mapping[str, object], expected: Shapes, what: str = "ad
         finite = torch.isfinite(arr).all().item() if isinstance(arr, torch.Tensor) else np.isfinite(arr).all()
         if not finite:
             raise AdapterMismatchError(f"{what}: tensor {k!r} holds NaN or Inf values")
-
-
-def load_adapter_state(peft_model, state: Mapping[str, object]) -> None:
-    """Write `state` into the model's adapter, all or nothing: every key and shape checked first."""
-    check_adapter(state, adapter_shapes_of(adapter_state(peft_model)))
-    tensors = {k: torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v).float()
-               for k, v in state.items()}
-    result = set_peft_model_state_dict(peft_model, tensors)
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:  # cannot happen after check_adapter, but a silent partial load is the worst outcome
-        raise AdapterMismatchError(f"PEFT did not place adapter keys {unexpected[:3]}")
 
 
 def to_numpy(state: Mapping[str, torch.Tensor]) -> Dict[str, np.ndarray]:

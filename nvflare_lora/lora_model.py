@@ -12,13 +12,14 @@ from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
-from peft import get_peft_model
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from torch import nn
 
 from . import adapter as ad
+from .base_model import TINY_PRESET, preprocessing_for
 from .config import LoRAConfig, LoRAConfigError
 from .head import Head, HeadError, check_labels, tokenize_labels
-from .models import (TINY_PRESET, CLIPImageClassifier, build_classifier, load_clip_config, load_tokenizer,
-                     preprocessing_for, resolve_model)
+from .models import CLIPImageClassifier, build_classifier, load_tokenizer
 from .training import evaluate as _evaluate
 from .training import make_optimizer, pick_device
 from .training import train_step as _train_step
@@ -89,13 +90,13 @@ class FederatedCLIPModel:
     def get_parameters(self) -> Dict[str, np.ndarray]:
         """The exchanged tensors as float32 numpy arrays: the adapter after LoRA, else the whole model."""
         if self.is_lora:
-            return ad.to_numpy(ad.adapter_state(self.model))
+            return ad.to_numpy(adapter_state(self.model))
         return ad.to_numpy({k: v for k, v in self.model.state_dict().items() if not k.endswith("position_ids")})
 
     def set_parameters(self, params: Mapping[str, np.ndarray]) -> None:
         """Load exactly the tensors get_parameters() returns; any other key or shape is refused, nothing loaded."""
         if self.is_lora:
-            ad.load_adapter_state(self.model, params)
+            load_adapter_state(self.model, params)
             self._forget_class_embeddings()
             return
         own = {k: v for k, v in self.model.state_dict().items() if not k.endswith("position_ids")}
@@ -136,20 +137,27 @@ class FederatedCLIPModel:
         return self.model(pixel_values.to(self.device))
 
 
-def adapter_skeleton(model_name: str, num_classes: int, lora: LoRAConfig, include_text: bool = False):
-    """(shapes, peft LoraConfig) of the adapter, from the model *config* alone: the base is built on the
-    meta device, so no weight is read or allocated. This is what the server uses; it never holds the base."""
-    cfg = load_clip_config(resolve_model(model_name))
-    with torch.device("meta"):
-        skeleton = CLIPImageClassifier(cfg, num_classes, include_text=include_text or "text" in lora.towers)
-        skeleton.name_or_path = str(model_name)
-        peft_model = get_peft_model(skeleton, ad.peft_config(lora, skeleton, model_name))
-    return ad.adapter_shapes_of(ad.adapter_state(peft_model)), peft_model.peft_config["default"]
+def peft_config(lora: LoRAConfig, model: nn.Module, base_model_name: str = "") -> LoraConfig:
+    """PEFT's LoraConfig for `model` (a CLIPImageClassifier) under our LoRAConfig (nvflare_lora.adapter.lora_fields)."""
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.startswith(ad.HEAD)]
+    return LoraConfig(**ad.lora_fields(lora, linear_names, base_model_name))
 
 
-def adapter_shapes(model_name: str, num_classes: int, lora: LoRAConfig, include_text: bool = False) -> ad.Shapes:
-    """The adapter's key -> shape (see adapter_skeleton)."""
-    return adapter_skeleton(model_name, num_classes, lora, include_text)[0]
+def adapter_state(peft_model) -> Dict[str, torch.Tensor]:
+    """The adapter's tensors (LoRA A/B and the head), detached, in PEFT's saved-adapter naming."""
+    # save_embedding_layers=False: we never adapt embeddings, and 'auto' makes PEFT look the base up online.
+    return {k: v.detach() for k, v in get_peft_model_state_dict(peft_model, save_embedding_layers=False).items()}
+
+
+def load_adapter_state(peft_model, state: Mapping[str, object]) -> None:
+    """Write `state` into the model's adapter, all or nothing: every key and shape checked first."""
+    ad.check_adapter(state, ad.adapter_shapes_of(adapter_state(peft_model)))
+    tensors = {k: torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v).float()
+               for k, v in state.items()}
+    result = set_peft_model_state_dict(peft_model, tensors)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:  # cannot happen after check_adapter, but a silent partial load is the worst outcome
+        raise ad.AdapterMismatchError(f"PEFT did not place adapter keys {unexpected[:3]}")
 
 
 class CLIPLoRAWrapper:
@@ -196,9 +204,9 @@ class CLIPLoRAWrapper:
             raise LoRAConfigError("target_components has 'text' but the model was built without its text tower: "
                                   "create FederatedCLIPModel(..., include_text=True)")
         base = fed.model.float()
-        peft_model = get_peft_model(base, ad.peft_config(self.lora_config, base, fed.model_name))
-        shapes = ad.adapter_shapes_of(ad.adapter_state(peft_model))
-        ad.load_adapter_state(peft_model, ad.init_adapter_state(shapes, self.lora_config.seed))
+        peft_model = get_peft_model(base, peft_config(self.lora_config, base, fed.model_name))
+        shapes = ad.adapter_shapes_of(adapter_state(peft_model))
+        load_adapter_state(peft_model, ad.init_adapter_state(shapes, self.lora_config.seed))
         fed.model = peft_model
         fed.lora_config = self.lora_config
         fed._forget_class_embeddings()

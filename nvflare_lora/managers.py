@@ -8,12 +8,12 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
+from .base_model import base_fingerprint, fingerprint_difference
 from .checkpoint import META_FILE, CheckpointError, CheckpointMeta, read_adapter_dir, save_adapter_dir
 from .config import LoRAConfig
 from .errors import NVFlareLoRAError
-from .lora_model import CLIPLoRAWrapper, FederatedCLIPModel
-from .models import base_fingerprint, fingerprint_difference
 from .files import atomic_write, write_json_atomic
+from .lora_model import CLIPLoRAWrapper, FederatedCLIPModel
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -56,7 +56,7 @@ def model_metadata(fed: FederatedCLIPModel, extra: Dict | None = None) -> Checkp
 
 
 def fingerprint(fed: FederatedCLIPModel, cache_file=None) -> Dict[str, str]:
-    """The base fingerprint of fed's model, computed once per object (cache_file: see models.weights_sha256)."""
+    """The base fingerprint of fed's model, computed once per object (cache_file: see base_model.weights_sha256)."""
     if getattr(fed, "_fingerprint", None) is None:
         fed._fingerprint = base_fingerprint(fed.model_name, cache_file=cache_file)
     return fed._fingerprint

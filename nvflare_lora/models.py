@@ -1,140 +1,20 @@
-"""The CLIP image classifier and where its base weights come from.
-
-A model name is one of three things, tried in this order:
-1. a built-in preset ("tiny-clip"): a small CLIP config with seeded random init, nothing downloaded;
-2. a local directory in HuggingFace format (config.json + *.safetensors), what production sites use;
-3. a hub id such as "openai/clip-vit-base-patch32", resolved through the local HuggingFace cache or,
-   for users with access, downloaded once.
-Only safetensors weights are read: nothing is ever unpickled.
+"""The CLIP image classifier: the network, built from a base (nvflare_lora.base_model says which base and where
+its weights come from; only safetensors weights are read: nothing is ever unpickled).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
-from huggingface_hub import snapshot_download
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoTokenizer, CLIPConfig, CLIPModel, CLIPTextModel, CLIPVisionModel
 
+from .base_model import PRESETS, ModelNotFoundError, ModelSource, load_clip_config, resolve_model
 from .head import KINDS as HEADS, HeadError, tokenize_labels
-from .preprocessing import CLIP_MEAN, CLIP_STD, Preprocessing
-from .errors import NVFlareLoRAError
-from .files import atomic_write
-
-TINY_PRESET = "tiny-clip"
-
-# Small enough to train on 2 CPU cores in seconds, big enough to learn digits: 32x32 images, 8x8 patches.
-_TINY_CONFIG = dict(
-    text_config=dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        vocab_size=1000, max_position_embeddings=16, bos_token_id=998, eos_token_id=999, pad_token_id=1,
-    ),
-    vision_config=dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        image_size=32, patch_size=8,
-    ),
-    projection_dim=32,
-)
-PRESETS = {TINY_PRESET: (_TINY_CONFIG, 0)}
-
-
-class ModelNotFoundError(NVFlareLoRAError):
-    """The model name is not a preset, not a directory, and not reachable on a hub."""
-
-
-def _how_to_supply(name: str, tried: List[str]) -> str:
-    return (
-        f"cannot find CLIP model {name!r}. Tried: " + "; ".join(tried) + ". Supply a model in one of three ways: "
-        f"(1) the built-in preset {TINY_PRESET!r} (no download); (2) a local directory in HuggingFace format "
-        f"holding config.json and model.safetensors (e.g. written by CLIPModel.save_pretrained(DIR)); "
-        f"(3) a hub id such as 'openai/clip-vit-base-patch32' on a machine that can reach the hub or has it in "
-        f"its HuggingFace cache."
-    )
-
-
-@dataclass
-class ModelSource:
-    """Where a base model comes from: a preset, or a directory with config.json and safetensors files."""
-
-    name: str
-    kind: str  # "preset" | "dir" | "hub"
-    path: Optional[Path] = None
-
-    def weight_files(self) -> List[Path]:
-        if self.kind == "preset":
-            return []
-        files = sorted(self.path.glob("*.safetensors"))
-        if not files:
-            pickled = sorted(p.name for p in self.path.glob("*.bin")) + sorted(p.name for p in self.path.glob("*.pt"))
-            hint = (
-                f" It has {pickled}: pickled weights are not loaded here; convert once with "
-                f"CLIPModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)."
-                if pickled else ""
-            )
-            raise ModelNotFoundError(f"model directory {self.path} has no *.safetensors weight file.{hint}")
-        return files
-
-
-def resolve_model(name: str) -> ModelSource:
-    """Find the base model named `name`: a preset, a local directory, or a hub id (cache first)."""
-    name = str(name)
-    tried = []
-    if name in PRESETS:
-        return ModelSource(name, "preset")
-    tried.append(f"presets {sorted(PRESETS)}")
-    p = Path(name).expanduser()
-    if p.exists():
-        if not (p / "config.json").is_file():
-            raise ModelNotFoundError(_how_to_supply(name, tried + [f"directory {p} (it has no config.json)"]))
-        return ModelSource(name, "dir", p.resolve())
-    tried.append(f"local directory {p.resolve()} (does not exist)")
-    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
-        try:
-            local = snapshot_download(
-                name, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json",
-                                      "preprocessor_config.json"],
-            )
-            return ModelSource(name, "hub", Path(local))
-        except Exception as e:  # offline, unknown repo, no access: all mean the same to the user
-            tried.append(f"hub id {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
-    else:
-        tried.append("hub id (not of the form owner/name)")
-    raise ModelNotFoundError(_how_to_supply(name, tried))
-
-
-def load_clip_config(source: ModelSource):
-    if source.kind == "preset":
-        cfg_dict, _ = PRESETS[source.name]
-        return CLIPConfig(**cfg_dict)
-    cfg = CLIPConfig.from_pretrained(str(source.path))
-    if getattr(cfg, "model_type", None) != "clip":
-        raise ModelNotFoundError(f"{source.path}/config.json describes a {cfg.model_type!r} model, not CLIP")
-    return cfg
-
-
-def config_sha256(clip_config) -> str:
-    d = clip_config.to_diff_dict() if hasattr(clip_config, "to_diff_dict") else dict(clip_config)
-    keep = {}
-    for tower in ("vision_config", "text_config"):
-        sub = d.get(tower, {}) or {}
-        keep[tower] = {k: sub.get(k) for k in sorted(sub) if k in _SHAPE_KEYS}
-    keep["projection_dim"] = d.get("projection_dim", getattr(clip_config, "projection_dim", None))
-    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
-
-
-_SHAPE_KEYS = {
-    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size",
-    "num_channels", "vocab_size", "max_position_embeddings", "hidden_act", "layer_norm_eps", "projection_dim",
-}
-
-
 
 
 class CLIPImageClassifier(nn.Module):
@@ -292,61 +172,6 @@ def _read_safetensors(files: List[Path], want) -> Dict[str, torch.Tensor]:
     return out
 
 
-def weights_sha256(source: ModelSource, cache_file: Optional[Path] = None) -> str:
-    """Hash of the base weights as stored: the files for a directory, the generated tensors for a preset.
-
-    cache_file: a JSON file remembering the hash of a directory's weight files by (path, size, mtime), so a
-    process that starts for every task (the simulator without -t) reads a 600 MB ViT-B/32 base once, not
-    on every task. Any change of a file's size or modification time makes it hash the files again."""
-    if cache_file is not None and source.kind != "preset":
-        stamp = hashlib.sha256(json.dumps([(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns)
-                                           for f in source.weight_files()]).encode()).hexdigest()
-        cache = {}
-        try:
-            cache = json.loads(Path(cache_file).read_text())
-        except (OSError, ValueError):
-            pass
-        if not isinstance(cache.get(stamp), str):
-            cache[stamp] = weights_sha256(source)
-            atomic_write(cache_file, json.dumps(cache, indent=1))
-        return cache[stamp]
-    h = hashlib.sha256()
-    if source.kind == "preset":
-        state = _preset_state(source.name)
-        for k in sorted(state):
-            h.update(k.encode())
-            h.update(state[k].detach().contiguous().cpu().numpy().tobytes())
-        return h.hexdigest()
-    for f in source.weight_files():
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def base_fingerprint(model_name: str, with_weights: bool = True, cache_file: Optional[Path] = None) -> Dict[str, str]:
-    """What identifies a base model across sites: config hash and weights hash (paths may differ).
-    cache_file: see weights_sha256."""
-    source = resolve_model(model_name)
-    fp = {"model": str(model_name), "kind": source.kind, "config_sha256": config_sha256(load_clip_config(source))}
-    if with_weights:
-        fp["weights_sha256"] = weights_sha256(source, cache_file)
-    return fp
-
-
-def fingerprint_difference(expected: Dict[str, str], actual: Dict[str, str]) -> Optional[str]:
-    """None when two fingerprints name the same base; otherwise a sentence saying what differs."""
-    diffs = []
-    for key in ("config_sha256", "weights_sha256"):
-        if key in expected and key in actual and expected[key] != actual[key]:
-            diffs.append(f"{key} {actual[key][:12]}... here vs {expected[key][:12]}... on the server")
-    if diffs:
-        return (f"local base {actual.get('model')!r} differs from the server's {expected.get('model')!r}: "
-                + "; ".join(diffs))
-    return None
-
-
 def build_classifier(model_name: str, num_classes: int, include_text: bool = False,
                      device: str | torch.device = "cpu", normalize_embeds: bool = False,
                      head: str = "linear") -> Tuple[CLIPImageClassifier, ModelSource]:
@@ -383,7 +208,6 @@ def build_classifier(model_name: str, num_classes: int, include_text: bool = Fal
     return model.to(device), source
 
 
-# ---- preprocessing: CLIP's resize / centre-crop / normalise, without torchvision -----------------
 def load_tokenizer(model_name: str):
     """The base's own CLIP tokenizer (tokenizer.json, or vocab.json + merges.txt, in its directory): what a text or
     zero-shot head encodes the class names with."""
@@ -399,22 +223,6 @@ def load_tokenizer(model_name: str):
         raise HeadError(f"base {source.path} has no tokenizer (tokenizer.json, or vocab.json and merges.txt): "
                         f"a zero-shot or text head encodes the class names with it; {fix}")
     return AutoTokenizer.from_pretrained(str(source.path), local_files_only=True)
-
-
-def preprocessing_for(model_name: str) -> Preprocessing:
-    """CLIP preprocessing from the model's preprocessor_config.json when it has one, else CLIP's defaults."""
-    source = resolve_model(model_name)
-    image_size = load_clip_config(source).vision_config.image_size
-    pp = Preprocessing(size=image_size, crop_size=image_size)
-    if source.path is not None and (source.path / "preprocessor_config.json").is_file():
-        d = json.loads((source.path / "preprocessor_config.json").read_text())
-        size = d.get("size", image_size)
-        size = size.get("shortest_edge", size.get("height", image_size)) if isinstance(size, dict) else size
-        crop = d.get("crop_size", image_size)
-        crop = crop.get("height", image_size) if isinstance(crop, dict) else crop
-        pp = Preprocessing(size=int(size), crop_size=int(crop), mean=tuple(d.get("image_mean", CLIP_MEAN)),
-                           std=tuple(d.get("image_std", CLIP_STD)))
-    return pp
 
 
 def save_preset(name: str, directory: str | os.PathLike) -> Path:

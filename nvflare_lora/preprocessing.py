@@ -10,10 +10,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from .errors import NVFlareLoRAError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -92,3 +94,64 @@ def image_files(root: str | Path) -> List[Path]:
         files += [Path(dirpath) / f for f in sorted(filenames)
                   if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES]
     return files
+
+
+# ---- the data settings a job checks without torch: bad-image share, training augmentation -------------------
+class DataError(NVFlareLoRAError):
+    """A site's data, or a data setting, that cannot be used: the message names the folder, file or setting, and
+    the fix."""
+
+
+def check_share(max_share: float) -> float:
+    if isinstance(max_share, bool) or not isinstance(max_share, (int, float)) or not 0 <= max_share < 1:
+        raise DataError(f"max_bad_images must be a share in [0, 1) (0.01 = 1% of a site's images may be "
+                        f"unreadable), got {max_share!r}")
+    return float(max_share)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Training augmentation as CLIP fine-tuning does it: a random resized crop (area share in [min_scale, 1],
+    aspect ratio in [3/4, 4/3]) to the model's crop size, and a horizontal flip with probability 1/2.
+    Deterministic: the draws of an item come from (seed, item index) only, whatever the worker count."""
+
+    min_scale: float = 0.5
+    hflip: bool = True
+
+    def __post_init__(self):
+        if not 0 < self.min_scale <= 1:
+            raise DataError(f"augmentation min_scale must be in (0, 1], got {self.min_scale!r}")
+
+    def __call__(self, image, preprocess, rng: np.random.Generator) -> np.ndarray:
+        w, h = image.size
+        box = None
+        for _ in range(10):  # torchvision's RandomResizedCrop: draw until the crop fits, else the centre
+            area = w * h * rng.uniform(self.min_scale, 1.0)
+            ratio = float(np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3))))
+            cw, ch = int(round(np.sqrt(area * ratio))), int(round(np.sqrt(area / ratio)))
+            if 0 < cw <= w and 0 < ch <= h:
+                left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+                box = (left, top, left + cw, top + ch)
+                break
+        if box is None:
+            side = min(w, h)
+            box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+        size = preprocess.crop_size
+        image = image.resize((size, size), Image.BICUBIC, box=box)
+        if self.hflip and rng.random() < 0.5:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        return preprocess.normalize(image)
+
+
+def augmentation(spec) -> Optional[Augmentation]:
+    """The job's `augment` setting (false, true, or {"min_scale", "hflip"}) as an Augmentation or None."""
+    if spec is False or spec is None:
+        return None
+    if spec is True:
+        return Augmentation()
+    if isinstance(spec, dict):
+        unknown = sorted(set(spec) - {"min_scale", "hflip"})
+        if unknown:
+            raise DataError(f"augment has unknown key(s) {unknown}; valid: min_scale, hflip")
+        return Augmentation(**spec)
+    raise DataError(f"augment must be false, true or {{\"min_scale\": 0.5, \"hflip\": true}}, got {spec!r}")

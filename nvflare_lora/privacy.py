@@ -1,4 +1,5 @@
-"""Differential privacy for federated LoRA: DP-SGD at each site, DP-FedAvg on the server, and their accountant.
+"""Differential privacy for federated LoRA: its settings, DP-FedAvg on the server, and the accountant (numpy; opacus
+for the accounting). DP-SGD, the sites' torch half, is nvflare_lora.dp_sgd.
 
 Sample level (a site's images): DP-SGD (Abadi et al. 2016). Each step draws a Poisson sample of the site's
 training images (each image independently with probability q), computes every image's gradient of the
@@ -23,23 +24,17 @@ with the square of its rounds).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch.func import functional_call, grad, vmap
 
 from .errors import NVFlareLoRAError
 from .files import atomic_write
-from .models import use_eager_attention
 
 
 class PrivacyError(NVFlareLoRAError):
@@ -188,84 +183,6 @@ class Accountant:
         if self.path is not None:
             atomic_write(self.path, json.dumps({"delta": self.delta, "history": self.history}))
         return self.epsilon()
-
-
-# ---- DP-SGD: per-sample gradients, clipping, noise ---------------------------------------------------
-def per_sample_grads(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
-    """({name: (B, *shape)} gradients of each sample's cross-entropy w.r.t. the trainable tensors, the
-    per-sample losses), by torch.func on the model as it is."""
-    trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
-    buffers = {n: b for n, b in model.named_buffers()}
-
-    def loss_of(params, xi, yi):
-        logits = functional_call(model, {**frozen, **buffers, **params}, (xi.unsqueeze(0),))
-        loss = F.cross_entropy(logits.float(), yi.unsqueeze(0))
-        return loss, loss
-
-    grads, losses = vmap(grad(loss_of, has_aux=True), in_dims=(None, 0, 0), randomness="different")(trainable, x, y)
-    return grads, losses
-
-
-def clip_and_noise(grads: Mapping[str, torch.Tensor], clip: float, noise_multiplier: float, expected_batch: float,
-                   generator: Optional[torch.Generator] = None) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
-    """(the privatised mean gradient, each sample's norm before clipping): every sample's gradient scaled to
-    norm <= clip, summed, plus N(0, (noise_multiplier x clip)^2) per coordinate, divided by expected_batch."""
-    names = list(grads)
-    first = grads[names[0]]
-    norms = torch.sqrt(sum(grads[n].reshape(first.shape[0], -1).pow(2).sum(1) for n in names)) if first.shape[0] else \
-        torch.zeros(0)
-    factors = (clip / (norms + 1e-6)).clamp(max=1.0)
-    out = {}
-    for n in names:
-        g = grads[n]
-        summed = torch.einsum("b,b...->...", factors, g) if g.shape[0] else torch.zeros(g.shape[1:], dtype=g.dtype)
-        noise = torch.normal(0.0, noise_multiplier * clip, size=summed.shape, generator=generator,
-                             device="cpu").to(summed.device, summed.dtype)
-        out[n] = (summed + noise) / expected_batch
-    return out, norms
-
-
-class PrivateStep:
-    """The DP-SGD step of one site: per-sample gradients of the trainable tensors, clipped and noised,
-    then the optimiser's step. Replaces train_step (and its batch-level clip) when DP is on."""
-
-    def __init__(self, config: DPConfig, noise_multiplier: float, sample_rate: float, dataset_size: int,
-                 generator: Optional[torch.Generator] = None):
-        self.config, self.noise_multiplier, self.sample_rate = config, noise_multiplier, sample_rate
-        self.expected_batch = sample_rate * dataset_size
-        self.generator = generator if generator is not None else torch.Generator().manual_seed(
-            int.from_bytes(os.urandom(8), "little") >> 1)  # the noise must not be predictable
-        self.max_norm_seen = 0.0
-        self._eager = False  # switched to eager attention on the first step
-
-    def __call__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: Optional[torch.Tensor],
-                 y: torch.Tensor) -> float:
-        device = next(p for p in model.parameters()).device
-        if not self._eager:
-            use_eager_attention(model.get_base_model() if hasattr(model, "get_base_model") else model)
-            self._eager = True
-        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        if x is None or len(y) == 0:  # an empty Poisson sample is still a step: pure noise
-            grads = {n: torch.zeros((0,) + tuple(p.shape), device=device) for n, p in params.items()}
-            loss = float("nan")
-        else:
-            model.train()
-            grads, losses = per_sample_grads(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-            loss = float(losses.mean())
-        private, norms = clip_and_noise(grads, self.config.clip, self.noise_multiplier, self.expected_batch,
-                                        self.generator)
-        if len(norms):
-            self.max_norm_seen = max(self.max_norm_seen, float(norms.max()))
-        optimizer.zero_grad(set_to_none=True)
-        for n, p in params.items():
-            p.grad = private[n].to(p.dtype)
-        optimizer.step()
-        return loss
-
-    def to_dict(self) -> Dict:
-        return {**dataclasses.asdict(self.config), "noise_multiplier": self.noise_multiplier,
-                "sample_rate": self.sample_rate}
 
 
 def add_client_noise(state: Mapping, keys, clip_norm: float, noise_multiplier: float, num_sites: int, rng) -> Dict:

@@ -28,8 +28,8 @@ import numpy as np
 from .adapter import AdapterMismatchError
 from .aggregation import SiteUpdate
 from .aggregation.server import ServerAggregation
+from .adapter import adapter_skeleton
 from .facts import JobFacts
-from .lora_model import adapter_skeleton
 from .secure import SecureAggregation, SecureAggregationError, in_process
 from .settings import JobSettings
 from .site import Site

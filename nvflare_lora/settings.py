@@ -34,9 +34,9 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from .aggregation.rules import AGGREGATIONS, Robustness, check_site_ranks
 from .compression import MODES as CODECS
 from .config import LoRAConfig
-from .data import augmentation, check_share
 from .errors import NVFlareLoRAError
 from .head import Head, check_class_names, check_labels, check_templates
+from .preprocessing import augmentation, check_share
 from .privacy import DPConfig, check_client_dp
 
 PARTITIONS = ("dirichlet", "iid")

@@ -20,14 +20,16 @@ import torch
 
 from .aggregation import clip_to
 from .aggregation.site import SiteAggregation
-from .data import SiteLoader, augmentation, site_datasets, split_record
+from .base_model import fingerprint_difference, preprocessing_for
+from .data import SiteLoader, site_datasets, split_record
+from .dp_sgd import PrivateStep
 from .errors import NVFlareLoRAError
 from .facts import JobFacts
 from .head import HeadError, check_class_names
 from .lora_model import CLIPLoRAWrapper, FederatedCLIPModel
 from .managers import fingerprint
-from .models import fingerprint_difference, preprocessing_for
-from .privacy import Accountant, DPConfig, PrivateStep
+from .preprocessing import augmentation
+from .privacy import Accountant, DPConfig
 from .secure import secure_mode
 from .settings import SITE_CONFIG_FILE, JobSettings
 from .training import train_local

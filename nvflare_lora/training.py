@@ -102,7 +102,7 @@ def train_local(fed_model, data, epochs: int = 1, max_steps: Optional[int] = Non
     (batches of `batch_size` decoded in this process). Pass e of the `epochs` is the loader's shuffled pass
     (seed, e). Stops after `epochs` passes or `max_steps` steps, whichever comes first; `should_abort` is
     checked between steps and raises Aborted. Returns steps, samples, mean loss and wall time.
-    private: a nvflare_lora.privacy.PrivateStep: DP-SGD steps (per-sample clip + noise) in place of train_step;
+    private: a nvflare_lora.dp_sgd.PrivateStep: DP-SGD steps (per-sample clip + noise) in place of train_step;
     the loader must then sample with its sample_rate (Poisson), and empty samples are steps too.
     """
     loader = data if isinstance(data, SiteLoader) else SiteLoader(data, batch_size, shuffle=True)

@@ -21,11 +21,12 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from . import adapter as ad
+from .adapter import adapter_skeleton
+from .base_model import ModelNotFoundError, base_fingerprint, preprocessing_for
 from .checkpoint import CheckpointMeta, save_adapter_dir
 from .head import DEFAULT_TEMPLATES, Head, HeadError, check_templates
 from .jobfolder import read_job
-from .lora_model import adapter_skeleton
-from .models import ModelNotFoundError, base_fingerprint, build_classifier, load_tokenizer, preprocessing_for
+from .models import build_classifier, load_tokenizer
 
 HEAD_WEIGHT, HEAD_BIAS = "base_model.model.classifier.weight", "base_model.model.classifier.bias"
 INITIAL_ADAPTER_DIR = "initial_adapter"

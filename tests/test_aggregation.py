@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from nvflare_lora import LoRAConfig, quick_clip_lora
 from nvflare_lora.adapter import AdapterMismatchError
+from nvflare_lora import LoRAConfig, quick_clip_lora
 from nvflare_lora.aggregation import (SiteUpdate, aggregate, fold_residuals, project, rank_of, residual_key,
                                       split_residuals, unfold, upload_keys, zero_residuals)
 from nvflare_lora.aggregation.site import SiteAggregation
@@ -448,7 +448,8 @@ def test_exact_checkpoint_is_a_folded_plain_peft_adapter_that_scores_as_the_site
 
     from nvflare_lora.checkpoint import read_adapter_dir
     from nvflare_lora.data import load_digits_dataset, site_split
-    from nvflare_lora.models import build_classifier, preprocessing_for
+    from nvflare_lora.base_model import preprocessing_for
+    from nvflare_lora.models import build_classifier
     from nvflare_lora.training import evaluate
     from nvflare_lora.testing.simulator import communication, cross_site_results, server_app_dir
 

@@ -94,6 +94,41 @@ def test_every_module_sits_in_a_documented_layer_and_imports_no_higher_one_and_n
     assert not cycles, f"import cycles: {cycles}"
 
 
+def top_level_imports(f: Path) -> list:
+    """(module, names) of every import at a module's top level that is not of the package (ast)."""
+    out = []
+    for node in ast.parse(f.read_text()).body:
+        if isinstance(node, ast.Import):
+            out += [(a.name, ()) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            out.append((node.module, tuple(a.name for a in node.names)))
+    return out
+
+
+def test_the_nvflare_server_imports_neither_transformers_models_nor_peft():
+    """The server never builds the base: its components (and what they import, transitively) describe it from its
+    config (base_model: transformers' CLIPConfig only) and never import the network, peft or the site's training."""
+    edges = package_imports(PACKAGE, "nvflare_lora")
+    closure, todo = set(), [m for m in edges if m.startswith(("nvflare_lora.fl.server.", "nvflare_lora.fl.filters."))]
+    while todo:
+        m = todo.pop()
+        if m not in closure:
+            closure.add(m)
+            todo += [t for t, _, _ in edges.get(m, ())]
+    assert not closure & {"nvflare_lora.models", "nvflare_lora.lora_model", "nvflare_lora.dp_sgd",
+                          "nvflare_lora.training", "nvflare_lora.data", "nvflare_lora.site"}, sorted(closure)
+    heavy = []
+    for m in sorted(closure):
+        f = PACKAGE.parent / (m.replace(".", "/") + ".py")
+        f = f if f.is_file() else f.with_suffix("") / "__init__.py"
+        for module, names in top_level_imports(f):
+            if module.split(".")[0] == "peft" or (module.split(".")[0] == "transformers"
+                                                  and (m, module, names) != ("nvflare_lora.base_model", "transformers",
+                                                                            ("CLIPConfig",))):
+                heavy.append(f"{m} imports {module} {names}")
+    assert not heavy, heavy
+
+
 def test_the_package_imports_itself_at_the_top_of_modules():
     inside = [f"{m}:{line} imports {t}" for m, targets in package_imports(PACKAGE, "nvflare_lora").items()
               for t, line, in_function in targets if in_function]

@@ -1,6 +1,7 @@
 """The core library, with real transformers and PEFT models (the tiny preset), no mocks."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -158,7 +159,7 @@ def test_model_manager_round_trip_and_plain_peft_load(tmp_path):
     info = mgr.get_model_info("run1")
     assert info["base_model"] == "tiny-clip" and info["labels"] == [str(i) for i in range(10)]
     assert info["adapter_bytes"] == sum(v.nbytes for v in w.model.get_parameters().values())
-    assert info["preprocessing"]["size"] == 32 and "weights_sha256" in info["base_fingerprint"]
+    assert info["preprocessing"]["size"] == 32 and "preset_sha256" in info["base_fingerprint"]
     assert mgr.list_models() == ["run1"]
 
     w2 = quick_clip_lora("tiny-clip", 10, 4)
@@ -307,6 +308,48 @@ def test_skeleton_shapes_match_real_model_and_init_is_shared():
     assert all(not pa[k].any() for k in pa if "lora_B" in k)
 
 
+@pytest.mark.parametrize("case", ["tiny-qv", "tiny-text-all", "vitb32-head-only-tower"])
+def test_the_adapter_from_the_config_alone_is_what_peft_makes_of_the_built_model(case, tmp_path):
+    """adapter_skeleton (what the server uses: the base's config, no network, no peft) against PEFT on the model
+    built on the meta device: the same keys in the same order, the same shapes, and an adapter_config.json that
+    PEFT reads back as the config it makes itself."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import CLIPConfig
+
+    from nvflare_lora.adapter import adapter_config, adapter_skeleton
+    from nvflare_lora.base_model import linear_layers, load_clip_config, resolve_model
+    from nvflare_lora.lora_model import adapter_state, peft_config
+    from nvflare_lora.models import CLIPImageClassifier
+
+    model, lora, include_text = {
+        "tiny-qv": ("tiny-clip", LoRAConfig(r=4, lora_alpha=8), False),
+        "tiny-text-all": ("tiny-clip", LoRAConfig(r=2, target_components=["vision", "text", "classifier"],
+                                                  target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1",
+                                                                  "fc2"]), True),
+        "vitb32-head-only-tower": (str(tmp_path / "vitb32"), LoRAConfig(r=8, target_components=["vision"]), False),
+    }[case]
+    if case.startswith("vitb32"):
+        CLIPConfig().save_pretrained(str(tmp_path / "vitb32"))  # ViT-B/32's shapes; the config is all it reads
+    shapes, config = adapter_skeleton(model, 7, lora, include_text)
+    cfg = load_clip_config(resolve_model(model))
+    with torch.device("meta"):
+        built = CLIPImageClassifier(cfg, 7, include_text=include_text or "text" in lora.towers)
+    assert linear_layers(cfg, built.include_text) == {
+        n: (m.in_features, m.out_features) for n, m in built.named_modules()
+        if isinstance(m, torch.nn.Linear) and n != "classifier"}
+    built.name_or_path = model  # as build_classifier names it
+    with torch.device("meta"):
+        peft_model = get_peft_model(built, peft_config(lora, built, model))
+    made = adapter_state(peft_model)
+    assert list(shapes) == list(made) and shapes == {k: tuple(v.shape) for k, v in made.items()}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    theirs = peft_model.peft_config["default"].to_dict()
+    ours = LoraConfig.from_pretrained(str(tmp_path)).to_dict()
+    assert {k: v for k, v in ours.items() if k != "inference_mode"} == \
+        {k: v for k, v in theirs.items() if k != "inference_mode"}
+    assert config == adapter_config({k: theirs[k] for k in config if k not in adapter_config({})})
+
+
 def test_training_on_digits_beats_chance_by_far(digits):
     fed = quick_clip_lora("tiny-clip", 10, 8).model
     tr, va = site_split(digits, "site-1", 1, "iid")
@@ -346,10 +389,30 @@ def test_bundled_digits_are_sklearns_without_importing_it_or_torch():
                           check=True).stdout.strip() == "False False"
 
 
+def test_a_preset_is_identified_by_what_generates_it_and_told_apart_from_a_directory(tmp_path, monkeypatch):
+    """The server fingerprints the preset without building it (preset_sha256: config, seed, torch and transformers
+    versions); a site on another torch, or with the preset saved as a directory, is told apart, naming both."""
+    from nvflare_lora import base_model
+    from nvflare_lora.base_model import base_fingerprint, fingerprint_difference
+
+    server = base_fingerprint("tiny-clip")
+    assert set(server) == {"model", "kind", "config_sha256", "preset_sha256"} and server == base_fingerprint("tiny-clip")
+    monkeypatch.setattr(base_model, "version", lambda pkg: "0.0.1" if pkg == "torch" else "5.25.0")
+    other_torch = base_fingerprint("tiny-clip")
+    monkeypatch.undo()
+    assert re.search(r"preset_sha256 \w{12}\.\.\. here vs \w{12}\.\.\. on the server",
+                     fingerprint_difference(server, other_torch) or "")
+    directory = base_fingerprint(str(save_preset("tiny-clip", tmp_path / "base")))
+    assert directory["config_sha256"] == server["config_sha256"]  # the same shapes, so only the weights tell
+    assert re.search(r"weights_sha256 \w{12}\.\.\. here \(a dir\) vs preset_sha256 \w{12}\.\.\. on the server "
+                     r"\(a preset\)", fingerprint_difference(server, directory) or "")
+    assert fingerprint_difference(server, base_fingerprint("tiny-clip")) is None
+
+
 def test_weights_hash_cache_is_used_and_invalidated_by_a_changed_file(tmp_path):
     import os
 
-    from nvflare_lora.models import resolve_model, weights_sha256
+    from nvflare_lora.base_model import resolve_model, weights_sha256
 
     source = resolve_model(str(save_preset("tiny-clip", tmp_path / "base")))
     cache = tmp_path / "site" / ".nvflare_lora_cache" / "weights_sha256.json"

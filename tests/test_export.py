@@ -25,12 +25,13 @@ from exporters.onnx.predict import ImageClassifier
 from exporters.onnx.predict import main as predict_main
 from exporters.onnx.session import open_session, session_config
 from exporters.onnx.verify import compare
-from nvflare_lora import FederatedCLIPModel, quick_clip_lora
 from nvflare_lora.checkpoint import save_adapter_dir
-from nvflare_lora.files import sha256_file
 from nvflare_lora.data import load_digits_dataset, split_record
+from nvflare_lora.files import sha256_file
 from nvflare_lora.managers import model_metadata
-from nvflare_lora.models import Preprocessing, build_classifier, save_preset
+from nvflare_lora.models import build_classifier, save_preset
+from nvflare_lora import FederatedCLIPModel, quick_clip_lora
+from nvflare_lora.preprocessing import Preprocessing
 from nvflare_lora.testing import ort_logits
 from nvflare_lora.training import train_local
 
@@ -594,7 +595,7 @@ def zero_shot_run(tmp_path_factory):
     best adapter moved from that start as training moves it (LoRA B and the head changed)."""
     from nvflare_lora.checkpoint import read_adapter_dir
     from nvflare_lora.config import LoRAConfig
-    from nvflare_lora.models import _TINY_CONFIG
+    from nvflare_lora.base_model import _TINY_CONFIG
     from nvflare_lora.sample_data import write_random_base
     from nvflare_lora.zeroshot import write_initial_adapter
 
@@ -613,7 +614,7 @@ def zero_shot_run(tmp_path_factory):
 def test_wise_alpha_0_exports_clips_zero_shot_model_and_1_the_fine_tuned_one(zero_shot_run, tmp_path, capsys):
     from transformers import CLIPModel
 
-    from nvflare_lora.models import preprocessing_for
+    from nvflare_lora.base_model import preprocessing_for
     from nvflare_lora.models import load_tokenizer
 
     run, base, labels = zero_shot_run
@@ -660,7 +661,7 @@ def test_predict_classifies_against_labels_no_site_trained_without_torch(zero_sh
     from PIL import Image
     from transformers import CLIPModel
 
-    from nvflare_lora.models import preprocessing_for
+    from nvflare_lora.base_model import preprocessing_for
     from nvflare_lora.models import load_tokenizer
 
     run, base, labels = zero_shot_run

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nvflare_lora import quick_clip_lora
 from nvflare_lora.data import SiteLoader, load_digits_dataset, site_split
-from nvflare_lora.privacy import (Accountant, DPConfig, PrivacyError, PrivateStep, calibrate, clip_and_noise,
-                                  epsilon_of, per_sample_grads)
+from nvflare_lora.dp_sgd import PrivateStep, clip_and_noise, per_sample_grads
+from nvflare_lora import quick_clip_lora
+from nvflare_lora.privacy import Accountant, DPConfig, PrivacyError, calibrate, epsilon_of
 
 
 @pytest.fixture(scope="module")

@@ -68,7 +68,7 @@ def test_the_vitb32_job_starts_at_clips_zero_shot_accuracy_and_exports_verified(
     from transformers import CLIPModel
 
     from nvflare_lora.data import SiteLoader, load_image_folder, train_val_split
-    from nvflare_lora.models import preprocessing_for
+    from nvflare_lora.base_model import preprocessing_for
     from nvflare_lora.models import load_tokenizer
 
     home, _ = real_sites_run

@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from nvflare_lora.data import (Augmentation, SiteLoader, TooManyBadImages, load_csv, load_dataset,
+from nvflare_lora.data import (SiteLoader, TooManyBadImages, load_csv, load_dataset,
                                load_image_folder)
-from nvflare_lora.models import _TINY_CONFIG, preprocessing_for
-from nvflare_lora.preprocessing import open_image
+from nvflare_lora.base_model import _TINY_CONFIG, preprocessing_for
+from nvflare_lora.preprocessing import Augmentation, open_image
 from nvflare_lora.sample_data import elpv_files, write_random_base
 
 PP = preprocessing_for("tiny-clip")

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from nvflare_lora.base_model import _TINY_CONFIG
 from nvflare_lora import CLIPLoRAWrapper, FederatedCLIPModel, LoRAConfig
 from nvflare_lora.sample_data import digits_uint8
-from nvflare_lora.models import _TINY_CONFIG
 from nvflare_lora.sample_data import write_random_base
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -55,7 +55,7 @@ def test_text_head_scores_as_clip_does_before_and_after_text_lora_is_merged(base
     from transformers import CLIPModel
 
     from nvflare_lora.data import load_digits_dataset
-    from nvflare_lora.models import preprocessing_for
+    from nvflare_lora.base_model import preprocessing_for
     from nvflare_lora.models import load_tokenizer
 
     labels, templates = ["zero", "one", "two", "cat"], ["a photo of a {}.", "{}"]
@@ -175,7 +175,7 @@ def test_a_saved_text_head_exports_and_wise_0_is_clips_zero_shot_model(base, tmp
     from exporters.onnx.session import open_session
     from nvflare_lora import LoRAModelManager
     from nvflare_lora.data import load_digits_dataset
-    from nvflare_lora.models import preprocessing_for
+    from nvflare_lora.base_model import preprocessing_for
     from nvflare_lora.models import load_tokenizer
 
     labels, templates = ["zero", "one", "two"], ["the number {}."]

@@ -19,12 +19,13 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from nvflare_lora.adapter import AdapterMismatchError
+from nvflare_lora.base_model import ModelNotFoundError, base_fingerprint, fingerprint_difference
 from nvflare_lora.checkpoint import META_FILE, CheckpointError, read_adapter_dir
 from nvflare_lora.config import LoRAConfig
-from nvflare_lora.lora_model import CLIPLoRAWrapper, FederatedCLIPModel
-from nvflare_lora.models import (CLIPImageClassifier, ModelNotFoundError, Preprocessing, base_fingerprint,
-                                 fingerprint_difference)
 from nvflare_lora.head import Head, HeadError
+from nvflare_lora.lora_model import CLIPLoRAWrapper, FederatedCLIPModel
+from nvflare_lora.models import CLIPImageClassifier
+from nvflare_lora.preprocessing import Preprocessing
 from nvflare_lora.secure import decrypt_checkpoint
 from nvflare_lora.zeroshot import HEAD_BIAS, HEAD_WEIGHT, zeroshot_head
 

@@ -13,7 +13,6 @@ whenever it saves a checkpoint, so exporters and PeftModel.from_pretrained see a
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -31,13 +30,13 @@ from ...adapter import AdapterMismatchError, check_adapter
 from ...aggregation import fold_residuals, unfold
 from ...checkpoint import (CHECKPOINT_NAMES, CheckpointError, CheckpointMeta, locate_checkpoint,
                            read_adapter_dir, save_adapter_dir)
+from ...adapter import adapter_skeleton
+from ...base_model import base_fingerprint, fingerprint_difference, preprocessing_for
 from ...config import LoRAConfig
 from ...facts import JobFacts
-from ...lora_model import adapter_skeleton
-from ...models import base_fingerprint, fingerprint_difference, preprocessing_for
-from ...settings import CHECKPOINT_DIR, SettingsError, default, settings
 from ...head import Head
 from ...secure import secure_mode
+from ...settings import CHECKPOINT_DIR, SettingsError, default, settings
 from ..protocol import AGGREGATION_INFO_PROP, ANNOUNCE_KEY, VAL_SPLIT_KEY
 
 CHECKPOINTS = CHECKPOINT_NAMES
@@ -224,8 +223,7 @@ class AdapterPersistor(ModelPersistor):
             return save_adapter_dir(self._dir(fl_ctx) / name, weights, self._peft_config,
                                     self.metadata(round=rnd, checkpoint=name, aggregation=self._fold_info(), **fields))
         folded, rank, info = fold_residuals(weights, self.lora.scaling)
-        peft_config = copy.deepcopy(self._peft_config)
-        peft_config.r, peft_config.lora_alpha = rank, float(rank)
+        peft_config = {**self._peft_config, "r": rank, "lora_alpha": float(rank)}
         lora = {**self.lora.to_dict(), "r": rank, "lora_alpha": float(rank)}
         meta = self.metadata(round=rnd, checkpoint=name, lora_config=lora,
                              aggregation={**self._fold_info(), **info, "training_lora_config": self.lora.to_dict()},
