@@ -19,11 +19,11 @@
    answer on both kinds of x86 CPU and what the entry does.
 Accuracy: the last round's global validation accuracy (communication.json), and the best checkpoint's.
 
-Usage: HF_HUB_OFFLINE=1 python benchmarks/newcomer.py [--workdir DIR] [--skip-plain] [--reuse-run WS]
+Usage: HF_HUB_OFFLINE=1 python benchmarks/newcomer.py [--workdir DIR] [--skip-plain] [--reuse-run WS] [--schemes s8,u8u8]
        HF_HUB_OFFLINE=1 python benchmarks/newcomer.py --smoke   # CI size: the -t run and one seed's int8 export,
            2 sites, 2 rounds of 1 step (the second saves the best adapter), no cross-site evaluation, --skip-plain
-           (the runs without -t start a process per task: minutes even at this size), 32 images in the int8 scheme
-           table (each emulated run of a scheme costs seconds per image batch); JSON to
+           (the runs without -t start a process per task: minutes even at this size), 32 images and the export's
+           scheme only (s8) in the int8 scheme table (each emulated run of a scheme costs seconds); JSON to
            benchmarks/out/smoke/newcomer.json
        --reuse-run WS: WS is a finished workspace of the README's own command (`nvflare simulator jobs/clip_lora
            -w WS -n 4 -t 4`, the t4 run as shipped): a copy of it stands for the t4 run (its seconds: the span of
@@ -123,9 +123,9 @@ def import_seconds(runs: int = 5) -> float:
     return statistics.median(times)
 
 
-def int8_schemes(ws: Path, out: Path, images: int = 256) -> dict:
-    """Top-1 agreement of every int8 scheme with the fp32 export on (up to `images` of) the run's validation
-    images."""
+def int8_schemes(ws: Path, out: Path, images: int = 256, schemes=None) -> dict:
+    """Top-1 agreement of every int8 scheme (or of `schemes`) with the fp32 export on (up to `images` of) the run's
+    validation images."""
     from exporters.onnx.locate import locate_checkpoint
     from exporters.onnx.pipeline import verification_images
     from exporters.onnx.rebuild import rebuild
@@ -140,7 +140,7 @@ def int8_schemes(ws: Path, out: Path, images: int = 256) -> dict:
         runners["haswell-no-x64qp"] = (runners["haswell"][0], "off")  # the exported scheme without the entry
     logits = {}
     models = {"fp32": ws / "onnx" / "model.onnx"}
-    for scheme in INT8_SCHEMES:
+    for scheme in schemes or INT8_SCHEMES:
         models[scheme] = out / f"{scheme}.onnx"
         quantize_int8(ws / "onnx" / "model.optimized.onnx", models[scheme], scheme)
     for name, model in models.items():
@@ -167,15 +167,17 @@ def main() -> None:
     p.add_argument("--json", default=None, help="raw results (default benchmarks/results/newcomer.json)")
     p.add_argument("--scheme-images", type=int, default=256, help="validation images of the int8 scheme table "
                    "(each scheme runs on them natively and, with qemu, emulated)")
+    p.add_argument("--schemes", default=None, help="int8 schemes of the table, comma-separated (default: all of "
+                   "exporters/onnx/variants.py's INT8_SCHEMES)")
     p.add_argument("--reuse-run", metavar="WS", help="a finished workspace of the README's `nvflare simulator "
                    "jobs/clip_lora -w WS -n 4 -t 4`: its copy stands for the t4 run (not run again)")
     p.add_argument("--smoke", action="store_true", help="tiny size for CI: --skip-plain --seeds 0 --sites 2 "
-                   "--rounds 2 --max-steps 1 --scheme-images 32, no cross-site evaluation, JSON to "
+                   "--rounds 2 --max-steps 1 --scheme-images 32 --schemes s8, no cross-site evaluation, JSON to "
                    "benchmarks/out/smoke/")
     args = p.parse_args()
     if args.smoke:
         args.skip_plain, args.seeds, args.sites, args.rounds, args.max_steps = True, "0", 2, 2, 1
-        args.scheme_images = 32
+        args.scheme_images, args.schemes = 32, "s8"  # the export's scheme: each other one is 2 more runs, one emulated
     seeds = [int(x) for x in args.seeds.split(",")]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="newcomer-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -222,7 +224,8 @@ def main() -> None:
                                         "int8"], capture_output=True, text=True, cwd=ROOT, timeout=900).returncode
         report = json.loads((ws / "onnx" / "export_report.json").read_text())
         int8 = report["verification"]["variants"]["int8"]
-        schemes = int8_schemes(ws, Path(tempfile.mkdtemp(dir=work, prefix=f"int8-{seed}-")), args.scheme_images)
+        schemes = int8_schemes(ws, Path(tempfile.mkdtemp(dir=work, prefix=f"int8-{seed}-")), args.scheme_images,
+                               args.schemes.split(",") if args.schemes else None)
         results["int8"].append({"seed": seed, "exit_code": exit_code, "export_agreement": 100 * int8["top1_agreement"],
                                 "samples": int8["samples"], "near_tie_flips": int8["near_tie_flips"],
                                 "passed": int8["passed"], "cpu": int8["cpu"], "schemes": schemes})
