@@ -35,8 +35,8 @@
 Usage:  HF_HUB_OFFLINE=1 python benchmarks/federation.py  [--reps 30]
         HF_HUB_OFFLINE=1 python benchmarks/federation.py --smoke    # CI size: 1 warm round in (a); in (b) and
             (c) a tiny-clip-shaped base directory (benchmarks/_smoke.py, a temporary folder) stands in for the
-            ViT-B/32 one, so (b) runs the simulator once, on that directory, and its row stands for both bases
-            (the ratio reads 1.00x); raw results to benchmarks/out/smoke/federation.json
+            ViT-B/32 one, so (b) runs the simulator once, with one site, on that directory, and its row stands for
+            both bases (the ratio reads 1.00x); raw results to benchmarks/out/smoke/federation.json
 The last line is `federation: overhead=<X>x server_rss_vitb32/tiny=<Y>x upload_vs_full=1/<Z>`:
 X = warm executor round / plain loop (steps only), medians of process CPU time (wall time is in the table:
 on the shared CPU it mostly measures other processes' load; with one torch thread CPU time is the work done);
@@ -279,15 +279,15 @@ def read_status(pid: int) -> Optional[Dict[str, int]]:
         return None
 
 
-def run_sim_sampled(job: Path, ws: Path, timeout: float = 480) -> Dict:
-    """Run the simulator in a subprocess; sample every process in its tree until the end."""
+def run_sim_sampled(job: Path, ws: Path, sites: int = 2, timeout: float = 480) -> Dict:
+    """Run the simulator (-n sites -t sites) in a subprocess; sample every process in its tree until the end."""
     import psutil
 
     from nvflare_lora.allow import allow
 
     allow(ws)
     cmd = [sys.executable, "-m", "nvflare.private.fed.app.simulator.simulator", str(job), "-w", str(ws),
-           "-n", "2", "-t", "2"]
+           "-n", str(sites), "-t", str(sites)]
     log = (ws.parent / f"{ws.name}_simulator_output.txt").open("w")
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT),
@@ -340,15 +340,16 @@ def run_sim_sampled(job: Path, ws: Path, timeout: float = 480) -> Dict:
 
 def bench_server_memory(tmp: Path, base: Optional[Path] = None, once: bool = False) -> Dict:
     """base: the large base (default: the ViT-B/32-shaped one, written once). once (--smoke, where the large base
-    has tiny-clip's shapes too): one simulator run, on `base`, whose row stands for both."""
+    has tiny-clip's shapes too): one simulator run of one site, on `base`, whose row stands for both."""
     base = base or ensure_vitb32_base()
     out = {}
     for name, model in (() if once else (("tiny", "tiny-clip"),)) + (("vitb32", str(base)),):
+        sites = 1 if once else 2  # each site is a process that imports torch, transformers and peft
         job = make_job(tmp / f"job_{name}", num_rounds=1, model=model, local_epochs=1, max_steps=1, batch_size=4,
-                       val_fraction=0.05, cross_site_eval=False)
+                       val_fraction=0.05, cross_site_eval=False, **({"min_clients": 1} if once else {}))
         ws = tmp / f"ws_{name}"
-        print(f"(b) simulator, 2 sites, one round, base {name} ...", flush=True)
-        out[name] = run_sim_sampled(job, ws)
+        print(f"(b) simulator, {sites} site(s), one round, base {name} ...", flush=True)
+        out[name] = run_sim_sampled(job, ws, sites)
         out[name]["communication"] = communication(ws)
     if once:
         out["tiny"] = out["vitb32"]
@@ -385,7 +386,7 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", default="abc", help="which parts to run (for development; the record runs abc)")
     ap.add_argument("--json", default=None, help="raw results (default benchmarks/results/federation.json)")
     ap.add_argument("--smoke", action="store_true", help="tiny size for CI: --reps 1, a tiny-clip-shaped base "
-                    "directory in the ViT-B/32 base's place, JSON to benchmarks/out/smoke/")
+                    "directory in the ViT-B/32 base's place, one site in (b), JSON to benchmarks/out/smoke/")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t_start = time.perf_counter()
@@ -437,7 +438,9 @@ def main(argv=None) -> int:
     if b:
         t, v = b["tiny"], b["vitb32"]
         ratio = v["server_peak"] / t["server_peak"]
-        print(f"\n(b) peak resident memory (VmHWM), simulator -n 2 -t 2, one round (1 step of 4 per site), no cross-site eval")
+        n = len(v["site_peaks"])
+        print(f"\n(b) peak resident memory (VmHWM), simulator -n {n} -t {n}, one round (1 step of 4 per site), "
+              f"no cross-site eval")
         print(f"    {'process':38} {'tiny-clip':>12} {'ViT-B/32':>12} {'ratio':>7}")
         print(f"    {'server (parent of site workers)':38} {mib(t['server_peak']):>12} {mib(v['server_peak']):>12} "
               f"{ratio:6.2f}x  (target <= 1.2)")
