@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nvflare_lora.adapter import adapter_shapes
+from nvflare_lora.skeleton import adapter_shapes
 from nvflare_lora.aggregation.server import ServerAggregation
 from nvflare_lora.base_model import preprocessing_for
 from nvflare_lora.data import ImageDataset, SiteLoader

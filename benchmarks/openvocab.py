@@ -64,7 +64,7 @@ ROOT = Path(__file__).resolve().parents[1]
 from _smoke import TINY_CLIP_CONFIG, json_path  # noqa: E402
 from exporters.onnx.rebuild import wise_state  # noqa: E402
 from nvflare_lora.adapter import adapter_shapes_of  # noqa: E402
-from nvflare_lora.adapter import adapter_skeleton  # noqa: E402
+from nvflare_lora.skeleton import adapter_skeleton  # noqa: E402
 from nvflare_lora.aggregation.server import ServerAggregation  # noqa: E402
 from nvflare_lora.base_model import preprocessing_for  # noqa: E402
 from nvflare_lora.data import ImageDataset, partition  # noqa: E402

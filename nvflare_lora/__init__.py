@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "LoRAConfig": "config", "FederatedCLIPModel": "lora_model", "CLIPLoRAWrapper": "lora_model",
-    "quick_clip_lora": "lora_model", "adapter_shapes": "adapter", "adapter_skeleton": "adapter",
+    "quick_clip_lora": "lora_model", "adapter_shapes": "skeleton", "adapter_skeleton": "skeleton",
     "LoRAConfigManager": "managers", "LoRAModelManager": "managers",
     "TINY_PRESET": "base_model", "ModelNotFoundError": "base_model",
 }

@@ -7,7 +7,7 @@ A model name is one of three things, tried in this order:
    for users with access, downloaded once.
 
 This module imports transformers' CLIPConfig only, never the modelling code (nvflare_lora.models): the NVFlare
-server process (the persistor) describes the base, its adapter's shapes (nvflare_lora.adapter.adapter_skeleton) and
+server process (the persistor) describes the base, its adapter's shapes (nvflare_lora.skeleton.adapter_skeleton) and
 its preprocessing from here, and so starts without transformers' models or peft (tests/test_architecture.py).
 """
 

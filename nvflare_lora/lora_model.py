@@ -20,6 +20,7 @@ from .base_model import TINY_PRESET, preprocessing_for
 from .config import LoRAConfig, LoRAConfigError
 from .head import Head, HeadError, check_labels, tokenize_labels
 from .models import CLIPImageClassifier, build_classifier, load_tokenizer
+from .skeleton import HEAD, init_adapter_state, lora_fields
 from .training import evaluate as _evaluate
 from .training import make_optimizer, pick_device
 from .training import train_step as _train_step
@@ -90,8 +91,8 @@ class FederatedCLIPModel:
     def get_parameters(self) -> Dict[str, np.ndarray]:
         """The exchanged tensors as float32 numpy arrays: the adapter after LoRA, else the whole model."""
         if self.is_lora:
-            return ad.to_numpy(adapter_state(self.model))
-        return ad.to_numpy({k: v for k, v in self.model.state_dict().items() if not k.endswith("position_ids")})
+            return to_numpy(adapter_state(self.model))
+        return to_numpy({k: v for k, v in self.model.state_dict().items() if not k.endswith("position_ids")})
 
     def set_parameters(self, params: Mapping[str, np.ndarray]) -> None:
         """Load exactly the tensors get_parameters() returns; any other key or shape is refused, nothing loaded."""
@@ -137,10 +138,14 @@ class FederatedCLIPModel:
         return self.model(pixel_values.to(self.device))
 
 
+def to_numpy(state: Mapping[str, torch.Tensor]) -> Dict[str, np.ndarray]:
+    return {k: v.detach().cpu().float().numpy().copy() for k, v in state.items()}
+
+
 def peft_config(lora: LoRAConfig, model: nn.Module, base_model_name: str = "") -> LoraConfig:
-    """PEFT's LoraConfig for `model` (a CLIPImageClassifier) under our LoRAConfig (nvflare_lora.adapter.lora_fields)."""
-    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.startswith(ad.HEAD)]
-    return LoraConfig(**ad.lora_fields(lora, linear_names, base_model_name))
+    """PEFT's LoraConfig for `model` (a CLIPImageClassifier) under our LoRAConfig (nvflare_lora.skeleton.lora_fields)."""
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.startswith(HEAD)]
+    return LoraConfig(**lora_fields(lora, linear_names, base_model_name))
 
 
 def adapter_state(peft_model) -> Dict[str, torch.Tensor]:
@@ -206,7 +211,7 @@ class CLIPLoRAWrapper:
         base = fed.model.float()
         peft_model = get_peft_model(base, peft_config(self.lora_config, base, fed.model_name))
         shapes = ad.adapter_shapes_of(adapter_state(peft_model))
-        load_adapter_state(peft_model, ad.init_adapter_state(shapes, self.lora_config.seed))
+        load_adapter_state(peft_model, init_adapter_state(shapes, self.lora_config.seed))
         fed.model = peft_model
         fed.lora_config = self.lora_config
         fed._forget_class_embeddings()

@@ -28,7 +28,7 @@ import numpy as np
 from .adapter import AdapterMismatchError
 from .aggregation import SiteUpdate
 from .aggregation.server import ServerAggregation
-from .adapter import adapter_skeleton
+from .skeleton import adapter_skeleton
 from .facts import JobFacts
 from .secure import SecureAggregation, SecureAggregationError, in_process
 from .settings import JobSettings

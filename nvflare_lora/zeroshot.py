@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from . import adapter as ad
-from .adapter import adapter_skeleton
+from .skeleton import adapter_skeleton, init_adapter_state
 from .base_model import ModelNotFoundError, base_fingerprint, preprocessing_for
 from .checkpoint import CheckpointMeta, save_adapter_dir
 from .head import DEFAULT_TEMPLATES, Head, HeadError, check_templates
@@ -52,7 +52,7 @@ def write_initial_adapter(out: str | Path, model_name: str, labels: Sequence[str
         raise ZeroShotError("a zero-shot head must be trained and exchanged: add 'classifier' to target_components")
     labels = list(labels)
     shapes, peft_config = adapter_skeleton(model_name, len(labels), lora)
-    state = ad.init_adapter_state(shapes, lora.seed)
+    state = init_adapter_state(shapes, lora.seed)
     state[HEAD_WEIGHT], state[HEAD_BIAS] = zeroshot_head(model_name, labels, templates)
     ad.check_adapter(state, shapes, "zero-shot adapter", float32=True)
     n = int(sum(v.size for v in state.values()))

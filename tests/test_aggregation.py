@@ -358,7 +358,7 @@ def test_site_ranks_naming_a_site_that_is_not_in_the_job_stop_it_at_the_start():
 
 # ---- ffa in real rounds: A never moves and never travels up -------------------------------------------
 def test_ffa_run_sends_no_lora_A_keeps_it_at_the_shared_init_and_learns():
-    from nvflare_lora.adapter import init_adapter_state
+    from nvflare_lora.skeleton import init_adapter_state
     from nvflare_lora.round import Federation
     from nvflare_lora.settings import settings
 

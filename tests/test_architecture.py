@@ -105,27 +105,47 @@ def top_level_imports(f: Path) -> list:
     return out
 
 
-def test_the_nvflare_server_imports_neither_transformers_models_nor_peft():
-    """The server never builds the base: its components (and what they import, transitively) describe it from its
-    config (base_model: transformers' CLIPConfig only) and never import the network, peft or the site's training."""
+def import_closure(roots) -> set:
+    """The package's modules that `roots` import, transitively (roots included)."""
     edges = package_imports(PACKAGE, "nvflare_lora")
-    closure, todo = set(), [m for m in edges if m.startswith(("nvflare_lora.fl.server.", "nvflare_lora.fl.filters."))]
+    closure, todo = set(), list(roots)
     while todo:
         m = todo.pop()
         if m not in closure:
             closure.add(m)
             todo += [t for t, _, _ in edges.get(m, ())]
-    assert not closure & {"nvflare_lora.models", "nvflare_lora.lora_model", "nvflare_lora.dp_sgd",
-                          "nvflare_lora.training", "nvflare_lora.data", "nvflare_lora.site"}, sorted(closure)
-    heavy = []
+    return closure
+
+
+def third_party(closure, packages, allowed=()) -> list:
+    """'module imports X' for each top-level import of one of `packages` by a module of the closure, but `allowed`
+    ((module, imported module, names))."""
+    found = []
     for m in sorted(closure):
         f = PACKAGE.parent / (m.replace(".", "/") + ".py")
         f = f if f.is_file() else f.with_suffix("") / "__init__.py"
         for module, names in top_level_imports(f):
-            if module.split(".")[0] == "peft" or (module.split(".")[0] == "transformers"
-                                                  and (m, module, names) != ("nvflare_lora.base_model", "transformers",
-                                                                            ("CLIPConfig",))):
-                heavy.append(f"{m} imports {module} {names}")
+            if module.split(".")[0] in packages and (m, module, names) not in allowed:
+                found.append(f"{m} imports {module} {names}")
+    return found
+
+
+def test_the_nvflare_server_imports_neither_transformers_models_nor_peft():
+    """The server never builds the base: its components (and what they import, transitively) describe it from its
+    config (base_model: transformers' CLIPConfig only) and never import the network, peft or the site's training."""
+    edges = package_imports(PACKAGE, "nvflare_lora")
+    closure = import_closure(m for m in edges if m.startswith(("nvflare_lora.fl.server.", "nvflare_lora.fl.filters.")))
+    assert not closure & {"nvflare_lora.models", "nvflare_lora.lora_model", "nvflare_lora.dp_sgd",
+                          "nvflare_lora.training", "nvflare_lora.data", "nvflare_lora.site"}, sorted(closure)
+    heavy = third_party(closure, {"peft", "transformers"}, {("nvflare_lora.base_model", "transformers", ("CLIPConfig",))})
+    assert not heavy, heavy
+
+
+def test_the_job_schema_and_the_recipe_import_no_torch():
+    """Writing, reading and checking a job (settings, jobfolder, the Recipe, job.py) needs no torch, transformers or
+    peft: the schema's checks are numpy's (a job.py or a Recipe starts in about 1 CPU-s, not 4)."""
+    closure = import_closure(["nvflare_lora.settings", "nvflare_lora.jobfolder", "nvflare_lora.recipe"])
+    heavy = third_party(closure, {"torch", "transformers", "peft"})
     assert not heavy, heavy
 
 

@@ -316,7 +316,7 @@ def test_the_adapter_from_the_config_alone_is_what_peft_makes_of_the_built_model
     from peft import LoraConfig, get_peft_model
     from transformers import CLIPConfig
 
-    from nvflare_lora.adapter import adapter_config, adapter_skeleton
+    from nvflare_lora.skeleton import adapter_config, adapter_skeleton
     from nvflare_lora.base_model import linear_layers, load_clip_config, resolve_model
     from nvflare_lora.lora_model import adapter_state, peft_config
     from nvflare_lora.models import CLIPImageClassifier

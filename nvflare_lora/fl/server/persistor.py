@@ -30,7 +30,7 @@ from ...adapter import AdapterMismatchError, check_adapter
 from ...aggregation import fold_residuals, unfold
 from ...checkpoint import (CHECKPOINT_NAMES, CheckpointError, CheckpointMeta, locate_checkpoint,
                            read_adapter_dir, save_adapter_dir)
-from ...adapter import adapter_skeleton
+from ...skeleton import adapter_skeleton
 from ...base_model import base_fingerprint, fingerprint_difference, preprocessing_for
 from ...config import LoRAConfig
 from ...facts import JobFacts
