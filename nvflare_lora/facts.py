@@ -13,10 +13,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Tuple
 
-from .skeleton import init_adapter_state
 from .aggregation import check_mode, check_site_ranks, residual_shapes, update_spec, zero_residuals
 from .config import LoRAConfig
 from .head import Head
+from .skeleton import init_adapter_state
 
 
 @dataclass(frozen=True)

@@ -28,11 +28,11 @@ import numpy as np
 from .adapter import AdapterMismatchError
 from .aggregation import SiteUpdate
 from .aggregation.server import ServerAggregation
-from .skeleton import adapter_skeleton
 from .facts import JobFacts
 from .secure import SecureAggregation, SecureAggregationError, in_process
 from .settings import JobSettings
 from .site import Site
+from .skeleton import adapter_skeleton
 
 State = Dict[str, np.ndarray]
 # what a site sends may be changed on its way to the server (a compression codec, a fault in a test):

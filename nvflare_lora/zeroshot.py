@@ -21,12 +21,12 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from . import adapter as ad
-from .skeleton import adapter_skeleton, init_adapter_state
 from .base_model import ModelNotFoundError, base_fingerprint, preprocessing_for
 from .checkpoint import CheckpointMeta, save_adapter_dir
 from .head import DEFAULT_TEMPLATES, Head, HeadError, check_templates
 from .jobfolder import read_job
 from .models import build_classifier, load_tokenizer
+from .skeleton import adapter_skeleton, init_adapter_state
 
 HEAD_WEIGHT, HEAD_BIAS = "base_model.model.classifier.weight", "base_model.model.classifier.bias"
 INITIAL_ADAPTER_DIR = "initial_adapter"

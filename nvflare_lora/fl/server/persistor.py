@@ -30,13 +30,13 @@ from ...adapter import AdapterMismatchError, check_adapter
 from ...aggregation import fold_residuals, unfold
 from ...checkpoint import (CHECKPOINT_NAMES, CheckpointError, CheckpointMeta, locate_checkpoint,
                            read_adapter_dir, save_adapter_dir)
-from ...skeleton import adapter_skeleton
 from ...base_model import base_fingerprint, fingerprint_difference, preprocessing_for
 from ...config import LoRAConfig
 from ...facts import JobFacts
 from ...head import Head
 from ...secure import secure_mode
 from ...settings import CHECKPOINT_DIR, SettingsError, default, settings
+from ...skeleton import adapter_skeleton
 from ..protocol import AGGREGATION_INFO_PROP, ANNOUNCE_KEY, VAL_SPLIT_KEY
 
 CHECKPOINTS = CHECKPOINT_NAMES
