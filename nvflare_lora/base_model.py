@@ -198,9 +198,11 @@ def fingerprint_difference(expected: Dict[str, str], actual: Dict[str, str]) -> 
 def preset_sha256(name: str) -> str:
     """A preset's identity: its config, its seed and the versions of torch and transformers that generate its weights
     (nvflare_lora.models builds them: torch.manual_seed(seed), then CLIPModel's init). Parties whose versions
-    differ are told apart even where the bytes might agree; hashing the bytes would need the modelling code."""
+    differ are told apart even where the bytes might agree; hashing the bytes would need the modelling code. The build
+    tag (torch's "+cpu", "+cu126") is left out: the weights are generated on the CPU whatever the build."""
     cfg_dict, seed = PRESETS[name]
-    recipe = {"config": cfg_dict, "seed": seed, "torch": version("torch"), "transformers": version("transformers")}
+    recipe = {"config": cfg_dict, "seed": seed, "torch": version("torch").split("+")[0],
+              "transformers": version("transformers").split("+")[0]}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
 

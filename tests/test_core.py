@@ -397,7 +397,11 @@ def test_a_preset_is_identified_by_what_generates_it_and_told_apart_from_a_direc
 
     server = base_fingerprint("tiny-clip")
     assert set(server) == {"model", "kind", "config_sha256", "preset_sha256"} and server == base_fingerprint("tiny-clip")
-    monkeypatch.setattr(base_model, "version", lambda pkg: "0.0.1" if pkg == "torch" else "5.25.0")
+    from importlib.metadata import version
+
+    monkeypatch.setattr(base_model, "version", lambda pkg: version(pkg).split("+")[0] + ("+cu126" if pkg == "torch" else ""))
+    assert base_fingerprint("tiny-clip") == server, "a CUDA build generates the preset on the CPU alike"
+    monkeypatch.setattr(base_model, "version", lambda pkg: "0.0.1" if pkg == "torch" else version(pkg))
     other_torch = base_fingerprint("tiny-clip")
     monkeypatch.undo()
     assert re.search(r"preset_sha256 \w{12}\.\.\. here vs \w{12}\.\.\. on the server",
