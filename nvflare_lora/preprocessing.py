@@ -3,6 +3,8 @@
 Training, verification and serving all call this one implementation: open an image as RGB (open_image:
 EXIF orientation applied; grayscale, palette, RGBA, CMYK and 16-bit images converted), resize the short
 side to `size` (bicubic), centre-crop to `crop_size`, scale to [0, 1], normalise by mean/std, channels first.
+Also the image settings a job checks without torch (the schema imports them): the bad-image share and the
+training augmentation (Augmentation: a random resized crop and flip, drawn from (seed, item) only).
 """
 
 from __future__ import annotations
