@@ -91,7 +91,8 @@ class CheckpointMeta:
 def save_adapter_dir(directory: str | Path, state: Mapping[str, np.ndarray], peft_config,
                      metadata: "CheckpointMeta | Dict", encrypted: Optional[Mapping] = None) -> Path:
     """Write a complete checkpoint to a temporary sibling, then swap it in place of `directory`.
-    encrypted: {"keys", "shapes"} when the keys' tensors are serialized ciphertexts (ENCRYPTED_ADAPTER_FILE)."""
+    encrypted: {"keys", "shapes"[, "key_fingerprint"]} when the keys' tensors are serialized ciphertexts
+    (ENCRYPTED_ADAPTER_FILE)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
@@ -112,7 +113,9 @@ def save_adapter_dir(directory: str | Path, state: Mapping[str, np.ndarray], pef
         meta[MANIFEST_KEY] = tensor_manifest(tensors)
         if sealed:
             meta[ENCRYPTED_META_KEY] = {"scheme": "CKKS", "keys": sorted(sealed),
-                                        "shapes": {k: list(v) for k, v in encrypted["shapes"].items()}}
+                                        "shapes": {k: list(v) for k, v in encrypted["shapes"].items()},
+                                        **({"key_fingerprint": encrypted["key_fingerprint"]}
+                                           if encrypted.get("key_fingerprint") else {})}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
         swap_into_place(tmp, directory)
     except BaseException:

@@ -16,6 +16,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 from .aggregation import check_mode, check_site_ranks, residual_shapes, update_spec, zero_residuals
 from .config import LoRAConfig
 from .head import Head
+from .settings import HE_SITE_CLIP_NORM
 from .skeleton import init_adapter_state
 
 
@@ -25,7 +26,8 @@ class JobFacts:
     settings at the global rank; aggregation: the rule; site_ranks: {site: rank} below r; head: the head
     (nvflare_lora.head.Head); fingerprint: the base's (None until the server computes it); secure_aggregation: the
     secure mode's name (nvflare_lora.secure.secure_mode turns it into the component); site_clip_norm: each
-    site's bound on its own update."""
+    site's bound on its own update, as the job sets it (clip_norm: as it applies); he_key: under HE, the fingerprint of
+    the project's key (nvflare_lora.secure.key_fingerprint), when the server knows it."""
 
     model: str
     labels: Tuple[str, ...]
@@ -36,6 +38,7 @@ class JobFacts:
     fingerprint: Optional[Dict] = None
     secure_aggregation: str = "none"
     site_clip_norm: Optional[float] = None
+    he_key: Optional[str] = None
 
     def __post_init__(self):
         check_mode(self.aggregation)
@@ -51,6 +54,14 @@ class JobFacts:
     @property
     def scaling(self) -> float:
         return self.lora.scaling
+
+    @property
+    def clip_norm(self) -> Optional[float]:
+        """The bound every site applies to its own update: site_clip_norm, and under HE HE_SITE_CLIP_NORM when the job
+        sets none (the sites check the global adapter against it)."""
+        if self.site_clip_norm is None and self.secure_aggregation == "he":
+            return HE_SITE_CLIP_NORM
+        return self.site_clip_norm
 
     @classmethod
     def rule(cls, r: int, lora_alpha: float, aggregation: str = "fedavg", site_ranks: Optional[Dict] = None,
@@ -87,7 +98,8 @@ class JobFacts:
         return {"model": self.model, "fingerprint": self.fingerprint, "lora_config": self.lora.to_dict(),
                 "num_classes": self.num_classes, "labels": list(self.labels), "aggregation": self.aggregation,
                 "site_ranks": dict(self.site_ranks), "head": self.head.to_dict(),
-                "secure_aggregation": self.secure_aggregation, "site_clip_norm": self.site_clip_norm}
+                "secure_aggregation": self.secure_aggregation, "site_clip_norm": self.site_clip_norm,
+                **({"he_key": self.he_key} if self.he_key else {})}
 
     @classmethod
     def from_announcement(cls, a: Mapping) -> "JobFacts":
@@ -95,7 +107,7 @@ class JobFacts:
                    lora=LoRAConfig.from_dict(dict(a["lora_config"])), aggregation=a.get("aggregation", "fedavg"),
                    site_ranks=dict(a.get("site_ranks") or {}), head=Head.from_dict(a.get("head")),
                    fingerprint=a.get("fingerprint"), secure_aggregation=a.get("secure_aggregation", "none"),
-                   site_clip_norm=a.get("site_clip_norm"))
+                   site_clip_norm=a.get("site_clip_norm"), he_key=a.get("he_key"))
 
     def with_(self, **changes) -> "JobFacts":
         return dataclasses.replace(self, **changes)

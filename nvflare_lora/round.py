@@ -9,7 +9,7 @@
 
 A round (run_round), as the NVFlare job does it (nvflare_lora.fl, docs/architecture.md):
   1. the server sends each site the global adapter at the site's rank     ServerAggregation.for_site
-  2. the site loads it (strictly) and evaluates it on its validation split Site.load_global, Site.evaluate
+  2. the site loads it (strictly; under HE checks it) and evaluates it     Site.load_global, Site.evaluate
   3. the site trains locally and builds its update, local - global         Site.train, Site.update
   4. the server checks each update against the one spec, refusing a bad one  ServerAggregation.check
   5. the server combines the accepted updates by the rule, bounded        ServerAggregation.aggregate
@@ -29,9 +29,9 @@ from .adapter import AdapterMismatchError
 from .aggregation import SiteUpdate
 from .aggregation.server import ServerAggregation
 from .facts import JobFacts
-from .secure import SecureAggregation, SecureAggregationError, in_process
+from .secure import SecureAggregation, SecureAggregationError, in_process, key_fingerprint
 from .settings import JobSettings
-from .site import Site
+from .site import Site, UnusableUpdate
 from .skeleton import adapter_skeleton
 
 State = Dict[str, np.ndarray]
@@ -48,6 +48,7 @@ class RoundResult:
     steps: Dict[str, int]
     train_loss: Dict[str, float]
     refused: Dict[str, str] = field(default_factory=dict)  # site -> why its update was refused
+    distrusted: Dict[str, str] = field(default_factory=dict)  # site -> why it did not train from what it received
     aggregation: Dict = field(default_factory=dict)        # what the rule did (clipped, capped, excluded, ...)
 
     @property
@@ -72,7 +73,9 @@ def run_round(server: ServerAggregation | SecureAggregation, sites: Sequence[Sit
     result = RoundResult(rnd, {}, {}, {}, {})
     updates: List[SiteUpdate] = []
     for site in sites:
-        site.load_global(server.for_site(global_state, site.name))       # 1-2: what the site receives
+        site.load_global(server.for_site(global_state, site.name), rnd)  # 1-2: what the site receives
+        if site.distrust:                                                # under HE: it trains from its last trusted one
+            result.distrusted[site.name] = site.distrust
         why = site.over_budget()
         if why:                                                          # its DP budget: it stops contributing
             result.refused[site.name] = why
@@ -81,7 +84,11 @@ def run_round(server: ServerAggregation | SecureAggregation, sites: Sequence[Sit
             before = site.evaluate()
             result.val_accuracy[site.name], result.val_count[site.name] = before["accuracy"], before["count"]
         stats = site.train(rnd, lr=lr, seed=(seeds or {}).get(site.name))  # 3: local training
-        update, steps = site.update(), stats["steps"]
+        try:
+            update, steps = site.update(), stats["steps"]
+        except UnusableUpdate as e:                                      # non-finite: not sent
+            result.refused[site.name] = str(e)
+            continue
         result.steps[site.name], result.train_loss[site.name] = stats["steps"], stats["loss"]
         if channel is not None:
             sent = channel(site.name, update, steps)
@@ -96,6 +103,7 @@ def run_round(server: ServerAggregation | SecureAggregation, sites: Sequence[Sit
             continue
         updates.append(SiteUpdate(diff=update, weight=float(steps), site=site.name))
     new, result.aggregation = server.aggregate(global_state, updates)   # 5: the rule
+    result.refused.update(result.aggregation.pop("refused", {}))         # under HE: left out in the combine
     return new, result
 
 
@@ -120,6 +128,8 @@ class Federation:
         self.global_adapter: State = dict(initial) if initial is not None else self.facts.initial_global(shapes)
         settings.check_secure_bounds()
         server_mode, site_mode = in_process(self.facts.secure_aggregation)  # the secure mode, chosen once
+        if site_mode.context is not None:  # under HE the job announces its key's fingerprint (HEKeyBuilder's, in NVFlare)
+            self.facts = self.facts.with_(he_key=key_fingerprint(site_mode.context))
         self.server = server_mode.server(self.facts, shapes, settings.robustness(), settings.dp_config("client_dp"))
         self.sites = []
         for name in names:

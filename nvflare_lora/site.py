@@ -3,7 +3,7 @@ and build the update. The executor (nvflare_lora.fl.site.executor) only maps NVF
 in-process round (nvflare_lora.round) drives the same object.
 
     site = Site("site-1", facts, settings)       # data, base (fingerprint-checked), LoRA at its rank, loaders
-    site.load_global(weights)                   # strict: keys, shapes, finite values
+    site.load_global(weights, rnd)              # strict: keys, shapes, finite values (under HE: checked, GlobalCheck)
     before = site.evaluate()                    # the global adapter on this site's validation split
     stats = site.train(rnd)                     # local steps (DP-SGD when settings.dp)
     update = site.update()                      # local - global, only what the rule sends
@@ -30,7 +30,7 @@ from .lora_model import CLIPLoRAWrapper, FederatedCLIPModel
 from .managers import fingerprint
 from .preprocessing import augmentation
 from .privacy import Accountant, DPConfig
-from .secure import secure_mode
+from .secure import secure_mode, without_round
 from .settings import SITE_CONFIG_FILE, JobSettings
 from .training import train_local
 
@@ -40,6 +40,10 @@ FINGERPRINT_CACHE = "weights_sha256.json"  # in the site's cache dir: what every
 
 class BaseMismatchError(NVFlareLoRAError):
     """This site's base model is not the one the server announced."""
+
+
+class UnusableUpdate(NVFlareLoRAError):
+    """This site's update of a round cannot be sent (non-finite values): the site sits the round out."""
 
 
 class Site:
@@ -62,8 +66,10 @@ class Site:
     def __init__(self, name: str, facts: JobFacts, settings: JobSettings, simulated: Optional[bool] = None,
                  workdir: Optional[Path] = None, cache_dir: Optional[Path] = None, datasets=None, he_context=None):
         t0 = time.perf_counter()
-        self.mode = secure_mode(facts.secure_aggregation, he_context).ready(name)  # how updates leave, adapters arrive
-        self._steps = None
+        # how updates leave and adapters arrive; under HE this site's key is checked against the job's here
+        self.mode = secure_mode(facts.secure_aggregation, he_context).ready(name, facts)
+        self._steps = self._round = None
+        self.distrust: Optional[str] = None  # why the last global adapter received was not trusted (under HE)
         self.clip_factor = 1.0  # what site_clip_norm scaled this round's update by
         s = self.settings = settings
         self.name, self.facts = name, facts
@@ -130,14 +136,20 @@ class Site:
         self.setup_seconds = time.perf_counter() - t0
 
     # ---- a round -----------------------------------------------------------------------------------
-    def load_global(self, weights: Mapping[str, np.ndarray]) -> None:
-        """Load the global adapter as received (strict; under exact its residuals go onto the frozen weights;
-        under HE decrypted first)."""
-        self.global_adapter = self.rule.load_global(self.decrypt(weights))
+    def load_global(self, weights: Mapping[str, np.ndarray], rnd: Optional[int] = None) -> None:
+        """Load the global adapter of round `rnd` as received (strict; under exact its residuals go onto the frozen
+        weights). Under HE decrypted first and checked against the bounds an honest round keeps (GlobalCheck): when
+        it fails, `distrust` says why and the last trusted global adapter is loaded instead."""
+        received = self.mode.open(weights, self._shapes())
+        adapter, self.distrust = self.mode.trust(received, rnd)
+        self.global_adapter = self.rule.load_global(adapter)
 
     def decrypt(self, weights: Mapping) -> Dict:
         """An adapter as received, in clear (under HE its ciphertexts decrypted with this site's key)."""
-        return self.mode.open(weights, {k: tuple(v.shape) for k, v in self.fed.get_parameters().items()})
+        return without_round(self.mode.open(weights, self._shapes()))
+
+    def _shapes(self) -> Dict:
+        return {k: tuple(v.shape) for k, v in self.fed.get_parameters().items()}
 
     def evaluate(self) -> Dict:
         """Loss, accuracy and count of the loaded model on this site's validation split."""
@@ -165,17 +177,23 @@ class Site:
         if self.private is not None:
             stats["epsilon"] = self.accountant.spend(self.private.noise_multiplier, self.private.sample_rate,
                                                      stats["steps"])
-        self._steps = stats["steps"]
+        self._steps, self._round = stats["steps"], int(rnd)
         return stats
 
     def update(self) -> Dict[str, np.ndarray]:
         """local - global for the keys the rule sends (ffa: no A; never residuals), checked against the spec;
-        scaled to the job's site_clip_norm; sealed as the job's secure mode sends it (under HE multiplied by this
-        round's steps and encrypted: nvflare_lora.secure)."""
+        scaled to the job's bound (facts.clip_norm); sealed as the job's secure mode sends it (under HE encrypted,
+        with the round: nvflare_lora.secure). Non-finite values are not sent (UnusableUpdate): the site sits the
+        round out, in clear and under HE alike."""
         if self.global_adapter is None:
             raise RuntimeError("load_global() before update()")
-        update, self.clip_factor = clip_to(self.rule.update(self.global_adapter), self.facts.site_clip_norm)
-        return self.mode.seal(update, self._steps)
+        bad = sorted(k for k, v in self.fed.get_parameters().items() if not np.all(np.isfinite(v)))
+        if bad:
+            raise UnusableUpdate(f"{self.name}: its update of round {self._round} has non-finite values ({bad[0]!r}"
+                                 f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): training diverged (lower "
+                                 f"lr or max_grad_norm); not sent, this site sits the round out")
+        update, self.clip_factor = clip_to(self.rule.update(self.global_adapter), self.facts.clip_norm)
+        return self.mode.seal(update, self._round)
 
     def local_state(self) -> Dict[str, np.ndarray]:
         """This site's model as an adapter dict (with its residuals under exact)."""

@@ -6,12 +6,13 @@ import pytest
 from nvflare_lora.aggregation import SiteUpdate
 from nvflare_lora.facts import JobFacts
 from nvflare_lora.round import Federation
-from nvflare_lora.secure import (SecureAggregation, SecureAggregationError, decrypt_state, encrypt_update, from_bytes,
-                                 is_ciphertext_bytes, load_context, make_context, public, to_bytes)
+from nvflare_lora.secure import (ROUND_KEY, EncryptedMode, SecureAggregation, SecureAggregationError, decrypt_state,
+                                 encrypt_update, from_bytes, is_ciphertext_bytes, key_fingerprint, load_context,
+                                 make_context, public, to_bytes)
 from nvflare_lora.settings import SettingsError, settings
 from nvflare_lora.testing.faults import fault_channel
 
-OPEN = dict(clip_multiple=None, max_weight_ratio=None, min_agreement=None)  # the bounds HE cannot apply
+OPEN = dict(clip_multiple=None, min_agreement=None)  # the bounds HE cannot apply (the weights' cap it can)
 
 
 @pytest.mark.parametrize("rule", ["fedavg", "ffa"])
@@ -26,7 +27,8 @@ def test_the_encrypted_round_gives_the_clear_rounds_global_adapter(rule):
     secure.run(channel=lambda site, update, steps: seen.append(update) or (update, steps))
     assert all(is_ciphertext_bytes(v) for update in seen for v in update.values()), "updates travel as ciphertexts"
     sent = {k for k, v in secure.global_adapter.items() if is_ciphertext_bytes(v)}
-    assert sent == set(clear.facts.update_spec(clear.shapes)), "what the sites send is encrypted, the rest clear"
+    assert sent == set(clear.facts.update_spec(clear.shapes)) | {ROUND_KEY}, \
+        "what the sites send is encrypted (with the round), the rest clear"
     got = secure.sites[0].decrypt(secure.global_adapter)
     worst = max(float(np.abs(got[k] - clear.global_adapter[k]).max()) for k in got)
     assert worst < 1e-6, worst
@@ -41,25 +43,26 @@ def test_the_server_refuses_clear_or_malformed_updates_and_never_needs_the_key()
     spec = fed.facts.update_spec(fed.shapes)
     update = {k: np.full(shape, 0.01, np.float32) for k, shape in spec.items()}
     server = SecureAggregation(JobFacts.from_settings(job), fed.shapes, server_ctx)
-    enc = to_bytes(encrypt_update(ctx, update, 3.0))  # as it travels
-    server.check("site-1", enc, 3, fed.global_adapter)
+    enc = EncryptedMode(ctx).seal(update, 0)  # as it travels
     for bad, steps, message in ((update, 3, r"is in clear .* refused, not aggregated"),
                                 ({k: v for k, v in enc.items() if k != sorted(enc)[0]}, 3, "missing"),
-                                (enc, 0, "step count 0 must be > 0")):
+                                (enc, 0, r"step count \(NUM_STEPS_CURRENT_ROUND\) is 0, expected a finite number > 0")):
         with pytest.raises(SecureAggregationError, match=message):
             server.check("site-1", bad, steps, fed.global_adapter)
     other = dict(enc)
     key = sorted(enc)[0]
-    other[key] = to_bytes(encrypt_update(ctx, {key: np.zeros(3)}, 1.0))[key]
+    other[key] = to_bytes(encrypt_update(ctx, {key: np.zeros(3)}))[key]
     with pytest.raises(SecureAggregationError, match=r"holds 3 encrypted values"):
         server.check("site-1", other, 3, fed.global_adapter)
     checked = server.check("site-1", enc, 3, fed.global_adapter)
+    with pytest.raises(SecureAggregationError, match="is a replay: the same ciphertexts came before, from site-1"):
+        server.check("site-2", enc, 3, fed.global_adapter)
     new, info = server.aggregate(fed.global_adapter, [SiteUpdate(diff=checked, weight=3.0, site="site-1")])
     assert info["encrypted"] and all(is_ciphertext_bytes(new[k]) for k in spec)
-    held = from_bytes(server_ctx, new, set(spec))  # what the server holds: its public context only
+    held = from_bytes(server_ctx, new, set(spec) | {ROUND_KEY})  # what the server holds: its public context only
     with pytest.raises(ValueError, match="doesn.t hold a secret_key"):
         decrypt_state(server_ctx, held, fed.shapes)
-    mean = decrypt_state(ctx, from_bytes(ctx, new, set(spec)), fed.shapes)
+    mean = decrypt_state(ctx, from_bytes(ctx, new, set(spec) | {ROUND_KEY}), fed.shapes)
     assert max(float(np.abs(mean[k] - (fed.global_adapter[k] + 0.01)).max()) for k in spec) < 1e-6
     with pytest.raises(SecureAggregationError, match="holds the secret key"):
         load_context(ctx.serialize(save_secret_key=True), "server_context.tenseal", secret=False)
@@ -76,12 +79,14 @@ def test_the_server_refuses_clear_or_malformed_updates_and_never_needs_the_key()
 def test_what_needs_clear_updates_is_refused_under_he_with_the_reason():
     for kw, message in ((dict(aggregation="exact"), "exact rule and site_ranks"),
                         (dict(site_ranks={"site-1": 4}), "exact rule and site_ranks"),
-                        ({}, r"clip_multiple = 2\.0, max_weight_ratio = 2\.0, min_agreement = 0\.5 need"),
+                        ({}, r"clip_multiple = 2\.0, min_agreement = 0\.5 need"),
                         (dict(estimator="median", **OPEN), "estimator = 'median'"),
                         (dict(compression="int8", **OPEN), "compression = 'int8'"),
                         (dict(secure_aggregation="paillier"), "secure_aggregation must be one of")):
         with pytest.raises(SettingsError, match=message):
             settings(**{"secure_aggregation": "he", **kw}).check_secure_bounds()
+    # the weights are clear metadata: the server applies them (capped) under HE too
+    settings(secure_aggregation="he", weighting="equal", max_weight_ratio=3.0, **OPEN).check_secure_bounds()
 
 
 def test_an_he_job_in_the_simulator_stops_saying_it_has_no_he_context(tmp_path):
@@ -100,7 +105,8 @@ def test_an_he_job_in_the_simulator_stops_saying_it_has_no_he_context(tmp_path):
 
 
 def test_site_clip_norm_bounds_each_sites_update_before_it_is_encrypted():
-    """The bound that stays under HE: each site scales its own update to site_clip_norm before encrypting it."""
+    """The bound that stays under HE: each site scales its own update to site_clip_norm before encrypting it (5.0 when
+    the job sets none: HE_SITE_CLIP_NORM), unweighted, with its round."""
     job = settings(r=4, lora_alpha=8, num_sites=2, max_steps=3, local_epochs=1, site_clip_norm=1e-3,
                    secure_aggregation="he", **OPEN)
     fed = Federation(job, sites=["site-1"])
@@ -110,7 +116,12 @@ def test_site_clip_norm_bounds_each_sites_update_before_it_is_encrypted():
     update = site.mode.open(site.update(), {k: v.shape for k, v in site.local_state().items()})
     from nvflare_lora.aggregation import update_norm
 
-    assert site.clip_factor < 1.0 and update_norm(update) == pytest.approx(1e-3 * site._steps, rel=1e-4)
+    assert update.pop(ROUND_KEY) == pytest.approx([0.0], abs=1e-6), "the round it was made for travels with it"
+    assert site.clip_factor < 1.0 and update_norm(update) == pytest.approx(1e-3, rel=1e-4), "unweighted: the server weighs"
+    from nvflare_lora.settings import HE_SITE_CLIP_NORM
+
+    assert JobFacts.from_settings(job.replace(site_clip_norm=None)).clip_norm == HE_SITE_CLIP_NORM == 5.0
+    assert JobFacts.from_settings(job.replace(site_clip_norm=None, secure_aggregation="none")).clip_norm is None
     with pytest.raises(SettingsError, match="site_clip_norm must be a number > 0"):
         settings(site_clip_norm=0)
 
@@ -132,6 +143,131 @@ def test_a_round_whose_updates_are_all_refused_under_he_leaves_the_encrypted_ada
         assert not fed.history[2].refused and fed.history[2].aggregation["sites"] == 2
         runs[mode] = fed
     sent = {k for k, v in runs["he"].global_adapter.items() if is_ciphertext_bytes(v)}
-    assert sent == set(runs["none"].facts.update_spec(runs["none"].shapes)), "still ciphertexts after the refusals"
+    assert sent == set(runs["none"].facts.update_spec(runs["none"].shapes)) | {ROUND_KEY}, \
+        "still ciphertexts after the refusals"
+    assert not any(r.distrusted for r in runs["he"].history), "an unchanged adapter keeps its round binding"
     got = runs["he"].sites[0].decrypt(runs["he"].global_adapter)
     assert max(float(np.abs(got[k] - runs["none"].global_adapter[k]).max()) for k in got) < 1e-6
+
+
+# ---- one site of three misbehaving (nvflare_lora.testing.attacks): the job goes on, the attack refused or detected ----
+HE3 = settings(r=4, lora_alpha=8, num_sites=3, num_rounds=3, max_steps=2, local_epochs=1, secure_aggregation="he",
+               **OPEN)
+ATTACKER, ATTACK_ROUND = "site-3", 1
+
+
+def _he3_run(channel_for=None, site_settings=None):
+    """HE3 in process, 3 rounds; channel_for(fed, rnd) gives each round's channel (None: as sent)."""
+    fed = Federation(HE3, site_settings=site_settings)
+    for rnd in range(HE3.num_rounds):
+        fed.run_round(channel_for(fed, rnd) if channel_for else None)
+    return fed
+
+
+@pytest.fixture(scope="module")
+def without_attacker():
+    """The job in which site-3's round-1 update never arrives: what a refused attack must give."""
+    return _he3_run(lambda fed, rnd: fault_channel({ATTACKER: {ATTACK_ROUND: "nothing"}}, rnd))
+
+
+def _attacked(attack):
+    from nvflare_lora.testing.attacks import attack_channel
+
+    history = {}
+    rounds = (ATTACK_ROUND - 1, ATTACK_ROUND) if attack in ("replay", "rerandomized") else (ATTACK_ROUND,)
+
+    def channel_for(fed, rnd):  # replays: the round before is recorded as sent, replayed in the attack round
+        return attack_channel(attack, ATTACKER, rnd, fed.sites[2].mode.context, history) if rnd in rounds else None
+    return _he3_run(channel_for)
+
+
+def _distance(a: Federation, b: Federation) -> float:
+    x, y = a.sites[0].decrypt(a.global_adapter), b.sites[0].decrypt(b.global_adapter)
+    return max(float(np.abs(x[k] - y[k]).max()) for k in x)
+
+
+@pytest.mark.parametrize("attack, reason", [
+    ("wrong_level", "is not a freshly encrypted ciphertext of this job's context .level 1 primes"),
+    ("wrong_scale", r"is not a freshly encrypted ciphertext of this job's context .level 2 primes, scale 2\^30"),
+    ("replay", "is a replay: the same ciphertexts came before, from site-3")])
+def test_a_ciphertext_that_cannot_be_added_or_was_sent_before_is_refused_and_the_job_goes_on(attack, reason,
+                                                                                           without_attacker):
+    """Before: a valid CKKS vector at another level or scale passed the server's check and stopped the job in the sum
+    (NVFlare's ScatterAndGather panics), and a replay counted. Now it is refused, named, and the job ends with the
+    global adapter of the job without that update, to CKKS precision."""
+    fed = _attacked(attack)
+    assert len(fed.history) == HE3.num_rounds
+    assert list(fed.history[ATTACK_ROUND].refused) == [ATTACKER]
+    assert __import__("re").search(reason, fed.history[ATTACK_ROUND].refused[ATTACKER])
+    assert not any(r.distrusted for r in fed.history), "nothing out of bounds reached a site"
+    assert _distance(fed, without_attacker) < 1e-5
+
+
+@pytest.mark.parametrize("attack, reason", [
+    ("x100", r"it moved [\d.]+ from the last trusted global adapter, more than 1 aggregation\(s\) of updates clipped "
+             r"to site_clip_norm 5 allow"),
+    ("another_key", "no earlier round of this job .this is round 2.: an update under another key, or tampering"),
+    ("rerandomized", r"its round binding is 0\.6667, not a round number: updates of different rounds were combined")])
+def test_an_update_the_server_cannot_see_through_is_detected_by_every_site_which_keeps_its_trusted_adapter(
+        attack, reason, without_attacker):
+    """An update beyond its clip (x100, encrypted afresh), one under another key, an old one re-randomized: the server
+    cannot tell, every site can after decrypting (GlobalCheck): the aggregate moved more than site_clip_norm, or its
+    round binding is no round. Each site says why and trains round 2 from the global adapter of round 1, which the
+    attack did not touch: the job runs to its end."""
+    fed = _attacked(attack)
+    assert len(fed.history) == HE3.num_rounds and not any(r.refused for r in fed.history)
+    seen = fed.history[ATTACK_ROUND + 1].distrusted
+    assert sorted(seen) == ["site-1", "site-2", "site-3"], seen
+    assert all(__import__("re").search(reason, why) for why in seen.values()), seen
+    trusted = fed.sites[0].mode.check
+    assert trusted.slot == ATTACK_ROUND - 1, "the site kept the global adapter of the round before the attack"
+
+
+def test_claimed_steps_bound_a_sites_weight_and_do_not_reach_inside_the_ciphertext(without_attacker):
+    """Before: a site weighted its own update inside its ciphertext, so claiming 1e-30 steps gave it the whole average
+    (or stopped the job: "encoded value is too large"). Now the server applies the weights: 1e-30 steps weigh
+    nothing (the job without that update, to CKKS precision), 1e9 are capped at max_weight_ratio x the median."""
+    tiny = _attacked("tiny_steps")
+    assert not any(r.refused or r.distrusted for r in tiny.history)
+    assert _distance(tiny, without_attacker) < 1e-5
+    huge = _attacked("huge_steps")
+    info = huge.history[ATTACK_ROUND].aggregation
+    assert info["capped"] == {ATTACKER: {"claimed": 1e9, "used": 2.0 * 2}}  # max_weight_ratio 2 x median steps 2
+    assert info["weights"][ATTACKER] == pytest.approx(0.5) and not any(r.distrusted for r in huge.history)
+
+
+def test_a_site_whose_training_diverged_sits_the_round_out_and_the_job_goes_on(without_attacker, monkeypatch):
+    """Before: under HE a NaN at one site made its encryption fail, which the executor treated as fatal: the job
+    stopped. Now the site does not send it (in clear and under HE alike) and the round goes on without it."""
+    from nvflare_lora.site import Site
+
+    train = Site.train
+
+    def diverge(self, rnd, **kw):
+        stats = train(self, rnd, **kw)
+        if self.name == ATTACKER and rnd == ATTACK_ROUND:
+            p = next(p for n, p in self.fed.model.named_parameters() if p.requires_grad)
+            p.data.view(-1)[0] = float("nan")
+        return stats
+
+    monkeypatch.setattr(Site, "train", diverge)
+    fed = _he3_run()
+    why = fed.history[ATTACK_ROUND].refused[ATTACKER]
+    assert "its update of round 1 has non-finite values" in why and "sits the round out" in why
+    assert len(fed.history) == HE3.num_rounds and _distance(fed, without_attacker) < 1e-5
+
+
+def test_a_site_with_another_key_refuses_at_set_up_naming_both_fingerprints():
+    """Before: a site from a re-provisioned kit (a new key) decrypted the global adapter into finite garbage, which
+    passed every check. Now the job announces its key's fingerprint and such a site refuses before it trains; the
+    exporter refuses such a key too (tests/test_poc.py)."""
+    from nvflare_lora.site import Site
+
+    fed = Federation(HE3, sites=["site-1"])
+    other = make_context()
+    with pytest.raises(SecureAggregationError, match=(
+            rf"site-2: this site's HE key \(fingerprint {key_fingerprint(other)}, .*is not the job's \(fingerprint "
+            rf"{fed.facts.he_key}, announced by the server\).*it does not take part")):
+        Site("site-2", fed.facts, HE3, he_context=other)
+    assert key_fingerprint(load_context(fed.sites[0].mode.context.serialize(save_secret_key=True), "kit",
+                                        secret=True)) == fed.facts.he_key, "the fingerprint survives serialization"

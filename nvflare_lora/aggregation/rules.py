@@ -38,7 +38,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ['AGGREGATIONS', 'AggregationError', 'check_rank', 'check_site_ranks', 'ESTIMATORS', 'RESIDUAL_SUFFIX', 'Robustness', 'SiteUpdate', 'WEIGHTINGS', 'a_key', 'aggregate', 'b_key', 'bound_influence', 'check_mode', 'check_update', 'clip_to', 'describe', 'effective_delta', 'fold_residuals', 'is_residual_key', 'lora_layers', 'project', 'rank_of', 'residual_key', 'residual_shapes', 'site_rank_of', 'split_residuals', 'unfold', 'update_norm', 'update_spec', 'upload_keys', 'zero_residuals']
+__all__ = ['AGGREGATIONS', 'AggregationError', 'check_rank', 'check_site_ranks', 'check_steps', 'ESTIMATORS', 'RESIDUAL_SUFFIX', 'Robustness', 'SiteUpdate', 'WEIGHTINGS', 'a_key', 'aggregate', 'b_key', 'bound_influence', 'bound_weights', 'check_mode', 'check_update', 'clip_to', 'describe', 'effective_delta', 'fold_residuals', 'is_residual_key', 'lora_layers', 'project', 'rank_of', 'residual_key', 'residual_shapes', 'site_rank_of', 'split_residuals', 'unfold', 'update_norm', 'update_spec', 'upload_keys', 'zero_residuals']
 
 from ..adapter import AdapterMismatchError, check_adapter
 from ..errors import NVFlareLoRAError
@@ -186,10 +186,17 @@ def check_update(update: Mapping[str, np.ndarray], spec: Mapping[str, Tuple[int,
     hint = " (under ffa a site sends B and the head, never A)" if mode == "ffa" else \
         " (check rank, target modules and num_classes against the job config)"
     check_adapter(update, spec, who, hint=hint, float32=True)
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, (int, float, np.integer, np.floating))
-                              or not math.isfinite(float(steps)) or float(steps) <= 0):
+    if steps is not None:
+        check_steps(steps, who)
+
+
+def check_steps(steps, who: str = "update") -> float:
+    """A site's step count (NUM_STEPS_CURRENT_ROUND, its weight): a finite number > 0, else refused."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(float(steps)) or float(steps) <= 0:
         raise AdapterMismatchError(f"{who}: the step count (NUM_STEPS_CURRENT_ROUND) is {steps!r}, expected a finite "
                                    f"number > 0")
+    return float(steps)
 
 
 # ---- the rules ---------------------------------------------------------------------------------------
@@ -289,17 +296,26 @@ def _flat_common(diffs: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:
     return np.stack([np.concatenate(r) for r in rows])
 
 
-def bound_influence(updates: Sequence[SiteUpdate], robust: Robustness) -> Tuple[List[SiteUpdate], Dict]:
-    """The round's updates with weights capped, norms clipped and off-direction ones left out as `robust`
-    says, and what was changed."""
+def bound_weights(updates: Sequence[SiteUpdate], robust: Robustness) -> Tuple[List[float], Dict]:
+    """(each update's weight as the rule uses it, the sites whose claimed weight was capped): its steps (or 1 under
+    weighting "equal"), at most max_weight_ratio times the round's median. What a site claims is clear metadata, so
+    the cap applies under HE too (nvflare_lora.secure)."""
     weights = [1.0 if robust.weighting == "equal" else float(u.weight) for u in updates]
-    capped, clipped, excluded = {}, {}, {}
+    capped = {}
     if robust.max_weight_ratio is not None:
         cap = robust.max_weight_ratio * _median(weights)
         for i, u in enumerate(updates):
             if weights[i] > cap:
                 capped[u.site or str(i)] = {"claimed": weights[i], "used": cap}
                 weights[i] = cap
+    return weights, capped
+
+
+def bound_influence(updates: Sequence[SiteUpdate], robust: Robustness) -> Tuple[List[SiteUpdate], Dict]:
+    """The round's updates with weights capped, norms clipped and off-direction ones left out as `robust`
+    says, and what was changed."""
+    weights, capped = bound_weights(updates, robust)
+    clipped, excluded = {}, {}
     norms = [update_norm(u.diff) for u in updates]
     bound = robust.clip_multiple * _median(norms) if robust.clip_multiple is not None else robust.clip_norm
     cosines = None

@@ -1,12 +1,15 @@
-"""The CKKS context of this party's startup kit (an encrypted job: nvflare_lora.secure), read as NVFlare's HE filters read it."""
+"""The CKKS context of this party's startup kit (an encrypted job: nvflare_lora.secure), read as NVFlare's HE filters read
+it, and the key's fingerprint in the server's kit (kit_key)."""
 
 from __future__ import annotations
+
+import json
 
 from nvflare.apis.fl_constant import FLContextKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.fuel.sec.security_content_service import LoadResult, SecurityContentService
 
-from ..secure import SecureAggregationError, load_context
+from ..secure import KEY_FILE, SecureAggregationError, load_context
 
 
 def kit_context(fl_ctx: FLContext, file: str, secret: bool):
@@ -27,3 +30,22 @@ def kit_context(fl_ctx: FLContext, file: str, secret: bool):
             f"(deploy/README.md) or `nvflare poc prepare --he`; the simulator has no HE context: run HE jobs in POC "
             f"or a provisioned system")
     return load_context(data, file, secret=secret)
+
+
+def kit_key(fl_ctx: FLContext):
+    """The fingerprint of the project's HE key in the server's kit (KEY_FILE, written by nvflare_lora.fl.provision.HEKeyBuilder
+    at provisioning and signed with the kit), or None where the project was provisioned without it (sites then cannot
+    check their key at set-up; GlobalCheck still finds a wrong one's garbage)."""
+    try:
+        data, rc = SecurityContentService.load_content(KEY_FILE)
+    except Exception:  # no security content service (the simulator)
+        return None
+    if data is None or rc in (LoadResult.INVALID_CONTENT, LoadResult.NO_SUCH_CONTENT):
+        return None
+    if fl_ctx.get_prop(FLContextKey.SECURE_MODE, True) and rc in (LoadResult.INVALID_SIGNATURE, LoadResult.NOT_SIGNED):
+        raise SecureAggregationError(f"the server's kit's {KEY_FILE} is not signed by the project ({rc}): provision "
+                                     f"again (deploy/README.md)")
+    try:
+        return str(json.loads(data)["key_fingerprint"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise SecureAggregationError(f"the server's kit's {KEY_FILE} is not a key fingerprint record ({e})") from None

@@ -22,7 +22,8 @@ VAL_COUNT_KEY = "nvflare_lora_val_count"      # site -> server: size of the vali
 EPSILON_KEY = "nvflare_lora_epsilon"          # site -> server: the site's DP-SGD epsilon spent so far (at its delta)
 VAL_SPLIT_KEY = "nvflare_lora_val_split"       # site -> server: how the site split its data (data.split_record)
 BAD_IMAGES_KEY = "nvflare_lora_bad_images"    # site -> server: unreadable images of this site skipped so far
-FATAL_HEADER = "nvflare_lora_fatal"           # site -> server (reply header): why this job must stop
+FATAL_HEADER = "nvflare_lora_fatal"           # site -> server (reply header): why this site cannot take part
+DISTRUST_KEY = "nvflare_lora_distrust"        # site -> server (HE): why it did not train from the global adapter sent
 REFUSED_PROP = "nvflare_lora_refused"         # server fl_ctx, set by the aggregator: why it refused a contribution
 AGGREGATION_INFO_PROP = "nvflare_lora_aggregation"  # server fl_ctx and aggregate meta: what the round's aggregation did
 

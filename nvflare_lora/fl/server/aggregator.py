@@ -7,9 +7,10 @@ capped at a multiple of the round's median, every update's norm clipped to a mul
 median norm, then the weighted mean, the coordinate-wise median or the trimmed mean. With client_dp
 (DP-FedAvg) the one clip is the fixed clip_norm, the mean is equal-weight, and Gaussian noise calibrated to
 the clip is added to the aggregate, with its own accountant over the rounds. Both go through the job's secure mode
-(nvflare_lora.secure), chosen once from secure_aggregation: under "he" the updates are CKKS ciphertexts, checked as
-far as the server can (keys, lengths, step counts) and summed with the public context of the server's kit; no
-bound applies.
+(nvflare_lora.secure), chosen once from secure_aggregation: under "he" the updates are CKKS ciphertexts, checked
+completely before they count (keys, step counts, replays, each ciphertext's length, level and scale), weighted by the
+server (steps, capped) and summed with the public context of the server's kit; a site whose ciphertexts still fail
+in the sum is left out, named, and the round goes on.
 """
 
 from __future__ import annotations
@@ -125,6 +126,8 @@ class LoRAAggregator(Aggregator):
             self.log_warning(fl_ctx, "no accepted updates this round: the global adapter stays as it is")
             return DXO(data_kind=DataKind.WEIGHT_DIFF, data={}).to_shareable()
         new, info = self.server_half(fl_ctx).aggregate(self._global(fl_ctx), updates)
+        for site, why in (info.get("refused") or {}).items():  # under HE: left out in the encrypted combine
+            self.log_error(fl_ctx, f"refused the update of {site}: {why}")
         if (info.get("client_dp") or {}).get("spent"):
             self.log_warning(fl_ctx, f"client-level privacy budget spent (epsilon {info['client_dp']['epsilon']:.3g} of "
                                      f"{self.client_dp.target_epsilon}): the global adapter is no longer updated")

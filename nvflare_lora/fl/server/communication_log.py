@@ -27,8 +27,8 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.widgets.widget import Widget
 
 from ...files import write_json_atomic
-from ..protocol import (AGGREGATION_INFO_PROP, BAD_IMAGES_KEY, COMPRESSION_META_KEY, EPSILON_KEY, REFUSED_PROP,
-                        TRAIN_LOSS_KEY, VAL_COUNT_KEY, payload_bytes)
+from ..protocol import (AGGREGATION_INFO_PROP, BAD_IMAGES_KEY, COMPRESSION_META_KEY, DISTRUST_KEY, EPSILON_KEY,
+                        REFUSED_PROP, TRAIN_LOSS_KEY, VAL_COUNT_KEY, payload_bytes)
 
 def keys_digest(data: Dict) -> str:
     return hashlib.sha256("\n".join(sorted(map(str, data))).encode()).hexdigest()[:16]
@@ -135,6 +135,7 @@ class CommunicationLog(Widget):
             "val_count": dxo.get_meta_prop(VAL_COUNT_KEY),
             "bad_images": dxo.get_meta_prop(BAD_IMAGES_KEY),
             "epsilon": dxo.get_meta_prop(EPSILON_KEY),
+            **({"distrust": str(dxo.get_meta_prop(DISTRUST_KEY))} if dxo.get_meta_prop(DISTRUST_KEY) else {}),
         }
 
     def _aggregation(self, fl_ctx: FLContext) -> None:
@@ -147,6 +148,8 @@ class CommunicationLog(Widget):
                 "product_error")}
             if info.get("client_dp"):
                 self._round(int(rnd))["client_dp"] = info["client_dp"]
+            # under HE, sites left out while their ciphertexts were combined (nvflare_lora.secure)
+            self._round(int(rnd))["refused"].update(info.get("refused") or {})
 
     def _round_done(self, fl_ctx: FLContext) -> None:
         rnd = int(fl_ctx.get_prop(AppConstants.CURRENT_ROUND))

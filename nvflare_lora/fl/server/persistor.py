@@ -34,9 +34,10 @@ from ...base_model import base_fingerprint, fingerprint_difference, preprocessin
 from ...config import LoRAConfig
 from ...facts import JobFacts
 from ...head import Head
-from ...secure import secure_mode
+from ...secure import secure_mode, without_round
 from ...settings import CHECKPOINT_DIR, SettingsError, default, settings
 from ...skeleton import adapter_skeleton
+from ..he import kit_key
 from ..protocol import AGGREGATION_INFO_PROP, ANNOUNCE_KEY, VAL_SPLIT_KEY
 
 CHECKPOINTS = CHECKPOINT_NAMES
@@ -140,6 +141,8 @@ class AdapterPersistor(ModelPersistor):
     def load_model(self, fl_ctx: FLContext) -> ModelLearnable:
         self._ensure_skeleton()
         self._check_site_names(fl_ctx)
+        if self.mode.name == "he":  # the project's key, announced: a site with another one refuses at set-up
+            self.facts = self.facts.with_(he_key=kit_key(fl_ctx))
         if self.settings.resume_from:
             weights = self._load_resume(fl_ctx)
         elif self.settings.initial_adapter:
@@ -211,7 +214,8 @@ class AdapterPersistor(ModelPersistor):
 
     def _save(self, name: str, weights: Dict, fl_ctx: FLContext, **fields) -> Path:
         rnd = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
-        sealed = self.mode.stored(weights, self._shapes)
+        weights = without_round(weights)  # under HE the round binding travels with the aggregate, not in checkpoints
+        sealed = self.mode.stored(weights, self._shapes, self.facts.he_key)
         if sealed:  # ciphertexts: saved as the server holds them (checked by the aggregator)
             if set(weights) != set(self._shapes):
                 raise AdapterMismatchError(f"encrypted global adapter ({name}) does not have the adapter's keys")

@@ -6,10 +6,10 @@ restarted server cannot pick up a running job by itself. Resubmit the job with t
 `resume_from` pointing at the last saved global adapter: this workflow then skips the rounds that
 adapter already holds, so `num_rounds` keeps meaning the job's total.
 
-The guard lives here, in the workflow every job has, not in an optional widget: a site whose base
-fingerprint differs from the announced one replies with the FATAL_HEADER, and training on another base
-would aggregate garbage, so the whole job stops with the site's reason (a site's own panic would stop
-only that site).
+The guard lives here, in the workflow every job has, not in an optional widget: a site that must not train (its
+base fingerprint differs from the announced one, or its HE key from the job's) replies with the FATAL_HEADER. The
+workflow leaves that site out for the rest of the job, naming it and its reason, and stops the job with those
+reasons only when fewer than min_clients sites are left: no one site can stop a job the others can finish.
 """
 
 from __future__ import annotations
@@ -39,8 +39,19 @@ class ResumableScatterAndGather(ScatterAndGather):
     def _accept_train_result(self, client_name: str, result: Shareable, fl_ctx: FLContext,
                              is_unknown_task: bool = False) -> bool:
         reason = result.get_header(FATAL_HEADER) if result is not None else None
-        if reason:
-            self.log_error(fl_ctx, f"stopping the job: {client_name}: {reason}")
-            self.system_panic(f"{client_name}: {reason}", fl_ctx)
-            return False
-        return super()._accept_train_result(client_name, result, fl_ctx, is_unknown_task=is_unknown_task)
+        if not reason:
+            return super()._accept_train_result(client_name, result, fl_ctx, is_unknown_task=is_unknown_task)
+        left_out = self.__dict__.setdefault("_left_out", {})
+        left_out[client_name] = reason
+        try:
+            sites = {c.name for c in fl_ctx.get_engine().get_clients()}
+        except AttributeError:
+            sites = set(left_out)
+        remaining = len(sites - set(left_out))
+        if remaining < self._min_clients:
+            why = "; ".join(f"{site}: {r}" for site, r in sorted(left_out.items()))
+            self.log_error(fl_ctx, f"stopping the job: {remaining} site(s) left, min_clients {self._min_clients}: {why}")
+            self.system_panic(why, fl_ctx)
+        else:
+            self.log_error(fl_ctx, f"{client_name} is left out of this job: {reason} ({remaining} site(s) go on)")
+        return False

@@ -28,11 +28,11 @@ from ...data import TooManyBadImages
 from ...facts import JobFacts
 from ...settings import FIELDS, SITE_CONFIG_FILE, SettingsError, default, settings, site_overrides
 from ...secure import CLIENT_CONTEXT, SecureAggregationError
-from ...site import BaseMismatchError, Site
+from ...site import BaseMismatchError, Site, UnusableUpdate
 from ...training import Aborted
 from ..he import kit_context
-from ..protocol import (ANNOUNCE_KEY, BAD_IMAGES_KEY, EPSILON_KEY, FATAL_HEADER, TRAIN_LOSS_KEY, VAL_COUNT_KEY,
-                        VAL_SPLIT_KEY, ProtocolError)
+from ..protocol import (ANNOUNCE_KEY, BAD_IMAGES_KEY, DISTRUST_KEY, EPSILON_KEY, FATAL_HEADER, TRAIN_LOSS_KEY,
+                        VAL_COUNT_KEY, VAL_SPLIT_KEY, ProtocolError)
 
 LOCAL_ADAPTER_FILE = "local_adapter.safetensors"  # for submit_model when the simulator respawns the site (-t < -n)
 CACHE_DIR = ".nvflare_lora_cache"  # in the site's workspace: what every task of every job would compute alike
@@ -142,13 +142,16 @@ class CLIPLoRAExecutor(Executor):
         except Aborted:
             return make_reply(ReturnCode.TASK_ABORTED)
         except (BaseMismatchError, SecureAggregationError) as e:
-            # Training on another base would aggregate garbage, and a site without the job's HE key cannot take
-            # part: the server's workflow (ResumableScatterAndGather) reads the header and stops the whole job with
-            # this message (a site's own panic stops only the site).
+            # Training on another base would aggregate garbage, and a site without the job's HE key (or with another
+            # one) cannot take part: the server's workflow (ResumableScatterAndGather) reads the header, leaves this
+            # site out, and stops the job with this message when too few sites are left (min_clients).
             self.log_error(fl_ctx, f"{site}: {e}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION, headers={FATAL_HEADER: str(e)})
         except (TooManyBadImages, SettingsError) as e:  # the site's data or settings: the message says what to fix
             self.log_error(fl_ctx, f"{site}: stops contributing: {e}")
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+        except UnusableUpdate as e:  # this round only (training diverged): the round goes on without it
+            self.log_error(fl_ctx, str(e))
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
         except ad.AdapterMismatchError as e:
             self.log_error(fl_ctx, f"{site}: refused the task's model, nothing loaded: {e}")
@@ -164,7 +167,10 @@ class CLIPLoRAExecutor(Executor):
         self._ensure_site(dxo, fl_ctx)
         rnd = shareable.get_header(AppConstants.CURRENT_ROUND, 0)
         site, name = self.site, fl_ctx.get_identity_name()
-        site.load_global(dxo.data)  # strict: keys, shapes, finite values (opened by the job's secure mode first)
+        site.load_global(dxo.data, rnd)  # strict: keys, shapes, finite values (opened, under HE checked, by the job's
+        if site.distrust:                # secure mode first): when not trusted, the site trains from its last trusted one
+            self.log_error(fl_ctx, f"{name} round {rnd}: does not trust the global adapter received: {site.distrust}; "
+                                   f"training from the last trusted one")
         why = site.over_budget()
         if why:
             self.log_warning(fl_ctx, f"{name}: {why}")
@@ -192,6 +198,7 @@ class CLIPLoRAExecutor(Executor):
             TRAIN_LOSS_KEY: stats["loss"],
             BAD_IMAGES_KEY: len(site.bad_images),
             **({EPSILON_KEY: epsilon} if epsilon is not None else {}),
+            **({DISTRUST_KEY: site.distrust} if site.distrust else {}),
         })
         return out.to_shareable()
 
@@ -225,6 +232,11 @@ class CLIPLoRAExecutor(Executor):
         return self._app_dir(fl_ctx) / LOCAL_ADAPTER_FILE
 
     def _submit_model(self, fl_ctx: FLContext) -> Shareable:
+        if self.site is not None and self.site.facts.secure_aggregation == "he":
+            # under HE nothing leaves a site in clear: its local model would (cross-site evaluation's submit_model)
+            self.log_warning(fl_ctx, f"{fl_ctx.get_identity_name()}: submit_model refused: under secure_aggregation "
+                                     f"\"he\" a site's local adapter does not leave it in clear")
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
         if self.local_adapter is None:
             path = self._local_adapter_path(fl_ctx)
             if not path.is_file():
