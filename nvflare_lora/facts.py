@@ -16,7 +16,6 @@ from typing import Dict, List, Mapping, Optional, Tuple
 from .aggregation import check_mode, check_site_ranks, residual_shapes, update_spec, zero_residuals
 from .config import LoRAConfig
 from .head import Head
-from .settings import HE_SITE_CLIP_NORM
 from .skeleton import init_adapter_state
 
 
@@ -26,7 +25,7 @@ class JobFacts:
     settings at the global rank; aggregation: the rule; site_ranks: {site: rank} below r; head: the head
     (nvflare_lora.head.Head); fingerprint: the base's (None until the server computes it); secure_aggregation: the
     secure mode's name (nvflare_lora.secure.secure_mode turns it into the component); site_clip_norm: each
-    site's bound on its own update, as the job sets it (clip_norm: as it applies); he_key: under HE, the fingerprint of
+    site's bound on its own update, as the job sets it (the secure mode's clip_norm: as it applies); he_key: under HE, the fingerprint of
     the project's key (nvflare_lora.secure.key_fingerprint), when the server knows it."""
 
     model: str
@@ -54,14 +53,6 @@ class JobFacts:
     @property
     def scaling(self) -> float:
         return self.lora.scaling
-
-    @property
-    def clip_norm(self) -> Optional[float]:
-        """The bound every site applies to its own update: site_clip_norm, and under HE HE_SITE_CLIP_NORM when the job
-        sets none (the sites check the global adapter against it)."""
-        if self.site_clip_norm is None and self.secure_aggregation == "he":
-            return HE_SITE_CLIP_NORM
-        return self.site_clip_norm
 
     @classmethod
     def rule(cls, r: int, lora_alpha: float, aggregation: str = "fedavg", site_ranks: Optional[Dict] = None,

@@ -51,7 +51,7 @@ from .aggregation.rules import Robustness, SiteUpdate, bound_weights, check_step
 from .aggregation.server import ServerAggregation
 from .checkpoint import ENCRYPTED_META_KEY, CheckpointError
 from .errors import NVFlareLoRAError
-from .settings import check_secure_rule
+from .settings import HE_SITE_CLIP_NORM, check_secure_rule
 
 CLIENT_CONTEXT, SERVER_CONTEXT = "client_context.tenseal", "server_context.tenseal"  # HEBuilder's file names
 KEY_FILE = "nvflare_lora_he_key.json"  # in the server's kit (nvflare_lora.fl.provision.HEKeyBuilder): the key's fingerprint
@@ -349,7 +349,7 @@ class SecureAggregation:
 MIN_SHARE = 1e-9  # a site's share of the weights below which it adds nothing (a claim of 1e-30 steps, say)
 
 
-class _SiteFailed(Exception):
+class _SiteFailed(SecureAggregationError):  # within aggregate(): that site is left out
     def __init__(self, site: str, reason: str):
         super().__init__(reason)
         self.site, self.reason = site, reason
@@ -415,6 +415,13 @@ class ClearMode:
 
     name = "none"
     context = None
+    keyed = False               # no key to announce
+    shares_local_model = True   # a site may answer submit_model (cross-site evaluation) with its local adapter
+
+    @staticmethod
+    def clip_norm(facts) -> Optional[float]:
+        """The bound every site applies to its own update: the job's site_clip_norm (None: off)."""
+        return facts.site_clip_norm
 
     def ready(self, party: str, facts=None) -> "ClearMode":
         """This mode, able to open and seal at `party` (nothing to load or check in clear)."""
@@ -450,6 +457,14 @@ class EncryptedMode:
     once, when first needed: the persistor never needs one)."""
 
     name = "he"
+    keyed = True                 # the job announces its key's fingerprint
+    shares_local_model = False   # nothing leaves a site in clear
+
+    @staticmethod
+    def clip_norm(facts) -> float:
+        """The bound every site applies to its own update, and checks the global adapter against: the job's
+        site_clip_norm, HE_SITE_CLIP_NORM when it sets none."""
+        return facts.site_clip_norm if facts.site_clip_norm is not None else HE_SITE_CLIP_NORM
 
     def __init__(self, context: Context = None):
         self._context = context
@@ -469,7 +484,7 @@ class EncryptedMode:
     def ready(self, party: str, facts=None) -> "EncryptedMode":
         """This mode with its context loaded now (a party that opens and seals fails at set-up, not mid-round). With
         the job's facts (a site): its key checked against the one the job announces (facts.he_key), and the check of
-        every global adapter it will receive (GlobalCheck at facts.clip_norm)."""
+        every global adapter it will receive (GlobalCheck at clip_norm(facts))."""
         try:
             ctx = self.context
         except SecureAggregationError as e:
@@ -481,7 +496,7 @@ class EncryptedMode:
                     f"not the job's (fingerprint {facts.he_key}, announced by the server): its updates would decrypt "
                     f"to garbage at every site. Give this site the project's key (deploy/README.md, adding a site to "
                     f"an encrypted project); it does not take part")
-            self.check = GlobalCheck(facts.clip_norm)
+            self.check = GlobalCheck(self.clip_norm(facts))
         return self
 
     def open(self, received: Mapping, shapes: Mapping[str, Tuple[int, ...]]) -> Dict:

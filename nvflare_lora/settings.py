@@ -247,7 +247,7 @@ class SecureSection(Section):
         _one_of("secure_aggregation", self.secure_aggregation, SECURE_MODES)
 
 
-# site_clip_norm under secure_aggregation "he" when the job sets none (JobFacts.clip_norm): about twice the largest
+# site_clip_norm under secure_aggregation "he" when the job sets none (secure.EncryptedMode.clip_norm): twice the largest
 # honest update of the shipped job (its 4 sites' update norms are 1.4-2.8 in rounds 0-2, measured with
 # nvflare_lora.round.Federation), so honest updates pass unscaled while one site's pull on the global adapter stays
 # bounded and every site can check that bound (nvflare_lora.secure.GlobalCheck); a job whose updates are larger sets

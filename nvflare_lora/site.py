@@ -182,7 +182,7 @@ class Site:
 
     def update(self) -> Dict[str, np.ndarray]:
         """local - global for the keys the rule sends (ffa: no A; never residuals), checked against the spec;
-        scaled to the job's bound (facts.clip_norm); sealed as the job's secure mode sends it (under HE encrypted,
+        scaled to the job's bound (the secure mode's clip_norm); sealed as the job's secure mode sends it (under HE encrypted,
         with the round: nvflare_lora.secure). Non-finite values are not sent (UnusableUpdate): the site sits the
         round out, in clear and under HE alike."""
         if self.global_adapter is None:
@@ -192,7 +192,7 @@ class Site:
             raise UnusableUpdate(f"{self.name}: its update of round {self._round} has non-finite values ({bad[0]!r}"
                                  f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): training diverged (lower "
                                  f"lr or max_grad_norm); not sent, this site sits the round out")
-        update, self.clip_factor = clip_to(self.rule.update(self.global_adapter), self.facts.clip_norm)
+        update, self.clip_factor = clip_to(self.rule.update(self.global_adapter), self.mode.clip_norm(self.facts))
         return self.mode.seal(update, self._round)
 
     def local_state(self) -> Dict[str, np.ndarray]:

@@ -64,7 +64,7 @@ SMOKE = {
                 "quality.json"),
     "privacy": ([], rf"privacy: eps8_ffa=\d+\.\d nodp_ffa=\d+\.\d gap={F}pt dp_time=\d+\.\d\dx", "privacy.json"),
     "secure": ([], r"secure: he_upload=\d+\.\dMB plain_adapter=\d+\.\dMB full_fedavg=\d+MB he_vs_full=\d+\.\dx "
-                   r"overhead=\d+\.\ds", "secure.json"),
+                   r"overhead=\d+\.\ds attacks_held=3/3", "secure.json"),
     "openvocab": ([], r"openvocab: zs=\d+\.\d linear=\d+\.\d text=\d+\.\d unseen_zs=\d+\.\d unseen_text=\d+\.\d "
                       r"orig_zs=\d+\.\d orig_wise=\d+\.\d wise_shift=\d+\.\d disjoint_linear=\d+\.\d "
                       r"disjoint_text=\d+\.\d", "openvocab.json"),

@@ -114,5 +114,5 @@ def test_site_with_another_base_stops_the_job_saying_which_and_why(tmp_path):
     proc = run_simulator(job, ws, n=1, threads=1)
     log = (ws / "simulator_output.txt").read_text()
     assert proc.returncode != 0, "the job must fail"
-    assert "stopping the job: site-" in log and "weights_sha256" in log, log[-3000:]
+    assert "stopping the job: 0 site(s) left, min_clients 1: site-1: " in log and "weights_sha256" in log, log[-3000:]
     assert not (server_app_dir(ws) / "adapter" / "latest").exists(), "no round may complete with a mismatched base"

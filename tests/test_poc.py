@@ -259,6 +259,16 @@ def test_an_encrypted_job_equals_the_clear_one_and_the_server_holds_no_clear_ada
     code = export_main([str(he), "--out", str(tmp_path / "no_key")])
     err = capsys.readouterr().err
     assert code == 2 and "--he-context" in err, err[-2000:]
+    # the key's fingerprint (HEKeyBuilder, in the server's kit) went with the job and into the checkpoint; a context
+    # from another provisioning is refused naming both
+    from nvflare_lora.secure import key_fingerprint, load_context, make_context
+
+    own = key_fingerprint(load_context(key.read_bytes(), str(key), secret=True))
+    assert meta["encrypted"]["key_fingerprint"] == own
+    other = tmp_path / "other_client_context.tenseal"
+    other.write_bytes(make_context().serialize(save_secret_key=True))
+    with pytest.raises(Exception, match=f"encrypted under the key with fingerprint {own}; .* holds another"):
+        decrypt_checkpoint(state, meta, other, he)
     code = export_main([str(he), "--out", str(tmp_path / "onnx"), "--verify-samples", "32", "--he-context", str(key)])
     assert code == 0, capsys.readouterr().err[-3000:]
     assert not json.loads((tmp_path / "onnx" / "export_report.json").read_text())["failed"]

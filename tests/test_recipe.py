@@ -51,7 +51,7 @@ def test_the_shipped_job_folders_are_what_the_schema_writes(name, tmp_path):
     for path in sorted(p for p in written.rglob("*") if p.is_file()):
         rel = path.relative_to(written)
         assert (JOBS / name / rel).read_text() == path.read_text(), \
-            f"jobs/{name}/{rel} differs from the schema: rewrite with `python -m nvflare_lora.settings write jobs`"
+            f"jobs/{name}/{rel} differs from the schema: rewrite with `python -m nvflare_lora.jobfolder write jobs`"
     # bytecode of job.py (Python writes it when NVFlare's job API imports the script) is not part of the job
     shipped = sorted(p.relative_to(JOBS / name).as_posix() for p in (JOBS / name).rglob("*")
                      if p.is_file() and "__pycache__" not in p.parts)

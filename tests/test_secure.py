@@ -120,8 +120,10 @@ def test_site_clip_norm_bounds_each_sites_update_before_it_is_encrypted():
     assert site.clip_factor < 1.0 and update_norm(update) == pytest.approx(1e-3, rel=1e-4), "unweighted: the server weighs"
     from nvflare_lora.settings import HE_SITE_CLIP_NORM
 
-    assert JobFacts.from_settings(job.replace(site_clip_norm=None)).clip_norm == HE_SITE_CLIP_NORM == 5.0
-    assert JobFacts.from_settings(job.replace(site_clip_norm=None, secure_aggregation="none")).clip_norm is None
+    from nvflare_lora.secure import secure_mode
+
+    unset = JobFacts.from_settings(job.replace(site_clip_norm=None))
+    assert secure_mode("he").clip_norm(unset) == HE_SITE_CLIP_NORM == 5.0 and secure_mode("none").clip_norm(unset) is None
     with pytest.raises(SettingsError, match="site_clip_norm must be a number > 0"):
         settings(site_clip_norm=0)
 

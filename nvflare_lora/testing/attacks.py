@@ -1,4 +1,4 @@
-"""One site of an encrypted job (secure_aggregation "he") misbehaving, as the in-process round's channel
+"""One site of an encrypted job (HE) misbehaving, as the in-process round's channel
 (nvflare_lora.round.Channel): what tests/test_secure.py and benchmarks/secure.py's attack table run against the job's
 code. The attacker is a site: it holds the project's key (every site does), so it can decrypt, re-encrypt and
 re-randomize its own ciphertexts; what it cannot do is read or change what other sites send.
@@ -23,6 +23,7 @@ from typing import Callable, Dict, Optional
 
 import numpy as np
 
+from nvflare_lora.errors import NVFlareLoRAError
 from nvflare_lora.secure import ROUND_KEY, encrypt_update, from_bytes, make_context, to_bytes
 
 ATTACKS = ("wrong_level", "wrong_scale", "tiny_steps", "huge_steps", "x100", "another_key", "replay", "rerandomized")
@@ -39,10 +40,10 @@ def _open(context, update: Dict) -> Dict[str, np.ndarray]:
 def attack_channel(attack: str, attacker: str, rnd: int, context, history: Optional[Dict] = None) -> Callable:
     """The channel of round `rnd`: `attacker`'s update replaced by `attack`; context: the attacker's (its kit's,
     with the secret key); history: a dict kept across rounds (what the attacker sent before: replays need it)."""
-    import tenseal as ts
+    import tenseal as ts  # optional: the he extra (an encrypted job needs it anyway)
 
     if attack not in ATTACKS:
-        raise ValueError(f"unknown attack {attack!r}; one of {ATTACKS}")
+        raise NVFlareLoRAError(f"unknown attack {attack!r}; one of {ATTACKS}")
     history = {} if history is None else history
 
     def send(site: str, update: Dict, steps):

@@ -141,7 +141,7 @@ class AdapterPersistor(ModelPersistor):
     def load_model(self, fl_ctx: FLContext) -> ModelLearnable:
         self._ensure_skeleton()
         self._check_site_names(fl_ctx)
-        if self.mode.name == "he":  # the project's key, announced: a site with another one refuses at set-up
+        if self.mode.keyed:  # under HE the project's key, announced: a site with another one refuses at set-up
             self.facts = self.facts.with_(he_key=kit_key(fl_ctx))
         if self.settings.resume_from:
             weights = self._load_resume(fl_ctx)

@@ -232,7 +232,7 @@ class CLIPLoRAExecutor(Executor):
         return self._app_dir(fl_ctx) / LOCAL_ADAPTER_FILE
 
     def _submit_model(self, fl_ctx: FLContext) -> Shareable:
-        if self.site is not None and self.site.facts.secure_aggregation == "he":
+        if self.site is not None and not self.site.mode.shares_local_model:
             # under HE nothing leaves a site in clear: its local model would (cross-site evaluation's submit_model)
             self.log_warning(fl_ctx, f"{fl_ctx.get_identity_name()}: submit_model refused: under secure_aggregation "
                                      f"\"he\" a site's local adapter does not leave it in clear")
