@@ -116,3 +116,30 @@ def test_site_with_another_base_stops_the_job_saying_which_and_why(tmp_path):
     assert proc.returncode != 0, "the job must fail"
     assert "stopping the job: 0 site(s) left, min_clients 1: site-1: " in log and "weights_sha256" in log, log[-3000:]
     assert not (server_app_dir(ws) / "adapter" / "latest").exists(), "no round may complete with a mismatched base"
+
+
+def test_a_site_that_must_not_train_is_left_out_and_the_job_goes_on_while_min_clients_remain():
+    """ResumableScatterAndGather's guard, on its own (the simulator test above shows the job stopping when no site is
+    left): a site's fatal reply (another base, another HE key) leaves that site out; the job stops only when fewer
+    than min_clients sites remain. So no one site can stop a job the others can finish."""
+    from types import SimpleNamespace
+
+    from nvflare.apis.fl_context import FLContext
+    from nvflare.apis.shareable import make_reply
+    from nvflare.apis.fl_constant import ReturnCode
+
+    from nvflare_lora.fl.protocol import FATAL_HEADER
+    from nvflare_lora.fl.server.workflow import ResumableScatterAndGather
+
+    wf = ResumableScatterAndGather(min_clients=2)
+    panics, errors = [], []
+    wf.system_panic = lambda reason, fl_ctx: panics.append(reason)
+    wf.log_error = lambda fl_ctx, msg: errors.append(msg)
+    engine = SimpleNamespace(get_clients=lambda: [SimpleNamespace(name=f"site-{i}") for i in (1, 2, 3)])
+    fl_ctx = FLContext()
+    fl_ctx.get_engine = lambda: engine
+    fatal = make_reply(ReturnCode.EXECUTION_EXCEPTION, headers={FATAL_HEADER: "its base differs"})
+    assert wf._accept_train_result("site-3", fatal, fl_ctx) is False
+    assert not panics and errors[-1] == "site-3 is left out of this job: its base differs (2 site(s) go on)"
+    assert wf._accept_train_result("site-2", fatal, fl_ctx) is False
+    assert panics == ["site-2: its base differs; site-3: its base differs"], panics

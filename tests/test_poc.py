@@ -174,7 +174,7 @@ def test_a_job_that_brings_code_is_refused(federation, finished_job, tmp_path):
     assert "BYOC not permitted" in server_log, server_log[-3000:]
 
 
-# ---- secure_aggregation "he": the kits' CKKS contexts (deploy/project.yml's HEBuilder) ------------------------
+# ---- secure_aggregation "he": the kits' CKKS contexts (deploy/project.yml's HEKeyBuilder) ---------------------
 OPEN = dict(clip_multiple=None, max_weight_ratio=None, min_agreement=None)  # bounds that need clear updates
 
 
@@ -183,7 +183,11 @@ HE_JOB = dict(num_rounds=HE_ROUNDS, num_sites=len(SITES), local_epochs=1, max_st
 # every site's update of round 1 is malformed (a key missing), so the aggregator refuses them all: the encrypted
 # global adapter must stay as it is, still ciphertexts, and round 2 go on from it (the in-process round: the same)
 REFUSED_ROUND = 1
-HE_FAULTS = {s: {str(REFUSED_ROUND): "missing_key"} for s in SITES}
+# and in round 2 site-2 sends a valid ciphertext one level down (its own x 1.0: nvflare_lora.testing.attacks), which
+# stopped the job in the sum before: the aggregator refuses it, naming it, and the job ends as if it never arrived
+ATTACK_ROUND = 2
+HE_FAULTS = {"site-1": {str(REFUSED_ROUND): "missing_key"},
+             "site-2": {str(REFUSED_ROUND): "missing_key", str(ATTACK_ROUND): "wrong_level"}}
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +213,8 @@ def test_an_encrypted_job_equals_the_clear_one_and_the_server_holds_no_clear_ada
     it grows through AdamW's per-coordinate steps when sites train from a decrypted adapter (measured 2e-7 after 2
     rounds, 1.1e-5 after 3; bound 1e-4, far below what a lost or misweighted update gives), also through a round
     whose updates were all refused (round 1: the global adapter stays, still
-    encrypted, and round 2 trains from it); the server's workspace holds only ciphertexts of the sent tensors
+    encrypted, and round 2 trains from it) and through site-2's attack in round 2 (a ciphertext one level down:
+    refused, named, the job goes on as without it); the server's workspace holds only ciphertexts of the sent tensors
     (every safetensors file scanned); cross-site evaluation ran on the encrypted checkpoints; the export from a
     site's key verifies, and without the key it is refused."""
     from safetensors.numpy import load_file
@@ -226,13 +231,18 @@ def test_an_encrypted_job_equals_the_clear_one_and_the_server_holds_no_clear_ada
     folders = {s: str(federation.kits.prod.parents[2] / "data" / f"images-{i + 1}")  # each site's own folder
                for i, s in enumerate(SITES)}
     clear = Federation(settings(**HE_JOB), sites=SITES, site_settings={s: {"data": f} for s, f in folders.items()})
-    faults = {s: {int(r): fault for r, fault in by_round.items()} for s, by_round in HE_FAULTS.items()}
+    faults = {s: {int(r): "nothing" if fault == "wrong_level" else fault for r, fault in by_round.items()}
+              for s, by_round in HE_FAULTS.items()}  # the refused attack: as if that update never arrived
     for rnd in range(HE_ROUNDS):
         clear.run_round(channel=fault_channel(faults, rnd))
     assert sorted(clear.history[REFUSED_ROUND].refused) == SITES
     comm = json.loads(_one(he.rglob("communication.json"), "communication.json").read_text())
-    refused = {r["round"]: sorted(r["refused"]) for r in comm["rounds"]}
-    assert refused.get(REFUSED_ROUND) == SITES and not refused.get(REFUSED_ROUND + 1), refused
+    refused = {r["round"]: r["refused"] for r in comm["rounds"]}
+    assert sorted(refused.get(REFUSED_ROUND, {})) == SITES, refused
+    assert list(refused.get(ATTACK_ROUND, {})) == ["site-2"], refused
+    assert "is not a freshly encrypted ciphertext of this job's context (level 1 primes" in \
+        refused[ATTACK_ROUND]["site-2"], refused
+    assert sorted(comm["rounds"][ATTACK_ROUND]["sites"]) == ["site-1"], "site-1's update of that round counted"
     state, _, meta = read_adapter_dir(_one(he.rglob("adapter/latest"), "latest"))
     assert meta["encrypted"]["scheme"] == "CKKS"
     got = decrypt_checkpoint(state, meta, key, he)

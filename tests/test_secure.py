@@ -273,3 +273,26 @@ def test_a_site_with_another_key_refuses_at_set_up_naming_both_fingerprints():
         Site("site-2", fed.facts, HE3, he_context=other)
     assert key_fingerprint(load_context(fed.sites[0].mode.context.serialize(save_secret_key=True), "kit",
                                         secret=True)) == fed.facts.he_key, "the fingerprint survives serialization"
+
+
+def test_a_site_whose_ciphertexts_fail_in_the_sum_is_left_out_named_and_the_others_are_summed():
+    """What the check cannot foresee is contained in the combine: a site's ciphertext that cannot be weighed (here one
+    level down, past the check) leaves that site out of the round, named; the others are weighed again and summed."""
+    ctx = make_context()
+    job = settings(r=2, lora_alpha=4, num_sites=2, secure_aggregation="he", **OPEN)
+    facts = JobFacts.from_settings(job)
+    from nvflare_lora.skeleton import adapter_skeleton
+
+    shapes, _ = adapter_skeleton(facts.model, facts.num_classes, facts.lora)
+    server = SecureAggregation(facts, shapes, public(ctx))
+    current = facts.initial_global(shapes)
+    spec = facts.update_spec(shapes)
+    updates = [{k: np.full(shape, 0.01 * (i + 1), np.float32) for k, shape in spec.items()} for i in range(2)]
+    mode = EncryptedMode(ctx)
+    good = server.check("site-1", mode.seal(updates[0], 0), 2, current)
+    bad = {k: v * 1.0 for k, v in server.check("site-2", mode.seal(updates[1], 0), 2, current).items()}
+    new, info = server.aggregate(current, [SiteUpdate(good, 2.0, "site-1"), SiteUpdate(bad, 2.0, "site-2")])
+    assert list(info["refused"]) == ["site-2"] and "cannot be combined with the others'" in info["refused"]["site-2"]
+    assert info["sites"] == 1 and info["weights"] == {"site-1": 1.0}
+    got = decrypt_state(ctx, from_bytes(ctx, new, set(spec) | {ROUND_KEY}), shapes)
+    assert max(float(np.abs(got[k] - (current[k] + 0.01)).max()) for k in spec) < 1e-6

@@ -12,6 +12,7 @@ from nvflare.app_common.app_constant import AppConstants
 
 from nvflare_lora.errors import NVFlareLoRAError
 from nvflare_lora.fl.site.executor import CLIPLoRAExecutor
+from nvflare_lora.testing.attacks import ATTACKS, attack_channel
 
 
 def corrupt(data: dict, fault: str) -> dict:
@@ -63,11 +64,13 @@ def fault_channel(faults: dict, rnd: int):
 
 class FaultyExecutor(CLIPLoRAExecutor):
     """faults: {"site-3": {"0": "extra_key", "1": "nan"}} ("*": every round); "nothing" sends an error reply
-    instead, "die" kills the site's process before it replies."""
+    instead, "die" kills the site's process before it replies; under HE an attack of
+    nvflare_lora.testing.attacks (wrong_level, x100, ...) done with the site's own key."""
 
     def __init__(self, faults: dict = None, **kwargs):
         super().__init__(**kwargs)
         self.faults = faults or {}
+        self._sent = {}  # what the site sent before (the replay attacks)
 
     def execute(self, task_name, shareable, fl_ctx, abort_signal):
         rnd = shareable.get_header(AppConstants.CURRENT_ROUND, None)
@@ -81,6 +84,12 @@ class FaultyExecutor(CLIPLoRAExecutor):
         if fault == "nothing":
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
         dxo = from_shareable(reply)
+        if fault in ATTACKS:  # encrypted: the attack, done with this site's key
+            site = fl_ctx.get_identity_name()
+            send = attack_channel(fault, site, int(rnd), self.site.mode.context, self._sent)
+            dxo.data, steps = send(site, dxo.data, dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND))
+            dxo.set_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND, steps)
+            return dxo.update_shareable(reply)
         if fault in STEP_FAULTS:
             dxo.set_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND, STEP_FAULTS[fault])
             return dxo.update_shareable(reply)
