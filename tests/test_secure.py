@@ -296,3 +296,69 @@ def test_a_site_whose_ciphertexts_fail_in_the_sum_is_left_out_named_and_the_othe
     assert info["sites"] == 1 and info["weights"] == {"site-1": 1.0}
     got = decrypt_state(ctx, from_bytes(ctx, new, set(spec) | {ROUND_KEY}), shapes)
     assert max(float(np.abs(got[k] - (current[k] + 0.01)).max()) for k in spec) < 1e-6
+
+
+def test_under_he_a_site_does_not_answer_submit_model_with_its_clear_local_adapter():
+    """Cross-site evaluation's submit_model would send a site's local adapter in clear: under HE the executor refuses
+    it (NVFlare's CrossSiteModelEval then evaluates the server's models only); in clear it answers as before."""
+    from types import SimpleNamespace
+
+    from nvflare.apis.fl_constant import ReturnCode
+    from nvflare.apis.fl_context import FLContext
+
+    from nvflare_lora.fl.site.executor import CLIPLoRAExecutor
+    from nvflare_lora.secure import ClearMode
+
+    ex = CLIPLoRAExecutor()
+    ex.local_adapter, ex.announced = {"w": np.zeros(2, np.float32)}, None
+    ex.site = SimpleNamespace(mode=EncryptedMode())
+    assert ex._submit_model(FLContext()).get_return_code() == ReturnCode.EXECUTION_EXCEPTION
+    ex.site = SimpleNamespace(mode=ClearMode())
+    assert ex._submit_model(FLContext()).get_return_code() == ReturnCode.OK
+
+
+def test_the_nvflare_aggregator_under_he_refuses_a_bad_ciphertext_and_keeps_the_sites_epsilon():
+    """LoRAAggregator (what NVFlare calls with each result, no NVFlare run needed) under HE: a ciphertext one level
+    down is refused with its reason for the communication log, the good ones are summed, and each site's DP epsilon
+    goes with the aggregate into the checkpoint's privacy record (it was left out under HE before)."""
+    from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+    from nvflare.apis.fl_constant import ReservedKey
+    from nvflare.apis.fl_context import FLContext
+    from nvflare.app_common.abstract.model import make_model_learnable
+    from nvflare.app_common.app_constant import AppConstants
+
+    from nvflare_lora.fl.protocol import AGGREGATION_INFO_PROP, EPSILON_KEY, REFUSED_PROP
+    from nvflare_lora.fl.server.aggregator import LoRAAggregator
+    from nvflare_lora.settings import component_args
+    from nvflare_lora.skeleton import adapter_skeleton
+
+    ctx_he = make_context()
+    job = settings(r=2, lora_alpha=4, secure_aggregation="he", **OPEN)
+    facts = JobFacts.from_settings(job)
+    shapes, _ = adapter_skeleton(facts.model, facts.num_classes, facts.lora)
+    aggregator = LoRAAggregator(**component_args(job, "aggregator"))
+    aggregator.server = EncryptedMode(public(ctx_he)).server(facts, shapes, job.robustness())  # the kit's context
+    fl_ctx = FLContext()
+    fl_ctx.set_prop(AppConstants.GLOBAL_MODEL, make_model_learnable(facts.initial_global(shapes), {}), private=True,
+                    sticky=False)
+    fl_ctx.set_prop(AppConstants.CURRENT_ROUND, 0, private=True, sticky=False)
+    spec, mode = facts.update_spec(shapes), EncryptedMode(ctx_he)
+
+    def result(site, data, epsilon):
+        shareable = DXO(DataKind.WEIGHT_DIFF, data=data, meta={MetaKey.NUM_STEPS_CURRENT_ROUND: 4,
+                                                              EPSILON_KEY: epsilon}).to_shareable()
+        shareable.add_cookie(AppConstants.CONTRIBUTION_ROUND, 0)
+        shareable.set_peer_props({ReservedKey.IDENTITY_NAME: site})
+        return shareable
+
+    sealed = [mode.seal({k: np.full(s, 0.01 * (i + 1), np.float32) for k, s in spec.items()}, 0) for i in range(3)]
+    lower = to_bytes({k: v * 1.0 for k, v in from_bytes(ctx_he, sealed[2], set(sealed[2])).items()})
+    assert aggregator.accept(result("site-1", sealed[0], 1.5), fl_ctx)
+    assert not aggregator.accept(result("site-3", lower, 9.0), fl_ctx)
+    assert "not a freshly encrypted ciphertext" in fl_ctx.get_prop(REFUSED_PROP)
+    assert aggregator.accept(result("site-2", sealed[1], 2.5), fl_ctx)
+    out = from_shareable(aggregator.aggregate(fl_ctx))
+    assert fl_ctx.get_prop(AGGREGATION_INFO_PROP)["site_epsilon"] == {"site-1": 1.5, "site-2": 2.5}
+    got = decrypt_state(ctx_he, from_bytes(ctx_he, out.data, set(spec) | {ROUND_KEY}), shapes)
+    initial = facts.initial_global(shapes)
+    assert max(float(np.abs(got[k] - (initial[k] + 0.015)).max()) for k in spec) < 1e-6
