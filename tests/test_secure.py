@@ -362,3 +362,41 @@ def test_the_nvflare_aggregator_under_he_refuses_a_bad_ciphertext_and_keeps_the_
     got = decrypt_state(ctx_he, from_bytes(ctx_he, out.data, set(spec) | {ROUND_KEY}), shapes)
     initial = facts.initial_global(shapes)
     assert max(float(np.abs(got[k] - (initial[k] + 0.015)).max()) for k in spec) < 1e-6
+
+
+def test_the_exporter_refuses_a_key_that_cannot_have_encrypted_the_checkpoint(tmp_path):
+    """A checkpoint records its key's fingerprint (HEKeyBuilder's): another key is refused naming both. One without a
+    record (a project provisioned with HEBuilder alone) is refused when it decrypts to values no adapter holds."""
+    from nvflare_lora.checkpoint import CheckpointError
+    from nvflare_lora.secure import decrypt_checkpoint
+
+    ctx, other = make_context(), make_context()
+    (tmp_path / "other").write_bytes(other.serialize(save_secret_key=True))
+    (tmp_path / "own").write_bytes(ctx.serialize(save_secret_key=True))
+    state = to_bytes(encrypt_update(ctx, {"w": np.full(6, 0.01)}))
+    meta = {"encrypted": {"keys": ["w"], "shapes": {"w": [2, 3]}, "key_fingerprint": key_fingerprint(ctx)}}
+    with pytest.raises(CheckpointError, match=rf"fingerprint {key_fingerprint(ctx)}; .*holds another "
+                                              rf"\({key_fingerprint(other)}\)"):
+        decrypt_checkpoint(state, meta, tmp_path / "other", tmp_path)
+    unrecorded = {"encrypted": {"keys": ["w"], "shapes": {"w": [2, 3]}}}
+    with pytest.raises(CheckpointError, match="no adapter holds such values: .* is not the key it was encrypted under"):
+        decrypt_checkpoint(state, unrecorded, tmp_path / "other", tmp_path)
+    assert np.allclose(decrypt_checkpoint(state, unrecorded, tmp_path / "own", tmp_path)["w"], 0.01, atol=1e-6)
+
+
+def test_provisioning_again_with_existing_context_keeps_the_projects_key(tmp_path):
+    """deploy/README.md's way to add a site to an encrypted project: HEKeyBuilder(existing_context=a site's kit file)
+    uses that key instead of a new one (HEBuilder alone makes a new one every time)."""
+    from nvflare_lora.fl.provision import HEKeyBuilder
+
+    ctx = make_context()
+    kit_file = tmp_path / "client_context.tenseal"
+    kit_file.write_bytes(ctx.serialize(save_secret_key=True))
+    again = HEKeyBuilder(existing_context=str(kit_file))
+    again.initialize(None, None)
+    assert key_fingerprint(again._context) == key_fingerprint(ctx)
+    fresh = HEKeyBuilder()
+    fresh.initialize(None, None)
+    assert key_fingerprint(fresh._context) != key_fingerprint(ctx)
+    with pytest.raises(FileNotFoundError, match="existing_context .* does not exist"):
+        HEKeyBuilder(existing_context=str(tmp_path / "missing")).initialize(None, None)
