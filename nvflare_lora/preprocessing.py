@@ -4,15 +4,17 @@ Training, verification and serving all call this one implementation: open an ima
 EXIF orientation applied; grayscale, palette, RGBA, CMYK and 16-bit images converted), resize the short
 side to `size` (bicubic), centre-crop to `crop_size`, scale to [0, 1], normalise by mean/std, channels first.
 Also the image settings a job checks without torch (the schema imports them): the bad-image share and the
-training augmentation (Augmentation: a random resized crop and flip, drawn from (seed, item) only).
+training augmentation (Augmentation: a random resized crop and flip, drawn from (seed, item) only), and the check
+of a site's data-split record (check_split_record: the server keeps it, the exporter reads it).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -157,3 +159,35 @@ def augmentation(spec) -> Optional[Augmentation]:
             raise DataError(f"augment has unknown key(s) {unknown}; valid: min_scale, hflip")
         return Augmentation(**spec)
     raise DataError(f"augment must be false, true or {{\"min_scale\": 0.5, \"hflip\": true}}, got {spec!r}")
+
+
+SPLIT_FIELDS = {"site": str, "data": str, "simulated": bool, "data_seed": int, "val_fraction": float}
+SIMULATED_FIELDS = {"num_sites": int, "partition": str, "alpha": float}
+
+
+def check_split_record(record, site: Optional[str] = None) -> Dict:
+    """A data-split record (nvflare_lora.data.split_record) as another party sent it (a site's, with its update), checked before anyone keeps or
+    reads it: exactly split_record's fields with their types and ranges, and the sender's own name. DataError names
+    what is wrong."""
+    if not isinstance(record, Mapping):
+        raise DataError(f"a data-split record must be a mapping, got {type(record).__name__}")
+    fields = dict(SPLIT_FIELDS, **(SIMULATED_FIELDS if record.get("simulated") is True else {}))
+    if set(record) != set(fields):
+        raise DataError(f"a data-split record has the fields {sorted(fields)}; got {sorted(map(str, record))}")
+    for key, kind in fields.items():
+        value = record[key]
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok:
+            raise DataError(f"data-split record field {key!r} must be {kind.__name__}, got {value!r}")
+    if site is not None and record["site"] != site:
+        raise DataError(f"a data-split record for {record['site']!r} came from {site!r}")
+    if not 0 < record["val_fraction"] < 1 or not record["data"] or len(record["data"]) > 4096 or "\0" in record["data"]:
+        raise DataError(f"data-split record of {record['site']!r} is out of range: val_fraction "
+                        f"{record['val_fraction']!r}, data {record['data'][:80]!r}")
+    if record["simulated"] and (record["num_sites"] < 1 or record["alpha"] <= 0
+                                or record["partition"] not in ("dirichlet", "iid")):
+        raise DataError(f"data-split record of {record['site']!r}: num_sites {record['num_sites']!r}, partition "
+                        f"{record['partition']!r}, alpha {record['alpha']!r} are not a split")
+    return dict(record)

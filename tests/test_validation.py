@@ -1,5 +1,7 @@
 """The server refuses malformed updates, bounds the influence of the rest, and the job goes on."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -268,3 +270,67 @@ def test_without_the_bounds_the_same_huge_site_ruins_the_job(without_site_4):
     assert not any(r.aggregation["clipped"] or r.aggregation["excluded"] for r in fed.history)
     ruined, clean = _accuracy(fed), _accuracy(without_site_4)
     assert ruined < clean - 0.2, f"unbounded: final accuracy {ruined:.4f}, without site-4 {clean:.4f}"
+
+
+# ---- what a site reports: kept only as the checks allow, and never losing the round ------------------------------
+def test_a_sites_malformed_metrics_are_named_and_recorded_as_null_and_the_round_is_still_recorded(tmp_path):
+    """Before: a non-numeric val_accuracy made the communication log raise before it recorded the round, so that
+    round, its refusals included, vanished from communication.json. Now each metric that is not a finite number
+    (or a negative count) is recorded as null, named in the round's record and the server's log."""
+    from nvflare.apis.dxo import DXO, DataKind, MetaKey
+    from nvflare.apis.fl_constant import ReservedKey
+    from nvflare.apis.fl_context import FLContext
+    from nvflare.app_common.app_constant import AppConstants
+
+    from nvflare_lora.fl.protocol import VAL_COUNT_KEY
+    from nvflare_lora.fl.server.communication_log import CommunicationLog
+
+    log = CommunicationLog()
+    log.path = tmp_path / "communication.json"
+    warnings = []
+    log.log_warning = lambda fl_ctx, msg: warnings.append(msg)
+    log.log_info = lambda fl_ctx, msg: None
+    for site, accuracy, count in (("site-1", 0.5, 10), ("site-2", "high", -3), ("site-3", float("nan"), 5)):
+        ctx = FLContext()
+        ctx.set_prop(AppConstants.CURRENT_ROUND, 0, private=True, sticky=False)
+        ctx.set_prop(AppConstants.AGGREGATION_ACCEPTED, True, private=True, sticky=False)
+        result = DXO(DataKind.WEIGHT_DIFF, data={}, meta={MetaKey.NUM_STEPS_CURRENT_ROUND: 4, VAL_COUNT_KEY: count,
+                                                          MetaKey.INITIAL_METRICS: {"val_accuracy": accuracy}})
+        ctx.set_prop(AppConstants.TRAINING_RESULT, result.to_shareable(), private=True, sticky=False)
+        peer = FLContext()
+        peer.set_prop(ReservedKey.IDENTITY_NAME, site, private=False, sticky=False)
+        ctx.set_peer_context(peer)
+        log._contribution(ctx)
+    ctx = FLContext()
+    ctx.set_prop(AppConstants.CURRENT_ROUND, 0, private=True, sticky=False)
+    log._round_done(ctx)
+    round0 = json.loads(log.path.read_text())["rounds"][0]
+    assert round0["global_val_accuracy"] == 0.5, "only site-1's numbers count"
+    assert round0["sites"]["site-2"]["val_accuracy"] is None and round0["sites"]["site-2"]["val_count"] is None
+    assert round0["sites"]["site-2"]["bad_metrics"] == {"val_accuracy": "'high'", "val_count": "-3"}
+    assert round0["sites"]["site-3"]["bad_metrics"] == {"val_accuracy": "nan"}
+    assert any("site-2 sent metrics that are not finite numbers" in w for w in warnings), warnings
+
+
+def test_a_data_split_record_from_a_site_is_checked_before_it_is_kept_or_read():
+    """A site's data-split record travels with its update; the server keeps it in the checkpoint and the exporter
+    rebuilds the validation images from it. Only exactly split_record's fields, types and ranges, from the site it
+    names, are kept or read; anything else is named (before: stored as sent, read later with a KeyError)."""
+    from exporters.onnx.run_data import run_validation_set
+    from nvflare_lora.data import split_record
+    from nvflare_lora.preprocessing import DataError, Preprocessing, check_split_record
+
+    good = split_record("site-1", "digits", True, 2, "iid", 0.5, 0, 0.2)
+    assert check_split_record(good, "site-1") == good
+    for bad, message in (({**good, "site": "site-2"}, "for 'site-2' came from 'site-1'"),
+                         ({k: v for k, v in good.items() if k != "alpha"}, "has the fields"),
+                         ({**good, "extra": 1}, "has the fields"),
+                         ({**good, "data_seed": "0"}, "'data_seed' must be int"),
+                         ({**good, "val_fraction": 1.5}, "out of range"),
+                         ({**good, "partition": "all-to-me"}, "are not a split"),
+                         ("site-1", "must be a mapping")):
+        with pytest.raises(DataError, match=message):
+            check_split_record(bad, "site-1")
+    dataset, why = run_validation_set({"val_split": {"site-1": {**good, "data_seed": "0"}}},
+                                      Preprocessing(size=32, crop_size=32), [str(i) for i in range(10)])
+    assert dataset is None and "'data_seed' must be int" in why, why

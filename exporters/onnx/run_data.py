@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Mapping, Optional, Tuple
 
 from nvflare_lora.data import ImageDataset, site_datasets
+from nvflare_lora.preprocessing import check_split_record
 
 
 def run_validation_set(metadata: Mapping, preprocess, classes=None) -> Tuple[Optional[ImageDataset], str]:
@@ -20,6 +21,7 @@ def run_validation_set(metadata: Mapping, preprocess, classes=None) -> Tuple[Opt
     items, classes_seen, sources = [], None, set()
     for site, record in sorted(splits.items()):
         try:
+            record = check_split_record(record, site)  # what a site sent: read only as the check allows
             _, val, whole = site_datasets(record, preprocess, classes)
         except (OSError, ValueError) as e:
             return None, f"{site}'s data {record.get('data')!r} cannot be read here ({e})"

@@ -30,6 +30,14 @@ from ...files import write_json_atomic
 from ..protocol import (AGGREGATION_INFO_PROP, BAD_IMAGES_KEY, COMPRESSION_META_KEY, DISTRUST_KEY, EPSILON_KEY,
                         REFUSED_PROP, TRAIN_LOSS_KEY, VAL_COUNT_KEY, payload_bytes)
 
+def _number(value):
+    """A metric as a site reported it, if it is a finite number (bool is not one), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return None
+    return value.item() if isinstance(value, (np.integer, np.floating)) and np.isfinite(value) else \
+        (value if np.isfinite(value) else None)
+
+
 def keys_digest(data: Dict) -> str:
     return hashlib.sha256("\n".join(sorted(map(str, data))).encode()).hexdigest()[:16]
 
@@ -127,16 +135,23 @@ class CommunicationLog(Widget):
             dxo = from_shareable(result)
         except Exception:
             return
-        metrics = dxo.get_meta_prop(MetaKey.INITIAL_METRICS) or {}
-        self._round(int(rnd))["sites"][site] = {
-            "steps": dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND),
-            "train_loss": dxo.get_meta_prop(TRAIN_LOSS_KEY),
-            "val_accuracy": metrics.get("val_accuracy"),
-            "val_count": dxo.get_meta_prop(VAL_COUNT_KEY),
-            "bad_images": dxo.get_meta_prop(BAD_IMAGES_KEY),
-            "epsilon": dxo.get_meta_prop(EPSILON_KEY),
-            **({"distrust": str(dxo.get_meta_prop(DISTRUST_KEY))} if dxo.get_meta_prop(DISTRUST_KEY) else {}),
-        }
+        metrics = dxo.get_meta_prop(MetaKey.INITIAL_METRICS)
+        metrics = metrics if isinstance(metrics, dict) else {}
+        sent = {"steps": dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND),
+                "train_loss": dxo.get_meta_prop(TRAIN_LOSS_KEY), "val_accuracy": metrics.get("val_accuracy"),
+                "val_count": dxo.get_meta_prop(VAL_COUNT_KEY), "bad_images": dxo.get_meta_prop(BAD_IMAGES_KEY),
+                "epsilon": dxo.get_meta_prop(EPSILON_KEY)}
+        record = {k: _number(v) for k, v in sent.items()}  # a site's metric is its word: a number, or nothing
+        for k in ("steps", "val_count", "bad_images"):  # counts: never negative (val_count weighs the accuracy)
+            if record[k] is not None and record[k] < 0:
+                record[k] = None
+        bad = {k: repr(v)[:80] for k, v in sent.items() if v is not None and record[k] is None}
+        if bad:
+            record["bad_metrics"] = bad
+            self.log_warning(fl_ctx, f"{site} sent metrics that are not finite numbers, recorded as null: {bad}")
+        if dxo.get_meta_prop(DISTRUST_KEY):
+            record["distrust"] = str(dxo.get_meta_prop(DISTRUST_KEY))[:500]
+        self._round(int(rnd))["sites"][site] = record
 
     def _aggregation(self, fl_ctx: FLContext) -> None:
         """What the aggregator did to bound the sites' influence (clipped norms, capped weights)."""

@@ -34,6 +34,7 @@ from ...base_model import base_fingerprint, fingerprint_difference, preprocessin
 from ...config import LoRAConfig
 from ...facts import JobFacts
 from ...head import Head
+from ...preprocessing import DataError, check_split_record
 from ...secure import secure_mode, without_round
 from ...settings import CHECKPOINT_DIR, SettingsError, default, settings
 from ...skeleton import adapter_skeleton
@@ -264,9 +265,13 @@ class AdapterPersistor(ModelPersistor):
             split = from_shareable(shareable).get_meta_prop(VAL_SPLIT_KEY)
         except Exception:
             return
-        if isinstance(split, dict):
-            site = shareable.get_peer_prop(key=ReservedKey.IDENTITY_NAME, default=None) or split.get("site")
-            self._val_split[str(site)] = dict(split)
+        if split is None:
+            return
+        site = shareable.get_peer_prop(key=ReservedKey.IDENTITY_NAME, default=None)
+        try:  # another party's record: checked before it is kept (the exporter reads it)
+            self._val_split[str(site)] = check_split_record(split, site)
+        except DataError as e:
+            self.log_warning(fl_ctx, f"the data-split record of {site} is not kept: {e}")
 
     def get_model_inventory(self, fl_ctx: FLContext) -> Dict[str, ModelDescriptor]:
         out = {}
