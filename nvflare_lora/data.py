@@ -14,6 +14,7 @@ TooManyBadImages once more than `max_bad_images` (a share, default 1%) of the li
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import os
 import re
@@ -149,11 +150,22 @@ class _SeededBatches:
     """The batch sampler: batches of (index, seed) keys over the usable items; with shuffle, the order of
     pass `epoch` is the (epoch+1)-th torch.randperm of a generator seeded with `seed` (runs in the main
     process, so persistent workers follow it). With sample_rate q (DP-SGD's Poisson sampling) a pass is
-    round(1 / q) batches, each holding every usable item independently with probability q (possibly none)."""
+    round(1 / q) batches, each holding every usable item independently with probability q (possibly none), drawn
+    from sha256(secret, seed, epoch): with the site's secret no one else can tell which images were in a step (what
+    DP-SGD's amplification by subsampling assumes); without one (secret None) from the seed alone, which anyone
+    with the job's settings can recompute."""
 
-    def __init__(self, dataset: ImageDataset, batch_size: int, shuffle: bool, sample_rate: Optional[float] = None):
+    def __init__(self, dataset: ImageDataset, batch_size: int, shuffle: bool, sample_rate: Optional[float] = None,
+                 secret: Optional[bytes] = None):
         self.dataset, self.batch_size, self.shuffle, self.sample_rate = dataset, batch_size, shuffle, sample_rate
+        self.secret = secret
         self.seed, self.epoch = 0, 0
+
+    def _poisson_seed(self) -> int:
+        if self.secret is None:
+            return int(self.seed) * 7919 + int(self.epoch)
+        digest = hashlib.sha256(self.secret + f":{int(self.seed)}:{int(self.epoch)}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
 
     def _order(self) -> List[int]:
         usable = self.dataset.usable()
@@ -168,7 +180,7 @@ class _SeededBatches:
         key_seed = int(self.seed) * 100003 + int(self.epoch) if self.shuffle else None
         if self.sample_rate is not None:
             usable = self.dataset.usable()
-            g = torch.Generator().manual_seed(int(self.seed) * 7919 + int(self.epoch))
+            g = torch.Generator().manual_seed(self._poisson_seed())
             for _ in range(len(self)):
                 picked = torch.nonzero(torch.rand(len(usable), generator=g) < self.sample_rate).flatten()
                 yield [(usable[int(j)], key_seed) for j in picked]
@@ -187,10 +199,12 @@ class SiteLoader:
     """Batches of one split through torch.utils.data.DataLoader: decoding in `num_workers` worker processes
     (0: in this process; "auto": default_workers()), kept alive between passes; pinned memory on CUDA.
     `batches(seed, epoch)` is one pass: shuffled (training) or in order (evaluation); items that fail to
-    decode are recorded in the dataset's BadImages and left out. Same seed and epoch, same batches."""
+    decode are recorded in the dataset's BadImages and left out. Same seed and epoch (and secret), same batches.
+    sampling_secret: with sample_rate, the site's secret the Poisson samples are drawn from (_SeededBatches)."""
 
     def __init__(self, dataset: ImageDataset, batch_size: int = 32, shuffle: bool = False, num_workers=0,
-                 device: str | torch.device = "cpu", sample_rate: Optional[float] = None):
+                 device: str | torch.device = "cpu", sample_rate: Optional[float] = None,
+                 sampling_secret: Optional[bytes] = None):
         if not len(dataset):
             raise DataError(f"no images to load from {dataset.bad.where}")
         workers = default_workers() if num_workers == "auto" else int(num_workers)
@@ -199,7 +213,7 @@ class SiteLoader:
         self.dataset, self.num_workers = dataset, workers
         if sample_rate is not None and not 0 < sample_rate <= 1:
             raise DataError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
-        self.sampler = _SeededBatches(dataset, int(batch_size), shuffle, sample_rate)
+        self.sampler = _SeededBatches(dataset, int(batch_size), shuffle, sample_rate, sampling_secret)
         self.loader = DataLoader(dataset, batch_sampler=self.sampler, num_workers=workers, collate_fn=collate,
                                  pin_memory=torch.device(device).type == "cuda", persistent_workers=workers > 0)
 

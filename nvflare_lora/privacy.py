@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
@@ -47,6 +48,28 @@ def _positive(name: str, v, what: str) -> float:
     return float(v)
 
 
+SAMPLINGS = ("secret", "reproducible")
+SAMPLING_SECRET_FILE = "nvflare_lora_sampling.key"  # in a site's local folder, mode 0600: its DP-SGD sampling secret
+
+
+def load_sampling_secret(folder: Optional[Path]) -> bytes:
+    """The site's secret for DP-SGD's Poisson sampling: SAMPLING_SECRET_FILE in `folder` (the site's local folder:
+    made once, mode 0600, so the site can reproduce its own runs), or a fresh one for this process (folder None)."""
+    if folder is None:
+        return os.urandom(32)
+    path = Path(folder) / SAMPLING_SECRET_FILE
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(os.urandom(32))
+    data = path.read_bytes()
+    if len(data) != 32:
+        raise PrivacyError(f"{path} is not a sampling secret (32 bytes, got {len(data)}): delete it and a new one is "
+                           f"made at the next job (this site's earlier runs then no longer reproduce)")
+    return data
+
+
 @dataclass(frozen=True)
 class DPConfig:
     """One DP mechanism's settings: the job's `dp` (sites, DP-SGD) or `client_dp` (server, DP-FedAvg).
@@ -57,6 +80,10 @@ class DPConfig:
         budget: a site stops contributing before a round that would exceed it.
     delta: the delta of the reported (epsilon, delta), in (0, 1); below 1 / (number of images) is usual.
     rounds: the rounds target_epsilon is spread over (the recipe sets it to num_rounds).
+    sampling: "secret" (DP-SGD's Poisson samples drawn from the site's own secret: SAMPLING_SECRET_FILE) or
+        "reproducible" (from the job's seeds: anyone with the job's settings can recompute which images were in
+        each step, so the reported epsilon does not hold against them; for tests; refused in a provisioned
+        system).
     """
 
     clip: float
@@ -64,8 +91,11 @@ class DPConfig:
     noise_multiplier: Optional[float] = None
     target_epsilon: Optional[float] = None
     rounds: Optional[int] = None
+    sampling: str = "secret"
 
     def __post_init__(self):
+        if self.sampling not in SAMPLINGS:
+            raise PrivacyError(f"sampling must be one of {list(SAMPLINGS)}, got {self.sampling!r}")
         _positive("the clip bound (max_grad_norm / clip_norm)", self.clip, "the L2 norm each gradient or update is cut to")
         if isinstance(self.delta, bool) or not isinstance(self.delta, (int, float)) or not 0 < self.delta < 1:
             raise PrivacyError(f"delta must be in (0, 1) (e.g. 1e-5, below 1 / the number of images), got {self.delta!r}")
@@ -84,14 +114,18 @@ class DPConfig:
         """The job's dict ({clip_key, delta, noise_multiplier | target_epsilon, rounds}) or None (DP off)."""
         if not d:
             return None
-        valid = {clip_key, "delta", "noise_multiplier", "target_epsilon", "rounds"}
+        valid = {clip_key, "delta", "noise_multiplier", "target_epsilon", "rounds", "sampling"}
         unknown = sorted(set(d) - valid)
         if unknown:
             raise PrivacyError(f"unknown DP setting(s) {unknown}; valid: {sorted(valid)}")
         if clip_key not in d:
             raise PrivacyError(f"DP needs {clip_key} (> 0: the L2 bound)")
         return cls(clip=d[clip_key], delta=d.get("delta", 1e-5), noise_multiplier=d.get("noise_multiplier"),
-                   target_epsilon=d.get("target_epsilon"), rounds=d.get("rounds"))
+                   target_epsilon=d.get("target_epsilon"), rounds=d.get("rounds"), sampling=d.get("sampling", "secret"))
+
+    @property
+    def private_sampling(self) -> bool:
+        return self.sampling == "secret"
 
     def over_budget(self, epsilon: float) -> bool:
         """True when `epsilon` exceeds target_epsilon (beyond the calibration's rounding); never without a target."""
@@ -164,13 +198,24 @@ def calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: in
 
 
 class Accountant:
-    """(noise_multiplier, sample_rate, steps) of every round so far; kept in a JSON file when `path` is set."""
+    """(noise_multiplier, sample_rate, steps) of every round so far; kept in a JSON file when `path` is set.
+    sampling: how the Poisson samples were drawn (DPConfig.sampling), recorded with the spend: "reproducible" is
+    reported as not private (the amplification by subsampling the epsilon counts on does not hold)."""
 
-    def __init__(self, delta: float, path: Optional[Path] = None):
-        self.delta, self.path = delta, Path(path) if path else None
+    def __init__(self, delta: float, path: Optional[Path] = None, sampling: str = "secret"):
+        self.delta, self.path, self.sampling = delta, Path(path) if path else None, sampling
         self.history: List[Tuple[float, float, int]] = []
         if self.path is not None and self.path.is_file():
             self.history = [tuple(h) for h in json.loads(self.path.read_text())["history"]]
+
+    def report(self) -> Dict:
+        """What this accountant holds, as written to its file: delta, the rounds' spend, the sampling and whether
+        the epsilon holds against whoever has the job's settings."""
+        return {"delta": self.delta, "history": self.history, "sampling": self.sampling,
+                "private": self.sampling == "secret",
+                **({} if self.sampling == "secret" else {"note": "reproducible sampling: anyone with the job's "
+                                                                "settings can recompute the samples; this epsilon "
+                                                                "does not hold against them"})}
 
     def epsilon(self) -> float:
         return epsilon_of(self.history, self.delta)
@@ -181,7 +226,7 @@ class Accountant:
     def spend(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
         self.history.append((float(noise_multiplier), float(sample_rate), int(steps)))
         if self.path is not None:
-            atomic_write(self.path, json.dumps({"delta": self.delta, "history": self.history}))
+            atomic_write(self.path, json.dumps(self.report()))
         return self.epsilon()
 
 

@@ -266,7 +266,9 @@ class PrivacySection(Section):
                                          "secure_aggregation \"he\", where every site checks that the global "
                                          "adapter moved no further. null: off in clear, 5.0 under \"he\".", SRV)
     dp: Optional[Dict] = _s(None, "Sample-level DP-SGD at every site: {max_grad_norm, noise_multiplier | "
-                            "target_epsilon, delta}. null: off (docs/guide.md, Privacy).", EXE)
+                            "target_epsilon, delta[, sampling]}; each site draws its samples from its own secret "
+                            "(sampling \"reproducible\": from the seeds, for tests). null: off (docs/guide.md, "
+                            "Privacy).", EXE)
     client_dp: Optional[Dict] = _s(None, 'Client-level DP-FedAvg: {clip_norm, noise_multiplier | target_epsilon, '
                                    'delta}; its fixed clip replaces the bounds above. null: off '
                                    '(docs/guide.md, Privacy).', AGG)

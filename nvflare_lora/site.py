@@ -29,7 +29,7 @@ from .head import HeadError, check_class_names
 from .lora_model import CLIPLoRAWrapper, FederatedCLIPModel
 from .managers import fingerprint
 from .preprocessing import augmentation
-from .privacy import Accountant, DPConfig
+from .privacy import Accountant, DPConfig, load_sampling_secret
 from .secure import secure_mode, without_round
 from .settings import SITE_CONFIG_FILE, JobSettings
 from .training import train_local
@@ -58,13 +58,17 @@ class Site:
         workdir: where the site keeps its DP accountant (None: in memory).
         cache_dir: where the base's weights hash is cached (None: not cached).
         datasets: (train, validation) ImageDatasets already in memory (benchmarks), instead of settings.data.
+        secret_dir: the site's own folder (its kit's local/) where its DP-SGD sampling secret is kept
+            (privacy.SAMPLING_SECRET_FILE); None: a fresh secret for this Site. sampling_secret: the secret itself
+            (a benchmark's seeded one), instead.
         he_context: under secure_aggregation "he", the TenSEAL context with the secret key (the site's kit's
             client_context.tenseal), or a callable that loads it: the job's secure mode (nvflare_lora.secure)
             opens what arrives and seals the update with it.
     """
 
     def __init__(self, name: str, facts: JobFacts, settings: JobSettings, simulated: Optional[bool] = None,
-                 workdir: Optional[Path] = None, cache_dir: Optional[Path] = None, datasets=None, he_context=None):
+                 workdir: Optional[Path] = None, cache_dir: Optional[Path] = None, datasets=None, he_context=None,
+                 secret_dir: Optional[Path] = None, sampling_secret: Optional[bytes] = None):
         t0 = time.perf_counter()
         # how updates leave and adapters arrive; under HE this site's key is checked against the job's here
         self.mode = secure_mode(facts.secure_aggregation, he_context).ready(name, facts)
@@ -118,18 +122,20 @@ class Site:
         self.train_set.augment = augmentation(s.augment)
         self.private: Optional[PrivateStep] = None
         self.accountant: Optional[Accountant] = None
-        sample_rate = None
-        if s.dp:  # Poisson sampling: each image in each step with probability batch_size / n
-            dp = self.dp = DPConfig.from_setting(s.dp, "max_grad_norm")
+        sample_rate = secret = None
+        if s.dp:  # Poisson sampling: each image in each step with probability batch_size / n, drawn from a secret
+            dp = self.dp = DPConfig.from_setting(s.dp, "max_grad_norm")  # only this site knows (unless reproducible)
             sample_rate = min(1.0, s.batch_size / max(1, len(self.train_set.usable())))
+            if dp.private_sampling:
+                secret = sampling_secret if sampling_secret is not None else load_sampling_secret(secret_dir)
         self.train_loader = SiteLoader(self.train_set, s.batch_size, shuffle=True, num_workers=s.num_workers,
-                                       device=self.fed.device, sample_rate=sample_rate)
+                                       device=self.fed.device, sample_rate=sample_rate, sampling_secret=secret)
         if s.dp:
             steps = len(self.train_loader) * max(1, s.local_epochs)
             self.dp_steps = min(steps, s.max_steps) if s.max_steps else steps
             sigma = dp.resolve(sample_rate, self.dp_steps)
             self.private = PrivateStep(dp, sigma, sample_rate, len(self.train_set.usable()))
-            self.accountant = Accountant(dp.delta, Path(workdir) / DP_ACCOUNTANT_FILE if workdir else None)
+            self.accountant = Accountant(dp.delta, Path(workdir) / DP_ACCOUNTANT_FILE if workdir else None, dp.sampling)
         self.val_loader = SiteLoader(self.val_set, max(s.batch_size, 64), num_workers=s.num_workers,
                                      device=self.fed.device)
         self.global_adapter: Optional[Dict[str, np.ndarray]] = None

@@ -147,13 +147,40 @@ def test_a_target_epsilon_the_first_round_exceeds_is_refused_at_set_up():
         settings(estimator="median", client_dp={"clip_norm": 0.5, "noise_multiplier": 1.0})
 
 
-def test_poisson_sampling_is_seeded_and_has_the_rate():
+def test_poisson_sampling_has_the_rate_and_is_drawn_from_the_sites_secret(tmp_path):
+    """DP-SGD's amplification by subsampling assumes that which images were in a step is secret. Before, the samples
+    came from the job's seeds, which the server and every site know. Now they come from the site's own secret (kept
+    in its local folder, mode 0600, so the site can reproduce its runs): two sites or two workspaces with the same
+    job settings draw different samples. "reproducible" (the seeds alone) is named so and reported as not private."""
+    import stat
+
+    from nvflare_lora.privacy import SAMPLING_SECRET_FILE, Accountant, DPConfig, PrivacyError, load_sampling_secret
+
     pp = quick_clip_lora("tiny-clip", 10, 4).model.preprocess
     train, _ = site_split(load_digits_dataset(pp), "site-1", 4, "iid")
-    loader = SiteLoader(train, 32, shuffle=True, sample_rate=0.1)
-    sizes = [len(y) for _, y in loader.batches(3)]
-    assert len(sizes) == 10 and sizes == [len(y) for _, y in loader.batches(3)]
-    assert abs(np.mean(sizes) - 0.1 * len(train)) < 0.35 * 0.1 * len(train)
+
+    def picked(secret):
+        loader = SiteLoader(train, 32, shuffle=True, sample_rate=0.1, sampling_secret=secret)
+        return [sorted(y.tolist()) for _, y in loader.batches(3)], [len(y) for _, y in loader.batches(3)]
+
+    a, b = load_sampling_secret(tmp_path / "a" / "local"), load_sampling_secret(tmp_path / "b" / "local")
+    assert load_sampling_secret(tmp_path / "a" / "local") == a != b, "kept once made; another workspace, another"
+    assert stat.S_IMODE((tmp_path / "a" / "local" / SAMPLING_SECRET_FILE).stat().st_mode) == 0o600
+    (batches_a, sizes), (batches_b, _) = picked(a), picked(b)
+    assert batches_a == picked(a)[0] and batches_a != batches_b, "the secret decides, the seeds alone do not"
+    assert len(sizes) == 10 and abs(np.mean(sizes) - 0.1 * len(train)) < 0.35 * 0.1 * len(train)
+    assert picked(None)[0] == picked(None)[0], "reproducible: the seeds alone (anyone can recompute it)"
+    assert DPConfig.from_setting({"max_grad_norm": 1.0, "noise_multiplier": 1.0}, "max_grad_norm").private_sampling
+    reproducible = DPConfig.from_setting({"max_grad_norm": 1.0, "noise_multiplier": 1.0, "sampling": "reproducible"},
+                                         "max_grad_norm")
+    assert not reproducible.private_sampling
+    assert Accountant(1e-5, sampling="reproducible").report()["private"] is False
+    with pytest.raises(PrivacyError, match="sampling must be one of"):
+        DPConfig(clip=1.0, noise_multiplier=1.0, sampling="seeded")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / SAMPLING_SECRET_FILE).write_bytes(b"short")
+    with pytest.raises(PrivacyError, match="is not a sampling secret"):
+        load_sampling_secret(tmp_path / "c")
 
 
 def test_a_dp_job_records_epsilon_per_site_per_round_and_stops_a_site_at_its_budget():

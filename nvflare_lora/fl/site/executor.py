@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.executor import Executor
-from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
@@ -26,6 +26,7 @@ from ... import adapter as ad
 from ...files import atomic_write
 from ...data import TooManyBadImages
 from ...facts import JobFacts
+from ...privacy import DPConfig
 from ...settings import FIELDS, SITE_CONFIG_FILE, SettingsError, default, settings, site_overrides
 from ...secure import CLIENT_CONTEXT, SecureAggregationError
 from ...site import BaseMismatchError, Site, UnusableUpdate
@@ -83,10 +84,8 @@ class CLIPLoRAExecutor(Executor):
     def _site_overrides(self, fl_ctx: FLContext) -> Dict:
         """This site's own settings: <workspace>/local/nvflare_lora_site.json, then NVFLARE_LORA_DATA."""
         local, where = {}, SITE_CONFIG_FILE
-        try:
-            path = Path(fl_ctx.get_engine().get_workspace().get_site_config_dir()) / SITE_CONFIG_FILE
-        except AttributeError:
-            path = None
+        folder = self._local_dir(fl_ctx)
+        path = folder / SITE_CONFIG_FILE if folder is not None else None
         if path is not None and path.is_file():
             where = str(path)
             try:
@@ -102,9 +101,15 @@ class CLIPLoRAExecutor(Executor):
         simulated = str(s.data) == "digits" and "data" not in overrides
         workspace = fl_ctx.get_engine().get_workspace()
         facts = JobFacts.from_announcement(announced)
+        dp = DPConfig.from_setting(s.dp, "max_grad_norm")
+        if dp is not None and not dp.private_sampling and fl_ctx.get_prop(FLContextKey.SECURE_MODE, False):
+            raise SettingsError(f"{site}: dp sampling \"reproducible\" draws DP-SGD's samples from the job's seeds, "
+                                f"which the server and every site know, so the epsilon would not hold against them; "
+                                f"it is for tests and refused in a provisioned system: remove \"sampling\" from dp")
         self.site = Site(site, facts, s, simulated=simulated, workdir=self._app_dir(fl_ctx),
                          cache_dir=Path(workspace.get_root_dir()) / CACHE_DIR,
-                         he_context=lambda: kit_context(fl_ctx, CLIENT_CONTEXT, secret=True))  # loaded only under HE
+                         he_context=lambda: kit_context(fl_ctx, CLIENT_CONTEXT, secret=True),  # loaded only under HE
+                         secret_dir=self._local_dir(fl_ctx))  # the site's local/: its DP-SGD sampling secret
         self.announced = announced
         for note in self.site.notes:
             self.log_warning(fl_ctx, f"{site}: {note}")
@@ -112,7 +117,9 @@ class CLIPLoRAExecutor(Executor):
             p = self.site.private
             self.log_info(fl_ctx, f"{site}: DP-SGD on, noise multiplier {p.noise_multiplier:.3g}, clip {p.config.clip}, "
                                   f"Poisson rate {p.sample_rate:.3g}, {self.site.dp_steps} steps a round, delta "
-                                  f"{p.config.delta}; epsilon so far {self.site.accountant.epsilon():.3g}")
+                                  f"{p.config.delta}; epsilon so far {self.site.accountant.epsilon():.3g}; sampling "
+                                  f"{p.config.sampling}" + ("" if p.config.private_sampling else
+                                                            " (NOT private: the job's settings determine it)"))
         self._report_bad(fl_ctx)
         self.log_info(fl_ctx, self.site.describe())
         if self.tracking_writer_id:
@@ -223,6 +230,14 @@ class CLIPLoRAExecutor(Executor):
         if len(bad) > self._bad_seen:
             self.log_warning(fl_ctx, f"{fl_ctx.get_identity_name()}: {bad.summary()}")
             self._bad_seen = len(bad)
+
+    @staticmethod
+    def _local_dir(fl_ctx: FLContext) -> Optional[Path]:
+        """The site's own folder (its kit's local/), kept across jobs; None where the workspace has none."""
+        try:
+            return Path(fl_ctx.get_engine().get_workspace().get_site_config_dir())
+        except AttributeError:
+            return None
 
     @staticmethod
     def _app_dir(fl_ctx: FLContext) -> Path:
