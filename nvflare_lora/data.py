@@ -141,6 +141,20 @@ def collate(samples) -> Tuple[Optional[torch.Tensor], torch.Tensor, List[Tuple[i
     return x, torch.as_tensor([s[1] for s in good], dtype=torch.long), bad
 
 
+def dataset_fingerprint(*datasets: ImageDataset) -> str:
+    """What identifies a site's data across jobs (its privacy ledger's key): sha256 over every item, in a stable
+    order: a file by its name and size, an image in memory by its bytes; and its label."""
+    parts = []
+    for ds in datasets:
+        for src, label in ds.items:
+            if isinstance(src, (str, Path)):
+                path = Path(src)
+                parts.append(f"{path.parent.name}/{path.name}:{path.stat().st_size if path.exists() else -1}:{label}")
+            else:
+                parts.append(hashlib.sha256(np.ascontiguousarray(src).tobytes()).hexdigest() + f":{label}")
+    return hashlib.sha256("\n".join(sorted(parts)).encode()).hexdigest()[:16]
+
+
 def default_workers() -> int:
     """DataLoader workers when the job says "auto": one core is left to training, at most 4 decode."""
     return max(1, min(4, (os.cpu_count() or 2) - 1))

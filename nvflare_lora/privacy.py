@@ -48,6 +48,76 @@ def _positive(name: str, v, what: str) -> float:
     return float(v)
 
 
+@dataclass(frozen=True)
+class Budget:
+    """A site's own ceiling on DP-SGD's spend on its data, across jobs (privacy_budget: {max_epsilon, delta})."""
+
+    max_epsilon: float
+    delta: float = 1e-5
+
+    def __post_init__(self):
+        _positive("privacy_budget max_epsilon", self.max_epsilon, "the most epsilon this site spends on its data")
+        if isinstance(self.delta, bool) or not isinstance(self.delta, (int, float)) or not 0 < self.delta < 1:
+            raise PrivacyError(f"privacy_budget delta must be in (0, 1), got {self.delta!r}")
+
+    @classmethod
+    def from_setting(cls, d: Optional[Mapping]) -> Optional["Budget"]:
+        if d is None:
+            return None
+        if not isinstance(d, Mapping) or set(d) - {"max_epsilon", "delta"} or "max_epsilon" not in d:
+            raise PrivacyError(f"privacy_budget is {{max_epsilon, delta}} (delta 1e-5 if left out), got {d!r}")
+        return cls(max_epsilon=d["max_epsilon"], delta=d.get("delta", 1e-5))
+
+
+LEDGER_FILE = "nvflare_lora_privacy_ledger.json"  # in a site's local folder: its spend per data set, across jobs
+
+
+class Ledger:
+    """A site's privacy spend on one data set (`dataset`: its files' fingerprint), across every job and resume: the
+    (noise_multiplier, sample_rate, steps) of each round any job trained on it, with the job's id, in LEDGER_FILE in
+    the site's local folder. Epsilon is composed over all of them (Opacus' RDP accountant) at the budget's delta;
+    the site refuses what would take it past max_epsilon. Read again before every check and spend, so two jobs of
+    the site see each other's rounds (they may still race within one round)."""
+
+    def __init__(self, folder: Path, dataset: str, budget: Budget):
+        self.path, self.dataset, self.budget = Path(folder) / LEDGER_FILE, dataset, budget
+        self._read()
+
+    def _read(self) -> Dict:
+        if not self.path.is_file():
+            return {"datasets": {}}
+        try:
+            data = json.loads(self.path.read_text())
+            for entry in data["datasets"].values():
+                [(float(s), float(q), int(n), str(job)) for s, q, n, job in entry["history"]]
+            return data
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise PrivacyError(f"the privacy ledger {self.path} cannot be read ({type(e).__name__}: {e}): restore it "
+                               f"from a backup; deleting it would forget what this site has spent") from None
+
+    @property
+    def history(self) -> List[Tuple[float, float, int]]:
+        entry = self._read()["datasets"].get(self.dataset) or {"history": []}
+        return [(float(s), float(q), int(n)) for s, q, n, _ in entry["history"]]
+
+    def epsilon(self) -> float:
+        return epsilon_of(self.history, self.budget.delta)
+
+    def epsilon_after(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
+        return epsilon_of(self.history + [(noise_multiplier, sample_rate, steps)], self.budget.delta)
+
+    def jobs(self) -> List[str]:
+        entry = self._read()["datasets"].get(self.dataset) or {"history": []}
+        return sorted({job for *_, job in entry["history"]})
+
+    def spend(self, noise_multiplier: float, sample_rate: float, steps: int, job: str) -> float:
+        data = self._read()
+        entry = data["datasets"].setdefault(self.dataset, {"history": []})
+        entry["history"].append([float(noise_multiplier), float(sample_rate), int(steps), str(job)])
+        atomic_write(self.path, json.dumps(data, indent=1))
+        return self.epsilon()
+
+
 SAMPLINGS = ("secret", "reproducible")
 SAMPLING_SECRET_FILE = "nvflare_lora_sampling.key"  # in a site's local folder, mode 0600: its DP-SGD sampling secret
 

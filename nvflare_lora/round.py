@@ -116,10 +116,13 @@ class Federation:
         site_settings: {site: {setting: value}} for a site's own settings (its data, ...), as a site's
             nvflare_lora_site.json would set them.
         initial: the global adapter round 0 starts from (default: the shared seeded init).
+        local_dirs: {site: folder} for a site's own folder (its kit's local/: DP-SGD's sampling secret, its privacy
+            ledger), kept across jobs; job_id: this job's name in their ledgers.
     """
 
     def __init__(self, settings: JobSettings, sites: Optional[Sequence[str]] = None,
-                 site_settings: Optional[Mapping[str, Mapping]] = None, initial: Optional[Mapping] = None):
+                 site_settings: Optional[Mapping[str, Mapping]] = None, initial: Optional[Mapping] = None,
+                 local_dirs: Optional[Mapping[str, object]] = None, job_id: str = "in-process"):
         self.settings = settings
         names = list(sites or [f"site-{i}" for i in range(1, settings.num_sites + 1)])
         self.facts = JobFacts.from_settings(settings)
@@ -136,7 +139,8 @@ class Federation:
             own = dict((site_settings or {}).get(name, {}))
             simulated = str(own.get("data", settings.data)) == "digits" and "data" not in own
             self.sites.append(Site(name, self.facts, settings.replace(**own), simulated=simulated,
-                                   he_context=site_mode.context))
+                                   he_context=site_mode.context, local_dir=(local_dirs or {}).get(name),
+                                   job_id=job_id))
         self.history: List[RoundResult] = []
 
     def run_round(self, channel: Optional[Channel] = None) -> RoundResult:

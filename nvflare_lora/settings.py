@@ -37,7 +37,7 @@ from .config import LoRAConfig
 from .errors import NVFlareLoRAError
 from .head import Head, check_class_names, check_labels, check_templates
 from .preprocessing import augmentation, check_share
-from .privacy import DPConfig, check_client_dp
+from .privacy import Budget, DPConfig, check_client_dp
 
 PARTITIONS = ("dirichlet", "iid")
 SECURE_MODES = ("none", "he")
@@ -272,12 +272,17 @@ class PrivacySection(Section):
     client_dp: Optional[Dict] = _s(None, 'Client-level DP-FedAvg: {clip_norm, noise_multiplier | target_epsilon, '
                                    'delta}; its fixed clip replaces the bounds above. null: off '
                                    '(docs/guide.md, Privacy).', AGG)
+    privacy_budget: Optional[Dict] = _s(None, "A site's own ceiling on DP-SGD's spend on its data, across every job "
+                                        "and resume: {max_epsilon, delta}, set in the site's local/"
+                                        "nvflare_lora_site.json; its ledger is kept in local/. null: no ceiling "
+                                        "(docs/guide.md, Privacy).", EXE)
 
     def check(self) -> None:
         if self.site_clip_norm is not None and (not math.isfinite(self.site_clip_norm) or not self.site_clip_norm > 0):
             raise SettingsError(f"site_clip_norm must be a number > 0 or null, got {self.site_clip_norm!r}")
         for name in ("dp", "client_dp"):  # alone with one round; across() spreads a target over num_rounds
             self.dp_config(name, rounds=1)
+        Budget.from_setting(self.privacy_budget)
 
     def dp_config(self, name: str, rounds: Optional[int] = None) -> Optional[DPConfig]:
         """The DPConfig of `dp` (DP-SGD at the sites) or `client_dp` (DP-FedAvg at the server), or None (off);
@@ -542,7 +547,7 @@ DEFAULTS: Dict[str, Any] = {f.name: (f.default_factory() if f.default_factory is
 # Settings a site may set for itself, in <workspace>/local/nvflare_lora_site.json (and `data` also through
 # NVFLARE_LORA_DATA), without editing the job: where its data and base are and what it runs on.
 SITE_LOCAL = ("data", "model_path", "device", "torch_threads", "num_workers", "max_bad_images", "augment",
-              "site_labels")
+              "site_labels", "privacy_budget")
 
 # Library classes built with no arguments agree with the sections' defaults but for these, each for a reason
 # (tests/test_recipe.py checks that every other default agrees):

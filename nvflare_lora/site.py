@@ -21,7 +21,7 @@ import torch
 from .aggregation import clip_to
 from .aggregation.site import SiteAggregation
 from .base_model import fingerprint_difference, preprocessing_for
-from .data import SiteLoader, site_datasets, split_record
+from .data import SiteLoader, dataset_fingerprint, site_datasets, split_record
 from .dp_sgd import PrivateStep
 from .errors import NVFlareLoRAError
 from .facts import JobFacts
@@ -29,7 +29,7 @@ from .head import HeadError, check_class_names
 from .lora_model import CLIPLoRAWrapper, FederatedCLIPModel
 from .managers import fingerprint
 from .preprocessing import augmentation
-from .privacy import Accountant, DPConfig, load_sampling_secret
+from .privacy import Accountant, Budget, DPConfig, Ledger, PrivacyError, load_sampling_secret
 from .secure import secure_mode, without_round
 from .settings import SITE_CONFIG_FILE, JobSettings
 from .training import train_local
@@ -58,9 +58,10 @@ class Site:
         workdir: where the site keeps its DP accountant (None: in memory).
         cache_dir: where the base's weights hash is cached (None: not cached).
         datasets: (train, validation) ImageDatasets already in memory (benchmarks), instead of settings.data.
-        secret_dir: the site's own folder (its kit's local/) where its DP-SGD sampling secret is kept
-            (privacy.SAMPLING_SECRET_FILE); None: a fresh secret for this Site. sampling_secret: the secret itself
-            (a benchmark's seeded one), instead.
+        local_dir: the site's own folder (its kit's local/), kept across jobs: its DP-SGD sampling secret
+            (privacy.SAMPLING_SECRET_FILE; None: a fresh secret for this Site) and its privacy ledger (with
+            settings.privacy_budget). sampling_secret: the secret itself (a benchmark's seeded one), instead.
+        job_id: the job this site trains in (its ledger entries name it).
         he_context: under secure_aggregation "he", the TenSEAL context with the secret key (the site's kit's
             client_context.tenseal), or a callable that loads it: the job's secure mode (nvflare_lora.secure)
             opens what arrives and seals the update with it.
@@ -68,7 +69,7 @@ class Site:
 
     def __init__(self, name: str, facts: JobFacts, settings: JobSettings, simulated: Optional[bool] = None,
                  workdir: Optional[Path] = None, cache_dir: Optional[Path] = None, datasets=None, he_context=None,
-                 secret_dir: Optional[Path] = None, sampling_secret: Optional[bytes] = None):
+                 local_dir: Optional[Path] = None, sampling_secret: Optional[bytes] = None, job_id: str = ""):
         t0 = time.perf_counter()
         # how updates leave and adapters arrive; under HE this site's key is checked against the job's here
         self.mode = secure_mode(facts.secure_aggregation, he_context).ready(name, facts)
@@ -122,12 +123,13 @@ class Site:
         self.train_set.augment = augmentation(s.augment)
         self.private: Optional[PrivateStep] = None
         self.accountant: Optional[Accountant] = None
+        self.ledger: Optional[Ledger] = None
         sample_rate = secret = None
         if s.dp:  # Poisson sampling: each image in each step with probability batch_size / n, drawn from a secret
             dp = self.dp = DPConfig.from_setting(s.dp, "max_grad_norm")  # only this site knows (unless reproducible)
             sample_rate = min(1.0, s.batch_size / max(1, len(self.train_set.usable())))
             if dp.private_sampling:
-                secret = sampling_secret if sampling_secret is not None else load_sampling_secret(secret_dir)
+                secret = sampling_secret if sampling_secret is not None else load_sampling_secret(local_dir)
         self.train_loader = SiteLoader(self.train_set, s.batch_size, shuffle=True, num_workers=s.num_workers,
                                        device=self.fed.device, sample_rate=sample_rate, sampling_secret=secret)
         if s.dp:
@@ -136,6 +138,7 @@ class Site:
             sigma = dp.resolve(sample_rate, self.dp_steps)
             self.private = PrivateStep(dp, sigma, sample_rate, len(self.train_set.usable()))
             self.accountant = Accountant(dp.delta, Path(workdir) / DP_ACCOUNTANT_FILE if workdir else None, dp.sampling)
+            self.ledger = self._ledger(local_dir, job_id)
         self.val_loader = SiteLoader(self.val_set, max(s.batch_size, 64), num_workers=s.num_workers,
                                      device=self.fed.device)
         self.global_adapter: Optional[Dict[str, np.ndarray]] = None
@@ -161,14 +164,44 @@ class Site:
         """Loss, accuracy and count of the loaded model on this site's validation split."""
         return self.fed.evaluate(self.val_loader)
 
+    def _ledger(self, local_dir: Optional[Path], job_id: str) -> Optional[Ledger]:
+        """The site's own ledger of DP spend on this data (privacy_budget set), refused at set-up when spent."""
+        budget = Budget.from_setting(self.settings.privacy_budget)
+        if budget is None:
+            return None
+        if local_dir is None:
+            raise PrivacyError(f"{self.name}: privacy_budget needs the site's local folder for its ledger (a site's "
+                               f"kit's local/; in process: Federation(local_dirs=...))")
+        if self.dp.target_epsilon is not None and self.dp.target_epsilon > budget.max_epsilon:
+            raise PrivacyError(f"{self.name}: the job's target_epsilon {self.dp.target_epsilon:g} is above this site's "
+                               f"privacy_budget max_epsilon {budget.max_epsilon:g}: it does not take part")
+        self.job_id = job_id
+        ledger = Ledger(local_dir, dataset_fingerprint(self.train_set, self.val_set), budget)
+        after = ledger.epsilon_after(self.private.noise_multiplier, self.private.sample_rate, self.dp_steps)
+        if after > budget.max_epsilon * (1 + 1e-6):
+            raise PrivacyError(f"{self.name}: its privacy budget on this data is spent: epsilon {ledger.epsilon():.3g} "
+                               f"of max_epsilon {budget.max_epsilon:g} (delta {budget.delta:g}) by {len(ledger.jobs())} "
+                               f"earlier job(s); one round of this job would bring it to {after:.3g}. Nothing is "
+                               f"trained on it; raise privacy_budget in local/{SITE_CONFIG_FILE} only if you mean to")
+        return ledger
+
     def over_budget(self) -> Optional[str]:
-        """Why this site must not train another round (its DP budget), or None."""
+        """Why this site must not train another round (the job's target_epsilon, or the site's own ledger), or None."""
         if self.private is None:
             return None
-        after = self.accountant.epsilon_after(self.private.noise_multiplier, self.private.sample_rate, self.dp_steps)
+        p = self.private
+        after = self.accountant.epsilon_after(p.noise_multiplier, p.sample_rate, self.dp_steps)
         if self.dp.over_budget(after):
             return (f"privacy budget reached: epsilon {self.accountant.epsilon():.3g} spent, this round would bring "
                     f"it to {after:.3g} > target_epsilon {self.dp.target_epsilon}; this site stops contributing")
+        if self.ledger is not None:
+            total = self.ledger.epsilon_after(p.noise_multiplier, p.sample_rate, self.dp_steps)
+            cap = self.ledger.budget.max_epsilon
+            if total > cap * (1 + 1e-6):
+                return (f"the site's own privacy budget on this data would be passed: epsilon {self.ledger.epsilon():.3g}"
+                        f" spent over {len(self.ledger.jobs())} job(s), this round would bring it to {total:.3g} > "
+                        f"max_epsilon {cap:g}; {max(0.0, cap - self.ledger.epsilon()):.3g} left; this site stops "
+                        f"contributing")
         return None
 
     def train(self, rnd: int, should_abort: Optional[Callable[[], bool]] = None, lr: Optional[float] = None,
@@ -183,6 +216,9 @@ class Site:
         if self.private is not None:
             stats["epsilon"] = self.accountant.spend(self.private.noise_multiplier, self.private.sample_rate,
                                                      stats["steps"])
+            if self.ledger is not None:
+                stats["site_epsilon"] = self.ledger.spend(self.private.noise_multiplier, self.private.sample_rate,
+                                                          stats["steps"], self.job_id)
         self._steps, self._round = stats["steps"], int(rnd)
         return stats
 

@@ -224,3 +224,40 @@ def test_a_dp_job_records_epsilon_per_site_per_round_and_stops_a_site_at_its_bud
     assert client[0]["noise_std"] == pytest.approx(0.3 * 1.0 / 2)  # std = sigma x clip / number of sites
     assert client[-1]["noise_std"] == pytest.approx(0.3 * 1.0 / 1)  # one site left
     assert fed.server.epsilon() == pytest.approx(client[-1]["epsilon"])
+
+
+def test_a_sites_own_ledger_spans_jobs_and_refuses_a_job_past_its_ceiling(tmp_path):
+    """The budget the site owns: every DP job on its data spends one ledger in its local folder (keyed by the data's
+    fingerprint), composed across jobs; its own privacy_budget (local/nvflare_lora_site.json) is the ceiling. Before,
+    each job (and each resume: a new job id) started again at epsilon 0 with a target the job submitter set."""
+    from nvflare_lora.privacy import LEDGER_FILE, PrivacyError, epsilon_of
+    from nvflare_lora.round import Federation
+    from nvflare_lora.settings import settings
+
+    local = {"site-1": tmp_path / "site-1" / "local"}
+    job = settings(num_rounds=2, num_sites=1, min_clients=1, local_epochs=1, max_steps=3,
+                   dp={"max_grad_norm": 1.0, "noise_multiplier": 1.0, "delta": 1e-5})
+
+    def run(job_id, max_epsilon):
+        own = {"site-1": {"privacy_budget": {"max_epsilon": max_epsilon, "delta": 1e-5}}}
+        fed = Federation(job, site_settings=own, local_dirs=local, job_id=job_id)
+        return fed, [fed.run_round() for _ in range(job.num_rounds)]
+
+    first, _ = run("job-a", 1000.0)
+    history = first.sites[0].ledger.history
+    assert len(history) == 2 and first.sites[0].ledger.jobs() == ["job-a"]
+    cap = epsilon_of(history + history[-1:], 1e-5) * (1 + 1e-4)  # room for one more round, not two
+    second, rounds = run("job-b", cap)
+    assert not rounds[0].refused and "site-1" in rounds[0].steps, "round 0 of the second job still fits"
+    why = rounds[1].refused["site-1"]
+    assert "the site's own privacy budget on this data would be passed" in why and "over 2 job(s)" in why, why
+    assert len(second.sites[0].ledger.history) == 3
+    with pytest.raises(PrivacyError, match=r"its privacy budget on this data is spent: epsilon [\d.]+ of max_epsilon "
+                                           r"[\d.]+ \(delta 1e-05\) by 2 earlier job\(s\)"):
+        run("job-c", cap)
+    with pytest.raises(PrivacyError, match="target_epsilon 50 is above this site's privacy_budget max_epsilon"):
+        Federation(job.replace(dp={"max_grad_norm": 1.0, "noise_multiplier": 1.0, "target_epsilon": 50.0}),
+                   site_settings={"site-1": {"privacy_budget": {"max_epsilon": 8.0}}}, local_dirs=local)
+    (local["site-1"] / LEDGER_FILE).write_text("{not json")
+    with pytest.raises(PrivacyError, match="cannot be read .* deleting it would forget what this site has spent"):
+        run("job-d", 1000.0)

@@ -26,7 +26,7 @@ from ... import adapter as ad
 from ...files import atomic_write
 from ...data import TooManyBadImages
 from ...facts import JobFacts
-from ...privacy import DPConfig
+from ...privacy import DPConfig, PrivacyError
 from ...settings import FIELDS, SITE_CONFIG_FILE, SettingsError, default, settings, site_overrides
 from ...secure import CLIENT_CONTEXT, SecureAggregationError
 from ...site import BaseMismatchError, Site, UnusableUpdate
@@ -45,8 +45,8 @@ class CLIPLoRAExecutor(Executor):
 
     Args: every site setting of nvflare_lora.settings.JobSettings (data, num_sites, partition, alpha, data_seed,
     val_fraction, local_epochs, max_steps, batch_size, lr, weight_decay, max_grad_norm, train_seed, model_path,
-    device, torch_threads, max_bad_images, num_workers, augment, site_labels, dp), with the schema's defaults and
-    help;
+    device, torch_threads, max_bad_images, num_workers, augment, site_labels, dp, privacy_budget), with the schema's
+    defaults and help;
     tracking_writer_id: a TBWriter component for metrics (empty: none); the three task names.
     """
 
@@ -60,7 +60,7 @@ class CLIPLoRAExecutor(Executor):
                  device: str = default("device"), torch_threads: int = default("torch_threads"),
                  max_bad_images: float = default("max_bad_images"), num_workers=default("num_workers"),
                  augment=default("augment"), site_labels: Optional[List[str]] = default("site_labels"),
-                 dp: Optional[Dict] = default("dp"),
+                 dp: Optional[Dict] = default("dp"), privacy_budget: Optional[Dict] = default("privacy_budget"),
                  tracking_writer_id: str = "tb_writer",
                  train_task_name: str = AppConstants.TASK_TRAIN, validate_task_name: str = AppConstants.TASK_VALIDATION,
                  submit_model_task_name: str = AppConstants.TASK_SUBMIT_MODEL):
@@ -109,7 +109,8 @@ class CLIPLoRAExecutor(Executor):
         self.site = Site(site, facts, s, simulated=simulated, workdir=self._app_dir(fl_ctx),
                          cache_dir=Path(workspace.get_root_dir()) / CACHE_DIR,
                          he_context=lambda: kit_context(fl_ctx, CLIENT_CONTEXT, secret=True),  # loaded only under HE
-                         secret_dir=self._local_dir(fl_ctx))  # the site's local/: its DP-SGD sampling secret
+                         local_dir=self._local_dir(fl_ctx),  # the site's local/: sampling secret, privacy ledger
+                         job_id=str(fl_ctx.get_job_id()))
         self.announced = announced
         for note in self.site.notes:
             self.log_warning(fl_ctx, f"{site}: {note}")
@@ -154,7 +155,7 @@ class CLIPLoRAExecutor(Executor):
             # site out, and stops the job with this message when too few sites are left (min_clients).
             self.log_error(fl_ctx, f"{site}: {e}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION, headers={FATAL_HEADER: str(e)})
-        except (TooManyBadImages, SettingsError) as e:  # the site's data or settings: the message says what to fix
+        except (TooManyBadImages, SettingsError, PrivacyError) as e:  # the site's data, settings or privacy budget
             self.log_error(fl_ctx, f"{site}: stops contributing: {e}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
         except UnusableUpdate as e:  # this round only (training diverged): the round goes on without it
