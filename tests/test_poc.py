@@ -29,6 +29,8 @@ pytestmark = pytest.mark.poc
 
 SITES = ["site-1", "site-2"]
 ROUNDS = 2
+DP = {"max_grad_norm": 1.0, "noise_multiplier": 1.0, "delta": 1e-5}  # the clear job trains with DP-SGD
+SITE2_BUDGET = {"max_epsilon": 1000.0, "delta": 1e-5}
 
 
 def write_digit_folders(root: Path, num_sites: int):
@@ -55,7 +57,8 @@ def federation(tmp_path_factory):
     for kit in [kits.server] + [kits.site(s) for s in SITES]:
         shutil.copy(ROOT / "deploy" / "authorization.json", kit / "local" / "authorization.json")
     data1, data2 = write_digit_folders(root / "data", 2)
-    write_site_config(kits.site("site-2"), {"data": str(data2)})
+    # site-2 also sets its own privacy ceiling: its DP spend is kept in its kit's local/ ledger (the clear job runs DP)
+    write_site_config(kits.site("site-2"), {"data": str(data2), "privacy_budget": SITE2_BUDGET})
     fed = LocalFederation(kits, root / "logs", root / "home")
     try:
         fed.start(site_env={"site-1": {"NVFLARE_LORA_DATA": str(data1)}})
@@ -73,7 +76,7 @@ def finished_job(federation, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("job")
     sets = {"num_rounds": ROUNDS, "num_sites": len(SITES), "local_epochs": 1, "max_steps": 5,
             "cross_site_eval": "false",  # the simulator tests cover it; here it would only add time
-            "wait_time_after_min_received": 5}
+            "wait_time_after_min_received": 5, "dp": json.dumps(DP)}
     cmd = [sys.executable, str(ROOT / "jobs" / "clip_lora" / "job.py"), "--env", "prod",
            "--startup-kit", str(federation.kits.admin_kit)] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=tmp, env=process_env(federation.home))
@@ -123,6 +126,31 @@ def test_each_site_trained_on_its_own_folder(federation, finished_job):
         log = federation.kits.site(site) / job_id / "log.txt"
         text = log.read_text()
         assert "train /" in text and f"{folder}'" in text, f"{site} did not load {folder}:\n{text[-2000:]}"
+
+
+def test_dp_samples_from_each_sites_own_secret_and_site_2_keeps_its_ledger(federation, finished_job):
+    """Under NVFlare, DP-SGD's sampling secret is made once in each site's kit (local/, mode 0600) and each site's
+    accountant says its sampling was private; site-2, which set its own privacy_budget, keeps a ledger in its kit of
+    every round this job trained on its data, under the job's id (tests/test_privacy.py: across jobs)."""
+    import stat
+
+    from nvflare_lora.privacy import LEDGER_FILE, SAMPLING_SECRET_FILE
+
+    job_id, _, _ = finished_job
+    secrets = []
+    for site in SITES:
+        local = federation.kits.site(site) / "local"
+        key = local / SAMPLING_SECRET_FILE
+        assert key.is_file() and stat.S_IMODE(key.stat().st_mode) == 0o600, f"{site}: no sampling secret in {local}"
+        secrets.append(key.read_bytes())
+        report = json.loads(_one((federation.kits.site(site) / job_id).rglob("dp_accountant.json"),
+                                 "accountant").read_text())
+        assert report["sampling"] == "secret" and report["private"] and len(report["history"]) == ROUNDS
+    assert secrets[0] != secrets[1], "each site its own secret"
+    ledger = json.loads((federation.kits.site("site-2") / "local" / LEDGER_FILE).read_text())
+    (entry,) = ledger["datasets"].values()
+    assert [job for *_, job in entry["history"]] == [job_id] * ROUNDS
+    assert not (federation.kits.site("site-1") / "local" / LEDGER_FILE).exists(), "no ceiling set, no ledger"
 
 
 def test_downloaded_result_exports_to_onnx(finished_job, tmp_path, capsys):
