@@ -172,8 +172,12 @@ def check_split_record(record, site: Optional[str] = None) -> Dict:
     if not isinstance(record, Mapping):
         raise DataError(f"a data-split record must be a mapping, got {type(record).__name__}")
     fields = dict(SPLIT_FIELDS, **(SIMULATED_FIELDS if record.get("simulated") is True else {}))
-    if set(record) != set(fields):
-        raise DataError(f"a data-split record has the fields {sorted(fields)}; got {sorted(map(str, record))}")
+    if set(record) - {"labels"} != set(fields):  # labels: the site's own classes, under the text head
+        raise DataError(f"a data-split record has the fields {sorted(fields)} (and labels); got "
+                        f"{sorted(map(str, record))}")
+    labels = record.get("labels")
+    if labels is not None and not (isinstance(labels, list) and all(isinstance(x, str) and x for x in labels)):
+        raise DataError(f"data-split record field 'labels' must be a list of class names, got {labels!r}")
     for key, kind in fields.items():
         value = record[key]
         ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))

@@ -272,9 +272,11 @@ class Accountant:
     sampling: how the Poisson samples were drawn (DPConfig.sampling), recorded with the spend: "reproducible" is
     reported as not private (the amplification by subsampling the epsilon counts on does not hold)."""
 
-    def __init__(self, delta: float, path: Optional[Path] = None, sampling: str = "secret"):
+    def __init__(self, delta: float, path: Optional[Path] = None, sampling: str = "secret",
+                 history: Optional[List] = None):
+        """history: what an earlier run of this job spent (a resumed job's checkpoint), when there is no file yet."""
         self.delta, self.path, self.sampling = delta, Path(path) if path else None, sampling
-        self.history: List[Tuple[float, float, int]] = []
+        self.history: List[Tuple[float, float, int]] = [(float(s), float(q), int(n)) for s, q, n in history or []]
         if self.path is not None and self.path.is_file():
             self.history = [tuple(h) for h in json.loads(self.path.read_text())["history"]]
 

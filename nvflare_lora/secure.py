@@ -439,8 +439,9 @@ class ClearMode:
     def seal(self, update: Mapping[str, np.ndarray], rnd: int) -> Dict:
         return dict(update)
 
-    def server(self, facts, shapes: Mapping, robust=None, client_dp=None, accountant_path=None) -> ServerAggregation:
-        return ServerAggregation(facts, robust, client_dp, accountant_path)
+    def server(self, facts, shapes: Mapping, robust=None, client_dp=None, accountant_path=None,
+               accountant_history=None) -> ServerAggregation:
+        return ServerAggregation(facts, robust, client_dp, accountant_path, accountant_history)
 
     def stored(self, weights: Mapping, shapes: Mapping, he_key: Optional[str] = None) -> Optional[Dict]:
         """save_adapter_dir's `encrypted` argument: None, the tensors are clear."""
@@ -517,7 +518,8 @@ class EncryptedMode:
         (uint8 bytes)."""
         return to_bytes(encrypt_update(self.context, {**update, ROUND_KEY: np.array([float(rnd)])}))
 
-    def server(self, facts, shapes: Mapping, robust=None, client_dp=None, accountant_path=None) -> SecureAggregation:
+    def server(self, facts, shapes: Mapping, robust=None, client_dp=None, accountant_path=None,
+               accountant_history=None) -> SecureAggregation:
         """robust: its weights' bounds apply (clear metadata); what needs the updates in clear and client_dp are
         refused under HE by the job schema (secure_bounds)."""
         return SecureAggregation(facts, shapes, lambda: self.context, robust)

@@ -261,3 +261,36 @@ def test_a_sites_own_ledger_spans_jobs_and_refuses_a_job_past_its_ceiling(tmp_pa
     (local["site-1"] / LEDGER_FILE).write_text("{not json")
     with pytest.raises(PrivacyError, match="cannot be read .* deleting it would forget what this site has spent"):
         run("job-d", 1000.0)
+
+
+def test_a_resumed_job_continues_the_client_level_accountant_from_its_checkpoint(tmp_path):
+    """DP-FedAvg's spend travels in the checkpoint (privacy.client_dp.history); a job resumed from it starts its
+    accountant there (before: at epsilon 0, as a new job id)."""
+    from nvflare.apis.fl_context import FLContext
+
+    from nvflare_lora.aggregation import SiteUpdate
+    from nvflare_lora.aggregation.server import ServerAggregation
+    from nvflare_lora.checkpoint import save_adapter_dir
+    from nvflare_lora.facts import JobFacts
+    from nvflare_lora.fl.protocol import RESUMED_CLIENT_DP_PROP
+    from nvflare_lora.fl.server.persistor import AdapterPersistor
+    from nvflare_lora.privacy import DPConfig, epsilon_of
+
+    persistor = AdapterPersistor(r=4, lora_alpha=8)
+    persistor._ensure_skeleton()
+    state = persistor.facts.initial_global(persistor._shapes)
+    cfg = DPConfig(clip=1.0, noise_multiplier=1.0)
+    first = ServerAggregation(JobFacts.rule(4, 8), client_dp=cfg)
+    updates = [SiteUpdate({k: np.full(v.shape, 0.01, np.float32) for k, v in state.items()}, 1.0, f"site-{i}")
+               for i in range(2)]
+    for _ in range(2):
+        _, info = first.aggregate(state, updates)
+    spent = info["client_dp"]["history"]
+    persistor._privacy = {"site_epsilon": {}, "client_dp": info["client_dp"]}
+    save_adapter_dir(tmp_path / "run" / "adapter" / "latest", state, persistor._peft_config, persistor.metadata(round=1))
+    fl_ctx = FLContext()
+    AdapterPersistor(r=4, lora_alpha=8, resume_from=str(tmp_path / "run")).load_model(fl_ctx)
+    assert fl_ctx.get_prop(RESUMED_CLIENT_DP_PROP) == spent and len(spent) == 2
+    resumed = ServerAggregation(JobFacts.rule(4, 8), client_dp=cfg, accountant_history=spent)
+    _, info = resumed.aggregate(state, updates)
+    assert info["client_dp"]["epsilon"] == pytest.approx(epsilon_of([tuple(spent[0])] * 3, cfg.delta))

@@ -24,16 +24,17 @@ class ServerAggregation:
         facts: the job's JobFacts (rule, rank, scaling, site ranks).
         robust: nvflare_lora.aggregation.Robustness (weight caps, norm clipping, estimator, direction check).
         client_dp: a DPConfig for DP-FedAvg, or None: each update clipped to its fixed clip, the equal-weight
-            mean, plus Gaussian noise; its spend is kept by an Accountant (at accountant_path when given).
+            mean, plus Gaussian noise; its spend is kept by an Accountant (at accountant_path when given; a resumed
+            job's earlier spend: accountant_history, from its checkpoint).
     """
 
     def __init__(self, facts, robust: Optional[Robustness] = None, client_dp: Optional[DPConfig] = None,
-                 accountant_path=None):
+                 accountant_path=None, accountant_history=None):
         self.facts = facts
         self.robust = robust or Robustness()
         self.client_dp = client_dp
         self.noise_multiplier = None
-        self.accountant_path = accountant_path
+        self.accountant_path, self.accountant_history = accountant_path, accountant_history
         self._accountant: Optional[Accountant] = None
         if client_dp is not None:
             check_client_dp(self.robust.estimator, facts.aggregation, facts.site_ranks)
@@ -76,7 +77,7 @@ class ServerAggregation:
     def _privatise(self, global_state, new: Dict, num_sites: int):
         """DP-FedAvg's noise on the exchanged tensors of the aggregate, and this round's spend."""
         if self._accountant is None:
-            self._accountant = Accountant(self.client_dp.delta, self.accountant_path)
+            self._accountant = Accountant(self.client_dp.delta, self.accountant_path, history=self.accountant_history)
         keys = update_spec(adapter_shapes_of(new), self.facts.aggregation)
         cfg, sigma = self.client_dp, self.noise_multiplier
         if cfg.over_budget(self._accountant.epsilon_after(sigma, 1.0, 1)):
@@ -84,7 +85,8 @@ class ServerAggregation:
         noised = add_client_noise(new, keys, cfg.clip, sigma, num_sites, self._rng)
         eps = self._accountant.spend(sigma, 1.0, 1)
         return noised, {"epsilon": eps, "delta": cfg.delta, "noise_multiplier": sigma, "clip_norm": cfg.clip,
-                        "noise_std": sigma * cfg.clip / num_sites, "sites": num_sites}
+                        "noise_std": sigma * cfg.clip / num_sites, "sites": num_sites,
+                        "history": [list(h) for h in self._accountant.history]}  # a resume continues from it
 
     def epsilon(self) -> Optional[float]:
         return self._accountant.epsilon() if self._accountant is not None else None

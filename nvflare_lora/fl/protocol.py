@@ -25,6 +25,8 @@ BAD_IMAGES_KEY = "nvflare_lora_bad_images"    # site -> server: unreadable image
 FATAL_HEADER = "nvflare_lora_fatal"           # site -> server (reply header): why this site cannot take part
 DISTRUST_KEY = "nvflare_lora_distrust"        # site -> server (HE): why it did not train from the global adapter sent
 REFUSED_PROP = "nvflare_lora_refused"         # server fl_ctx, set by the aggregator: why it refused a contribution
+RESUMED_CLIENT_DP_PROP = "nvflare_lora_resumed_client_dp"  # server fl_ctx, set by the persistor on resume: the
+#                                                            client_dp accountant's history the checkpoint holds
 AGGREGATION_INFO_PROP = "nvflare_lora_aggregation"  # server fl_ctx and aggregate meta: what the round's aggregation did
 
 COMPRESSION_META_KEY = "nvflare_lora_compression"  # set by compression filters: {"mode", "raw_bytes", ...}

@@ -34,7 +34,7 @@ from ...facts import JobFacts
 from ...secure import SERVER_CONTEXT, SecureAggregationError, secure_mode
 from ...settings import PrivacySection, default, settings
 from ..he import kit_context
-from ..protocol import AGGREGATION_INFO_PROP, EPSILON_KEY, REFUSED_PROP, global_shapes
+from ..protocol import AGGREGATION_INFO_PROP, EPSILON_KEY, REFUSED_PROP, RESUMED_CLIENT_DP_PROP, global_shapes
 
 CLIENT_DP_ACCOUNTANT = "client_dp_accountant.json"  # in the server's app dir
 
@@ -147,7 +147,8 @@ class LoRAAggregator(Aggregator):
                 accountant = f"{app_dir}/{CLIENT_DP_ACCOUNTANT}"
             mode = secure_mode(self.secure_aggregation, lambda: kit_context(fl_ctx, SERVER_CONTEXT, secret=False))
             shapes = global_shapes(fl_ctx.get_prop(AppConstants.GLOBAL_MODEL))
-            self.server = mode.server(self.facts, shapes, self.robust, self.client_dp, accountant)
+            self.server = mode.server(self.facts, shapes, self.robust, self.client_dp, accountant,
+                                      fl_ctx.get_prop(RESUMED_CLIENT_DP_PROP))  # a resumed job's earlier spend
         return self.server
 
     def reset(self, fl_ctx: FLContext):

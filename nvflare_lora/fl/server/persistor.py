@@ -39,7 +39,7 @@ from ...secure import secure_mode, without_round
 from ...settings import CHECKPOINT_DIR, SettingsError, default, settings
 from ...skeleton import adapter_skeleton
 from ..he import kit_key
-from ..protocol import AGGREGATION_INFO_PROP, ANNOUNCE_KEY, VAL_SPLIT_KEY
+from ..protocol import AGGREGATION_INFO_PROP, ANNOUNCE_KEY, RESUMED_CLIENT_DP_PROP, VAL_SPLIT_KEY
 
 CHECKPOINTS = CHECKPOINT_NAMES
 FOLD_META_KEY = "aggregation"  # in nvflare_lora.json: {"mode", "site_ranks", and for exact the fold details}
@@ -146,6 +146,9 @@ class AdapterPersistor(ModelPersistor):
             self.facts = self.facts.with_(he_key=kit_key(fl_ctx))
         if self.settings.resume_from:
             weights = self._load_resume(fl_ctx)
+            spent = ((self._privacy or {}).get("client_dp") or {}).get("history")
+            if spent:  # DP-FedAvg's accountant continues where the resumed run stopped (its checkpoint holds it)
+                fl_ctx.set_prop(RESUMED_CLIENT_DP_PROP, spent, private=True, sticky=True)
         elif self.settings.initial_adapter:
             weights = self._load_initial(fl_ctx)
         else:
@@ -167,7 +170,8 @@ class AdapterPersistor(ModelPersistor):
             raise FileNotFoundError(f"resume_from={self.settings.resume_from!r}: {e}") from None
         state, meta = self._read_adapter_file(path, "resume_from")
         self.completed_rounds = int(meta.get("round", -1)) + 1
-        self._val_split = dict(meta.get("val_split") or {})
+        self._val_split = {site: check_split_record(rec, site) for site, rec in (meta.get("val_split") or {}).items()}
+        self._privacy = meta.get("privacy") or None  # what the resumed run spent: kept in the next checkpoints
         self.log_info(fl_ctx, f"resuming from {path}: {self.completed_rounds} round(s) already done")
         return state
 
