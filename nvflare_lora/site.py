@@ -77,7 +77,7 @@ class Site:
         self.distrust: Optional[str] = None  # why the last global adapter received was not trusted (under HE)
         self.clip_factor = 1.0  # what site_clip_norm scaled this round's update by
         s = self.settings = settings
-        self.name, self.facts = name, facts
+        self.name, self.facts, self.job_id = name, facts, job_id
         if s.torch_threads > 0:
             torch.set_num_threads(s.torch_threads)
         model_name = s.model_path or facts.model
@@ -139,6 +139,9 @@ class Site:
             self.private = PrivateStep(dp, sigma, sample_rate, len(self.train_set.usable()))
             self.accountant = Accountant(dp.delta, Path(workdir) / DP_ACCOUNTANT_FILE if workdir else None, dp.sampling)
             self.ledger = self._ledger(local_dir, job_id)
+        elif s.privacy_budget is not None:  # without DP the spend is unbounded: a site with a ceiling does not train
+            raise PrivacyError(f"{name}: this site's data is trained on only with DP-SGD (its privacy_budget is set in "
+                               f"local/{SITE_CONFIG_FILE}) and this job has dp off: it does not take part")
         self.val_loader = SiteLoader(self.val_set, max(s.batch_size, 64), num_workers=s.num_workers,
                                      device=self.fed.device)
         self.global_adapter: Optional[Dict[str, np.ndarray]] = None
@@ -175,7 +178,6 @@ class Site:
         if self.dp.target_epsilon is not None and self.dp.target_epsilon > budget.max_epsilon:
             raise PrivacyError(f"{self.name}: the job's target_epsilon {self.dp.target_epsilon:g} is above this site's "
                                f"privacy_budget max_epsilon {budget.max_epsilon:g}: it does not take part")
-        self.job_id = job_id
         ledger = Ledger(local_dir, dataset_fingerprint(self.train_set, self.val_set), budget)
         after = ledger.epsilon_after(self.private.noise_multiplier, self.private.sample_rate, self.dp_steps)
         if after > budget.max_epsilon * (1 + 1e-6):

@@ -258,6 +258,9 @@ def test_a_sites_own_ledger_spans_jobs_and_refuses_a_job_past_its_ceiling(tmp_pa
     with pytest.raises(PrivacyError, match="target_epsilon 50 is above this site's privacy_budget max_epsilon"):
         Federation(job.replace(dp={"max_grad_norm": 1.0, "noise_multiplier": 1.0, "target_epsilon": 50.0}),
                    site_settings={"site-1": {"privacy_budget": {"max_epsilon": 8.0}}}, local_dirs=local)
+    with pytest.raises(PrivacyError, match="trained on only with DP-SGD .* this job has dp off"):
+        Federation(job.replace(dp=None), site_settings={"site-1": {"privacy_budget": {"max_epsilon": 8.0}}},
+                   local_dirs=local)
     (local["site-1"] / LEDGER_FILE).write_text("{not json")
     with pytest.raises(PrivacyError, match="cannot be read .* deleting it would forget what this site has spent"):
         run("job-d", 1000.0)
