@@ -35,7 +35,6 @@ Raw results: benchmarks/results/privacy.json, plot benchmarks/results/privacy.pn
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import statistics
@@ -79,9 +78,7 @@ class PrivateBench(Bench):
         sigma = _sigma(self.epsilon, q, self.args.rounds * self.dp_steps)
         private = PrivateStep(DPConfig(clip=self.clip, delta=DELTA, noise_multiplier=sigma), sigma, q, n,
                               generator=torch.Generator().manual_seed(seed * 1_000_003 + rnd * 101 + salt))
-        # secret sampling as a site draws it (its own secret, here seeded by the benchmark so the figures reproduce)
-        secret = hashlib.sha256(f"privacy-benchmark:{seed}:{salt}".encode()).digest()
-        loader = SiteLoader(data, self.args.batch_size, shuffle=True, sample_rate=q, sampling_secret=secret)
+        loader = SiteLoader(data, self.args.batch_size, shuffle=True, sample_rate=q)
         return train_local(site.fed, loader, epochs=self.args.local_epochs, max_steps=self.dp_steps,
                            lr=self.lr(rnd, lr), seed=seed * 100_003 + rnd * 101 + salt, private=private)
 
