@@ -57,8 +57,7 @@ def federation(tmp_path_factory):
     for kit in [kits.server] + [kits.site(s) for s in SITES]:
         shutil.copy(ROOT / "deploy" / "authorization.json", kit / "local" / "authorization.json")
     data1, data2 = write_digit_folders(root / "data", 2)
-    # site-2 also sets its own privacy ceiling: its DP spend is kept in its kit's local/ ledger (the clear job runs DP)
-    write_site_config(kits.site("site-2"), {"data": str(data2), "privacy_budget": SITE2_BUDGET})
+    write_site_config(kits.site("site-2"), {"data": str(data2)})
     fed = LocalFederation(kits, root / "logs", root / "home")
     try:
         fed.start(site_env={"site-1": {"NVFLARE_LORA_DATA": str(data1)}})
@@ -79,7 +78,15 @@ def finished_job(federation, tmp_path_factory):
             "wait_time_after_min_received": 5, "dp": json.dumps(DP)}
     cmd = [sys.executable, str(ROOT / "jobs" / "clip_lora" / "job.py"), "--env", "prod",
            "--startup-kit", str(federation.kits.admin_kit)] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=tmp, env=process_env(federation.home))
+    # for this job site-2 sets its own privacy ceiling: its DP spend goes into its kit's local/ ledger. A site with a
+    # ceiling takes no job without DP, so it is lifted again for the encrypted job below
+    site2 = json.loads((federation.kits.site("site-2") / "local" / "nvflare_lora_site.json").read_text())
+    write_site_config(federation.kits.site("site-2"), {**site2, "privacy_budget": SITE2_BUDGET})
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=tmp,
+                              env=process_env(federation.home))
+    finally:
+        write_site_config(federation.kits.site("site-2"), site2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + federation.log_tails()
     said = proc.stdout.splitlines()
     job_id, downloaded = said[-1].split("job ", 1)[1].split(" done; results in ", 1)
