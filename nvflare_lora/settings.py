@@ -24,9 +24,12 @@ LIBRARY_DEFAULTS_THAT_DIFFER (each with its reason; tests/test_recipe.py checks 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import math
 import os
+import sys
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -624,3 +627,58 @@ def site_overrides(local: Mapping, environ: Mapping = os.environ, where: str = S
     except SettingsError as e:
         raise SettingsError(f"{where}: {e}") from None
     return out
+
+
+# ---- the settings reference: what `python -m nvflare_lora.settings` prints and docs/settings.md holds ----------------
+def reference() -> List[Dict[str, Any]]:
+    """Every setting of the schema, in section order: name, section, type, default, the job components that take it,
+    whether a site may set it in its own local/nvflare_lora_site.json, and its help."""
+    return [{"name": f.name, "section": section.name, "type": str(f.type), "default": DEFAULTS[f.name],
+             "components": list(f.metadata["to"]), "site": f.name in SITE_LOCAL, "help": f.metadata["help"]}
+            for section in SECTIONS for f in dataclasses.fields(section)]
+
+
+def reference_markdown() -> str:
+    """docs/settings.md, generated from the schema (tests/test_recipe.py checks that the file is this)."""
+    lines = ["# Settings reference", "",
+             "Generated from the job schema (`nvflare_lora/settings.py`) by `python -m nvflare_lora.settings --markdown`;",
+             "a test checks that this file is what it prints. Every setting goes in a job with `python jobs/clip_lora/job.py",
+             "--set NAME=VALUE`, the Recipe's keyword arguments or the job's configs; those marked *site* a site may also",
+             "set for itself in its kit's `local/nvflare_lora_site.json`. `python -m nvflare_lora.settings NAME` prints one.",
+             ""]
+    for section in SECTIONS:
+        lines += [f"## {section.name}", "", (section.__doc__ or "").strip().splitlines()[0], "",
+                  "| setting | type | default | taken by | site | what it does |", "|---|---|---|---|---|---|"]
+        for row in (r for r in reference() if r["section"] == section.name):
+            lines.append(f"| `{row['name']}` | `{row['type']}` | `{json.dumps(row['default'])}` | "
+                         f"{', '.join(row['components'])} | {'site' if row['site'] else ''} | "
+                         f"{row['help'].replace('|', '/')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """python -m nvflare_lora.settings [NAME] [--markdown]: list the job's settings, or one, or the reference page."""
+    p = argparse.ArgumentParser(prog="python -m nvflare_lora.settings",
+                                description="The job's settings (the schema): name, section, type, default, the "
+                                            "components that take it, whether a site may set it, what it does.")
+    p.add_argument("name", nargs="?", help="one setting (default: all of them)")
+    p.add_argument("--markdown", action="store_true", help="print the settings reference (docs/settings.md)")
+    args = p.parse_args(argv)
+    if args.markdown:
+        print(reference_markdown())
+        return 0
+    rows = reference()
+    if args.name:
+        rows = [r for r in rows if r["name"] == args.name]
+        if not rows:
+            print(f"no setting {args.name!r}; the settings are: {', '.join(FIELDS)}", file=sys.stderr)
+            return 2
+    for r in rows:
+        where = ", ".join(r["components"]) + ("; a site may set it" if r["site"] else "")
+        print(f"{r['name']} ({r['section']}, {r['type']}) = {json.dumps(r['default'])}  [{where}]\n    {r['help']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

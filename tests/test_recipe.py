@@ -196,3 +196,19 @@ def test_nothing_but_the_job_folder_reader_parses_job_configs():
     out = subprocess.run(["git", "grep", "-l", "py" + "hocon", "--", "*.py"], capture_output=True, text=True,
                          cwd=JOBS.parent).stdout.split()
     assert out == ["nvflare_lora/jobfolder.py"], out
+
+
+def test_the_settings_reference_is_the_schema_and_the_command_lists_every_setting(tmp_path, capsys):
+    """docs/settings.md is what `python -m nvflare_lora.settings --markdown` prints (generated from the schema, so it
+    cannot drift); the command, run as a user runs it (from a folder outside the repository), lists every setting,
+    one by name, and refuses an unknown one naming the valid ones."""
+    from nvflare_lora.settings import main
+
+    assert main(["--markdown"]) == 0
+    assert capsys.readouterr().out == (JOBS.parent / "docs" / "settings.md").read_text(), \
+        "docs/settings.md is stale: python -m nvflare_lora.settings --markdown > docs/settings.md"
+    listed = subprocess.run([sys.executable, "-m", "nvflare_lora.settings"], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=60)
+    assert listed.returncode == 0 and all(f"\n{name} (" in "\n" + listed.stdout for name in FIELDS), listed.stderr
+    assert main(["privacy_budget"]) == 0 and "a site may set it" in capsys.readouterr().out
+    assert main(["lerning_rate"]) == 2 and "the settings are: " in capsys.readouterr().err
