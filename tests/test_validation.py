@@ -334,3 +334,44 @@ def test_a_data_split_record_from_a_site_is_checked_before_it_is_kept_or_read():
     dataset, why = run_validation_set({"val_split": {"site-1": {**good, "data_seed": "0"}}},
                                       Preprocessing(size=32, crop_size=32), [str(i) for i in range(10)])
     assert dataset is None and "'data_seed' must be int" in why, why
+
+
+def test_a_provisioned_site_without_its_own_data_setting_refuses_instead_of_training_on_the_sample(tmp_path,
+                                                                                                   monkeypatch):
+    """A site in a provisioned system (NVFlare's secure mode) that forgot its data setting used to train on the
+    bundled digits, silently. It now refuses at set-up saying where to set it; "digits" set by the site itself, or
+    any folder, is taken; the simulator (not secure mode) keeps the simulated split."""
+    from types import SimpleNamespace
+
+    from nvflare.apis.fl_constant import FLContextKey
+    from nvflare.apis.fl_context import FLContext
+
+    from nvflare_lora.facts import JobFacts
+    from nvflare_lora.fl.site.executor import CLIPLoRAExecutor
+    from nvflare_lora.settings import SettingsError
+
+    monkeypatch.delenv("NVFLARE_LORA_DATA", raising=False)
+    local = tmp_path / "local"
+    local.mkdir()
+    workspace = SimpleNamespace(get_site_config_dir=lambda: str(local), get_root_dir=lambda: str(tmp_path),
+                                get_app_dir=lambda job: str(tmp_path / "app"))
+    announced = JobFacts.from_settings(settings()).announcement()
+
+    def fl_ctx(secure):
+        ctx = FLContext()
+        ctx.get_engine = lambda: SimpleNamespace(get_workspace=lambda: workspace, get_component=lambda name: None)
+        ctx.get_identity_name = lambda: "site-1"
+        ctx.get_job_id = lambda: "job"
+        ctx.set_prop(FLContextKey.SECURE_MODE, secure, private=True, sticky=False)
+        return ctx
+
+    with pytest.raises(SettingsError, match=r"site-1: no data setting of its own: .* bundled sample digits\. Set "
+                                            r"\"data\" .* in local/nvflare_lora_site\.json or NVFLARE_LORA_DATA"):
+        CLIPLoRAExecutor()._setup(announced, fl_ctx(secure=True))
+    simulator = CLIPLoRAExecutor()
+    simulator._setup(announced, fl_ctx(secure=False))
+    assert simulator.site.split["simulated"], "the simulator keeps the simulated split"
+    (local / "nvflare_lora_site.json").write_text(json.dumps({"data": "digits"}))
+    on_purpose = CLIPLoRAExecutor()
+    on_purpose._setup(announced, fl_ctx(secure=True))
+    assert not on_purpose.site.split["simulated"] and on_purpose.site.split["data"] == "digits"

@@ -27,7 +27,7 @@ from ...files import atomic_write
 from ...data import TooManyBadImages
 from ...facts import JobFacts
 from ...privacy import DPConfig, PrivacyError
-from ...settings import FIELDS, SITE_CONFIG_FILE, SettingsError, default, settings, site_overrides
+from ...settings import DATA_ENV, FIELDS, SITE_CONFIG_FILE, SettingsError, default, settings, site_overrides
 from ...secure import CLIENT_CONTEXT, SecureAggregationError
 from ...site import BaseMismatchError, Site, UnusableUpdate
 from ...training import Aborted
@@ -101,8 +101,13 @@ class CLIPLoRAExecutor(Executor):
         simulated = str(s.data) == "digits" and "data" not in overrides
         workspace = fl_ctx.get_engine().get_workspace()
         facts = JobFacts.from_announcement(announced)
+        provisioned = fl_ctx.get_prop(FLContextKey.SECURE_MODE, False)
+        if provisioned and simulated:  # a site that forgot its data setting would train on the sample, silently
+            raise SettingsError(f"{site}: no data setting of its own: this job would train it on the bundled sample "
+                                f"digits. Set \"data\" (the site's image folder) in local/{SITE_CONFIG_FILE} or "
+                                f"{DATA_ENV}; \"digits\" there to use the sample on purpose")
         dp = DPConfig.from_setting(s.dp, "max_grad_norm")
-        if dp is not None and not dp.private_sampling and fl_ctx.get_prop(FLContextKey.SECURE_MODE, False):
+        if dp is not None and not dp.private_sampling and provisioned:
             raise SettingsError(f"{site}: dp sampling \"reproducible\" draws DP-SGD's samples from the job's seeds, "
                                 f"which the server and every site know, so the epsilon would not hold against them; "
                                 f"it is for tests and refused in a provisioned system: remove \"sampling\" from dp")
