@@ -119,37 +119,14 @@ BEFORE = {"wrong_level": "job stops (scale out of bounds in the sum: panic)",
 def attack_table(attacks, rounds: int = 3, attack_round: int = 1):
     """Each attack by site-3 of 3 in round `attack_round` of a `rounds`-round encrypted job (tiny-clip, in process: the
     job's code). Against the same job in which site-3's update of that round never arrives."""
-    from nvflare_lora.round import Federation
     from nvflare_lora.settings import settings
-    from nvflare_lora.testing.attacks import attack_channel
-    from nvflare_lora.testing.faults import fault_channel
+    from nvflare_lora.testing.attacks import run_attack
 
     job = settings(r=4, lora_alpha=8, num_sites=3, num_rounds=rounds, max_steps=2, local_epochs=1,
                    secure_aggregation="he", clip_multiple=None, min_agreement=None)
 
     def run(attack):
-        fed, history = Federation(job), {}
-        for rnd in range(rounds):
-            if attack == "absent":
-                channel = fault_channel({"site-3": {attack_round: "nothing"}}, rnd)
-            elif attack == "nan" or rnd not in ((attack_round - 1, attack_round)
-                                                if attack in ("replay", "rerandomized") else (attack_round,)):
-                channel = None
-            else:
-                channel = attack_channel(attack, "site-3", rnd, fed.sites[2].mode.context, history)
-            if attack == "nan" and rnd == attack_round:  # site-3's training diverges
-                site = fed.sites[2]
-                train = site.train
-
-                def diverged(r, _train=train, _site=site, **kw):
-                    stats = _train(r, **kw)
-                    next(p for p in _site.fed.model.parameters() if p.requires_grad).data.view(-1)[0] = float("nan")
-                    return stats
-                site.train = diverged
-            fed.run_round(channel)
-            if attack == "nan" and rnd == attack_round:
-                del fed.sites[2].train
-        return fed
+        return run_attack(job, attack, "site-3", attack_round)
 
     def trained_from(fed):  # what site-1 holds as its trusted global adapter after the last round
         return fed.sites[0].mode.check.good
@@ -214,8 +191,8 @@ def main(argv=None) -> int:
 
     attacks = ["wrong_level", "tiny_steps", "x100"] if args.smoke else [*ATTACKS, "nan"]
     table = attack_table(attacks)
-    print(f"\nattacks: site-3 of 3 misbehaving in round 1 of 3 (tiny-clip, in process); distance: max |global adapter "
-          f"the honest sites train from - the job without that update|")
+    print("\nattacks: site-3 of 3 misbehaving in round 1 of 3 (tiny-clip, in process); distance: max |global adapter "
+          "the honest sites train from - the job without that update|")
     print(f"{'attack':13s} {'before':58s} {'now':9s} {'job':8s} {'distance':>9s}  who")
     for r in table:
         who = (", ".join(f"{s}: {w[:60]}" for s, w in r.get("refused", {}).items()) or

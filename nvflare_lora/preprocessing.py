@@ -161,6 +161,7 @@ def augmentation(spec) -> Optional[Augmentation]:
     raise DataError(f"augment must be false, true or {{\"min_scale\": 0.5, \"hflip\": true}}, got {spec!r}")
 
 
+PARTITIONS = ("dirichlet", "iid")  # how the simulated digits are split across sites (settings' partition)
 SPLIT_FIELDS = {"site": str, "data": str, "simulated": bool, "data_seed": int, "val_fraction": float}
 SIMULATED_FIELDS = {"num_sites": int, "partition": str, "alpha": float}
 
@@ -191,7 +192,7 @@ def check_split_record(record, site: Optional[str] = None) -> Dict:
         raise DataError(f"data-split record of {record['site']!r} is out of range: val_fraction "
                         f"{record['val_fraction']!r}, data {record['data'][:80]!r}")
     if record["simulated"] and (record["num_sites"] < 1 or record["alpha"] <= 0
-                                or record["partition"] not in ("dirichlet", "iid")):
+                                or record["partition"] not in PARTITIONS):
         raise DataError(f"data-split record of {record['site']!r}: num_sites {record['num_sites']!r}, partition "
                         f"{record['partition']!r}, alpha {record['alpha']!r} are not a split")
     return dict(record)

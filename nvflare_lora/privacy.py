@@ -60,6 +60,10 @@ class Budget:
         if isinstance(self.delta, bool) or not isinstance(self.delta, (int, float)) or not 0 < self.delta < 1:
             raise PrivacyError(f"privacy_budget delta must be in (0, 1), got {self.delta!r}")
 
+    def passed_by(self, epsilon: float) -> bool:
+        """True when `epsilon` exceeds max_epsilon (beyond the accountant's rounding)."""
+        return epsilon > self.max_epsilon * (1 + 1e-6)
+
     @classmethod
     def from_setting(cls, d: Optional[Mapping]) -> Optional["Budget"]:
         if d is None:

@@ -39,10 +39,9 @@ from .compression import MODES as CODECS
 from .config import LoRAConfig
 from .errors import NVFlareLoRAError
 from .head import Head, check_class_names, check_labels, check_templates
-from .preprocessing import augmentation, check_share
+from .preprocessing import PARTITIONS, augmentation, check_share
 from .privacy import Budget, DPConfig, check_client_dp
 
-PARTITIONS = ("dirichlet", "iid")
 SECURE_MODES = ("none", "he")
 CHECKPOINT_DIR = "adapter"  # <app_server>/adapter/{best,latest}
 DATA_ENV = "NVFLARE_LORA_DATA"
@@ -267,7 +266,8 @@ class PrivacySection(Section):
     site_clip_norm: Optional[float] = _s(None, "Each site scales its own update to at most this L2 norm before "
                                          "sending it: the bound on an honest site's influence that stays under "
                                          "secure_aggregation \"he\", where every site checks that the global "
-                                         "adapter moved no further. null: off in clear, 5.0 under \"he\".", SRV)
+                                         f"adapter moved no further. null: off in clear, {HE_SITE_CLIP_NORM} under "
+                                         "\"he\".", SRV)
     dp: Optional[Dict] = _s(None, "Sample-level DP-SGD at every site: {max_grad_norm, noise_multiplier | "
                             "target_epsilon, delta[, sampling]}; each site draws its samples from its own secret "
                             "(sampling \"reproducible\": from the seeds, for tests). null: off (docs/guide.md, "

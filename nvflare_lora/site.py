@@ -73,7 +73,7 @@ class Site:
         t0 = time.perf_counter()
         # how updates leave and adapters arrive; under HE this site's key is checked against the job's here
         self.mode = secure_mode(facts.secure_aggregation, he_context).ready(name, facts)
-        self._steps = self._round = None
+        self._round = None
         self.distrust: Optional[str] = None  # why the last global adapter received was not trusted (under HE)
         self.clip_factor = 1.0  # what site_clip_norm scaled this round's update by
         s = self.settings = settings
@@ -180,7 +180,7 @@ class Site:
                                f"privacy_budget max_epsilon {budget.max_epsilon:g}: it does not take part")
         ledger = Ledger(local_dir, dataset_fingerprint(self.train_set, self.val_set), budget)
         after = ledger.epsilon_after(self.private.noise_multiplier, self.private.sample_rate, self.dp_steps)
-        if after > budget.max_epsilon * (1 + 1e-6):
+        if budget.passed_by(after):
             raise PrivacyError(f"{self.name}: its privacy budget on this data is spent: epsilon {ledger.epsilon():.3g} "
                                f"of max_epsilon {budget.max_epsilon:g} (delta {budget.delta:g}) by {len(ledger.jobs())} "
                                f"earlier job(s); one round of this job would bring it to {after:.3g}. Nothing is "
@@ -199,7 +199,7 @@ class Site:
         if self.ledger is not None:
             total = self.ledger.epsilon_after(p.noise_multiplier, p.sample_rate, self.dp_steps)
             cap = self.ledger.budget.max_epsilon
-            if total > cap * (1 + 1e-6):
+            if self.ledger.budget.passed_by(total):
                 return (f"the site's own privacy budget on this data would be passed: epsilon {self.ledger.epsilon():.3g}"
                         f" spent over {len(self.ledger.jobs())} job(s), this round would bring it to {total:.3g} > "
                         f"max_epsilon {cap:g}; {max(0.0, cap - self.ledger.epsilon()):.3g} left; this site stops "
@@ -221,7 +221,7 @@ class Site:
             if self.ledger is not None:
                 stats["site_epsilon"] = self.ledger.spend(self.private.noise_multiplier, self.private.sample_rate,
                                                           stats["steps"], self.job_id)
-        self._steps, self._round = stats["steps"], int(rnd)
+        self._round = int(rnd)
         return stats
 
     def update(self) -> Dict[str, np.ndarray]:

@@ -158,29 +158,17 @@ HE3 = settings(r=4, lora_alpha=8, num_sites=3, num_rounds=3, max_steps=2, local_
 ATTACKER, ATTACK_ROUND = "site-3", 1
 
 
-def _he3_run(channel_for=None, site_settings=None):
-    """HE3 in process, 3 rounds; channel_for(fed, rnd) gives each round's channel (None: as sent)."""
-    fed = Federation(HE3, site_settings=site_settings)
-    for rnd in range(HE3.num_rounds):
-        fed.run_round(channel_for(fed, rnd) if channel_for else None)
-    return fed
-
-
 @pytest.fixture(scope="module")
 def without_attacker():
     """The job in which site-3's round-1 update never arrives: what a refused attack must give."""
-    return _he3_run(lambda fed, rnd: fault_channel({ATTACKER: {ATTACK_ROUND: "nothing"}}, rnd))
+    return _attacked("absent")
 
 
 def _attacked(attack):
-    from nvflare_lora.testing.attacks import attack_channel
+    """HE3 in process, site-3 doing `attack` in round 1 (nvflare_lora.testing.attacks.run_attack)."""
+    from nvflare_lora.testing.attacks import run_attack
 
-    history = {}
-    rounds = (ATTACK_ROUND - 1, ATTACK_ROUND) if attack in ("replay", "rerandomized") else (ATTACK_ROUND,)
-
-    def channel_for(fed, rnd):  # replays: the round before is recorded as sent, replayed in the attack round
-        return attack_channel(attack, ATTACKER, rnd, fed.sites[2].mode.context, history) if rnd in rounds else None
-    return _he3_run(channel_for)
+    return run_attack(HE3, attack, ATTACKER, ATTACK_ROUND)
 
 
 def _distance(a: Federation, b: Federation) -> float:
@@ -238,22 +226,10 @@ def test_claimed_steps_bound_a_sites_weight_and_do_not_reach_inside_the_cipherte
     assert info["weights"][ATTACKER] == pytest.approx(0.5) and not any(r.distrusted for r in huge.history)
 
 
-def test_a_site_whose_training_diverged_sits_the_round_out_and_the_job_goes_on(without_attacker, monkeypatch):
+def test_a_site_whose_training_diverged_sits_the_round_out_and_the_job_goes_on(without_attacker):
     """Before: under HE a NaN at one site made its encryption fail, which the executor treated as fatal: the job
     stopped. Now the site does not send it (in clear and under HE alike) and the round goes on without it."""
-    from nvflare_lora.site import Site
-
-    train = Site.train
-
-    def diverge(self, rnd, **kw):
-        stats = train(self, rnd, **kw)
-        if self.name == ATTACKER and rnd == ATTACK_ROUND:
-            p = next(p for n, p in self.fed.model.named_parameters() if p.requires_grad)
-            p.data.view(-1)[0] = float("nan")
-        return stats
-
-    monkeypatch.setattr(Site, "train", diverge)
-    fed = _he3_run()
+    fed = _attacked("nan")
     why = fed.history[ATTACK_ROUND].refused[ATTACKER]
     assert "its update of round 1 has non-finite values" in why and "sits the round out" in why
     assert len(fed.history) == HE3.num_rounds and _distance(fed, without_attacker) < 1e-5

@@ -24,6 +24,7 @@ from typing import Callable, Dict, Optional
 import numpy as np
 
 from nvflare_lora.errors import NVFlareLoRAError
+from nvflare_lora.round import Federation
 from nvflare_lora.secure import ROUND_KEY, encrypt_update, from_bytes, make_context, to_bytes
 
 ATTACKS = ("wrong_level", "wrong_scale", "tiny_steps", "huge_steps", "x100", "another_key", "replay", "rerandomized")
@@ -74,3 +75,30 @@ def attack_channel(attack: str, attacker: str, rnd: int, context, history: Optio
         return to_bytes({k: v + ts.ckks_vector(context, [0.0] * v.size()) for k, v in enc.items()}), steps
 
     return send
+
+
+def run_attack(job, attack: str, attacker: str = "site-3", attack_round: int = 1):
+    """The job (nvflare_lora.settings.JobSettings) in process (nvflare_lora.round.Federation), every round, with
+    `attacker` doing `attack` in `attack_round`: one of ATTACKS (the replays record the round before, as sent), "nan"
+    (its training diverges: a NaN in its adapter), or "absent" (its update of that round never arrives: what a
+    refused attack must equal). Returns the Federation: its history says who was refused and who distrusted what."""
+    fed, history = Federation(job), {}
+    site = next(s for s in fed.sites if s.name == attacker)
+    rounds = (attack_round - 1, attack_round) if attack in ("replay", "rerandomized") else (attack_round,)
+    for rnd in range(job.num_rounds):
+        channel = None
+        if attack == "absent" and rnd == attack_round:  # the attacker's reply never arrives
+            channel = lambda name, update, steps: None if name == attacker else (update, steps)  # noqa: E731
+        elif attack == "nan" and rnd == attack_round:
+            train = site.train
+
+            def diverged(r, **kw):  # after training, as a diverged step leaves it
+                stats = train(r, **kw)
+                next(p for p in site.fed.model.parameters() if p.requires_grad).data.view(-1)[0] = float("nan")
+                return stats
+            site.train = diverged
+        elif attack != "nan" and rnd in rounds:
+            channel = attack_channel(attack, attacker, rnd, site.mode.context, history)
+        fed.run_round(channel)
+        site.__dict__.pop("train", None)  # the site's own train again
+    return fed

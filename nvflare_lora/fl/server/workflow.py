@@ -26,6 +26,10 @@ class ResumableScatterAndGather(ScatterAndGather):
     """ScatterAndGather (same arguments) that starts after the rounds already in a resumed adapter and stops
     the job on a site's fatal reply."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._left_out = {}  # site -> why it may not train (its fatal reply): out for the rest of the job
+
     def start_controller(self, fl_ctx: FLContext) -> None:
         super().start_controller(fl_ctx)
         done = getattr(self.persistor, "completed_rounds", 0) if self.persistor else 0
@@ -41,7 +45,7 @@ class ResumableScatterAndGather(ScatterAndGather):
         reason = result.get_header(FATAL_HEADER) if result is not None else None
         if not reason:
             return super()._accept_train_result(client_name, result, fl_ctx, is_unknown_task=is_unknown_task)
-        left_out = self.__dict__.setdefault("_left_out", {})
+        left_out = self._left_out
         left_out[client_name] = reason
         try:
             sites = {c.name for c in fl_ctx.get_engine().get_clients()}
