@@ -4,21 +4,29 @@ DIR/adapter_model.safetensors   LoRA A/B and the head, PEFT key names
 DIR/adapter_config.json         PEFT's LoraConfig, so PeftModel.from_pretrained(base, DIR) works
 DIR/nvflare_lora.json           CheckpointMeta: base model and its fingerprint, LoRA config, labels,
                                 preprocessing, head, parameter counts, round, metrics, the sites'
-                                validation splits; bytes and time added when saved, and the manifest:
-                                each tensor's shape, dtype and sha256
+                                validation splits; bytes and time added when saved, and the tensor
+                                manifest: each tensor's shape, dtype and sha256 (a changed one is named)
+DIR/nvflare_lora.manifest.json  the sha256 of each of the three files above: every tensor and every field
+                                that shapes the model (lora_config, hence the scale; labels; preprocessing;
+                                head; adapter_config.json)
+DIR/nvflare_lora.manifest.sig   in a provisioned system: the server's signature of the manifest with its
+                                startup kit's key (nvflare_lora.signing), checked against the project's root CA
 Directories are written next to the target and swapped in, so a reader never sees half a checkpoint.
-Every read checks the tensors against the manifest and refuses a changed, missing or extra one by name
-(resume, the initial adapter, cross-site evaluation and the exporter all read through read_adapter_dir).
-This module is the one writer, reader and locator of checkpoints (the persistor, resume, cross-site
-evaluation, LoRAModelManager, zeroshot and the exporter all use it); it swaps directories in with
-nvflare_lora.files, the package's general file tools.
+Every read (open_checkpoint) hashes the bytes it then parses, and refuses a file that differs from the manifest,
+a file the manifest does not list, a checkpoint without a manifest (unless allow_unverified), and, given the
+project's trust root, one that is unsigned or signed by anyone outside the project; a signed one read without a
+trust root is refused too (its signature would go unchecked). Resume, the initial adapter, cross-site
+evaluation, LoRAModelManager and the exporter all read through it; `python -m nvflare_lora.checkpoint DIR
+[--trust ROOT]` is the check for PeftModel users. This module is the one writer, reader and locator of
+checkpoints; it swaps directories in with nvflare_lora.files, the package's general file tools.
 """
-
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,10 +34,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Mapping, Optional
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.numpy import load, save_file
 
 from .errors import NVFlareLoRAError
-from .files import swap_into_place
+from .files import sha256_file, swap_into_place
+from .signing import SignatureError, Signer, TrustRoot, kit_above, read_record
 
 ADAPTER_FILE = "adapter_model.safetensors"
 # an encrypted (HE) job's server saves the global adapter as it holds it: the sent tensors as CKKS
@@ -39,6 +49,9 @@ ENCRYPTED_ADAPTER_FILE = "adapter_model.encrypted.safetensors"
 ENCRYPTED_META_KEY = "encrypted"
 PEFT_CONFIG_FILE = "adapter_config.json"
 META_FILE = "nvflare_lora.json"
+MANIFEST_FILE = "nvflare_lora.manifest.json"  # the sha256 of every file of the checkpoint (but itself and the signature)
+SIGNATURE_FILE = "nvflare_lora.manifest.sig"  # the server's signature of MANIFEST_FILE's bytes (provisioned systems)
+MANIFEST_FORMAT = "nvflare_lora.manifest/1"
 FORMAT = "nvflare_lora/1"
 CHECKPOINT_NAMES = ("best", "latest")  # what the server saves under <app_server>/adapter/
 
@@ -89,10 +102,11 @@ class CheckpointMeta:
 
 
 def save_adapter_dir(directory: str | Path, state: Mapping[str, np.ndarray], peft_config,
-                     metadata: "CheckpointMeta | Dict", encrypted: Optional[Mapping] = None) -> Path:
+                     metadata: "CheckpointMeta | Dict", encrypted: Optional[Mapping] = None,
+                     signer: Optional[Signer] = None) -> Path:
     """Write a complete checkpoint to a temporary sibling, then swap it in place of `directory`.
     encrypted: {"keys", "shapes"[, "key_fingerprint"]} when the keys' tensors are serialized ciphertexts
-    (ENCRYPTED_ADAPTER_FILE)."""
+    (ENCRYPTED_ADAPTER_FILE). signer: the server's kit key in a provisioned system: the manifest is signed."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
@@ -117,6 +131,11 @@ def save_adapter_dir(directory: str | Path, state: Mapping[str, np.ndarray], pef
                                         **({"key_fingerprint": encrypted["key_fingerprint"]}
                                            if encrypted.get("key_fingerprint") else {})}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+        manifest = json.dumps({"format": MANIFEST_FORMAT, "files": {f.name: sha256_file(f) for f in
+                                                                   sorted(tmp.iterdir())}}, indent=2).encode()
+        (tmp / MANIFEST_FILE).write_bytes(manifest)
+        if signer is not None:
+            (tmp / SIGNATURE_FILE).write_text(json.dumps(signer.sign(manifest), indent=2))
         swap_into_place(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -132,8 +151,27 @@ def _jsonable(o):
     return str(o)
 
 
-def read_adapter_dir(directory: str | Path):
-    """(state, peft_config_dict, metadata) of a checkpoint, with a clear error for anything missing."""
+@dataclass
+class Checkpoint:
+    """What open_checkpoint read: the tensors, PEFT's config, nvflare_lora.json, and how it was verified."""
+    state: Dict[str, np.ndarray]
+    peft_config: Dict
+    meta: Dict
+    verified: str  # said to the user: "signed by ...", "manifest checked (unsigned)", or why it was not checked
+
+
+def read_adapter_dir(directory: str | Path, trust: Optional[TrustRoot] = None, allow_unverified: bool = False):
+    """(state, peft_config_dict, metadata) of a checkpoint, verified as open_checkpoint does."""
+    c = open_checkpoint(directory, trust, allow_unverified)
+    return c.state, c.peft_config, c.meta
+
+
+def open_checkpoint(directory: str | Path, trust: Optional[TrustRoot] = None,
+                    allow_unverified: bool = False) -> Checkpoint:
+    """Read a checkpoint and verify it: every file's bytes are hashed and then parsed (no second read), and must be
+    the manifest's (nvflare_lora.manifest.json); with `trust` (the project's root CA) the manifest must carry a
+    signature by a participant of that project. allow_unverified: accept a checkpoint without a manifest or
+    signature (not one that contradicts its manifest), for one that came from somewhere you trust."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
@@ -141,15 +179,111 @@ def read_adapter_dir(directory: str | Path):
     missing = [f for f in (adapter, PEFT_CONFIG_FILE) if not (directory / f).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {directory} is incomplete: {missing} missing")
+    blobs = {f.name: f.read_bytes() for f in sorted(directory.iterdir())
+             if f.is_file() and f.name not in (MANIFEST_FILE, SIGNATURE_FILE)}
     try:
-        state = load_file(str(directory / adapter))
-    except Exception as e:
-        raise CheckpointError(f"{directory / adapter} is not a readable safetensors file: {e}") from e
-    peft_cfg = json.loads((directory / PEFT_CONFIG_FILE).read_text())
-    meta = json.loads((directory / META_FILE).read_text()) if (directory / META_FILE).is_file() else {}
-    if MANIFEST_KEY in meta:
+        state = load(blobs[adapter])
+    except SafetensorError as e:
+        raise CheckpointError(f"{directory / adapter} is not a readable safetensors file: {e}") from None
+    try:
+        peft_cfg = json.loads(blobs[PEFT_CONFIG_FILE])
+        meta = json.loads(blobs[META_FILE]) if META_FILE in blobs else {}
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {directory}: {PEFT_CONFIG_FILE} or {META_FILE} is not JSON ({e})") from None
+    if MANIFEST_KEY in meta:  # names a changed tensor (a changed nvflare_lora.json is the manifest's to find)
         check_manifest(state, meta[MANIFEST_KEY], directory)
-    return state, peft_cfg, meta
+    verified = _verify_files(directory, blobs, trust, allow_unverified)
+    return Checkpoint(state, peft_cfg, meta, verified)
+
+
+def _verify_files(directory: Path, blobs: Mapping[str, bytes], trust: Optional[TrustRoot],
+                  allow_unverified: bool) -> str:
+    where = f"checkpoint {directory}"
+    allow = ("; if you trust where it came from, read it with --allow-unverified (the API: allow_unverified=True)")
+    if not (directory / MANIFEST_FILE).is_file():
+        if allow_unverified:
+            return f"NOT verified: it has no manifest ({MANIFEST_FILE}); read as asked (allow_unverified)"
+        raise CheckpointError(f"{where} has no manifest ({MANIFEST_FILE}), so nothing says its files are the ones "
+                              f"that were written: it was not written by nvflare_lora, or the manifest was removed"
+                              + allow)
+    manifest_bytes = (directory / MANIFEST_FILE).read_bytes()
+    try:
+        manifest = json.loads(manifest_bytes)
+    except ValueError:
+        manifest = None
+    listed = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(listed, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise CheckpointError(f"{where}: {MANIFEST_FILE} is not a {MANIFEST_FORMAT} manifest; restore the checkpoint "
+                              f"from a copy, or take another one (the run's 'latest' or 'best')")
+    fix = "it was changed after it was written: restore it from a copy, or take another checkpoint"
+    for name in sorted(set(blobs) | set(listed)):
+        if name not in listed:
+            raise CheckpointError(f"{where}: {name} is not listed in its manifest ({MANIFEST_FILE}): remove it, or "
+                                  f"take the checkpoint as it was written")
+        if name not in blobs:
+            raise CheckpointError(f"{where}: {name}, listed in its manifest, is missing; {fix}")
+        if hashlib.sha256(blobs[name]).hexdigest() != listed[name]:
+            raise CheckpointError(f"{where}: {name} does not match the sha256 in its manifest ({MANIFEST_FILE}); {fix}")
+    signed = (directory / SIGNATURE_FILE).is_file()
+    try:
+        if trust is not None and signed:
+            return "signed by " + trust.verify(manifest_bytes, read_record(directory / SIGNATURE_FILE),
+                                               f"{where} ({SIGNATURE_FILE})")
+        if trust is not None:
+            if allow_unverified:
+                return f"manifest checked; NOT signed, though project {trust.project!r} signs its checkpoints (allowed)"
+            raise CheckpointError(
+                f"{where} is not signed ({SIGNATURE_FILE} missing), and checkpoints of project {trust.project!r} "
+                f"(trust root {trust.path}) are signed by its server: it was not written by that project's server, "
+                f"or the signature was removed" + allow)
+        if signed:
+            if allow_unverified:
+                return "manifest checked; its signature NOT checked (no trust root given; allowed)"
+            signer = read_record(directory / SIGNATURE_FILE).get("signer")
+            raise CheckpointError(
+                f"{where} is signed (by {signer!r}), and a signature can only be checked against its project's root "
+                f"CA: give it with --trust ROOT (the API: trust=TrustRoot(ROOT)), ROOT the project's rootCA.pem or "
+                f"any startup kit of the project" + allow)
+    except SignatureError as e:
+        raise CheckpointError(str(e)) from None
+    return "manifest checked (unsigned: no trust root given)"
+
+
+def trust_for(path: str | Path, trust: Optional[str | Path] = None) -> Optional[TrustRoot]:
+    """The trust root a reader of `path` uses: `trust` when given (a rootCA.pem or a kit), else the root CA of the
+    startup kit that holds `path` (a provisioned server's or site's workspace), else None."""
+    if trust is not None:
+        return TrustRoot(trust)
+    kit = kit_above(path)
+    return TrustRoot(kit) if kit is not None else None
+
+
+def verify_checkpoint(directory: str | Path, trust: Optional[str | Path] = None,
+                      allow_unverified: bool = False) -> str:
+    """The check for a checkpoint read by something else (PeftModel.from_pretrained): how it was verified, or
+    CheckpointError. trust: the project's rootCA.pem or a kit of the project (default: the kit holding it)."""
+    try:
+        return open_checkpoint(directory, trust_for(directory, trust), allow_unverified).verified
+    except SignatureError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m nvflare_lora.checkpoint",
+                                description="Verify an adapter checkpoint before loading it with PEFT: its files "
+                                            "against its manifest, and its signature against the project's root CA.")
+    p.add_argument("directory", metavar="DIR", help="a checkpoint directory (…/app_server/adapter/best)")
+    p.add_argument("--trust", metavar="ROOT", help="the project's rootCA.pem, or any startup kit of the project "
+                                                   "(default: the kit whose folder holds DIR, if any)")
+    p.add_argument("--allow-unverified", action="store_true",
+                   help="accept a checkpoint without a manifest or signature (never one that contradicts them)")
+    args = p.parse_args(argv)
+    try:
+        print(f"{args.directory}: {verify_checkpoint(args.directory, args.trust, args.allow_unverified)}")
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 # ---- integrity: what was written is what is read ----------------------------------------------------------
@@ -268,3 +402,7 @@ def locate_checkpoint(run_dir: str | Path, checkpoint: Optional[str] = None) -> 
         raise CheckpointError(f"no checkpoint named {checkpoint!r} under {run_dir}; found: {others}")
     raise CheckpointError(f"no checkpoint named 'best' or 'latest' under {run_dir}, and {len(found)} others: "
                           f"{others}; pass the directory of the one to export")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

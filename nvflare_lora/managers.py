@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import re
-import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from .base_model import base_fingerprint, fingerprint_difference
-from .checkpoint import META_FILE, CheckpointError, CheckpointMeta, read_adapter_dir, save_adapter_dir
+from .checkpoint import CheckpointError, CheckpointMeta, read_adapter_dir, save_adapter_dir, trust_for
 from .config import LoRAConfig
 from .errors import NVFlareLoRAError
-from .files import atomic_write, write_json_atomic
+from .files import atomic_write
 from .lora_model import CLIPLoRAWrapper, FederatedCLIPModel
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -73,22 +71,19 @@ class LoRAModelManager:
         fed = wrapper.model
         if not fed.is_lora:
             raise NVFlareLoRAError("the model has no LoRA adapter to save: call apply_lora_to_federated_model() first")
-        t0 = time.perf_counter()
         state = fed.get_parameters()
         meta = model_metadata(fed, {"metrics": metrics or {}})
-        path = save_adapter_dir(self.root / _check_name(name), state, wrapper.peft_model.peft_config["default"], meta)
-        meta_path = path / META_FILE
-        meta = json.loads(meta_path.read_text())
-        meta["save_seconds"] = round(time.perf_counter() - t0, 4)
-        write_json_atomic(meta_path, meta)
-        return path
+        return save_adapter_dir(self.root / _check_name(name), state, wrapper.peft_model.peft_config["default"], meta)
 
-    def load_model(self, name: str, wrapper: CLIPLoRAWrapper) -> Dict:
-        """Load the named adapter into the wrapped model: base fingerprint, keys and shapes must all match."""
+    def load_model(self, name: str, wrapper: CLIPLoRAWrapper, trust: Optional[str | Path] = None,
+                   allow_unverified: bool = False) -> Dict:
+        """Load the named adapter into the wrapped model: its files verified against its manifest (and, with
+        `trust`, a provisioned project's rootCA.pem or kit, its signature: nvflare_lora.checkpoint), base
+        fingerprint, keys and shapes must all match. allow_unverified: accept one without a manifest or signature."""
         path = self.root / _check_name(name)
         if not path.is_dir():
             raise FileNotFoundError(f"no adapter named {name!r} in {self.root}; saved adapters: {self.list_models()}")
-        state, _, meta = read_adapter_dir(path)
+        state, _, meta = read_adapter_dir(path, trust_for(path, trust), allow_unverified)
         fp = meta.get("base_fingerprint")
         if fp:
             why = fingerprint_difference(fp, fingerprint(wrapper.model))
@@ -97,9 +92,9 @@ class LoRAModelManager:
         wrapper.model.set_parameters(state)
         return meta
 
-    def get_model_info(self, name: str) -> Dict:
+    def get_model_info(self, name: str, trust: Optional[str | Path] = None, allow_unverified: bool = False) -> Dict:
         path = self.root / _check_name(name)
-        _, peft_cfg, meta = read_adapter_dir(path)
+        _, peft_cfg, meta = read_adapter_dir(path, trust_for(path, trust), allow_unverified)
         return {**meta, "path": str(path), "peft_config": {k: peft_cfg.get(k) for k in ("r", "lora_alpha", "target_modules", "modules_to_save")}}
 
     def list_models(self) -> List[str]:

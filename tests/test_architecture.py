@@ -320,7 +320,7 @@ def test_a_section_is_what_its_library_class_takes_and_checks_its_own_fields_nam
 # ---- the docs name what exists ---------------------------------------------------------------------------------
 DOTTED = re.compile(r"\b((?:nvflare_lora|exporters)(?:\.[A-Za-z_]\w*)+)")
 PATHS = re.compile(r"\b((?:nvflare_lora|exporters|benchmarks|tests|jobs|deploy|docs)/[\w/.*-]*[\w*])")
-FILE_NAMES = (".json", ".md", ".conf", ".yml", ".txt", ".onnx", ".safetensors")  # nvflare_lora.json is a file
+FILE_NAMES = (".json", ".md", ".conf", ".yml", ".txt", ".onnx", ".safetensors", ".sig")  # nvflare_lora.json is a file
 WRITTEN = ("benchmarks/out/",)  # what the benchmarks write (git-ignored), named as where to look
 
 

@@ -33,6 +33,7 @@ from nvflare_lora.models import build_classifier, save_preset
 from nvflare_lora import FederatedCLIPModel, quick_clip_lora
 from nvflare_lora.preprocessing import Preprocessing
 from nvflare_lora.testing import ort_logits
+from support.checkpoints import rewrite_meta
 from nvflare_lora.training import train_local
 
 REPO = Path(__file__).resolve().parents[1]
@@ -461,7 +462,8 @@ def test_a_changed_byte_in_an_exported_file_is_refused_by_name(exported, tmp_pat
 
 
 def test_a_tensor_changed_in_a_checkpoint_is_refused_by_resume_and_export(run_dir, tmp_path, capsys):
-    """nvflare_lora.json's manifest records each tensor's shape, dtype and sha256; every reader checks it."""
+    """nvflare_lora.json's manifest records each tensor's shape, dtype and sha256, nvflare_lora.manifest.json every
+    file's; every reader checks them (tests/test_signing.py: each tampering, signed checkpoints)."""
     from nvflare.apis.fl_context import FLContext
     from safetensors.numpy import load_file, save_file
 
@@ -481,6 +483,13 @@ def test_a_tensor_changed_in_a_checkpoint_is_refused_by_resume_and_export(run_di
     assert export_main([str(ws), "--checkpoint", "latest", "--out", str(tmp_path / "o")]) == 2
     assert f"tensor '{key}' does not match the sha256" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    # a checkpoint without its manifest (nvflare_lora.manifest.json): nothing says its files are the written ones
+    best = ws / ADAPTER_DIR / "best"
+    (best / "nvflare_lora.manifest.json").unlink()
+    with pytest.raises(ValueError, match="resume_from: checkpoint .* has no manifest .*--allow-unverified"):
+        AdapterPersistor(resume_from=str(best))._load_resume(FLContext())
+    assert export_main([str(ws), "--out", str(tmp_path / "o")]) == 2
+    assert "has no manifest" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
 def check_triton_repository(repo: Path, export_dir: Path) -> set:
@@ -560,9 +569,7 @@ def test_run_dir_without_a_checkpoint(tmp_path, capsys):
 
 def test_base_model_that_cannot_be_found(run_dir, tmp_path, capsys):
     ckpt = shutil.copytree(run_dir / ADAPTER_DIR / "best", tmp_path / "best")
-    meta = json.loads((ckpt / "nvflare_lora.json").read_text())
-    meta["base_model"] = str(tmp_path / "models" / "clip-base")
-    (ckpt / "nvflare_lora.json").write_text(json.dumps(meta))
+    rewrite_meta(ckpt, base_model=str(tmp_path / "models" / "clip-base"))
     assert export_main([str(ckpt), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "cannot find CLIP model" in err and "--model PATH" in err

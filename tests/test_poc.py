@@ -106,12 +106,13 @@ def _one(paths, what):
     return paths[0]
 
 
-def test_job_completes_with_adapter_checkpoints_in_the_download(finished_job):
+def test_job_completes_with_adapter_checkpoints_in_the_download(federation, finished_job):
     from nvflare_lora.checkpoint import read_adapter_dir
+    from nvflare_lora.signing import TrustRoot
 
     _, downloaded, _ = finished_job
     latest = _one(downloaded.rglob("adapter/latest"), "latest checkpoint")
-    state, _, meta = read_adapter_dir(latest)
+    state, _, meta = read_adapter_dir(latest, TrustRoot(federation.kits.admin_kit))  # signed by the server's kit
     assert meta["round"] == ROUNDS - 1 and meta["base_model"] == "tiny-clip"
     assert all(np.isfinite(v).all() for v in state.values())
     assert (latest.parent / "best" / "nvflare_lora.json").is_file()
@@ -160,15 +161,83 @@ def test_dp_samples_from_each_sites_own_secret_and_site_2_keeps_its_ledger(feder
     assert not (federation.kits.site("site-1") / "local" / LEDGER_FILE).exists(), "no ceiling set, no ledger"
 
 
-def test_downloaded_result_exports_to_onnx(finished_job, tmp_path, capsys):
-    """The exporter's main on the downloaded job, in this process (README.md's export runs the command line in a
-    process of its own, tests/test_readme.py)."""
+def test_the_servers_checkpoints_are_signed_and_each_tampering_is_refused_by_resume_and_the_exporter(
+        federation, finished_job, tmp_path, capsys):
+    """The server signed its checkpoints with its kit's key (nvflare_lora.checkpoint.SIGNATURE_FILE). Copies of the
+    downloaded latest/ with lora_alpha changed, the manifest removed, two tensors swapped, or re-signed by another
+    project's server are refused by resume (the persistor's resume, with the server kit's root CA as a provisioned
+    server has it; a resumed job is not submitted for each: tests/test_signing.py has the rest of the attacks) and by
+    the exporter (`--trust` the admin's kit), each with its reason."""
+    from nvflare.apis.fl_context import FLContext
+    from safetensors.numpy import load_file, save_file
+
     from exporters.onnx.__main__ import main as export_main
+    from nvflare_lora.checkpoint import MANIFEST_FILE, SIGNATURE_FILE
+    from nvflare_lora.fl.server.persistor import AdapterPersistor
+    from nvflare_lora.signing import Signer, TrustRoot
+
+    _, downloaded, _ = finished_job
+    latest = _one(downloaded.rglob("adapter/latest"), "latest checkpoint")
+    assert json.loads((latest / SIGNATURE_FILE).read_text())["signer"] == "localhost"
+    other = provision(tmp_path / "other", ["site-1"])  # another project, provisioned the same way
+
+    def alpha(c):
+        meta = json.loads((c / "nvflare_lora.json").read_text())
+        meta["lora_config"]["lora_alpha"] *= 4
+        (c / "nvflare_lora.json").write_text(json.dumps(meta))
+
+    def swap(c):
+        state = load_file(str(c / "adapter_model.safetensors"))
+        a, b = sorted(k for k in state if ".lora_B." in k)[:2]
+        state[a], state[b] = state[b], state[a]
+        save_file(state, str(c / "adapter_model.safetensors"))
+
+    cases = {"alpha": (alpha, "nvflare_lora.json does not match the sha256 in its manifest"),
+             "no_manifest": (lambda c: (c / MANIFEST_FILE).unlink(), "has no manifest"),
+             "swapped": (swap, "does not match the sha256 in its manifest"),
+             "other_project": (lambda c: (c / SIGNATURE_FILE).write_text(json.dumps(Signer.from_kit(
+                 other.server).sign((c / MANIFEST_FILE).read_bytes()))), "was not issued by project")}
+    for name, (change, reason) in cases.items():
+        ckpt = shutil.copytree(latest, tmp_path / name / "latest")
+        change(ckpt)
+        persistor = AdapterPersistor(resume_from=str(ckpt))
+        persistor._trust = TrustRoot(federation.kits.server)  # what load_model sets in a provisioned server
+        with pytest.raises(ValueError, match=reason):
+            persistor._load_resume(FLContext())
+        capsys.readouterr()
+        assert export_main([str(ckpt), "--out", str(tmp_path / name / "onnx"),
+                            "--trust", str(federation.kits.admin_kit)]) == 2, name
+        err = capsys.readouterr().err
+        assert reason in err, (name, err[-2000:])
+        assert not (tmp_path / name / "onnx").exists()
+
+
+def test_downloaded_result_exports_to_onnx_signed_by_a_site_and_predict_trusts_only_that(
+        federation, finished_job, tmp_path, capsys):
+    """The exporter's main on the downloaded job, in this process (README.md's export runs the command line in a
+    process of its own, tests/test_readme.py): the server's signature checked against the admin's kit, the export
+    signed with site-1's kit; `predict --trust` serves it, and refuses it once the report is edited and re-hashed."""
+    import hashlib
+
+    from exporters.onnx.__main__ import main as export_main
+    from exporters.onnx.predict import main as predict_main
 
     _, downloaded, _ = finished_job
     out = tmp_path / "onnx"
-    code = export_main([str(downloaded), "--out", str(out), "--verify-samples", "32"])
+    code = export_main([str(downloaded), "--out", str(out), "--verify-samples", "32",
+                        "--trust", str(federation.kits.admin_kit), "--sign", str(federation.kits.site("site-1"))])
     assert code == 0, capsys.readouterr().err[-3000:]
+    assert "checkpoint verified: signed by 'localhost' of project" in capsys.readouterr().out
+    images = federation.kits.prod.parents[2] / "data" / "images-1" / "3"
+    root = federation.kits.site("site-2") / "startup" / "rootCA.pem"
+    assert predict_main([str(out), str(images), "--trust", str(root)]) == 0
+    capsys.readouterr()
+    report = json.loads((out / "export_report.json").read_text())
+    (out / "labels.json").write_text(json.dumps(json.loads((out / "labels.json").read_text())[::-1]))
+    report["sha256"]["labels.json"] = hashlib.sha256((out / "labels.json").read_bytes()).hexdigest()
+    (out / "export_report.json").write_text(json.dumps(report))
+    assert predict_main([str(out), str(images), "--trust", str(root)]) == 2
+    assert "changed after it was signed" in capsys.readouterr().err
     assert list(out.rglob("*.onnx")), f"no .onnx written under {out}: {sorted(out.rglob('*'))}"
     # verified on the sites' own validation images: the server recorded each site's split in the checkpoint
     data = json.loads((out / "export_report.json").read_text())["verification"]["data"]
@@ -256,6 +325,7 @@ def test_an_encrypted_job_equals_the_clear_one_and_the_server_holds_no_clear_ada
 
     from nvflare_lora.checkpoint import ENCRYPTED_ADAPTER_FILE, read_adapter_dir
     from nvflare_lora.secure import decrypt_checkpoint
+    from nvflare_lora.signing import TrustRoot
     from nvflare_lora.round import Federation
     from nvflare_lora.settings import settings
     from nvflare_lora.testing.faults import fault_channel
@@ -278,7 +348,7 @@ def test_an_encrypted_job_equals_the_clear_one_and_the_server_holds_no_clear_ada
     assert "is not a freshly encrypted ciphertext of this job's context (level 1 primes" in \
         refused[ATTACK_ROUND]["site-2"], refused
     assert sorted(comm["rounds"][ATTACK_ROUND]["sites"]) == ["site-1"], "site-1's update of that round counted"
-    state, _, meta = read_adapter_dir(_one(he.rglob("adapter/latest"), "latest"))
+    state, _, meta = read_adapter_dir(_one(he.rglob("adapter/latest"), "latest"), TrustRoot(federation.kits.admin_kit))
     assert meta["encrypted"]["scheme"] == "CKKS"
     got = decrypt_checkpoint(state, meta, key, he)
     assert set(got) == set(clear.global_adapter)
@@ -301,7 +371,7 @@ def test_an_encrypted_job_equals_the_clear_one_and_the_server_holds_no_clear_ada
     from exporters.onnx.__main__ import main as export_main
 
     capsys.readouterr()
-    code = export_main([str(he), "--out", str(tmp_path / "no_key")])
+    code = export_main([str(he), "--out", str(tmp_path / "no_key"), "--trust", str(federation.kits.admin_kit)])
     err = capsys.readouterr().err
     assert code == 2 and "--he-context" in err, err[-2000:]
     # the key's fingerprint (HEKeyBuilder, in the server's kit) went with the job and into the checkpoint; a context
@@ -314,6 +384,7 @@ def test_an_encrypted_job_equals_the_clear_one_and_the_server_holds_no_clear_ada
     other.write_bytes(make_context().serialize(save_secret_key=True))
     with pytest.raises(Exception, match=f"encrypted under the key with fingerprint {own}; .* holds another"):
         decrypt_checkpoint(state, meta, other, he)
-    code = export_main([str(he), "--out", str(tmp_path / "onnx"), "--verify-samples", "32", "--he-context", str(key)])
+    code = export_main([str(he), "--out", str(tmp_path / "onnx"), "--verify-samples", "32", "--he-context", str(key),
+                        "--trust", str(federation.kits.admin_kit)])
     assert code == 0, capsys.readouterr().err[-3000:]
     assert not json.loads((tmp_path / "onnx" / "export_report.json").read_text())["failed"]

@@ -173,19 +173,19 @@ def test_initial_adapter_is_checked_against_the_jobs_base_and_head(tiny_base, tm
     ok = AdapterPersistor(model=tiny_base, num_classes=2, labels=["x", "y"], r=4, lora_alpha=8, lora_dropout=0.1,
                           head_init="zeroshot", initial_adapter=str(path))
     ok._ensure_skeleton()
-    state, meta = ok._read_adapter_file(path, "initial_adapter", need_fingerprint=True)
+    state, meta = ok._read_adapter_file(path, "initial_adapter", None, need_fingerprint=True)
     assert ok.announcement()["head"] == {"init": "zeroshot", "normalize_embeds": True, "templates": ["a photo of a {}."]}
     assert not state["base_model.model.classifier.bias"].any() and state["base_model.model.classifier.weight"].any()
     other = AdapterPersistor(model=tiny_base, num_classes=2, labels=["x", "y"], r=4, lora_alpha=8, lora_dropout=0.1,
                              head_init="zeroshot", prompt_templates=["a {}."], initial_adapter=str(path))
     other._ensure_skeleton()
     with pytest.raises(ValueError, match=r"its head is .*a photo of a.*this job declares .*'a \{\}\.'"):
-        other._read_adapter_file(path, "initial_adapter", need_fingerprint=True)
+        other._read_adapter_file(path, "initial_adapter", None, need_fingerprint=True)
     preset = AdapterPersistor(model="tiny-clip", num_classes=2, labels=["x", "y"], r=4, lora_alpha=8,
                               lora_dropout=0.1, initial_adapter=str(path))
     preset._ensure_skeleton()
     with pytest.raises(ValueError, match=r"was made for another base: .*weights_sha256"):
-        preset._read_adapter_file(path, "initial_adapter", need_fingerprint=True)
+        preset._read_adapter_file(path, "initial_adapter", None, need_fingerprint=True)
     with pytest.raises(ValueError, match=r"needs the initial adapter .*python -m nvflare_lora.zeroshot JOB_DIR"):
         AdapterPersistor(model=tiny_base, head_init="zeroshot")
     with pytest.raises(RecipeError, match=r"head_init must be one of 'seeded', 'zeroshot'"):

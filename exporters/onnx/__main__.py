@@ -1,6 +1,7 @@
 """python -m exporters.onnx RUN_DIR [--out DIR] [--checkpoint best|latest] [--model PATH] [--optimize]
 [--quantize int8] [--fp16] [--opset N] [--with-text] [--data SOURCE] [--verify-samples N]
-[--triton DIR [--triton-tensorrt] [--force]] [--wise ALPHA[,ALPHA...]]
+[--triton DIR [--triton-tensorrt] [--force]] [--wise ALPHA[,ALPHA...]] [--trust ROOT] [--allow-unverified]
+[--sign KIT]
 
 Exit status: 0 every requested file exported and verified; 1 a requested file failed its verification (it is not
 written; the others are, unless fp32 itself failed: then nothing is); 2 bad input.
@@ -50,6 +51,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--he-context", metavar="FILE",
                    help="a checkpoint of an encrypted (HE) job is decrypted with this site key: "
                         "a site's startup kit's startup/client_context.tenseal")
+    p.add_argument("--trust", metavar="ROOT",
+                   help="the project's rootCA.pem, or any startup kit of the project: the checkpoint must be signed by "
+                        "the project's server (default: the startup kit whose folder holds the checkpoint, if any)")
+    p.add_argument("--allow-unverified", action="store_true",
+                   help="export a checkpoint without a manifest or signature (never one that contradicts them)")
+    p.add_argument("--sign", metavar="KIT",
+                   help="sign export_report.json (every file's sha256) with this startup kit's key (a site's), for "
+                        "`predict --trust ROOT`")
     return p
 
 
@@ -59,7 +68,8 @@ def main(argv=None) -> int:
         options = dict(out=args.out, checkpoint=args.checkpoint, model=args.model, optimize=args.optimize,
                        quantize=args.quantize, fp16=args.fp16, opset=args.opset or graph.DEFAULT_OPSET,
                        with_text=args.with_text, data=args.data, samples=args.verify_samples, triton=args.triton,
-                       triton_tensorrt=args.triton_tensorrt, force=args.force, he_context=args.he_context)
+                       triton_tensorrt=args.triton_tensorrt, force=args.force, he_context=args.he_context,
+                       trust=args.trust, allow_unverified=args.allow_unverified, sign=args.sign)
         alphas = None if args.wise is None else [a.strip() for a in args.wise.split(",")]
         if alphas is not None and len(alphas) > 1:
             export_wise(args.run_dir, alphas, **options)

@@ -19,21 +19,24 @@ import onnxruntime
 import torch
 from safetensors.numpy import save_file
 
+from nvflare_lora.checkpoint import trust_for
 from nvflare_lora.data import load_dataset
 from nvflare_lora.files import current_umask, sha256_file, swap_into_place, write_json_atomic
 from nvflare_lora.head import DEFAULT_TEMPLATES, Head, HeadError
 from nvflare_lora.models import load_tokenizer, use_eager_attention
+from nvflare_lora.signing import SignatureError, Signer
 
 from . import graph, variants, verify
 from .errors import ExportError, VerificationError
 from .locate import locate_checkpoint
-from .predict import CLASS_EMBEDDINGS_FILE, TEXT_FILE, TOKENIZER_FILE, TextEncoder
+from .predict import (CLASS_EMBEDDINGS_FILE, REPORT_FILE, REPORT_SIGNATURE_FILE, TEXT_FILE, TOKENIZER_FILE, ExportFiles,
+                      TextEncoder)
 from .rebuild import Rebuilt, check_wise, rebuild
 from .run_data import run_validation_set
 from .session import SESSION_OPTIONS_RULE, open_session, session_config
 from .triton import check_repository_target, write_repository
 
-REPORT_FILE, LABELS_FILE, PREPROCESSING_FILE = "export_report.json", "labels.json", "preprocessing.json"
+LABELS_FILE, PREPROCESSING_FILE = "labels.json", "preprocessing.json"
 FILES = {"fp32": "model.onnx", "optimized": "model.optimized.onnx", "int8": "model.int8.onnx",
          "fp16": "model.fp16.onnx", "text": "text_model.onnx", "text_int8": "text_model.int8.onnx",
          "text_fp16": "text_model.fp16.onnx"}
@@ -142,7 +145,7 @@ def _export_text(tmp: Path, rebuilt: Rebuilt, image_embeds, reference, int8: boo
         ref = {k: scale * reference[1] @ rebuilt.unmerged.embed_labels(tokenizer, v, templates).numpy().T
                for k, v in lists.items()}
     prompts = [t.format(label) for label in lists["job_labels"] for t in templates]
-    ours = TextEncoder(tmp, FILES["text"]).tokenizer.encode_batch(prompts)
+    ours = TextEncoder(ExportFiles.unchecked(tmp), FILES["text"]).tokenizer.encode_batch(prompts)
     theirs = tokenizer(prompts, padding=True, truncation=True, max_length=text["max_length"])["input_ids"]
     text.update(templates=templates, logit_scale=scale, tokenizer=f"{TOKENIZER_FILE} (the tokenizers package)",
                 tokens_equal=[e.ids for e in ours] == [list(t) for t in theirs], unseen_labels=lists["unseen_labels"],
@@ -161,7 +164,7 @@ def _export_text(tmp: Path, rebuilt: Rebuilt, image_embeds, reference, int8: boo
             log(f"  {variant:9s} {FILES[variant]:22s} NOT WRITTEN: {failed[variant][0]}")
             continue
         gate = {"text": "fp32", "text_int8": "int8", "text_fp16": "fp16"}[variant]  # also the session's variant
-        encoder = TextEncoder(tmp, FILES[variant], gate)
+        encoder = TextEncoder(ExportFiles.unchecked(tmp), FILES[variant], gate)
         embeddings = {k: encoder.encode(v) for k, v in lists.items()}
         parities = {k: verify.compare(gate, [ref[k]], [scale * image_embeds @ embeddings[k].T], "CPU")
                     for k in lists}
@@ -193,7 +196,8 @@ def export_run(run_dir, out=None, checkpoint: Optional[str] = None, model: Optio
                optimize: bool = False, quantize: Optional[str] = None, fp16: bool = False,
                opset: int = graph.DEFAULT_OPSET, with_text: bool = False, data: str = "auto",
                samples: int = 256, triton: Optional[str] = None, triton_tensorrt: bool = False, force: bool = False,
-               wise: Optional[float] = None, he_context: Optional[str] = None,
+               wise: Optional[float] = None, he_context: Optional[str] = None, trust: Optional[str] = None,
+               allow_unverified: bool = False, sign: Optional[str] = None,
                log: Callable[[str], None] = print) -> Dict:
     """Export the run's global adapter merged into its base; returns the report written to OUT/export_report.json.
     triton: also write a Triton model repository of the verified files there (exporters/onnx/triton.py); an
@@ -202,7 +206,10 @@ def export_run(run_dir, out=None, checkpoint: Optional[str] = None, model: Optio
     with their Triton models, or with nothing written when fp32 failed). wise: WiSE-FT's ALPHA
     (exporters/onnx/rebuild.py): the LoRA update scaled by ALPHA, the head interpolated toward its zero-shot start;
     see export_wise for several. he_context: the site key (client_context.tenseal) an encrypted checkpoint is
-    decrypted with (an encrypted job: nvflare_lora.secure)."""
+    decrypted with (an encrypted job: nvflare_lora.secure). trust: the project's rootCA.pem or a kit of it, which
+    the checkpoint's signature is checked against (default: the startup kit that holds the checkpoint, if any);
+    allow_unverified: accept a checkpoint without a manifest or signature. sign: a startup kit whose key signs
+    export_report.json (REPORT_SIGNATURE_FILE), which `predict --trust` checks."""
     if quantize not in (None, "int8"):
         raise ExportError(f"--quantize supports 'int8' only, got {quantize!r}")
     if samples < 1:
@@ -223,8 +230,17 @@ def export_run(run_dir, out=None, checkpoint: Optional[str] = None, model: Optio
                               f"folder of its own (e.g. beside it)")
         check_repository_target(repo, force)
     log(f"checkpoint: {located.path}")
+    try:
+        root = trust_for(located.path, trust)
+        signer = Signer.from_kit(sign) if sign is not None else None
+    except SignatureError as e:
+        raise ExportError(str(e)) from None
+    if root is not None:
+        log(f"trust root: {root.path}" + ("" if trust else " (the startup kit that holds the checkpoint)"))
 
-    rebuilt = rebuild(located.path, model, include_text=with_text, wise=wise, he_context=he_context)
+    rebuilt = rebuild(located.path, model, include_text=with_text, wise=wise, he_context=he_context, trust=root,
+                      allow_unverified=allow_unverified)
+    log(f"checkpoint verified: {rebuilt.verified}")
     for note in rebuilt.notes:
         log(f"note: {note}")
     log(f"base: {rebuilt.base_model} (fingerprint {'matches' if rebuilt.fingerprint_checked else 'not recorded'})")
@@ -238,11 +254,14 @@ def export_run(run_dir, out=None, checkpoint: Optional[str] = None, model: Optio
         report = _export_into(tmp, rebuilt, pixels, labels, reference, optimize, quantize == "int8", fp16,
                               opset, with_text, log)
         report.update(source_checkpoint=str(located.path), checkpoint=located.name, wise_alpha=wise,
+                      source_verified=rebuilt.verified, signed_by=signer.name if signer else None,
                       notes=([located.note] if located.note else []) + report["notes"],
                       seconds=round(time.perf_counter() - started, 2))
         report["verification"]["data"] = data_used
         report["sha256"] = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
         write_json_atomic(tmp / REPORT_FILE, report)
+        if signer is not None:  # the report's bytes as written: every file's sha256, so every file
+            write_json_atomic(tmp / REPORT_SIGNATURE_FILE, signer.sign((tmp / REPORT_FILE).read_bytes()))
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,8 +1,9 @@
 """Serve an exported model: python -m exporters.onnx.predict MODEL_DIR INPUT... [--top K] [--variant NAME]
-[--batch N] [--out FILE.csv|FILE.jsonl] [--labels "cat,dog,bird"]
+[--batch N] [--out FILE.csv|FILE.jsonl] [--labels "cat,dog,bird"] [--trust ROOT]
 
 This is the code to copy into a service: read the labels and the preprocessing the model was trained with,
-check that the files are the ones the export verified (their sha256 in export_report.json), open one ONNX
+check that the files are the ones the export verified (their sha256 in export_report.json, from the bytes then
+used; with --trust, the report's signature by the project: ExportFiles), open one ONNX
 Runtime session (CUDA when onnxruntime-gpu has it, else CPU; exporters/onnx/session.py sets what the CPU
 needs for int8), and turn logits into probabilities. MODEL_DIR is what `python -m exporters.onnx` wrote.
 
@@ -23,22 +24,25 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
+import hashlib
 import io
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
-from nvflare_lora.files import atomic_write, current_umask, sha256_file  # stdlib only: no torch
+from nvflare_lora.files import atomic_write, current_umask  # stdlib only: no torch
 from nvflare_lora.head import HeadError, check_class_names  # torch-free, as this module
 from nvflare_lora.preprocessing import Preprocessing, image_files, open_image
+from nvflare_lora.signing import SignatureError, TrustRoot, read_record  # cryptography only
 
 from .errors import ServingError
 from .session import open_session
 
 REPORT_FILE = "export_report.json"
+REPORT_SIGNATURE_FILE = "export_report.sig"  # a participant's signature of REPORT_FILE's bytes (--sign KIT)
 OUTPUT_FORMATS = (".csv", ".jsonl")
 TOKENIZER_FILE, TEXT_FILE, CLASS_EMBEDDINGS_FILE = "tokenizer.json", "text.json", "class_embeddings.safetensors"
 
@@ -47,47 +51,92 @@ def _reexport(model_dir: Path, report: dict) -> str:
     return f"python -m exporters.onnx {report.get('source_checkpoint') or 'RUN_DIR'} --out {model_dir}"
 
 
-def read_report(model_dir: str | Path) -> dict:
-    model_dir = Path(model_dir)
-    if not (model_dir / REPORT_FILE).is_file():
-        raise ServingError(f"{model_dir} is not an exported model directory (no {REPORT_FILE}); create one with: "
-                           f"python -m exporters.onnx RUN_DIR --out {model_dir}")
-    try:
-        report = json.loads((model_dir / REPORT_FILE).read_text())
-        if not isinstance(report.get("files"), dict):
-            raise ServingError("it lists no files")
-    except (ValueError, AttributeError) as e:
-        raise ServingError(f"{model_dir / REPORT_FILE} is not a readable export report ({e}); re-export: "
-                           f"python -m exporters.onnx RUN_DIR --out {model_dir}") from None
-    return report
+class ExportFiles:
+    """An exported model's files as export_report.json lists them. Each is read once: its bytes are hashed, checked
+    against the report's sha256, and handed on to what parses them (JSON, safetensors, the tokenizer, ONNX
+    Runtime), so what is served is what was checked. With `trust` (the project's rootCA.pem or a kit of it) the report
+    must carry the signature of a participant of that project (export_report.sig: `python -m exporters.onnx --sign
+    KIT`), so its hashes, hence every file, are the signer's. `verified` says which check was made."""
 
+    def __init__(self, model_dir: str | Path, trust: "Optional[str | Path | TrustRoot]" = None):
+        self.dir = Path(model_dir)
+        if not (self.dir / REPORT_FILE).is_file():
+            raise ServingError(f"{self.dir} is not an exported model directory (no {REPORT_FILE}); create one with: "
+                               f"python -m exporters.onnx RUN_DIR --out {self.dir}")
+        raw = (self.dir / REPORT_FILE).read_bytes()
+        try:
+            report = json.loads(raw)
+            if not isinstance(report.get("files"), dict):
+                raise ServingError("it lists no files")
+        except (ValueError, AttributeError) as e:
+            raise ServingError(f"{self.dir / REPORT_FILE} is not a readable export report ({e}); re-export: "
+                               f"python -m exporters.onnx RUN_DIR --out {self.dir}") from None
+        self.report, self.verified = report, "sha256 of each file (export_report.json, unsigned)"
+        if trust is not None:
+            self.verified = "signed by " + self._check_signature(raw, trust)
+        self.hashes = report.get("sha256")
+        if not isinstance(self.hashes, dict) or not self.hashes:
+            raise ServingError(f"{self.dir / REPORT_FILE} records no sha256 of its files (an export from before "
+                               f"integrity checks), so they cannot be checked; re-export: {_reexport(self.dir, report)}")
 
-def with_external_data(names: Iterable[str], report: dict) -> List[str]:
-    """names and, for each, the external-data file (NAME.data) the export recorded for it (models over 2 GB)."""
-    hashes = report.get("sha256") or {}
-    return [x for name in names for x in (name, f"{name}.data") if x == name or x in hashes]
+    @classmethod
+    def unchecked(cls, model_dir: str | Path) -> "ExportFiles":
+        """The exporter's own files while it writes them (no report yet): read as they are."""
+        files = cls.__new__(cls)
+        files.dir, files.report, files.hashes, files.verified = Path(model_dir), {}, None, "not checked (being written)"
+        return files
 
+    def _check_signature(self, raw: bytes, trust) -> str:
+        try:
+            root = trust if isinstance(trust, TrustRoot) else TrustRoot(trust)
+            if not (self.dir / REPORT_SIGNATURE_FILE).is_file():
+                raise SignatureError(
+                    f"{self.dir} is not signed ({REPORT_SIGNATURE_FILE} missing), and --trust asks for a signature of "
+                    f"project {root.project!r}: export it with --sign SITE_KIT, or serve it without --trust")
+            return root.verify(raw, read_record(self.dir / REPORT_SIGNATURE_FILE),
+                               f"{self.dir / REPORT_FILE} ({REPORT_SIGNATURE_FILE})")
+        except SignatureError as e:
+            raise ServingError(str(e)) from None
 
-def check_files(model_dir: str | Path, names: Iterable[str], report: Optional[dict] = None) -> None:
-    """Refuse any of `names` (files of the export) whose sha256 is not the one export_report.json records: a
-    served file must be the file that was verified."""
-    model_dir = Path(model_dir)
-    report = report if report is not None else read_report(model_dir)
-    hashes = report.get("sha256")
-    if not hashes:
-        raise ServingError(f"{model_dir / REPORT_FILE} records no sha256 of its files (an export from before "
-                           f"integrity checks), so they cannot be checked; re-export: {_reexport(model_dir, report)}")
-    for name in names:
-        path = model_dir / name
-        if name not in hashes:
+    def read(self, name: str) -> bytes:
+        """The bytes of file `name`, checked against the report's sha256 (ServingError if missing, unlisted or
+        changed)."""
+        path = self.dir / name
+        if self.hashes is not None and name not in self.hashes:
             raise ServingError(f"{path}: {REPORT_FILE} records no sha256 for it; re-export: "
-                               f"{_reexport(model_dir, report)}")
-        if not path.is_file():
-            raise ServingError(f"{path} is missing from the export; re-export: {_reexport(model_dir, report)}")
-        if sha256_file(path) != hashes[name]:
+                               f"{_reexport(self.dir, self.report)}")
+        try:
+            data = path.read_bytes()
+        except OSError:
+            raise ServingError(f"{path} is missing from the export; re-export: {_reexport(self.dir, self.report)}") \
+                from None
+        if self.hashes is not None and hashlib.sha256(data).hexdigest() != self.hashes[name]:
             raise ServingError(f"{path} is not the file the export verified (its sha256 differs from the one in "
                                f"{REPORT_FILE}): it was changed or damaged after the export; re-export: "
-                               f"{_reexport(model_dir, report)}")
+                               f"{_reexport(self.dir, self.report)}")
+        return data
+
+    def json(self, name: str):
+        return json.loads(self.read(name))
+
+    def external_data(self, name: str) -> Optional[str]:
+        """The external-data file (NAME.data, models over 2 GB) of ONNX file `name`, if it has one: one on disk that
+        the report does not list is refused, like any other unlisted file the model would read."""
+        data = f"{name}.data"
+        if self.hashes is not None and data not in self.hashes and (self.dir / data).exists():
+            raise ServingError(f"{self.dir / data}: {name}'s external data is not listed in {REPORT_FILE}; "
+                               f"re-export: {_reexport(self.dir, self.report)}")
+        return data if (self.hashes and data in self.hashes) or (self.hashes is None and (self.dir / data).exists()) \
+            else None
+
+    def session(self, name: str, variant: str):
+        """An ONNX Runtime session of file `name` from its checked bytes. A model with external data is opened from
+        its path after both files are checked (ONNX Runtime reads the external file itself)."""
+        model = self.read(name)
+        if self.external_data(name):
+            self.read(f"{name}.data")
+            return open_session(self.dir / name, variant)
+        return open_session(model, variant)
 
 
 def check_labels(labels: Sequence[str]) -> List[str]:
@@ -105,19 +154,18 @@ class TextEncoder:
 
     PROMPTS_PER_CALL = 256
 
-    def __init__(self, model_dir: str | Path, text_file: str = "text_model.onnx", variant: str = "fp32"):
+    def __init__(self, files: ExportFiles, text_file: str = "text_model.onnx", variant: str = "fp32"):
         try:  # tokenizers: optional at serve time, needed only to classify against labels named then
             from tokenizers import Tokenizer
         except ImportError:
             raise ServingError("classifying against labels needs the tokenizers package: "
                                "pip install tokenizers") from None
 
-        model_dir = Path(model_dir)
-        self.spec = json.loads((model_dir / TEXT_FILE).read_text())
-        self.tokenizer = Tokenizer.from_file(str(model_dir / TOKENIZER_FILE))
+        self.spec = files.json(TEXT_FILE)
+        self.tokenizer = Tokenizer.from_str(files.read(TOKENIZER_FILE).decode("utf-8"))
         self.tokenizer.enable_truncation(int(self.spec["max_length"]))
         self.tokenizer.enable_padding(pad_id=int(self.spec["pad_token_id"]), pad_token=self.spec["pad_token"])
-        self.session = open_session(model_dir / text_file, variant)
+        self.session = files.session(text_file, variant)
         self.logit_scale = float(self.spec["logit_scale"])
 
     def encode(self, labels: Sequence[str]) -> np.ndarray:
@@ -137,44 +185,44 @@ class TextEncoder:
 
 class ImageClassifier:
     """An exported model ready to serve. variant: "fp32", or one the export also wrote ("optimized", "int8",
-    "fp16"). Its files are checked against the export's sha256 before the session opens."""
+    "fp16"). Its files are read once and checked against the export's sha256 (ExportFiles) before the session
+    opens; with `trust` (the project's rootCA.pem or a kit) the report must be signed by the project."""
 
-    def __init__(self, model_dir: str | Path, variant: str = "fp32", labels: Optional[Sequence[str]] = None):
+    def __init__(self, model_dir: str | Path, variant: str = "fp32", labels: Optional[Sequence[str]] = None,
+                 trust: "Optional[str | Path | TrustRoot]" = None):
         """labels: classify against these class names through the exported text tower instead of the model's
         head (any list, named at run time; see --labels)."""
         model_dir = Path(model_dir)
-        report = read_report(model_dir)
+        files = ExportFiles(model_dir, trust)
+        report = files.report
+        self.verified = files.verified
         image_variants = sorted(v for v in report["files"] if not v.startswith("text"))
         if variant not in image_variants:
             raise ServingError(f"{model_dir} has no {variant!r} model; it has {image_variants}")
         model_file = report["files"][variant]
-        needed = [model_file, "labels.json", "preprocessing.json"]
-        check_files(model_dir, with_external_data(needed, report), report)
         text_file = None
         if labels is not None:
             labels = check_labels(labels)
             if "text" not in report["files"]:
                 raise ServingError(f"{model_dir} has no text tower, so it cannot classify against labels named at "
                                    f"serve time; re-export with --with-text: {_reexport(model_dir, report)} --with-text")
-            if TOKENIZER_FILE not in report.get("sha256", {}):
+            if TOKENIZER_FILE not in files.hashes:
                 raise ServingError(f"{model_dir} has no tokenizer (its base {report.get('base_model')!r} came without "
                                    f"one), so labels cannot be encoded; export from a base directory with its tokenizer")
             text_file = report["files"].get(f"text_{variant}", report["files"]["text"])
-            check_files(model_dir, with_external_data([text_file, TOKENIZER_FILE, TEXT_FILE, CLASS_EMBEDDINGS_FILE],
-                                                      report), report)
         self.variant = variant
-        self.labels: List[str] = json.loads((model_dir / "labels.json").read_text())
-        self.preprocess = Preprocessing.from_dict(json.loads((model_dir / "preprocessing.json").read_text()))
-        self.session = open_session(model_dir / model_file, variant)
+        self.labels: List[str] = files.json("labels.json")
+        self.preprocess = Preprocessing.from_dict(files.json("preprocessing.json"))
+        self.session = files.session(model_file, variant)
         self.class_embeddings, self.logit_scale = None, None
         if labels is not None:
-            self.logit_scale = float(json.loads((model_dir / TEXT_FILE).read_text())["logit_scale"])
+            self.logit_scale = float(files.json(TEXT_FILE)["logit_scale"])
             if labels == self.labels:  # the job's labels, encoded at export by the fp32 text tower: only the image
-                from safetensors.numpy import load_file  # tower runs, whatever the variant
+                from safetensors.numpy import load  # tower runs, whatever the variant
 
-                self.class_embeddings = load_file(str(model_dir / CLASS_EMBEDDINGS_FILE))["embeddings"]
+                self.class_embeddings = load(files.read(CLASS_EMBEDDINGS_FILE))["embeddings"]
             else:  # other names: through the variant's own text tower when the export wrote one, else fp32's
-                self.class_embeddings = TextEncoder(model_dir, text_file, variant).encode(labels)
+                self.class_embeddings = TextEncoder(files, text_file, variant).encode(labels)
             self.labels = labels
 
     def probabilities(self, images) -> np.ndarray:
@@ -276,6 +324,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="write the rows to FILE.csv or FILE.jsonl instead of stdout")
     p.add_argument("--labels", help="comma-separated class names to classify against through the exported text "
                                     "tower (any names; an export made with --with-text)")
+    p.add_argument("--trust", metavar="ROOT", help="serve only an export signed by a participant of this project "
+                                                   "(its rootCA.pem, or any startup kit of it): --sign at export")
     args = p.parse_args(argv)
     started = time.perf_counter()
     try:
@@ -285,7 +335,7 @@ def main(argv=None) -> int:
             raise ServingError(f"--top must be >= 1, got {args.top}")
         out = _output_target(args.out)
         labels = None if args.labels is None else args.labels.split(",")
-        classifier = ImageClassifier(args.model_dir, args.variant, labels)
+        classifier = ImageClassifier(args.model_dir, args.variant, labels, trust=args.trust)
         paths = expand_inputs(args.inputs)
     except ServingError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -20,13 +20,14 @@ import numpy as np
 
 from nvflare_lora.adapter import AdapterMismatchError
 from nvflare_lora.base_model import ModelNotFoundError, base_fingerprint, fingerprint_difference
-from nvflare_lora.checkpoint import META_FILE, CheckpointError, read_adapter_dir
+from nvflare_lora.checkpoint import META_FILE, CheckpointError, open_checkpoint
 from nvflare_lora.config import LoRAConfig
 from nvflare_lora.head import Head, HeadError
 from nvflare_lora.lora_model import CLIPLoRAWrapper, FederatedCLIPModel
 from nvflare_lora.models import CLIPImageClassifier
 from nvflare_lora.preprocessing import Preprocessing
 from nvflare_lora.secure import decrypt_checkpoint
+from nvflare_lora.signing import TrustRoot
 from nvflare_lora.zeroshot import HEAD_BIAS, HEAD_WEIGHT, zeroshot_head
 
 from .errors import ExportError
@@ -44,6 +45,7 @@ class Rebuilt:
     labels: List[str]
     preprocessing: Preprocessing
     notes: List[str] = field(default_factory=list)
+    verified: str = ""  # how the checkpoint's files were checked (nvflare_lora.checkpoint.open_checkpoint)
 
 
 def _required(meta: Dict, key: str, checkpoint: Path):
@@ -95,13 +97,15 @@ def wise_state(state: Dict, alpha: float, zero_shot_head: Optional[Tuple] = None
 
 
 def rebuild(checkpoint: Path, model: Optional[str] = None, include_text: bool = False,
-            wise: Optional[float] = None, he_context: Optional[str] = None) -> Rebuilt:
+            wise: Optional[float] = None, he_context: Optional[str] = None, trust: Optional[TrustRoot] = None,
+            allow_unverified: bool = False) -> Rebuilt:
     """Load `checkpoint` onto its base. model: a base name or path overriding the recorded one (its
     fingerprint must still match). include_text: also build the text tower (for --with-text). wise: WiSE-FT's
     ALPHA (module docstring), None for the checkpoint as it is. he_context: the site key an encrypted checkpoint
-    is decrypted with."""
+    is decrypted with. trust, allow_unverified: how the checkpoint is verified (nvflare_lora.checkpoint)."""
     try:
-        state, _, meta = read_adapter_dir(checkpoint)
+        opened = open_checkpoint(checkpoint, trust, allow_unverified)
+        state, meta = opened.state, opened.meta
         state = decrypt_checkpoint(state, meta, he_context, checkpoint)
     except CheckpointError as e:
         raise ExportError(str(e)) from e
@@ -147,7 +151,7 @@ def rebuild(checkpoint: Path, model: Optional[str] = None, include_text: bool = 
     merged = wrapper.merge_and_unload().eval().as_linear_head()
     return Rebuilt(checkpoint=checkpoint, metadata=meta, base_model=base, fingerprint=fingerprint,
                    fingerprint_checked=bool(expected), unmerged=unmerged, merged=merged, labels=fed.labels,
-                   preprocessing=_preprocessing(meta, fed), notes=notes)
+                   preprocessing=_preprocessing(meta, fed), notes=notes, verified=opened.verified)
 
 
 def _zero_shot_start(meta: Dict, base: str) -> Optional[Tuple]:

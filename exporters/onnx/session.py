@@ -76,7 +76,7 @@ def providers_for(variant: str) -> List[str]:
     return ["CPUExecutionProvider"]
 
 
-def open_session(path: str | Path, variant: str = "fp32", threads: Optional[int] = None, spinning: bool = True,
+def open_session(path: str | Path | bytes, variant: str = "fp32", threads: Optional[int] = None, spinning: bool = True,
                  config: Optional[Dict[str, str]] = None):
     """An InferenceSession of an exported file. config: session config entries (default: session_config(), what
     this CPU needs). spinning=False: worker threads sleep between runs instead of busy-waiting, so they do not
@@ -90,4 +90,5 @@ def open_session(path: str | Path, variant: str = "fp32", threads: Optional[int]
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     for key, value in (session_config() if config is None else config).items():
         options.add_session_config_entry(key, value)
-    return ort.InferenceSession(str(path), options, providers=providers_for(variant))
+    model = path if isinstance(path, bytes) else str(path)  # bytes: a file already read and checked (predict.py)
+    return ort.InferenceSession(model, options, providers=providers_for(variant))

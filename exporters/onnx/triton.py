@@ -17,7 +17,6 @@ into Triton's own ModelConfig protobuf (tritonclient) and check it against the g
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -27,7 +26,7 @@ import onnx
 from nvflare_lora.files import swap_into_place
 
 from .errors import ExportError
-from .predict import CLASS_EMBEDDINGS_FILE, TEXT_FILE, TOKENIZER_FILE, check_files, read_report, with_external_data
+from .predict import CLASS_EMBEDDINGS_FILE, TEXT_FILE, TOKENIZER_FILE, ExportFiles
 from .session import SESSION_OPTIONS_RULE
 
 MODEL_PREFIX = "clip_lora"
@@ -96,31 +95,29 @@ def model_config(name: str, variant: str, inputs: List[Dict], outputs: List[Dict
 def write_repository(export_dir: Path, target: Path, tensorrt: bool = False, force: bool = False) -> Path:
     """Write the repository of export_dir's verified files into target (whole or not at all)."""
     check_repository_target(target, force)
-    report = read_report(export_dir)
-    check_files(export_dir, ["labels.json"], report)
-    labels = json.loads((export_dir / "labels.json").read_text())
+    files = ExportFiles(export_dir)  # copy only what the export verified: the checked bytes are written
+    report = files.report
+    labels = files.json("labels.json")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     models = {}
     try:
         for variant, file in report["files"].items():
-            sources = with_external_data([file], report)
-            check_files(export_dir, sources, report)  # copy only what the export verified
             name = f"{MODEL_PREFIX}_{variant}"
             version = tmp / name / "1"
             version.mkdir(parents=True)
-            shutil.copyfile(export_dir / file, version / "model.onnx")
-            if len(sources) > 1:  # the graph names its external data file: it keeps its name
-                shutil.copyfile(export_dir / sources[1], version / sources[1])
+            (version / "model.onnx").write_bytes(files.read(file))
+            external = files.external_data(file)
+            if external:  # the graph names its external data file: it keeps its name
+                (version / external).write_bytes(files.read(external))
             inputs, outputs = graph_io(version / "model.onnx")
             (tmp / name / "config.pbtxt").write_text(model_config(name, variant, inputs, outputs, tensorrt))
             if any(o["name"] == "logits" for o in outputs):
                 (tmp / name / "labels.txt").write_text("".join(f"{label}\n" for label in labels))
             if variant == "text":  # what a client needs to turn class names into the text tower's inputs
                 for f in (TOKENIZER_FILE, TEXT_FILE, CLASS_EMBEDDINGS_FILE):
-                    if (export_dir / f).is_file():
-                        check_files(export_dir, [f], report)
-                        shutil.copyfile(export_dir / f, tmp / name / f)
+                    if f in files.hashes:
+                        (tmp / name / f).write_bytes(files.read(f))
             models[name] = {"variant": variant, "source": file, "sha256": report["sha256"][file],
                             "inputs": inputs, "outputs": outputs}
         (tmp / "README.md").write_text(_readme(report, models, tensorrt))

@@ -28,7 +28,7 @@ from nvflare.app_common.model_desc import ModelDescriptor
 
 from ...adapter import AdapterMismatchError, check_adapter
 from ...aggregation import fold_residuals, unfold
-from ...checkpoint import (CHECKPOINT_NAMES, CheckpointError, CheckpointMeta, locate_checkpoint,
+from ...checkpoint import (CHECKPOINT_NAMES, SIGNATURE_FILE, CheckpointError, CheckpointMeta, locate_checkpoint,
                            read_adapter_dir, save_adapter_dir)
 from ...base_model import base_fingerprint, fingerprint_difference, preprocessing_for
 from ...config import LoRAConfig
@@ -39,6 +39,7 @@ from ...secure import secure_mode, without_round
 from ...settings import CHECKPOINT_DIR, SettingsError, default, settings
 from ...skeleton import adapter_skeleton
 from ..he import kit_key
+from ..kit import kit_signer, kit_trust
 from ..protocol import AGGREGATION_INFO_PROP, ANNOUNCE_KEY, RESUMED_CLIENT_DP_PROP, VAL_SPLIT_KEY
 
 CHECKPOINTS = CHECKPOINT_NAMES
@@ -91,6 +92,9 @@ class AdapterPersistor(ModelPersistor):
         self._shapes = None
         self._peft_config = None
         self._root: Optional[Path] = None
+        # in a provisioned system: the server kit's key signs every checkpoint, the project's root CA checks what is
+        # read back (resume, cross-site evaluation); set in load_model, at the job's start
+        self._signer, self._trust = None, None
 
     @property
     def lora(self) -> LoRAConfig:
@@ -142,6 +146,7 @@ class AdapterPersistor(ModelPersistor):
     def load_model(self, fl_ctx: FLContext) -> ModelLearnable:
         self._ensure_skeleton()
         self._check_site_names(fl_ctx)
+        self._signer, self._trust = kit_signer(fl_ctx), kit_trust(fl_ctx)
         if self.mode.keyed:  # under HE the project's key, announced: a site with another one refuses at set-up
             self.facts = self.facts.with_(he_key=kit_key(fl_ctx))
         if self.settings.resume_from:
@@ -168,7 +173,7 @@ class AdapterPersistor(ModelPersistor):
             path = locate_checkpoint(self.settings.resume_from, "latest").path
         except CheckpointError as e:
             raise FileNotFoundError(f"resume_from={self.settings.resume_from!r}: {e}") from None
-        state, meta = self._read_adapter_file(path, "resume_from")
+        state, meta = self._read_adapter_file(path, "resume_from", self._trust)
         self.completed_rounds = int(meta.get("round", -1)) + 1
         self._val_split = {site: check_split_record(rec, site) for site, rec in (meta.get("val_split") or {}).items()}
         self._privacy = meta.get("privacy") or None  # what the resumed run spent: kept in the next checkpoints
@@ -177,19 +182,28 @@ class AdapterPersistor(ModelPersistor):
 
     def _load_initial(self, fl_ctx: FLContext) -> Dict:
         path = Path(self.settings.initial_adapter).expanduser()
+        app_config = fl_ctx.get_engine().get_workspace().get_app_config_dir(fl_ctx.get_job_id())
         if not path.is_absolute():
-            path = Path(fl_ctx.get_engine().get_workspace().get_app_config_dir(fl_ctx.get_job_id())) / path
+            path = Path(app_config) / path
         if not (path / "adapter_model.safetensors").is_file():
             raise FileNotFoundError(f"initial_adapter={self.settings.initial_adapter!r}: no saved adapter at {path}; "
                                     f"write the zero-shot one with `python -m nvflare_lora.zeroshot JOB_DIR`, or name "
                                     f"an earlier run's checkpoint directory (…/app_server/adapter/best)")
-        state, meta = self._read_adapter_file(path, "initial_adapter", need_fingerprint=True)
+        # one in the job's folder came with the job, which NVFlare checks against its submitter's signature: its
+        # manifest is checked; one from elsewhere on the server, or a signed one, must be signed by this project
+        in_job = path.resolve().is_relative_to(Path(app_config).resolve())
+        trust = self._trust if (path / SIGNATURE_FILE).is_file() or not in_job else None
+        state, meta = self._read_adapter_file(path, "initial_adapter", trust, need_fingerprint=True)
         self.log_info(fl_ctx, f"round 0 starts from {path} (head: {self.facts.head.init})")
         return state
 
-    def _read_adapter_file(self, path: Path, what: str, need_fingerprint: bool = False):
-        """(state, metadata) of a saved adapter this job may start from: same base, LoRA settings, labels, head."""
-        state, _, meta = read_adapter_dir(path)
+    def _read_adapter_file(self, path: Path, what: str, trust, need_fingerprint: bool = False):
+        """(state, metadata) of a saved adapter this job may start from: verified (its manifest; with `trust`, the
+        project's signature), same base, LoRA settings, labels, head."""
+        try:
+            state, _, meta = read_adapter_dir(path, trust)
+        except CheckpointError as e:
+            raise CheckpointError(f"{what}: {e}") from None
         check_adapter(state, self._shapes, f"saved adapter {path}")
         if need_fingerprint and not meta.get("base_fingerprint"):
             raise CheckpointError(f"{what} {path}: its nvflare_lora.json records no base fingerprint, so it cannot be "
@@ -226,18 +240,19 @@ class AdapterPersistor(ModelPersistor):
                 raise AdapterMismatchError(f"encrypted global adapter ({name}) does not have the adapter's keys")
             return save_adapter_dir(self._dir(fl_ctx) / name, weights, self._peft_config,
                                     self.metadata(round=rnd, checkpoint=name, aggregation=self._fold_info(), **fields),
-                                    encrypted=sealed)
+                                    encrypted=sealed, signer=self._signer)
         check_adapter(weights, self.facts.training_shapes(self._shapes), f"global adapter ({name})")
         if self.aggregation != "exact":
             return save_adapter_dir(self._dir(fl_ctx) / name, weights, self._peft_config,
-                                    self.metadata(round=rnd, checkpoint=name, aggregation=self._fold_info(), **fields))
+                                    self.metadata(round=rnd, checkpoint=name, aggregation=self._fold_info(), **fields),
+                                    signer=self._signer)
         folded, rank, info = fold_residuals(weights, self.lora.scaling)
         peft_config = {**self._peft_config, "r": rank, "lora_alpha": float(rank)}
         lora = {**self.lora.to_dict(), "r": rank, "lora_alpha": float(rank)}
         meta = self.metadata(round=rnd, checkpoint=name, lora_config=lora,
                              aggregation={**self._fold_info(), **info, "training_lora_config": self.lora.to_dict()},
                              **fields)
-        return save_adapter_dir(self._dir(fl_ctx) / name, folded, peft_config, meta)
+        return save_adapter_dir(self._dir(fl_ctx) / name, folded, peft_config, meta, signer=self._signer)
 
     def save_model(self, model: ModelLearnable, fl_ctx: FLContext):
         self._ensure_skeleton()
@@ -290,7 +305,7 @@ class AdapterPersistor(ModelPersistor):
         effective update as the residual, B = 0, A at the shared init)."""
         self._ensure_skeleton()
         path = self._dir(fl_ctx) / model_file
-        state, peft_cfg, meta = read_adapter_dir(path)
+        state, peft_cfg, meta = read_adapter_dir(path, kit_trust(fl_ctx))  # a job of its own may not have loaded
         if self.mode.stored(state, self._shapes):  # ciphertexts (uint8 bytes): each site opens them with its key
             return make_model_learnable(dict(state), self.mode.model_meta(self._shapes))
         state = {k: np.asarray(v, np.float32) for k, v in state.items()}

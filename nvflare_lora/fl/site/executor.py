@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.executor import Executor
-from nvflare.apis.fl_constant import FLContextKey, ReturnCode
+from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
@@ -31,6 +31,7 @@ from ...settings import DATA_ENV, FIELDS, SITE_CONFIG_FILE, SettingsError, defau
 from ...secure import CLIENT_CONTEXT, SecureAggregationError
 from ...site import BaseMismatchError, Site, UnusableUpdate
 from ...training import Aborted
+from .. import kit
 from ..he import kit_context
 from ..protocol import (ANNOUNCE_KEY, BAD_IMAGES_KEY, DISTRUST_KEY, EPSILON_KEY, FATAL_HEADER, TRAIN_LOSS_KEY,
                         VAL_COUNT_KEY, VAL_SPLIT_KEY, ProtocolError)
@@ -101,7 +102,7 @@ class CLIPLoRAExecutor(Executor):
         simulated = str(s.data) == "digits" and "data" not in overrides
         workspace = fl_ctx.get_engine().get_workspace()
         facts = JobFacts.from_announcement(announced)
-        provisioned = fl_ctx.get_prop(FLContextKey.SECURE_MODE, False)
+        provisioned = kit.provisioned(fl_ctx)
         if provisioned and simulated:  # a site that forgot its data setting would train on the sample, silently
             raise SettingsError(f"{site}: no data setting of its own: this job would train it on the bundled sample "
                                 f"digits. Set \"data\" (the site's image folder) in local/{SITE_CONFIG_FILE} or "
