@@ -126,7 +126,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.smoke:
         a.seeds, a.rounds, a.max_steps = "0", 1, 1
-    torch.set_num_threads(1)  # as the job's sites (torch_threads = 1)
+    torch.set_num_threads(1)  # as the job's sites in the simulator (torch_threads "auto")
     job = read_job(JOB)[1]
     s = job_settings(job)
     if a.max_steps:

@@ -359,11 +359,22 @@ class TrainingSection(Section):
     model_path: str = _s("", "This site's copy of the base if the server's path does not exist here (its "
                          "fingerprint must equal the server's).", EXE)
     device: str = _s("auto", '"auto", "cpu" or "cuda".', EXE)
-    torch_threads: int = _s(1, "CPU threads per site (0: all cores). 1 suits the simulator, where sites share "
-                            "one machine; use 0 on a dedicated site machine.", EXE)
+    torch_threads: Any = _s("auto", 'CPU threads per site: "auto" (all cores at a site of a provisioned system, '
+                            'which has its machine to itself; 1 in the simulator and in process, where the sites '
+                            'share one machine), 0 (all cores) or a number.', EXE)
+
+    def cpu_threads(self, dedicated: bool = False) -> int:
+        """torch_threads as a number (0: all cores); "auto" is 0 on a dedicated site machine (a provisioned
+        system), 1 where sites share one (the simulator, the in-process round)."""
+        if self.torch_threads == "auto":
+            return 0 if dedicated else 1
+        return int(self.torch_threads)
 
     def check(self) -> None:
         _at_least_one("local_epochs", self.local_epochs)
+        if self.torch_threads != "auto" and (isinstance(self.torch_threads, bool) or not isinstance(
+                self.torch_threads, int) or self.torch_threads < 0):
+            raise SettingsError(f"torch_threads must be \"auto\" or an integer >= 0, got {self.torch_threads!r}")
         _at_least_one("batch_size", self.batch_size)
         if not self.lr > 0:
             raise SettingsError(f"lr must be > 0, got {self.lr!r}")

@@ -62,6 +62,7 @@ class Site:
             (privacy.SAMPLING_SECRET_FILE; None: a fresh secret for this Site) and its privacy ledger (with
             settings.privacy_budget). sampling_secret: the secret itself (a benchmark's seeded one), instead.
         job_id: the job this site trains in (its ledger entries name it).
+        dedicated: the site has its machine to itself (a provisioned system): torch_threads "auto" means all cores.
         he_context: under secure_aggregation "he", the TenSEAL context with the secret key (the site's kit's
             client_context.tenseal), or a callable that loads it: the job's secure mode (nvflare_lora.secure)
             opens what arrives and seals the update with it.
@@ -69,7 +70,8 @@ class Site:
 
     def __init__(self, name: str, facts: JobFacts, settings: JobSettings, simulated: Optional[bool] = None,
                  workdir: Optional[Path] = None, cache_dir: Optional[Path] = None, datasets=None, he_context=None,
-                 local_dir: Optional[Path] = None, sampling_secret: Optional[bytes] = None, job_id: str = ""):
+                 local_dir: Optional[Path] = None, sampling_secret: Optional[bytes] = None, job_id: str = "",
+                 dedicated: bool = False):
         t0 = time.perf_counter()
         # how updates leave and adapters arrive; under HE this site's key is checked against the job's here
         self.mode = secure_mode(facts.secure_aggregation, he_context).ready(name, facts)
@@ -78,8 +80,9 @@ class Site:
         self.clip_factor = 1.0  # what site_clip_norm scaled this round's update by
         s = self.settings = settings
         self.name, self.facts, self.job_id = name, facts, job_id
-        if s.torch_threads > 0:
-            torch.set_num_threads(s.torch_threads)
+        self.threads = s.cpu_threads(dedicated)  # dedicated: a provisioned site, the machine is its own
+        if self.threads > 0:  # 0: all cores, torch's own default
+            torch.set_num_threads(self.threads)
         model_name = s.model_path or facts.model
         data = str(s.data).replace("{site}", name)
         simulated = data == "digits" if simulated is None else simulated

@@ -17,7 +17,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # 3 workers share 2 cores (pytest.ini): one torch thread each, as
-    import torch                           # every Site sets (the schema's torch_threads 1)
+    import torch                           # every Site sets (the schema's torch_threads "auto": 1 in process)
 
     torch.set_num_threads(1)
 

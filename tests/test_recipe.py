@@ -212,3 +212,23 @@ def test_the_settings_reference_is_the_schema_and_the_command_lists_every_settin
     assert listed.returncode == 0 and all(f"\n{name} (" in "\n" + listed.stdout for name in FIELDS), listed.stderr
     assert main(["privacy_budget"]) == 0 and "a site may set it" in capsys.readouterr().out
     assert main(["lerning_rate"]) == 2 and "the settings are: " in capsys.readouterr().err
+
+
+def test_a_job_whose_components_disagree_on_r_is_refused_where_the_server_starts_naming_both_values():
+    """NVFlare builds each component from its own arguments (a hand-edited job can give the persistor r 8 and the
+    aggregator r 4); the workflow's start compares the rule facts of the persistor, the shareable generator and the
+    aggregator (nvflare_lora.fl.server.workflow.shared_settings_disagree), here built from the shipped job's
+    arguments as NVFlare builds them."""
+    from nvflare_lora.fl.server.workflow import shared_settings_disagree
+    from nvflare_lora.jobfolder import _load
+
+    _, server = _load(JOB / "app" / "config" / "config_fed_server")
+    classes = _component_classes()
+    args = {c["id"]: dict(c.get("args", {})) for c in server["components"] if c["id"] in classes}
+    assert sorted(args) == ["aggregator", "persistor", "shareable_generator"]
+    built = lambda a: {name: classes[name](**kw) for name, kw in a.items()}  # noqa: E731
+    assert shared_settings_disagree(built(args)) is None
+    args["aggregator"]["r"] = args["persistor"]["r"] // 2
+    why = shared_settings_disagree(built(args))
+    assert why and f"r is {args['persistor']['r']!r} in the persistor's arguments" in why, why
+    assert f"but {args['aggregator']['r']!r} in the aggregator's" in why and "--export" in why, why

@@ -340,7 +340,8 @@ def test_a_provisioned_site_without_its_own_data_setting_refuses_instead_of_trai
                                                                                                    monkeypatch):
     """A site in a provisioned system (NVFlare's secure mode) that forgot its data setting used to train on the
     bundled digits, silently. It now refuses at set-up saying where to set it; "digits" set by the site itself, or
-    any folder, is taken; the simulator (not secure mode) keeps the simulated split."""
+    any folder, is taken; the simulator (not secure mode) keeps the simulated split. And it trains on all cores,
+    where the simulator's sites take one each."""
     from types import SimpleNamespace
 
     from nvflare.apis.fl_constant import FLContextKey
@@ -375,3 +376,8 @@ def test_a_provisioned_site_without_its_own_data_setting_refuses_instead_of_trai
     on_purpose = CLIPLoRAExecutor()
     on_purpose._setup(announced, fl_ctx(secure=True))
     assert not on_purpose.site.split["simulated"] and on_purpose.site.split["data"] == "digits"
+    # torch_threads "auto" (the shipped jobs'): all cores at a provisioned site, one in the simulator (issue 36's trap)
+    assert (on_purpose.site.threads, simulator.site.threads) == (0, 1)
+    assert settings(torch_threads=3).cpu_threads(dedicated=True) == 3
+    with pytest.raises(SettingsError, match='torch_threads must be "auto" or an integer >= 0, got -1'):
+        settings(torch_threads=-1)

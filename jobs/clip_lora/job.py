@@ -35,7 +35,9 @@ def parse_settings(pairs):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                epilog="--export --export-dir DIR: write the job folder to DIR and run nothing "
+                                       "(NVFlare's Recipe flags, read before these)")
     p.add_argument("--env", choices=["sim", "poc", "prod"], default="sim")
     p.add_argument("-w", "--workspace-root", default="/tmp/nvflare/simulation",
                    help="sim: the workspace is WORKSPACE_ROOT/clip_lora (default /tmp/nvflare/simulation)")

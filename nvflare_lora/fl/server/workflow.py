@@ -14,11 +14,14 @@ reasons only when fewer than min_clients sites are left: no one site can stop a 
 
 from __future__ import annotations
 
+from typing import Dict, Optional
+
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
 
+from ...facts import JobFacts
 from ..protocol import FATAL_HEADER
 
 
@@ -32,6 +35,12 @@ class ResumableScatterAndGather(ScatterAndGather):
 
     def start_controller(self, fl_ctx: FLContext) -> None:
         super().start_controller(fl_ctx)
+        disagreement = shared_settings_disagree({"persistor": self.persistor, "shareable_generator": self.shareable_gen,
+                                                 "aggregator": self.aggregator})
+        if disagreement:
+            self.log_error(fl_ctx, disagreement)
+            self.system_panic(disagreement, fl_ctx)
+            return
         done = getattr(self.persistor, "completed_rounds", 0) if self.persistor else 0
         if done > self._start_round:
             total = self._start_round + self._num_rounds
@@ -59,3 +68,18 @@ class ResumableScatterAndGather(ScatterAndGather):
         else:
             self.log_error(fl_ctx, f"{client_name} is left out of this job: {reason} ({remaining} site(s) go on)")
         return False
+
+
+def shared_settings_disagree(components: Dict[str, object]) -> Optional[str]:
+    """Why the job's components cannot run together, or None: NVFlare builds each from its own arguments in the job
+    config, so a job edited by hand can give the persistor one r and the aggregator another (the persistor's
+    adapter and the aggregator's update spec would then differ in every round). Each of ours that takes the rule
+    (persistor, shareable generator, aggregator) holds its facts; each must agree with the first on r, lora_alpha,
+    aggregation, site_ranks and secure_aggregation."""
+    held = [(name, c.facts) for name, c in components.items() if isinstance(getattr(c, "facts", None), JobFacts)]
+    problems = [f"{setting} is {mine!r} in the {held[0][0]}'s arguments but {theirs!r} in the {other}'s"
+                for other, their_facts in held[1:] for setting, mine, theirs in held[0][1].rule_differences(their_facts)]
+    if not problems:
+        return None
+    return ("the job's components disagree: " + "; ".join(problems) + ". Write the job with `python jobs/clip_lora/"
+            "job.py --export --export-dir DIR` (or the Recipe), which gives each component the same value, or edit them all")

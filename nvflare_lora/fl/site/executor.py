@@ -58,7 +58,7 @@ class CLIPLoRAExecutor(Executor):
                  batch_size: int = default("batch_size"), lr: float = default("lr"),
                  weight_decay: float = default("weight_decay"), max_grad_norm: float = default("max_grad_norm"),
                  train_seed: int = default("train_seed"), model_path: str = default("model_path"),
-                 device: str = default("device"), torch_threads: int = default("torch_threads"),
+                 device: str = default("device"), torch_threads: int | str = default("torch_threads"),
                  max_bad_images: float = default("max_bad_images"), num_workers=default("num_workers"),
                  augment=default("augment"), site_labels: Optional[List[str]] = default("site_labels"),
                  dp: Optional[Dict] = default("dp"), privacy_budget: Optional[Dict] = default("privacy_budget"),
@@ -116,7 +116,7 @@ class CLIPLoRAExecutor(Executor):
                          cache_dir=Path(workspace.get_root_dir()) / CACHE_DIR,
                          he_context=lambda: kit_context(fl_ctx, CLIENT_CONTEXT, secret=True),  # loaded only under HE
                          local_dir=self._local_dir(fl_ctx),  # the site's local/: sampling secret, privacy ledger
-                         job_id=str(fl_ctx.get_job_id()))
+                         job_id=str(fl_ctx.get_job_id()), dedicated=provisioned)  # torch_threads "auto": all cores
         self.announced = announced
         for note in self.site.notes:
             self.log_warning(fl_ctx, f"{site}: {note}")
