@@ -4,7 +4,7 @@
            site at a time and starts a fresh site process for every task);
 2. t4:     the same with `-t 4` (one long-lived process per site);
 3. floors of plain, two ways:
-   - import floor (the issue's definition): the number of site processes plain started x the median
+   - import floor: the number of site processes plain started x the median
      wall time of a fresh `python -c "import <NVFlare's simulator worker>, torch, peft; from transformers
      import CLIPModel"` (5 runs);
    - NVFlare floor: the same job, no -t, with nvflare_lora/testing/floor.py in the executor's place (it

@@ -11,7 +11,6 @@ FINISHED:COMPLETED and was downloaded; 1 when it ended otherwise or did not end 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -82,14 +81,18 @@ def submit_follow_download(session, job_dir: Path, timeout: float = 3600, downlo
     return job_id, status, path
 
 
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python deploy/submit.py", description=__doc__.split("\n")[0])
+    p.add_argument("admin_kit", type=Path, help="the admin's startup kit folder")
+    p.add_argument("job", type=Path, nargs="?", default=ROOT / "jobs" / "clip_lora", help="job folder")
+    p.add_argument("--user", help="admin user name (default: the one in the kit)")
+    p.add_argument("--download", type=Path, help="move the downloaded result into this folder")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the job to end")
+    return p
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python deploy/submit.py", description=__doc__.split("\n")[0])
-    ap.add_argument("admin_kit", type=Path, help="the admin's startup kit folder")
-    ap.add_argument("job", type=Path, nargs="?", default=ROOT / "jobs" / "clip_lora", help="job folder")
-    ap.add_argument("--user", help="admin user name (default: the one in the kit)")
-    ap.add_argument("--download", type=Path, help="move the downloaded result into this folder")
-    ap.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the job to end")
-    args = ap.parse_args(argv)
+    args = parser().parse_args(argv)
     try:
         session = open_session(args.admin_kit.resolve(), args.user)
     except FileNotFoundError as e:

@@ -10,6 +10,7 @@ list when the file has none). WORKSPACE is a simulator workspace (-w) or a provi
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -37,12 +38,17 @@ def allow(workspace: str | Path, prefix: str = PREFIX) -> Path:
     return atomic_write(path, json.dumps(resources, indent=2) + "\n")
 
 
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m nvflare_lora.allow", description=__doc__.splitlines()[0],
+                                epilog="\n".join(__doc__.splitlines()[2:]).strip(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("workspaces", nargs="+", metavar="WORKSPACE",
+                   help="a simulator workspace (-w) or a provisioned startup kit (the folder holding local/)")
+    return p
+
+
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if argv else 2
-    for ws in argv:
+    for ws in parser().parse_args(argv).workspaces:
         print(f"allowed '{PREFIX}' components in {allow(ws)}")
     return 0
 

@@ -268,7 +268,7 @@ def verify_checkpoint(directory: str | Path, trust: Optional[str | Path] = None,
         raise CheckpointError(str(e)) from None
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m nvflare_lora.checkpoint",
                                 description="Verify an adapter checkpoint before loading it with PEFT: its files "
                                             "against its manifest, and its signature against the project's root CA.")
@@ -277,7 +277,11 @@ def main(argv=None) -> int:
                                                    "(default: the kit whose folder holds DIR, if any)")
     p.add_argument("--allow-unverified", action="store_true",
                    help="accept a checkpoint without a manifest or signature (never one that contradicts them)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     try:
         print(f"{args.directory}: {verify_checkpoint(args.directory, args.trust, args.allow_unverified)}")
     except CheckpointError as e:

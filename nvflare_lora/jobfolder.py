@@ -13,6 +13,7 @@ the key; the values are then checked by the schema (JobSettings), whose errors n
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -254,14 +255,18 @@ VITB32_JOB = dict(model="~/nvflare-lora/clip-vit-b32", num_classes=2, labels=["f
 SHIPPED_JOBS = {"clip_lora": {}, "clip_lora_vitb32": VITB32_JOB}
 
 
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m nvflare_lora.jobfolder",
+                                description="(Re)write the shipped job folders from the job schema.")
+    p.add_argument("command", choices=["write"], help="write: every shipped job (" + ", ".join(SHIPPED_JOBS) + ")")
+    p.add_argument("jobs_dir", metavar="JOBS_DIR", help="the folder the jobs are written into (the repository's jobs)")
+    return p
+
+
 def main(argv=None) -> int:
-    """python -m nvflare_lora.jobfolder write DIR: (re)write the shipped jobs into DIR from the schema."""
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2 or argv[0] != "write":
-        print("usage: python -m nvflare_lora.jobfolder write JOBS_DIR", file=sys.stderr)
-        return 2
+    args = parser().parse_args(argv)
     for name, kw in SHIPPED_JOBS.items():
-        print(f"wrote {write_job(argv[1], name, JobSettings(**kw))}")
+        print(f"wrote {write_job(args.jobs_dir, name, JobSettings(**kw))}")
     return 0
 
 

@@ -203,14 +203,18 @@ def write_random_base(out: str | Path, seed: int = 0, **config) -> Path:
     return Path(out)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m nvflare_lora.sample_data", description=__doc__.splitlines()[0])
     p.add_argument("what", choices=["elpv", "mnist", "digits", "base"])
     p.add_argument("out", metavar="OUT")
     p.add_argument("--sites", type=int, default=2, help="elpv, mnist, digits: one folder per site (default 2)")
     p.add_argument("--per-site", type=int, default=None, help="elpv, mnist, digits: at most this many images per site")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parser().parse_args(argv)
     try:
         if args.what == "base":
             path = write_random_base(args.out, args.seed)

@@ -668,14 +668,18 @@ def reference_markdown() -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    """python -m nvflare_lora.settings [NAME] [--markdown]: list the job's settings, or one, or the reference page."""
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m nvflare_lora.settings",
                                 description="The job's settings (the schema): name, section, type, default, the "
                                             "components that take it, whether a site may set it, what it does.")
     p.add_argument("name", nargs="?", help="one setting (default: all of them)")
     p.add_argument("--markdown", action="store_true", help="print the settings reference (docs/settings.md)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    """python -m nvflare_lora.settings [NAME] [--markdown]: list the job's settings, or one, or the reference page."""
+    args = parser().parse_args(argv)
     if args.markdown:
         print(reference_markdown())
         return 0

@@ -63,12 +63,16 @@ def write_initial_adapter(out: str | Path, model_name: str, labels: Sequence[str
     return save_adapter_dir(out, state, peft_config, meta)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m nvflare_lora.zeroshot", description=__doc__.splitlines()[0])
     p.add_argument("job_dir", metavar="JOB_DIR", help="the job folder (its server config names the base, labels, LoRA)")
     p.add_argument("--out", help=f"where to write (default JOB_DIR/app/config/{INITIAL_ADAPTER_DIR})")
     p.add_argument("--model", help="this machine's copy of the base, if not at the job's path (same fingerprint)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parser().parse_args(argv)
     job = Path(args.job_dir)
     try:
         _, js = read_job(job)  # the job schema's one reader: the same settings the server runs with

@@ -2,11 +2,16 @@
 docs/guide.md's Real sites section (the ViT-B/32 job), from a fresh folder outside the repository that holds
 only the repository's jobs/: the newcomer's path, end to end."""
 
+import ast
 import json
 import os
 import re
 import shutil
+import socket
 import subprocess
+import sys
+import urllib.error
+import urllib.request
 
 import pytest
 from support.readme import README, REPO, SHIPPED_RUN_COMMANDS, blocks, run_blocks
@@ -102,3 +107,41 @@ def test_the_simulator_without_allow_fails_and_the_readme_says_the_fix(tmp_path)
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert "not in allow_list" in proc.stdout + proc.stderr
     assert "python -m nvflare_lora.allow ws" in README and "ComponentNotAuthorized" in README
+
+
+def test_the_serving_guide_runs_as_written_with_real_requests_on_localhost(readme_run):
+    """docs/serving.md, from the README's folder (its ws/onnx, digit.png): the service started by the guide's command
+    (on a free port through the PORT variable the command reads), the guide's client block run as written; then a
+    body that is not an image (400, nothing classified) and an unknown path (404)."""
+    home, _ = readme_run
+    guide = (REPO / "docs" / "serving.md").read_text()
+    (_, serve), (_, client) = blocks(guide)
+    command = serve.strip()
+    assert command.startswith("python -m exporters.onnx.serve ws/onnx")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HOME": str(home), "PORT": str(port)}
+    proc = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=home, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()
+        assert f"on http://127.0.0.1:{port}" in first, first
+        ran = subprocess.run([sys.executable, "-c", client], cwd=home, env=env, capture_output=True, text=True,
+                             timeout=60)
+        assert ran.returncode == 0, ran.stderr[-2000:]
+        answer, verified = ran.stdout.strip().splitlines()
+        top = ast.literal_eval(answer)  # the dict the guide's client prints
+        assert len(top["top"]) == 3 and 0 <= top["top"][0]["probability"] <= 1, answer
+        assert verified.startswith("sha256 of each file"), verified
+        url = f"http://127.0.0.1:{port}"
+        bad = urllib.request.Request(url + "/predict", data=b"not an image")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(bad, timeout=30)
+        assert e.value.code == 400 and "not an image PIL can decode" in json.loads(e.value.read())["error"]
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(url + "/nothing", timeout=30)
+        assert e.value.code == 404
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -232,3 +232,12 @@ def test_a_job_whose_components_disagree_on_r_is_refused_where_the_server_starts
     why = shared_settings_disagree(built(args))
     assert why and f"r is {args['persistor']['r']!r} in the persistor's arguments" in why, why
     assert f"but {args['aggregator']['r']!r} in the aggregator's" in why and "--export" in why, why
+
+
+def test_the_cli_reference_is_every_commands_own_help():
+    """docs/cli.md is generated from each entry point's parser() (tests/support/cli.py); a changed option, help or
+    command shows here until the page is written again."""
+    from support.cli import REPO, reference
+
+    assert (REPO / "docs" / "cli.md").read_text() == reference(), \
+        "docs/cli.md is stale: python tests/support/cli.py > docs/cli.md"

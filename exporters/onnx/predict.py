@@ -314,7 +314,7 @@ def _rows_text(rows, fmt: str, k: int) -> str:
     return buf.getvalue()
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m exporters.onnx.predict", description=__doc__.splitlines()[0])
     p.add_argument("model_dir", metavar="MODEL_DIR")
     p.add_argument("inputs", metavar="INPUT", nargs="+", help="image files, folders (recursive) or glob patterns")
@@ -326,7 +326,11 @@ def main(argv=None) -> int:
                                     "tower (any names; an export made with --with-text)")
     p.add_argument("--trust", metavar="ROOT", help="serve only an export signed by a participant of this project "
                                                    "(its rootCA.pem, or any startup kit of it): --sign at export")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     started = time.perf_counter()
     try:
         if args.batch < 1:

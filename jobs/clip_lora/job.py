@@ -34,8 +34,8 @@ def parse_settings(pairs):
     return out
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python jobs/clip_lora/job.py", description=__doc__.splitlines()[0],
                                 epilog="--export --export-dir DIR: write the job folder to DIR and run nothing "
                                        "(NVFlare's Recipe flags, read before these)")
     p.add_argument("--env", choices=["sim", "poc", "prod"], default="sim")
@@ -45,7 +45,11 @@ def main(argv=None) -> int:
     p.add_argument("-t", "--threads", type=int, default=None, help="sim: sites run at once (default: all)")
     p.add_argument("--startup-kit", help="prod: the admin's startup kit folder")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a job setting (repeatable)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     try:
         recipe = CLIPLoRARecipe(**parse_settings(args.set))
         if args.env == "sim":
