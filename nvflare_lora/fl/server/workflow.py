@@ -75,7 +75,7 @@ def shared_settings_disagree(components: Dict[str, object]) -> Optional[str]:
     config, so a job edited by hand can give the persistor one r and the aggregator another (the persistor's
     adapter and the aggregator's update spec would then differ in every round). Each of ours that takes the rule
     (persistor, shareable generator, aggregator) holds its facts; each must agree with the first on r, lora_alpha,
-    aggregation, site_ranks and secure_aggregation."""
+    aggregation, site_ranks and the secure mode (JobFacts.rule_differences)."""
     held = [(name, c.facts) for name, c in components.items() if isinstance(getattr(c, "facts", None), JobFacts)]
     problems = [f"{setting} is {mine!r} in the {held[0][0]}'s arguments but {theirs!r} in the {other}'s"
                 for other, their_facts in held[1:] for setting, mine, theirs in held[0][1].rule_differences(their_facts)]
