@@ -68,18 +68,16 @@ def federation(tmp_path_factory):
         assert pids and not left, f"processes still running after stop: {left}"
 
 
-@pytest.fixture(scope="module")
-def finished_job(federation, tmp_path_factory):
-    """jobs/clip_lora, shortened, as `python jobs/clip_lora/job.py --env prod --startup-kit ADMIN_KIT` submits it:
-    the Recipe over mTLS, followed to the end and downloaded (deploy/submit.py: the encrypted job below)."""
-    tmp = tmp_path_factory.mktemp("job")
+def submit_recipe(federation, tmp: Path, **changes):
+    """jobs/clip_lora, shortened, as `python jobs/clip_lora/job.py --env prod --startup-kit ADMIN_KIT` submits it (the
+    Recipe over mTLS, followed to the end and downloaded), with DP-SGD at the sites; site-2 sets its own privacy
+    ceiling for it (its DP spend goes into its kit's local/ ledger; a site with a ceiling takes no job without DP, so
+    it is lifted again for the encrypted job below). (job id, download, what job.py said)."""
     sets = {"num_rounds": ROUNDS, "num_sites": len(SITES), "local_epochs": 1, "max_steps": 5,
             "cross_site_eval": "false",  # the simulator tests cover it; here it would only add time
-            "wait_time_after_min_received": 5, "dp": json.dumps(DP)}
+            "wait_time_after_min_received": 5, "dp": json.dumps(DP), **changes}
     cmd = [sys.executable, str(ROOT / "jobs" / "clip_lora" / "job.py"), "--env", "prod",
            "--startup-kit", str(federation.kits.admin_kit)] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
-    # for this job site-2 sets its own privacy ceiling: its DP spend goes into its kit's local/ ledger. A site with a
-    # ceiling takes no job without DP, so it is lifted again for the encrypted job below
     site2 = json.loads((federation.kits.site("site-2") / "local" / "nvflare_lora_site.json").read_text())
     write_site_config(federation.kits.site("site-2"), {**site2, "privacy_budget": SITE2_BUDGET})
     try:
@@ -91,6 +89,21 @@ def finished_job(federation, tmp_path_factory):
     said = proc.stdout.splitlines()
     job_id, downloaded = said[-1].split("job ", 1)[1].split(" done; results in ", 1)
     return job_id, Path(downloaded), said
+
+
+@pytest.fixture(scope="module")
+def finished_job(federation, tmp_path_factory):
+    """The clear job (ROUNDS rounds): submit_recipe."""
+    return submit_recipe(federation, tmp_path_factory.mktemp("job"))
+
+
+@pytest.fixture(scope="module")
+def resumed_job(federation, finished_job, tmp_path_factory):
+    """The clear job resumed from its download's latest checkpoint (signed by the server, which checks it) for one
+    more round: `resume_from` and num_rounds ROUNDS + 1, as a server restart resubmits a job (docs/guide.md,
+    Failures)."""
+    latest = _one(finished_job[1].rglob("adapter/latest"), "latest checkpoint")
+    return submit_recipe(federation, tmp_path_factory.mktemp("resumed"), num_rounds=ROUNDS + 1, resume_from=str(latest))
 
 
 def submit(federation, job: Path, results: Path, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -210,6 +223,20 @@ def test_the_servers_checkpoints_are_signed_and_each_tampering_is_refused_by_res
         err = capsys.readouterr().err
         assert reason in err, (name, err[-2000:])
         assert not (tmp_path / name / "onnx").exists()
+
+
+def test_a_resumed_job_continues_site_2s_ledger(federation, finished_job, resumed_job):
+    """Resume continues the site-owned privacy ledger (tests/test_privacy.py: in process, with the refusal past the
+    ceiling): site-2's ledger in its kit holds the first job's ROUNDS rounds and then the resumed job's one, under each
+    job's id, and the resumed job ran only the missing round."""
+    from nvflare_lora.privacy import LEDGER_FILE
+
+    first, (second, downloaded, _) = finished_job[0], resumed_job
+    comm = json.loads(_one(downloaded.rglob("communication.json"), "communication.json").read_text())
+    assert [r["round"] for r in comm["rounds"]] == [ROUNDS], "only the missing round ran"
+    ledger = json.loads((federation.kits.site("site-2") / "local" / LEDGER_FILE).read_text())
+    (entry,) = ledger["datasets"].values()
+    assert [job for *_, job in entry["history"]] == [first] * ROUNDS + [second]
 
 
 def test_downloaded_result_exports_to_onnx_signed_by_a_site_and_predict_trusts_only_that(
