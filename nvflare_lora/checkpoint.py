@@ -190,8 +190,14 @@ def open_checkpoint(directory: str | Path, trust: Optional[TrustRoot] = None,
         meta = json.loads(blobs[META_FILE]) if META_FILE in blobs else {}
     except ValueError as e:
         raise CheckpointError(f"checkpoint {directory}: {PEFT_CONFIG_FILE} or {META_FILE} is not JSON ({e})") from None
+    if not isinstance(peft_cfg, dict) or not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {directory}: {PEFT_CONFIG_FILE} and {META_FILE} must each hold a JSON object")
     if MANIFEST_KEY in meta:  # names a changed tensor (a changed nvflare_lora.json is the manifest's to find)
-        check_manifest(state, meta[MANIFEST_KEY], directory)
+        try:
+            check_manifest(state, meta[MANIFEST_KEY], directory)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"checkpoint {directory}: the tensor manifest in {META_FILE} is malformed "
+                                  f"({type(e).__name__}: {e})") from None
     verified = _verify_files(directory, blobs, trust, allow_unverified)
     return Checkpoint(state, peft_cfg, meta, verified)
 
