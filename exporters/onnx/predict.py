@@ -123,11 +123,15 @@ class ExportFiles:
         """The external-data file (NAME.data, models over 2 GB) of ONNX file `name`, if it has one: one on disk that
         the report does not list is refused, like any other unlisted file the model would read."""
         data = f"{name}.data"
-        if self.hashes is not None and data not in self.hashes and (self.dir / data).exists():
+        on_disk = (self.dir / data).exists()
+        if self.hashes is None:  # the exporter's own files, being written
+            return data if on_disk else None
+        if data in self.hashes:
+            return data
+        if on_disk:
             raise ServingError(f"{self.dir / data}: {name}'s external data is not listed in {REPORT_FILE}; "
                                f"re-export: {_reexport(self.dir, self.report)}")
-        return data if (self.hashes and data in self.hashes) or (self.hashes is None and (self.dir / data).exists()) \
-            else None
+        return None
 
     def session(self, name: str, variant: str):
         """An ONNX Runtime session of file `name` from its checked bytes. A model with external data is opened from
