@@ -64,11 +64,12 @@ class JobFacts:
     def rule_differences(self, other: "JobFacts") -> List[Tuple[str, object, object]]:
         """(setting, this value, other's value) for each rule fact on which the two disagree: r, lora_alpha,
         aggregation, site_ranks, secure_aggregation (what the persistor, the generator and the aggregator each take)."""
-        mine = (("r", self.lora.r), ("lora_alpha", self.lora.lora_alpha), ("aggregation", self.aggregation),
-                ("site_ranks", dict(self.site_ranks)), ("secure_aggregation", self.secure_aggregation))
-        theirs = dict((("r", other.lora.r), ("lora_alpha", other.lora.lora_alpha), ("aggregation", other.aggregation),
-                       ("site_ranks", dict(other.site_ranks)), ("secure_aggregation", other.secure_aggregation)))
-        return [(name, value, theirs[name]) for name, value in mine if value != theirs[name]]
+        def rule(f: "JobFacts") -> Dict[str, object]:
+            return {"r": f.lora.r, "lora_alpha": f.lora.lora_alpha, "aggregation": f.aggregation,
+                    "site_ranks": dict(f.site_ranks), "secure_aggregation": f.secure_aggregation}
+
+        mine, theirs = rule(self), rule(other)
+        return [(name, value, theirs[name]) for name, value in mine.items() if value != theirs[name]]
 
     @classmethod
     def from_settings(cls, s, head: Optional[Head] = None) -> "JobFacts":

@@ -338,9 +338,7 @@ class DataSection(Section):
             raise SettingsError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
         check_share(self.max_bad_images)
         augmentation(self.augment)
-        if self.num_workers != "auto" and (isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int)
-                                           or self.num_workers < 0):
-            raise SettingsError(f"num_workers must be \"auto\" or an integer >= 0, got {self.num_workers!r}")
+        _auto_or_count("num_workers", self.num_workers)
 
 
 @dataclass(frozen=True)
@@ -372,9 +370,7 @@ class TrainingSection(Section):
 
     def check(self) -> None:
         _at_least_one("local_epochs", self.local_epochs)
-        if self.torch_threads != "auto" and (isinstance(self.torch_threads, bool) or not isinstance(
-                self.torch_threads, int) or self.torch_threads < 0):
-            raise SettingsError(f"torch_threads must be \"auto\" or an integer >= 0, got {self.torch_threads!r}")
+        _auto_or_count("torch_threads", self.torch_threads)
         _at_least_one("batch_size", self.batch_size)
         if not self.lr > 0:
             raise SettingsError(f"lr must be > 0, got {self.lr!r}")
@@ -506,6 +502,11 @@ def with_rounds(d: Optional[Mapping], rounds: Optional[int]) -> Optional[Dict]:
 def _at_least_one(name: str, value) -> None:
     if value < 1:
         raise SettingsError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _auto_or_count(name: str, value) -> None:
+    if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise SettingsError(f"{name} must be \"auto\" or an integer >= 0, got {value!r}")
 
 
 def _one_of(name: str, value, valid) -> None:
