@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import NVFlareLoRAError
+from .preprocessing import CLIP_MEAN, CLIP_STD
 
 ELPV_CLASSES = ("functional", "defective")
 
@@ -189,7 +190,8 @@ def write_clip_tokenizer(directory: str | Path, vocab_size: int, bos_token_id: i
 
 def write_random_base(out: str | Path, seed: int = 0, **config) -> Path:
     """A HuggingFace CLIP directory of CLIPModel(CLIPConfig(**config)) with seeded random weights (default:
-    ViT-B/32 shapes, 151M parameters, 605 MB) and a tokenizer (write_clip_tokenizer)."""
+    ViT-B/32 shapes, 151M parameters, 605 MB), a tokenizer (write_clip_tokenizer) and CLIP's image preprocessing
+    (preprocessor_config.json at the config's image size): the files a saved CLIP checkpoint holds."""
     import torch  # torch, transformers: only the base needs them (see write_clip_tokenizer)
     from transformers import CLIPConfig, CLIPModel  # transformers: the base only
 
@@ -198,6 +200,12 @@ def write_random_base(out: str | Path, seed: int = 0, **config) -> Path:
         torch.manual_seed(seed)
         model = CLIPModel(cfg)
     model.save_pretrained(str(out))
+    size = cfg.vision_config.image_size  # CLIPImageProcessor's file, as CLIPProcessor.save_pretrained writes it
+    (Path(out) / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": size},
+        "crop_size": {"height": size, "width": size}, "do_resize": True, "do_center_crop": True, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
+        "do_convert_rgb": True, "resample": 3}, indent=2) + "\n")
     tc = cfg.text_config
     write_clip_tokenizer(out, tc.vocab_size, tc.bos_token_id, tc.eos_token_id)
     return Path(out)
@@ -218,7 +226,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.what == "base":
             path = write_random_base(args.out, args.seed)
-            print(f"wrote a random-weight ViT-B/32-shaped CLIP base with a tokenizer to {path}")
+            print(f"wrote a random-weight ViT-B/32-shaped CLIP base (weights, preprocessing, tokenizer) to {path}")
             return 0
         write = {"elpv": write_elpv, "mnist": write_mnist, "digits": write_digits}[args.what]
         folders = write(args.out, args.sites, args.per_site, args.seed)

@@ -104,13 +104,16 @@ class ModelSection(Section):
     model: str = _s("tiny-clip", 'Base model: "tiny-clip" (built in, no download), a local HuggingFace CLIP '
                     'directory present on the server and every site (CLIPModel.save_pretrained), or a hub id. '
                     'The server reads only its config and hashes its weight files (the fingerprint).', SRV)
-    num_classes: int = _s(10, "Size of the classification head.", SRV)
+    num_classes: int = _s(10, "Size of the classification head (2 or more: a classifier tells classes apart).", SRV)
     labels: Optional[List[str]] = _s(None, 'Class names in label order (null: "0", "1", ...); image folders '
                                      'use their sub-folder names. With head "text": the classes the global model '
                                      'is evaluated and exported with (null: the union of the sites\' own).', SRV)
 
     def check(self) -> None:
-        _at_least_one("num_classes", self.num_classes)
+        if self.num_classes < 2:  # else every site would fail at its first task (models.CLIPClassifier)
+            raise SettingsError(f"num_classes must be an integer >= 2 (a classifier tells classes apart), got "
+                                f"{self.num_classes!r}; an image folder with one class folder has nothing to tell "
+                                f"apart: add the other classes' folders and list them in labels")
         check_labels(self.labels, self.num_classes)
 
     def labels_or_default(self) -> List[str]:

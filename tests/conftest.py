@@ -4,7 +4,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from support.readme import GUIDE, REAL_SITES, SHIPPED_RUN_COMMANDS, blocks, run_blocks, section
+from support.readme import OWN_DATA, SHIPPED_RUN_COMMANDS, blocks, run_blocks
 
 # Nothing in the tests may reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -45,22 +45,21 @@ def shipped_run(newcomer_home):
 
 
 @pytest.fixture(scope="session")
-def real_sites_run(tmp_path_factory):
-    """docs/guide.md's Real sites blocks (the ViT-B/32 job), run as written once per session, in a newcomer's folder
-    of their own (they need nothing the README's commands made): (that folder, each command and its output).
-    tests/test_readme.py checks them; benchmarks/site.py's smoke measures its ViT-B/32 job (SMOKE_REUSES)."""
-    home = tmp_path_factory.mktemp("real_sites")
+def own_data_run(tmp_path_factory):
+    """docs/own-data.md's blocks (your images and CLIP checkpoint: a ViT-B/32-shaped stand-in, elpv folders, the job
+    from job.py --export, simulate, export, predict), run as written once per session in a newcomer's folder of their
+    own (they need nothing the README's commands made): (that folder, each command and its output).
+    tests/test_readme.py checks them; benchmarks/site.py's smoke measures its simulator run (SMOKE_REUSES)."""
+    home = tmp_path_factory.mktemp("own_data")
     shutil.copytree(REPO / "jobs", home / "jobs")
-    real_sites = blocks(section(GUIDE, REAL_SITES))
-    assert real_sites, f"docs/guide.md's {REAL_SITES!r} section has no bash/python block"
-    return home, run_blocks(home, real_sites)
+    return home, run_blocks(home, blocks(OWN_DATA))
 
 
 @pytest.fixture(scope="session")
-def vitb32_run(real_sites_run):
-    """The simulator workspace of the guide's ViT-B/32 job (`nvflare simulator jobs/clip_lora_vitb32 -w ws_vitb32
-    -n 2 -t 2`, run by real_sites_run)."""
-    return real_sites_run[0] / "ws_vitb32"
+def vitb32_run(own_data_run):
+    """The simulator workspace of the guide's ViT-B/32 job (`nvflare simulator my_jobs/clip_lora -w ws_mine -n 2
+    -t 2`, run by own_data_run)."""
+    return own_data_run[0] / "ws_mine"
 
 
 # ---- parallel runs (pytest-xdist, pytest.ini: -n 3 --dist loadgroup) ----------------------------------
@@ -69,9 +68,9 @@ def vitb32_run(real_sites_run):
 # benchmark's smoke run is a group of its own (quality and privacy share one: privacy reuses quality's base),
 # except the smokes that reuse a session run (SMOKE_REUSES), which join that run's group.
 RUN_GROUPS = {"shipped_run": "shipped_run", "readme_run": "shipped_run",
-              "real_sites_run": "test_readme", "vitb32_run": "test_readme"}
+              "own_data_run": "test_readme", "vitb32_run": "test_readme"}
 # benchmark -> the session run it measures, given to it as --reuse-run (tests/test_benchmarks.py): newcomer's t4
-# run is the README's Simulate command, which shipped_run ran already; site.py's (c) is the guide's ViT-B/32 job
+# run is the README's Simulate command, which shipped_run ran already; site.py's (c) is docs/own-data.md's ViT-B/32 job
 SMOKE_REUSES = {"newcomer": "shipped_run", "site": "vitb32_run"}
 
 

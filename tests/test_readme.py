@@ -65,26 +65,34 @@ def test_the_recipe_gives_the_job_folders_round_accuracies(readme_run):
     assert [round(r["mean_train_loss"], 4) for r in rounds[0][:2]] == [round(r["mean_train_loss"], 4) for r in rounds[1]]
 
 
-def test_the_vitb32_job_starts_at_clips_zero_shot_accuracy_and_exports_verified(real_sites_run):
-    """jobs/clip_lora_vitb32 as docs/guide.md's Real sites section runs it: real elpv images per site, a
-    ViT-B/32-shaped base. Round 0's validation accuracy at each site is CLIPModel's zero-shot accuracy on that
-    site's validation images."""
+def test_the_own_data_guide_starts_at_clips_zero_shot_accuracy_exports_and_classifies(own_data_run):
+    """docs/own-data.md as written: real elpv images per site, a ViT-B/32-shaped checkpoint directory, the job that
+    `job.py --export --set ...` wrote (jobs/clip_lora_vitb32's settings with the guide's paths). Round 0's
+    validation accuracy at each site is CLIPModel's zero-shot accuracy on that site's validation images; the export
+    verified on the --data folder; predict classified site-2's images."""
     import torch
     from transformers import CLIPModel
 
-    from nvflare_lora.data import SiteLoader, load_image_folder, train_val_split
     from nvflare_lora.base_model import preprocessing_for
+    from nvflare_lora.data import SiteLoader, load_image_folder, train_val_split
+    from nvflare_lora.jobfolder import VITB32_JOB, read_job
     from nvflare_lora.models import load_tokenizer
+    from nvflare_lora.settings import JobSettings
 
-    home, _ = real_sites_run
-    base = home / "nvflare-lora" / "clip-vit-b32"
+    home, outputs = own_data_run
+    said = dict(outputs)
+    base = home / "models" / "my-clip"
+    check = next(out for cmd, out in outputs if "preprocessing_for" in cmd)
+    assert "size=224" in check and "CLIPTokenizer" in check, check
+    _, made = read_job(home / "my_jobs" / "clip_lora")
+    assert made == JobSettings(**{**VITB32_JOB, "model": "~/models/my-clip", "data": "~/images/{site}"})
     clip = CLIPModel.from_pretrained(str(base)).eval()
     assert clip.config.vision_config.hidden_size == 768 and clip.config.vision_config.patch_size == 32
     labels = ["functional", "defective"]
     prompts = load_tokenizer(str(base))([f"a photo of a {c}." for c in labels], padding=True, return_tensors="pt")
-    first = json.loads((home / "ws_vitb32/server/simulate_job/app_server/communication.json").read_text())["rounds"][0]
+    first = json.loads((home / "ws_mine/server/simulate_job/app_server/communication.json").read_text())["rounds"][0]
     for site in ("site-1", "site-2"):
-        ds = load_image_folder(home / "nvflare-lora" / "elpv" / site, preprocessing_for(str(base)), labels)
+        ds = load_image_folder(home / "images" / site, preprocessing_for(str(base)), labels)
         assert len(ds) == 100
         val = ds.subset(train_val_split(len(ds), 0.2, 0)[1])
         correct = 0
@@ -92,11 +100,13 @@ def test_the_vitb32_job_starts_at_clips_zero_shot_accuracy_and_exports_verified(
             for x, y in SiteLoader(val, 16):
                 correct += int((clip(pixel_values=x, **prompts).logits_per_image.argmax(1) == y).sum())
         assert first["sites"][site]["val_accuracy"] == correct / len(val) and first["sites"][site]["val_count"] == 20
-    report = json.loads((home / "ws_vitb32" / "onnx" / "export_report.json").read_text())
-    # the images the two sites really held, as they reported their splits (checkpoint metadata: val_split)
-    assert report["verification"]["data"] == ("the sites' validation images (2 sites: ~/nvflare-lora/elpv/site-1; "
-                                              "~/nvflare-lora/elpv/site-2, val_fraction 0.2)")
+    report = json.loads((home / "ws_mine" / "onnx" / "export_report.json").read_text())
+    assert str(home / "images" / "site-1") in report["verification"]["data"], report["verification"]["data"]
     assert report["verification"]["variants"]["fp32"]["max_abs_logit_diff"] <= 1e-4 and not report["failed"]
+    rows = (home / "predictions_mine.csv").read_text().splitlines()
+    assert rows[0].startswith("path,label_1,probability_1") and len(rows) == 101
+    assert {r.split(",")[1] for r in rows[1:]} <= set(labels)
+    assert any("ws_mine/onnx" in cmd for cmd in said)
 
 
 def test_the_simulator_without_allow_fails_and_the_readme_says_the_fix(tmp_path):

@@ -14,7 +14,11 @@ a bare word taken as a string. An unknown setting or a bad value: one line namin
 import argparse
 import json
 import sys
+import warnings
 
+# --export/--export-dir are NVFlare's Recipe flags, which this script documents as its own: NVFlare's warning that it
+# takes them off sys.argv (printed on every --export) says nothing to the user of this script
+warnings.filterwarnings("ignore", message="NVFlare reserves '--export'", category=UserWarning)
 from nvflare.recipe import PocEnv, ProdEnv, SimEnv  # first: it takes NVFlare's --export flags off sys.argv
 
 from nvflare_lora.kits import admin_user

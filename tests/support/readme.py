@@ -1,5 +1,5 @@
-"""README.md's and docs/guide.md's runnable blocks, run as written from a newcomer's folder: tests/test_readme.py
-checks them, and tests/conftest.py's session runs (the README's Simulate block, the guide's ViT-B/32 job) are
+"""README.md's and the task guides' runnable blocks, run as written from a newcomer's folder: tests/test_readme.py
+checks them, and tests/conftest.py's session runs (the README's Simulate block, docs/own-data.md's ViT-B/32 job) are
 made with them, so that the tests and benchmark smokes that read those runs share them."""
 
 import os
@@ -11,7 +11,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 README = (REPO / "README.md").read_text()
 GUIDE = (REPO / "docs" / "guide.md").read_text()
-REAL_SITES = "Real sites: image folders, ViT-B/32, zero-shot start"  # the guide's section with the ViT-B/32 job
+OWN_DATA = (REPO / "docs" / "own-data.md").read_text()  # the task guide: your images and CLIP checkpoint (ViT-B/32)
 NOT_RUN = ("python3 -m venv", "pip install", "HF_HUB_OFFLINE=1 python -m pytest")  # install, and this test itself
 # README.md's Simulate block, run as written once per session (conftest.shipped_run; tests/test_readme.py checks the
 # README still shows them)
@@ -30,6 +30,11 @@ def blocks(text: str = README):
     return [(lang, code) for lang, code in re.findall(r"```(bash|python)\n(.*?)```", text, re.S)]
 
 
+def commands(code: str) -> list:
+    """A bash block's commands, one per line; a line ending in a backslash goes on on the next."""
+    return re.sub(r"\\\n\s*", "", code).strip().splitlines()
+
+
 def run_blocks(home: Path, blocks_to_run) -> list:
     """Run the blocks in the newcomer's folder (HOME); return each command and its output. The Simulate
     block's commands ran once for the whole session (conftest.shipped_run) and are not run again."""
@@ -37,7 +42,7 @@ def run_blocks(home: Path, blocks_to_run) -> list:
     outputs = []
     for lang, code in blocks_to_run:
         if lang == "bash":
-            for line in code.strip().splitlines():
+            for line in commands(code):
                 if line.startswith(NOT_RUN) or line in SHIPPED_RUN_COMMANDS:
                     continue
                 proc = subprocess.run(["bash", "-c", line], cwd=home, env=env, capture_output=True, text=True,
