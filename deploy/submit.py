@@ -108,7 +108,8 @@ def main(argv=None) -> int:
     if path is None:
         print(f"job {job_id} ended {status}; see the server's log: <server kit>/{job_id}/log.txt", file=sys.stderr)
         return 1
-    print(f"export: python -m exporters.onnx {path} --out {path}/onnx")
+    print(f"job id {job_id}; export (deploy/README.md, step 8): python -m exporters.onnx {path} --out model_onnx "
+          f"--data IMAGES --trust {args.admin_kit} --sign {args.admin_kit}")
     return 0
 
 

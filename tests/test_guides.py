@@ -4,10 +4,12 @@ The guide's own blocks run in tests/test_readme.py (conftest.own_data_run)."""
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 
 import pytest
+from PIL import Image
 from support.readme import OWN_DATA, REPO, section
 
 from nvflare_lora.base_model import _TINY_CONFIG
@@ -48,17 +50,21 @@ def job_py(tmp_path, *sets) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def no_tokenizer(tmp_path_factory):
-    """A CLIP checkpoint directory saved without its tokenizer (weights, config, preprocessing only)."""
-    base = write_random_base(tmp_path_factory.mktemp("base") / "no-tokenizer", 0, **_TINY_CONFIG)
+def base(tmp_path_factory):
+    """A tiny CLIP checkpoint directory as save_pretrained writes one, with its tokenizer."""
+    return write_random_base(tmp_path_factory.mktemp("base") / "tiny", 0, **_TINY_CONFIG)
+
+
+@pytest.fixture
+def no_tokenizer(base, tmp_path):
+    """The checkpoint saved without its tokenizer (weights, config, preprocessing only)."""
+    base = shutil.copytree(base, tmp_path / "no-tokenizer")
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"):
         (base / name).unlink(missing_ok=True)
     return base
 
 
 def write_images(root, classes, flat=False):
-    from PIL import Image
-
     for c in classes:
         folder = root if flat else root / c
         folder.mkdir(parents=True, exist_ok=True)
@@ -90,6 +96,13 @@ def test_a_job_with_one_class_or_labels_that_disagree_is_refused_by_job_py(tmp_p
     made = job_py(tmp_path, *sets)
     assert made.returncode == 2 and re.search(row(mistake), made.stderr), made.stderr
     assert made.stderr.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_under_the_text_head_a_site_folder_with_one_class_stops_that_site(tmp_path, base):
+    one = write_images(tmp_path / "one", ["defective"])
+    job = settings(model=str(base), head="text", num_classes=2, labels=["functional", "defective"], data=str(one))
+    with pytest.raises(NVFlareLoRAError, match=row("under `head=text`")):
+        Site("site-1", JobFacts.from_settings(job), job)
 
 
 def test_a_folder_without_class_folders_or_with_a_class_not_in_the_labels_stops_the_site(tmp_path):

@@ -1,53 +1,87 @@
 """The production path end to end on localhost: provisioned mTLS kits, real server and site processes.
 
-deploy/README.md, step by step: deploy/project.yml is provisioned for localhost (free ports, 2 sites),
-every kit is allow-listed with `python -m nvflare_lora.allow` and given deploy/authorization.json (no
-job may bring code), each site is pointed at its own image folder without editing the job (site-1 by
-NVFLARE_LORA_DATA, site-2 by local/nvflare_lora_site.json), jobs/clip_lora (2 rounds, short) is
-submitted by its Recipe (`python jobs/clip_lora/job.py --env prod`) and downloaded, and the download is
-exported to ONNX; the encrypted job is submitted, followed to FINISHED:COMPLETED and downloaded by
-deploy/submit.py over an mTLS admin session, and so is a job that brings code (refused). Everything the
-test starts is stopped by pid at the end, also when it fails. Each job here costs its server and site
-processes (about half a minute of CPU), so each path is run once: the Recipe's submission is the clear job.
+deploy/README.md, step by step, its commands as written (support.poc.run_guide_line, with the guide's variables
+set to this test's paths): deploy/project.yml is provisioned for localhost (free ports, its 3 sites), every kit is
+allow-listed and given deploy/authorization.json (no job may bring code), each site is pointed at its own folder of
+real elpv images without editing the job (site-1 by NVFLARE_LORA_DATA, site-2 by local/nvflare_lora_site.json), the
+admin writes the job with `job.py --export --set ...` (shortened by a few more --set), submits, follows and
+downloads it with deploy/submit.py, exports the download with --data, --trust and --sign, and serves it with
+--trust over HTTP. The Recipe's own submission (`job.py --env prod`) resumes that job for one more round; the
+encrypted job, and a job that brings code (refused), go through deploy/submit.py too. Everything the test starts
+is stopped by pid at the end, also when it fails. Each job here costs its server and site processes (about half a
+minute of CPU), so each path is run once.
 """
 
 import json
+import shlex
 import shutil
+import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from nvflare_lora.testing.simulator import ROOT, make_job
-from support.poc import LocalFederation, process_env, provision, write_site_config
+from support.poc import LocalFederation, guide_line, process_env, provision, run_guide_line, write_site_config
 
 SUBMIT = ROOT / "deploy" / "submit.py"  # the guide's submit command, run as documented
 
 pytestmark = pytest.mark.poc
 
-SITES = ["site-1", "site-2"]
+SITES = ["site-1", "site-2", "site-3"]  # deploy/project.yml's three sites
 ROUNDS = 2
 DP = {"max_grad_norm": 1.0, "noise_multiplier": 1.0, "delta": 1e-5}  # the clear job trains with DP-SGD
 SITE2_BUDGET = {"max_epsilon": 1000.0, "delta": 1e-5}
 
 
-def write_digit_folders(root: Path, num_sites: int):
-    """scikit-learn digits as PNGs in one class-folder tree per site (disjoint halves): the sites' own data."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
+BASE = "tiny-clip"  # the guide's $BASE
+LABELS = ["functional", "defective"]  # the guide's job's labels: elpv's classes
+JOB_EXPORT, SUBMIT_LINE = "python jobs/clip_lora/job.py --export", "python deploy/submit.py"
+# the guide's job, shortened for the test (appended --set win over the guide's), with DP-SGD at the sites
+SHORT = {"num_rounds": ROUNDS, "num_sites": len(SITES), "local_epochs": 1, "max_steps": 5,
+         "cross_site_eval": "false",  # the simulator tests cover it; here it would only add time
+         "wait_time_after_min_received": 5, "dp": json.dumps(DP)}
 
-    d = load_digits()
-    imgs = np.clip(d.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
-    folders = []
-    for s in range(num_sites):
-        folder = root / f"images-{s + 1}"
-        for i in range(s, len(imgs), num_sites):
-            (folder / str(d.target[i])).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(imgs[i]).convert("RGB").save(folder / str(d.target[i]) / f"{i}.png")
-        folders.append(folder)
-    return folders
+
+def guide_env(federation, **more) -> dict:
+    """The guide's variables as the admin's machine has them here."""
+    return process_env(federation.home, {"ADMIN_KIT": str(federation.kits.admin_kit), "BASE": BASE,
+                                         **{k: str(v) for k, v in more.items()}})
+
+
+def guide_job_settings() -> list:
+    """The --set pairs of the guide's job command, $BASE as this test sets it."""
+    words = shlex.split(guide_line(JOB_EXPORT).replace("$BASE", BASE))
+    return [words[i + 1] for i, w in enumerate(words) if w == "--set"]
+
+
+def as_sets(settings: dict) -> list:
+    return [f"{k}={v}" for k, v in settings.items()]
+
+
+def write_elpv_folders(root: Path, num_sites: int):
+    """Real elpv solar-cell photos (functional / defective class folders), one folder per site: the sites' own data."""
+    from nvflare_lora.sample_data import write_elpv
+
+    return write_elpv(root, num_sites, per_site=60)
+
+
+class Site2Budget:
+    """site-2 sets its own privacy ceiling for a job (its DP spend goes into its kit's local/ ledger; a site with a
+    ceiling takes no job without DP, so it is lifted again afterwards, for the encrypted job below)."""
+
+    def __init__(self, federation):
+        self.config = federation.kits.site("site-2")
+        self.before = json.loads((self.config / "local" / "nvflare_lora_site.json").read_text())
+
+    def __enter__(self):
+        write_site_config(self.config, {**self.before, "privacy_budget": SITE2_BUDGET})
+
+    def __exit__(self, *exc):
+        write_site_config(self.config, self.before)
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +90,9 @@ def federation(tmp_path_factory):
     kits = provision(root, SITES)
     for kit in [kits.server] + [kits.site(s) for s in SITES]:
         shutil.copy(ROOT / "deploy" / "authorization.json", kit / "local" / "authorization.json")
-    data1, data2 = write_digit_folders(root / "data", 2)
-    write_site_config(kits.site("site-2"), {"data": str(data2)})
+    data1, *others = write_elpv_folders(root / "data", len(SITES))
+    for site, data in zip(SITES[1:], others):
+        write_site_config(kits.site(site), {"data": str(data)})
     fed = LocalFederation(kits, root / "logs", root / "home")
     try:
         fed.start(site_env={"site-1": {"NVFLARE_LORA_DATA": str(data1)}})
@@ -69,22 +104,15 @@ def federation(tmp_path_factory):
 
 
 def submit_recipe(federation, tmp: Path, **changes):
-    """jobs/clip_lora, shortened, as `python jobs/clip_lora/job.py --env prod --startup-kit ADMIN_KIT` submits it (the
-    Recipe over mTLS, followed to the end and downloaded), with DP-SGD at the sites; site-2 sets its own privacy
-    ceiling for it (its DP spend goes into its kit's local/ ledger; a site with a ceiling takes no job without DP, so
-    it is lifted again for the encrypted job below). (job id, download, what job.py said)."""
-    sets = {"num_rounds": ROUNDS, "num_sites": len(SITES), "local_epochs": 1, "max_steps": 5,
-            "cross_site_eval": "false",  # the simulator tests cover it; here it would only add time
-            "wait_time_after_min_received": 5, "dp": json.dumps(DP), **changes}
+    """The guide's job as `python jobs/clip_lora/job.py --env prod --startup-kit ADMIN_KIT --set ...` submits it (the
+    Recipe over mTLS, followed to the end and downloaded), site-2 with its privacy ceiling: (job id, download, what
+    job.py said)."""
     cmd = [sys.executable, str(ROOT / "jobs" / "clip_lora" / "job.py"), "--env", "prod",
-           "--startup-kit", str(federation.kits.admin_kit)] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
-    site2 = json.loads((federation.kits.site("site-2") / "local" / "nvflare_lora_site.json").read_text())
-    write_site_config(federation.kits.site("site-2"), {**site2, "privacy_budget": SITE2_BUDGET})
-    try:
+           "--startup-kit", str(federation.kits.admin_kit)]
+    cmd += [a for pair in guide_job_settings() + as_sets({**SHORT, **changes}) for a in ("--set", pair)]
+    with Site2Budget(federation):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=tmp,
                               env=process_env(federation.home))
-    finally:
-        write_site_config(federation.kits.site("site-2"), site2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + federation.log_tails()
     said = proc.stdout.splitlines()
     job_id, downloaded = said[-1].split("job ", 1)[1].split(" done; results in ", 1)
@@ -92,16 +120,29 @@ def submit_recipe(federation, tmp: Path, **changes):
 
 
 @pytest.fixture(scope="module")
-def finished_job(federation, tmp_path_factory):
-    """The clear job (ROUNDS rounds): submit_recipe."""
-    return submit_recipe(federation, tmp_path_factory.mktemp("job"))
+def finished_job(federation):
+    """deploy/README.md's step 7 as written: the admin writes the job with `job.py --export --set ...` (here with
+    SHORT's settings appended) and submits, follows and downloads it with deploy/submit.py, site-2 with its
+    privacy ceiling: (job id, download, what submit.py said)."""
+    root = federation.kits.project
+    env = guide_env(federation)
+    made = run_guide_line(JOB_EXPORT, root, env, extra=" " + " ".join(f"--set {shlex.quote(p)}" for p in as_sets(SHORT)))
+    assert made.returncode == 0, made.stdout + made.stderr
+    with Site2Budget(federation):
+        proc = run_guide_line(SUBMIT_LINE, root, env, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + federation.log_tails()
+    said = proc.stdout.splitlines()
+    job_id = _one((l.split(" as job ")[1] for l in said if l.startswith("submitted ")), "job id")
+    downloaded = root / _one((l[len("downloaded to "):] for l in said if l.startswith("downloaded to ")), "download")
+    assert downloaded == root / "results" / job_id, said
+    return job_id, downloaded, said
 
 
 @pytest.fixture(scope="module")
 def resumed_job(federation, finished_job, tmp_path_factory):
-    """The clear job resumed from its download's latest checkpoint (signed by the server, which checks it) for one
-    more round: `resume_from` and num_rounds ROUNDS + 1, as a server restart resubmits a job (docs/guide.md,
-    Failures)."""
+    """The guide's job resumed from its download's latest checkpoint (signed by the server, which checks it) for one
+    more round, submitted by the Recipe (`job.py --env prod`): `resume_from` and num_rounds ROUNDS + 1, as a server
+    restart resubmits a job (docs/guide.md, Failures)."""
     latest = _one(finished_job[1].rglob("adapter/latest"), "latest checkpoint")
     return submit_recipe(federation, tmp_path_factory.mktemp("resumed"), num_rounds=ROUNDS + 1, resume_from=str(latest))
 
@@ -143,10 +184,10 @@ def test_only_adapter_diffs_from_both_sites_crossed_the_wire(finished_job):
 
 def test_each_site_trained_on_its_own_folder(federation, finished_job):
     job_id, _, _ = finished_job
-    for site, folder in (("site-1", "images-1"), ("site-2", "images-2")):
+    for site in SITES:
         log = federation.kits.site(site) / job_id / "log.txt"
         text = log.read_text()
-        assert "train /" in text and f"{folder}'" in text, f"{site} did not load {folder}:\n{text[-2000:]}"
+        assert "train /" in text and f"data/{site}'" in text, f"{site} did not load data/{site}:\n{text[-2000:]}"
 
 
 def test_dp_samples_from_each_sites_own_secret_and_site_2_keeps_its_ledger(federation, finished_job):
@@ -239,37 +280,52 @@ def test_a_resumed_job_continues_site_2s_ledger(federation, finished_job, resume
     assert [job for *_, job in entry["history"]] == [first] * ROUNDS + [second]
 
 
-def test_downloaded_result_exports_to_onnx_signed_by_a_site_and_predict_trusts_only_that(
-        federation, finished_job, tmp_path, capsys):
-    """The exporter's main on the downloaded job, in this process (README.md's export runs the command line in a
-    process of its own, tests/test_readme.py): the server's signature checked against the admin's kit, the export
-    signed with site-1's kit; `predict --trust` serves it, and refuses it once the report is edited and re-hashed."""
+def test_the_guides_export_verifies_on_data_signs_and_its_service_trusts_only_that(federation, finished_job, capsys):
+    """deploy/README.md's steps 8 and 9 as written, on the admin's machine: the download exported with --data (a
+    site's image folder standing in for the admin's images), --trust and --sign the admin's kit; the service started
+    with --trust rootCA.pem answers a real image over HTTP; `predict --trust` refuses the export once labels.json is
+    edited and re-hashed into the report."""
     import hashlib
 
-    from exporters.onnx.__main__ import main as export_main
     from exporters.onnx.predict import main as predict_main
 
-    _, downloaded, _ = finished_job
-    out = tmp_path / "onnx"
-    code = export_main([str(downloaded), "--out", str(out), "--verify-samples", "32",
-                        "--trust", str(federation.kits.admin_kit), "--sign", str(federation.kits.site("site-1"))])
-    assert code == 0, capsys.readouterr().err[-3000:]
-    assert "checkpoint verified: signed by 'localhost' of project" in capsys.readouterr().out
-    images = federation.kits.prod.parents[2] / "data" / "images-1" / "3"
-    root = federation.kits.site("site-2") / "startup" / "rootCA.pem"
-    assert predict_main([str(out), str(images), "--trust", str(root)]) == 0
-    capsys.readouterr()
+    job_id, _, _ = finished_job
+    root, data = federation.kits.project, federation.kits.project / "data" / "site-1"
+    env = guide_env(federation, JOB_ID=job_id, DATA=data)
+    made = run_guide_line("python -m exporters.onnx ", root, env)
+    assert made.returncode == 0, made.stdout[-3000:] + made.stderr[-3000:]
+    assert "checkpoint verified: signed by 'localhost' of project" in made.stdout, made.stdout
+    out = root / "model_onnx"
     report = json.loads((out / "export_report.json").read_text())
+    assert str(data) in report["verification"]["data"] and not report["failed"], report["verification"]
+    assert report["signed_by"].startswith(federation.kits.admin), report["signed_by"]
+    assert run_guide_line("cp ", root, env).returncode == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve = subprocess.Popen(["bash", "-c", "exec " + guide_line("python -m exporters.onnx.serve")], cwd=root,
+                             env={**env, "PORT": str(port)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = serve.stdout.readline()
+        assert f"on http://127.0.0.1:{port}" in first, first + serve.stderr.read()[-2000:]
+        image = sorted((data / "defective").glob("*.png"))[0].read_bytes()
+        with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/predict", data=image),
+                                    timeout=60) as answer:
+            top = json.loads(answer.read())["top"]
+        assert {t["label"] for t in top} == set(LABELS), top
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as answer:
+            health = json.loads(answer.read())
+        assert "signed" in json.dumps(health), health
+    finally:
+        serve.terminate()
+        serve.wait(timeout=30)
+    root_ca = root / "rootCA.pem"
     (out / "labels.json").write_text(json.dumps(json.loads((out / "labels.json").read_text())[::-1]))
     report["sha256"]["labels.json"] = hashlib.sha256((out / "labels.json").read_bytes()).hexdigest()
     (out / "export_report.json").write_text(json.dumps(report))
-    assert predict_main([str(out), str(images), "--trust", str(root)]) == 2
+    capsys.readouterr()
+    assert predict_main([str(out), str(data / "defective"), "--trust", str(root_ca)]) == 2
     assert "changed after it was signed" in capsys.readouterr().err
-    assert list(out.rglob("*.onnx")), f"no .onnx written under {out}: {sorted(out.rglob('*'))}"
-    # verified on the sites' own validation images: the server recorded each site's split in the checkpoint
-    data = json.loads((out / "export_report.json").read_text())["verification"]["data"]
-    assert data.startswith("the sites' validation images (2 sites: ") and "images-1" in data and "images-2" in data, \
-        data
 
 
 def test_the_admin_sees_each_round_and_the_end(he_job):
@@ -284,13 +340,13 @@ def test_the_admin_sees_each_round_and_the_end(he_job):
     assert said.index(rounds[0]) < said.index(f"job {job_id}: FINISHED:COMPLETED"), said
 
 
-def test_the_recipe_runs_on_the_provisioned_system_with_prodenv(finished_job):
-    """`python jobs/clip_lora/job.py --env prod --startup-kit ADMIN_KIT`: the Recipe submitted over mTLS (the
-    clear job of this module), its result downloaded where it says."""
-    job_id, result, said = finished_job
+def test_the_recipe_runs_on_the_provisioned_system_with_prodenv(resumed_job):
+    """`python jobs/clip_lora/job.py --env prod --startup-kit ADMIN_KIT`: the Recipe submitted over mTLS (the resumed
+    job of this module), its result downloaded where it says."""
+    job_id, result, said = resumed_job
     assert said[-1] == f"job {job_id} done; results in {result}" and result.is_dir(), said
     comm = json.loads(_one(result.rglob("communication.json"), "communication.json").read_text())
-    assert [sorted(r["upload"]) for r in comm["rounds"]] == [SITES] * ROUNDS
+    assert [sorted(r["upload"]) for r in comm["rounds"]] == [SITES]
 
 
 def test_a_job_that_brings_code_is_refused(federation, finished_job, tmp_path):
@@ -310,7 +366,8 @@ OPEN = dict(clip_multiple=None, max_weight_ratio=None, min_agreement=None)  # bo
 
 
 HE_ROUNDS = 3
-HE_JOB = dict(num_rounds=HE_ROUNDS, num_sites=len(SITES), local_epochs=1, max_steps=5, **OPEN)
+HE_JOB = dict(num_rounds=HE_ROUNDS, num_sites=len(SITES), local_epochs=1, max_steps=5, labels=LABELS,
+              num_classes=len(LABELS), **OPEN)
 # every site's update of round 1 is malformed (a key missing), so the aggregator refuses them all: the encrypted
 # global adapter must stay as it is, still ciphertexts, and round 2 go on from it (the in-process round: the same)
 REFUSED_ROUND = 1
@@ -318,7 +375,8 @@ REFUSED_ROUND = 1
 # stopped the job in the sum before: the aggregator refuses it, naming it, and the job ends as if it never arrived
 ATTACK_ROUND = 2
 HE_FAULTS = {"site-1": {str(REFUSED_ROUND): "missing_key"},
-             "site-2": {str(REFUSED_ROUND): "missing_key", str(ATTACK_ROUND): "wrong_level"}}
+             "site-2": {str(REFUSED_ROUND): "missing_key", str(ATTACK_ROUND): "wrong_level"},
+             "site-3": {str(REFUSED_ROUND): "missing_key"}}
 
 
 @pytest.fixture(scope="module")
@@ -360,8 +418,7 @@ def test_an_encrypted_job_equals_the_clear_one_and_the_server_holds_no_clear_ada
     _, he, _ = he_job
     key = federation.kits.site("site-1") / "startup" / "client_context.tenseal"
     assert key.is_file() and (federation.kits.server / "startup" / "server_context.tenseal").is_file()
-    folders = {s: str(federation.kits.prod.parents[2] / "data" / f"images-{i + 1}")  # each site's own folder
-               for i, s in enumerate(SITES)}
+    folders = {s: str(federation.kits.project / "data" / s) for s in SITES}  # each site's own folder
     clear = Federation(settings(**HE_JOB), sites=SITES, site_settings={s: {"data": f} for s, f in folders.items()})
     faults = {s: {int(r): "nothing" if fault == "wrong_level" else fault for r, fault in by_round.items()}
               for s, by_round in HE_FAULTS.items()}  # the refused attack: as if that update never arrived
@@ -374,7 +431,7 @@ def test_an_encrypted_job_equals_the_clear_one_and_the_server_holds_no_clear_ada
     assert list(refused.get(ATTACK_ROUND, {})) == ["site-2"], refused
     assert "is not a freshly encrypted ciphertext of this job's context (level 1 primes" in \
         refused[ATTACK_ROUND]["site-2"], refused
-    assert sorted(comm["rounds"][ATTACK_ROUND]["sites"]) == ["site-1"], "site-1's update of that round counted"
+    assert sorted(comm["rounds"][ATTACK_ROUND]["sites"]) == ["site-1", "site-3"], "the others' updates counted"
     state, _, meta = read_adapter_dir(_one(he.rglob("adapter/latest"), "latest"), TrustRoot(federation.kits.admin_kit))
     assert meta["encrypted"]["scheme"] == "CKKS"
     got = decrypt_checkpoint(state, meta, key, he)

@@ -2,7 +2,8 @@
 kits.
 
 `provision()` turns deploy/project.yml into a localhost project (server "localhost", free ports, the
-requested sites), runs `nvflare provision` and allows nvflare_lora components in every kit.
+requested sites) and runs deploy/README.md's provision and allow commands as written (`run_guide_line`: the guide's
+command, with its variables set to the test's paths).
 `LocalFederation` starts each kit with its own startup/sub_start.sh (the script an operator runs),
 remembers every process it started and every process those spawn (NVFlare starts each job in a new
 session, outside the parent's process group), and `stop()` ends exactly those, by pid.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,9 +25,11 @@ from typing import Dict, List, Optional
 
 import psutil
 import yaml
+from support.readme import blocks, commands
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT_TEMPLATE = ROOT / "deploy" / "project.yml"
+DEPLOY_GUIDE = ROOT / "deploy" / "README.md"
 
 
 def free_ports(n: int) -> List[int]:
@@ -60,6 +64,11 @@ class Kits:
         self.fed_port, self.admin_port = fed_port, admin_port
 
     @property
+    def project(self) -> Path:
+        """The project folder: the guide's commands run here (its jobs/, deploy/, provision/)."""
+        return self.prod.parents[2]
+
+    @property
     def server(self) -> Path:
         return self.prod / self.server_name
 
@@ -71,10 +80,26 @@ class Kits:
         return self.prod / self.admin
 
 
-def provision(root: Path, sites: List[str], template: Path = PROJECT_TEMPLATE) -> Kits:
-    """deploy/project.yml rewritten for localhost (server name, free ports, these sites), provisioned and allowed."""
-    from nvflare_lora.allow import allow
+def guide_line(prefix: str) -> str:
+    """The one command of deploy/README.md's bash blocks that starts with `prefix`, as written."""
+    found = [c for lang, code in blocks(DEPLOY_GUIDE.read_text()) if lang == "bash" for c in commands(code)
+             if c.startswith(prefix)]
+    assert len(found) == 1, f"deploy/README.md shows {len(found)} commands starting {prefix!r}: {found}"
+    return found[0]
 
+
+def run_guide_line(prefix: str, cwd: Path, env: Dict[str, str], extra: str = "", timeout: float = 300
+                   ) -> subprocess.CompletedProcess:
+    """deploy/README.md's command starting with `prefix`, run as written by bash in `cwd` with the guide's
+    variables (KIT, ADMIN_KIT, BASE, JOB_ID, DATA, PORT) in `env`; `extra` is appended (a test's shortening)."""
+    return subprocess.run(["bash", "-c", guide_line(prefix) + extra], cwd=str(cwd), env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def provision(root: Path, sites: List[str], template: Path = PROJECT_TEMPLATE) -> Kits:
+    """deploy/README.md's steps 1 and 4 in `root`, a project folder holding the repository's jobs/ and deploy/ with
+    deploy/project.yml rewritten for localhost (the server named localhost, free ports, these sites): its
+    `nvflare provision` command, then its allow command for the server's and every site's kit, as written."""
     project = yaml.safe_load(template.read_text())
     fed_port, admin_port = free_ports(2)
     server = next(p for p in project["participants"] if p["type"] == "server")
@@ -84,17 +109,19 @@ def provision(root: Path, sites: List[str], template: Path = PROJECT_TEMPLATE) -
     project["participants"] = [server] + [{"name": s, "type": "client", "org": org} for s in sites] + admins
     root.mkdir(parents=True, exist_ok=True)
     (root / "home").mkdir(exist_ok=True)
-    project_file = root / "project.yml"
-    project_file.write_text(yaml.safe_dump(project, sort_keys=False))
-    proc = subprocess.run([sys.executable, "-m", "nvflare.cli", "provision", "-p", str(project_file),
-                           "-w", str(root / "provision"), "--force"], capture_output=True, text=True,
-                          timeout=120, env=process_env(root / "home"), cwd=str(root))
+    for folder in ("jobs", "deploy"):
+        shutil.copytree(ROOT / folder, root / folder, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "deploy" / "project.yml").write_text(yaml.safe_dump(project, sort_keys=False))
+    env = process_env(root / "home")
+    proc = run_guide_line("nvflare provision", root, env, timeout=120)
     prod = root / "provision" / project["name"] / "prod_00"
     if proc.returncode != 0 or not prod.is_dir():
         raise RuntimeError(f"nvflare provision failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     kits = Kits(prod, "localhost", sites, admins[0]["name"], fed_port, admin_port)
     for kit in [kits.server] + [kits.site(s) for s in sites]:
-        allow(kit)  # the operator's step: python -m nvflare_lora.allow KIT
+        allowed = run_guide_line("python -m nvflare_lora.allow", root, {**env, "KIT": str(kit)}, timeout=60)
+        assert allowed.returncode == 0, allowed.stderr
     return kits
 
 
