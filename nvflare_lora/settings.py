@@ -104,7 +104,8 @@ class ModelSection(Section):
     model: str = _s("tiny-clip", 'Base model: "tiny-clip" (built in, no download), a local HuggingFace CLIP '
                     'directory present on the server and every site (CLIPModel.save_pretrained), or a hub id. '
                     'The server reads only its config and hashes its weight files (the fingerprint).', SRV)
-    num_classes: int = _s(10, "Size of the classification head (2 or more: a classifier tells classes apart).", SRV)
+    num_classes: int = _s(10, "Size of the classification head (2 or more: a classifier tells classes apart); "
+                          "given labels alone, their number.", SRV)
     labels: Optional[List[str]] = _s(None, 'Class names in label order (null: "0", "1", ...); image folders '
                                      'use their sub-folder names. With head "text": the classes the global model '
                                      'is evaluated and exported with (null: the union of the sites\' own).', SRV)
@@ -594,8 +595,11 @@ def default(name: str):
 
 
 def settings(**kwargs) -> JobSettings:
-    """JobSettings from keyword arguments, refusing an unknown one with the valid names."""
+    """JobSettings from keyword arguments, refusing an unknown one with the valid names. labels without num_classes:
+    num_classes is their number (`job.py --set labels=...` says the classes once)."""
     _check_names(kwargs)
+    if isinstance(kwargs.get("labels"), (list, tuple)) and "num_classes" not in kwargs:
+        kwargs = {**kwargs, "num_classes": len(kwargs["labels"])}
     return JobSettings(**kwargs)
 
 

@@ -15,6 +15,7 @@ from support.readme import OWN_DATA, REPO, section
 from nvflare_lora.base_model import _TINY_CONFIG
 from nvflare_lora.errors import NVFlareLoRAError
 from nvflare_lora.facts import JobFacts
+from nvflare_lora.jobfolder import read_job
 from nvflare_lora.sample_data import write_random_base
 from nvflare_lora.settings import settings
 from nvflare_lora.site import Site
@@ -76,7 +77,7 @@ def write_images(root, classes, flat=False):
 def test_a_checkpoint_without_tokenizer_is_refused_by_the_zeroshot_command_and_by_a_text_head_site(
         tmp_path, no_tokenizer):
     message = row("`--set head=text`")
-    made = job_py(tmp_path, f"model={no_tokenizer}", 'labels=["functional","defective"]', "num_classes=2",
+    made = job_py(tmp_path, f"model={no_tokenizer}", 'labels=["functional","defective"]',
                   "head_init=zeroshot", "initial_adapter=initial_adapter")
     assert made.returncode == 0, made.stderr
     zs = subprocess.run([sys.executable, "-m", "nvflare_lora.zeroshot", str(tmp_path / "out" / "clip_lora")],
@@ -89,8 +90,17 @@ def test_a_checkpoint_without_tokenizer_is_refused_by_the_zeroshot_command_and_b
         Site("site-1", JobFacts.from_settings(job), job)
 
 
+def test_labels_alone_give_the_number_of_classes(tmp_path):
+    """The guides set labels once: num_classes is their number unless it is set too (then the two must agree)."""
+    made = job_py(tmp_path, 'labels=["functional","defective","cracked"]')
+    assert made.returncode == 0, made.stderr
+    _, job = read_job(tmp_path / "out" / "clip_lora")
+    assert job.num_classes == 3 and job.labels == ["functional", "defective", "cracked"]
+    assert settings(labels=["a", "b"]).num_classes == 2 and settings().num_classes == 10
+
+
 @pytest.mark.parametrize("mistake,sets", [
-    ("one class", ['labels=["defective"]', "num_classes=1"]),
+    ("one class", ['labels=["defective"]']),
     ("`labels` and `num_classes` disagree", ['labels=["functional","defective","cracked"]', "num_classes=2"])])
 def test_a_job_with_one_class_or_labels_that_disagree_is_refused_by_job_py(tmp_path, mistake, sets):
     made = job_py(tmp_path, *sets)

@@ -170,7 +170,8 @@ def test_the_recipe_writes_the_schemas_job_folder_without_code(tmp_path):
     ({"resume_from": "ws", "initial_adapter": "x"}, r"either initial_adapter .* or resume_from"),
     ({"client_dp": {"clip_norm": 1.0, "noise_multiplier": 1.0}, "estimator": "median"},
      r"client_dp needs estimator 'mean'"),
-    ({"labels": ["a"]}, r"1 labels given for num_classes=10"),
+    ({"labels": ["a", "b", "c"], "num_classes": 2}, r"3 labels given for num_classes=2"),
+    ({"labels": ["a"]}, r"num_classes must be an integer >= 2"),
 ])
 def test_bad_settings_are_refused_with_the_valid_values(kwargs, match):
     with pytest.raises(SettingsError, match=match):
