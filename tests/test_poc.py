@@ -41,7 +41,7 @@ BASE = "tiny-clip"  # the guide's $BASE
 LABELS = ["functional", "defective"]  # the guide's job's labels: elpv's classes
 JOB_EXPORT, SUBMIT_LINE = "python jobs/clip_lora/job.py --export", "python deploy/submit.py"
 # the guide's job, shortened for the test (appended --set win over the guide's), with DP-SGD at the sites
-SHORT = {"num_rounds": ROUNDS, "num_sites": len(SITES), "local_epochs": 1, "max_steps": 5,
+SHORT = {"num_rounds": ROUNDS, "local_epochs": 1, "max_steps": 5,
          "cross_site_eval": "false",  # the simulator tests cover it; here it would only add time
          "wait_time_after_min_received": 5, "dp": json.dumps(DP)}
 
@@ -366,8 +366,8 @@ OPEN = dict(clip_multiple=None, max_weight_ratio=None, min_agreement=None)  # bo
 
 
 HE_ROUNDS = 3
-HE_JOB = dict(num_rounds=HE_ROUNDS, num_sites=len(SITES), local_epochs=1, max_steps=5, labels=LABELS,
-              num_classes=len(LABELS), **OPEN)
+HE_JOB = dict(num_rounds=HE_ROUNDS, num_sites=len(SITES), min_clients=len(SITES), local_epochs=1, max_steps=5,
+              labels=LABELS, num_classes=len(LABELS), **OPEN)  # every round waits for all three sites
 # every site's update of round 1 is malformed (a key missing), so the aggregator refuses them all: the encrypted
 # global adapter must stay as it is, still ciphertexts, and round 2 go on from it (the in-process round: the same)
 REFUSED_ROUND = 1
