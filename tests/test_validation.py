@@ -381,3 +381,26 @@ def test_a_provisioned_site_without_its_own_data_setting_refuses_instead_of_trai
     assert settings(torch_threads=3).cpu_threads(dedicated=True) == 3
     with pytest.raises(SettingsError, match='torch_threads must be "auto" or an integer >= 0, got -1'):
         settings(torch_threads=-1)
+
+
+def test_an_mlflow_store_that_cannot_be_written_stops_the_job_before_round_0_naming_it(tmp_path):
+    """tracking "mlflow" with an mlflow_uri this server cannot write (a folder that is a file): the communication log
+    opens the run at the start of the job, and on failure stops it (system_panic) with the store and the fix, instead
+    of training rounds whose record would be lost. The tracked path itself: tests/test_compression.py (simulator)."""
+    from nvflare.apis.fl_context import FLContext
+
+    from nvflare_lora.fl.server.communication_log import CommunicationLog
+    from nvflare_lora.fl.server.tracking import RoundTracker, TrackingError
+
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the store's folder should be")
+    uri = f"sqlite:///{blocker}/mlflow.db"
+    with pytest.raises(TrackingError, match=f"the MLflow store '{uri}' cannot be written .*give mlflow_uri a store"):
+        RoundTracker(uri, "job-1")
+    log = CommunicationLog(tracking="mlflow", mlflow_uri=uri)
+    panics, errors = [], []
+    log.system_panic = lambda reason, fl_ctx: panics.append(reason)
+    log.log_error = lambda fl_ctx, msg: errors.append(msg)
+    log._open_tracker(FLContext())
+    assert log.tracker is None and len(panics) == 1 and uri in panics[0] and errors[0].startswith("stopping the job")
+    assert RoundTracker(f"sqlite:///{tmp_path}/mlflow.db", "job-1").run_id  # a writable one opens

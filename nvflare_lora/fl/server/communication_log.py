@@ -27,6 +27,7 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.widgets.widget import Widget
 
 from ...files import write_json_atomic
+from .tracking import RoundTracker, TrackingError, default_uri
 from ..protocol import (AGGREGATION_INFO_PROP, BAD_IMAGES_KEY, COMPRESSION_META_KEY, DISTRUST_KEY, EPSILON_KEY,
                         REFUSED_PROP, TRAIN_LOSS_KEY, VAL_COUNT_KEY, payload_bytes)
 
@@ -58,10 +59,16 @@ class CommunicationLog(Widget):
         file_name: file written in the server's app directory.
         train_task_name: the task whose traffic makes up a round; other tasks (cross-site evaluation)
             are counted under "other".
+        tracking, mlflow_uri: the job's tracking settings (nvflare_lora.settings.TrackingSection): with "mlflow" or
+            "both", each round's record also goes to an MLflow run (fl/server/tracking.py), opened at the start of
+            the run: a store that cannot be written stops the job before round 0.
     """
 
-    def __init__(self, file_name: str = "communication.json", train_task_name: str = AppConstants.TASK_TRAIN):
+    def __init__(self, file_name: str = "communication.json", train_task_name: str = AppConstants.TASK_TRAIN,
+                 tracking: str = "tensorboard", mlflow_uri: Optional[str] = None):
         super().__init__()
+        self.tracking, self.mlflow_uri = tracking, mlflow_uri
+        self.tracker: Optional[RoundTracker] = None
         self.file_name = file_name
         self.train_task_name = train_task_name
         self.rounds: Dict[int, Dict] = {}
@@ -80,6 +87,8 @@ class CommunicationLog(Widget):
         if event_type == EventType.START_RUN:
             app_dir = fl_ctx.get_engine().get_workspace().get_app_dir(fl_ctx.get_job_id())
             self.path = Path(app_dir) / self.file_name
+            if self.tracking in ("mlflow", "both"):
+                self._open_tracker(fl_ctx)
         elif event_type == AppEventType.TRAINING_STARTED:
             # rounds are numbered from 0 over the whole job, also when it resumed at START_ROUND
             self.num_rounds = (fl_ctx.get_prop(AppConstants.START_ROUND) or 0) + fl_ctx.get_prop(AppConstants.NUM_ROUNDS)
@@ -95,6 +104,19 @@ class CommunicationLog(Widget):
             self._round_done(fl_ctx)
         elif event_type == EventType.END_RUN:
             self._write()
+            if self.tracker is not None:
+                self.tracker.close()
+
+    def _open_tracker(self, fl_ctx: FLContext) -> None:
+        job_id = fl_ctx.get_job_id() or "job"
+        uri = self.mlflow_uri or default_uri(fl_ctx.get_engine().get_workspace().get_result_root(job_id))
+        try:
+            self.tracker = RoundTracker(uri, job_id)
+        except TrackingError as e:
+            self.log_error(fl_ctx, f"stopping the job: {e}")
+            self.system_panic(str(e), fl_ctx)
+            return
+        self.log_info(fl_ctx, f"tracking each round in MLflow: {uri} (run {self.tracker.run_id})")
 
     def _measure(self, fl_ctx: FLContext, key: str, direction: str) -> None:
         shareable = fl_ctx.get_prop(key)
@@ -196,6 +218,12 @@ class CommunicationLog(Widget):
                               f"up {_human(r['upload_bytes'])}, down {_human(r['download_bytes'])}, "
                               f"{r['seconds']:.1f}s")
         self._write()
+        if self.tracker is not None:
+            try:
+                self.tracker.log_round(rnd, r)
+            except Exception as e:  # the store failed mid-job: the round itself is done and in communication.json
+                self.log_error(fl_ctx, f"round {rnd + 1} not written to MLflow ({self.tracker.uri}): "
+                                       f"{type(e).__name__}: {str(e)[:300]}")
 
     def summary(self) -> Dict:
         rounds = [self.rounds[k] for k in sorted(self.rounds)]
