@@ -67,8 +67,7 @@ class _SettingsJob(FedJob):
         if wants is None:
             raise RecipeError(f"{kind}: this job tracks with TensorBoard or MLflow (the tracking setting); "
                               f"add_experiment_tracking(recipe, \"mlflow\") or (recipe, \"tensorboard\")")
-        has = {"tensorboard": {"tensorboard"}, "mlflow": {"mlflow"}, "both": {"tensorboard", "mlflow"}}[s.tracking]
-        tracking = "both" if has | {wants} == {"tensorboard", "mlflow"} else wants
+        tracking = wants if s.tracking == wants else "both"  # added to what the job tracks with already
         uri = getattr(obj, "tracking_uri", None) if wants == "mlflow" else s.mlflow_uri
         self.settings = self.job.settings = s.replace(tracking=tracking, mlflow_uri=uri)
         return id

@@ -379,6 +379,7 @@ class TrainingSection(Section):
         if not self.lr > 0:
             raise SettingsError(f"lr must be > 0, got {self.lr!r}")
 
+
 TRACKING = ("tensorboard", "mlflow", "both")
 MLFLOW_EXPERIMENT = "nvflare_lora"  # the experiment of the server's round run and of the sites' runs (MLflowReceiver)
 

@@ -15,6 +15,7 @@ from typing import Dict, Optional
 
 from ...errors import NVFlareLoRAError
 from ...settings import MLFLOW_EXPERIMENT
+
 SITE_METRICS = ("val_accuracy", "train_loss", "epsilon")
 
 
