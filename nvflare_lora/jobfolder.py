@@ -85,7 +85,7 @@ def _receivers(s: JobSettings) -> List[Dict]:
     """The server's receivers of the sites' metric events: TensorBoard's, MLflow's (a run per site in the experiment
     of the server's own run: fl/server/tracking.py), or both (TrackingSection)."""
     out = []
-    if s.tracking in ("tensorboard", "both"):
+    if s.tensorboard:
         out.append({"id": "tb_receiver", "path": "nvflare.app_opt.tracking.tb.tb_receiver.TBAnalyticsReceiver",
                     "args": {"events": ["fed.analytix_log_stats"]}})
     if s.mlflow:

@@ -50,7 +50,11 @@ class _SettingsJob(FedJob):
     def __init__(self, name: str, s: JobSettings):
         super().__init__(name=name, min_clients=s.min_clients)
         self.job = _JobWriter(name, s)
-        self.settings = s
+
+    @property
+    def settings(self) -> JobSettings:
+        """The settings the job is written from (one copy: its writer's)."""
+        return self.job.settings
 
     def export_job(self, job_root: str):
         self.job.generate_job_config(job_root)
@@ -69,7 +73,7 @@ class _SettingsJob(FedJob):
                               f"add_experiment_tracking(recipe, \"mlflow\") or (recipe, \"tensorboard\")")
         tracking = wants if s.tracking == wants else "both"  # added to what the job tracks with already
         uri = getattr(obj, "tracking_uri", None) if wants == "mlflow" else s.mlflow_uri
-        self.settings = self.job.settings = s.replace(tracking=tracking, mlflow_uri=uri)
+        self.job.settings = s.replace(tracking=tracking, mlflow_uri=uri)
         return id
 
     def simulator_run(self, workspace: str, n_clients: Optional[int] = None, clients: Optional[List[str]] = None,

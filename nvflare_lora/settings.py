@@ -410,6 +410,10 @@ class TrackingSection(Section):
     def mlflow(self) -> bool:
         return self.tracking in ("mlflow", "both")
 
+    @property
+    def tensorboard(self) -> bool:
+        return self.tracking in ("tensorboard", "both")
+
 
 SECTIONS = (ModelSection, LoRASection, HeadSection, RoundsSection, AggregationSection, SecureSection, PrivacySection,
             CompressionSection, DataSection, TrainingSection, TrackingSection)

@@ -27,6 +27,7 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.widgets.widget import Widget
 
 from ...files import write_json_atomic
+from ...settings import TrackingSection
 from .tracking import RoundTracker, TrackingError, default_uri
 from ..protocol import (AGGREGATION_INFO_PROP, BAD_IMAGES_KEY, COMPRESSION_META_KEY, DISTRUST_KEY, EPSILON_KEY,
                         REFUSED_PROP, TRAIN_LOSS_KEY, VAL_COUNT_KEY, payload_bytes)
@@ -67,7 +68,7 @@ class CommunicationLog(Widget):
     def __init__(self, file_name: str = "communication.json", train_task_name: str = AppConstants.TASK_TRAIN,
                  tracking: str = "tensorboard", mlflow_uri: Optional[str] = None):
         super().__init__()
-        self.tracking, self.mlflow_uri = tracking, mlflow_uri
+        self.tracking = TrackingSection(tracking=tracking, mlflow_uri=mlflow_uri)  # checked as the job's settings
         self.tracker: Optional[RoundTracker] = None
         self.file_name = file_name
         self.train_task_name = train_task_name
@@ -87,7 +88,7 @@ class CommunicationLog(Widget):
         if event_type == EventType.START_RUN:
             app_dir = fl_ctx.get_engine().get_workspace().get_app_dir(fl_ctx.get_job_id())
             self.path = Path(app_dir) / self.file_name
-            if self.tracking in ("mlflow", "both"):
+            if self.tracking.mlflow:
                 self._open_tracker(fl_ctx)
         elif event_type == AppEventType.TRAINING_STARTED:
             # rounds are numbered from 0 over the whole job, also when it resumed at START_ROUND
@@ -109,7 +110,7 @@ class CommunicationLog(Widget):
 
     def _open_tracker(self, fl_ctx: FLContext) -> None:
         job_id = fl_ctx.get_job_id() or "job"
-        uri = self.mlflow_uri or default_uri(fl_ctx.get_engine().get_workspace().get_result_root(job_id))
+        uri = self.tracking.mlflow_uri or default_uri(fl_ctx.get_engine().get_workspace().get_result_root(job_id))
         try:
             self.tracker = RoundTracker(uri, job_id)
         except TrackingError as e:
