@@ -132,8 +132,8 @@ def finished_job(federation):
         proc = run_guide_line(SUBMIT_LINE, root, env, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + federation.log_tails()
     said = proc.stdout.splitlines()
-    job_id = _one((l.split(" as job ")[1] for l in said if l.startswith("submitted ")), "job id")
-    downloaded = root / _one((l[len("downloaded to "):] for l in said if l.startswith("downloaded to ")), "download")
+    job_id, downloaded = submitted(said)
+    downloaded = root / downloaded
     assert downloaded == root / "results" / job_id, said
     return job_id, downloaded, said
 
@@ -152,6 +152,12 @@ def submit(federation, job: Path, results: Path, timeout: int = 240) -> subproce
     return subprocess.run([sys.executable, str(SUBMIT), str(federation.kits.admin_kit), str(job),
                            "--download", str(results), "--timeout", str(timeout)],
                           capture_output=True, text=True, timeout=timeout + 60, env=process_env(federation.home))
+
+
+def submitted(said):
+    """(job id, download path) from what deploy/submit.py printed."""
+    job_id = _one((l.split(" as job ")[1] for l in said if l.startswith("submitted ")), "job id")
+    return job_id, Path(_one((l[len("downloaded to "):] for l in said if l.startswith("downloaded to ")), "download"))
 
 
 def _one(paths, what):
@@ -389,8 +395,7 @@ def he_job(federation, finished_job, tmp_path_factory):
     proc = submit(federation, job, tmp / "results")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + federation.log_tails()
     said = proc.stdout.splitlines()  # deploy/submit.py's account (test_the_admin_sees_each_round_and_the_end)
-    job_id = _one((l.split(" as job ")[1] for l in said if l.startswith("submitted ")), "job id")
-    downloaded = Path(_one((l[len("downloaded to "):] for l in said if l.startswith("downloaded to ")), "download"))
+    job_id, downloaded = submitted(said)
     assert downloaded.parent == tmp / "results"
     return job_id, downloaded, said
 
