@@ -6,7 +6,8 @@ A model name is one of three things, tried in this order:
 3. a hub id such as "openai/clip-vit-base-patch32", resolved through the local HuggingFace cache or,
    for users with access, downloaded once.
 
-This module imports transformers' CLIPConfig only, never the modelling code (nvflare_lora.models): the NVFlare
+The base is a CLIP, SigLIP (SigLIP 2 at a fixed resolution) or MetaCLIP 2 model (nvflare_lora.families says what
+differs between them). This module imports transformers' configuration classes only, never the modelling code (nvflare_lora.models): the NVFlare
 server process (the persistor) describes the base, its adapter's shapes (nvflare_lora.skeleton.adapter_skeleton) and
 its preprocessing from here, and so starts without transformers' models or peft (tests/test_architecture.py).
 """
@@ -25,8 +26,9 @@ from transformers import CLIPConfig
 
 from .config import TOWER_PREFIX
 from .errors import NVFlareLoRAError
+from .families import family_of, read_family_config
 from .files import atomic_write
-from .preprocessing import CLIP_MEAN, CLIP_STD, Preprocessing
+from .preprocessing import Preprocessing
 
 TINY_PRESET = "tiny-clip"
 
@@ -110,13 +112,12 @@ def resolve_model(name: str) -> ModelSource:
 
 
 def load_clip_config(source: ModelSource):
+    """The base's configuration: CLIPConfig, SiglipConfig or MetaClip2Config (families.read_family_config refuses
+    any other model_type, naming the supported ones)."""
     if source.kind == "preset":
         cfg_dict, _ = PRESETS[source.name]
         return CLIPConfig(**cfg_dict)
-    cfg = CLIPConfig.from_pretrained(str(source.path))
-    if getattr(cfg, "model_type", None) != "clip":
-        raise ModelNotFoundError(f"{source.path}/config.json describes a {cfg.model_type!r} model, not CLIP")
-    return cfg
+    return read_family_config(source.path)
 
 
 def config_sha256(clip_config) -> str:
@@ -126,12 +127,15 @@ def config_sha256(clip_config) -> str:
         sub = d.get(tower, {}) or {}
         keep[tower] = {k: sub.get(k) for k in sorted(sub) if k in _SHAPE_KEYS}
     keep["projection_dim"] = d.get("projection_dim", getattr(clip_config, "projection_dim", None))
+    if family_of(clip_config).name != "clip":  # (CLIP's hashes stay as they were before other families)
+        keep["model_type"] = clip_config.model_type
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
 
 
 _SHAPE_KEYS = {
     "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size",
     "num_channels", "vocab_size", "max_position_embeddings", "hidden_act", "layer_norm_eps", "projection_dim",
+    "projection_size", "vision_use_head",
 }
 
 
@@ -208,8 +212,11 @@ def preset_sha256(name: str) -> str:
 
 def linear_layers(clip_config, include_text: bool = False) -> Dict[str, Tuple[int, int]]:
     """{module path: (in_features, out_features)} of every nn.Linear of nvflare_lora.models.CLIPImageClassifier
-    but its head, in the order the model registers them (PEFT's key order): per tower, each encoder layer's
-    k/v/q/out projections and MLP, then the tower's projection. Tested equal to the built model's."""
+    that can take LoRA, in the order the model registers them (PEFT's key order): per tower, each encoder layer's
+    k/v/q/out projections and MLP, then the tower's projection (CLIP, MetaCLIP 2: visual_projection /
+    text_projection; SigLIP: the text tower's head; SigLIP's attention-pooling image head takes none:
+    families.Family.not_targets). Tested equal to the built model's CLIPImageClassifier.lora_layers."""
+    family = family_of(clip_config)
     out: Dict[str, Tuple[int, int]] = {}
     for tower in ("vision", "text") if include_text else ("vision",):
         prefix = TOWER_PREFIX[tower]
@@ -220,21 +227,29 @@ def linear_layers(clip_config, include_text: bool = False) -> Dict[str, Tuple[in
             for name in ("k_proj", "v_proj", "q_proj", "out_proj"):
                 out[f"{layer}.self_attn.{name}"] = (h, h)
             out[f"{layer}.mlp.fc1"], out[f"{layer}.mlp.fc2"] = (h, m), (m, h)
-        out["visual_projection" if tower == "vision" else "text_projection"] = (h, int(clip_config.projection_dim))
+        if family.projection:
+            out["visual_projection" if tower == "vision" else "text_projection"] = (h, int(clip_config.projection_dim))
+        elif tower == "text":
+            out[f"{prefix}.head"] = (h, int(c.projection_size))
     return out
 
 
 def preprocessing_for(model_name: str) -> Preprocessing:
-    """CLIP preprocessing from the model's preprocessor_config.json when it has one, else CLIP's defaults."""
+    """The image preprocessing of the model's own preprocessor_config.json when it has one (CLIP's processor: short
+    side to `size`, centre crop; SigLIP's: the whole image to height x width, no crop), else its family's defaults."""
     source = resolve_model(model_name)
-    image_size = load_clip_config(source).vision_config.image_size
-    pp = Preprocessing(size=image_size, crop_size=image_size)
+    config = load_clip_config(source)
+    image_size = config.vision_config.image_size
+    mean, std, resize = family_of(config).image_defaults
+    pp = Preprocessing(size=image_size, crop_size=image_size, mean=tuple(mean), std=tuple(std), resize=resize)
     if source.path is not None and (source.path / "preprocessor_config.json").is_file():
         d = json.loads((source.path / "preprocessor_config.json").read_text())
         size = d.get("size", image_size)
+        exact = isinstance(size, dict) and "height" in size and "shortest_edge" not in size
         size = size.get("shortest_edge", size.get("height", image_size)) if isinstance(size, dict) else size
         crop = d.get("crop_size", image_size)
         crop = crop.get("height", image_size) if isinstance(crop, dict) else crop
-        pp = Preprocessing(size=int(size), crop_size=int(crop), mean=tuple(d.get("image_mean", CLIP_MEAN)),
-                           std=tuple(d.get("image_std", CLIP_STD)))
+        squash = exact and not d.get("do_center_crop", False)  # resized to height x width as it is
+        pp = Preprocessing(size=int(size), crop_size=int(size if squash else crop), mean=tuple(d.get("image_mean", mean)),
+                           std=tuple(d.get("image_std", std)), resize="squash" if squash else "shortest_edge")
     return pp

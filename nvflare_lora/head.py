@@ -72,22 +72,57 @@ def prompts(labels: Sequence[str], templates: Sequence[str]) -> List[str]:
     return [t.format(label) for label in labels for t in templates]
 
 
-def tokenize_labels(tokenizer, labels: Sequence[str], templates: Sequence[str], max_len: int,
+@dataclass(frozen=True)
+class TextRules:
+    """How a text tower reads prompts (its family's rules, nvflare_lora.families): at most max_length tokens;
+    padded to the longest prompt, or to max_length (pad_to_max_length: SigLIP); the padding hidden by the attention
+    mask (mask_padding) or attended to (SigLIP: an all-ones mask, as its tokenizer gives none); prompts lower-cased
+    first (lowercase: SigLIP). One rule for training (tokenize_labels) and serving (exporters/onnx/predict.py, from
+    the export's text.json)."""
+
+    max_length: int
+    pad_to_max_length: bool = False
+    mask_padding: bool = True
+    lowercase: bool = False
+
+    def texts(self, labels: Sequence[str], templates: Sequence[str]) -> List[str]:
+        """Every class's prompts as the tokenizer gets them."""
+        out = prompts(labels, templates)
+        return [t.lower() for t in out] if self.lowercase else out
+
+    def mask(self, attention_mask: np.ndarray) -> np.ndarray:
+        """The attention mask the tower reads, from the tokenizer's."""
+        mask = np.asarray(attention_mask, np.int64)
+        return mask if self.mask_padding else np.ones_like(mask)
+
+    def to_dict(self) -> Dict:
+        return {"max_length": int(self.max_length), "pad_to_max_length": bool(self.pad_to_max_length),
+                "mask_padding": bool(self.mask_padding), "lowercase": bool(self.lowercase)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "TextRules":
+        """The inverse of to_dict; a record from before families (CLIP's rules) has max_length only."""
+        return cls(int(d["max_length"]), bool(d.get("pad_to_max_length", False)), bool(d.get("mask_padding", True)),
+                   bool(d.get("lowercase", False)))
+
+
+def tokenize_labels(tokenizer, labels: Sequence[str], templates: Sequence[str], rules: TextRules,
                     where: str = "the labels") -> Tuple[np.ndarray, np.ndarray, int]:
-    """(input_ids, attention_mask, templates per class) of every class's prompts, class by class (int64 arrays):
-    what CLIPImageClassifier.set_labels takes. Refuses labels whose prompts the tokenizer truncates to the same
-    tokens (the model could not tell those classes apart)."""
+    """(input_ids, attention_mask, templates per class) of every class's prompts, class by class (int64 arrays),
+    tokenized by the tower's rules: what CLIPImageClassifier.set_labels takes. Refuses labels whose prompts the
+    tokenizer makes the same tokens (cut to the tower's length, or lower-cased: the model could not tell those
+    classes apart)."""
     labels, templates = check_class_names(labels, where), check_templates(templates)
-    tok = tokenizer(prompts(labels, templates), padding=True, truncation=True, max_length=max_len,
-                    return_tensors="np")
-    ids, mask = np.asarray(tok["input_ids"], np.int64), np.asarray(tok["attention_mask"], np.int64)
+    tok = tokenizer(rules.texts(labels, templates), padding="max_length" if rules.pad_to_max_length else True,
+                    truncation=True, max_length=rules.max_length, return_tensors="np")
+    ids, mask = np.asarray(tok["input_ids"], np.int64), rules.mask(tok["attention_mask"])
     seen: Dict[bytes, str] = {}
     for label, rows in zip(labels, ids.reshape(len(labels), len(templates), -1)):
         key = rows.tobytes()
         if key in seen:
-            raise HeadError(f"{where}: {seen[key]!r} and {label!r} become the same tokens once their prompts are cut "
-                            f"to the text tower's {max_len} positions; shorten the prompt templates or rename one "
-                            f"class so they differ early")
+            raise HeadError(f"{where}: {seen[key]!r} and {label!r} become the same tokens once their prompts are "
+                            f"{'lower-cased and ' if rules.lowercase else ''}cut to the text tower's {rules.max_length} "
+                            f"positions; shorten the prompt templates or rename one class so they differ early")
         seen[key] = label
     return ids, mask, len(templates)
 

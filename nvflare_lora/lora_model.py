@@ -73,7 +73,7 @@ class FederatedCLIPModel:
             raise HeadError("set_labels needs the text head (FederatedCLIPModel(..., head=\"text\")): a linear "
                             "head's classes are its trained outputs")
         base = self.base_model
-        base.set_labels(tokenize_labels(self._tokenizer, labels, self.head.templates, base.max_text_positions, where))
+        base.set_labels(tokenize_labels(self._tokenizer, labels, self.head.templates, base.text_rules, where))
         self.labels, self.num_classes = [str(x) for x in labels], len(labels)
         if not any(p.requires_grad for p in base.text_model.parameters()):
             with torch.no_grad():  # computed now, outside any torch.func transform (DP-SGD's per-sample grads)
@@ -144,8 +144,7 @@ def to_numpy(state: Mapping[str, torch.Tensor]) -> Dict[str, np.ndarray]:
 
 def peft_config(lora: LoRAConfig, model: nn.Module, base_model_name: str = "") -> LoraConfig:
     """PEFT's LoraConfig for `model` (a CLIPImageClassifier) under our LoRAConfig (nvflare_lora.skeleton.lora_fields)."""
-    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.startswith(HEAD)]
-    return LoraConfig(**lora_fields(lora, linear_names, base_model_name))
+    return LoraConfig(**lora_fields(lora, model.lora_layers(), base_model_name))
 
 
 def adapter_state(peft_model) -> Dict[str, torch.Tensor]:

@@ -1,5 +1,6 @@
 """The CLIP image classifier: the network, built from a base (nvflare_lora.base_model says which base and where
-its weights come from; only safetensors weights are read: nothing is ever unpickled).
+its weights come from; only safetensors weights are read: nothing is ever unpickled). The base is a CLIP, SigLIP or
+MetaCLIP 2 model: nvflare_lora.families says what differs, TOWERS which transformers classes build its towers.
 """
 
 from __future__ import annotations
@@ -11,14 +12,22 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoTokenizer, CLIPConfig, CLIPModel, CLIPTextModel, CLIPVisionModel
+from transformers import (AutoTokenizer, CLIPConfig, CLIPModel, CLIPTextModel, CLIPVisionModel, MetaClip2TextModel,
+                          MetaClip2VisionModel, SiglipTextModel, SiglipVisionModel)
 
 from .base_model import PRESETS, ModelNotFoundError, ModelSource, load_clip_config, resolve_model
-from .head import KINDS as HEADS, HeadError, tokenize_labels
+from .families import family_of
+from .head import KINDS as HEADS, HeadError, TextRules, tokenize_labels
+
+# Each family's (image tower, text tower): their module names are the family's own model's (vision_model.*,
+# text_model.*), so a checkpoint's keys load as they are.
+TOWERS = {"clip": (CLIPVisionModel, CLIPTextModel), "siglip": (SiglipVisionModel, SiglipTextModel),
+          "metaclip_2": (MetaClip2VisionModel, MetaClip2TextModel)}
 
 
 class CLIPImageClassifier(nn.Module):
-    """CLIP image encoder + projection + a head: pixel_values -> logits.
+    """CLIP image encoder + projection + a head: pixel_values -> logits (any family of nvflare_lora.families: a SigLIP
+    base has no projection layers, its towers pool to the embedding, and its scores add logit_bias).
 
     head "linear": a linear layer over the image embedding (num_classes outputs). normalize_embeds: it reads
     the embedding at unit length, as CLIP's zero-shot classifier does (nvflare_lora.zeroshot sets it to
@@ -29,8 +38,9 @@ class CLIPImageClassifier(nn.Module):
     list is set with set_labels and can change at any time; nothing trained depends on it. While the text
     tower has nothing trainable the class embeddings are computed once per label list, not per step.
 
-    Module names follow transformers' CLIPModel (vision_model.*, visual_projection, text_model.*,
-    text_projection), so a CLIP checkpoint's keys load as they are and LoRA target paths read the same.
+    Module names follow the family's own model (CLIPModel: vision_model.*, visual_projection, text_model.*,
+    text_projection; SiglipModel: vision_model.*, text_model.*, logit_bias), so a checkpoint's keys load as they are
+    and LoRA target paths read the same.
     """
 
     def __init__(self, clip_config, num_classes: int, include_text: bool = False, normalize_embeds: bool = False,
@@ -41,16 +51,25 @@ class CLIPImageClassifier(nn.Module):
         if head == "linear" and (not isinstance(num_classes, int) or num_classes < 2):
             raise HeadError(f"num_classes must be an integer >= 2, got {num_classes!r}")
         self.clip_config = clip_config
+        self.family = family_of(clip_config)
         self.head = head
+        vision_tower, text_tower = TOWERS[self.family.name]
+        dim = self.family.embed_dim(clip_config)
         vc = clip_config.vision_config
-        self.vision_model = CLIPVisionModel(vc)
-        self.visual_projection = nn.Linear(vc.hidden_size, clip_config.projection_dim, bias=False)
+        self.vision_model = vision_tower(vc)
+        if self.family.projection:
+            self.visual_projection = nn.Linear(vc.hidden_size, dim, bias=False)
         if include_text or head == "text":
             tc = clip_config.text_config
-            self.text_model = CLIPTextModel(tc)
-            self.text_projection = nn.Linear(tc.hidden_size, clip_config.projection_dim, bias=False)
-            self.logit_scale = nn.Parameter(torch.tensor(float(clip_config.logit_scale_init_value)))
-        self.classifier = nn.Linear(clip_config.projection_dim, num_classes) if head == "linear" else None
+            self.text_model = text_tower(tc)
+            if self.family.projection:
+                self.text_projection = nn.Linear(tc.hidden_size, dim, bias=False)
+                self.logit_scale = nn.Parameter(torch.tensor(float(clip_config.logit_scale_init_value)))
+            else:  # SiglipModel's are of shape (1,)
+                self.logit_scale = nn.Parameter(torch.zeros(1))
+            if self.family.logit_bias:
+                self.logit_bias = nn.Parameter(torch.zeros(1))
+        self.classifier = nn.Linear(dim, num_classes) if head == "linear" else None
         self.normalize_embeds = bool(normalize_embeds) or head == "text"
         self._prompts = None  # text head: (input_ids, attention_mask, templates per class)
         self._class_cache = None
@@ -62,7 +81,7 @@ class CLIPImageClassifier(nn.Module):
 
     def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
         pooled = self.vision_model(pixel_values=pixel_values).pooler_output
-        return self.visual_projection(pooled)
+        return self.visual_projection(pooled) if self.family.projection else pooled
 
     def features(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """What the head reads: the image embedding, at unit length under normalize_embeds."""
@@ -73,8 +92,14 @@ class CLIPImageClassifier(nn.Module):
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """The head on what it reads (features)."""
         if self.head == "text":
-            return self.logit_scale.exp() * features @ self.class_embeddings().t()
+            return self.score(features, self.class_embeddings())
         return self.classifier(features)
+
+    def score(self, unit_image: torch.Tensor, unit_classes: torch.Tensor) -> torch.Tensor:
+        """The family's own logits of unit image embeddings against unit class embeddings: logit_scale x cosine (+
+        logit_bias for SigLIP, whose probabilities are each class's sigmoid)."""
+        out = self.logit_scale.exp() * unit_image @ unit_classes.t()
+        return out + self.logit_bias if self.family.logit_bias else out
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.logits(self.features(self.image_embeds(pixel_values)))
@@ -82,11 +107,18 @@ class CLIPImageClassifier(nn.Module):
     def base_state_keys(self) -> List[str]:
         return [k for k in self.state_dict() if not k.startswith("classifier.")]
 
+    def lora_layers(self) -> List[str]:
+        """The module paths of the nn.Linear layers LoRA may target: all but the head's and the family's
+        not_targets (base_model.linear_layers lists the same from the config alone)."""
+        return [n for n, m in self.named_modules() if isinstance(m, nn.Linear) and not n.startswith("classifier")
+                and not n.startswith(self.family.not_targets)]
+
     # ---- classes as text ------------------------------------------------------------------------
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Unit-length text embeddings of tokenized prompts."""
-        pooled = self.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
-        emb = self.text_projection(pooled)
+        emb = self.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+        if self.family.projection:
+            emb = self.text_projection(emb)
         return emb / emb.norm(p=2, dim=-1, keepdim=True)
 
     def set_labels(self, prompts: Tuple) -> None:
@@ -115,7 +147,7 @@ class CLIPImageClassifier(nn.Module):
     def _embed_classes(self, ids, mask, per_class: int) -> torch.Tensor:
         """Per class, the unit-length mean of its prompts' unit text embeddings: the text head's one computation
         (training, the zero-shot head, export's reference)."""
-        device = self.text_projection.weight.device
+        device = self.logit_scale.device
         emb = self.encode_text(torch.as_tensor(ids, device=device), torch.as_tensor(mask, device=device))
         mean = emb.view(-1, per_class, emb.shape[-1]).mean(1)
         return mean / mean.norm(p=2, dim=-1, keepdim=True)
@@ -124,24 +156,35 @@ class CLIPImageClassifier(nn.Module):
     def max_text_positions(self) -> int:
         return int(self.clip_config.text_config.max_position_embeddings)
 
+    @property
+    def text_rules(self) -> TextRules:
+        """How this family's text tower reads prompts (length, padding, mask, case)."""
+        f = self.family
+        return TextRules(self.max_text_positions, f.pad_to_max_length, f.mask_padding, f.lowercase)
+
     @torch.no_grad()
     def embed_labels(self, tokenizer, labels: Sequence[str], templates: Sequence[str],
                      where: str = "the labels") -> torch.Tensor:
         """The class embeddings of any label list (the labels set with set_labels stay as they are)."""
-        return self._embed_classes(*tokenize_labels(tokenizer, labels, templates, self.max_text_positions, where))
+        return self._embed_classes(*tokenize_labels(tokenizer, labels, templates, self.text_rules, where))
 
     @torch.no_grad()
     def as_linear_head(self) -> "CLIPImageClassifier":
-        """The text head baked into a linear one (weight logit_scale x the class embeddings, bias 0, unit
-        image embeddings): the same logits, one image-tower graph for export and serving."""
+        """The text head baked into a linear one (weight logit_scale x the class embeddings, bias 0, or SigLIP's
+        logit_bias, unit image embeddings): the same logits, one image-tower graph for export and serving."""
         if self.head == "text":
             weight = self.logit_scale.exp() * self.class_embeddings()
             self.classifier = nn.Linear(weight.shape[1], weight.shape[0]).to(weight.device)
             self.classifier.weight.copy_(weight)
-            self.classifier.bias.zero_()
+            self.classifier.bias.copy_(self.score_bias().expand(weight.shape[0]))
             self.classifier.requires_grad_(False)
             self.head, self.normalize_embeds = "linear", True
         return self
+
+
+    def score_bias(self) -> torch.Tensor:
+        """The bias every class's logit gets under the family's scoring: SigLIP's logit_bias, else 0 (shape (1,))."""
+        return self.logit_bias.detach().reshape(1) if self.family.logit_bias else self.logit_scale.new_zeros(1)
 
 
 def use_eager_attention(classifier: CLIPImageClassifier) -> None:
@@ -193,7 +236,7 @@ def build_classifier(model_name: str, num_classes: int, include_text: bool = Fal
     if missing:
         raise ModelNotFoundError(
             f"base weights of {model_name!r} lack {len(missing)} tensors the model needs, e.g. {missing[:3]}; "
-            f"is this a CLIP checkpoint saved with CLIPModel.save_pretrained?"
+            f"is this a whole CLIP, SigLIP or MetaCLIP 2 checkpoint (CLIPModel.save_pretrained and the like)?"
         )
     own = model.state_dict()
     for k, v in state.items():
@@ -209,19 +252,23 @@ def build_classifier(model_name: str, num_classes: int, include_text: bool = Fal
 
 
 def load_tokenizer(model_name: str):
-    """The base's own CLIP tokenizer (tokenizer.json, or vocab.json + merges.txt, in its directory): what a text or
-    zero-shot head encodes the class names with."""
+    """The base's own tokenizer (tokenizer.json, or CLIP's vocab.json + merges.txt, in its directory): what a text or
+    zero-shot head encodes the class names with. A SentencePiece-only tokenizer (spiece.model, as SigLIP (1)
+    checkpoints ship it) is refused: serving reads tokenizer.json with the `tokenizers` package."""
     source = resolve_model(model_name)
-    fix = ("save the tokenizer that came with the checkpoint into it (CLIPTokenizer.from_pretrained(...)"
-           ".save_pretrained(DIR)), or use a linear head started from a seeded init (head = \"linear\", "
-           "head_init = \"seeded\")")
+    fix = ("save the tokenizer that came with the checkpoint into it as tokenizer.json (AutoTokenizer.from_pretrained"
+           "(...).save_pretrained(DIR), with a fast tokenizer), or use a linear head started from a seeded init "
+           "(head = \"linear\", head_init = \"seeded\")")
     if source.path is None:
         raise HeadError(f"base {model_name!r} is a built-in preset without a tokenizer: a zero-shot or text head "
-                        f"needs a CLIP checkpoint directory with its tokenizer; {fix}")
+                        f"needs a checkpoint directory with its tokenizer; {fix}")
     files = {p.name for p in source.path.iterdir()}
     if "tokenizer.json" not in files and not {"vocab.json", "merges.txt"} <= files:
-        raise HeadError(f"base {source.path} has no tokenizer (tokenizer.json, or vocab.json and merges.txt): "
-                        f"a zero-shot or text head encodes the class names with it; {fix}")
+        only = sorted(files & {"spiece.model", "sentencepiece.bpe.model", "tokenizer.model"})
+        what = f"only a SentencePiece model ({', '.join(only)}), no tokenizer.json" if only else \
+            "no tokenizer (tokenizer.json, or vocab.json and merges.txt)"
+        raise HeadError(f"base {source.path} has {what}: a zero-shot or text head encodes the class names with it; "
+                        f"{fix}")
     return AutoTokenizer.from_pretrained(str(source.path), local_files_only=True)
 
 

@@ -2,7 +2,8 @@
 
 Training, verification and serving all call this one implementation: open an image as RGB (open_image:
 EXIF orientation applied; grayscale, palette, RGBA, CMYK and 16-bit images converted), resize the short
-side to `size` (bicubic), centre-crop to `crop_size`, scale to [0, 1], normalise by mean/std, channels first.
+side to `size` (bicubic) and centre-crop to `crop_size` (CLIP's processor), or with resize = "squash" resize the
+whole image to crop_size x crop_size (SigLIP's processor), scale to [0, 1], normalise by mean/std, channels first.
 Also the image settings a job checks without torch (the schema imports them): the bad-image share and the
 training augmentation (Augmentation: a random resized crop and flip, drawn from (seed, item) only), and the check
 of a site's data-split record (check_split_record: the server keeps it, the exporter reads it).
@@ -26,25 +27,39 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+RESIZES = ("shortest_edge", "squash")
+
+
 @dataclass
 class Preprocessing:
     size: int = 224
     crop_size: int = 224
     mean: Tuple[float, float, float] = CLIP_MEAN
     std: Tuple[float, float, float] = CLIP_STD
+    resize: str = "shortest_edge"  # or "squash": the whole image to crop_size x crop_size, no crop (SigLIP)
+
+    def __post_init__(self):
+        if self.resize not in RESIZES:
+            raise DataError(f"preprocessing resize must be one of {', '.join(map(repr, RESIZES))}; got {self.resize!r}")
 
     def to_dict(self) -> Dict:
-        return {"size": self.size, "crop_size": self.crop_size, "mean": list(self.mean), "std": list(self.std),
-                "resample": "bicubic", "layout": "NCHW", "input": "RGB"}
+        out = {"size": self.size, "crop_size": self.crop_size, "mean": list(self.mean), "std": list(self.std),
+               "resample": "bicubic", "layout": "NCHW", "input": "RGB"}
+        if self.resize != "shortest_edge":  # (CLIP's records stay as they were before squashing existed)
+            out["resize"] = self.resize
+        return out
 
     @classmethod
     def from_dict(cls, d: Dict) -> "Preprocessing":
         """The inverse of to_dict (what an export's preprocessing.json holds)."""
-        return cls(size=int(d["size"]), crop_size=int(d["crop_size"]), mean=tuple(d["mean"]), std=tuple(d["std"]))
+        return cls(size=int(d["size"]), crop_size=int(d["crop_size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
+                   resize=str(d.get("resize", "shortest_edge")))
 
     def array(self, image) -> np.ndarray:
         """PIL image, HxW / HxWx3 uint8 array or image file -> float32 array (3, crop, crop)."""
         image = to_rgb(image)
+        if self.resize == "squash":
+            return self.normalize(image.resize((self.crop_size, self.crop_size), Image.BICUBIC))
         w, h = image.size
         scale = self.size / min(w, h)
         nw, nh = max(self.crop_size, round(w * scale)), max(self.crop_size, round(h * scale))

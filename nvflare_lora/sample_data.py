@@ -4,6 +4,7 @@
     python -m nvflare_lora.sample_data mnist OUT [--sites 2] [--per-site N]
     python -m nvflare_lora.sample_data digits OUT [--sites 2] [--per-site N]
     python -m nvflare_lora.sample_data base OUT                               # random ViT-B/32 + tokenizer
+    python -m nvflare_lora.sample_data base OUT --family siglip               # random SigLIP ViT-B/16 + tokenizer
 
 elpv: the `elpv-dataset` package's 2,624 real 300x300 electroluminescence photos of solar cells (data
 licence CC-BY-NC-SA-4.0: non-commercial use), two classes by the experts' defect probability:
@@ -15,6 +16,9 @@ image folder per site (files are hard-linked from the package when the file syst
 base: CLIPModel(CLIPConfig()) with seeded random weights (the shapes of openai/clip-vit-base-patch32;
 no real CLIP weights ship in any package) and a byte-level CLIP tokenizer whose special tokens sit at the
 config's ids: enough to run every path (LoRA, zero-shot head, export) at ViT-B/32 size, not to score well.
+With --family siglip or metaclip_2: that family's default configuration (SiglipConfig(): ViT-B/16 at 224 px, a 64-token
+text tower; MetaClip2Config(): ViT-B/32 shapes) with seeded random weights, a byte-level tokenizer.json with the
+family's special tokens and the family's preprocessor_config.json.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import shutil
 import sys
@@ -188,26 +193,73 @@ def write_clip_tokenizer(directory: str | Path, vocab_size: int, bos_token_id: i
     return directory
 
 
-def write_random_base(out: str | Path, seed: int = 0, **config) -> Path:
-    """A HuggingFace CLIP directory of CLIPModel(CLIPConfig(**config)) with seeded random weights (default:
-    ViT-B/32 shapes, 151M parameters, 605 MB), a tokenizer (write_clip_tokenizer) and CLIP's image preprocessing
-    (preprocessor_config.json at the config's image size): the files a saved CLIP checkpoint holds."""
-    import torch  # torch, transformers: only the base needs them (see write_clip_tokenizer)
-    from transformers import CLIPConfig, CLIPModel  # transformers: the base only
+def write_family_tokenizer(directory: str | Path, vocab_size: int, specials: dict, template: str,
+                           pad_token: str = "<pad>") -> Path:
+    """A byte-level BPE tokenizer (no merges) as tokenizer.json with the given special tokens at their ids
+    ({token: id}), padding with pad_token, and a post-processor template ("$A </s>": SigLIP's, "<s> $A </s>": MetaCLIP 2's XLM-R), filled up
+    to vocab_size: built offline, for random-weight test bases of the SigLIP and MetaCLIP 2 families."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors  # (see write_clip_tokenizer)
+    from transformers import PreTrainedTokenizerFast  # (see write_clip_tokenizer)
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # (see write_clip_tokenizer)
 
-    cfg = CLIPConfig(**config)
+    chars = iter(bytes_to_unicode().values())
+    by_id = {i: t for t, i in specials.items()}
+    vocab = {by_id[i] if i in by_id else next(chars, f"<unused{i}>"): i for i in range(vocab_size)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[(t, specials[t]) for t in template.split() if t in specials])
+    names = {"pad_token": pad_token, "eos_token": "</s>", "bos_token": "<s>", "unk_token": "<unk>"}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **{k: v for k, v in names.items() if v in specials})
+    fast.save_pretrained(str(directory))
+    return Path(directory)
+
+
+def write_random_base(out: str | Path, seed: int = 0, family: str = "clip", **config) -> Path:
+    """A HuggingFace directory of a model of `family` ("clip": CLIPModel(CLIPConfig(**config)), "siglip": SiglipModel,
+    "metaclip_2": MetaClip2Model) with seeded random weights (default: the family's default shapes; CLIP's are
+    ViT-B/32's, 151M parameters, 605 MB), a tokenizer (write_clip_tokenizer, write_family_tokenizer) and the family's
+    image preprocessing at the config's image size (preprocessor_config.json): the files a saved checkpoint holds."""
+    import torch  # torch, transformers: only the base needs them (see write_clip_tokenizer)
+    from transformers import CLIPConfig, CLIPModel, MetaClip2Config, MetaClip2Model, SiglipConfig, SiglipModel  # (same)
+
+    if family not in ("clip", "siglip", "metaclip_2"):
+        raise SampleDataError(f"family must be 'clip', 'siglip' or 'metaclip_2'; got {family!r}")
+    if family == "siglip":  # google/siglip-*'s: </s> 1 ends and pads every prompt, <unk> 2, no start token
+        config.setdefault("text_config", {})
+        config["text_config"] = {"pad_token_id": 1, "eos_token_id": 1, "bos_token_id": None, **config["text_config"]}
+    elif family == "metaclip_2":  # XLM-R's: <s> 0, <pad> 1, </s> 2
+        config.setdefault("text_config", {})
+        config["text_config"] = {"bos_token_id": 0, "pad_token_id": 1, "eos_token_id": 2, **config["text_config"]}
+    config_class, model_class = {"clip": (CLIPConfig, CLIPModel), "siglip": (SiglipConfig, SiglipModel),
+                                 "metaclip_2": (MetaClip2Config, MetaClip2Model)}[family]
+    cfg = config_class(**config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = CLIPModel(cfg)
+        model = model_class(cfg)
+    if family == "siglip":  # the SigLIP paper's start (temperature 10, bias -10), not transformers' zero bias
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(10.0))
+            model.logit_bias.fill_(-10.0)
     model.save_pretrained(str(out))
-    size = cfg.vision_config.image_size  # CLIPImageProcessor's file, as CLIPProcessor.save_pretrained writes it
-    (Path(out) / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": size},
-        "crop_size": {"height": size, "width": size}, "do_resize": True, "do_center_crop": True, "do_rescale": True,
-        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
-        "do_convert_rgb": True, "resample": 3}, indent=2) + "\n")
-    tc = cfg.text_config
-    write_clip_tokenizer(out, tc.vocab_size, tc.bos_token_id, tc.eos_token_id)
+    size, tc = cfg.vision_config.image_size, cfg.text_config
+    if family == "siglip":  # SiglipImageProcessor's file: the whole image to size x size, mean and std 0.5
+        processor = {"image_processor_type": "SiglipImageProcessor", "size": {"height": size, "width": size},
+                     "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                     "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 3}
+    else:  # CLIPImageProcessor's file, as CLIPProcessor.save_pretrained writes it
+        processor = {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": size},
+                     "crop_size": {"height": size, "width": size}, "do_resize": True, "do_center_crop": True,
+                     "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                     "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "do_convert_rgb": True, "resample": 3}
+    (Path(out) / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+    if family == "clip":
+        write_clip_tokenizer(out, tc.vocab_size, tc.bos_token_id, tc.eos_token_id)
+    elif family == "siglip":
+        write_family_tokenizer(out, tc.vocab_size, {"</s>": tc.eos_token_id, "<unk>": 2}, "$A </s>", pad_token="</s>")
+    else:
+        write_family_tokenizer(out, tc.vocab_size, {"<s>": tc.bos_token_id, "<pad>": tc.pad_token_id,
+                                                    "</s>": tc.eos_token_id}, "<s> $A </s>")
     return Path(out)
 
 
@@ -218,6 +270,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sites", type=int, default=2, help="elpv, mnist, digits: one folder per site (default 2)")
     p.add_argument("--per-site", type=int, default=None, help="elpv, mnist, digits: at most this many images per site")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--family", default="clip", choices=["clip", "siglip", "metaclip_2"],
+                   help="base: the model family (default clip)")
     return p
 
 
@@ -225,8 +279,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser().parse_args(argv)
     try:
         if args.what == "base":
-            path = write_random_base(args.out, args.seed)
-            print(f"wrote a random-weight ViT-B/32-shaped CLIP base (weights, preprocessing, tokenizer) to {path}")
+            path = write_random_base(args.out, args.seed, args.family)
+            shape = {"clip": "ViT-B/32-shaped CLIP", "siglip": "ViT-B/16-shaped SigLIP",
+                     "metaclip_2": "ViT-B/32-shaped MetaCLIP 2"}[args.family]
+            print(f"wrote a random-weight {shape} base (weights, preprocessing, tokenizer) to {path}")
             return 0
         write = {"elpv": write_elpv, "mnist": write_mnist, "digits": write_digits}[args.what]
         folders = write(args.out, args.sites, args.per_site, args.seed)

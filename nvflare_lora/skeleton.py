@@ -18,6 +18,7 @@ import torch
 from .adapter import Shapes
 from .base_model import linear_layers, load_clip_config, resolve_model
 from .config import LoRAConfig, LoRAConfigError
+from .families import family_of
 
 
 PREFIX = "base_model.model."  # PEFT's prefix of every saved adapter key
@@ -60,7 +61,7 @@ def adapter_skeleton(model_name: str, num_classes: int, lora: LoRAConfig,
             shapes[f"{PREFIX}{name}.lora_A.weight"] = (lora.r, fan_in)
             shapes[f"{PREFIX}{name}.lora_B.weight"] = (fan_out, lora.r)
     if lora.train_head:
-        shapes[f"{PREFIX}{HEAD}.weight"] = (num_classes, int(cfg.projection_dim))
+        shapes[f"{PREFIX}{HEAD}.weight"] = (num_classes, family_of(cfg).embed_dim(cfg))
         shapes[f"{PREFIX}{HEAD}.bias"] = (num_classes,)
     return shapes, adapter_config(fields)
 

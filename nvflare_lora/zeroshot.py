@@ -34,7 +34,8 @@ ZeroShotError = HeadError  # the name this module's API used
 
 
 def zeroshot_head(model_name: str, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES):
-    """(weight (classes, projection_dim), bias (classes,)) of CLIP's zero-shot classifier, float32 numpy."""
+    """(weight (classes, embedding width), bias (classes,)) of the base's zero-shot classifier, float32 numpy: the
+    logits are its family's own (CLIP: bias 0; SigLIP: its logit_bias)."""
     templates = check_templates(templates)
     tokenizer = load_tokenizer(model_name)
     try:
@@ -42,7 +43,8 @@ def zeroshot_head(model_name: str, labels: Sequence[str], templates: Sequence[st
     except ModelNotFoundError as e:  # e.g. a checkpoint without the text tower's weights
         raise ZeroShotError(f"base {model_name!r} cannot give a zero-shot head, its text tower does not load: {e}") from e
     weight = classifier.logit_scale.exp() * classifier.eval().embed_labels(tokenizer, labels, templates)
-    return weight.float().numpy(), np.zeros(len(labels), np.float32)
+    bias = classifier.score_bias().expand(len(labels))
+    return weight.float().numpy(), bias.float().numpy().astype(np.float32)
 
 
 def write_initial_adapter(out: str | Path, model_name: str, labels: Sequence[str], lora,

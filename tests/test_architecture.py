@@ -132,12 +132,14 @@ def third_party(closure, packages, allowed=()) -> list:
 
 def test_the_nvflare_server_imports_neither_transformers_models_nor_peft():
     """The server never builds the base: its components (and what they import, transitively) describe it from its
-    config (base_model: transformers' CLIPConfig only) and never import the network, peft or the site's training."""
+    config (base_model, families: transformers' configuration classes only) and never import the network, peft or the site's training."""
     edges = package_imports(PACKAGE, "nvflare_lora")
     closure = import_closure(m for m in edges if m.startswith(("nvflare_lora.fl.server.", "nvflare_lora.fl.filters.")))
     assert not closure & {"nvflare_lora.models", "nvflare_lora.lora_model", "nvflare_lora.dp_sgd",
                           "nvflare_lora.training", "nvflare_lora.data", "nvflare_lora.site"}, sorted(closure)
-    heavy = third_party(closure, {"peft", "transformers"}, {("nvflare_lora.base_model", "transformers", ("CLIPConfig",))})
+    heavy = third_party(closure, {"peft", "transformers"}, {
+        ("nvflare_lora.base_model", "transformers", ("CLIPConfig",)),
+        ("nvflare_lora.families", "transformers", ("CLIPConfig", "MetaClip2Config", "SiglipConfig"))})
     assert not heavy, heavy
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from nvflare_lora import compression as codec
 from nvflare_lora.compression import CompressionSpec
+from support.bases import small_base
 
 SHAPES = [(), (0,), (0, 5), (5, 0), (1,), (7,), (3, 5), (2, 3, 5), (1, 257), (16, 64)]
 # The tiny-clip adapter at r=16 (8 LoRA tensors, the head), with PEFT's key names.
@@ -463,11 +464,13 @@ SIM_SITES = ["site-1", "site-2"]
 @pytest.fixture(scope="module")
 def compressed_run(tmp_path_factory):
     """A 2-round job compressed both ways in the real simulator, tracked in TensorBoard and MLflow (tracking "both":
-    tests/test_compression.py is where the suite's one simulator job with MLflow runs)."""
+    tests/test_compression.py is where the suite's one simulator job with MLflow runs), on a small SigLIP base (the
+    suite's one simulator job of another model family than CLIP; its adapter has tiny-clip's keys and shapes)."""
     from nvflare_lora.testing.simulator import make_job, run_simulator
 
     tmp = tmp_path_factory.mktemp("compressed")
-    job = make_job(tmp / "job", num_rounds=2, num_sites=2, min_clients=2, compression="topk+int8",
+    job = make_job(tmp / "job", model=small_base(tmp / "siglip", "siglip"), num_rounds=2, num_sites=2, min_clients=2,
+                   compression="topk+int8",
                    download_compression="int8", compression_args={"fraction": 0.1}, tracking="both")
     ws = tmp / "ws"
     proc = run_simulator(job, ws, n=2, threads=2)
@@ -477,7 +480,8 @@ def compressed_run(tmp_path_factory):
 
 def test_simulator_compresses_both_ways_on_the_wire_and_keeps_the_residual_at_the_site(compressed_run):
     """What only NVFlare shows: the job's filters on the wire (bytes per direction as the server counts
-    them), the error-feedback residual in each site's app directory, and a job that completes and learns."""
+    them), the error-feedback residual in each site's app directory, and a job that completes and learns (on a
+    SigLIP base: the server describes it from its config, the sites build it, the persistor checkpoints it)."""
     from nvflare_lora.testing.simulator import communication, cross_site_results
 
     sites, ws = SIM_SITES, compressed_run

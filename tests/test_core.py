@@ -308,13 +308,13 @@ def test_skeleton_shapes_match_real_model_and_init_is_shared():
     assert all(not pa[k].any() for k in pa if "lora_B" in k)
 
 
-@pytest.mark.parametrize("case", ["tiny-qv", "tiny-text-all", "vitb32-head-only-tower"])
+@pytest.mark.parametrize("case", ["tiny-qv", "tiny-text-all", "vitb32-head-only-tower", "siglip-all", "metaclip2-qv"])
 def test_the_adapter_from_the_config_alone_is_what_peft_makes_of_the_built_model(case, tmp_path):
     """adapter_skeleton (what the server uses: the base's config, no network, no peft) against PEFT on the model
     built on the meta device: the same keys in the same order, the same shapes, and an adapter_config.json that
     PEFT reads back as the config it makes itself."""
     from peft import LoraConfig, get_peft_model
-    from transformers import CLIPConfig
+    from transformers import CLIPConfig, MetaClip2Config, SiglipConfig
 
     from nvflare_lora.skeleton import adapter_config, adapter_skeleton
     from nvflare_lora.base_model import linear_layers, load_clip_config, resolve_model
@@ -327,16 +327,30 @@ def test_the_adapter_from_the_config_alone_is_what_peft_makes_of_the_built_model
                                                   target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1",
                                                                   "fc2"]), True),
         "vitb32-head-only-tower": (str(tmp_path / "vitb32"), LoRAConfig(r=8, target_components=["vision"]), False),
+        # SigLIP: no projection layers (its text head is the text tower's), its attention-pooling image head takes no
+        # LoRA (its out_proj and MLP are left out although "out_proj" and "fc1" are named)
+        "siglip-all": (str(tmp_path / "siglip"), LoRAConfig(r=2, target_components=["vision", "text", "classifier"],
+                                                            target_modules=["q_proj", "out_proj", "fc1", "head"]), True),
+        "metaclip2-qv": (str(tmp_path / "metaclip2"), LoRAConfig(r=4, target_components=["vision", "text"]), True),
     }[case]
     if case.startswith("vitb32"):
         CLIPConfig().save_pretrained(str(tmp_path / "vitb32"))  # ViT-B/32's shapes; the config is all it reads
+    small = dict(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  vocab_size=100), vision_config=dict(hidden_size=32, intermediate_size=48,
+                                                                      num_hidden_layers=2, num_attention_heads=2,
+                                                                      image_size=32, patch_size=8))
+    if case.startswith("siglip"):
+        SiglipConfig(**small).save_pretrained(str(tmp_path / "siglip"))
+    if case.startswith("metaclip2"):
+        MetaClip2Config(**small, projection_dim=24).save_pretrained(str(tmp_path / "metaclip2"))
     shapes, config = adapter_skeleton(model, 7, lora, include_text)
     cfg = load_clip_config(resolve_model(model))
     with torch.device("meta"):
         built = CLIPImageClassifier(cfg, 7, include_text=include_text or "text" in lora.towers)
     assert linear_layers(cfg, built.include_text) == {
-        n: (m.in_features, m.out_features) for n, m in built.named_modules()
-        if isinstance(m, torch.nn.Linear) and n != "classifier"}
+        n: (m.in_features, m.out_features) for n, m in built.named_modules() if n in built.lora_layers()}
+    assert set(built.lora_layers()) == {n for n, m in built.named_modules() if isinstance(m, torch.nn.Linear)
+                                        and n != "classifier" and not n.startswith("vision_model.head.")}
     built.name_or_path = model  # as build_classifier names it
     with torch.device("meta"):
         peft_model = get_peft_model(built, peft_config(lora, built, model))

@@ -1,9 +1,10 @@
 """The exported graphs and the torch.onnx call.
 
-Image graph: pixel_values (batch, 3, H, W) -> logits (batch, classes), image_embeds (batch, projection_dim) at
+Image graph: pixel_values (batch, 3, H, W) -> logits (batch, classes), image_embeds (batch, embedding width) at
 unit length (what CLIP scores against class text embeddings), one pass through the image tower. Text graph
-(--with-text): input_ids, attention_mask (batch, sequence) -> text_embeds (batch, projection_dim), the
-projection as CLIPModel gives it (serving averages a class's prompts after normalising each).
+(--with-text): input_ids, attention_mask (batch, sequence) -> text_embeds (batch, embedding width), the text
+embedding as the family's model gives it (CLIPModel's projection; SigLIP's text head), which serving averages over
+a class's prompts after normalising each.
 
 torch.onnx's dynamo exporter (torch.export + onnxscript, torch's default since 2.9) writes the graph; the
 towers are switched to the "eager" attention implementation first, because its plain MatMul/Softmax
@@ -48,13 +49,15 @@ class ImageOutputs(nn.Module):
 
 
 class TextOutputs(nn.Module):
-    """(input_ids, attention_mask) -> text_embeds: the text tower and its projection, for zero-shot use."""
+    """(input_ids, attention_mask) -> text_embeds: the text tower and its projection (if its family has one), for
+    zero-shot use."""
 
     def __init__(self, classifier: CLIPImageClassifier):
         super().__init__()
         if not classifier.include_text:
             raise ExportError("the model was built without its text tower")
-        self.text_model, self.text_projection = classifier.text_model, classifier.text_projection
+        self.text_model = classifier.text_model
+        self.text_projection = classifier.text_projection if classifier.family.projection else nn.Identity()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         pooled = self.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
@@ -67,7 +70,7 @@ def example_pixels(classifier: CLIPImageClassifier, batch: int = 2) -> torch.Ten
 
 
 def example_text(classifier: CLIPImageClassifier, batch: int = 2, length: int = 8) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Token ids ending in the end-of-text token, as CLIP's tokenizer writes them; the mask is all ones."""
+    """Token ids ending in the end-of-text token, as the tokenizer writes them; the mask is all ones."""
     tc = classifier.clip_config.text_config
     length = min(length, tc.max_position_embeddings)
     ids = torch.randint(0, tc.vocab_size - 2, (batch, length), generator=torch.Generator().manual_seed(length))

@@ -103,8 +103,9 @@ def _text_parity(rebuilt: Rebuilt, path: Path) -> Dict:
             "passed": diff <= verify.FP32_MAX_ABS_DIFF, "provider": session.get_providers()[0],
             "inputs": graph.TEXT_INPUTS, "outputs": graph.TEXT_OUTPUTS,
             "max_length": text_config.max_position_embeddings, "eos_token_id": text_config.eos_token_id,
-            "logit_scale": float(rebuilt.merged.logit_scale.exp()),
-            "tokenizer": "the base model's CLIP tokenizer (CLIPTokenizer.from_pretrained(BASE))"}
+            "logit_scale": float(rebuilt.merged.logit_scale.exp()), "logit_bias": float(rebuilt.merged.score_bias()),
+            "scoring": rebuilt.merged.family.scoring,
+            "tokenizer": "the base model's own tokenizer (AutoTokenizer.from_pretrained(BASE))"}
 
 
 def _export_text(tmp: Path, rebuilt: Rebuilt, image_embeds, reference, int8: bool, fp16: bool, opset: int,
@@ -136,17 +137,18 @@ def _export_text(tmp: Path, rebuilt: Rebuilt, image_embeds, reference, int8: boo
     with tempfile.TemporaryDirectory() as saved:
         tokenizer.save_pretrained(saved)  # a fast tokenizer writes tokenizer.json, which `tokenizers` reads
         shutil.copyfile(Path(saved) / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
-    scale = float(rebuilt.merged.logit_scale.exp())
-    write_json_atomic(tmp / TEXT_FILE, {"templates": templates, "max_length": text["max_length"],
+    scale, bias, rules = text["logit_scale"], text["logit_bias"], rebuilt.merged.text_rules
+    write_json_atomic(tmp / TEXT_FILE, {"templates": templates, **rules.to_dict(),
                                         "pad_token_id": tokenizer.pad_token_id, "pad_token": tokenizer.pad_token,
-                                        "logit_scale": scale})
+                                        "logit_scale": scale, "logit_bias": bias, "scoring": text["scoring"]})
     lists = {"job_labels": list(rebuilt.labels), "unseen_labels": list(UNSEEN_LABELS)}
     with torch.no_grad():
-        ref = {k: scale * reference[1] @ rebuilt.unmerged.embed_labels(tokenizer, v, templates).numpy().T
+        ref = {k: scale * reference[1] @ rebuilt.unmerged.embed_labels(tokenizer, v, templates).numpy().T + bias
                for k, v in lists.items()}
-    prompts = [t.format(label) for label in lists["job_labels"] for t in templates]
+    prompts = rules.texts(lists["job_labels"], templates)
     ours = TextEncoder(ExportFiles.unchecked(tmp), FILES["text"]).tokenizer.encode_batch(prompts)
-    theirs = tokenizer(prompts, padding=True, truncation=True, max_length=text["max_length"])["input_ids"]
+    theirs = tokenizer(prompts, padding="max_length" if rules.pad_to_max_length else True, truncation=True,
+                       max_length=rules.max_length)["input_ids"]
     text.update(templates=templates, logit_scale=scale, tokenizer=f"{TOKENIZER_FILE} (the tokenizers package)",
                 tokens_equal=[e.ids for e in ours] == [list(t) for t in theirs], unseen_labels=lists["unseen_labels"],
                 prompts={})
@@ -166,7 +168,7 @@ def _export_text(tmp: Path, rebuilt: Rebuilt, image_embeds, reference, int8: boo
         gate = {"text": "fp32", "text_int8": "int8", "text_fp16": "fp16"}[variant]  # also the session's variant
         encoder = TextEncoder(ExportFiles.unchecked(tmp), FILES[variant], gate)
         embeddings = {k: encoder.encode(v) for k, v in lists.items()}
-        parities = {k: verify.compare(gate, [ref[k]], [scale * image_embeds @ embeddings[k].T], "CPU")
+        parities = {k: verify.compare(gate, [ref[k]], [scale * image_embeds @ embeddings[k].T + bias], "CPU")
                     for k in lists}
         if variant == "text":
             save_file({"embeddings": embeddings["job_labels"]}, str(tmp / CLASS_EMBEDDINGS_FILE))
@@ -392,7 +394,9 @@ def _report(rebuilt: Rebuilt, files, fused, parities, latency, text, labels, ref
         "round": meta.get("round"), "metrics": meta.get("metrics"), "lora_config": meta.get("lora_config"),
         "labels": list(rebuilt.labels), "preprocessing": rebuilt.preprocessing.to_dict(),
         "inputs": {"pixel_values": ["batch", 3, size, size]},
-        "outputs": {"logits": ["batch", len(rebuilt.labels)], "image_embeds": ["batch", config.projection_dim]},
+        "outputs": {"logits": ["batch", len(rebuilt.labels)],
+                    "image_embeds": ["batch", rebuilt.merged.family.embed_dim(config)]},
+        "family": rebuilt.merged.family.name,
         "opset": opset, "exporter": f"torch.onnx dynamo (torch {torch.__version__})",
         "onnxruntime": onnxruntime.__version__, "provider": parities[0].provider,
         "optimizer_fusions": fused,

@@ -14,9 +14,12 @@ end. Rows go to stdout, or to --out (CSV or JSON lines, written whole at the end
 gives the count and the throughput. Exit status: 0 done; 2 bad input (nothing classified, nothing written).
 
 --labels: classify against any label list given at run time, as CLIP does: each label's prompts (the export's
-templates) through the exported text tower, tokenized with the `tokenizers` package (no torch, no transformers),
-and the image's unit embedding scored against the unit class embeddings times CLIP's logit scale. The model's
-own head is not used then. Needs an export made with --with-text from a base that has a tokenizer.
+templates) through the exported text tower, tokenized with the `tokenizers` package (no torch, no transformers) by
+the base family's rules (text.json: length, padding, case), and the image's unit embedding scored against the unit
+class embeddings as the family scores them: CLIP and MetaCLIP 2 by a softmax over logit_scale x cosine; SigLIP by
+each class's own sigmoid of logit_scale x cosine + logit_bias (the probabilities do not sum to 1, and adding a label
+leaves the others' as they were). The model's own head is not used then. Needs an export made with --with-text from
+a base that has a tokenizer.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from nvflare_lora.files import atomic_write, current_umask  # stdlib only: no torch
-from nvflare_lora.head import HeadError, check_class_names  # torch-free, as this module
+from nvflare_lora.head import HeadError, TextRules, check_class_names  # torch-free, as this module
 from nvflare_lora.preprocessing import Preprocessing, image_files, open_image
 from nvflare_lora.signing import SignatureError, TrustRoot, read_record  # cryptography only
 
@@ -166,20 +169,21 @@ class TextEncoder:
                                "pip install tokenizers") from None
 
         self.spec = files.json(TEXT_FILE)
+        self.rules = TextRules.from_dict(self.spec)
         self.tokenizer = Tokenizer.from_str(files.read(TOKENIZER_FILE).decode("utf-8"))
-        self.tokenizer.enable_truncation(int(self.spec["max_length"]))
-        self.tokenizer.enable_padding(pad_id=int(self.spec["pad_token_id"]), pad_token=self.spec["pad_token"])
+        self.tokenizer.enable_truncation(self.rules.max_length)
+        self.tokenizer.enable_padding(pad_id=int(self.spec["pad_token_id"]), pad_token=self.spec["pad_token"],
+                                      length=self.rules.max_length if self.rules.pad_to_max_length else None)
         self.session = files.session(text_file, variant)
-        self.logit_scale = float(self.spec["logit_scale"])
 
     def encode(self, labels: Sequence[str]) -> np.ndarray:
         templates = self.spec["templates"]
-        prompts = [t.format(label) for label in labels for t in templates]
+        prompts = self.rules.texts(labels, templates)
         chunks = []
         for start in range(0, len(prompts), self.PROMPTS_PER_CALL):  # a long label list in bounded memory
             encodings = self.tokenizer.encode_batch(prompts[start:start + self.PROMPTS_PER_CALL])
             ids = np.array([e.ids for e in encodings], np.int64)
-            mask = np.array([e.attention_mask for e in encodings], np.int64)
+            mask = self.rules.mask(np.array([e.attention_mask for e in encodings], np.int64))
             chunks.append(self.session.run(["text_embeds"], {"input_ids": ids, "attention_mask": mask})[0])
         emb = np.concatenate(chunks).astype(np.float64)
         emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
@@ -218,9 +222,11 @@ class ImageClassifier:
         self.labels: List[str] = files.json("labels.json")
         self.preprocess = Preprocessing.from_dict(files.json("preprocessing.json"))
         self.session = files.session(model_file, variant)
-        self.class_embeddings, self.logit_scale = None, None
+        self.class_embeddings, self.logit_scale, self.logit_bias, self.scoring = None, None, 0.0, "softmax"
         if labels is not None:
-            self.logit_scale = float(files.json(TEXT_FILE)["logit_scale"])
+            spec = files.json(TEXT_FILE)
+            self.logit_scale = float(spec["logit_scale"])
+            self.logit_bias, self.scoring = float(spec.get("logit_bias", 0.0)), str(spec.get("scoring", "softmax"))
             if labels == self.labels:  # the job's labels, encoded at export by the fp32 text tower: only the image
                 from safetensors.numpy import load  # tower runs, whatever the variant
 
@@ -230,13 +236,16 @@ class ImageClassifier:
             self.labels = labels
 
     def probabilities(self, images) -> np.ndarray:
-        """Images (PIL or uint8 arrays) -> (n, classes) softmax probabilities."""
-        return self._softmax(np.stack([self.preprocess.array(im) for im in images]))
+        """Images (PIL or uint8 arrays) -> (n, classes) probabilities: softmax, or with --labels on a SigLIP export
+        each class's sigmoid."""
+        return self._probabilities(np.stack([self.preprocess.array(im) for im in images]))
 
-    def _softmax(self, pixels: np.ndarray) -> np.ndarray:
+    def _probabilities(self, pixels: np.ndarray) -> np.ndarray:
         logits, image_embeds = self.session.run(["logits", "image_embeds"], {"pixel_values": pixels})
-        if self.class_embeddings is not None:  # CLIP's own scoring: unit image embedding . unit class embeddings
-            logits = self.logit_scale * image_embeds @ self.class_embeddings.T
+        if self.class_embeddings is not None:  # the family's own scoring: unit image . unit class embeddings
+            logits = self.logit_scale * image_embeds @ self.class_embeddings.T + self.logit_bias
+            if self.scoring == "sigmoid":
+                return 1.0 / (1.0 + np.exp(-logits))
         logits = logits - logits.max(axis=1, keepdims=True)
         e = np.exp(logits)
         return e / e.sum(axis=1, keepdims=True)
@@ -263,7 +272,7 @@ class ImageClassifier:
                     if bad is not None:
                         bad[str(path)] = f"{type(e).__name__}: {e}"
             if names:
-                yield from zip(names, self._top(self._softmax(np.stack(pixels)), k))
+                yield from zip(names, self._top(self._probabilities(np.stack(pixels)), k))
 
 
 def expand_inputs(inputs: Sequence[str]) -> List[Path]:
