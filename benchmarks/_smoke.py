@@ -46,3 +46,14 @@ def write_tiny_base(directory: str | Path) -> Path:
     from nvflare_lora.sample_data import write_random_base
 
     return write_random_base(directory, **TINY_CLIP_CONFIG)
+
+
+def write_tiny_siglip_base(directory: str | Path) -> Path:
+    """A SigLIP directory at tiny-clip's tower shapes (no projection: the embedding is the image tower's 64 wide),
+    seeded random weights: what a smoke run uses where the full run writes a ViT-B/16-sized SigLIP."""
+    from nvflare_lora.sample_data import write_random_base
+
+    config = {k: {kk: vv for kk, vv in v.items() if not kk.endswith("token_id")}
+              for k, v in TINY_CLIP_CONFIG.items() if k != "projection_dim"}
+    config["text_config"]["projection_size"] = config["vision_config"]["hidden_size"]
+    return write_random_base(directory, 0, "siglip", **config)

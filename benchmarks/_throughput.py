@@ -49,10 +49,16 @@ class _Files(torch.utils.data.Dataset):
 
 
 class _Classifier(nn.Module):
+    """The family's image tower, its projection (SigLIP has none: its attention-pooling head gives the embedding)
+    and a Linear head."""
+
     def __init__(self, clip, num_classes: int):
         super().__init__()
-        self.vision_model, self.visual_projection = clip.vision_model, clip.visual_projection
-        self.head = nn.Linear(clip.config.projection_dim, num_classes)
+        self.vision_model = clip.vision_model
+        self.visual_projection = getattr(clip, "visual_projection", nn.Identity())
+        width = clip.config.projection_dim if hasattr(clip, "visual_projection") else \
+            clip.config.vision_config.hidden_size
+        self.head = nn.Linear(width, num_classes)
 
     def forward(self, pixel_values):
         return self.head(self.visual_projection(self.vision_model(pixel_values=pixel_values).pooler_output))
@@ -61,12 +67,12 @@ class _Classifier(nn.Module):
 def plain_loop(base: str, folder: str, batch: int, workers: int, device: str, autocast_dtype=None):
     """The baseline: plain PyTorch + PEFT + DataLoader, written without this package's training code."""
     from peft import LoraConfig, get_peft_model
-    from transformers import CLIPModel
+    from transformers import AutoModel
 
     from nvflare_lora.base_model import preprocessing_for
 
     dev = torch.device(device)
-    model = _Classifier(CLIPModel.from_pretrained(base), 2)
+    model = _Classifier(AutoModel.from_pretrained(base), 2)
     model = get_peft_model(model, LoraConfig(target_modules=["q_proj", "v_proj"], modules_to_save=["head"], **LORA)).to(dev)
     items = [(p, int(p.parent.name == "defective")) for p in sorted(Path(folder).rglob("*.png"))]
     loader = torch.utils.data.DataLoader(_Files(items, preprocessing_for(base)), batch_size=batch, shuffle=True,

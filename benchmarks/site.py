@@ -18,17 +18,21 @@ LoRA as the jobs configure it: r 16, alpha 32, q/v of the image encoder, head tr
     file a distinct real image). Each N in a fresh process.
 (c) the ViT-B/32 job: jobs/clip_lora_vitb32 as the README runs it (2 sites x 100 elpv images, the zero-shot
     head, one round), in the real simulator: wall time and peak RSS of the whole process tree.
+(d) a ViT-B-sized SigLIP base beside it (write_random_base(family="siglip"): SiglipConfig()'s shapes, ViT-B/16 at
+    224 px, 196 patches, random weights): (a)'s two loops (the plain one on SiglipModel's image tower, whose
+    attention-pooling head gives the embedding) and (b)'s site memory at the first size.
 
 Usage: HF_HUB_OFFLINE=1 python benchmarks/site.py [--threads 2] [--batch 16] [--steps 4] [--reps 3]
        HF_HUB_OFFLINE=1 python benchmarks/site.py --smoke    # CI size, in seconds
---smoke: the same three parts with a tiny-clip-shaped base (benchmarks/_smoke.py) in the ViT-B/32 base's place,
+--smoke: the same four parts with tiny-clip-shaped bases (benchmarks/_smoke.py) in the ViT-B bases' places,
 one site of 16 images for (a) and (b) (so rss_8k/1k reads 1.00x), batch 4, 1 step, 1 rep, 8 images per site in
 (c), in a temporary folder; raw results to benchmarks/out/smoke/site.json.
 --reuse-run WS: WS is a finished workspace of the guide's ViT-B/32 job (`nvflare simulator jobs/clip_lora_vitb32 -w WS
 -n 2 -t 2`, docs/guide.md): (c) reads that run (its wall time: the span of its server log; its peak RSS is not
 measured) instead of running the job again. The test suite's smoke run passes the session's run of the guide's
 commands (tests/conftest.py, vitb32_run).
-Last line: `site: throughput_vs_plain=<X>x rss_8k/1k=<Y>x vitb32_round=<Z>s` (targets: X >= 0.95, Y <= 1.15).
+Last line: `site: throughput_vs_plain=<X>x rss_8k/1k=<Y>x vitb32_round=<Z>s siglip_vs_plain=<S>x
+siglip_vs_vitb32=<R>x` (targets: X, S >= 0.95, Y <= 1.15; R is SigLIP's executor images/s over ViT-B/32's).
 Raw results: benchmarks/results/site.json. benchmarks/gpu_check.py runs (a) on a GPU.
 """
 
@@ -199,14 +203,7 @@ def run(args, work: Path) -> None:
     tp = throughput(str(base), str(folders[sizes[0]]), args.batch, args.steps, args.reps, args.workers)
 
     print("\n(b) a site's peak memory (fresh process each)")
-    mem = {}
-    for n, folder in folders.items():
-        out = subprocess.run([sys.executable, __file__, "--memory-run", str(base), str(folder), "--threads",
-                              str(args.threads), "--batch", str(args.batch), "--steps", str(args.steps),
-                              "--workers", str(args.workers)], capture_output=True, text=True, check=True)
-        mem[n] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"  {n:5d} images: site {mem[n]['peak_rss_mb']:.0f} MB, worker {mem[n]['worker_peak_rss_mb']:.0f} MB, "
-              f"validated {mem[n]['val_images']} images, {mem[n]['seconds']:.0f} s")
+    mem = {n: memory(args, base, folder) for n, folder in folders.items()}
     big, small = mem[sizes[-1]], mem[sizes[0]]
     rss_ratio = (big["peak_rss_mb"] + big["worker_peak_rss_mb"]) / (small["peak_rss_mb"] + small["worker_peak_rss_mb"])
 
@@ -220,20 +217,53 @@ def run(args, work: Path) -> None:
         print(f"  wall {job['wall_s']:.1f} s (round {job['round_s']:.1f} s), peak RSS of the process tree "
               f"{job['peak_tree_rss_mb']:.0f} MB")
 
+    siglip = work / ("siglip-tiny" if args.smoke else "siglip-vit-b16")
+    if not (siglip / "config.json").is_file():
+        if args.smoke:
+            from _smoke import write_tiny_siglip_base
+
+            write_tiny_siglip_base(siglip)
+        else:
+            write_random_base(siglip, family="siglip")
+    print(f"\n(d) a {'tiny (smoke)' if args.smoke else 'ViT-B/16-sized'} SigLIP base, (a) and (b) at {sizes[0]:,} "
+          f"images")
+    tp_siglip = throughput(str(siglip), str(folders[sizes[0]]), args.batch, args.steps, args.reps, args.workers)
+    mem_siglip = memory(args, siglip, folders[sizes[0]])
+    vs_vitb32 = tp_siglip["median"]["executor"] / tp["median"]["executor"]
+
     print("\n| measure | executor path | plain PEFT loop | ratio |")
     print("|---|---|---|---|")
     print(f"| (a) images/s, median of {args.reps} | {tp['median']['executor']:.2f} | {tp['median']['plain']:.2f} | "
           f"{tp['ratio']:.3f}x |")
-    print("\n| (b) images | site peak RSS MB | worker peak RSS MB | images validated |")
+    print(f"| (d) SigLIP images/s, median of {args.reps} | {tp_siglip['median']['executor']:.2f} | "
+          f"{tp_siglip['median']['plain']:.2f} | {tp_siglip['ratio']:.3f}x |")
+    print("\n| (b) base, images | site peak RSS MB | worker peak RSS MB | images validated |")
     print("|---|---|---|---|")
     for n in folders:
-        print(f"| {n} | {mem[n]['peak_rss_mb']:.0f} | {mem[n]['worker_peak_rss_mb']:.0f} | {mem[n]['val_images']} |")
+        print(f"| ViT-B/32, {n} | {mem[n]['peak_rss_mb']:.0f} | {mem[n]['worker_peak_rss_mb']:.0f} | "
+              f"{mem[n]['val_images']} |")
+    print(f"| SigLIP, {sizes[0]} | {mem_siglip['peak_rss_mb']:.0f} | {mem_siglip['worker_peak_rss_mb']:.0f} | "
+          f"{mem_siglip['val_images']} |")
     out = Path(json_path("site.json", args.json, args.smoke))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "load_at_start": load, "throughput": tp, "memory": mem,
-                               "rss_ratio_8k_1k": rss_ratio, "vitb32_job": job}, indent=1, default=str) + "\n")
+                               "rss_ratio_8k_1k": rss_ratio, "vitb32_job": job,
+                               "siglip": {"throughput": tp_siglip, "memory": mem_siglip,
+                                          "executor_vs_vitb32": vs_vitb32}}, indent=1, default=str) + "\n")
     print(f"\nraw results: {out}")
-    print(f"site: throughput_vs_plain={tp['ratio']:.2f}x rss_8k/1k={rss_ratio:.2f}x vitb32_round={job['wall_s']:.0f}s")
+    print(f"site: throughput_vs_plain={tp['ratio']:.2f}x rss_8k/1k={rss_ratio:.2f}x vitb32_round={job['wall_s']:.0f}s "
+          f"siglip_vs_plain={tp_siglip['ratio']:.2f}x siglip_vs_vitb32={vs_vitb32:.2f}x")
+
+
+def memory(args, base: Path, folder: Path) -> dict:
+    """(b) in a fresh process: a site's set-up, training and validation on `folder` with `base`."""
+    out = subprocess.run([sys.executable, __file__, "--memory-run", str(base), str(folder), "--threads",
+                          str(args.threads), "--batch", str(args.batch), "--steps", str(args.steps),
+                          "--workers", str(args.workers)], capture_output=True, text=True, check=True)
+    mem = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"  {base.name}, {sum(1 for _ in folder.rglob('*.png')):5d} images: site {mem['peak_rss_mb']:.0f} MB, "
+          f"worker {mem['worker_peak_rss_mb']:.0f} MB, validated {mem['val_images']} images, {mem['seconds']:.0f} s")
+    return mem
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from .base_model import TINY_PRESET, preprocessing_for
 from .config import LoRAConfig, LoRAConfigError
 from .head import Head, HeadError, check_labels, tokenize_labels
 from .models import CLIPImageClassifier, build_classifier, load_tokenizer
-from .skeleton import HEAD, init_adapter_state, lora_fields
+from .skeleton import init_adapter_state, lora_fields
 from .training import evaluate as _evaluate
 from .training import make_optimizer, pick_device
 from .training import train_step as _train_step

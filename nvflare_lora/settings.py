@@ -101,8 +101,9 @@ class ModelSection(Section):
 
     name = "model"
 
-    model: str = _s("tiny-clip", 'Base model: "tiny-clip" (built in, no download), a local HuggingFace CLIP '
-                    'directory present on the server and every site (CLIPModel.save_pretrained), or a hub id. '
+    model: str = _s("tiny-clip", 'Base model: "tiny-clip" (built in, no download), a local HuggingFace directory of a '
+                    'CLIP, SigLIP (SigLIP 2 at a fixed resolution) or MetaCLIP 2 model present on the server and '
+                    'every site (save_pretrained), or a hub id. '
                     'The server reads only its config and hashes its weight files (the fingerprint).', SRV)
     num_classes: int = _s(10, "Size of the classification head (2 or more: a classifier tells classes apart); "
                           "given labels alone, their number.", SRV)

@@ -55,7 +55,8 @@ SMOKE = {
     # the smoke size skips the runs without -t (a process per task): plain and the floors read nan
     "newcomer": ([], r"newcomer: plain=(\d+|nan)s floor=(\d+|nan)s nvflare_floor=(\d+|nan)s t4=\d+s "
                      r"int8_agree_min=\d+\.\d\d% int8_passed=\d+/\d+", "newcomer.json"),
-    "site": ([], r"site: throughput_vs_plain=\d+\.\d\dx rss_8k/1k=\d+\.\d\dx vitb32_round=\d+s", "site.json"),
+    "site": ([], r"site: throughput_vs_plain=\d+\.\d\dx rss_8k/1k=\d+\.\d\dx vitb32_round=\d+s "
+                  r"siglip_vs_plain=\d+\.\d\dx siglip_vs_vitb32=\d+\.\d\dx", "site.json"),
     "gpu_check": (["--device", "cpu"], r"gpu_check: train_vs_plain=\d+\.\d\dx train_images_s=\d+ "
                                       r"merged_fp16_vs_unmerged=\d+\.\d\dx", "gpu_check.json"),
     "export": ([], r"export \(vs peft-eager at [\w./-]+, batch 8\): ort_fp32 \d+\.\d\dx int8 \d+\.\d\dx, "

@@ -139,12 +139,14 @@ def _readme(report: Dict, models: Dict, tensorrt: bool) -> str:
     image = next((m for m in models.values() if not m["variant"].startswith("text")), None)
     text = ""
     if "clip_lora_text" in models:
-        text = ("\n`clip_lora_text` takes CLIP-tokenized `input_ids` and `attention_mask` (INT64, right-padded, "
-                "ending in the end-of-text token) and gives `text_embeds`. Its folder holds what a client needs to "
+        text = ("\n`clip_lora_text` takes `input_ids` and `attention_mask` (INT64, right-padded, as the base's "
+                "tokenizer writes them) and gives `text_embeds`. Its folder holds what a client needs to "
                 "classify against any class names: `tokenizer.json` (the `tokenizers` package reads it), `text.json` "
-                "(prompt templates, length, padding, CLIP's logit scale) and `class_embeddings.safetensors` (the "
-                "job's labels, encoded): score the unit `image_embeds` against the unit mean of each class's prompt "
-                "embeddings times the logit scale, as `exporters/onnx/predict.py` (`TextEncoder`) does.\n")
+                "(prompt templates, the base family's text rules: length, padding, mask, case; its logit scale, "
+                "bias and scoring) and `class_embeddings.safetensors` (the job's labels, encoded): score the unit "
+                "`image_embeds` against the unit mean of each class's prompt embeddings times the logit scale, plus "
+                "the bias, then a softmax (CLIP, MetaCLIP 2) or each class's sigmoid (SigLIP), as "
+                "`exporters/onnx/predict.py` (`TextEncoder`, `ImageClassifier`) does.\n")
     int8 = ""
     if "clip_lora_int8" in models:
         int8 = (f"\n## int8 and the CPU\n\n`clip_lora_int8` holds signed 8-bit weights. ONNX Runtime computes its "
