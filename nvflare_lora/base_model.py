@@ -101,7 +101,8 @@ def resolve_model(name: str) -> ModelSource:
         try:
             local = snapshot_download(
                 name, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json",
-                                      "preprocessor_config.json"],
+                                      "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+                                      "special_tokens_map.json", "vocab.json", "merges.txt"],
             )
             return ModelSource(name, "hub", Path(local))
         except Exception as e:  # offline, unknown repo, no access: all mean the same to the user

@@ -78,13 +78,16 @@ def test_the_zero_shot_start_is_the_familys_own_model(bases, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_two_rounds_in_process_on_each_family_and_each_head(bases, family, tmp_path):
     """The in-process round (the code the NVFlare job runs) on the family's base: a linear head with LoRA on the image
-    tower, and the text head with LoRA on both towers (SigLIP's text head named as a target too); the global
-    adapter has the skeleton's keys (what the server computes from the config alone) and moved."""
+    tower under DP-SGD (per-sample gradients through SigLIP's attention-pooling head), and the text head with LoRA on
+    both towers (SigLIP's text head named as a target too); the global adapter has the skeleton's keys (what
+    the server computes from the config alone) and moved."""
     data = write_digits(tmp_path / "data", 2, 40, 0)
+    dp = {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "sampling": "reproducible"}
     for head, targets, modules in (("linear", ["vision", "classifier"], None),
                                    ("text", ["vision", "text"], ["q_proj", "v_proj"] + ["head"] * (family == "siglip"))):
         settings = JobSettings(model=bases[family], num_rounds=2, head=head, data=str(data[0].parent / "{site}"),
                                target_components=targets, target_modules=modules, r=4, lora_alpha=8,
+                               dp=dp if head == "linear" else None,
                                labels=["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
                                        "nine"] if head == "text" else None)
         fed = Federation(settings, sites=["site-1", "site-2"])
