@@ -7,9 +7,10 @@ A model name is one of three things, tried in this order:
    for users with access, downloaded once.
 
 The base is a CLIP, SigLIP (SigLIP 2 at a fixed resolution) or MetaCLIP 2 model (nvflare_lora.families says what
-differs between them). This module imports transformers' configuration classes only, never the modelling code (nvflare_lora.models): the NVFlare
-server process (the persistor) describes the base, its adapter's shapes (nvflare_lora.skeleton.adapter_skeleton) and
-its preprocessing from here, and so starts without transformers' models or peft (tests/test_architecture.py).
+differs between them). This module imports transformers' configuration classes only, never the modelling code
+(nvflare_lora.models): the NVFlare server process (the persistor) describes the base, its adapter's shapes
+(nvflare_lora.skeleton.adapter_skeleton) and its preprocessing from here, and so starts without transformers' models
+or peft (tests/test_architecture.py).
 """
 
 from __future__ import annotations

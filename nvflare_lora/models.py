@@ -181,7 +181,6 @@ class CLIPImageClassifier(nn.Module):
             self.head, self.normalize_embeds = "linear", True
         return self
 
-
     def score_bias(self) -> torch.Tensor:
         """The bias every class's logit gets under the family's scoring: SigLIP's logit_bias, else 0 (shape (1,))."""
         return self.logit_bias.detach().reshape(1) if self.family.logit_bias else self.logit_scale.new_zeros(1)
