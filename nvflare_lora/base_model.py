@@ -26,7 +26,7 @@ from huggingface_hub import snapshot_download
 from transformers import CLIPConfig
 
 from .config import TOWER_PREFIX
-from .errors import NVFlareLoRAError
+from .errors import ModelNotFoundError
 from .families import family_of, read_family_config
 from .files import atomic_write
 from .preprocessing import Preprocessing
@@ -46,10 +46,6 @@ _TINY_CONFIG = dict(
     projection_dim=32,
 )
 PRESETS = {TINY_PRESET: (_TINY_CONFIG, 0)}
-
-
-class ModelNotFoundError(NVFlareLoRAError):
-    """The model name is not a preset, not a directory, and not reachable on a hub."""
 
 
 def _how_to_supply(name: str, tried: List[str]) -> str:
@@ -103,7 +99,8 @@ def resolve_model(name: str) -> ModelSource:
             local = snapshot_download(
                 name, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json",
                                       "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
-                                      "special_tokens_map.json", "vocab.json", "merges.txt"],
+                                      "special_tokens_map.json", "vocab.json", "merges.txt", "spiece.model",
+                                      "sentencepiece.bpe.model"],
             )
             return ModelSource(name, "hub", Path(local))
         except Exception as e:  # offline, unknown repo, no access: all mean the same to the user
@@ -238,20 +235,33 @@ def linear_layers(clip_config, include_text: bool = False) -> Dict[str, Tuple[in
 
 def preprocessing_for(model_name: str) -> Preprocessing:
     """The image preprocessing of the model's own preprocessor_config.json when it has one (CLIP's processor: short
-    side to `size`, centre crop; SigLIP's: the whole image to height x width, no crop), else its family's defaults."""
+    side to `size`, centre crop; SigLIP's: the whole image to height x width, no crop; bicubic or bilinear), else its
+    family's defaults. A processor this transform cannot reproduce (another resampling filter, a non-square size) is
+    refused."""
     source = resolve_model(model_name)
     config = load_clip_config(source)
     image_size = config.vision_config.image_size
     mean, std, resize = family_of(config).image_defaults
-    pp = Preprocessing(size=image_size, crop_size=image_size, mean=tuple(mean), std=tuple(std), resize=resize)
-    if source.path is not None and (source.path / "preprocessor_config.json").is_file():
-        d = json.loads((source.path / "preprocessor_config.json").read_text())
-        size = d.get("size", image_size)
-        exact = isinstance(size, dict) and "height" in size and "shortest_edge" not in size
-        size = size.get("shortest_edge", size.get("height", image_size)) if isinstance(size, dict) else size
-        crop = d.get("crop_size", image_size)
-        crop = crop.get("height", image_size) if isinstance(crop, dict) else crop
-        squash = exact and not d.get("do_center_crop", False)  # resized to height x width as it is
-        pp = Preprocessing(size=int(size), crop_size=int(size if squash else crop), mean=tuple(d.get("image_mean", mean)),
-                           std=tuple(d.get("image_std", std)), resize="squash" if squash else "shortest_edge")
-    return pp
+    if source.path is None or not (source.path / "preprocessor_config.json").is_file():
+        return Preprocessing(size=image_size, crop_size=image_size, mean=tuple(mean), std=tuple(std), resize=resize)
+    path = source.path / "preprocessor_config.json"
+    d = json.loads(path.read_text())
+    size = d.get("size", image_size)
+    exact = isinstance(size, dict) and "height" in size and "shortest_edge" not in size
+    if exact and size.get("width", size["height"]) != size["height"]:
+        raise ModelNotFoundError(f"{path}: image size {size['height']} x {size['width']} is not square; the "
+                                 f"exported graph and the image pipeline take square images")
+    size = size.get("shortest_edge", size.get("height", image_size)) if isinstance(size, dict) else size
+    crop = d.get("crop_size", image_size)
+    crop = crop.get("height", image_size) if isinstance(crop, dict) else crop
+    squash = exact and not d.get("do_center_crop", False)  # resized to height x width as it is
+    resample = _RESAMPLE_NAMES.get(d.get("resample", 3))  # PIL's numbers, as the processors store them
+    if resample is None:
+        raise ModelNotFoundError(f"{path}: resample {d.get('resample')!r} is not one this transform reproduces "
+                                 f"(3 bicubic, 2 bilinear); training, export and serving would see other pixels")
+    return Preprocessing(size=int(size), crop_size=int(size if squash else crop), mean=tuple(d.get("image_mean", mean)),
+                         std=tuple(d.get("image_std", std)), resize="squash" if squash else "shortest_edge",
+                         resample=resample)
+
+
+_RESAMPLE_NAMES = {3: "bicubic", 2: "bilinear"}

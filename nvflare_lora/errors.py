@@ -8,3 +8,8 @@ caught ValueError before still does. Each message names what is wrong and what t
 
 class NVFlareLoRAError(ValueError):
     """Bad input refused by nvflare_lora: the message names the thing and the fix."""
+
+
+class ModelNotFoundError(NVFlareLoRAError):
+    """The base model cannot be had or used: not a preset, not a directory, not reachable on a hub, or of a family
+    this package does not support (nvflare_lora.families.FamilyError)."""

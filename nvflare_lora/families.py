@@ -30,11 +30,11 @@ from typing import Dict, Optional, Tuple
 
 from transformers import CLIPConfig, MetaClip2Config, SiglipConfig
 
-from .errors import NVFlareLoRAError
+from .errors import ModelNotFoundError
 from .preprocessing import CLIP_MEAN, CLIP_STD
 
 
-class FamilyError(NVFlareLoRAError):
+class FamilyError(ModelNotFoundError):
     """A base of a model family this package does not support, or a configuration of one it cannot use."""
 
 
@@ -67,10 +67,13 @@ class Family:
         if self.name == "siglip":
             if not getattr(config.vision_config, "vision_use_head", True):
                 raise FamilyError(f"{where}: a SigLIP image tower without its attention-pooling head "
-                                  f"(vision_config.vision_use_head = false) gives no image embedding to classify")
+                                  f"(vision_config.vision_use_head = false) gives no image embedding to classify; "
+                                  f"use a SigLIP checkpoint saved whole (SiglipModel.save_pretrained)")
             if config.vision_config.hidden_size != config.text_config.projection_size:
                 raise FamilyError(f"{where}: SigLIP's image embedding ({config.vision_config.hidden_size}) and text "
-                                  f"embedding ({config.text_config.projection_size}) must have one width to be compared")
+                                  f"embedding ({config.text_config.projection_size}) must have one width to be "
+                                  f"compared; set text_config.projection_size to the image tower's hidden_size, as "
+                                  f"every SigLIP checkpoint has it")
 
 
 FAMILIES: Dict[str, Family] = {f.name: f for f in (

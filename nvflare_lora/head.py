@@ -7,12 +7,13 @@
 
 A linear head is a trained layer of num_classes outputs; `init` says how it starts ("seeded", or "zeroshot":
 logit_scale x the class prompts' text embeddings, written by nvflare_lora.zeroshot). A text head has no layer:
-CLIP's own scoring, logit_scale x the unit image embedding . the unit class embeddings, each the renormalised
-mean of its prompts' unit text embeddings (CLIPImageClassifier.class_embeddings computes them, the one place in
-torch). Its labels may change at any time; nothing exchanged depends on them.
+the base family's own scoring, logit_scale x the unit image embedding . the unit class embeddings (+ SigLIP's
+logit_bias), each class embedding the renormalised mean of its prompts' unit text embeddings
+(CLIPImageClassifier.class_embeddings computes them, the one place in torch). Its labels may change at any time;
+nothing exchanged depends on them.
 
 Also here: the label-list rules (check_labels, check_class_names), the prompt templates, and tokenisation of a
-label list's prompts. This module imports neither torch nor transformers: serving (exporters/onnx/predict.py)
+label list's prompts by the text tower's rules (TextRules). This module imports neither torch nor transformers: serving (exporters/onnx/predict.py)
 checks the labels it is given with the same rule as training.
 """
 
@@ -85,6 +86,13 @@ class TextRules:
     mask_padding: bool = True
     lowercase: bool = False
 
+    def tokenizer_kwargs(self) -> Dict:
+        """What a transformers tokenizer is called with: truncated to max_length, padded on the right (serving's
+        `tokenizers` pads right; a checkpoint whose tokenizer pads left, as Gemma's may, is read the same way, and
+        SigLIP reads the last position) to the longest prompt or to max_length."""
+        return {"padding": "max_length" if self.pad_to_max_length else True, "padding_side": "right",
+                "truncation": True, "max_length": self.max_length}
+
     def texts(self, labels: Sequence[str], templates: Sequence[str]) -> List[str]:
         """Every class's prompts as the tokenizer gets them."""
         out = prompts(labels, templates)
@@ -113,8 +121,7 @@ def tokenize_labels(tokenizer, labels: Sequence[str], templates: Sequence[str], 
     tokenizer makes the same tokens (cut to the tower's length, or lower-cased: the model could not tell those
     classes apart)."""
     labels, templates = check_class_names(labels, where), check_templates(templates)
-    tok = tokenizer(rules.texts(labels, templates), padding="max_length" if rules.pad_to_max_length else True,
-                    truncation=True, max_length=rules.max_length, return_tensors="np")
+    tok = tokenizer(rules.texts(labels, templates), return_tensors="np", **rules.tokenizer_kwargs())
     ids, mask = np.asarray(tok["input_ids"], np.int64), rules.mask(tok["attention_mask"])
     seen: Dict[bytes, str] = {}
     for label, rows in zip(labels, ids.reshape(len(labels), len(templates), -1)):

@@ -251,9 +251,11 @@ def build_classifier(model_name: str, num_classes: int, include_text: bool = Fal
 
 
 def load_tokenizer(model_name: str):
-    """The base's own tokenizer (tokenizer.json, or CLIP's vocab.json + merges.txt, in its directory): what a text or
-    zero-shot head encodes the class names with. A SentencePiece-only tokenizer (spiece.model, as SigLIP (1)
-    checkpoints ship it) is refused: serving reads tokenizer.json with the `tokenizers` package."""
+    """The base's own tokenizer (tokenizer.json, or CLIP's vocab.json + merges.txt, in its directory), as a fast
+    tokenizer: what a text or zero-shot head encodes the class names with, and what serving reads again from
+    tokenizer.json with the `tokenizers` package. A SentencePiece-only tokenizer (spiece.model: SigLIP (1)
+    checkpoints; transformers has no fast form of it, and its own text cleaning, which strips punctuation, has no
+    tokenizer.json equivalent) is refused."""
     source = resolve_model(model_name)
     fix = ("save the tokenizer that came with the checkpoint into it as tokenizer.json (AutoTokenizer.from_pretrained"
            "(...).save_pretrained(DIR), with a fast tokenizer), or use a linear head started from a seeded init "
@@ -262,13 +264,22 @@ def load_tokenizer(model_name: str):
         raise HeadError(f"base {model_name!r} is a built-in preset without a tokenizer: a zero-shot or text head "
                         f"needs a checkpoint directory with its tokenizer; {fix}")
     files = {p.name for p in source.path.iterdir()}
+    sentencepiece = sorted(files & {"spiece.model", "sentencepiece.bpe.model", "tokenizer.model"})
+    slow = ("use a linear head (head = \"linear\", head_init = \"seeded\"), which needs no tokenizer, or a "
+            "checkpoint whose tokenizer ships as tokenizer.json (SigLIP 2's and MetaCLIP 2's do)")
     if "tokenizer.json" not in files and not {"vocab.json", "merges.txt"} <= files:
-        only = sorted(files & {"spiece.model", "sentencepiece.bpe.model", "tokenizer.model"})
-        what = f"only a SentencePiece model ({', '.join(only)}), no tokenizer.json" if only else \
-            "no tokenizer (tokenizer.json, or vocab.json and merges.txt)"
-        raise HeadError(f"base {source.path} has {what}: a zero-shot or text head encodes the class names with it; "
-                        f"{fix}")
-    return AutoTokenizer.from_pretrained(str(source.path), local_files_only=True)
+        if sentencepiece:
+            raise HeadError(f"base {source.path} has only a SentencePiece model ({', '.join(sentencepiece)}), no "
+                            f"tokenizer.json: a zero-shot or text head and serving's `tokenizers` read tokenizer.json, "
+                            f"and this tokenizer has no such form (SigLIP (1)'s); {slow}")
+        raise HeadError(f"base {source.path} has no tokenizer (tokenizer.json, or vocab.json and merges.txt): a "
+                        f"zero-shot or text head encodes the class names with it; {fix}")
+    tokenizer = AutoTokenizer.from_pretrained(str(source.path), local_files_only=True)
+    if not getattr(tokenizer, "is_fast", False):
+        raise HeadError(f"base {source.path}: its tokenizer_config.json names {type(tokenizer).__name__}, a "
+                        f"SentencePiece tokenizer whose text cleaning tokenizer.json does not reproduce, so serving "
+                        f"would encode class names otherwise than training; {slow}")
+    return tokenizer
 
 
 def save_preset(name: str, directory: str | os.PathLike) -> Path:

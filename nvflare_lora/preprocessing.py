@@ -2,8 +2,8 @@
 
 Training, verification and serving all call this one implementation: open an image as RGB (open_image:
 EXIF orientation applied; grayscale, palette, RGBA, CMYK and 16-bit images converted), resize the short
-side to `size` (bicubic) and centre-crop to `crop_size` (CLIP's processor), or with resize = "squash" resize the
-whole image to crop_size x crop_size (SigLIP's processor), scale to [0, 1], normalise by mean/std, channels first.
+side to `size` and centre-crop to `crop_size` (CLIP's processor), or with resize = "squash" resize the whole image
+to crop_size x crop_size (SigLIP's processor), bicubic (or bilinear, where the checkpoint's processor says so), scale to [0, 1], normalise by mean/std, channels first.
 Also the image settings a job checks without torch (the schema imports them): the bad-image share and the
 training augmentation (Augmentation: a random resized crop and flip, drawn from (seed, item) only), and the check
 of a site's data-split record (check_split_record: the server keeps it, the exporter reads it).
@@ -28,6 +28,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 RESIZES = ("shortest_edge", "squash")
+RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 
 
 @dataclass
@@ -37,14 +38,18 @@ class Preprocessing:
     mean: Tuple[float, float, float] = CLIP_MEAN
     std: Tuple[float, float, float] = CLIP_STD
     resize: str = "shortest_edge"  # or "squash": the whole image to crop_size x crop_size, no crop (SigLIP)
+    resample: str = "bicubic"  # or "bilinear"
 
     def __post_init__(self):
         if self.resize not in RESIZES:
             raise DataError(f"preprocessing resize must be one of {', '.join(map(repr, RESIZES))}; got {self.resize!r}")
+        if self.resample not in RESAMPLE:
+            raise DataError(f"preprocessing resample must be one of {', '.join(map(repr, RESAMPLE))}; got "
+                            f"{self.resample!r}")
 
     def to_dict(self) -> Dict:
         out = {"size": self.size, "crop_size": self.crop_size, "mean": list(self.mean), "std": list(self.std),
-               "resample": "bicubic", "layout": "NCHW", "input": "RGB"}
+               "resample": self.resample, "layout": "NCHW", "input": "RGB"}
         if self.resize != "shortest_edge":  # (CLIP's records stay as they were before squashing existed)
             out["resize"] = self.resize
         return out
@@ -53,17 +58,17 @@ class Preprocessing:
     def from_dict(cls, d: Dict) -> "Preprocessing":
         """The inverse of to_dict (what an export's preprocessing.json holds)."""
         return cls(size=int(d["size"]), crop_size=int(d["crop_size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
-                   resize=str(d.get("resize", "shortest_edge")))
+                   resize=str(d.get("resize", "shortest_edge")), resample=str(d.get("resample", "bicubic")))
 
     def array(self, image) -> np.ndarray:
         """PIL image, HxW / HxWx3 uint8 array or image file -> float32 array (3, crop, crop)."""
         image = to_rgb(image)
         if self.resize == "squash":
-            return self.normalize(image.resize((self.crop_size, self.crop_size), Image.BICUBIC))
+            return self.normalize(image.resize((self.crop_size, self.crop_size), RESAMPLE[self.resample]))
         w, h = image.size
         scale = self.size / min(w, h)
         nw, nh = max(self.crop_size, round(w * scale)), max(self.crop_size, round(h * scale))
-        image = image.resize((nw, nh), Image.BICUBIC)
+        image = image.resize((nw, nh), RESAMPLE[self.resample])
         left, top = (nw - self.crop_size) // 2, (nh - self.crop_size) // 2
         return self.normalize(image.crop((left, top, left + self.crop_size, top + self.crop_size)))
 
@@ -156,7 +161,7 @@ class Augmentation:
             side = min(w, h)
             box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
         size = preprocess.crop_size
-        image = image.resize((size, size), Image.BICUBIC, box=box)
+        image = image.resize((size, size), RESAMPLE[preprocess.resample], box=box)
         if self.hflip and rng.random() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         return preprocess.normalize(image)

@@ -40,6 +40,8 @@ from .errors import NVFlareLoRAError
 from .preprocessing import CLIP_MEAN, CLIP_STD
 
 ELPV_CLASSES = ("functional", "defective")
+# nvflare_lora.families' names (not imported: it loads transformers, which the image writers never need)
+FAMILIES = ("clip", "siglip", "metaclip_2")
 
 
 class SampleDataError(NVFlareLoRAError):
@@ -223,12 +225,11 @@ def write_random_base(out: str | Path, seed: int = 0, family: str = "clip", **co
     import torch  # torch, transformers: only the base needs them (see write_clip_tokenizer)
     from transformers import CLIPConfig, CLIPModel, MetaClip2Config, MetaClip2Model, SiglipConfig, SiglipModel  # (same)
 
-    if family not in ("clip", "siglip", "metaclip_2"):
-        raise SampleDataError(f"family must be 'clip', 'siglip' or 'metaclip_2'; got {family!r}")
-    if family == "siglip":  # google/siglip-*'s: </s> 1 ends and pads every prompt, <unk> 2, no start token
-        config.setdefault("text_config", {})
-        config["text_config"] = {"pad_token_id": 1, "eos_token_id": 1, "bos_token_id": None, **config["text_config"]}
-    elif family == "metaclip_2":  # XLM-R's: <s> 0, <pad> 1, </s> 2
+    if family not in FAMILIES:
+        raise SampleDataError(f"family must be one of {', '.join(map(repr, FAMILIES))}; got {family!r}")
+    # SigLIP's text config keeps transformers' defaults, as google/siglip-base-patch16-224's does (pad 1; its bos and
+    # eos ids, 49406 and 49407, lie beyond the vocabulary: SigLIP pools the last position, not an end token)
+    if family == "metaclip_2":  # XLM-R's: <s> 0, <pad> 1, </s> 2
         config.setdefault("text_config", {})
         config["text_config"] = {"bos_token_id": 0, "pad_token_id": 1, "eos_token_id": 2, **config["text_config"]}
     config_class, model_class = {"clip": (CLIPConfig, CLIPModel), "siglip": (SiglipConfig, SiglipModel),
@@ -256,7 +257,8 @@ def write_random_base(out: str | Path, seed: int = 0, family: str = "clip", **co
     if family == "clip":
         write_clip_tokenizer(out, tc.vocab_size, tc.bos_token_id, tc.eos_token_id)
     elif family == "siglip":
-        write_family_tokenizer(out, tc.vocab_size, {"</s>": tc.eos_token_id, "<unk>": 2}, "$A </s>", pad_token="</s>")
+        # google/siglip-*'s tokenizer: </s> (1) ends and pads every prompt, <unk> 2, no start token
+        write_family_tokenizer(out, tc.vocab_size, {"</s>": 1, "<unk>": 2}, "$A </s>", pad_token="</s>")
     else:
         write_family_tokenizer(out, tc.vocab_size, {"<s>": tc.bos_token_id, "<pad>": tc.pad_token_id,
                                                     "</s>": tc.eos_token_id}, "<s> $A </s>")
@@ -270,7 +272,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sites", type=int, default=2, help="elpv, mnist, digits: one folder per site (default 2)")
     p.add_argument("--per-site", type=int, default=None, help="elpv, mnist, digits: at most this many images per site")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--family", default="clip", choices=["clip", "siglip", "metaclip_2"],
+    p.add_argument("--family", default="clip", choices=list(FAMILIES),
                    help="base: the model family (default clip)")
     return p
 

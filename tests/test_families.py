@@ -18,10 +18,11 @@ from transformers import AutoModel, AutoTokenizer
 from exporters.onnx.__main__ import main as export_main
 from exporters.onnx.predict import ImageClassifier
 from exporters.onnx.rebuild import rebuild
-from nvflare_lora import CLIPLoRAWrapper, FederatedCLIPModel, LoRAConfig
+from nvflare_lora import CLIPLoRAWrapper, FederatedCLIPModel, LoRAConfig, quick_clip_lora
 from nvflare_lora.base_model import ModelNotFoundError, preprocessing_for
 from nvflare_lora.checkpoint import save_adapter_dir
 from nvflare_lora.data import load_digits_dataset
+from nvflare_lora import families, sample_data
 from nvflare_lora.families import FamilyError
 from nvflare_lora.head import HeadError
 from nvflare_lora.managers import model_metadata
@@ -136,6 +137,8 @@ def test_the_export_of_each_family_is_verified_and_served_by_its_own_scoring(bas
         assert re.search(r"text_int8 .*NOT WRITTEN: job_labels: top-1 agreement", out.getvalue()), out.getvalue()
     else:
         assert code == 0 and set(report["files"]) == {"fp32", "fp16", "text", "text_fp16"}, out.getvalue()
+    own = ImageClassifier(ws / "onnx")  # the model's own head: a SigLIP text head, baked in, keeps its sigmoids
+    assert report["scoring"] == own.scoring == ("sigmoid" if head == "text" else "softmax")
     text_spec = json.loads((ws / "onnx/text.json").read_text())
     assert text_spec["scoring"] == ("sigmoid" if family == "siglip" else "softmax")
     assert text_spec["pad_to_max_length"] == text_spec["lowercase"] == (family == "siglip")
@@ -170,7 +173,16 @@ def test_a_base_of_an_unsupported_family_is_refused_naming_its_type_and_the_supp
         for build in (lambda: adapter_skeleton(str(folder), 2, LoRAConfig()), lambda: FederatedCLIPModel(str(folder), 2)):
             with pytest.raises(FamilyError, match=f"'{model_type}' model.*{reason}.*'clip'.*'siglip'.*'metaclip_2'"):
                 build()
-    assert issubclass(FamilyError, ModelNotFoundError.__mro__[1])  # one error family: NVFlareLoRAError
+    assert issubclass(FamilyError, ModelNotFoundError)
+    assert sample_data.FAMILIES == tuple(families.FAMILIES)  # the random-base writer knows them all
+    wrapper = quick_clip_lora("tiny-clip", 2, 2)  # the exporter told to use such a base: exit 2 and the reason
+    ws = tmp_path / "ws"
+    save_adapter_dir(ws / "server/simulate_job/app_server/adapter/best", wrapper.model.get_parameters(),
+                     wrapper.peft_model.peft_config["default"], model_metadata(wrapper.model, {"round": 1}))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        assert export_main([str(ws), "--model", str(tmp_path / "siglip2")]) == 2
+    assert "'siglip2' model, which is not supported: SigLIP 2's NaFlex" in out.getvalue(), out.getvalue()
 
 
 def test_a_siglip_base_without_its_tokenizer_json_is_refused_under_the_text_head(bases, tmp_path):
@@ -181,6 +193,6 @@ def test_a_siglip_base_without_its_tokenizer_json_is_refused_under_the_text_head
     (folder / "tokenizer.json").unlink()
     (folder / "spiece.model").write_bytes(b"sentencepiece")
     with pytest.raises(HeadError, match="only a SentencePiece model \\(spiece.model\\), no tokenizer.json.*"
-                                        "save_pretrained"):
+                                        "use a linear head"):
         FederatedCLIPModel(str(folder), 2, labels=["cat", "dog"], head="text")
     assert FederatedCLIPModel(str(folder), 2).model.family.name == "siglip"

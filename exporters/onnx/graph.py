@@ -69,12 +69,23 @@ def example_pixels(classifier: CLIPImageClassifier, batch: int = 2) -> torch.Ten
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
 
 
+def special_ids(text_config) -> Tuple[int, int]:
+    """(end-of-text, padding) ids for example token rows, inside the vocabulary: the config's own where they are
+    (CLIP, MetaCLIP 2), else the vocabulary's last and first ids (a SigLIP checkpoint's config may keep CLIP's default
+    end id, 49407, beyond its 32,000 tokens; SigLIP pools the last position, not an end token)."""
+    vocab = int(text_config.vocab_size)
+    eos, pad = text_config.eos_token_id, text_config.pad_token_id
+    eos = eos if isinstance(eos, int) and 0 <= eos < vocab else vocab - 1
+    pad = pad if isinstance(pad, int) and 0 <= pad < vocab else 0
+    return eos, pad
+
+
 def example_text(classifier: CLIPImageClassifier, batch: int = 2, length: int = 8) -> Tuple[torch.Tensor, torch.Tensor]:
     """Token ids ending in the end-of-text token, as the tokenizer writes them; the mask is all ones."""
     tc = classifier.clip_config.text_config
     length = min(length, tc.max_position_embeddings)
     ids = torch.randint(0, tc.vocab_size - 2, (batch, length), generator=torch.Generator().manual_seed(length))
-    ids[:, -1] = tc.eos_token_id
+    ids[:, -1] = special_ids(tc)[0]
     return ids, torch.ones_like(ids)
 
 

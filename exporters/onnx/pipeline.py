@@ -93,7 +93,8 @@ def _text_parity(rebuilt: Rebuilt, path: Path) -> Dict:
     for batch, length in ((1, 4), (4, text_config.max_position_embeddings)):
         ids, mask = graph.example_text(rebuilt.merged, batch, length)
         end = length - length // 4  # the first row is shorter: right-padded as CLIP's tokenizer pads
-        ids[0, end - 1], ids[0, end:], mask[0, end:] = text_config.eos_token_id, text_config.pad_token_id, 0
+        eos, pad = graph.special_ids(text_config)
+        ids[0, end - 1], ids[0, end:], mask[0, end:] = eos, pad, 0
         with torch.no_grad():
             ref = reference(ids, mask).numpy()
         got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
@@ -102,7 +103,7 @@ def _text_parity(rebuilt: Rebuilt, path: Path) -> Dict:
     return {"file": FILES["text"], "max_abs_embeds_diff": diff, "max_abs_allowed": verify.FP32_MAX_ABS_DIFF,
             "passed": diff <= verify.FP32_MAX_ABS_DIFF, "provider": session.get_providers()[0],
             "inputs": graph.TEXT_INPUTS, "outputs": graph.TEXT_OUTPUTS,
-            "max_length": text_config.max_position_embeddings, "eos_token_id": text_config.eos_token_id,
+            "max_length": text_config.max_position_embeddings, "eos_token_id": graph.special_ids(text_config)[0],
             "logit_scale": float(rebuilt.merged.logit_scale.exp()), "logit_bias": float(rebuilt.merged.score_bias()),
             "scoring": rebuilt.merged.family.scoring,
             "tokenizer": "the base model's own tokenizer (AutoTokenizer.from_pretrained(BASE))"}
@@ -147,8 +148,7 @@ def _export_text(tmp: Path, rebuilt: Rebuilt, image_embeds, reference, int8: boo
                for k, v in lists.items()}
     prompts = rules.texts(lists["job_labels"], templates)
     ours = TextEncoder(ExportFiles.unchecked(tmp), FILES["text"]).tokenizer.encode_batch(prompts)
-    theirs = tokenizer(prompts, padding="max_length" if rules.pad_to_max_length else True, truncation=True,
-                       max_length=rules.max_length)["input_ids"]
+    theirs = tokenizer(prompts, **rules.tokenizer_kwargs())["input_ids"]
     text.update(templates=templates, logit_scale=scale, tokenizer=f"{TOKENIZER_FILE} (the tokenizers package)",
                 tokens_equal=[e.ids for e in ours] == [list(t) for t in theirs], unseen_labels=lists["unseen_labels"],
                 prompts={})
@@ -397,6 +397,8 @@ def _report(rebuilt: Rebuilt, files, fused, parities, latency, text, labels, ref
         "outputs": {"logits": ["batch", len(rebuilt.labels)],
                     "image_embeds": ["batch", rebuilt.merged.family.embed_dim(config)]},
         "family": rebuilt.merged.family.name,
+        # how model.onnx's logits become probabilities: a text head (baked in) scores as its family does
+        "scoring": rebuilt.merged.family.scoring if Head.from_dict(meta.get("head")).text else "softmax",
         "opset": opset, "exporter": f"torch.onnx dynamo (torch {torch.__version__})",
         "onnxruntime": onnxruntime.__version__, "provider": parities[0].provider,
         "optimizer_fusions": fused,

@@ -18,7 +18,8 @@ templates) through the exported text tower, tokenized with the `tokenizers` pack
 the base family's rules (text.json: length, padding, case), and the image's unit embedding scored against the unit
 class embeddings as the family scores them: CLIP and MetaCLIP 2 by a softmax over logit_scale x cosine; SigLIP by
 each class's own sigmoid of logit_scale x cosine + logit_bias (the probabilities do not sum to 1, and adding a label
-leaves the others' as they were). The model's own head is not used then. Needs an export made with --with-text from
+leaves the others' as they were; an export of a SigLIP text head scores its own labels so too, with or without
+--labels). The model's own head is not used then. Needs an export made with --with-text from
 a base that has a tokenizer.
 """
 
@@ -146,6 +147,14 @@ class ExportFiles:
         return open_session(model, variant)
 
 
+def _scoring(value, model_dir) -> str:
+    """A scoring an export records ("softmax" or "sigmoid"); any other is refused (it would be read as softmax)."""
+    if value not in ("softmax", "sigmoid"):
+        raise ServingError(f"{model_dir}: scoring {value!r} is not one this server knows (softmax, sigmoid); re-export "
+                           f"with this version: python -m exporters.onnx RUN_DIR --out {model_dir}")
+    return value
+
+
 def check_labels(labels: Sequence[str]) -> List[str]:
     """A label list given at serve time, stripped, by training's rule (nvflare_lora.head.check_class_names: two or
     more, none empty, none twice)."""
@@ -222,11 +231,14 @@ class ImageClassifier:
         self.labels: List[str] = files.json("labels.json")
         self.preprocess = Preprocessing.from_dict(files.json("preprocessing.json"))
         self.session = files.session(model_file, variant)
-        self.class_embeddings, self.logit_scale, self.logit_bias, self.scoring = None, None, 0.0, "softmax"
+        # the head's scoring: softmax, or each class's sigmoid (a SigLIP text head, baked in or given --labels)
+        self.class_embeddings, self.logit_scale, self.logit_bias = None, None, 0.0
+        self.scoring = _scoring(report.get("scoring", "softmax"), model_dir)
         if labels is not None:
             spec = files.json(TEXT_FILE)
             self.logit_scale = float(spec["logit_scale"])
-            self.logit_bias, self.scoring = float(spec.get("logit_bias", 0.0)), str(spec.get("scoring", "softmax"))
+            self.logit_bias, self.scoring = float(spec.get("logit_bias", 0.0)), _scoring(spec.get("scoring", "softmax"),
+                                                                                        model_dir)
             if labels == self.labels:  # the job's labels, encoded at export by the fp32 text tower: only the image
                 from safetensors.numpy import load  # tower runs, whatever the variant
 
@@ -236,16 +248,16 @@ class ImageClassifier:
             self.labels = labels
 
     def probabilities(self, images) -> np.ndarray:
-        """Images (PIL or uint8 arrays) -> (n, classes) probabilities: softmax, or with --labels on a SigLIP export
-        each class's sigmoid."""
+        """Images (PIL or uint8 arrays) -> (n, classes) probabilities: softmax, or each class's sigmoid where the head
+        scores as SigLIP does (a SigLIP text head, or --labels on a SigLIP export)."""
         return self._probabilities(np.stack([self.preprocess.array(im) for im in images]))
 
     def _probabilities(self, pixels: np.ndarray) -> np.ndarray:
         logits, image_embeds = self.session.run(["logits", "image_embeds"], {"pixel_values": pixels})
         if self.class_embeddings is not None:  # the family's own scoring: unit image . unit class embeddings
             logits = self.logit_scale * image_embeds @ self.class_embeddings.T + self.logit_bias
-            if self.scoring == "sigmoid":
-                return 1.0 / (1.0 + np.exp(-logits))
+        if self.scoring == "sigmoid":
+            return 1.0 / (1.0 + np.exp(-logits))
         logits = logits - logits.max(axis=1, keepdims=True)
         e = np.exp(logits)
         return e / e.sum(axis=1, keepdims=True)

@@ -133,14 +133,19 @@ def write_repository(export_dir: Path, target: Path, tensorrt: bool = False, for
 
 def _readme(report: Dict, models: Dict, tensorrt: bool) -> str:
     pp = report["preprocessing"]
+    how = pp.get("resample", "bicubic")
+    resize = (f"resize the whole image to {pp['crop_size']} x {pp['crop_size']} px ({how})"
+              if pp.get("resize") == "squash" else
+              f"resize the short side to {pp['size']} px ({how}), centre-crop to {pp['crop_size']} x {pp['crop_size']}")
     rule = SESSION_OPTIONS_RULE["session.x64quantprecision"]
     rows = "\n".join(f"| `{name}` | {m['variant']} | {INSTANCE_KIND.get(m['variant'].removeprefix('text_'), 'KIND_AUTO')} | "
                      f"`{m['source']}` | `{m['sha256']}` |" for name, m in models.items())
     image = next((m for m in models.values() if not m["variant"].startswith("text")), None)
     text = ""
     if "clip_lora_text" in models:
-        text = ("\n`clip_lora_text` takes `input_ids` and `attention_mask` (INT64, right-padded, as the base's "
-                "tokenizer writes them) and gives `text_embeds`. Its folder holds what a client needs to "
+        text = ("\n`clip_lora_text` takes `input_ids` and `attention_mask` (INT64, right-padded; `text.json` says "
+                "to what length, whether the prompts are lower-cased first and whether the mask hides the padding or "
+                "is all ones, as SigLIP reads it) and gives `text_embeds`. Its folder holds what a client needs to "
                 "classify against any class names: `tokenizer.json` (the `tokenizers` package reads it), `text.json` "
                 "(prompt templates, the base family's text rules: length, padding, mask, case; its logit scale, "
                 "bias and scoring) and `class_embeddings.safetensors` (the job's labels, encoded): score the unit "
@@ -176,8 +181,7 @@ Each model batches requests dynamically up to {MAX_BATCH_SIZE} (`max_batch_size`
 ## What a client sends
 
 `{image['inputs'][0]['name'] if image else 'pixel_values'}`: FP32, shape (batch, 3, {pp['crop_size']}, {pp['crop_size']}), made from an RGB image
-exactly as training made it: resize the short side to {pp['size']} px (bicubic), centre-crop to
-{pp['crop_size']} x {pp['crop_size']}, scale to [0, 1], subtract mean {pp['mean']} and divide by std
+exactly as training made it: {resize}, scale to [0, 1], subtract mean {pp['mean']} and divide by std
 {pp['std']} per channel, channels first (NCHW). `nvflare_lora.preprocessing.Preprocessing.array` does this
 with numpy and PIL. Outputs: `logits` (batch, classes) and `image_embeds` (batch, projection).
 {text}{int8}
