@@ -27,7 +27,7 @@ import numpy as np
 
 from .adapter import AdapterMismatchError
 from .aggregation import SiteUpdate
-from .aggregation.server import ServerAggregation
+from .aggregation.server import ServerAggregation, left_out
 from .facts import JobFacts
 from .secure import SecureAggregation, SecureAggregationError, in_process, key_fingerprint
 from .settings import JobSettings
@@ -153,6 +153,11 @@ class Federation:
         for _ in range(self.settings.num_rounds if num_rounds is None else num_rounds):
             self.run_round(channel)
         return self.history
+
+    def left_out(self) -> Dict[str, Dict]:
+        """Every site left out of a round's aggregate so far (refused, or by the direction check), as communication.json's
+        "left_out" records it: {site: {rounds, longest_run, last_reason}} (nvflare_lora.aggregation.server.left_out)."""
+        return left_out((r.round, r.refused, r.aggregation.get("excluded")) for r in self.history)
 
     def evaluate(self, adapter: Optional[Mapping] = None) -> Dict[str, Dict]:
         """Every site's loss and accuracy of `adapter` (default: the current global adapter), as cross-site

@@ -8,6 +8,7 @@ import pytest
 from nvflare_lora import LoRAConfig, adapter_shapes
 from nvflare_lora.adapter import AdapterMismatchError
 from nvflare_lora.aggregation import Robustness, SiteUpdate, aggregate, check_update, update_norm, update_spec
+from nvflare_lora.aggregation.server import left_out, repeatedly_left_out
 from nvflare_lora.round import Federation, weighted_accuracy
 from nvflare_lora.settings import settings
 from nvflare_lora.testing.faults import corrupt, fault_channel
@@ -177,6 +178,9 @@ def test_bad_updates_are_left_out_and_the_result_equals_a_run_without_them():
             assert REASONS[rounds[rnd]] in result.refused[site], (site, rnd, result.refused[site])
         assert result.aggregation["site_names"] == ["site-1", "site-2"], "only the good sites may be aggregated"
     assert all(np.isfinite(v).all() for v in bad.global_adapter.values())
+    report = bad.left_out()  # what communication.json's "left_out" holds, in process
+    assert report.keys() == {"site-3", "site-4"} and report["site-3"]["rounds"] == [0, 1, 2]
+    assert report["site-3"]["longest_run"] == 3 and REASONS["float64"] in report["site-3"]["last_reason"]
 
     # the refused sites leave no trace: the same rounds run by site-1 and site-2 alone give the same adapter
     alone = _run({}, sites=["site-1", "site-2"], **QUICK)
@@ -260,6 +264,10 @@ def test_a_site_sending_huge_or_reversed_updates_or_huge_step_counts_cannot_ruin
             assert info["site_names"] == ["site-1", "site-2", "site-3"]
     if bounded == "excluded":  # left out: every round equals the round without site-4
         assert _largest_difference(fed.global_adapter, without_site_4.global_adapter) < 1e-6
+        assert fed.left_out()["site-4"]["longest_run"] == len(fed.history)
+        assert "direction check" in fed.left_out()["site-4"]["last_reason"]
+    else:  # bounded, not left out
+        assert not fed.left_out()
     faulty, clean = _accuracy(fed), _accuracy(without_site_4)
     assert faulty >= clean - 0.05, f"{fault}: final accuracy {faulty:.4f}, without site-4 {clean:.4f}"
 
@@ -310,6 +318,53 @@ def test_a_sites_malformed_metrics_are_named_and_recorded_as_null_and_the_round_
     assert round0["sites"]["site-2"]["bad_metrics"] == {"val_accuracy": "'high'", "val_count": "-3"}
     assert round0["sites"]["site-3"]["bad_metrics"] == {"val_accuracy": "nan"}
     assert any("site-2 sent metrics that are not finite numbers" in w for w in warnings), warnings
+
+
+def test_sites_left_out_are_reported_with_their_rounds_and_longest_run_in_a_row():
+    """A site refused or left out by the direction check is recorded with its rounds; a run in a row breaks at a
+    round it took part in, or at a round missing from the records."""
+    report = left_out([(0, {"site-3": "NaN or Inf"}, {}), (1, {}, {"site-3": {"cosine": -0.93, "threshold": 0.0}}),
+                       (2, {"site-2": "no reply"}, {}), (4, {"site-3": "unexpected 1 key"}, None)])
+    assert report == {"site-3": {"rounds": [0, 1, 4], "longest_run": 2, "last_reason": "unexpected 1 key"},
+                      "site-2": {"rounds": [2], "longest_run": 1, "last_reason": "no reply"}}
+    line = repeatedly_left_out(report)
+    assert line.startswith("sites left out of the aggregate in consecutive rounds: site-3 (2 rounds in a row")
+    assert "site-2" not in line and repeatedly_left_out(left_out([(0, {"site-2": "x"}, {})])) == ""
+    excluded = left_out([(0, {}, {"site-4": {"cosine": -0.5, "threshold": 0.0}})])["site-4"]["last_reason"]
+    assert excluded == "left out by the direction check (cosine -0.50 with the median update, below 0.00)"
+
+
+def test_the_communication_log_names_a_site_left_out_round_after_round_in_its_summary_and_at_the_end(tmp_path):
+    """NVFlare's side (the job's CommunicationLog, driven with the events the simulator sends): site-2 refused in
+    both rounds is in communication.json's "left_out" and named in a warning when the run ends."""
+    from nvflare.apis.event_type import EventType
+    from nvflare.apis.fl_constant import ReservedKey
+    from nvflare.apis.fl_context import FLContext
+    from nvflare.app_common.app_constant import AppConstants
+
+    from nvflare_lora.fl.protocol import REFUSED_PROP
+    from nvflare_lora.fl.server.communication_log import CommunicationLog
+
+    log = CommunicationLog()
+    log.path = tmp_path / "communication.json"
+    warnings = []
+    log.log_warning = lambda fl_ctx, msg: warnings.append(msg)
+    log.log_info = lambda fl_ctx, msg: None
+    for rnd in (0, 1):
+        ctx = FLContext()
+        ctx.set_prop(AppConstants.CURRENT_ROUND, rnd, private=True, sticky=False)
+        ctx.set_prop(AppConstants.AGGREGATION_ACCEPTED, False, private=True, sticky=False)
+        ctx.set_prop(REFUSED_PROP, "expected a float32 array", private=True, sticky=False)
+        peer = FLContext()
+        peer.set_prop(ReservedKey.IDENTITY_NAME, "site-2", private=False, sticky=False)
+        ctx.set_peer_context(peer)
+        log._contribution(ctx)
+        log._round_done(ctx)
+    log.handle_event(EventType.END_RUN, FLContext())
+    summary = json.loads(log.path.read_text())
+    assert summary["left_out"] == {"site-2": {"rounds": [0, 1], "longest_run": 2,
+                                              "last_reason": "expected a float32 array"}}
+    assert any("site-2 (2 rounds in a row, last: expected a float32 array)" in w for w in warnings), warnings
 
 
 def test_a_data_split_record_from_a_site_is_checked_before_it_is_kept_or_read():

@@ -6,7 +6,7 @@ gives this class, EncryptedMode its encrypted twin with the same calls).
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -15,6 +15,43 @@ from ..privacy import Accountant, DPConfig, add_client_noise, check_client_dp
 from .rules import Robustness, SiteUpdate, aggregate, check_update, describe, project, rank_of, update_spec
 
 State = Dict[str, np.ndarray]
+# a site left out of this many rounds in a row, or more, is named when the run ends (no silent exclusion)
+REPEATED_ROUNDS = 2
+
+
+def left_out(rounds: Iterable[Tuple[int, Mapping[str, str], Mapping[str, Mapping]]]) -> Dict[str, Dict]:
+    """Every site left out of a round's aggregate at least once, from each round's (number, refused {site: why},
+    excluded by the direction check {site: {cosine, threshold}}), in round order: {site: {"rounds": the rounds
+    (numbered as recorded), "longest_run": the most in a row, "last_reason": why, the last time}}. What the
+    communication log's summary and the in-process Federation report (a clipped or weight-capped site is bounded,
+    not left out: the round's record and log line name it)."""
+    out: Dict[str, Dict] = {}
+    run: Dict[str, int] = {}
+    previous = None
+    for number, refused, excluded in sorted(rounds, key=lambda r: r[0]):
+        why = dict(refused or {})
+        for site, c in (excluded or {}).items():
+            why.setdefault(site, f"left out by the direction check (cosine {c['cosine']:.2f} with the median update, "
+                                 f"below {c['threshold']:.2f})")
+        contiguous = previous is not None and number == previous + 1
+        for site in list(run):
+            if site not in why or not contiguous:
+                run.pop(site)
+        for site, reason in why.items():
+            run[site] = run.get(site, 0) + 1
+            record = out.setdefault(site, {"rounds": [], "longest_run": 0, "last_reason": ""})
+            record["rounds"].append(int(number))
+            record["longest_run"] = max(record["longest_run"], run[site])
+            record["last_reason"] = str(reason)[:500]
+        previous = number
+    return out
+
+
+def repeatedly_left_out(report: Mapping[str, Mapping]) -> str:
+    """One line naming the sites left out REPEATED_ROUNDS or more rounds in a row (left_out's report), or ""."""
+    named = [f"{site} ({r['longest_run']} rounds in a row, last: {r['last_reason']})" for site, r in report.items()
+             if r["longest_run"] >= REPEATED_ROUNDS]
+    return ("sites left out of the aggregate in consecutive rounds: " + "; ".join(named)) if named else ""
 
 
 class ServerAggregation:

@@ -26,6 +26,7 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.widgets.widget import Widget
 
+from ...aggregation.server import left_out, repeatedly_left_out
 from ...files import write_json_atomic
 from ...settings import TrackingSection
 from .tracking import RoundTracker, TrackingError, default_uri
@@ -105,6 +106,9 @@ class CommunicationLog(Widget):
             self._round_done(fl_ctx)
         elif event_type == EventType.END_RUN:
             self._write()
+            repeated = repeatedly_left_out(self.summary()["left_out"])
+            if repeated:  # no silent exclusion: named at the end too, besides each round's record and log line
+                self.log_warning(fl_ctx, f"[nvflare_lora] {repeated} (communication.json: left_out)")
             if self.tracker is not None:
                 self.tracker.close()
 
@@ -242,6 +246,10 @@ class CommunicationLog(Widget):
                 "refused_updates": sum(len(r["refused"]) for r in done),
                 "seconds": round(time.time() - self.started, 2),
             },
+            # every site left out of a round's aggregate (refused, or by the direction check): which rounds, the
+            # longest run of them in a row, the last reason
+            "left_out": left_out((r["round"], r["refused"], (r.get("aggregation") or {}).get("excluded"))
+                                 for r in done),
             "notes": "bytes = tensor nbytes + JSON of other values; upload measured before the server's result "
                      "filters, download after its data filters; raw_bytes = size before compression",
         }
