@@ -77,6 +77,21 @@ def test_the_zero_shot_start_is_the_familys_own_model(bases, family):
         assert np.all(bias == float(text.model.logit_bias)) and float(text.model.logit_bias) != 0
 
 
+def test_a_tokenizer_that_pads_on_the_left_reads_the_prompts_as_training_and_serving_do(bases, tmp_path):
+    """Gemma's tokenizer (SigLIP 2's) may pad on the left; SigLIP reads the last position, and serving's `tokenizers`
+    pads on the right: the prompts are padded on the right whatever the checkpoint's tokenizer says, so the text
+    head scores the same."""
+    folder = tmp_path / "siglip-left"
+    shutil.copytree(bases["siglip"], folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "padding_side": "left"}))
+    assert AutoTokenizer.from_pretrained(str(folder)).padding_side == "left"
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    right, left = (FederatedCLIPModel(str(base), 3, labels=LABELS, head="text", device="cpu")(pixels)
+                   for base in (bases["siglip"], folder))
+    torch.testing.assert_close(left, right, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_two_rounds_in_process_on_each_family_and_each_head(bases, family, tmp_path):
     """The in-process round (the code the NVFlare job runs) on the family's base: a linear head with LoRA on the image
