@@ -335,36 +335,60 @@ def test_sites_left_out_are_reported_with_their_rounds_and_longest_run_in_a_row(
 
 
 def test_the_communication_log_names_a_site_left_out_round_after_round_in_its_summary_and_at_the_end(tmp_path):
-    """NVFlare's side (the job's CommunicationLog, driven with the events the simulator sends): site-2 refused in
-    both rounds is in communication.json's "left_out" and named in a warning when the run ends."""
+    """NVFlare's side (the job's CommunicationLog, driven with the events the simulator sends), two rounds: site-2's
+    update refused both times; site-3 sent the training task both times and never answered in time (NVFlare's
+    workflow drops an error reply before the aggregator sees it); site-1 aggregated both times, and in round 1 a late
+    result of its round 0 was refused too. communication.json's "left_out" holds site-2 and site-3, not site-1, and
+    the run's end names both in a warning."""
+    from nvflare.apis.dxo import DXO, DataKind
     from nvflare.apis.event_type import EventType
-    from nvflare.apis.fl_constant import ReservedKey
+    from nvflare.apis.fl_constant import FLContextKey, ReservedKey
     from nvflare.apis.fl_context import FLContext
     from nvflare.app_common.app_constant import AppConstants
 
-    from nvflare_lora.fl.protocol import REFUSED_PROP
-    from nvflare_lora.fl.server.communication_log import CommunicationLog
+    from nvflare_lora.fl.protocol import AGGREGATION_INFO_PROP, REFUSED_PROP
+    from nvflare_lora.fl.server.communication_log import NO_RESULT, CommunicationLog
 
     log = CommunicationLog()
     log.path = tmp_path / "communication.json"
     warnings = []
     log.log_warning = lambda fl_ctx, msg: warnings.append(msg)
     log.log_info = lambda fl_ctx, msg: None
-    for rnd in (0, 1):
+
+    def context(rnd, site=None, **props):
         ctx = FLContext()
         ctx.set_prop(AppConstants.CURRENT_ROUND, rnd, private=True, sticky=False)
-        ctx.set_prop(AppConstants.AGGREGATION_ACCEPTED, False, private=True, sticky=False)
-        ctx.set_prop(REFUSED_PROP, "expected a float32 array", private=True, sticky=False)
-        peer = FLContext()
-        peer.set_prop(ReservedKey.IDENTITY_NAME, "site-2", private=False, sticky=False)
-        ctx.set_peer_context(peer)
-        log._contribution(ctx)
-        log._round_done(ctx)
+        for key, value in props.items():
+            ctx.set_prop(key, value, private=True, sticky=False)
+        if site:
+            peer = FLContext()
+            peer.set_prop(ReservedKey.IDENTITY_NAME, site, private=False, sticky=False)
+            ctx.set_peer_context(peer)
+        return ctx
+
+    task = DXO(DataKind.WEIGHTS, data={"w": np.zeros(2, np.float32)}).to_shareable()
+    for rnd in (0, 1):
+        for site in ("site-1", "site-2", "site-3"):  # each is sent the round's training task
+            log.handle_event(EventType.AFTER_TASK_DATA_FILTER, context(rnd, site, **{
+                FLContextKey.TASK_DATA: task, FLContextKey.TASK_NAME: AppConstants.TASK_TRAIN}))
+        update = DXO(DataKind.WEIGHT_DIFF, data={}, meta={}).to_shareable()
+        log._contribution(context(rnd, "site-1", **{AppConstants.AGGREGATION_ACCEPTED: True,
+                                                    AppConstants.TRAINING_RESULT: update}))
+        log._contribution(context(rnd, "site-2", **{AppConstants.AGGREGATION_ACCEPTED: False,
+                                                    REFUSED_PROP: "expected a float32 array"}))
+        if rnd == 1:
+            log._contribution(context(rnd, "site-1", **{AppConstants.AGGREGATION_ACCEPTED: False,
+                                                        REFUSED_PROP: "a result of round 0 arrived in round 1"}))
+        log._aggregation(context(rnd, **{AGGREGATION_INFO_PROP: {"site_names": ["site-1"], "excluded": {}}}))
+        log._round_done(context(rnd))
     log.handle_event(EventType.END_RUN, FLContext())
     summary = json.loads(log.path.read_text())
-    assert summary["left_out"] == {"site-2": {"rounds": [0, 1], "longest_run": 2,
-                                              "last_reason": "expected a float32 array"}}
-    assert any("site-2 (2 rounds in a row, last: expected a float32 array)" in w for w in warnings), warnings
+    assert summary["left_out"] == {
+        "site-2": {"rounds": [0, 1], "longest_run": 2, "last_reason": "expected a float32 array"},
+        "site-3": {"rounds": [0, 1], "longest_run": 2, "last_reason": NO_RESULT}}
+    assert summary["rounds"][1]["refused"]["site-1"].startswith("a result of round 0"), "recorded, not left out"
+    assert any("site-2 (2 rounds in a row, last: expected a float32 array)" in w and "site-3 (2 rounds in a row" in w
+               for w in warnings), warnings
 
 
 def test_a_data_split_record_from_a_site_is_checked_before_it_is_kept_or_read():

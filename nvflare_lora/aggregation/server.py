@@ -31,8 +31,7 @@ def left_out(rounds: Iterable[Tuple[int, Mapping[str, str], Mapping[str, Mapping
     for number, refused, excluded in sorted(rounds, key=lambda r: r[0]):
         why = dict(refused or {})
         for site, c in (excluded or {}).items():
-            why.setdefault(site, f"left out by the direction check (cosine {c['cosine']:.2f} with the median update, "
-                                 f"below {c['threshold']:.2f})")
+            why.setdefault(site, "left out by the direction check" + _cosine(c))
         contiguous = previous is not None and number == previous + 1
         for site in list(run):
             if site not in why or not contiguous:
@@ -45,6 +44,13 @@ def left_out(rounds: Iterable[Tuple[int, Mapping[str, str], Mapping[str, Mapping
             record["last_reason"] = str(reason)[:500]
         previous = number
     return out
+
+
+def _cosine(c) -> str:
+    cos, threshold = (c.get("cosine"), c.get("threshold")) if isinstance(c, Mapping) else (None, None)
+    if isinstance(cos, (int, float)) and isinstance(threshold, (int, float)):
+        return f" (cosine {cos:.2f} with the median update, below {threshold:.2f})"
+    return ""
 
 
 def repeatedly_left_out(report: Mapping[str, Mapping]) -> str:

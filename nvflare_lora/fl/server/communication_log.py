@@ -53,6 +53,9 @@ def _human(n: float) -> str:
     return str(n)
 
 
+NO_RESULT = "no accepted result this round (an error reply, or none before the round closed)"
+
+
 class CommunicationLog(Widget):
     """Writes communication.json (per round: per-site upload/download bytes, accuracy, loss) and logs one
     progress line per round.
@@ -105,10 +108,10 @@ class CommunicationLog(Widget):
         elif event_type == AppEventType.ROUND_DONE:
             self._round_done(fl_ctx)
         elif event_type == EventType.END_RUN:
-            self._write()
             repeated = repeatedly_left_out(self.summary()["left_out"])
             if repeated:  # no silent exclusion: named at the end too, besides each round's record and log line
                 self.log_warning(fl_ctx, f"[nvflare_lora] {repeated} (communication.json: left_out)")
+            self._write()
             if self.tracker is not None:
                 self.tracker.close()
 
@@ -230,6 +233,21 @@ class CommunicationLog(Widget):
                 self.log_error(fl_ctx, f"round {rnd + 1} not written to MLflow ({self.tracker.uri}): "
                                        f"{type(e).__name__}: {str(e)[:300]}")
 
+    @staticmethod
+    def _left_out_of(r: Dict) -> tuple:
+        """(round, {site: why}, excluded) of a round's record for aggregation.server.left_out: the refused sites whose
+        own update was not aggregated (a late or second result refused in a round where the site's own update counted
+        leaves it in), and the sites sent the round's training task with no accepted result (an error reply, or none
+        before the round closed: NVFlare's workflow drops those before the aggregator sees them)."""
+        info = r.get("aggregation") or {}
+        weights = info.get("weights")  # under HE: {site: weight}
+        counted = set(info.get("site_names") or []) | (set(weights) if isinstance(weights, dict) else set())
+        why = {site: reason for site, reason in r["refused"].items() if site not in counted}
+        for site in r["download"]:
+            if site not in counted and site not in why and site not in r["sites"]:
+                why[site] = NO_RESULT
+        return r["round"], why, info.get("excluded")
+
     def summary(self) -> Dict:
         rounds = [self.rounds[k] for k in sorted(self.rounds)]
         done = [r for r in rounds if "upload_bytes" in r]
@@ -248,8 +266,7 @@ class CommunicationLog(Widget):
             },
             # every site left out of a round's aggregate (refused, or by the direction check): which rounds, the
             # longest run of them in a row, the last reason
-            "left_out": left_out((r["round"], r["refused"], (r.get("aggregation") or {}).get("excluded"))
-                                 for r in done),
+            "left_out": left_out(self._left_out_of(r) for r in done),
             "notes": "bytes = tensor nbytes + JSON of other values; upload measured before the server's result "
                      "filters, download after its data filters; raw_bytes = size before compression",
         }
