@@ -437,6 +437,8 @@ def test_an_encrypted_job_equals_the_clear_one_and_the_server_holds_no_clear_ada
     assert "is not a freshly encrypted ciphertext of this job's context (level 1 primes" in \
         refused[ATTACK_ROUND]["site-2"], refused
     assert sorted(comm["rounds"][ATTACK_ROUND]["sites"]) == ["site-1", "site-3"], "the others' updates counted"
+    # a round with no accepted update records that, not the last round's aggregation left in the workflow's context
+    assert comm["rounds"][REFUSED_ROUND]["aggregation"]["site_names"] == [], comm["rounds"][REFUSED_ROUND]
     # the run's summary names each site left out and when, as the in-process round records it
     assert {s: r["rounds"] for s, r in comm["left_out"].items()} == \
         {s: r["rounds"] for s, r in clear.left_out().items()}, comm["left_out"]

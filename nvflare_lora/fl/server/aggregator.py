@@ -124,6 +124,8 @@ class LoRAAggregator(Aggregator):
             updates, self._updates = self._updates, []
         if not updates:
             self.log_warning(fl_ctx, "no accepted updates this round: the global adapter stays as it is")
+            # this round's record, not the last round's left in the workflow's context (communication.json)
+            fl_ctx.set_prop(AGGREGATION_INFO_PROP, {"sites": 0, "site_names": []}, private=True, sticky=False)
             return DXO(data_kind=DataKind.WEIGHT_DIFF, data={}).to_shareable()
         new, info = self.server_half(fl_ctx).aggregate(self._global(fl_ctx), updates)
         for site, why in (info.get("refused") or {}).items():  # under HE: left out in the encrypted combine

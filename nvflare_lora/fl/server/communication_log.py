@@ -241,7 +241,8 @@ class CommunicationLog(Widget):
         before the round closed: NVFlare's workflow drops those before the aggregator sees them)."""
         info = r.get("aggregation") or {}
         weights = info.get("weights")  # under HE: {site: weight}
-        counted = set(info.get("site_names") or []) | (set(weights) if isinstance(weights, dict) else set())
+        counted = (set(info.get("site_names") or []) | (set(weights) if isinstance(weights, dict) else set())) \
+            & set(r["sites"])  # aggregated: accepted this round, and in the aggregate
         why = {site: reason for site, reason in r["refused"].items() if site not in counted}
         for site in r["download"]:
             if site not in counted and site not in why and site not in r["sites"]:
