@@ -13,10 +13,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Tuple
 
-from .aggregation import check_mode, check_site_ranks, residual_shapes, update_spec, zero_residuals
+from .aggregation import (AggregationError, check_mode, check_site_ranks, fedsb_shapes, residual_shapes, update_spec,
+                          zero_residuals)
 from .config import LoRAConfig
 from .head import Head
-from .skeleton import init_adapter_state
+from .skeleton import init_adapter_state, init_fedsb_state
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,10 @@ class JobFacts:
     def __post_init__(self):
         check_mode(self.aggregation)
         object.__setattr__(self, "site_ranks", check_site_ranks(self.site_ranks, self.lora.r))
+        if self.aggregation == "fedsb" and self.site_ranks:
+            raise AggregationError(f"aggregation 'fedsb' trains one r x r matrix per layer between factors every site "
+                                   f"shares, so every site has the job's rank r = {self.lora.r}; site_ranks "
+                                   f"{self.site_ranks} cannot apply: leave site_ranks empty, or use 'fedavg' / 'exact'")
         object.__setattr__(self, "labels", tuple(str(x) for x in self.labels))
         if not isinstance(self.head, Head):
             object.__setattr__(self, "head", Head.from_dict(self.head))
@@ -129,15 +134,20 @@ class JobFacts:
 
     # ---- the global adapter in the form sites train ------------------------------------------------
     def training_shapes(self, shapes: Mapping[str, Tuple[int, ...]]) -> Dict:
-        """The global adapter's shapes as exchanged: the adapter, plus one residual per layer under exact."""
+        """The global adapter's shapes as exchanged: the adapter, plus one residual per layer under exact, one r x r
+        matrix per layer under fedsb."""
         out = dict(shapes)
         if self.aggregation == "exact":
             out.update(residual_shapes(shapes))
+        elif self.aggregation == "fedsb":
+            out.update(fedsb_shapes(shapes))
         return out
 
     def initial_global(self, shapes: Mapping[str, Tuple[int, ...]]) -> Dict:
-        """The global adapter before round 1: the shared seeded init (and zero residuals under exact),
-        computed identically by every party."""
+        """The global adapter before round 1: the shared seeded init (and zero residuals under exact; the fixed
+        factors and M = 0 under fedsb), computed identically by every party."""
+        if self.aggregation == "fedsb":
+            return init_fedsb_state(dict(shapes), self.lora.seed)
         weights = init_adapter_state(dict(shapes), self.lora.seed)
         if self.aggregation == "exact":
             weights.update(zero_residuals(weights))

@@ -8,14 +8,17 @@ the same calls move only the adapter (LoRA A/B and the head), never the frozen b
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import adapter as ad
+from .aggregation.rules import FEDSB_SUFFIX
 from .base_model import TINY_PRESET, preprocessing_for
 from .config import LoRAConfig, LoRAConfigError
 from .head import Head, HeadError, check_labels, tokenize_labels
@@ -147,16 +150,60 @@ def peft_config(lora: LoRAConfig, model: nn.Module, base_model_name: str = "") -
     return LoraConfig(**lora_fields(lora, model.lora_layers(), base_model_name))
 
 
+# Fed-SB (aggregation "fedsb", nvflare_lora.aggregation.rules): lora_B's weight is parametrized as B @ R (B fixed,
+# R trained), so PEFT's forward, merge and get_delta_weight all see B @ R. PEFT names the two tensors after the
+# parametrization (with or without the adapter's name, by version); the exchanged names are the plain ones (B as
+# lora_B.weight, R as rules.FEDSB_SUFFIX), and loading maps them back to the names this PEFT gives.
+_FEDSB_NAMES = ((re.compile(r"\.lora_B(\.[^.]+)?\.parametrizations\.weight\.original$"), ".lora_B.weight"),
+                (re.compile(r"\.lora_B(\.[^.]+)?\.parametrizations\.weight\.0\.R$"), FEDSB_SUFFIX))
+
+
+class _TimesR(nn.Module):
+    """lora_B's weight as B @ R: R (r, r) trained, starting at 0."""
+
+    def __init__(self, r: int):
+        super().__init__()
+        self.R = nn.Parameter(torch.zeros(r, r))
+
+    def forward(self, B: torch.Tensor) -> torch.Tensor:
+        return B @ self.R
+
+
+def install_fedsb(peft_model) -> int:
+    """Put Fed-SB's r x r matrix between every LoRA layer's A and B (lora_B.weight becomes B @ R), freeze A and B;
+    returns the number of layers (already installed: 0, nothing changed)."""
+    count = 0
+    for module in peft_model.modules():
+        if not hasattr(module, "lora_B") or not isinstance(getattr(module, "lora_B"), nn.ModuleDict):
+            continue
+        for name, up in module.lora_B.items():
+            if parametrize.is_parametrized(up, "weight"):
+                continue
+            parametrize.register_parametrization(up, "weight", _TimesR(up.weight.shape[1]))
+            up.parametrizations.weight.original.requires_grad_(False)
+            module.lora_A[name].weight.requires_grad_(False)
+            count += 1
+    return count
+
+
+def _exchanged_name(key: str) -> str:
+    for pattern, ours in _FEDSB_NAMES:
+        key = pattern.sub(ours, key)
+    return key
+
+
 def adapter_state(peft_model) -> Dict[str, torch.Tensor]:
-    """The adapter's tensors (LoRA A/B and the head), detached, in PEFT's saved-adapter naming."""
+    """The adapter's tensors (LoRA A/B, Fed-SB's R, and the head), detached, in PEFT's saved-adapter naming."""
     # save_embedding_layers=False: we never adapt embeddings, and 'auto' makes PEFT look the base up online.
-    return {k: v.detach() for k, v in get_peft_model_state_dict(peft_model, save_embedding_layers=False).items()}
+    return {_exchanged_name(k): v.detach()
+            for k, v in get_peft_model_state_dict(peft_model, save_embedding_layers=False).items()}
 
 
 def load_adapter_state(peft_model, state: Mapping[str, object]) -> None:
     """Write `state` into the model's adapter, all or nothing: every key and shape checked first."""
     ad.check_adapter(state, ad.adapter_shapes_of(adapter_state(peft_model)))
-    tensors = {k: torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v).float()
+    peft_names = {_exchanged_name(k): k for k in get_peft_model_state_dict(peft_model, save_embedding_layers=False)}
+    tensors = {peft_names[k]: torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v).float()
                for k, v in state.items()}
     result = set_peft_model_state_dict(peft_model, tensors)
     unexpected = getattr(result, "unexpected_keys", [])

@@ -4,8 +4,9 @@ for the accounting). DP-SGD, the sites' torch half, is nvflare_lora.dp_sgd.
 Sample level (a site's images): DP-SGD (Abadi et al. 2016). Each step draws a Poisson sample of the site's
 training images (each image independently with probability q), computes every image's gradient of the
 trainable tensors only (LoRA A/B and the head; the frozen base and, under ffa, the frozen A are not
-trained, so nothing of theirs is released), clips each to L2 norm `max_grad_norm`, sums them, adds
-Gaussian noise of standard deviation noise_multiplier x max_grad_norm and divides by the expected batch
+trained, so nothing of theirs is released; under fedsb only each layer's r x r matrix and the head are),
+clips each to L2 norm `max_grad_norm`, sums them, adds Gaussian noise of standard deviation noise_multiplier x
+max_grad_norm and divides by the expected batch
 size q x n. Per-sample gradients come from torch.func (functional_call + vmap + grad) on the model as it
 is: no layer-by-layer hooks (Opacus' GradSampleModule, whose PEFT LoRA gradients have a report of silent
 corruption, opacus#820).
@@ -323,7 +324,7 @@ def check_client_dp(estimator: str, aggregation: str = "fedavg", site_ranks: Opt
         raise PrivacyError(f"client_dp needs estimator 'mean' (its noise is calibrated to one site's clipped share "
                            f"of the mean); got {estimator!r}")
     if aggregation == "exact":
-        raise PrivacyError("client_dp works with aggregation 'fedavg' or 'ffa': exact's residual is built from each "
+        raise PrivacyError("client_dp works with aggregation 'fedavg', 'ffa' or 'fedsb': exact's residual is built from each "
                            "site's own factors, not from the noised mean (site-level dp works with every rule)")
     if site_ranks:
         raise PrivacyError("client_dp needs one rank for all sites (site_ranks empty): a rank component held by "

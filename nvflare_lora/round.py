@@ -133,7 +133,8 @@ class Federation:
         server_mode, site_mode = in_process(self.facts.secure_aggregation)  # the secure mode, chosen once
         if site_mode.context is not None:  # under HE the job announces its key's fingerprint (HEKeyBuilder's, in NVFlare)
             self.facts = self.facts.with_(he_key=key_fingerprint(site_mode.context))
-        self.server = server_mode.server(self.facts, shapes, settings.robustness(), settings.dp_config("client_dp"))
+        self.server = server_mode.server(self.facts, self.facts.training_shapes(shapes), settings.robustness(),
+                                         settings.dp_config("client_dp"))
         self.sites = []
         for name in names:
             own = dict((site_settings or {}).get(name, {}))

@@ -47,7 +47,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 import numpy as np
 
 from .adapter import AdapterMismatchError, check_adapter
-from .aggregation.rules import Robustness, SiteUpdate, bound_weights, check_steps, update_norm
+from .aggregation.rules import (Robustness, SiteUpdate, bound_weights, check_steps, download_keys, fold_fedsb, is_fedsb_key,
+                                update_norm)
 from .aggregation.server import ServerAggregation
 from .checkpoint import ENCRYPTED_META_KEY, CheckpointError
 from .errors import NVFlareLoRAError
@@ -230,7 +231,7 @@ class SecureAggregation:
         return self._context
 
     def for_site(self, global_state: Mapping, site: Optional[str]) -> Dict:
-        return dict(global_state)
+        return {k: global_state[k] for k in download_keys(global_state, self.facts.aggregation)}
 
     def spec(self, site: Optional[str]) -> Dict[str, Tuple[int, ...]]:
         """What a site sends under HE: the rule's keys at their shapes, and ROUND_KEY."""
@@ -596,6 +597,8 @@ def decrypt_checkpoint(state: Mapping[str, np.ndarray], meta: Mapping, context_f
         raise CheckpointError(f"checkpoint {where} decrypts with {path} to values up to {largest:.3g}, no adapter "
                               f"holds such values: {path} is not the key it was encrypted under (another project's, "
                               f"or a re-provisioned kit's)")
+    if any(is_fedsb_key(k) for k in clear):  # fedsb's training form: saved as plain LoRA, B' = B @ R
+        clear, _ = fold_fedsb(clear)
     return clear
 
 

@@ -211,7 +211,8 @@ class AggregationSection(Section):
 
     name = "aggregation"
 
-    aggregation: str = _s("fedavg", 'LoRA rule: "fedavg" (FedIT), "ffa" (A frozen, not sent) or "exact" '
+    aggregation: str = _s("fedavg", 'LoRA rule: "fedavg" (FedIT), "ffa" (A frozen, not sent), "exact" or "fedsb" '
+                          '(A and B fixed and shared, an r x r matrix per layer trained and sent; one rank) '
                           '(docs/guide.md, Choosing an aggregation).', RULE)
     site_ranks: Optional[Dict[str, int]] = _s(None, '{site: rank} for sites that train a smaller rank than r.',
                                               RULE)
@@ -473,6 +474,10 @@ def across(s: JobSettings) -> None:
         raise SettingsError(f"min_clients ({s.min_clients}) exceeds num_sites ({s.num_sites}): no round could "
                             f"complete; lower min_clients or raise num_sites")
     check_site_ranks(s.site_ranks, s.r)  # aggregation x lora
+    if s.aggregation == "fedsb" and s.site_ranks:
+        raise SettingsError(f"aggregation 'fedsb' shares its fixed factors at the job's rank r = {s.r} with every site;"
+                            f" site_ranks {s.site_ranks} cannot apply: leave site_ranks empty, or use 'fedavg' or "
+                            f"'exact'")
     for name in ("dp", "client_dp"):  # privacy x rounds: a target_epsilon is spread over num_rounds
         s.dp_config(name)
     if s.client_dp:  # privacy x aggregation x rounds: one site per round at most, every round
@@ -503,10 +508,10 @@ def across(s: JobSettings) -> None:
 
 def check_secure_rule(aggregation: str, site_ranks) -> None:
     """Under "he" the rule must be linear at one rank: the server sums ciphertexts."""
-    if aggregation not in ("fedavg", "ffa") or site_ranks:
-        raise SettingsError("secure_aggregation \"he\" aggregates fedavg and ffa at one rank; the exact rule and "
-                            "site_ranks need products of the LoRA factors, which the server cannot compute from "
-                            "ciphertexts: use aggregation \"fedavg\" or \"ffa\" without site_ranks")
+    if aggregation not in ("fedavg", "ffa", "fedsb") or site_ranks:
+        raise SettingsError("secure_aggregation \"he\" aggregates fedavg, ffa and fedsb at one rank; the exact rule "
+                            "and site_ranks need products of the LoRA factors, which the server cannot compute from "
+                            "ciphertexts: use aggregation \"fedavg\", \"ffa\" or \"fedsb\" without site_ranks")
 
 
 def secure_bounds(secure: SecureSection, aggregation: AggregationSection, privacy: PrivacySection,

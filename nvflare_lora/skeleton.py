@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .adapter import Shapes
+from .aggregation.rules import fedsb_shapes
 from .base_model import linear_layers, load_clip_config, resolve_model
 from .config import LoRAConfig, LoRAConfigError
 from .families import family_of
@@ -95,6 +96,34 @@ def init_adapter_state(shapes: Shapes, seed: int) -> Dict[str, np.ndarray]:
             bound = 1.0 / math.sqrt(max(1, fan_in))
             t = (torch.rand(shape, generator=g) * 2 - 1) * bound
         out[key] = t.numpy().astype(np.float32)
+    return out
+
+
+def _orthonormal_columns(rows: int, cols: int, seed: int) -> np.ndarray:
+    """(rows, cols), cols <= rows, orthonormal columns: the QR of a seeded Gaussian, signs fixed (R's diagonal > 0)
+    so the result does not depend on the LAPACK's sign convention."""
+    g = torch.Generator().manual_seed(seed)
+    q, r = np.linalg.qr(torch.randn((rows, cols), generator=g, dtype=torch.float64).numpy())
+    return q * np.where(np.diag(r) < 0, -1.0, 1.0)
+
+
+def init_fedsb_state(shapes: Shapes, seed: int) -> Dict[str, np.ndarray]:
+    """Fed-SB's shared initial adapter (aggregation "fedsb"): for every LoRA layer a fixed A with orthonormal rows
+    (r, in) and a fixed B with orthonormal columns (out, r), seeded per key like init_adapter_state, and a trained
+    (r, r) matrix R = 0 between them (the model starts equal to its base, as LoRA does). Seeded, not fitted to any
+    site's data (LoRA-SB's gradient-SVD init would need one): nothing about a site's data is in them, and every
+    party computes the same values. The head as init_adapter_state. Orthonormal B makes a folded checkpoint
+    (B' = B @ R) go back to R exactly: R = B^T B'."""
+    out = init_adapter_state(shapes, seed)
+    for key, shape in shapes.items():
+        if key.endswith(".lora_A.weight") or key.endswith(".lora_B.weight"):
+            width, r = (shape[1], shape[0]) if key.endswith(".lora_A.weight") else shape
+            if r > width:
+                raise LoRAConfigError(f"aggregation 'fedsb' needs the rank r ({r}) at most every adapted layer's "
+                                      f"width; {key} is {tuple(shape)}: lower r")
+            q = _orthonormal_columns(width, r, _key_seed(seed, key))
+            out[key] = np.ascontiguousarray(q.T if key.endswith(".lora_A.weight") else q, np.float32)
+    out.update({k: np.zeros(v, np.float32) for k, v in fedsb_shapes(shapes).items()})
     return out
 
 

@@ -309,7 +309,7 @@ def test_the_server_sends_and_checks_each_site_at_its_own_rank_and_rule():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"aggregation": "mean"}, r"aggregation must be one of 'fedavg', 'ffa', 'exact'; got 'mean'"),
+    ({"aggregation": "mean"}, r"aggregation must be one of 'fedavg', 'ffa', 'exact', 'fedsb'; got 'mean'"),
     ({"site_ranks": {"site-2": 32}}, r"site_ranks\['site-2'\] = 32: a site's rank must be an integer from 1 to the "
                                      r"global rank 16"),
     ({"aggregation": "exact", "resume_from": "/somewhere"}, "resume_from is not supported with aggregation"),

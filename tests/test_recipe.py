@@ -151,7 +151,7 @@ def test_the_recipe_writes_the_schemas_job_folder_without_code(tmp_path):
 @pytest.mark.parametrize("kwargs, match", [
     ({"rank": 8}, r"unknown setting\(s\) rank; valid settings: .*\br\b"),
     ({"r": 0}, r"\br\b.*> 0|r must"),
-    ({"aggregation": "median"}, r"aggregation must be one of 'fedavg', 'ffa', 'exact'; got 'median'"),
+    ({"aggregation": "median"}, r"aggregation must be one of 'fedavg', 'ffa', 'exact', 'fedsb'; got 'median'"),
     ({"compression": "zip"}, r"compression must be one of 'none', 'fp16', 'int8'"),
     ({"min_clients": 5}, r"min_clients \(5\) exceeds num_sites \(4\)"),
     ({"site_ranks": {"site-1": 32}}, r"site_ranks\['site-1'\] = 32: a site's rank must be an integer from 1 to the "

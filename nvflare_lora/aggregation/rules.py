@@ -12,6 +12,12 @@ exact   (FedEx-LoRA) A and B as in fedavg, plus a dense per-layer residual R (ke
         RESIDUAL_SUFFIX) that sites add to their frozen weight, chosen so that
             s * B_new @ A_new + R_new = sum_k p_k * (s * B_k @ A_k + R_k)
         i.e. the global effective update is the weighted mean of the sites' effective updates.
+fedsb   (Fed-SB, Singh et al. 2025) A and B are fixed and shared (seeded, orthonormal rows of A and columns of
+        B: nvflare_lora.skeleton.init_fedsb_state), and each layer gets a trained r x r matrix R (key: the
+        layer's path + FEDSB_SUFFIX) between them: the layer adds s * B @ R @ A. That is linear in R, so the
+        fedavg rule on R is the mean of the sites' updates, exact by construction; a site sends r^2 numbers
+        per layer (and the head) instead of r * (in + out). Checkpoints hold it as plain LoRA (B' = B @ R:
+        fold_fedsb) and a run resumes from one by projecting B' back onto B (to_fedsb).
 
 Heterogeneous ranks (zero-padding, as HetLoRA): the global adapter has rank r (the largest); a site
 of rank r_k < r gets rank components 0..r_k-1 (`project`), its A rows and B columns. Each rank
@@ -38,13 +44,14 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ['AGGREGATIONS', 'AggregationError', 'check_rank', 'check_site_ranks', 'check_steps', 'ESTIMATORS', 'RESIDUAL_SUFFIX', 'Robustness', 'SiteUpdate', 'WEIGHTINGS', 'a_key', 'aggregate', 'b_key', 'bound_influence', 'bound_weights', 'check_mode', 'check_update', 'clip_to', 'describe', 'effective_delta', 'fold_residuals', 'is_residual_key', 'lora_layers', 'project', 'rank_of', 'residual_key', 'residual_shapes', 'site_rank_of', 'split_residuals', 'unfold', 'update_norm', 'update_spec', 'upload_keys', 'zero_residuals']
+__all__ = ['AGGREGATIONS', 'AggregationError', 'check_rank', 'check_site_ranks', 'check_steps', 'ESTIMATORS', 'RESIDUAL_SUFFIX', 'Robustness', 'SiteUpdate', 'WEIGHTINGS', 'a_key', 'aggregate', 'b_key', 'bound_influence', 'bound_weights', 'check_mode', 'check_update', 'clip_to', 'download_keys', 'describe', 'effective_delta', 'FEDSB_SUFFIX', 'fedsb_shapes', 'fold_fedsb', 'fold_residuals', 'is_fedsb_key', 'is_residual_key', 'fedsb_key', 'to_fedsb', 'lora_layers', 'project', 'rank_of', 'residual_key', 'residual_shapes', 'site_rank_of', 'split_residuals', 'unfold', 'update_norm', 'update_spec', 'upload_keys', 'zero_residuals']
 
 from ..adapter import AdapterMismatchError, check_adapter
 from ..errors import NVFlareLoRAError
 
-AGGREGATIONS = ("fedavg", "ffa", "exact")
+AGGREGATIONS = ("fedavg", "ffa", "exact", "fedsb")
 RESIDUAL_SUFFIX = ".nvflare_lora_residual"  # <layer path> + this: dense (out, in) delta added to the frozen weight
+FEDSB_SUFFIX = ".lora_R.weight"  # <layer path> + this: Fed-SB's trained (r, r) matrix R between the fixed B and A
 _A, _B = ".lora_A.weight", ".lora_B.weight"
 
 State = Dict[str, np.ndarray]
@@ -58,7 +65,8 @@ class AggregationError(NVFlareLoRAError):
 def check_mode(mode: str) -> str:
     if mode not in AGGREGATIONS:
         raise AggregationError(f"unknown aggregation {mode!r}; choose one of {list(AGGREGATIONS)} (fedavg: plain "
-                               f"mean, ffa: A frozen and only B sent, exact: mean of B@A via a residual)")
+                               f"mean, ffa: A frozen and only B sent, exact: mean of B@A via a residual, fedsb: A "
+                               f"and B fixed, an r x r matrix between them trained and sent)")
     return mode
 
 
@@ -79,11 +87,20 @@ def is_residual_key(key: str) -> bool:
     return key.endswith(RESIDUAL_SUFFIX)
 
 
+def fedsb_key(layer: str) -> str:
+    """Fed-SB's trained (r, r) matrix R of a layer."""
+    return layer + FEDSB_SUFFIX
+
+
+def is_fedsb_key(key: str) -> bool:
+    return key.endswith(FEDSB_SUFFIX)
+
+
 def lora_layers(keys) -> List[str]:
     """Paths of the LoRA layers named by a key set (a layer counts if its A or B is there)."""
     out = set()
     for k in keys:
-        for suffix in (_A, _B, RESIDUAL_SUFFIX):
+        for suffix in (_A, _B, RESIDUAL_SUFFIX, FEDSB_SUFFIX):
             if k.endswith(suffix):
                 out.add(k[: -len(suffix)])
     return sorted(out)
@@ -97,11 +114,26 @@ def split_residuals(state: Mapping[str, np.ndarray]) -> Tuple[State, State]:
 
 
 def upload_keys(keys, mode: str) -> List[str]:
-    """The keys a site sends under `mode`: no residuals ever (sites do not train them), and no A under ffa."""
+    """The keys a site sends under `mode`: no residuals ever (sites do not train them), no A under ffa, and
+    neither A nor B under fedsb (its fixed factors: R and the head are sent)."""
     keys = [k for k in keys if not is_residual_key(k)]
     if check_mode(mode) == "ffa":
         keys = [k for k in keys if not k.endswith(_A)]
+    elif mode == "fedsb":
+        keys = [k for k in keys if not (k.endswith(_A) or k.endswith(_B))]
+    elif any(is_fedsb_key(k) for k in keys):
+        raise AggregationError(f"the adapter holds Fed-SB matrices ({FEDSB_SUFFIX}) but the rule is {mode!r}: only "
+                               f"aggregation 'fedsb' trains them")
     return sorted(keys)
+
+
+def download_keys(keys, mode: str) -> List[str]:
+    """The keys the server sends each round under `mode`: all of them, but under fedsb not the fixed A and B (every
+    site computes them from the job's shapes and LoRA seed: nvflare_lora.skeleton.init_fedsb_state), R and the head."""
+    keys = sorted(keys)
+    if check_mode(mode) == "fedsb":
+        keys = [k for k in keys if not (k.endswith(_A) or k.endswith(_B))]
+    return keys
 
 
 def _shape(v) -> Tuple[int, ...]:
@@ -113,6 +145,12 @@ def rank_of(state: Mapping[str, object]) -> int:
     sends, and its A tensors); all layers must agree."""
     ranks = {int(_shape(v)[1]) for k, v in state.items() if k.endswith(_B)}
     ranks |= {int(_shape(v)[0]) for k, v in state.items() if k.endswith(_A)}
+    for k, v in state.items():
+        if is_fedsb_key(k):
+            shape = _shape(v)
+            if len(shape) != 2 or shape[0] != shape[1]:
+                raise AdapterMismatchError(f"{k!r} has shape {shape}: Fed-SB's matrix is square (r, r)")
+            ranks.add(int(shape[0]))
     if len(ranks) != 1:
         raise AdapterMismatchError(f"adapter has LoRA ranks {sorted(ranks)}: expected one rank for every layer")
     return ranks.pop()
@@ -130,8 +168,11 @@ def zero_residuals(state: Mapping[str, object]) -> State:
 
 # ---- effective updates -----------------------------------------------------------------------------
 def effective_delta(state: Mapping[str, np.ndarray], layer: str, scaling: float) -> np.ndarray:
-    """What the layer adds to its frozen weight: s * B @ A (+ residual), float64 (out, in)."""
-    delta = scaling * (np.asarray(state[b_key(layer)], np.float64) @ np.asarray(state[a_key(layer)], np.float64))
+    """What the layer adds to its frozen weight: s * B @ A (s * B @ R @ A under fedsb; + residual), float64 (out, in)."""
+    A = np.asarray(state[a_key(layer)], np.float64)
+    if fedsb_key(layer) in state:
+        A = np.asarray(state[fedsb_key(layer)], np.float64) @ A
+    delta = scaling * (np.asarray(state[b_key(layer)], np.float64) @ A)
     r = state.get(residual_key(layer))
     return delta + np.asarray(r, np.float64) if r is not None else delta
 
@@ -184,6 +225,7 @@ def check_update(update: Mapping[str, np.ndarray], spec: Mapping[str, Tuple[int,
     """Refuse an update that is not exactly `spec` (update_spec): key set, shapes, float32 arrays, finite
     values; and a step count (NUM_STEPS_CURRENT_ROUND, None allowed) that is not a finite number > 0."""
     hint = " (under ffa a site sends B and the head, never A)" if mode == "ffa" else \
+        " (under fedsb a site sends each layer's r x r matrix and the head, never A or B)" if mode == "fedsb" else \
         " (check rank, target modules and num_classes against the job config)"
     check_adapter(update, spec, who, hint=hint, float32=True)
     if steps is not None:
@@ -209,7 +251,7 @@ class SiteUpdate:
 
 
 def site_rank_of(update: Mapping[str, np.ndarray]) -> int:
-    return rank_of({k: v for k, v in update.items() if k.endswith(_B) or k.endswith(_A)})
+    return rank_of({k: v for k, v in update.items() if k.endswith(_B) or k.endswith(_A) or is_fedsb_key(k)})
 
 
 ESTIMATORS = ("mean", "median", "trimmed_mean")
@@ -371,7 +413,7 @@ def aggregate(global_state: Mapping[str, np.ndarray], updates: Sequence[SiteUpda
     scaling: lora_alpha / r; robust: weight capping, norm clipping and the estimator (None: the plain
     weighted mean, FedAvg). Returns (new_state, info) with info["product_error"]: relative Frobenius
     distance between the new global effective update and the combination (same estimator) of the
-    sites' effective updates (0 up to rounding for ffa and exact).
+    sites' effective updates (0 up to rounding for ffa, exact and fedsb under the mean).
     """
     check_mode(mode)
     robust = robust or Robustness()
@@ -383,9 +425,16 @@ def aggregate(global_state: Mapping[str, np.ndarray], updates: Sequence[SiteUpda
     if exact and any(residual_key(l) not in global_state for l in layers):
         raise AdapterMismatchError("the exact aggregation needs the global adapter's residuals (the persistor's "
                                    "aggregation = 'exact' starts them)")
+    fedsb = mode == "fedsb"
+    if fedsb and any(fedsb_key(l) not in global_state for l in layers):
+        raise AdapterMismatchError("the fedsb aggregation needs the global adapter's r x r matrices R (the persistor's "
+                                   "aggregation = 'fedsb' starts them)")
     shapes = {k: tuple(np.shape(v)) for k, v in global_state.items()}
     for u in updates:
-        r = site_rank_of(u.diff)
+        try:
+            r = site_rank_of(u.diff)
+        except AdapterMismatchError as e:
+            raise AdapterMismatchError(f"update of {u.site or 'a site'}: {e}") from None
         if r > full:
             raise AdapterMismatchError(f"{u.site or 'a site'} sent rank {r}, above the global rank {full}")
         check_update(u.diff, update_spec(shapes, mode, r), mode, f"update of {u.site or 'a site'}")
@@ -413,7 +462,7 @@ def aggregate(global_state: Mapping[str, np.ndarray], updates: Sequence[SiteUpda
         A = np.asarray(global_state[a_key(layer)], np.float64)
         B = np.asarray(global_state[b_key(layer)], np.float64)
         A_new, B_new = A.copy(), B.copy()
-        for lo, hi, idx in _rank_groups(ranks, full):
+        for lo, hi, idx in ([] if fedsb else _rank_groups(ranks, full)):  # fedsb: A and B fixed, R combined above
             q = p[idx] / p[idx].sum()
             if mode != "ffa":
                 A_new[lo:hi] += _combine(np.stack([diffs[k][a_key(layer)][lo:hi] for k in idx]), q, robust)
@@ -425,12 +474,14 @@ def aggregate(global_state: Mapping[str, np.ndarray], updates: Sequence[SiteUpda
         effective = []
         for s, d in zip(sent, diffs):
             local = {a_key(layer): np.asarray(s[a_key(layer)], np.float64) + d.get(a_key(layer), 0.0),
-                     b_key(layer): np.asarray(s[b_key(layer)], np.float64) + d[b_key(layer)]}
+                     b_key(layer): np.asarray(s[b_key(layer)], np.float64) + d.get(b_key(layer), 0.0)}
+            if fedsb:
+                local[fedsb_key(layer)] = np.asarray(s[fedsb_key(layer)], np.float64) + d[fedsb_key(layer)]
             if exact:
                 local[residual_key(layer)] = s[residual_key(layer)]
             effective.append(effective_delta(local, layer, scaling))
         target = _combine(np.stack(effective), p, robust)
-        produced = scaling * (new[b_key(layer)].astype(np.float64) @ new[a_key(layer)].astype(np.float64))
+        produced = effective_delta(new, layer, scaling)
         if exact:
             residual = (target - produced).astype(np.float32)
             new[residual_key(layer)] = residual
@@ -490,6 +541,56 @@ def unfold(folded: Mapping[str, np.ndarray], folded_scaling: float, template: Ma
             out[k] = np.asarray(folded[k], np.float32).copy()
     for layer in lora_layers(template):
         out[residual_key(layer)] = effective_delta(folded, layer, folded_scaling).astype(np.float32)
+    return out
+
+
+# ---- Fed-SB: checkpoints hold plain LoRA (B' = B @ R), and a run goes back to R by projecting onto B -----
+def fedsb_shapes(state: Mapping[str, object]) -> Dict[str, Tuple[int, int]]:
+    """{R key: (r, r)} for every LoRA layer of an adapter dict or a {key: shape} dict."""
+    return {fedsb_key(l): (_shape(state[a_key(l)])[0],) * 2 for l in lora_layers(state)}
+
+
+def fold_fedsb(state: Mapping[str, np.ndarray]) -> Tuple[State, Dict]:
+    """A plain LoRA adapter (same rank and scaling, no R) with the same effective update: B' = B @ R, A as is;
+    exact up to float32 rounding. Returns (state', info)."""
+    out = {k: np.asarray(v, np.float32).copy() for k, v in state.items() if not is_fedsb_key(k)}
+    for layer in lora_layers(state):
+        if fedsb_key(layer) not in state:
+            raise AdapterMismatchError(f"the fedsb adapter has no r x r matrix for {layer!r}")
+        out[b_key(layer)] = (np.asarray(state[b_key(layer)], np.float64)
+                             @ np.asarray(state[fedsb_key(layer)], np.float64)).astype(np.float32)
+    return out, {"folded": "B' = B @ R (plain LoRA, same rank and scaling)"}
+
+
+def to_fedsb(plain: Mapping[str, np.ndarray], factors: Mapping[str, np.ndarray], where: str = "the adapter",
+             tol: float = 1e-4) -> State:
+    """Fed-SB's training state from a plain LoRA adapter of the same rank, given the job's fixed factors (A and B of
+    `factors`, whose B has orthonormal columns): R = B^T B'. Refused, naming the layer, unless A' equals the fixed
+    A and B' lies in the fixed B's column space (relative error <= tol): a checkpoint of another rule or other
+    fixed factors. An adapter with B' = 0 (a fresh or zero-shot start) gives R = 0 whatever its A."""
+    out = {k: np.asarray(v, np.float32).copy() for k, v in plain.items() if not (k.endswith(_A) or k.endswith(_B))}
+    for layer in lora_layers(factors):
+        A, B = (np.asarray(factors[k(layer)], np.float64) for k in (a_key, b_key))
+        if a_key(layer) not in plain or b_key(layer) not in plain:
+            raise AdapterMismatchError(f"{where} lacks the LoRA factors of {layer!r}")
+        A2, B2 = (np.asarray(plain[k(layer)], np.float64) for k in (a_key, b_key))
+        if A2.shape != A.shape or B2.shape != B.shape:
+            raise AdapterMismatchError(f"{where}: {layer!r} has A {A2.shape} and B {B2.shape}, the job's fixed factors "
+                                       f"are {A.shape} and {B.shape} (another rank or layer)")
+        R = B.T @ B2
+        if np.any(B2):
+            a_err = float(np.abs(A2 - A).max())
+            if a_err > tol * max(float(np.abs(A).max()), 1e-30):
+                raise AdapterMismatchError(
+                    f"{where}: the A of {layer!r} is not this job's fixed A (largest difference {a_err:.3g}): it was "
+                    f"trained under another rule or made with other fixed factors (lora seed, rank); start a new run")
+            b_err = float(np.linalg.norm(B @ R - B2)) / max(float(np.linalg.norm(B2)), 1e-30)
+            if b_err > tol:
+                raise AdapterMismatchError(
+                    f"{where}: the B of {layer!r} is not in the span of this job's fixed B (relative error "
+                    f"{b_err:.3g}): it was trained under another rule or made with other fixed factors; start a new run")
+        out[a_key(layer)], out[b_key(layer)] = A.astype(np.float32), B.astype(np.float32)
+        out[fedsb_key(layer)] = R.astype(np.float32)
     return out
 
 

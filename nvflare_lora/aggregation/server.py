@@ -12,7 +12,8 @@ import numpy as np
 
 from ..adapter import adapter_shapes_of, check_adapter
 from ..privacy import Accountant, DPConfig, add_client_noise, check_client_dp
-from .rules import Robustness, SiteUpdate, aggregate, check_update, describe, project, rank_of, update_spec
+from .rules import (Robustness, SiteUpdate, aggregate, check_update, describe, download_keys, project, rank_of,
+                    update_spec)
 
 State = Dict[str, np.ndarray]
 # a site left out of this many rounds in a row, or more, is named when the run ends (no silent exclusion)
@@ -86,10 +87,11 @@ class ServerAggregation:
             self._rng = np.random.default_rng()  # fresh OS entropy: the noise must not be predictable
 
     def for_site(self, global_state: Mapping[str, np.ndarray], site: Optional[str]) -> State:
-        """The global adapter as `site` receives it: at its own rank (site_ranks), else as is."""
+        """The global adapter as `site` receives it: at its own rank (site_ranks), else as is; under fedsb without the
+        fixed factors (download_keys)."""
         rank = self.facts.site_rank(site)
         if rank == rank_of(global_state):
-            return dict(global_state)
+            return {k: global_state[k] for k in download_keys(global_state, self.facts.aggregation)}
         return project(global_state, rank, self.facts.scaling, self.facts.aggregation == "exact")
 
     def check(self, site: str, update: Mapping[str, np.ndarray], steps, global_state: Mapping[str, np.ndarray]) -> Dict:

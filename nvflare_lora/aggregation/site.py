@@ -15,9 +15,11 @@ import numpy as np
 import torch
 
 from .. import adapter as ad
-from .rules import (AggregationError, check_mode, check_update, effective_delta, lora_layers, residual_key,
+from .rules import (AggregationError, check_mode, check_update, effective_delta, is_fedsb_key, lora_layers, residual_key,
                     split_residuals, update_spec, upload_keys)
 from ..config import LoRAConfig
+from ..lora_model import install_fedsb
+from ..skeleton import init_fedsb_state
 
 State = Dict[str, np.ndarray]
 
@@ -46,6 +48,8 @@ class SiteAggregation:
     ffa: lora_A is frozen (requires_grad False), so it stays at the server's shared init; A is not sent.
     exact: the global adapter carries one dense residual per LoRA layer, added here to the frozen weight
         (the frozen weight as loaded is kept, so residuals replace each other instead of piling up).
+    fedsb: lora_B's weight becomes B @ R (nvflare_lora.lora_model.install_fedsb); A and B are frozen at the
+        server's fixed factors, each layer's r x r R and the head are trained and sent.
     """
 
     def __init__(self, fed, mode: str = "fedavg"):
@@ -59,6 +63,12 @@ class SiteAggregation:
             for name, p in fed.model.named_parameters():
                 if ".lora_A." in name:
                     p.requires_grad_(False)
+        elif mode == "fedsb":
+            install_fedsb(fed.model)
+            plain = {k: v.shape for k, v in fed.get_parameters().items() if not is_fedsb_key(k)}
+            self._fixed = {k: v for k, v in init_fedsb_state(plain, fed.lora_config.seed).items()
+                           if k.endswith(".lora_A.weight") or k.endswith(".lora_B.weight")}
+            fed.configure_optimizer(fed.learning_rate, fed.weight_decay, fed.max_grad_norm)  # over R and the head
 
     @classmethod
     def from_announcement(cls, fed, announced: Mapping) -> "SiteAggregation":
@@ -93,8 +103,12 @@ class SiteAggregation:
 
     # ---- what a round does ---------------------------------------------------------------------------
     def load_global(self, state: Mapping[str, np.ndarray]) -> State:
-        """Load the global adapter as received; returns its adapter part (what the update is taken against)."""
+        """Load the global adapter as received; returns its adapter part (what the update is taken against). Under
+        fedsb the fixed factors are this site's own (the server does not send them each round; when it does, they
+        must be the same)."""
         adapter, residuals = split_residuals(state)
+        if self.mode == "fedsb":
+            adapter = self._with_fixed_factors(adapter)
         ad.check_adapter(adapter, ad.adapter_shapes_of(self.fed.get_parameters()), "global adapter")
         if self.mode == "exact":
             missing = [l for l in lora_layers(adapter) if l not in residuals]
@@ -108,8 +122,18 @@ class SiteAggregation:
         self.fed.set_parameters(adapter)
         return adapter
 
+    def _with_fixed_factors(self, adapter: Mapping[str, np.ndarray]) -> State:
+        for k, mine in self._fixed.items():
+            if k in adapter and not np.allclose(np.asarray(adapter[k], np.float64), mine, rtol=0, atol=1e-6):
+                raise ad.AdapterMismatchError(
+                    f"the global adapter's fixed factor {k!r} is not this job's (the shared seeded Fed-SB factors "
+                    f"for LoRA seed {self.fed.lora_config.seed}, largest difference "
+                    f"{float(np.abs(np.asarray(adapter[k], np.float64) - mine).max()):.3g}): another job's or another "
+                    f"seed's adapter; refused")
+        return {**self._fixed, **adapter}
+
     def update(self, global_adapter: Mapping[str, np.ndarray]) -> State:
-        """local - global for the keys this rule sends (ffa: no A; never residuals)."""
+        """local - global for the keys this rule sends (ffa: no A; fedsb: R and the head; never residuals)."""
         d = ad.diff(self.fed.get_parameters(), global_adapter)
         out = {k: d[k] for k in upload_keys(d, self.mode)}
         # the one update spec the server checks too: a site never sends what the server would refuse

@@ -8,7 +8,8 @@ swapped in atomically.
 The persistor puts the job's facts (nvflare_lora.facts.JobFacts: base, fingerprint, LoRA settings, labels,
 rule, site ranks, head) into the global model's meta, so they travel to every site with each task. Under the
 exact rule it keeps the residuals in the global model and folds them into a plain (larger-rank) PEFT adapter
-whenever it saves a checkpoint, so exporters and PeftModel.from_pretrained see an ordinary adapter.
+whenever it saves a checkpoint, so exporters and PeftModel.from_pretrained see an ordinary adapter; under fedsb
+it keeps the fixed factors and each layer's r x r R, and saves B' = B @ R (same rank and scaling).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.model_desc import ModelDescriptor
 
 from ...adapter import AdapterMismatchError, check_adapter
-from ...aggregation import fold_residuals, unfold
+from ...aggregation import fold_fedsb, fold_residuals, to_fedsb, unfold
 from ...checkpoint import (CHECKPOINT_NAMES, SIGNATURE_FILE, CheckpointError, CheckpointMeta, locate_checkpoint,
                            read_adapter_dir, save_adapter_dir)
 from ...base_model import base_fingerprint, fingerprint_difference, preprocessing_for
@@ -61,7 +62,8 @@ class AdapterPersistor(ModelPersistor):
     in: the saved adapter has a larger rank r' (its lora_config says so, with lora_alpha = r') and no
     residual, and nvflare_lora.json records {"aggregation": {"mode": "exact", "folded_rank", ...}}.
     Cross-site evaluation gets them back unfolded (the whole update as the residual, B = 0), which every
-    site evaluates exactly.
+    site evaluates exactly. Under fedsb B' = B @ R is saved at the job's rank; resume, an initial adapter and
+    cross-site evaluation go back to R = B^T B' (nvflare_lora.aggregation.to_fedsb).
     """
 
     def __init__(self, model: str = default("model"), num_classes: int = default("num_classes"),
@@ -166,7 +168,7 @@ class AdapterPersistor(ModelPersistor):
     def _model_meta(self) -> Dict:
         """The global model's meta: the job's facts, and what the secure mode needs there (under HE every tensor's
         shape, which ciphertexts hide); the shareable generator keeps it with the model every round."""
-        return {ANNOUNCE_KEY: self.facts.announcement(), **self.mode.model_meta(self._shapes)}
+        return {ANNOUNCE_KEY: self.facts.announcement(), **self.mode.model_meta(self.facts.training_shapes(self._shapes))}
 
     def _load_resume(self, fl_ctx: FLContext) -> Dict:
         try:
@@ -178,7 +180,12 @@ class AdapterPersistor(ModelPersistor):
         self._val_split = {site: check_split_record(rec, site) for site, rec in (meta.get("val_split") or {}).items()}
         self._privacy = meta.get("privacy") or None  # what the resumed run spent: kept in the next checkpoints
         self.log_info(fl_ctx, f"resuming from {path}: {self.completed_rounds} round(s) already done")
-        return state
+        return self._fedsb_form(state, f"resume_from {path}") if self.aggregation == "fedsb" else state
+
+    def _fedsb_form(self, plain: Dict, where: str) -> Dict:
+        """A saved (plain LoRA) adapter in the form fedsb trains: R = B^T B' against this job's fixed factors;
+        one of another rule or other factors is refused, naming the layer."""
+        return to_fedsb(plain, self.facts.initial_global(self._shapes), where)
 
     def _load_initial(self, fl_ctx: FLContext) -> Dict:
         path = Path(self.settings.initial_adapter).expanduser()
@@ -195,7 +202,7 @@ class AdapterPersistor(ModelPersistor):
         trust = self._trust if (path / SIGNATURE_FILE).is_file() or not in_job else None
         state, meta = self._read_adapter_file(path, "initial_adapter", trust, need_fingerprint=True)
         self.log_info(fl_ctx, f"round 0 starts from {path} (head: {self.facts.head.init})")
-        return state
+        return self._fedsb_form(state, f"initial_adapter {path}") if self.aggregation == "fedsb" else state
 
     def _read_adapter_file(self, path: Path, what: str, trust, need_fingerprint: bool = False):
         """(state, metadata) of a saved adapter this job may start from: verified (its manifest; with `trust`, the
@@ -234,14 +241,19 @@ class AdapterPersistor(ModelPersistor):
     def _save(self, name: str, weights: Dict, fl_ctx: FLContext, **fields) -> Path:
         rnd = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
         weights = without_round(weights)  # under HE the round binding travels with the aggregate, not in checkpoints
-        sealed = self.mode.stored(weights, self._shapes, self.facts.he_key)
+        sealed = self.mode.stored(weights, self.facts.training_shapes(self._shapes), self.facts.he_key)
         if sealed:  # ciphertexts: saved as the server holds them (checked by the aggregator)
-            if set(weights) != set(self._shapes):
+            if set(weights) != set(self.facts.training_shapes(self._shapes)):
                 raise AdapterMismatchError(f"encrypted global adapter ({name}) does not have the adapter's keys")
             return save_adapter_dir(self._dir(fl_ctx) / name, weights, self._peft_config,
                                     self.metadata(round=rnd, checkpoint=name, aggregation=self._fold_info(), **fields),
                                     encrypted=sealed, signer=self._signer)
         check_adapter(weights, self.facts.training_shapes(self._shapes), f"global adapter ({name})")
+        if self.aggregation == "fedsb":  # plain LoRA, B' = B @ R: PEFT loads it, the exporter merges it as any
+            folded, info = fold_fedsb(weights)
+            return save_adapter_dir(self._dir(fl_ctx) / name, folded, self._peft_config,
+                                    self.metadata(round=rnd, checkpoint=name, aggregation={**self._fold_info(), **info},
+                                                  **fields), signer=self._signer)
         if self.aggregation != "exact":
             return save_adapter_dir(self._dir(fl_ctx) / name, weights, self._peft_config,
                                     self.metadata(round=rnd, checkpoint=name, aggregation=self._fold_info(), **fields),
@@ -307,8 +319,10 @@ class AdapterPersistor(ModelPersistor):
         path = self._dir(fl_ctx) / model_file
         state, peft_cfg, meta = read_adapter_dir(path, kit_trust(fl_ctx))  # a job of its own may not have loaded
         if self.mode.stored(state, self._shapes):  # ciphertexts (uint8 bytes): each site opens them with its key
-            return make_model_learnable(dict(state), self.mode.model_meta(self._shapes))
+            return make_model_learnable(dict(state), self.mode.model_meta(self.facts.training_shapes(self._shapes)))
         state = {k: np.asarray(v, np.float32) for k, v in state.items()}
+        if self.aggregation == "fedsb":
+            return make_model_learnable(self._fedsb_form(state, str(path)), {})
         if self.aggregation != "exact":
             return make_model_learnable(state, {})
         info = meta.get(FOLD_META_KEY) or {}

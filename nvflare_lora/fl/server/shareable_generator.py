@@ -28,16 +28,17 @@ from ..protocol import ANNOUNCE_KEY, ProtocolError, global_shapes
 
 class AdapterShareableGenerator(FullModelShareableGenerator):
     """Sends the global adapter with the job's facts, gives each site of `site_ranks` the adapter at its own
-    rank, and refuses a malformed aggregate (in clear every key and shape; under HE what a server can check of
+    rank (under fedsb every site the adapter without its fixed factors, which each site computes), and refuses a malformed aggregate (in clear every key and shape; under HE what a server can check of
     ciphertexts: the job's secure mode, nvflare_lora.secure).
 
-    Per-site ranks are applied on the server's BEFORE_TASK_DATA_FILTER event, to each site's own copy of
+    Per-site ranks (and fedsb's smaller download) are applied on the server's BEFORE_TASK_DATA_FILTER event, to each site's own copy of
     the task data, so they come before any compression filter and need no filter in the job.
 
     Args:
         r, lora_alpha, aggregation, site_ranks, secure_aggregation: the rule facts, the same values the persistor
             is given.
-        train_task_name: the task whose data is projected to each site's rank.
+        train_task_name: the task whose data is what each site receives (at its rank; under fedsb without the fixed
+            factors).
     """
 
     def __init__(self, r: int = default("r"), lora_alpha: float = default("lora_alpha"),
@@ -77,16 +78,17 @@ class AdapterShareableGenerator(FullModelShareableGenerator):
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         super().handle_event(event_type, fl_ctx)
         if event_type == EventType.BEFORE_TASK_DATA_FILTER and fl_ctx.get_prop(FLContextKey.TASK_NAME) == self.train_task_name:
-            self._send_at_site_rank(fl_ctx)
+            self._send_what_the_site_receives(fl_ctx)
 
-    def _send_at_site_rank(self, fl_ctx: FLContext) -> None:
+    def _send_what_the_site_receives(self, fl_ctx: FLContext) -> None:
         peer = fl_ctx.get_peer_context()
         site = peer.get_identity_name() if peer else None
-        if site not in self.facts.site_ranks:
+        fedsb = self.facts.aggregation == "fedsb"  # the fixed factors stay home (ServerAggregation.for_site)
+        if site not in self.facts.site_ranks and not fedsb:
             return
         shareable = fl_ctx.get_prop(FLContextKey.TASK_DATA)  # this site's own (shallow) copy of the task data
         dxo = from_shareable(shareable)
-        if dxo.data_kind != DataKind.WEIGHTS or self.facts.site_rank(site) == rank_of(dxo.data):
+        if dxo.data_kind != DataKind.WEIGHTS or (self.facts.site_rank(site) == rank_of(dxo.data) and not fedsb):
             return
         data = self.server_half(fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)).for_site(dxo.data, site)
         meta = {k: v for k, v in (dxo.meta or {}).items() if k != MetaKey.FILTER_HISTORY}
