@@ -113,14 +113,17 @@ class Bench:
         self.eval_sets = {"val": SiteLoader(val, 512), "test": SiteLoader(test, 512)}
         self.on, self.every = "test", args.eval_every  # set per run by _run_job
 
-    def job(self, mode: str, seed: int, site_ranks: Optional[Dict[str, int]] = None, parties: int = 1) -> JobSettings:
+    def job(self, mode: str, seed: int, site_ranks: Optional[Dict[str, int]] = None, parties: int = 1,
+            rank: Optional[int] = None) -> JobSettings:
         """The job a run is: the base, LoRA r --rank (alpha 2r, no dropout, initial adapter `seed`), the rule and its
         site ranks, the default job's Robustness; each party's local round --local-epochs over its share, capped at
         --local-steps per party (central stands for all 4 sites: it gets their steps together), batch --batch-size,
         AdamW without weight decay and gradients clipped to norm 1 (train_local's defaults), on the CPU with
-        --threads torch threads. lr and batch seeds come from the schedule (lr(), batch_seed())."""
+        --threads torch threads. lr and batch seeds come from the schedule (lr(), batch_seed()). rank: the global
+        rank instead of --rank (alpha still 2 x rank)."""
         a = self.args
-        return JobSettings(model=str(self.base), num_classes=10, r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.0,
+        r = rank or a.rank
+        return JobSettings(model=str(self.base), num_classes=10, r=r, lora_alpha=2 * r, lora_dropout=0.0,
                            seed=seed, aggregation=mode, site_ranks=site_ranks or None, num_rounds=a.rounds,
                            num_sites=SITES, local_epochs=a.local_epochs,
                            max_steps=a.local_steps * parties if a.local_steps else None, batch_size=a.batch_size,
@@ -204,13 +207,14 @@ class Bench:
         """len(parts) sites (site-k: parts[k-1] at rank ranks[k-1]) and the job's server, --rounds rounds of
         nvflare_lora.round.run_round; the global adapter scored on the benchmark's split."""
         names = [f"site-{k + 1}" for k in range(len(parts))]
-        job = self.job(mode, seed, {n: r for n, r in zip(names, ranks) if r != self.args.rank})
+        rank = max(ranks)  # the global rank
+        job = self.job(mode, seed, {n: r for n, r in zip(names, ranks) if r != rank}, rank=rank)
         facts = JobFacts.from_settings(job)
         server = ServerAggregation(facts, job.robustness())  # what AdapterShareableGenerator and LoRAAggregator run
         sites = [self._trains(self.site(job, n, self.pool.subset(part), facts), lr, seed, k + 1)
                  for k, (n, part) in enumerate(zip(names, parts))]
         # the global adapter is scored by a site at the global rank (another rank would score it folded)
-        scorer = next((s for s, r in zip(sites, ranks) if r == self.args.rank), None) or self.site(job, "server",
+        scorer = next((s for s, r in zip(sites, ranks) if r == rank), None) or self.site(job, "server",
                                                                                                   self.val, facts)
         state = facts.initial_global(adapter_shapes(facts.model, facts.num_classes, facts.lora))  # AdapterPersistor's
         uploads: Dict[str, int] = {}

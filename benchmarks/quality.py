@@ -1,4 +1,4 @@
-"""Federated quality of the LoRA aggregation rules (fedavg, ffa, exact) against centralised and local-only LoRA.
+"""Federated quality of the LoRA aggregation rules (fedavg, ffa, exact, fedsb) against centralised and local-only LoRA.
 
 Protocol (bundled data, nothing downloaded; every method sees the same data, shares and base, and per
 training seed the same initial adapter and batch order):
@@ -18,12 +18,16 @@ training seed the same initial adapter and batch order):
    - central: one party holding the whole training pool, the same rounds and schedule, seeing per round
      as many samples as the 4 sites together (the upper bound);
    - local-only: each of the 4 sites trains alone on its share; accuracy = mean over the sites;
-   - fedavg / ffa / exact: 4 sites; each round every site trains on its share from the global adapter and
+   - fedavg / ffa / exact / fedsb: 4 sites; each round every site trains on its share from the global adapter and
      the server aggregates the diffs as the default job's LoRAAggregator does (weights: local steps,
      capped at 2x the median; norms clipped to 2x the median: nvflare_lora.recipe.JobSettings' defaults).
    Sites' shares: nvflare_lora.data.partition (the executor's split) of the training pool, IID and
    Dirichlet label skew with alpha 0.5 and 0.1.
    --hetero adds two runs under alpha 0.5 with site ranks 2, 4, 8, 8 (global rank 8): fedavg and exact.
+   fedsb (Fed-SB: A and B fixed, an r x r R trained) runs at --rank like the others, and again at each rank of
+   FEDSB_RANKS ("fedsb-r32": r^2 = 1,024 numbers a layer, what LoRA r 8 sends on this 64-wide base; "fedsb-r64":
+   the layer's full width, any update of q/v, 4,096 a layer); validation chooses its rank per split ("fedsb, rank
+   on val"), and its lr grid adds FEDSB_EXTRA_LR.
 4. Choices on validation data, in this script: a fixed 20% of the training pool (--val-fraction) is held
    out as the validation split (sites and central train on the rest). For every method and split, the peak
    lr comes from the grid LR_GRID, run once (training seed 0) and scored on the validation split; then the
@@ -52,7 +56,9 @@ Raw results: --json (default benchmarks/results/quality.json, next to the plots)
 run's is).
 Last line: `quality: central=<A> best_fed=<B>(<method>) iid_gap=<X> a0.1_gap=<Y>`: A = central test
 accuracy, B = the test accuracy under IID of the rule validation chose, X / Y = A minus the test accuracy of
-the validation-chosen rule under IID / alpha 0.1, all in points (percent), means over the seeds.
+the validation-chosen rule under IID / alpha 0.1, all in points (percent), means over the seeds. Before it, per split,
+Fed-SB at the rank validation chose against the current rule (fedavg, ffa, exact) validation chose; the JSON's
+"fedsb_vs_best" holds it (benchmarks/params.py's `fedsb:` line reads acc_vs_best at alpha 0.1 from there).
 """
 
 from __future__ import annotations
@@ -77,7 +83,13 @@ from _smoke import json_path  # where its raw results go
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTITIONS = [("iid", "iid", None), ("a0.5", "dirichlet", 0.5), ("a0.1", "dirichlet", 0.1)]
-RULES = ("fedavg", "ffa", "exact")
+CURRENT_RULES = ("fedavg", "ffa", "exact")
+RULES = CURRENT_RULES + ("fedsb",)
+# Fed-SB's rank is its own knob (r^2 numbers a layer): besides --rank, validation may choose these (each run as the
+# method "fedsb-r<rank>"), with FEDSB_EXTRA_LR added to its lr grid (its update lives in a fixed subspace: a larger
+# step may pay)
+FEDSB_RANKS = (32, 64)
+FEDSB_EXTRA_LR = (0.05,)
 HETERO_RANKS = (2, 4, 8, 8)
 JOB_ROBUSTNESS = JobSettings().robustness()  # the default job's aggregator
 
@@ -102,12 +114,16 @@ def table(results: Dict) -> List[str]:
              f"{'product err':>12}", "-" * 119]
     lines.append(f"{'central (upper bound)':<24}" + "".join(f"{cell(results['central']):>20}" for _ in cols)
                  + f"{'-':>11}{'-':>12}{'-':>12}")
-    for label, key in [("local-only (mean of 4)", "local")] + [(m, m) for m in RULES]:
-        r = results[cols[0]][key]
+    for label, key in [("local-only (mean of 4)", "local")] + [(m, m) for m in RULES] + [("fedsb, rank on val", None)]:
+        if key is None:  # per split the Fed-SB rank validation chose (one of the runs above, or its own)
+            r = results[cols[0]][results["fedsb_chosen"][cols[0]]]
+            row = {p: results[p][results["fedsb_chosen"][p]] for p in cols}
+        else:
+            r, row = results[cols[0]][key], {p: results[p][key] for p in cols}
         up = kb(np.mean(r["upload_bytes"])) if "upload_bytes" in r else "0"
         down = kb(np.mean(r["download_bytes"])) if "download_bytes" in r else "0"
         err = f"{np.mean(r['product_error']):.1e}" if "product_error" in r else "-"
-        lines.append(f"{label:<24}" + "".join(f"{cell(results[p][key]):>20}" for p in cols)
+        lines.append(f"{label:<24}" + "".join(f"{cell(row[p]):>20}" for p in cols)
                      + f"{up:>11}{down:>12}{err:>12}")
     for key, r in results.get("hetero", {}).items():
         lines.append(f"{key:<24}{'':>20}{cell(r):>20}{'':>20}{kb(np.mean(r['upload_bytes'])):>11}"
@@ -117,6 +133,9 @@ def table(results: Dict) -> List[str]:
     lines.append("their spread, @ the peak lr chosen on the validation split; bytes: the 4 sites together, mean per")
     lines.append("round (tensor bytes + key names); product err:")
     lines.append("|global B.A - mean of the sites' B.A| / |mean|, mean over rounds (hetero rows: alpha 0.5)")
+    lines.append(f"every rule at r {results['settings']['rank']}; fedsb, rank on val: the rank validation chose per split "
+                 f"of {[results['settings']['rank'], *FEDSB_RANKS]}: " + ", ".join(
+                     f"{p} r{results[p][results['fedsb_chosen'][p]]['rank']}" for p in cols) + " (bytes: at iid's)")
     return lines
 
 
@@ -130,7 +149,7 @@ def plots(results: Dict, directory: Path) -> List[Path]:
     import matplotlib.pyplot as plt
 
     directory.mkdir(parents=True, exist_ok=True)
-    colours = {"fedavg": "tab:blue", "ffa": "tab:orange", "exact": "tab:green", "local": "tab:gray"}
+    colours = {"fedavg": "tab:blue", "ffa": "tab:orange", "exact": "tab:green", "fedsb": "tab:red", "local": "tab:gray"}
     titles = {"iid": "IID", "a0.5": "Dirichlet alpha 0.5", "a0.1": "Dirichlet alpha 0.1"}
     central = results["central"]["accuracy"]
 
@@ -180,6 +199,13 @@ def _worker_init(args) -> None:
     _BENCH = Bench(args, base, *(as_dataset(target[i], labels[i], pp) for i in (pool, val, test)))
 
 
+def variant(kind: str, rank: int):
+    """(the rule, the global rank) of a method: "fedsb-r32" is fedsb at rank 32, the rest at `rank` (--rank)."""
+    if kind.startswith("fedsb-r"):
+        return "fedsb", int(kind[len("fedsb-r"):])
+    return kind, rank
+
+
 def _run_job(job):
     kind, p, parts, ranks, lr, seed, on = job
     _BENCH.on = on  # validation runs (the lr grid) are scored once, at the end; test runs every --eval-every
@@ -190,7 +216,8 @@ def _run_job(job):
     elif kind == "local":
         result = _BENCH.local_only(parts, lr, seed)
     else:
-        result = _BENCH.federated(kind, parts, ranks, lr, seed)
+        result = _BENCH.federated(variant(kind, 0)[0], parts, ranks, lr, seed)
+        result["rank"] = max(ranks)
     name = kind if kind == "central" else f"{p} {'local-only' if kind == 'local' else kind}"
     name += (f" ranks {ranks}" if p == "hetero" else "") + f" lr {lr} seed {seed}"
     print(f"  {name:<40} final {on} {pts(result['accuracy'][-1]):>5}%  ({time.perf_counter() - t:.0f}s)", flush=True)
@@ -270,18 +297,26 @@ def main(argv=None) -> Dict:
     def method_jobs(p, kind, lr, run_seeds, on):
         if kind == "central":
             return [("central", None, None, None, lr, s, on) for s in run_seeds]
-        ranks = None if kind == "local" else [args.rank] * SITES
+        ranks = None if kind == "local" else [variant(kind, args.rank)[1]] * SITES
         return [(kind, p, splits[p], ranks, lr, s, on) for s in run_seeds]
 
+    fedsb_ranks = [] if args.smoke else [f"fedsb-r{r}" for r in FEDSB_RANKS]
+    grid_of = lambda m: lr_grid + (() if args.smoke else FEDSB_EXTRA_LR) if m.startswith("fedsb") else lr_grid  # noqa: E731
     methods = [(None, "central")] + [(p, m) for p, _, _ in PARTITIONS for m in ("local",) + RULES]
-    # 1. the lr grid, every method and split, training seed 0, scored on the validation split
-    grid = [j for p, m in methods for lr in lr_grid for j in method_jobs(p, m, lr, [0], "val")]
+    # 1. the lr grid, every method and split (and Fed-SB's other ranks), training seed 0, scored on the validation split
+    grid = [j for p, m in methods + [(p, m) for p, _, _ in PARTITIONS for m in fedsb_ranks]
+            for lr in grid_of(m) for j in method_jobs(p, m, lr, [0], "val")]
     val: Dict = {}
     for (kind, p, _, _, lr, _, _), result in run_jobs(args, grid):
         val.setdefault((p, kind), {})[lr] = result["accuracy"][-1]
-    chosen = {key: max(lr_grid, key=lambda lr: (by[lr], -lr)) for key, by in val.items()}  # ties: the smaller lr
+    chosen = {key: max(by, key=lambda lr: (by[lr], -lr)) for key, by in val.items()}  # ties: the smaller lr
+    # Fed-SB's rank per split: the variant with the best validation accuracy at its chosen lr (ties: the smaller rank)
+    fedsb_chosen = {p: max(["fedsb"] + fedsb_ranks, key=lambda m: (val[(p, m)][chosen[(p, m)]],
+                                                                    -variant(m, args.rank)[1]))
+                    for p, _, _ in PARTITIONS}
     # 2. the chosen lr with every seed, scored on the test images
-    jobs = [j for p, m in methods for j in method_jobs(p, m, chosen[(p, m)], seeds, "test")]
+    jobs = [j for p, m in methods + [(p, m) for p, m in fedsb_chosen.items() if m != "fedsb"]
+            for j in method_jobs(p, m, chosen[(p, m)], seeds, "test")]
     if args.hetero:
         ranks = [min(r, args.rank) for r in HETERO_RANKS]
         jobs += [(mode, "hetero", splits["a0.5"], ranks, chosen[("a0.5", mode)], seed, "test")
@@ -291,7 +326,9 @@ def main(argv=None) -> Dict:
     for (kind, p, _, ranks, _, _, _), result in run_jobs(args, jobs):
         key = f"{kind} ranks {'/'.join(map(str, ranks))}" if p == "hetero" else kind
         runs.setdefault(p or "central", {}).setdefault(key, []).append(result)
-    results: Dict = {"settings": vars(args), "lr_grid": list(lr_grid), "robustness": JOB_ROBUSTNESS.to_dict()}
+    results: Dict = {"settings": vars(args), "lr_grid": list(lr_grid), "robustness": JOB_ROBUSTNESS.to_dict(),
+                     "fedsb_lr_grid": list(grid_of("fedsb")), "fedsb_ranks": [args.rank, *FEDSB_RANKS][:1 + len(fedsb_ranks)],
+                     "fedsb_chosen": fedsb_chosen}
     for p, by in runs.items():
         merged = {k: mean_over_seeds(rs) for k, rs in by.items()}
         for k, r in merged.items():
@@ -314,12 +351,23 @@ def main(argv=None) -> Dict:
     for path in written:
         print(f"plot: {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(rounded(results)) + "\n")
     final = lambda r: float(np.mean(r["final_per_seed"]))  # noqa: E731
     central = final(results["central"])
     # the rule of each split is the one validation preferred (its validation accuracy at its chosen lr)
     best = {p: max(RULES, key=lambda m: val[(p, m)][chosen[(p, m)]]) for p, _, _ in PARTITIONS}
     best_iid, best_a01 = final(results["iid"][best["iid"]]), final(results["a0.1"][best["a0.1"]])
+    # Fed-SB (at the rank validation chose) against the current rule validation chose, per split: what
+    # benchmarks/params.py's `fedsb:` line reads (acc_vs_best at a0.1)
+    current = {p: max(CURRENT_RULES, key=lambda m: val[(p, m)][chosen[(p, m)]]) for p, _, _ in PARTITIONS}
+    results["fedsb_vs_best"] = {p: {"fedsb": fedsb_chosen[p], "rank": results[p][fedsb_chosen[p]]["rank"],
+                                    "fedsb_accuracy": final(results[p][fedsb_chosen[p]]), "best_rule": current[p],
+                                    "best_accuracy": final(results[p][current[p]]),
+                                    "acc_vs_best_pt": 100 * (final(results[p][fedsb_chosen[p]]) - final(results[p][current[p]]))}
+                                for p, _, _ in PARTITIONS}
+    Path(args.json).write_text(json.dumps(rounded(results)) + "\n")
+    for p, f in results["fedsb_vs_best"].items():
+        print(f"{p}: fedsb (r{f['rank']}) {pts(f['fedsb_accuracy'])} vs {f['best_rule']} {pts(f['best_accuracy'])}: "
+              f"{f['acc_vs_best_pt']:+.1f} points")
     print(f"validation chose: {best} (lr per method and split: " + ", ".join(
         f"{p or 'central'}/{m} {lr}" for (p, m), lr in chosen.items()) + ")")
     print(f"total {time.perf_counter() - t0:.0f}s, load average {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")

@@ -61,7 +61,7 @@ SMOKE = {
                                       r"merged_fp16_vs_unmerged=\d+\.\d\dx", "gpu_check.json"),
     "export": ([], r"export \(vs peft-eager at [\w./-]+, batch 8\): ort_fp32 \d+\.\d\dx int8 \d+\.\d\dx, "
                    r"parity fp32 \d\.\de[+-]\d\d", "export.json"),
-    "quality": ([], rf"quality: central=\d+\.\d best_fed=\d+\.\d\((fedavg|ffa|exact)\) iid_gap={F} a0\.1_gap={F}",
+    "quality": ([], rf"quality: central=\d+\.\d best_fed=\d+\.\d\((fedavg|ffa|exact|fedsb)\) iid_gap={F} a0\.1_gap={F}",
                 "quality.json"),
     "privacy": ([], rf"privacy: eps8_ffa=\d+\.\d nodp_ffa=\d+\.\d gap={F}pt dp_time=\d+\.\d\dx", "privacy.json"),
     "secure": ([], r"secure: he_upload=\d+\.\dMB plain_adapter=\d+\.\dMB full_fedavg=\d+MB he_vs_full=\d+\.\dx "
