@@ -45,12 +45,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 
 from nvflare_lora import adapter_shapes
-from nvflare_lora import compression as codec
-from nvflare_lora.fl.protocol import payload_bytes
-from nvflare_lora.fl.filters.compressor import PAYLOAD_KEY
 from nvflare_lora.testing.simulator import JOB, communication, cross_site_results, make_job, run_simulator
 from _compression_job import job_with_filters
-from _shapes import full_fedavg_bytes, write_vitb32_config
+from _shapes import encoded_bytes, full_fedavg_bytes, write_vitb32_config
 from _smoke import json_path  # where its raw results go
 
 MODES = ["none", "fp16", "int8", "int4", "topk+int8", "nvflare-fp16"]
@@ -136,16 +133,7 @@ def vitb32_upload_bytes(modes, fraction: float) -> tuple:
         full_bytes = full_fedavg_bytes(write_vitb32_config(d), num_classes)
     rng = np.random.default_rng(0)
     update = {k: (0.01 * rng.standard_normal(s)).astype(np.float32) for k, s in shapes.items()}
-    sizes = {}
-    for mode in modes:
-        if mode == "none":
-            sizes[mode] = payload_bytes(update)
-        elif mode == "nvflare-fp16":
-            sizes[mode] = payload_bytes({k: v.astype(np.float16) for k, v in update.items()})
-        else:
-            spec = codec.CompressionSpec(mode, fraction=fraction)
-            sizes[mode] = payload_bytes({PAYLOAD_KEY: codec.encode(update, spec)})
-    return full_bytes, sizes
+    return full_bytes, {mode: encoded_bytes(update, mode, fraction) for mode in modes}
 
 
 def human(n: float) -> str:

@@ -21,8 +21,15 @@ Usage:  HF_HUB_OFFLINE=1 python benchmarks/params.py [--smoke]
 --smoke: the same at a tiny size (only q,v at r=16 in the tables, one process per variant, 64 training
 images), in seconds; writes
 benchmarks/out/smoke/params.json instead of benchmarks/results/params.json.
+Part 3 (bytes per site and round, no weights): at ViT-B/32 shapes, LoRA r 16 (alpha 32) on q/v and on q/k/v/out
+of the image tower + the head, for every rule (fedavg, ffa, exact, fedsb): the update a site sends (the rule's update
+spec, after the upload codec: none or int8) and what the server sends it, against full-model FedAvg's upload
+(benchmarks/_shapes.py: rule_traffic, full_fedavg_bytes).
+
 The last line is `params: vitb32 r16 qv adapter=<N> (<P>% of <TOTAL>)`, where N is the default adapter
-(image-tower LoRA + head, 10 classes) and TOTAL the parameters of the classifier it adapts.
+(image-tower LoRA + head, 10 classes) and TOTAL the parameters of the classifier it adapts. The line before it is
+`fedsb: upload_vs_full=<X>x codec=<none|int8> acc_vs_best=<Y>pt dp8_gap=<Z>pt` (issue 33; fedsb_line says where Y
+and Z come from).
 """
 
 from __future__ import annotations
@@ -45,8 +52,11 @@ import torch
 from nvflare_lora.base_model import load_clip_config, resolve_model
 from nvflare_lora.models import CLIPImageClassifier
 from nvflare_lora import TINY_PRESET, LoRAConfig, adapter_shapes
-from _shapes import FP32, write_vitb32_config
+from _shapes import FP32, full_fedavg_bytes, rule_traffic, write_vitb32_config
+from _smoke import OUT as SMOKE_OUT
 from _smoke import json_path  # where its raw results go
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 NUM_CLASSES = 10  # digits; the head is projection_dim x 10 + 10
 RANKS = (8, 16, 32)
@@ -122,6 +132,60 @@ def print_parameter_tables(tables) -> None:
 
 def mib(n: int) -> str:
     return f"{n / 2**20:,.2f} MiB"
+
+
+# ---- part 3: what a site sends and receives per round under each rule, at ViT-B/32 shapes --------------------
+UPLOAD_RULES = ("fedavg", "ffa", "exact", "fedsb")
+UPLOAD_TARGETS = ("qv", "qkvo")
+UPLOAD_CODECS = ("none", "int8")
+FEDSB_TARGET = 10_000  # issue 33: an upload at least 10,000x smaller than full FedAvg
+
+
+def upload_table(vitb32: str, r: int = 16, targets=UPLOAD_TARGETS, codecs=UPLOAD_CODECS) -> dict:
+    """{(rule, targets, codec): bytes and the full-model FedAvg upload over them} at ViT-B/32 shapes, LoRA rank r
+    (alpha 2r) on the image tower + the 10-class head: one site, one round (benchmarks/_shapes.rule_traffic)."""
+    full = full_fedavg_bytes(vitb32, NUM_CLASSES)
+    rows = {}
+    for t in targets:
+        lora = LoRAConfig(r=r, lora_alpha=2 * r, target_modules=TARGET_SETS[t], target_components=["vision", "classifier"])
+        shapes = adapter_shapes(vitb32, NUM_CLASSES, lora)
+        for rule in UPLOAD_RULES:
+            for c in codecs:
+                traffic = rule_traffic(shapes, rule, lora, c)
+                rows[(rule, t, c)] = {**traffic, "full_over_upload": full / traffic["upload"]}
+    return {"full_fedavg_bytes": full, "r": r, "rows": rows}
+
+
+def print_upload_table(up: dict) -> None:
+    print(f"\n== per site and round at ViT-B/32 shapes, LoRA r {up['r']} + 10-class head (upload after the job's codec; "
+          f"download as the server sends it); full-model FedAvg: {up['full_fedavg_bytes'] / 1e6:.1f} MB ==")
+    print(f"  {'rule':<7} {'targets':<7} {'codec':<5} {'sent numbers':>13} {'upload':>11} {'download':>11} "
+          f"{'full/upload':>12}")
+    for (rule, t, c), row in up["rows"].items():
+        print(f"  {rule:<7} {t:<7} {c:<5} {row['upload_parameters']:>13,} {row['upload'] / 1e3:>8.1f} KB "
+              f"{row['download'] / 1e3:>8.1f} KB {row['full_over_upload']:>11,.0f}x")
+
+
+def fedsb_line(up: dict, smoke: bool) -> str:
+    """`fedsb: upload_vs_full=<X>x codec=<none|int8> acc_vs_best=<Y>pt dp8_gap=<Z>pt` (issue 33): X at q/v r 16, with
+    no codec if that meets FEDSB_TARGET, else int8; Y and Z read from quality.py's and privacy.py's raw results
+    (benchmarks/results/quality.json "fedsb_vs_best" at alpha 0.1; privacy_fedsb.json, the large sites: no DP minus
+    epsilon 8); "n/a" where that run has not been made (the smoke's own out/smoke/ files)."""
+    plain = up["rows"][("fedsb", "qv", "none")]["full_over_upload"]
+    codec = "none" if plain >= FEDSB_TARGET or ("fedsb", "qv", "int8") not in up["rows"] else "int8"
+    ratio = up["rows"][("fedsb", "qv", codec)]["full_over_upload"]
+    folder = SMOKE_OUT if smoke else RESULTS
+    y = z = "n/a"
+    quality = folder / "quality.json"
+    if quality.is_file():
+        y = f"{json.loads(quality.read_text()).get('fedsb_vs_best', {}).get('a0.1', {}).get('acc_vs_best_pt', float('nan')):+.1f}"
+    privacy = folder / ("privacy.json" if smoke else "privacy_fedsb.json")
+    if privacy.is_file():
+        large = json.loads(privacy.read_text()).get("large", {}).get("fedsb")
+        if large:
+            z = f"{100 * (np.mean(large['inf']['final_per_seed']) - np.mean(large['8']['final_per_seed'])):.1f}"
+    unit = lambda v: v if v == "n/a" else f"{v}pt"  # noqa: E731
+    return f"fedsb: upload_vs_full={round(ratio)}x codec={codec} acc_vs_best={unit(y)} dp8_gap={unit(z)}"
 
 
 # ---- part 2: one local epoch, each variant in its own process ------------------------------------
@@ -267,7 +331,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vitb32-config-") as vitb32_dir:
         models = {"vitb32": write_vitb32_config(vitb32_dir), "tiny-clip": TINY_PRESET}
         tables = parameter_tables(models, (16,), {"qv": TARGET_SETS["qv"]}) if args.smoke else parameter_tables(models)
+        uploads = upload_table(models["vitb32"], targets=("qv",) if args.smoke else UPLOAD_TARGETS)
     print_parameter_tables(tables)
+    print_upload_table(uploads)
     print(f"\n(counts from meta-device shapes in {time.perf_counter() - t0:.1f} s; 'total' = frozen base + adapter; "
           f"'% of base' = trainable / the classifier's parameters;\n '+head' = the {NUM_CLASSES}-class head "
           f"trained and sent with the adapter; bytes are fp32)")
@@ -287,8 +353,10 @@ def main() -> None:
                            "rows": {f"{t} r{r}": v for (t, r), v in b["rows"].items()}}
                    for tower, b in t["towers"].items()} for model, t in tables.items()}
     out = Path(json_path("params.json", args.json, args.smoke))
-    out.write_text(json.dumps({"tables": raw, "epoch_runs": runs, "load_at_end": os.getloadavg()[0]}, indent=1,
-                              default=str) + "\n")
+    upload_raw = {**uploads, "rows": {" ".join(k): v for k, v in uploads["rows"].items()}}
+    out.write_text(json.dumps({"tables": raw, "epoch_runs": runs, "uploads_vitb32": upload_raw,
+                               "load_at_end": os.getloadavg()[0]}, indent=1, default=str) + "\n")
+    print(fedsb_line(uploads, args.smoke))
     print(f"params: vitb32 r16 qv adapter={row['trainable']} ({100 * row['trainable'] / base:.2f}% of {base})")
 
 

@@ -11,7 +11,8 @@ Poisson sampling at rate q = 32 / (site's training images), drawn from the site'
 (here a secret derived from the run's seed and the site, so that the figures reproduce), each image's gradient of the trainable tensors
 clipped to C, Gaussian noise sigma x C; sigma calibrated per site (Opacus RDP) so that its 200 x 5 steps
 spend exactly epsilon at delta 1e-5. The rules: fedavg and ffa (FFA-LoRA, A frozen: the research's answer
-to DP noise amplified through B.A). epsilon in {1, 3, 8, inf}; inf is training without DP.
+to DP noise amplified through B.A); --rules fedsb adds Fed-SB (A and B fixed, only an r x r R and the head trained
+and noised: fewer noised numbers). epsilon in {1, 3, 8, inf}; inf is training without DP.
 
 Choices on validation data, in this script: at epsilon 8, per rule, the clip C, the peak lr and the local
 steps per round from DP_GRID (training seed 0, scored on quality.py's validation split; fewer steps spend
@@ -29,7 +30,8 @@ Usage: HF_HUB_OFFLINE=1 python benchmarks/privacy.py [--workers 2] [--seeds 0,1]
            for 1 epoch, the large protocol only (400 MNIST images; the small sites' data feeds the timing), 2 timing
            rounds, 1 worker; JSON and plot to benchmarks/out/smoke/
 Last line: `privacy: eps8_ffa=<A> nodp_ffa=<B> gap=<C>pt dp_time=<D>x` for the large sites (targets: gap <= 5,
-dp_time <= 2.5); the line before it, prefixed "(small sites)", the same for the small ones.
+dp_time <= 2.5); the line before it, prefixed "(small sites)", the same for the small ones. Without ffa in --rules
+the line names the last rule (`--rules fedsb`: `privacy: eps8_fedsb=...`).
 Raw results: benchmarks/results/privacy.json, plot benchmarks/results/privacy.png.
 """
 
@@ -60,7 +62,12 @@ from _smoke import json_path  # where its raw results go
 ROOT = Path(__file__).resolve().parents[1]
 
 SPLIT = ("a0.5", "dirichlet", 0.5)
-RULES = ("fedavg", "ffa")
+RULES = ("fedavg", "ffa")  # the default --rules; "fedsb" (Fed-SB) too on request
+ALL_RULES = RULES + ("fedsb",)
+# Fed-SB's rank is chosen on validation with the rest (its r x r R: 64 numbers a layer at r 8, the layer's whole
+# width at 64), and its lr grid without DP is one step wider (as in quality.py)
+FEDSB_RANKS = (64,)
+FEDSB_EXTRA_LR = (0.05,)
 EPSILONS = (1.0, 3.0, 8.0)
 DELTA = 1e-5
 DP_GRID = [(clip, lr, steps) for clip in (0.1, 1.0) for lr in (0.02, 0.05) for steps in (1, 5)]
@@ -132,14 +139,14 @@ def _init(args, protocol: str = "small") -> None:
 
 
 def _run(job):
-    rule, parts, epsilon, (clip, lr, steps), seed, on = job
+    rule, parts, epsilon, (clip, lr, steps, rank), seed, on = job
     _BENCH.epsilon, _BENCH.clip, _BENCH.dp_steps, _BENCH.on = epsilon, clip, steps, on
     _BENCH.every = _BENCH.args.rounds if on == "val" else _BENCH.args.eval_every
     t = time.perf_counter()
-    result = _BENCH.federated(rule, parts, [_BENCH.args.rank] * SITES, lr, seed)
+    result = _BENCH.federated(rule, parts, [rank] * SITES, lr, seed)
     result["seconds"] = time.perf_counter() - t
     eps = "inf" if epsilon is None else f"{epsilon:g}"
-    print(f"  {rule:6s} eps {eps:>3} C {clip:<4g} lr {lr:<6g} steps {steps} seed {seed} {on:4s} "
+    print(f"  {rule:6s} r {rank:<2d} eps {eps:>3} C {clip:<4g} lr {lr:<6g} steps {steps} seed {seed} {on:4s} "
           f"{100 * result['accuracy'][-1]:5.1f}%  "
           f"({result['seconds']:.0f}s)", flush=True)
     return result
@@ -187,7 +194,9 @@ def plot(results: Dict, path: Path, epsilons=EPSILONS) -> None:
 
     xs = list(range(len(epsilons) + 1))
     fig, ax = plt.subplots(figsize=(5, 3.6))
-    for rule, colour in zip(RULES, ("tab:blue", "tab:orange")):
+    colours = {"fedavg": "tab:blue", "ffa": "tab:orange", "fedsb": "tab:red"}
+    for rule in [r for r in ALL_RULES if r in results]:
+        colour = colours[rule]
         finals = [results[rule][f"{e:g}"]["final_per_seed"] for e in epsilons]
         finals += [results[rule]["inf"]["final_per_seed"]]
         ax.errorbar(xs, [100 * np.mean(f) for f in finals], yerr=[50 * (max(f) - min(f)) for f in finals],
@@ -214,6 +223,7 @@ def main() -> None:
     ap.add_argument("--protocols", default=",".join(PROTOCOLS), help="small (quality.py's sites), large (MNIST)")
     ap.add_argument("--large-images", type=int, default=5000, help="MNIST images of the large protocol")
     ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--rules", default=",".join(RULES), help=f"of {list(ALL_RULES)}")
     ap.add_argument("--json", default=None, help="raw results (default benchmarks/results/privacy.json)")
     ap.add_argument("--plot", default=str(ROOT / "benchmarks" / "results" / "privacy.png"))
     ap.add_argument("--smoke", action="store_true", help="tiny size for CI (see Usage), JSON and plot to "
@@ -242,8 +252,11 @@ def main() -> None:
     results: Dict = {"settings": vars(args), "split": SPLIT[0], "delta": DELTA, "dp_grid": dp_grid,
                      "lr_grid": list(lr_grid), "load_at_start": load}
     lines = {}
+    rules = [r.strip() for r in args.rules.split(",") if r.strip()]
+    if not rules or set(rules) - set(ALL_RULES):
+        ap.error(f"--rules {args.rules!r}: choose from {list(ALL_RULES)}")
     for protocol in args.protocols.split(","):
-        results[protocol] = one_protocol(args, protocol, dp_grid, lr_grid, epsilons, seeds)
+        results[protocol] = one_protocol(args, protocol, dp_grid, lr_grid, epsilons, seeds, rules)
 
     print("\n3. one site's round with DP-SGD and without (this process)", flush=True)
     _, labels_small, pool_small, _, _ = protocol_data(args, "small")
@@ -256,16 +269,17 @@ def main() -> None:
         print("| rule | " + " | ".join(f"eps {e:g}" for e in epsilons)
               + " | no DP | chosen (C, lr, steps) with DP | lr without |")
         print("|---|" + "---|" * (len(epsilons) + 3))
-        for rule in RULES:
+        for rule in rules:
             cells = []
             for e in [f"{e:g}" for e in epsilons] + ["inf"]:
                 f = r[rule][e]["final_per_seed"]
                 cells.append(f"{100 * np.mean(f):.1f} +-{50 * (max(f) - min(f)):.1f}")
             print(f"| {rule} | " + " | ".join(cells) + f" | {r[rule]['8' if '8' in r[rule] else 'inf']['chosen']} "
                   f"| {r[rule]['inf']['chosen'][1]} |")
-        eps8, nodp = np.mean(r["ffa"]["8"]["final_per_seed"]), np.mean(r["ffa"]["inf"]["final_per_seed"])
-        lines[protocol] = (f"privacy: eps8_ffa={100 * eps8:.1f} nodp_ffa={100 * nodp:.1f} gap={100 * (nodp - eps8):.1f}pt "
-                           f"dp_time={timing['ratio']:.2f}x")
+        named = "ffa" if "ffa" in rules else rules[-1]  # the line's rule: ffa (the default runs' choice), else the last
+        eps8, nodp = np.mean(r[named]["8"]["final_per_seed"]), np.mean(r[named]["inf"]["final_per_seed"])
+        lines[protocol] = (f"privacy: eps8_{named}={100 * eps8:.1f} nodp_{named}={100 * nodp:.1f} "
+                           f"gap={100 * (nodp - eps8):.1f}pt dp_time={timing['ratio']:.2f}x")
     print(f"site round: {timing['round_s']['dp']:.3f}s with DP, {timing['round_s']['plain']:.3f}s without "
           f"({timing['ratio']:.2f}x; per image {timing['per_image_ratio']:.2f}x; images per round "
           f"{timing['images_per_round']['dp']:.1f} vs {timing['images_per_round']['plain']:.1f})")
@@ -280,27 +294,36 @@ def main() -> None:
     print(lines[last])
 
 
-def one_protocol(args, protocol: str, dp_grid, lr_grid, epsilons, seeds) -> Dict:
-    """The protocol's choices on validation (seed 0), then its test runs with every seed."""
+def one_protocol(args, protocol: str, dp_grid, lr_grid, epsilons, seeds, rules=RULES) -> Dict:
+    """The protocol's choices on validation (seed 0), then its test runs with every seed. A choice is (clip, lr, local
+    steps, rank): the rank is --rank, and for fedsb also each of FEDSB_RANKS (not in --smoke)."""
     _, labels, pool, _, _ = protocol_data(args, protocol)
     parts = partition(labels[pool], SITES, SPLIT[1], SPLIT[2], args.data_seed)
     sizes = [len(p) for p in parts]
     print(f"{protocol} sites, {SPLIT[0]}: training images {sizes}", flush=True)
     # 1. choices on the validation split (seed 0): DP's (clip, lr, steps) at epsilon 8, and the lr without DP
-    grid = [(r, parts, 8.0, choice, 0, "val") for r in RULES for choice in dp_grid]
-    grid += [(r, parts, None, (1.0, lr, args.local_steps), 0, "val") for r in RULES for lr in lr_grid]
+    def ranks(rule):
+        return (args.rank,) + (FEDSB_RANKS if rule == "fedsb" and not args.smoke else ())
+
+    def lrs(rule):
+        return tuple(lr_grid) + (FEDSB_EXTRA_LR if rule == "fedsb" and not args.smoke else ())
+
+    grid = [(r, parts, 8.0, (*choice, k), 0, "val") for r in rules for choice in dp_grid for k in ranks(r)]
+    grid += [(r, parts, None, (1.0, lr, args.local_steps, k), 0, "val") for r in rules for lr in lrs(r)
+             for k in ranks(r)]
     val: Dict = {}
     for job, result in zip(grid, run_all(args, grid, protocol)):
         rule, _, eps, choice = job[:4]
         val.setdefault((rule, eps is None), {})[choice] = result["accuracy"][-1]
-    chosen = {key: max(by, key=lambda k: (by[k], -k[1], -k[0])) for key, by in val.items()}  # ties: smaller lr, clip
+    chosen = {key: max(by, key=lambda k: (by[k], -k[3], -k[1], -k[0])) for key, by in val.items()}  # ties: smaller
+    # rank, lr, clip
 
     # 2. the chosen settings with every seed, on the test images
-    jobs = [(r, parts, e, chosen[(r, False)], s, "test") for r in RULES for e in epsilons for s in seeds]
-    jobs += [(r, parts, None, chosen[(r, True)], s, "test") for r in RULES for s in seeds]
+    jobs = [(r, parts, e, chosen[(r, False)], s, "test") for r in rules for e in epsilons for s in seeds]
+    jobs += [(r, parts, None, chosen[(r, True)], s, "test") for r in rules for s in seeds]
     out: Dict = {"site_images": sizes,
-                 "validation": {f"{r} {'nodp' if nodp else 'eps8'}": {f"C={c} lr={lr} steps={n}": a
-                                                                        for (c, lr, n), a in by.items()}
+                 "validation": {f"{r} {'nodp' if nodp else 'eps8'}": {f"C={c} lr={lr} steps={n} r={k}": a
+                                                                        for (c, lr, n, k), a in by.items()}
                                 for (r, nodp), by in val.items()}}
     runs: Dict = {}
     for job, result in zip(jobs, run_all(args, jobs, protocol)):

@@ -10,8 +10,9 @@ update is encrypted one ckks_vector per tensor (as NVFlare's HEModelEncryptor do
 server, with the public context only, checks each update completely, multiplies each ciphertext by its site's share of
 the (capped) weights, sums them and adds the sum to the encrypted global adapter; each site decrypts the new global
 adapter and checks it against the bounds an honest round keeps. It is the job's code (nvflare_lora.secure's EncryptedMode: Site.update, SecureAggregation, what
-the NVFlare components run under secure_aggregation "he"). Two rules: fedavg (A, B and the head are sent) and ffa
-(FFA-LoRA: A frozen, only B and the head are sent); both are weighted means, so the encrypted sum stays exact.
+the NVFlare components run under secure_aggregation "he"). Three rules: fedavg (A, B and the head are sent), ffa
+(FFA-LoRA: A frozen, only B and the head are sent) and fedsb (Fed-SB: A and B fixed, each layer's r x r R and the
+head sent, and only they come back); all are weighted means, so the encrypted sum stays exact.
 
 Measured per round, for one site: plain upload (float32 adapter diff), HE upload (serialized ciphertexts), HE
 download (the serialized encrypted global adapter), encryption and decryption seconds (serialization included), and
@@ -23,8 +24,9 @@ The attack table (nvflare_lora.testing.attacks): one site of three misbehaving i
 what the sites detect, and how far the global adapter the honest sites train from ends up from the job without the
 attacker's update (max |difference| over the decrypted adapter).
 Last line: secure: he_upload=<A>MB plain_adapter=<B>MB full_fedavg=<F>MB he_vs_full=<C>x overhead=<D>s
-attacks_held=<k>/<n> (A, B, D for fedavg; D = a site's encryption + decryption per round; k of n attacks the job
-survives with the attack refused, bounded or detected).
+attacks_held=<k>/<n> fedsb_he_upload=<E>MB fedsb_he_vs_full=<G>x fedsb_overhead=<H>s (A, B, D for fedavg; D = a
+site's encryption + decryption per round; k of n attacks the job survives with the attack refused, bounded or
+detected; E, G, H: the same for fedsb at the same rank).
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ def one_rule(shapes, rule: str, ctx, sites: int, seed: int):
     sites and the server run), and the error of the decrypted global adapter against the clear one."""
 
     facts = JobFacts.rule(16, 32, rule, secure_aggregation="he")
+    shapes = facts.training_shapes(shapes)  # fedsb: the r x r R of every layer too
     keys = sorted(facts.update_spec(shapes))
     rng = np.random.default_rng(seed)
     current = {k: rng.normal(0, 0.01, shapes[k]).astype(np.float32) for k in shapes}  # the global adapter, in clear
@@ -172,7 +175,7 @@ def main(argv=None) -> int:
     print(f"{args.shape}: LoRA r 16 on q/v + head, {len(shapes)} tensors; {args.sites} sites; CKKS N "
           f"{params['poly_modulus_degree']}, moduli {params['coeff_mod_bit_sizes']}, scale 2^{params['scale_bits']} "
           f"({params['security']}); {args.threads} threads; load average {load:.1f} on {os.cpu_count()} CPUs")
-    rows = [one_rule(shapes, rule, ctx, args.sites, args.seed) for rule in ("fedavg", "ffa")]
+    rows = [one_rule(shapes, rule, ctx, args.sites, args.seed) for rule in ("fedavg", "ffa", "fedsb")]
     full_mb = full_bytes / MB
     print(f"\n{'rule':7s} {'params':>10s} {'plain up MB':>12s} {'HE up MB':>9s} {'HE down MB':>11s} "
           f"{'encrypt s':>10s} {'server s':>9s} {'decrypt s':>10s} {'max|err|':>9s} {'full/HE':>8s}")
@@ -181,7 +184,7 @@ def main(argv=None) -> int:
               f"{r['he_download_mb']:11.1f} {r['encrypt_s']:10.2f} {r['server_sum_s']:9.2f} {r['decrypt_s']:10.2f} "
               f"{r['max_abs_error']:9.1e} {full_mb / r['he_upload_mb']:7.1f}x")
     print(f"plain full-model FedAvg upload (image classifier, float32): {full_mb:.1f} MB")
-    fedavg = rows[0]
+    fedavg, fedsb = rows[0], rows[2]
     ratio, overhead = full_mb / fedavg["he_upload_mb"], fedavg["site_overhead_s"]
     print(f"targets: he_vs_full {ratio:.1f}x (>= {TARGETS['he_vs_full']:g}x: "
           f"{'met' if ratio >= TARGETS['he_vs_full'] else 'MISSED'}); site overhead {overhead:.1f} s "
@@ -206,7 +209,8 @@ def main(argv=None) -> int:
                                "full_fedavg_upload_mb": full_mb, "rules": rows, "attacks": table}, indent=1) + "\n")
     print(f"secure: he_upload={fedavg['he_upload_mb']:.1f}MB plain_adapter={fedavg['plain_upload_mb']:.1f}MB "
           f"full_fedavg={full_mb:.0f}MB he_vs_full={ratio:.1f}x overhead={overhead:.1f}s "
-          f"attacks_held={held}/{len(table)}")
+          f"attacks_held={held}/{len(table)} fedsb_he_upload={fedsb['he_upload_mb']:.2f}MB "
+          f"fedsb_he_vs_full={full_mb / fedsb['he_upload_mb']:.0f}x fedsb_overhead={fedsb['site_overhead_s']:.2f}s")
     return 0
 
 

@@ -65,13 +65,19 @@ SMOKE = {
                 "quality.json"),
     "privacy": ([], rf"privacy: eps8_ffa=\d+\.\d nodp_ffa=\d+\.\d gap={F}pt dp_time=\d+\.\d\dx", "privacy.json"),
     "secure": ([], r"secure: he_upload=\d+\.\dMB plain_adapter=\d+\.\dMB full_fedavg=\d+MB he_vs_full=\d+\.\dx "
-                   r"overhead=\d+\.\ds attacks_held=3/3", "secure.json"),
+                   r"overhead=\d+\.\ds attacks_held=3/3 fedsb_he_upload=\d+\.\d\dMB fedsb_he_vs_full=\d+x "
+                   r"fedsb_overhead=\d+\.\d\ds", "secure.json"),
     "openvocab": ([], r"openvocab: zs=\d+\.\d linear=\d+\.\d text=\d+\.\d unseen_zs=\d+\.\d unseen_text=\d+\.\d "
                       r"orig_zs=\d+\.\d orig_wise=\d+\.\d wise_shift=\d+\.\d disjoint_linear=\d+\.\d "
                       r"disjoint_text=\d+\.\d", "openvocab.json"),
     "topk_study": ([], r"topk_study: f=0\.1 dacc=[+-]\d+\.\d \[[+-]\d+\.\d( [+-]\d+\.\d)*\] f=0\.3 dacc=[+-]\d+\.\d "
                        r"rounds_to_match=>?\d+/\d+", "topk_study.json"),
 }
+
+
+# a line the script prints beside its last one (issue 33's `fedsb:` line, before params.py's own)
+BESIDE = {"params": r"fedsb: upload_vs_full=\d+x codec=(none|int8) acc_vs_best=([+-]\d+\.\dpt|n/a) "
+                    r"dp8_gap=(-?\d+\.\dpt|n/a)"}
 
 
 def results_digest() -> Dict[str, str]:
@@ -173,6 +179,8 @@ def test_benchmark_smoke(script, results_before, request, tmp_path):
     assert r["code"] == 0, f"exit {r['code']}\n{log}"
     line = last_line(r["stdout"])
     assert line is not None and re.fullmatch(SMOKE[script][1], line), f"summary line {line!r}\n{log}"
+    if script in BESIDE:
+        assert any(re.fullmatch(BESIDE[script], x.strip()) for x in r["stdout"].splitlines()), f"no {BESIDE[script]}\n{log}"
     # gpu_check writes to $OUT when it is set (the GPU machines' output folder)
     raw = Path(os.environ.get("OUT") or SMOKE_OUT if script == "gpu_check" else SMOKE_OUT) / SMOKE[script][2]
     assert raw.is_file() and raw.stat().st_mtime >= r["started"] - 1, f"{raw} not written by this run\n{log}"
