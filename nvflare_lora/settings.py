@@ -490,7 +490,7 @@ def across(s: JobSettings) -> None:
                                 "start from ciphertexts it cannot check); start a new run")
     if s.resume_from and s.aggregation == "exact":  # rounds x aggregation
         raise SettingsError("resume_from is not supported with aggregation 'exact' yet (its checkpoints hold the "
-                            "folded update); start a new run, or resume under 'fedavg' or 'ffa'")
+                            "folded update); start a new run, or resume under 'fedavg', 'ffa' or 'fedsb'")
     if s.head_init == "zeroshot" and not (s.initial_adapter or s.resume_from):  # head x rounds
         raise SettingsError("head_init 'zeroshot' needs initial_adapter (the server never loads the base, so it needs "
                             "the initial adapter that holds the zero-shot head): run `python -m nvflare_lora.zeroshot "

@@ -99,6 +99,27 @@ def test_settings_that_cannot_hold_are_refused_and_the_rest_accepted():
         init_fedsb_state({"x.lora_A.weight": (8, 4), "x.lora_B.weight": (16, 8)}, 0)
 
 
+def test_the_job_bounds_compression_and_client_dp_work_on_R_unchanged():
+    """A round under the median, with every update int8-coded on the wire (the job's codec) and one under DP-FedAvg:
+    nothing refused, A and B untouched, R moved."""
+    from nvflare_lora import compression as codec
+    from nvflare_lora.round import Federation
+
+    spec = codec.CompressionSpec("int8")
+    wire = lambda site, update, steps: (codec.decode(codec.encode(update, spec), "int8"), steps)  # noqa: E731
+    for extra, channel in (({"estimator": "median"}, wire),
+                           ({"client_dp": {"clip_norm": 0.5, "noise_multiplier": 0.5}, "min_agreement": None,
+                             "clip_multiple": None, "max_weight_ratio": None}, None)):
+        fed = Federation(settings(aggregation="fedsb", r=4, lora_alpha=8, num_sites=3, min_clients=3, max_steps=2,
+                                  local_epochs=1, **extra))
+        start = dict(fed.global_adapter)
+        result = fed.run_round(channel)
+        assert not result.refused, result.refused
+        fixed = [k for k in start if k.endswith(".lora_A.weight") or k.endswith(".lora_B.weight")]
+        assert all(np.array_equal(fed.global_adapter[k], start[k]) for k in fixed)
+        assert any(not np.array_equal(fed.global_adapter[k], start[k]) for k in start if k.endswith(".lora_R.weight"))
+
+
 # ---- the site, on the real tiny CLIP + PEFT model ------------------------------------------------------
 def _site(r=4):
     fed = quick_clip_lora("tiny-clip", 10, lora_r=r).model
@@ -250,7 +271,7 @@ def test_the_fedsb_checkpoint_loads_in_plain_peft_scores_as_the_sites_saw_it_and
 def test_a_fedsb_run_resumes_R_from_its_checkpoint_and_refuses_another_rules(fedsb_run, tmp_path):
     from nvflare.apis.fl_context import FLContext
 
-    from nvflare_lora.checkpoint import read_adapter_dir, save_adapter_dir
+    from nvflare_lora.checkpoint import CheckpointError, read_adapter_dir, save_adapter_dir
     from nvflare_lora.fl.server.persistor import AdapterPersistor
     from nvflare_lora.round import Federation
     from nvflare_lora.testing.simulator import server_app_dir
@@ -274,5 +295,10 @@ def test_a_fedsb_run_resumes_R_from_its_checkpoint_and_refuses_another_rules(fed
     changed = {k: (v + 0.01 if k.endswith(".lora_A.weight") else v) for k, v in saved.items()}
     save_adapter_dir(other / "adapter" / "latest", changed, cfg, meta)
     with pytest.raises(AdapterMismatchError, match=r"resume_from .*the A of .* is not this job's fixed A.*new run"):
+        AdapterPersistor(r=SIM["r"], lora_alpha=settings(**SIM).lora_alpha, aggregation="fedsb",
+                         resume_from=str(other)).load_model(FLContext())
+    # one whose record says another rule saved it is refused by that record, before its tensors are read
+    save_adapter_dir(other / "adapter" / "latest", saved, cfg, {**meta, "aggregation": {"mode": "ffa"}})
+    with pytest.raises(CheckpointError, match=r"saved by aggregation 'ffa'.*this job's is 'fedsb'"):
         AdapterPersistor(r=SIM["r"], lora_alpha=settings(**SIM).lora_alpha, aggregation="fedsb",
                          resume_from=str(other)).load_model(FLContext())

@@ -141,7 +141,7 @@ def test_a_target_epsilon_the_first_round_exceeds_is_refused_at_set_up():
         DPConfig(clip=1.0, noise_multiplier=0.5, target_epsilon=0.1).resolve(0.1, 20)
     with pytest.raises(RecipeError, match=r"unknown DP setting\(s\) \['noise'\]"):
         settings(dp={"max_grad_norm": 1.0, "noise": 1.0})
-    with pytest.raises(RecipeError, match=r"client_dp works with aggregation 'fedavg' or 'ffa'"):
+    with pytest.raises(RecipeError, match=r"client_dp works with aggregation 'fedavg', 'ffa' or 'fedsb'"):
         settings(aggregation="exact", client_dp={"clip_norm": 0.5, "noise_multiplier": 1.0})
     with pytest.raises(RecipeError, match=r"client_dp needs estimator 'mean'"):
         settings(estimator="median", client_dp={"clip_norm": 0.5, "noise_multiplier": 1.0})

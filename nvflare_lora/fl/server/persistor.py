@@ -180,7 +180,13 @@ class AdapterPersistor(ModelPersistor):
         self._val_split = {site: check_split_record(rec, site) for site, rec in (meta.get("val_split") or {}).items()}
         self._privacy = meta.get("privacy") or None  # what the resumed run spent: kept in the next checkpoints
         self.log_info(fl_ctx, f"resuming from {path}: {self.completed_rounds} round(s) already done")
-        return self._fedsb_form(state, f"resume_from {path}") if self.aggregation == "fedsb" else state
+        if self.aggregation != "fedsb":
+            return state
+        saved_by = (meta.get(FOLD_META_KEY) or {}).get("mode")
+        if saved_by not in (None, "fedsb"):
+            raise CheckpointError(f"resume_from {path} was saved by aggregation {saved_by!r} (its nvflare_lora.json); "
+                                  f"this job's is 'fedsb', whose fixed factors it was not trained on: start a new run")
+        return self._fedsb_form(state, f"resume_from {path}")
 
     def _fedsb_form(self, plain: Dict, where: str) -> Dict:
         """A saved (plain LoRA) adapter in the form fedsb trains: R = B^T B' against this job's fixed factors;
