@@ -169,16 +169,17 @@ def print_upload_table(up: dict) -> None:
 def fedsb_line(up: dict, smoke: bool) -> str:
     """`fedsb: upload_vs_full=<X>x codec=<none|int8> acc_vs_best=<Y>pt dp8_gap=<Z>pt` (issue 33): X at q/v r 16, with
     no codec if that meets FEDSB_TARGET, else int8; Y and Z read from quality.py's and privacy.py's raw results
-    (benchmarks/results/quality.json "fedsb_vs_best" at alpha 0.1; privacy_fedsb.json, the large sites: no DP minus
-    epsilon 8); "n/a" where that run has not been made (the smoke's own out/smoke/ files)."""
+    (benchmarks/results/quality_fedsb.json "fedsb_vs_best" at alpha 0.1; privacy_fedsb.json, the large sites: no DP
+    minus epsilon 8: benchmarks/README.md gives the commands); "n/a" where that run has not been made (the smoke's own out/smoke/ files)."""
     plain = up["rows"][("fedsb", "qv", "none")]["full_over_upload"]
     codec = "none" if plain >= FEDSB_TARGET or ("fedsb", "qv", "int8") not in up["rows"] else "int8"
     ratio = up["rows"][("fedsb", "qv", codec)]["full_over_upload"]
     folder = SMOKE_OUT if smoke else RESULTS
     y = z = "n/a"
-    quality = folder / "quality.json"
-    if quality.is_file():
-        y = f"{json.loads(quality.read_text()).get('fedsb_vs_best', {}).get('a0.1', {}).get('acc_vs_best_pt', float('nan')):+.1f}"
+    quality = folder / ("quality.json" if smoke else "quality_fedsb.json")
+    vs_best = json.loads(quality.read_text()).get("fedsb_vs_best", {}).get("a0.1") if quality.is_file() else None
+    if vs_best:
+        y = f"{vs_best['acc_vs_best_pt']:+.1f}"
     privacy = folder / ("privacy.json" if smoke else "privacy_fedsb.json")
     if privacy.is_file():
         large = json.loads(privacy.read_text()).get("large", {}).get("fedsb")

@@ -50,6 +50,7 @@ The runs are independent; --workers 2 processes (one torch thread each) share th
 depend on --workers.
 
 Usage:  HF_HUB_OFFLINE=1 python benchmarks/quality.py [--hetero] [--workers 2] [--plots benchmarks/results]
+                                                    [--partitions iid,a0.5,a0.1] [--rounds 200]
 Raw results: --json (default benchmarks/results/quality.json, next to the plots).
 --smoke (CI size, in seconds): --rounds 1 --eval-every 1 --local-steps 1 --pretrain-epochs 1 --seeds 0 --workers 1
 --lr-grid 0.02; JSON and plots to benchmarks/out/smoke/ (its base is cached in benchmarks/out/quality/, as the full
@@ -104,7 +105,7 @@ def kb(x: float) -> str:
 
 
 def table(results: Dict) -> List[str]:
-    cols = [p for p, _, _ in PARTITIONS]
+    cols = [p for p, _, _ in PARTITIONS if p in results]
 
     def cell(r) -> str:  # mean over seeds, +- half the spread between them, and the lr validation chose
         f = r["final_per_seed"]
@@ -134,7 +135,7 @@ def table(results: Dict) -> List[str]:
     lines.append("round (tensor bytes + key names); product err:")
     lines.append("|global B.A - mean of the sites' B.A| / |mean|, mean over rounds (hetero rows: alpha 0.5)")
     lines.append(f"every rule at r {results['settings']['rank']}; fedsb, rank on val: the rank validation chose per split "
-                 f"of {[results['settings']['rank'], *FEDSB_RANKS]}: " + ", ".join(
+                 f"of {results['fedsb_ranks']}: " + ", ".join(
                      f"{p} r{results[p][results['fedsb_chosen'][p]]['rank']}" for p in cols) + " (bytes: at iid's)")
     return lines
 
@@ -155,8 +156,10 @@ def plots(results: Dict, directory: Path) -> List[Path]:
 
     def figure(name: str, xlabel: str, draw) -> Path:
         """One panel per split, drawn by draw(ax, split); shared y axis, legend on the first."""
-        fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharey=True)
-        for ax, (p, _, _) in zip(axes, PARTITIONS):
+        shown = [x for x in PARTITIONS if x[0] in results]
+        fig, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 3.6), sharey=True, squeeze=False)
+        axes = axes[0]
+        for ax, (p, _, _) in zip(axes, shown):
             draw(ax, p)
             ax.set_title(titles[p])
             ax.set_xlabel(xlabel)
@@ -267,6 +270,8 @@ def main(argv=None) -> Dict:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker (1: the CPU is shared)")
     ap.add_argument("--workers", type=int, default=2, help="processes running the training runs in parallel")
     ap.add_argument("--hetero", action="store_true", help=f"also site ranks {HETERO_RANKS} under alpha 0.5")
+    ap.add_argument("--partitions", default=",".join(p for p, _, _ in PARTITIONS),
+                    help="the splits to run (iid and a0.1 always: the last line needs them)")
     ap.add_argument("--plots", default=str(ROOT / "benchmarks" / "results"), help="folder for the PNGs ('' = none)")
     ap.add_argument("--json", default=None, help="raw results (default benchmarks/results/quality.json)")
     ap.add_argument("--lr-grid", default=",".join(map(str, LR_GRID)), help="peak lrs tried on the validation split")
@@ -280,6 +285,9 @@ def main(argv=None) -> Dict:
         args.seeds, args.workers, args.lr_grid = "0", 1, "0.02"
         args.plots = args.plots if args.plots != ap.get_default("plots") else str(smoke_out)
     args.json = json_path("quality.json", args.json, args.smoke)
+    partitions = [x for x in PARTITIONS if x[0] in args.partitions.split(",")]
+    if not {"iid", "a0.1"} <= {p for p, _, _ in partitions} or (args.hetero and "a0.5" not in args.partitions):
+        ap.error(f"--partitions {args.partitions!r}: iid and a0.1 are needed (and a0.5 for --hetero)")
     lr_grid = tuple(float(x) for x in args.lr_grid.split(","))
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -290,7 +298,7 @@ def main(argv=None) -> Dict:
 
     seeds = [int(x) for x in args.seeds.split(",")]
     splits = {}
-    for p, scheme, alpha in PARTITIONS:
+    for p, scheme, alpha in partitions:
         splits[p] = partition(labels[pool], SITES, scheme, alpha if alpha else 0.5, args.data_seed)
         print(f"{p}: site sizes {[len(x) for x in splits[p]]}", flush=True)
 
@@ -302,9 +310,9 @@ def main(argv=None) -> Dict:
 
     fedsb_ranks = [] if args.smoke else [f"fedsb-r{r}" for r in FEDSB_RANKS]
     grid_of = lambda m: lr_grid + (() if args.smoke else FEDSB_EXTRA_LR) if m.startswith("fedsb") else lr_grid  # noqa: E731
-    methods = [(None, "central")] + [(p, m) for p, _, _ in PARTITIONS for m in ("local",) + RULES]
+    methods = [(None, "central")] + [(p, m) for p, _, _ in partitions for m in ("local",) + RULES]
     # 1. the lr grid, every method and split (and Fed-SB's other ranks), training seed 0, scored on the validation split
-    grid = [j for p, m in methods + [(p, m) for p, _, _ in PARTITIONS for m in fedsb_ranks]
+    grid = [j for p, m in methods + [(p, m) for p, _, _ in partitions for m in fedsb_ranks]
             for lr in grid_of(m) for j in method_jobs(p, m, lr, [0], "val")]
     val: Dict = {}
     for (kind, p, _, _, lr, _, _), result in run_jobs(args, grid):
@@ -313,7 +321,7 @@ def main(argv=None) -> Dict:
     # Fed-SB's rank per split: the variant with the best validation accuracy at its chosen lr (ties: the smaller rank)
     fedsb_chosen = {p: max(["fedsb"] + fedsb_ranks, key=lambda m: (val[(p, m)][chosen[(p, m)]],
                                                                     -variant(m, args.rank)[1]))
-                    for p, _, _ in PARTITIONS}
+                    for p, _, _ in partitions}
     # 2. the chosen lr with every seed, scored on the test images
     jobs = [j for p, m in methods + [(p, m) for p, m in fedsb_chosen.items() if m != "fedsb"]
             for j in method_jobs(p, m, chosen[(p, m)], seeds, "test")]
@@ -354,16 +362,16 @@ def main(argv=None) -> Dict:
     final = lambda r: float(np.mean(r["final_per_seed"]))  # noqa: E731
     central = final(results["central"])
     # the rule of each split is the one validation preferred (its validation accuracy at its chosen lr)
-    best = {p: max(RULES, key=lambda m: val[(p, m)][chosen[(p, m)]]) for p, _, _ in PARTITIONS}
+    best = {p: max(RULES, key=lambda m: val[(p, m)][chosen[(p, m)]]) for p, _, _ in partitions}
     best_iid, best_a01 = final(results["iid"][best["iid"]]), final(results["a0.1"][best["a0.1"]])
     # Fed-SB (at the rank validation chose) against the current rule validation chose, per split: what
     # benchmarks/params.py's `fedsb:` line reads (acc_vs_best at a0.1)
-    current = {p: max(CURRENT_RULES, key=lambda m: val[(p, m)][chosen[(p, m)]]) for p, _, _ in PARTITIONS}
+    current = {p: max(CURRENT_RULES, key=lambda m: val[(p, m)][chosen[(p, m)]]) for p, _, _ in partitions}
     results["fedsb_vs_best"] = {p: {"fedsb": fedsb_chosen[p], "rank": results[p][fedsb_chosen[p]]["rank"],
                                     "fedsb_accuracy": final(results[p][fedsb_chosen[p]]), "best_rule": current[p],
                                     "best_accuracy": final(results[p][current[p]]),
                                     "acc_vs_best_pt": 100 * (final(results[p][fedsb_chosen[p]]) - final(results[p][current[p]]))}
-                                for p, _, _ in PARTITIONS}
+                                for p, _, _ in partitions}
     Path(args.json).write_text(json.dumps(rounded(results)) + "\n")
     for p, f in results["fedsb_vs_best"].items():
         print(f"{p}: fedsb (r{f['rank']}) {pts(f['fedsb_accuracy'])} vs {f['best_rule']} {pts(f['best_accuracy'])}: "
